@@ -1,0 +1,780 @@
+"""Everything the Phase 3 experiments share: model loading, the Z basis, hooks and patching,
+pooling, prompt I/O, generation, and answer / language parsing.
+
+Conventions used throughout:
+- Layers are 0-indexed `model.model.layers[l]`; "hidden state at layer l" is the output of decoder
+  layer l (the residual stream after it). Layer -1 means the embeddings (the input of layer 0).
+- Bases are float32 tensors of shape (k, d) with orthonormal rows; P = V.T @ V is never formed on
+  the hot path, projections are applied in low-rank form (x V^T) V.
+- Batches are left-padded, so the last column is every row's last prompt token.
+"""
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import re
+import subprocess
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_MODEL = "Qwen/Qwen2.5-3B"
+TINY_MODEL = "tiny-random"  # a small random Qwen2 built in-process: offline smoke runs and tests
+DEFAULT_PROMPTS = REPO / "prompts.json"
+
+
+class UsageError(Exception):
+    """Bad input from the user. Scripts print the message as one line and exit with status 2."""
+
+
+def run_cli(main, args):
+    """Run `main(args)`, turning a UsageError into one clear line on stderr and exit status 2."""
+    try:
+        return main(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model loading
+
+# Text the tiny tokenizer is trained on: enough English, Chinese, digits and punctuation that every
+# prompt in prompts.json tokenizes into short pieces (byte-level BPE covers any other text anyway).
+_TINY_CORPUS = [
+    "Question: Tom buys 3 apples for 4 dollars each. How much does he pay? Answer: 12",
+    "The answer is 42. Let's think step by step. 3 + 4 = 7, 12 - 5 = 7, 6 * 8 = 48, 9 / 3 = 3.",
+    "A train travels 60 kilometers per hour for 2 hours. How far does it go? The total is 120.",
+    "问题：小明有3个苹果，又买了5个。他现在有多少个苹果？答案：8",
+    "答案是42。一步一步地想。老师把24支铅笔平均分给6个学生，每个学生得到几支？",
+    "火车每小时行驶60公里，行驶了2小时。一共行驶了多少公里？商店打折，价格是多少元？",
+    "0123456789 ,.:;?!()[]{}%$+-*/= \n\n",
+]
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer built in-process (no download), covering Chinese and English."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_TINY_CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", padding_side="left")
+
+
+def tiny_config(vocab_size=600):
+    """A small Qwen2Config with grouped-query attention (4 query heads share 2 key/value heads)."""
+    from transformers import Qwen2Config
+    return Qwen2Config(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        rope_theta=10000.0, tie_word_embeddings=True, eos_token_id=0, pad_token_id=0,
+        bos_token_id=0, initializer_range=0.2)  # large init: well-separated logits, no argmax ties
+
+
+def _resolve_device(device):
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype, device):
+    """bfloat16 on CUDA (float16 can overflow in Qwen2.5), float32 on CPU, unless told otherwise."""
+    if dtype is None:
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in names:
+        raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+    return names[dtype]
+
+
+def _hub_error(name_or_path, err):
+    if Path(name_or_path).expanduser().exists():
+        return UsageError(f"could not load a model from folder {name_or_path}: {err}")
+    return UsageError(
+        f"model {name_or_path!r} is not a local folder and could not be fetched from the hub "
+        f"(offline?); download it elsewhere and pass --model PATH to the folder "
+        f"(or --model {TINY_MODEL} for an offline smoke run)")
+
+
+def load_model_config(name_or_path=DEFAULT_MODEL):
+    """The model's config alone (cheap), so bad --layer / --k values fail before weights load."""
+    if name_or_path == TINY_MODEL:
+        return tiny_config()
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(str(Path(name_or_path).expanduser())
+                                          if Path(name_or_path).expanduser().exists() else name_or_path)
+    except (OSError, ValueError) as err:
+        raise _hub_error(name_or_path, err) from None
+
+
+def load_model(name_or_path=DEFAULT_MODEL, dtype=None, device=None, seed=0):
+    """Load (model, tokenizer) in eval mode on `device`.
+
+    name_or_path: a hub id, a local folder, or "tiny-random" (small random Qwen2, built with `seed`).
+    dtype: None picks bfloat16 on CUDA and float32 on CPU.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
+    device = _resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if name_or_path == TINY_MODEL:
+        tokenizer = tiny_tokenizer()
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(tiny_config(len(tokenizer)))
+    else:
+        local = Path(name_or_path).expanduser()
+        source = str(local) if local.exists() else name_or_path
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise _hub_error(name_or_path, err) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device=device, dtype=dtype).eval()
+    model.name_or_path_for_results = name_or_path
+    return model, tokenizer
+
+
+# Architecture accessors: experiments never spell out model.model.layers[i].
+
+def decoder_layers(model):
+    return model.model.layers
+
+
+def num_layers(model_or_config):
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.num_hidden_layers
+
+
+def hidden_size(model_or_config):
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.hidden_size
+
+
+def check_layer(model_or_config, layer):
+    n = num_layers(model_or_config)
+    if not (isinstance(layer, int) and 0 <= layer < n):
+        raise UsageError(f"layer {layer} does not exist: this model has layers 0..{n - 1}; "
+                         f"pass --layer between 0 and {n - 1}")
+    return layer
+
+
+def check_k(model_or_config, k):
+    d = hidden_size(model_or_config)
+    if not (isinstance(k, int) and 1 <= k <= d):
+        raise UsageError(f"k={k} is out of range: the hidden size is {d}; pass --k between 1 and {d}")
+    return k
+
+
+# ----------------------------------------------------------------------------------------------
+# The Z basis (NOTES section 1)
+
+def head_kernels(model, layer, fold_norm=False):
+    """Per query head h, K^h = W_Q^h.T @ W_K^g(h): float32 tensor (H, d, d) on the CPU.
+
+    W_Q^h is rows [h*d_head, (h+1)*d_head) of q_proj.weight; g(h) = h // (H / H_kv) picks the
+    key/value group. Raw weights as in Phase 2 (no bias, no RoPE); `fold_norm` folds the layer's
+    input RMSNorm gain into both (x -> diag(gamma) x).
+    """
+    config = model.config
+    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+    d_head = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    attn = decoder_layers(model)[layer].self_attn
+    w_q = attn.q_proj.weight.detach().float().cpu()
+    w_k = attn.k_proj.weight.detach().float().cpu()
+    if fold_norm:
+        gamma = decoder_layers(model)[layer].input_layernorm.weight.detach().float().cpu()
+        w_q, w_k = w_q * gamma, w_k * gamma
+    w_q = w_q.view(n_heads, d_head, -1)
+    w_k = w_k.view(n_kv, d_head, -1)
+    group = torch.arange(n_heads) // (n_heads // n_kv)
+    return torch.einsum("hed,hef->hdf", w_q, w_k[group])
+
+
+def z_basis(model, layer, k, fold_norm=False):
+    """Phase 2's multi-head Z mask V_Z: float32 (k, d) with orthonormal rows, on the CPU.
+
+    Top-k right singular vectors of each head's kernel, stacked (H*k, d), then the top-k right
+    singular vectors of the stack.
+    """
+    check_layer(model, layer)
+    check_k(model, k)
+    kernels = head_kernels(model, layer, fold_norm).double()  # SVDs in float64: stable ordering
+    per_head = torch.linalg.svd(kernels).Vh[:, :k, :]  # (H, k, d)
+    stacked = per_head.reshape(-1, per_head.shape[-1])
+    return torch.linalg.svd(stacked, full_matrices=False).Vh[:k].float()
+
+
+def random_basis(d, k, seed):
+    """A random k-dimensional subspace of R^d (Haar), float32 (k, d), orthonormal rows, seeded."""
+    gen = torch.Generator().manual_seed(int(seed))
+    gauss = torch.randn(d, k, generator=gen, dtype=torch.float64)
+    q, r = torch.linalg.qr(gauss)
+    q = q * torch.sign(torch.diagonal(r))  # sign fix makes the distribution uniform
+    return q.T.contiguous().float()
+
+
+def project(x, basis):
+    """P_Z x in low-rank form, (x V^T) V. x: (..., d); basis: (k, d). Float32 result."""
+    basis = basis.to(x.device, torch.float32)
+    return (x.float() @ basis.T) @ basis
+
+
+# ----------------------------------------------------------------------------------------------
+# Hooks
+
+@contextmanager
+def layer_output_hook(model, layer, fn):
+    """Call fn(hidden) on decoder layer `layer`'s output, hidden (B, T, d); a tensor returned by fn
+    replaces it. The hook is removed on exit, also on an exception. Works whether the layer returns
+    a tensor (transformers 5) or a tuple whose first element is the hidden state (4.x)."""
+    def hook(module, inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = fn(hidden)
+        if new is None:
+            return None
+        return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_layer_outputs(model, input_ids, attention_mask, layers):
+    """Hidden states after each of `layers` (-1 = embeddings): dict layer -> (B, T, d), model dtype,
+    on the model's device. Stops the forward pass after the last requested layer."""
+    layers = sorted(set(layers))
+    captured = {}
+    last = layers[-1]
+
+    def grab(layer):
+        def fn(hidden):
+            captured[layer] = hidden.detach()
+            if layer == last:
+                raise _StopForward
+        return fn
+
+    handles = []
+    if -1 in layers:
+        handles.append(model.model.embed_tokens.register_forward_hook(
+            lambda m, i, o: grab(-1)(o)))
+    try:
+        with _hooks(model, [(l, grab(l)) for l in layers if l >= 0]):
+            model(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+@contextmanager
+def _hooks(model, layer_fns):
+    """Several layer_output_hooks at once: [(layer, fn), ...]."""
+    if not layer_fns:
+        yield
+        return
+    (layer, fn), rest = layer_fns[0], layer_fns[1:]
+    with layer_output_hook(model, layer, fn), _hooks(model, rest):
+        yield
+
+
+def mean_pool(hidden, mask):
+    """Mean over the positions where mask is True. hidden (B, T, d), mask (B, T) -> (B, d) float32."""
+    mask = mask.to(hidden.device, torch.float32)
+    summed = torch.einsum("btd,bt->bd", hidden.float(), mask)
+    return summed / mask.sum(1, keepdim=True).clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Patching
+
+@dataclass
+class SubspacePatch:
+    """A per-row patch of decoder layer `layer`'s output: h <- h + P_S (s - h).
+
+    P_S projects on the replaced subspace S: span(basis rows), or its complement when `complement`.
+    The plan's conditions are special cases (V = Z basis, padded with zero rows to a common k):
+      none: V = 0, complement False (P_S = 0)     Z:      V = V_Z, complement False
+      full: V = 0, complement True  (P_S = I)     Z-perp: V = V_Z, complement True
+    basis: (B, k, d) float32; complement: (B,) bool; source_mean: (B, d) float32, the source for
+    generated positions (and for prompt positions when source_tokens is None); source_tokens:
+    optional (B, T, d), a per-position source aligned with the left-padded prompt (OT);
+    patch_generated: (B,) bool, whether generated positions are patched too (scope "all").
+    """
+    layer: int
+    basis: torch.Tensor
+    complement: torch.Tensor
+    source_mean: torch.Tensor
+    patch_generated: torch.Tensor
+    source_tokens: torch.Tensor = None
+    phase: str = "prompt"  # set by the decoding loop: "prompt" or "generate"
+
+    def __call__(self, hidden):
+        if self.phase == "prompt":
+            source = self.source_tokens if self.source_tokens is not None else self.source_mean[:, None]
+            return patch_subspace(hidden, self.basis, self.complement, source)
+        if not bool(self.patch_generated.any()):
+            return None
+        patched = patch_subspace(hidden, self.basis, self.complement, self.source_mean[:, None])
+        return torch.where(self.patch_generated.to(hidden.device)[:, None, None], patched, hidden)
+
+    def to(self, device):
+        for name in ("basis", "complement", "source_mean", "patch_generated", "source_tokens"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self
+
+
+def patch_subspace(hidden, basis, complement, source):
+    """h + P_S (s - h) per row, with P_S = V^T V or I - V^T V; float32 accumulation, no d x d matrix.
+
+    hidden: (B, T, d); basis: (B, k, d); complement: (B,) bool; source: (B, T, d) or (B, 1, d).
+    Rows with a zero basis and complement False come back bit-identical.
+    """
+    basis = basis.to(hidden.device, torch.float32)
+    delta = source.to(hidden.device, torch.float32) - hidden.float()
+    along = torch.einsum("btk,bkd->btd", torch.einsum("btd,bkd->btk", delta, basis), basis)
+    replaced = torch.where(complement.to(hidden.device)[:, None, None], delta - along, along)
+    return (hidden.float() + replaced).to(hidden.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenising, decoding and scoring
+
+def position_ids_from_mask(attention_mask):
+    """Positions that ignore left padding, so a padded row sees the same RoPE angles as alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def tokenize_left_padded(tokenizer, texts, spans=None, device="cpu"):
+    """Tokenise and left-pad. spans: optional [(start, end)] character ranges per text.
+
+    Returns input_ids (B, T) long, attention_mask (B, T) long and span_mask (B, T) bool, True on
+    the tokens that overlap each text's span (all real tokens when spans is None).
+    """
+    enc = [tokenizer(t, add_special_tokens=False, return_offsets_mapping=True) for t in texts]
+    width = max(len(e["input_ids"]) for e in enc)
+    ids = torch.full((len(texts), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(texts), width), dtype=torch.long)
+    span_mask = torch.zeros((len(texts), width), dtype=torch.bool)
+    for row, e in enumerate(enc):
+        n = len(e["input_ids"])
+        ids[row, width - n:] = torch.tensor(e["input_ids"])
+        mask[row, width - n:] = 1
+        if spans is None:
+            span_mask[row, width - n:] = True
+        else:
+            start, end = spans[row]
+            inside = [s < end and e_ > start for s, e_ in e["offset_mapping"]]
+            span_mask[row, width - n:] = torch.tensor(inside)
+    return ids.to(device), mask.to(device), span_mask.to(device)
+
+
+@contextmanager
+def _maybe_patch(model, patch):
+    if patch is None:
+        yield
+    else:
+        with layer_output_hook(model, patch.layer, patch):
+            yield
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+    return DynamicCache(config=model.config)
+
+
+def _step(model, input_ids, attention_mask, position_ids, cache, patch, phase):
+    if patch is not None:
+        patch.phase = phase
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                cache=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+@torch.no_grad()
+def greedy_generate(model, input_ids, attention_mask, max_new_tokens, patch=None,
+                    stop_ids=(), return_logits=False):
+    """Greedy decoding of a left-padded batch with a KV cache, optionally under a SubspacePatch.
+
+    Returns tokens (B, max_new_tokens) long on the CPU (rows keep going after a stop token; callers
+    cut at the first one) and, with return_logits, the per-step logits (B, max_new_tokens, V) float32.
+    """
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position = position_ids_from_mask(attention_mask)
+    cache = _new_cache(model)
+    tokens, logits_seen = [], []
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+    with _maybe_patch(model, patch):
+        logits = _step(model, input_ids, attention_mask, position, cache, patch, "prompt")
+        for _ in range(max_new_tokens):
+            next_token = logits.argmax(-1)
+            tokens.append(next_token)
+            if return_logits:
+                logits_seen.append(logits)
+            done |= torch.isin(next_token, stop)
+            if len(tokens) == max_new_tokens or (len(stop) and bool(done.all())):
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(done), 1)], 1)
+            position = position[:, -1:] + 1
+            logits = _step(model, next_token[:, None], attention_mask, position, cache, patch,
+                           "generate")
+    out = torch.stack(tokens, 1).cpu()
+    if len(tokens) < max_new_tokens:  # every row stopped early: pad with the stop token
+        out = torch.cat([out, out[:, -1:].expand(-1, max_new_tokens - len(tokens))], 1)
+    if return_logits:
+        return out, torch.stack(logits_seen, 1).cpu()
+    return out
+
+
+@torch.no_grad()
+def continuation_logprob(model, input_ids, attention_mask, continuations, patch=None):
+    """Teacher-forced log p(continuation | prompt), summed over its tokens, under an optional patch.
+
+    continuations: list of B token-id lists (non-empty). Continuation tokens are "generated"
+    positions for the patch, exactly as in greedy_generate. Returns (B,) float32 on the CPU.
+    """
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position = position_ids_from_mask(attention_mask)
+    width = max(len(c) for c in continuations)
+    cont = torch.zeros((len(continuations), width), dtype=torch.long)
+    cont_mask = torch.zeros_like(cont, dtype=torch.bool)
+    for row, c in enumerate(continuations):
+        cont[row, :len(c)] = torch.tensor(c)
+        cont_mask[row, :len(c)] = True
+    cont, cont_mask = cont.to(device), cont_mask.to(device)
+    cache = _new_cache(model)
+    with _maybe_patch(model, patch):
+        if patch is not None:
+            patch.phase = "prompt"
+        first = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position,
+                      cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].float()
+        logits = first
+        if width > 1:
+            if patch is not None:
+                patch.phase = "generate"
+            full_mask = torch.cat([attention_mask, torch.ones_like(cont[:, :-1])], 1)
+            rest = model(input_ids=cont[:, :-1], attention_mask=full_mask,
+                         position_ids=position[:, -1:] + 1 + torch.arange(width - 1, device=device),
+                         cache=cache, use_cache=True).logits.float()
+            logits = torch.cat([first, rest], 1)
+    logp = torch.log_softmax(logits, -1).gather(-1, cont[..., None])[..., 0]
+    return (logp * cont_mask).sum(1).cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts
+
+_PAIR_FIELDS = {"id": str, "category": str, "en": str, "zh": str, "answer": (int, float)}
+
+
+def load_prompts(path=DEFAULT_PROMPTS):
+    """Read and validate a prompts file: {"templates": {"en", "zh"}, "pairs": [...]}.
+
+    Each pair has id, category, en, zh (str) and answer (number); ids are unique. Any problem is a
+    UsageError naming the fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"prompts file {path} does not exist; pass --prompts FILE")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"prompts file {path} is not valid JSON ({err}); fix the file") from None
+    if not isinstance(data, dict) or not isinstance(data.get("pairs"), list):
+        raise UsageError(f"prompts file {path} needs a top-level object with a \"pairs\" list")
+    templates = data.get("templates")
+    if not (isinstance(templates, dict) and all(
+            isinstance(templates.get(lang), str) and "{question}" in templates[lang]
+            for lang in ("en", "zh"))):
+        raise UsageError(f"prompts file {path} needs \"templates\" with \"en\" and \"zh\" strings "
+                         f"that contain {{question}}")
+    pairs = data["pairs"]
+    if not pairs:
+        raise UsageError(f"prompts file {path} has no pairs; add at least one zh/en pair")
+    seen = set()
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, dict):
+            raise UsageError(f"prompts file {path}: pair {i} is not an object")
+        for field, kind in _PAIR_FIELDS.items():
+            if field not in pair:
+                raise UsageError(f"prompts file {path}: pair {i} has no \"{field}\"; add it")
+            if not isinstance(pair[field], kind) or isinstance(pair[field], bool):
+                raise UsageError(f"prompts file {path}: pair {i} field \"{field}\" has the wrong "
+                                 f"type ({type(pair[field]).__name__})")
+        if pair["id"] in seen:
+            raise UsageError(f"prompts file {path}: duplicate id {pair['id']!r}; ids must be unique")
+        seen.add(pair["id"])
+    return {"templates": templates, "pairs": pairs}
+
+
+def format_prompt(template, question):
+    """Fill the template; returns (text, (start, end)) with the question's character span."""
+    start = template.index("{question}")
+    text = template.replace("{question}", question, 1)
+    return text, (start, start + len(question))
+
+
+def decode_response(tokenizer, tokens, stop_ids=()):
+    """Text of one generated row up to (not including) its first stop token."""
+    tokens = [int(x) for x in tokens]
+    for i, tok in enumerate(tokens):
+        if tok in stop_ids:
+            tokens = tokens[:i]
+            break
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def stop_token_ids(tokenizer):
+    """Tokens that end a response: EOS (and the chat end token, when the tokenizer has it) and a
+    lone blank line, which the template uses between examples."""
+    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    ids.update(tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")
+               if t in tokenizer.get_vocab())
+    blank = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    if len(blank) == 1:
+        ids.add(blank[0])
+    return sorted(i for i in ids if i is not None)
+
+
+def answer_continuation(tokenizer, answer, lang):
+    """Token ids of the reference answer as the model would write it right after the template."""
+    text = (" " if lang == "en" else "") + format_number(answer)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def format_number(value):
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Answer and language parsing
+
+_NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?"
+_FINAL = [
+    r"\\boxed\{\s*(" + _NUMBER + r")\s*\}",
+    r"(?:answer|result|total)\s*(?:is|=|:)\s*\$?\s*(" + _NUMBER + r")",
+    r"答案\s*(?:是|为|：|:)\s*(" + _NUMBER + r")",
+]
+_STOP_MARKERS = ("\n\n", "\nQuestion:", "\n问题：", "Question:", "问题：")
+
+
+def truncate_response(text):
+    """The model's answer to this prompt: text up to where it starts writing a new example."""
+    cut = len(text)
+    for marker in _STOP_MARKERS:
+        at = text.find(marker, 1)
+        if at != -1:
+            cut = min(cut, at)
+    return text[:cut]
+
+
+def _to_number(token):
+    token = token.replace(",", "").replace(" ", "")
+    if "/" in token:
+        num, den = token.split("/")
+        return float(num) / float(den) if float(den) != 0 else None
+    return float(token)
+
+
+def extract_answer(text):
+    """The model's final stated answer as a float, or None.
+
+    Looks, in order, for the last \\boxed{...}, the last "answer is N" / "答案是N", and otherwise
+    the last number in the response (after truncate_response). Handles negatives, decimals,
+    fractions and thousands separators.
+    """
+    response = truncate_response(text)
+    for pattern in _FINAL:
+        found = re.findall(pattern, response, flags=re.IGNORECASE)
+        if found:
+            return _to_number(found[-1])
+    numbers = re.findall(_NUMBER, response)
+    return _to_number(numbers[-1]) if numbers else None
+
+
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN = re.compile(r"[A-Za-z]")
+
+
+def is_degenerate(text, min_repeats=3, coverage=0.8):
+    """True for repetition such as "0000..." or "苹果苹果苹果": one unit of at most 8 characters
+    repeated back to back over `coverage` of the (whitespace-free) text."""
+    s = re.sub(r"\s+", "", text)
+    if len(s) < min_repeats:
+        return False
+    pattern = re.compile(r"(.{1,8}?)\1{%d,}" % (min_repeats - 1), re.DOTALL)
+    covered = sum(len(m.group(0)) for m in pattern.finditer(s))
+    return covered >= coverage * len(s)
+
+
+def classify_language(text, threshold=0.8):
+    """'en', 'zh', 'mixed' or 'none' for a response (truncated at the next example).
+
+    none: no letters at all, or degenerate repetition. Otherwise the share of CJK characters among
+    CJK characters plus Latin letters decides: >= threshold zh, <= 1 - threshold en, else mixed.
+    """
+    response = truncate_response(text)
+    cjk, latin = len(_CJK.findall(response)), len(_LATIN.findall(response))
+    if cjk + latin == 0 or is_degenerate(response):
+        return "none"
+    share = cjk / (cjk + latin)
+    if share >= threshold:
+        return "zh"
+    if share <= 1 - threshold:
+        return "en"
+    return "mixed"
+
+
+def answers_equal(a, b, tol=1e-6):
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=tol, abs_tol=tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# Run bookkeeping
+
+def prepare_out_dir(out, overwrite=False):
+    """Create `out`; refuse (UsageError) to reuse a non-empty folder unless overwrite is set."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"{out} already holds results; pass --out NEW_DIR or --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _git_commit():
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run_config(args, model=None, **extra):
+    """Everything needed to trace a result to the command that made it."""
+    import transformers
+    config = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "git_commit": _git_commit(),
+              "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                           "transformers": transformers.__version__, "numpy": np.__version__}}
+    if model is not None:
+        param = next(model.parameters())
+        config["model"] = {"name_or_path": getattr(model, "name_or_path_for_results", None),
+                           "revision": getattr(model.config, "_commit_hash", None),
+                           "dtype": str(param.dtype).replace("torch.", ""),
+                           "device": str(param.device),
+                           "device_name": (torch.cuda.get_device_name(param.device)
+                                           if param.device.type == "cuda" else platform.processor()
+                                           or platform.machine()),
+                           "num_layers": num_layers(model), "hidden_size": hidden_size(model)}
+    config.update(extra)
+    return config
+
+
+def write_json(path, obj):
+    Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n",
+                          encoding="utf-8")
+
+
+def model_fingerprint(model):
+    """A short hash of the model's identity (name and config) for cache keys."""
+    blob = json.dumps({"name": getattr(model, "name_or_path_for_results", None),
+                       "config": model.config.to_dict(),
+                       "dtype": str(next(model.parameters()).dtype)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation extraction shared by Experiments B, C and D (one batched pass, cached on disk)
+
+DEFAULT_CACHE = REPO / "results" / "cache"
+
+
+@torch.no_grad()
+def extract_activations(model, tokenizer, texts, layers, pool="mean", drop_first=True,
+                        batch_size=16, cache_dir=DEFAULT_CACHE, desc="extract"):
+    """Decoder-layer outputs (forward hooks, so the last layer is before the final norm) for texts.
+
+    layers: list of layer indices, -1 = the embeddings.
+    pool="mean": returns float32 (N, len(layers), d), the mean over each text's tokens.
+    pool=None: returns a list of N float16 tensors (T_i, len(layers), d) of token states.
+    drop_first: leave out position 0 (Qwen's attention sink, whose norm dominates any mean).
+    Texts are batched by length; the result is cached under cache_dir keyed by the model, the
+    texts (so the template), the layers, the pooling and the dtype: a changed input never reuses
+    a stale file. cache_dir=None disables the cache.
+    """
+    from tqdm.auto import tqdm
+    layers = [int(l) for l in layers]
+    for layer in layers:
+        if layer != -1:
+            check_layer(model, layer)
+    key = hashlib.sha256(json.dumps(
+        {"model": model_fingerprint(model), "texts": list(texts), "layers": layers,
+         "pool": pool, "drop_first": drop_first}, ensure_ascii=False).encode()).hexdigest()[:24]
+    path = Path(cache_dir) / f"acts-{key}.pt" if cache_dir is not None else None
+    if path is not None and path.exists():
+        return torch.load(path)
+    device = next(model.parameters()).device
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    results = [None] * len(texts)
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False):
+        rows = order[start:start + batch_size]
+        ids, mask, _ = tokenize_left_padded(tokenizer, [texts[i] for i in rows], device=device)
+        captured = capture_layer_outputs(model, ids, mask, layers)
+        states = torch.stack([captured[l] for l in layers], 2)  # (B, T, L, d)
+        keep = mask.bool().clone()
+        if drop_first:
+            first = keep.float().argmax(1)  # left padding: the first real position per row
+            keep[torch.arange(len(rows)), first] = False
+        for b, i in enumerate(rows):
+            tokens = states[b][keep[b]]
+            results[i] = tokens.float().mean(0).cpu() if pool == "mean" else tokens.half().cpu()
+    out = torch.stack(results) if pool == "mean" else results
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(out, tmp)
+        tmp.replace(path)  # atomic: a crash never leaves a half-written cache file
+    return out
