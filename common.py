@@ -778,3 +778,94 @@ def extract_activations(model, tokenizer, texts, layers, pool="mean", drop_first
         torch.save(out, tmp)
         tmp.replace(path)  # atomic: a crash never leaves a half-written cache file
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Problem sets and command-line plumbing shared by the scripts
+
+def read_mgsm(path_en, path_zh):
+    """MGSM's layout: two TSV files (question, answer; no header), row i of each the same problem.
+
+    Returns pairs like prompts.json's: id, category ("mgsm"), en, zh, answer (thousands separators
+    stripped). Files of different lengths or with disagreeing answers are a UsageError.
+    """
+    import csv
+    rows = {}
+    for lang, path in (("en", path_en), ("zh", path_zh)):
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"MGSM file {path} does not exist; pass --prompts-{lang} FILE")
+        with path.open(encoding="utf-8", newline="") as f:
+            rows[lang] = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
+        bad = [i for i, r in enumerate(rows[lang]) if len(r) != 2]
+        if bad:
+            raise UsageError(f"MGSM file {path}: row {bad[0]} does not have two tab-separated "
+                             f"columns (question, answer)")
+    if len(rows["en"]) != len(rows["zh"]):
+        raise UsageError(f"MGSM files have different lengths ({len(rows['en'])} en, "
+                         f"{len(rows['zh'])} zh); pass the two files of one release")
+    if not rows["en"]:
+        raise UsageError("MGSM files are empty")
+    pairs = []
+    for i, ((q_en, a_en), (q_zh, a_zh)) in enumerate(zip(rows["en"], rows["zh"])):
+        try:
+            answer_en, answer_zh = _to_number(a_en.strip()), _to_number(a_zh.strip())
+        except ValueError:
+            raise UsageError(f"MGSM row {i}: answer {a_en!r} / {a_zh!r} is not a number") from None
+        if answer_en != answer_zh:
+            raise UsageError(f"MGSM row {i}: the en and zh answers differ ({a_en} vs {a_zh}); "
+                             f"the files are not aligned")
+        answer = int(answer_en) if float(answer_en).is_integer() else answer_en
+        pairs.append({"id": f"mgsm-{i:03d}", "category": "mgsm", "en": q_en, "zh": q_zh,
+                      "answer": answer})
+    return pairs
+
+
+def add_common_args(parser, out_default):
+    """Flags every script takes, with the same names and defaults everywhere."""
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"hub id, local folder, or {TINY_MODEL} (default: %(default)s)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=REPO / "results" / out_default,
+                        help="folder for CSVs and config.json (default: results/%s)" % out_default)
+    parser.add_argument("--figures", type=Path, default=REPO / "figures",
+                        help="folder for PNGs (default: figures/)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow writing into an --out folder that already holds results")
+    return parser
+
+
+def add_pairs_args(parser):
+    parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS,
+                        help="prompts.json-style file (default: prompts.json)")
+    parser.add_argument("--prompts-en", type=Path, default=None,
+                        help="MGSM-style English TSV (with --prompts-zh; replaces --prompts)")
+    parser.add_argument("--prompts-zh", type=Path, default=None)
+    parser.add_argument("--limit", type=int, default=None, help="use the first N pairs")
+    return parser
+
+
+def load_pairs(args):
+    """The zh/en pairs the flags name (prompts.json or MGSM), cut to --limit."""
+    if (args.prompts_en is None) != (args.prompts_zh is None):
+        raise UsageError("pass both --prompts-en and --prompts-zh, or neither")
+    if args.prompts_en is not None:
+        pairs = read_mgsm(args.prompts_en, args.prompts_zh)
+    else:
+        pairs = load_prompts(args.prompts)["pairs"]
+    if args.limit is not None:
+        if not 1 <= args.limit <= len(pairs):
+            raise UsageError(f"--limit {args.limit} is out of range: there are {len(pairs)} pairs; "
+                             f"pass --limit between 1 and {len(pairs)}")
+        pairs = pairs[:args.limit]
+    return pairs
+
+
+def figure_path(args, name):
+    """figures/<out folder name>_<name>.png: runs into different --out folders never collide."""
+    Path(args.figures).mkdir(parents=True, exist_ok=True)
+    return Path(args.figures) / f"{Path(args.out).name}_{name}.png"
