@@ -1,0 +1,332 @@
+"""Experiment B: how much of each layer's residual update lies in Z (plan B.1-B.4, NOTES section 3).
+
+    python exp_b_residual.py --model Qwen/Qwen2.5-3B --basis-layer 32 --k 50
+
+For every transition l -> l+1 (and embeddings -> layer 0) and every bare question text (en and zh),
+the mean-pooled update u = mean_t h_{l+1}[t] - mean_t h_l[t] (the mean of the update is the
+difference of the pooled means, so pooled layer outputs are extracted once for layers -1..L-1; all
+come from forward hooks, so L-2 -> L-1 is a true residual update, before the final norm). With the
+Z basis V_Z of --basis-layer (fixed for all transitions):
+  R = ||P_Z u|| / ||P_Zperp u||   (chance for an isotropic u: about sqrt(k / (d - k)))
+  energy = ||P_Z u||^2 / ||u||^2  (chance k / d)
+per prompt, averaged over zh, en and both, against a band from --n-random random k-dim subspaces.
+The first token (attention sink) is left out of the means unless --keep-first-token.
+
+Outputs under --out: per_prompt.csv, per_layer.csv, asymmetry.csv (R_zh - R_en, plan B.4),
+random_draws.csv, config.json; figure via figure_path(args, "residual_ratio").
+Redraw the figure from the CSVs alone with --replot.
+"""
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import common
+from common import UsageError
+
+DEFAULTS = dict(basis_layer=32, k=50, n_random=20, band=(2.5, 97.5))
+LANGS = ("zh", "en")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(parser, "exp_b")
+    common.add_pairs_args(parser)
+    parser.add_argument("--basis-layer", type=int, default=DEFAULTS["basis_layer"],
+                        help="layer whose Z basis is used for every transition (default: %(default)s)")
+    parser.add_argument("--k", type=int, default=DEFAULTS["k"], help="Z dimension (default: %(default)s)")
+    parser.add_argument("--n-random", type=int, default=DEFAULTS["n_random"],
+                        help="random k-dim subspaces for the chance band (default: %(default)s)")
+    parser.add_argument("--fold-norm", action="store_true",
+                        help="fold the basis layer's input RMSNorm gain into W_Q, W_K (NOTES 1)")
+    parser.add_argument("--keep-first-token", action="store_true",
+                        help="include position 0 (the attention sink) in the token means")
+    parser.add_argument("--cache-dir", type=Path, default=common.DEFAULT_CACHE,
+                        help="activation cache folder (default: results/cache)")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the figure from the CSVs in --out (no model)")
+    return parser.parse_args(argv)
+
+
+def validate(args):
+    """Check layer, k and counts against the model config alone (nothing loaded, nothing written)."""
+    config = common.load_model_config(args.model)
+    common.check_layer(config, args.basis_layer)
+    common.check_k(config, args.k)
+    if args.k >= common.hidden_size(config):
+        raise UsageError(f"k={args.k} leaves no Z-perp (hidden size {common.hidden_size(config)}); "
+                         f"pass --k below {common.hidden_size(config)}")
+    if args.n_random < 1:
+        raise UsageError(f"--n-random {args.n_random} must be at least 1 (default 20)")
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Compute
+
+def compute_updates(pooled):
+    """pooled: (N, L+1, d) mean-pooled outputs of layers -1..L-1 -> updates (N, L, d) float64,
+    column j the transition j-1 -> j (j=0: embeddings -> layer 0)."""
+    pooled = torch.as_tensor(pooled, dtype=torch.float64)
+    return pooled[:, 1:] - pooled[:, :-1]
+
+
+def compute_ratios(updates, basis):
+    """R and energy per update for one or several bases.
+
+    updates: (..., d); basis: (k, d) or (M, k, d). Returns dict of float64 arrays with the
+    shape of updates[..., 0] (prefixed by M for a stack of bases): norm, norm_z, norm_zperp, R,
+    energy. Computed as ||u||^2 - ||V u||^2 for Z-perp, so no d x d projector is formed.
+    """
+    updates = torch.as_tensor(updates, dtype=torch.float64)
+    basis = torch.as_tensor(basis, dtype=torch.float64)
+    total = (updates ** 2).sum(-1)
+    if basis.dim() == 2:
+        along = ((updates @ basis.T) ** 2).sum(-1)
+    else:
+        along = (torch.einsum("...d,mkd->m...k", updates, basis) ** 2).sum(-1)
+        total = total.expand_as(along)
+    perp = (total - along).clamp(min=0)
+    out = {"norm": total.sqrt(), "norm_z": along.sqrt(), "norm_zperp": perp.sqrt(),
+           "R": along.sqrt() / perp.sqrt().clamp(min=1e-30),
+           "energy": along / total.clamp(min=1e-30)}
+    return {name: value.numpy() for name, value in out.items()}
+
+
+def random_seeds(seed, n):
+    return [int(seed) * 100003 + i for i in range(n)]
+
+
+def random_bases(d, k, n, seed):
+    """n Haar-random (k, d) bases, stacked (n, k, d), and their seeds."""
+    seeds = random_seeds(seed, n)
+    return torch.stack([common.random_basis(d, k, s) for s in seeds]), seeds
+
+
+def transition_frame(n_layers):
+    from_layer = np.arange(-1, n_layers - 1)
+    names = ["emb->0"] + [f"{l}->{l + 1}" for l in range(n_layers - 1)]
+    return pd.DataFrame({"from_layer": from_layer, "to_layer": from_layer + 1, "transition": names})
+
+
+def compute_per_prompt(ratios, pairs):
+    """Long table: one row per (text, transition). ratios arrays are (2N, L), zh rows first."""
+    n, n_trans = len(pairs), ratios["R"].shape[1]
+    trans = transition_frame(n_trans)
+    rows = pd.DataFrame({
+        "id": np.repeat([p["id"] for p in pairs] * 2, n_trans),
+        "lang": np.repeat(["zh"] * n + ["en"] * n, n_trans),
+        "from_layer": np.tile(trans["from_layer"], 2 * n),
+        "to_layer": np.tile(trans["to_layer"], 2 * n)})
+    for name in ("norm", "norm_z", "norm_zperp", "R", "energy"):
+        rows[name] = ratios[name].reshape(-1)
+    return rows
+
+
+def lang_masks(n):
+    zh = np.r_[np.ones(n, bool), np.zeros(n, bool)]
+    return {"zh": zh, "en": ~zh, "all": np.ones(2 * n, bool)}
+
+
+def compute_random_draws(rand_ratios, n, seeds):
+    """Per draw, transition and language group: the mean R and energy over prompts."""
+    frames = []
+    n_draws, _, n_trans = rand_ratios["R"].shape
+    trans = transition_frame(n_trans)
+    for lang, mask in lang_masks(n).items():
+        for m in range(n_draws):
+            frame = trans[["from_layer", "to_layer"]].copy()
+            frame.insert(0, "draw", m)
+            frame.insert(1, "seed", seeds[m])
+            frame["lang"] = lang
+            frame["R_mean"] = rand_ratios["R"][m][mask].mean(0)
+            frame["energy_mean"] = rand_ratios["energy"][m][mask].mean(0)
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def compute_per_layer(per_prompt, draws, k, d, band=DEFAULTS["band"]):
+    """Per transition and language group (zh, en, all): means of R and energy, chance values, and
+    the random-subspace band (percentiles `band` of the per-draw means)."""
+    both = per_prompt.assign(lang="all")
+    grouped = pd.concat([per_prompt, both]).groupby(["from_layer", "to_layer", "lang"], sort=False)
+    table = grouped.agg(n=("R", "size"), R_mean=("R", "mean"), R_sem=("R", "sem"),
+                        R_median=("R", "median"), energy_mean=("energy", "mean"),
+                        energy_sem=("energy", "sem"), norm_mean=("norm", "mean")).reset_index()
+    table["R_chance"] = np.sqrt(k / (d - k))
+    table["energy_chance"] = k / d
+    table["R_over_chance"] = table["R_mean"] / table["R_chance"]
+    table["energy_over_chance"] = table["energy_mean"] / table["energy_chance"]
+    rand = draws.groupby(["from_layer", "lang"])
+    stats = pd.DataFrame({
+        "rand_R_mean": rand["R_mean"].mean(), "rand_R_lo": rand["R_mean"].quantile(band[0] / 100),
+        "rand_R_hi": rand["R_mean"].quantile(band[1] / 100),
+        "rand_energy_mean": rand["energy_mean"].mean(),
+        "rand_energy_lo": rand["energy_mean"].quantile(band[0] / 100),
+        "rand_energy_hi": rand["energy_mean"].quantile(band[1] / 100)}).reset_index()
+    table = table.merge(stats, on=["from_layer", "lang"], how="left")
+    merged = draws.merge(table[["from_layer", "lang", "R_mean"]], on=["from_layer", "lang"],
+                         suffixes=("", "_z"))
+    frac = (merged["R_mean"] >= merged["R_mean_z"]).groupby([merged["from_layer"], merged["lang"]])
+    table = table.merge(frac.mean().rename("frac_random_R_ge").reset_index(),
+                        on=["from_layer", "lang"], how="left")
+    return table.sort_values(["lang", "from_layer"], key=_lang_order).reset_index(drop=True)
+
+
+def _lang_order(col):
+    return col.map({"zh": 0, "en": 1, "all": 2}) if col.name == "lang" else col
+
+
+def compute_asymmetry(per_prompt, draws, band=DEFAULTS["band"]):
+    """Plan B.4: per transition, the paired difference R_zh - R_en over problems, a Wilcoxon
+    signed-rank p-value (uncorrected), and the same difference under the random subspaces."""
+    from scipy.stats import wilcoxon
+    wide = per_prompt.pivot_table(index=["from_layer", "to_layer", "id"], columns="lang", values="R")
+    diff = (wide["zh"] - wide["en"]).rename("diff")
+    rows = []
+    for (from_layer, to_layer), d in diff.groupby(level=[0, 1]):
+        d = d.to_numpy()
+        p = wilcoxon(d).pvalue if len(d) > 1 and np.any(d != 0) else np.nan
+        rows.append({"from_layer": from_layer, "to_layer": to_layer, "n_pairs": len(d),
+                     "R_zh": wide.loc[(from_layer, to_layer), "zh"].mean(),
+                     "R_en": wide.loc[(from_layer, to_layer), "en"].mean(),
+                     "diff_mean": d.mean(), "diff_sem": d.std(ddof=1) / np.sqrt(len(d))
+                     if len(d) > 1 else np.nan, "wilcoxon_p": p})
+    table = pd.DataFrame(rows)
+    rand = draws[draws["lang"] != "all"].pivot_table(index=["from_layer", "draw"], columns="lang",
+                                                     values="R_mean")
+    rand_diff = (rand["zh"] - rand["en"]).groupby(level=0)
+    table["rand_diff_mean"] = table["from_layer"].map(rand_diff.mean())
+    table["rand_diff_lo"] = table["from_layer"].map(rand_diff.quantile(band[0] / 100))
+    table["rand_diff_hi"] = table["from_layer"].map(rand_diff.quantile(band[1] / 100))
+    return table
+
+
+def compute_all(pooled, pairs, basis, k, d, n_random, seed):
+    """pooled: (2N, L+1, d), zh texts then en texts. Returns the four tables."""
+    updates = compute_updates(pooled)
+    per_prompt = compute_per_prompt(compute_ratios(updates, basis), pairs)
+    bases, seeds = random_bases(d, k, n_random, seed)
+    draws = compute_random_draws(compute_ratios(updates, bases), len(pairs), seeds)
+    return {"per_prompt": per_prompt, "per_layer": compute_per_layer(per_prompt, draws, k, d),
+            "asymmetry": compute_asymmetry(per_prompt, draws), "random_draws": draws}
+
+
+# ----------------------------------------------------------------------------------------------
+# Save and plot
+
+def save_tables(out_dir, tables, extra_columns):
+    for name, table in tables.items():
+        table = table.copy()
+        for col, value in extra_columns.items():
+            table[col] = value
+        table.to_csv(Path(out_dir) / f"{name}.csv", index=False)
+
+
+def _layer_ticks(ax, from_layers):
+    labels = ["emb" if l == -1 else str(l) for l in from_layers]
+    step = max(1, len(from_layers) // 12)
+    ax.set_xticks(from_layers[::step], labels[::step])
+
+
+def plot_residual_ratio(out_dir, path):
+    """Two panels from per_layer.csv and asymmetry.csv only: R per transition (zh, en, chance line,
+    random band) and R_zh - R_en with its random band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out_dir = Path(out_dir)
+    for name in ("per_layer.csv", "asymmetry.csv"):
+        if not (out_dir / name).is_file():
+            raise UsageError(f"{out_dir / name} does not exist; run exp_b_residual.py without "
+                             f"--replot first, or pass the --out folder of an earlier run")
+    table, asym = pd.read_csv(out_dir / "per_layer.csv"), pd.read_csv(out_dir / "asymmetry.csv")
+    first = table.iloc[0]
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 7.5), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 2]})
+    both = table[table["lang"] == "all"]
+    x = both["from_layer"].to_numpy()
+    ax.fill_between(x, both["rand_R_lo"], both["rand_R_hi"], color="0.8",
+                    label=f"random {int(first['k'])}-dim subspaces (2.5-97.5%)")
+    ax.axhline(first["R_chance"], color="k", ls="--", lw=1,
+               label=f"chance sqrt(k/(d-k)) = {first['R_chance']:.3f}")
+    for lang, color in (("zh", "tab:red"), ("en", "tab:blue")):
+        rows = table[table["lang"] == lang]
+        ax.errorbar(rows["from_layer"], rows["R_mean"], yerr=rows["R_sem"], color=color,
+                    marker="o", ms=3, capsize=2, label=f"R {lang} (mean +- sem)")
+    basis_in = int(first["basis_layer"]) - 1  # the update that produces the basis layer's output
+    for a in (ax, ax2):
+        a.axvline(basis_in, color="tab:green", ls=":", lw=1)
+    ax.text(basis_in, ax.get_ylim()[1], f" {basis_in}->{basis_in + 1}", color="tab:green",
+            va="top", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("R = ||P_Z u|| / ||P_Zperp u||")
+    keep = "first token kept" if not bool(first["drop_first"]) else "first token dropped"
+    ax.set_title(f"Residual updates vs Z of layer {int(first['basis_layer'])} "
+                 f"(k={int(first['k'])}, d={int(first['d'])}, N={int(asym['n_pairs'].iloc[0])} "
+                 f"pairs, {keep})", fontsize=10)
+    ax.legend(fontsize=8)
+    ax2.fill_between(asym["from_layer"], asym["rand_diff_lo"], asym["rand_diff_hi"], color="0.8",
+                     label="random subspaces (2.5-97.5%)")
+    ax2.axhline(0, color="k", lw=0.8)
+    ax2.errorbar(asym["from_layer"], asym["diff_mean"], yerr=asym["diff_sem"], color="tab:purple",
+                 marker="o", ms=3, capsize=2, label="R_zh - R_en (paired mean +- sem)")
+    ax2.set_ylabel("R_zh - R_en")
+    ax2.set_xlabel("transition l -> l+1, plotted at l (emb = embeddings -> layer 0); "
+                   "dotted: update into the basis layer")
+    ax2.legend(fontsize=8)
+    _layer_ticks(ax2, x)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+
+def print_summary(per_layer, asym):
+    both = per_layer[per_layer["lang"] == "all"]
+    top, low = both.loc[both["R_over_chance"].idxmax()], both.loc[both["R_over_chance"].idxmin()]
+    print(f"R chance {both['R_chance'].iloc[0]:.4f}; max R/chance {top['R_over_chance']:.2f} at "
+          f"{int(top['from_layer'])}->{int(top['to_layer'])}, min {low['R_over_chance']:.2f} at "
+          f"{int(low['from_layer'])}->{int(low['to_layer'])}")
+    big = asym.loc[asym["diff_mean"].abs().idxmax()]
+    print(f"largest |R_zh - R_en| = {big['diff_mean']:+.4f} at {int(big['from_layer'])}->"
+          f"{int(big['to_layer'])} (Wilcoxon p = {big['wilcoxon_p']:.2g})")
+
+
+def main(args):
+    if args.replot:
+        return plot_residual_ratio(args.out, common.figure_path(args, "residual_ratio"))
+    config = validate(args)
+    pairs = common.load_pairs(args)
+    out_dir = common.prepare_out_dir(args.out, args.overwrite)
+    common.set_seed(args.seed)
+    model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
+    n_layers, d = common.num_layers(config), common.hidden_size(config)
+    basis = common.z_basis(model, args.basis_layer, args.k, fold_norm=args.fold_norm)
+    texts = [p["zh"] for p in pairs] + [p["en"] for p in pairs]
+    drop_first = not args.keep_first_token
+    pooled = common.extract_activations(model, tokenizer, texts, list(range(-1, n_layers)),
+                                        pool="mean", drop_first=drop_first,
+                                        batch_size=args.batch_size, cache_dir=args.cache_dir)
+    tables = compute_all(pooled, pairs, basis, args.k, d, args.n_random, args.seed)
+    save_tables(out_dir, tables, {"basis_layer": args.basis_layer, "k": args.k, "d": d,
+                                  "drop_first": drop_first})
+    common.write_json(out_dir / "config.json", common.run_config(
+        args, model, basis_layer=args.basis_layer, k=args.k, d=d, n_layers=n_layers,
+        drop_first=drop_first, n_pairs=len(pairs), n_texts=len(texts), n_random=args.n_random,
+        random_seeds=random_seeds(args.seed, args.n_random),
+        band_percentiles=list(DEFAULTS["band"]), texts="bare questions, zh and en, no template",
+        R_chance=float(np.sqrt(args.k / (d - args.k))), energy_chance=args.k / d))
+    print_summary(tables["per_layer"], tables["asymmetry"])
+    path = plot_residual_ratio(out_dir, common.figure_path(args, "residual_ratio"))
+    print(f"wrote {out_dir} and {path}")
+    return tables
+
+
+if __name__ == "__main__":
+    common.run_cli(main, parse_args())

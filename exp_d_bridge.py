@@ -1,0 +1,381 @@
+"""Experiment D: is the zh <-> en map inside Z a simple linear transform? (plan D, NOTES section 5)
+
+    python exp_d_bridge.py --model Qwen/Qwen2.5-3B --layer 32 --k 20 50 \
+        --prompts-en shared/data/mgsm/mgsm_en.tsv --prompts-zh shared/data/mgsm/mgsm_zh.tsv
+
+Paired Z coordinates of the mean-pooled bare questions at --layer: Z_lang = pooled_lang @ V_Z.T
+(N x k, first token left out unless --keep-first-token). Maps Z_zh ~ Z_en W + b:
+  lstsq       the plan's least squares (minimum-norm via lstsq when singular)
+  ridge       penalty chosen on the training rows only, by their closed-form leave-one-out error
+  procrustes  W = U V^T from the SVD of Xc^T Yc (orthogonal)
+  identity    W = I, b = 0: zero parameters (both sides use the same basis, so it is a hypothesis)
+  mean_shift  W = I, b = mean(Y) - mean(X): the language offset alone
+Fitted maps centre X and Y with the training rows' means (the intercept b). For each: in-sample R^2,
+held-out R^2 by leave-one-out and 10-fold, a shuffled-pairs null of the 10-fold R^2, top-1 retrieval
+of the mapped vectors among the true Z_zh (chance 1/N), ||W^T W - I||_F / k and the singular values.
+R^2 = 1 - ||Y - Yhat||_F^2 / ||Y - mean(Y)||_F^2, with the mean over all N rows.
+
+Outputs under --out: metrics.csv, singular_values.csv, null.csv, config.json; figures via
+figure_path(args, "singular_values") and figure_path(args, "heldout_r2"). --replot redraws them
+from the CSVs alone.
+"""
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import common
+from common import UsageError
+
+DEFAULTS = dict(layer=32, k=[20, 50], n_shuffles=100, n_folds=10, band=(2.5, 97.5))
+MAPS = ("lstsq", "ridge", "procrustes", "identity", "mean_shift")
+RIDGE_GRID = np.logspace(-4, 3, 15)  # times the mean eigenvalue of the training Xc^T Xc
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(parser, "exp_d")
+    common.add_pairs_args(parser)
+    parser.add_argument("--layer", type=int, default=DEFAULTS["layer"],
+                        help="layer of the activations and of the Z basis (default: %(default)s)")
+    parser.add_argument("--k", type=int, nargs="+", default=DEFAULTS["k"],
+                        help="Z dimensions (default: %(default)s)")
+    parser.add_argument("--n-shuffles", type=int, default=DEFAULTS["n_shuffles"],
+                        help="shuffled-pairs null draws (default: %(default)s)")
+    parser.add_argument("--n-folds", type=int, default=DEFAULTS["n_folds"],
+                        help="folds for the k-fold held-out R^2 (default: %(default)s)")
+    parser.add_argument("--fold-norm", action="store_true",
+                        help="fold the layer's input RMSNorm gain into W_Q, W_K (NOTES 1)")
+    parser.add_argument("--keep-first-token", action="store_true",
+                        help="include position 0 (the attention sink) in the token means")
+    parser.add_argument("--cache-dir", type=Path, default=common.DEFAULT_CACHE,
+                        help="activation cache folder (default: results/cache)")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the figures from the CSVs in --out (no model)")
+    return parser.parse_args(argv)
+
+
+def validate(args):
+    """Check layer, k and counts against the model config alone (nothing loaded, nothing written)."""
+    config = common.load_model_config(args.model)
+    common.check_layer(config, args.layer)
+    for k in args.k:
+        common.check_k(config, k)
+    if args.n_shuffles < 1:
+        raise UsageError(f"--n-shuffles {args.n_shuffles} must be at least 1 (default 100)")
+    if args.n_folds < 2:
+        raise UsageError(f"--n-folds {args.n_folds} must be at least 2 (default 10)")
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Maps: each fit returns (W (k, k), b (k,), alpha); the prediction is X @ W + b
+
+def _centre(X, Y):
+    mx, my = X.mean(0), Y.mean(0)
+    return X - mx, Y - my, mx, my
+
+
+def ridge_alpha(Xc, Yc, grid=RIDGE_GRID):
+    """The penalty with the smallest leave-one-out error on these (training) rows alone.
+
+    Closed form for ridge with an unpenalised intercept: residual_i / (1 - H_ii), with
+    H = 11^T/n + U diag(s^2 / (s^2 + a)) U^T from the SVD Xc = U S V^T; vectorised over the grid.
+    """
+    n = len(Xc)
+    U, s, _ = np.linalg.svd(Xc, full_matrices=False)
+    alphas = grid * max((s ** 2).sum() / Xc.shape[1], 1e-300)
+    shrink = s ** 2 / (s ** 2 + alphas[:, None])  # (A, r)
+    UtY = U.T @ Yc
+    fitted = np.einsum("ir,ar,rc->aic", U, shrink, UtY)  # (A, n, k), centred
+    leverage = 1.0 / n + np.einsum("ir,ar->ai", U ** 2, shrink)  # (A, n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        loo = (Yc[None] - fitted) / (1 - leverage)[..., None]
+    errors = np.where(np.isfinite(loo), loo ** 2, np.inf).sum((1, 2))
+    errors[np.any(1 - leverage < 1e-10, 1)] = np.inf  # interpolating: LOO undefined
+    return float(alphas[np.argmin(errors)]) if np.isfinite(errors).any() else float(alphas[-1])
+
+
+def fit_map(name, X, Y):
+    """Fit one map on rows X, Y (n, k) float64. Only these rows are used, centring included."""
+    k = X.shape[1]
+    if name == "identity":
+        return np.eye(k), np.zeros(k), np.nan
+    Xc, Yc, mx, my = _centre(X, Y)
+    alpha = np.nan
+    if name == "mean_shift":
+        W = np.eye(k)
+    elif name == "lstsq":
+        W = np.linalg.lstsq(Xc, Yc, rcond=None)[0]
+    elif name == "ridge":
+        alpha = ridge_alpha(Xc, Yc)
+        W = np.linalg.solve(Xc.T @ Xc + alpha * np.eye(k), Xc.T @ Yc)
+    elif name == "procrustes":
+        U, _, Vt = np.linalg.svd(Xc.T @ Yc)
+        W = U @ Vt
+    else:
+        raise ValueError(f"unknown map {name!r}")
+    return W, my - mx @ W, alpha
+
+
+def n_params(name, k):
+    return {"lstsq": k * k + k, "ridge": k * k + k, "procrustes": k * (k - 1) // 2 + k,
+            "identity": 0, "mean_shift": k}[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+def r2(Y, Yhat):
+    """1 - ||Y - Yhat||_F^2 / ||Y - mean(Y)||_F^2 (mean over all rows of Y)."""
+    return float(1 - ((Y - Yhat) ** 2).sum() / ((Y - Y.mean(0)) ** 2).sum())
+
+
+def orthogonality_error(W):
+    return float(np.linalg.norm(W.T @ W - np.eye(len(W))) / len(W))
+
+
+def retrieval_top1(Yhat, Y):
+    """Share of rows whose mapped vector is nearest (Euclidean) to its own partner among all Y."""
+    dist = (Yhat ** 2).sum(1)[:, None] - 2 * Yhat @ Y.T + (Y ** 2).sum(1)[None]
+    return float(np.mean(dist.argmin(1) == np.arange(len(Y))))
+
+
+def kfold_indices(n, n_folds, seed):
+    """Test-index arrays of a seeded random partition into min(n_folds, n) folds."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.array_split(perm, min(n_folds, n))
+
+
+def heldout_predictions(name, X, Y, folds):
+    """Predictions for each fold's rows from a map fitted on the other rows only."""
+    Yhat = np.empty_like(Y)
+    for test in folds:
+        train = np.ones(len(X), bool)
+        train[test] = False
+        W, b, _ = fit_map(name, X[train], Y[train])
+        Yhat[test] = X[test] @ W + b
+    return Yhat
+
+
+def compute_null(X, Y, folds, n_shuffles, seed):
+    """10-fold held-out R^2 per map with the pairing shuffled: dict map -> (n_shuffles,)."""
+    rng = np.random.default_rng(seed)
+    perms = [rng.permutation(len(Y)) for _ in range(n_shuffles)]
+    from tqdm.auto import tqdm
+    return {name: np.array([r2(Y[p], heldout_predictions(name, X, Y[p], folds))
+                            for p in tqdm(perms, desc=f"null {name}", leave=False)])
+            for name in MAPS}
+
+
+def compute_map_metrics(name, X, Y, folds, null, band=DEFAULTS["band"]):
+    """One metrics row and the singular values for one map. X = Z_en, Y = Z_zh, (N, k)."""
+    n, k = X.shape
+    W, b, alpha = fit_map(name, X, Y)
+    fitted = X @ W + b
+    loo = heldout_predictions(name, X, Y, [np.array([i]) for i in range(n)])
+    kfold_r2 = r2(Y, heldout_predictions(name, X, Y, folds))
+    sv = np.linalg.svd(W, compute_uv=False)
+    row = {"map": name, "k": k, "n_pairs": n, "n_params": n_params(name, k), "alpha": alpha,
+           "in_sample_r2": r2(Y, fitted), "loo_r2": r2(Y, loo), "kfold_r2": kfold_r2,
+           "n_folds": len(folds), "null_mean": null.mean(),
+           "null_lo": np.percentile(null, band[0]), "null_hi": np.percentile(null, band[1]),
+           "null_max": null.max(), "n_shuffles": len(null),
+           "p_null": (1 + np.sum(null >= kfold_r2)) / (len(null) + 1),
+           "retrieval_in_sample": retrieval_top1(fitted, Y), "retrieval_loo": retrieval_top1(loo, Y),
+           "retrieval_chance": 1 / n, "orthogonality_error": orthogonality_error(W),
+           "sv_max": sv.max(), "sv_min": sv.min(), "underdetermined": n - 1 <= k,
+           "in_sample_exact": name == "lstsq" and n - 1 <= k}
+    return row, sv
+
+
+def compute_bridge(X, Y, n_shuffles, n_folds, seed):
+    """All maps for one k: (metrics rows, singular-value rows, null rows)."""
+    folds = kfold_indices(len(X), n_folds, seed)
+    null = compute_null(X, Y, folds, n_shuffles, seed + 1)
+    rows, svs, nulls = [], [], []
+    for name in MAPS:
+        row, sv = compute_map_metrics(name, X, Y, folds, null[name])
+        rows.append(row)
+        svs += [{"map": name, "k": X.shape[1], "index": i, "sigma": s} for i, s in enumerate(sv)]
+        nulls += [{"map": name, "k": X.shape[1], "shuffle": j, "kfold_r2": v}
+                  for j, v in enumerate(null[name])]
+    return rows, svs, nulls
+
+
+def z_coordinates(pooled, basis):
+    """pooled (N, d), basis (k, d) -> (N, k) float64 coordinates in Z."""
+    return np.asarray(pooled, np.float64) @ np.asarray(basis, np.float64).T
+
+
+def exactness_warning(n, k):
+    if n - 1 > k:
+        return None
+    return (f"N={n} <= k+1={k + 1}: least squares (with its intercept) interpolates the data, so "
+            f"its in-sample R^2 = 1 is exact by construction; W has rank <= N-1, so "
+            f"||W^T W - I||_F / k >= {np.sqrt(k - n + 1) / k:.3f} whatever the data. "
+            f"Read the held-out R^2 only.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Save and plot
+
+def _require(out_dir, names):
+    for name in names:
+        if not (Path(out_dir) / name).is_file():
+            raise UsageError(f"{Path(out_dir) / name} does not exist; run exp_d_bridge.py without "
+                             f"--replot first, or pass the --out folder of an earlier run")
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+COLORS = {"lstsq": "tab:blue", "ridge": "tab:orange", "procrustes": "tab:green",
+          "identity": "tab:gray", "mean_shift": "tab:purple"}
+
+
+def plot_singular_values(out_dir, path):
+    """Sorted singular values of each full-data W, one panel per k, from singular_values.csv."""
+    _require(out_dir, ["singular_values.csv", "metrics.csv"])
+    plt = _pyplot()
+    sv = pd.read_csv(Path(out_dir) / "singular_values.csv")
+    meta = pd.read_csv(Path(out_dir) / "metrics.csv").iloc[0]
+    ks = sorted(sv["k"].unique())
+    fig, axes = plt.subplots(1, len(ks), figsize=(5 * len(ks), 4), squeeze=False)
+    for ax, k in zip(axes[0], ks):
+        for name in ("lstsq", "ridge", "procrustes"):
+            rows = sv[(sv["k"] == k) & (sv["map"] == name)]
+            ax.plot(rows["index"] + 1, rows["sigma"], marker=".", color=COLORS[name], label=name)
+        ax.axhline(1, color="k", ls="--", lw=1, label="identity / rotation (all 1)")
+        ax.set_yscale("log")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("index (sorted)")
+        ax.set_ylabel("singular value of W")
+        ax.set_title(f"k={k} (N={int(meta['n_pairs'])} pairs)", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle("Spectrum of the zh <- en bridge W (fit on all pairs)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+R2_FLOOR = -1.5  # R^2 can be hugely negative (identity map); such points sit on the floor
+
+
+def _plot_clipped(ax, x, y, color, fill, label):
+    """Points; those below R2_FLOOR are drawn on it as down-triangles labelled with their value."""
+    low = y < R2_FLOOR
+    ax.plot(x[~low], y[~low], "o", mfc=fill, color=color, label=label)
+    ax.plot(x[low], np.full(low.sum(), R2_FLOOR), "v", mfc=fill, color=color,
+            label=label if not (~low).any() else None)
+    for xi, yi in zip(x[low], y[low]):
+        ax.annotate(f"{yi:.2g}", (xi, R2_FLOOR), textcoords="offset points", xytext=(0, -10),
+                    ha="center", fontsize=7, color=color)
+
+
+def plot_heldout_r2(out_dir, path):
+    """Held-out R^2 (10-fold, filled; LOO, open) against k per map with the shuffled-pairs null
+    band, and LOO top-1 retrieval against chance; from metrics.csv only."""
+    _require(out_dir, ["metrics.csv"])
+    plt = _pyplot()
+    m = pd.read_csv(Path(out_dir) / "metrics.csv")
+    ks = sorted(m["k"].unique())
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(MAPS)
+    for j, name in enumerate(MAPS):
+        rows = m[m["map"] == name].set_index("k").loc[ks]
+        x = np.arange(len(ks)) + (j - (len(MAPS) - 1) / 2) * width
+        ax.bar(x, rows["null_hi"] - rows["null_lo"], bottom=rows["null_lo"], width=width * 0.9,
+               color=COLORS[name], alpha=0.2)
+        for col, fill in (("kfold_r2", None), ("loo_r2", "none")):
+            _plot_clipped(ax, x, rows[col].to_numpy(), COLORS[name], fill,
+                          name if fill is None else None)
+        ax2.bar(x, rows["retrieval_loo"], width=width * 0.9, color=COLORS[name], label=name)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylim(max(ax.get_ylim()[0], R2_FLOOR - 0.1), min(ax.get_ylim()[1], 1.05))
+    ax.set_xticks(range(len(ks)), [f"k={k}" for k in ks])
+    ax.set_ylabel("held-out R^2 (zh from en)")
+    ax.set_title(f"filled: {int(m['n_folds'].iloc[0])}-fold, open: leave-one-out; shaded: "
+                 f"shuffled-pairs null (2.5-97.5%)", fontsize=9)
+    ax.legend(fontsize=8)
+    ax2.axhline(m["retrieval_chance"].iloc[0], color="k", ls="--", lw=1,
+                label=f"chance 1/N = {m['retrieval_chance'].iloc[0]:.3f}")
+    ax2.set_xticks(range(len(ks)), [f"k={k}" for k in ks])
+    ax2.set_ylabel("top-1 retrieval of held-out mapped vectors")
+    ax2.set_ylim(0, 1)
+    ax2.set_title(f"leave-one-out, N={int(m['n_pairs'].iloc[0])} pairs", fontsize=9)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_all(args):
+    return [plot_singular_values(args.out, common.figure_path(args, "singular_values")),
+            plot_heldout_r2(args.out, common.figure_path(args, "heldout_r2"))]
+
+
+def save_tables(out_dir, rows, svs, nulls, extra_columns):
+    for name, records in (("metrics", rows), ("singular_values", svs), ("null", nulls)):
+        table = pd.DataFrame(records)
+        for col, value in extra_columns.items():
+            table[col] = value
+        table.to_csv(Path(out_dir) / f"{name}.csv", index=False)
+
+
+def print_metrics(rows):
+    cols = ["k", "map", "in_sample_r2", "loo_r2", "kfold_r2", "null_lo", "null_hi", "p_null",
+            "retrieval_loo", "orthogonality_error"]
+    print(pd.DataFrame(rows)[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(args):
+    if args.replot:
+        return plot_all(args)
+    validate(args)
+    pairs = common.load_pairs(args)
+    if len(pairs) < 3:
+        raise UsageError(f"{len(pairs)} pairs are too few for held-out fits; pass at least 3")
+    out_dir = common.prepare_out_dir(args.out, args.overwrite)
+    common.set_seed(args.seed)
+    model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
+    drop_first = not args.keep_first_token
+    texts = [p["zh"] for p in pairs] + [p["en"] for p in pairs]
+    pooled = common.extract_activations(model, tokenizer, texts, [args.layer], pool="mean",
+                                        drop_first=drop_first, batch_size=args.batch_size,
+                                        cache_dir=args.cache_dir)[:, 0].numpy()
+    n = len(pairs)
+    rows, svs, nulls = [], [], []
+    for k in args.k:
+        basis = common.z_basis(model, args.layer, k, fold_norm=args.fold_norm).numpy()
+        Y, X = z_coordinates(pooled[:n], basis), z_coordinates(pooled[n:], basis)  # zh, en
+        warning = exactness_warning(n, k)
+        if warning:
+            print(f"warning (k={k}): {warning}")
+        r, s, nl = compute_bridge(X, Y, args.n_shuffles, args.n_folds, args.seed)
+        rows, svs, nulls = rows + r, svs + s, nulls + nl
+    save_tables(out_dir, rows, svs, nulls, {"layer": args.layer, "drop_first": drop_first})
+    common.write_json(out_dir / "config.json", common.run_config(
+        args, model, layer=args.layer, k=list(args.k), drop_first=drop_first, n_pairs=n,
+        maps=list(MAPS), n_shuffles=args.n_shuffles, n_folds=args.n_folds,
+        ridge_grid_times_mean_eigenvalue=RIDGE_GRID.tolist(), null_band_percentiles=list(
+            DEFAULTS["band"]), direction="Z_zh ~ Z_en W + b", texts="bare questions, no template",
+        exactness_warnings={k: exactness_warning(n, k) for k in args.k}))
+    print_metrics(rows)
+    paths = plot_all(args)
+    print(f"wrote {out_dir} and {', '.join(map(str, paths))}")
+    return rows
+
+
+if __name__ == "__main__":
+    common.run_cli(main, parse_args())
