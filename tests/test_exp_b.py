@@ -1,0 +1,225 @@
+"""Experiment B: the ratio against its chance value, the activation capture it relies on, the cache,
+bad input, and an end-to-end run on the tiny model."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import common
+import exp_b_residual as eb
+
+EN = ["Tom has {a} apples and buys {b} more. How many apples does he have?",
+      "A train goes {a} km per hour for {b} hours. How far does it go?"]
+ZH = ["小明有{a}个苹果，又买了{b}个。他现在有多少个苹果？",
+      "火车每小时行驶{a}公里，行驶了{b}小时。一共行驶了多少公里？"]
+
+
+def write_prompts(path, n):
+    pairs = [{"id": f"p{i}", "category": "test", "en": EN[i % 2].format(a=i + 2, b=3 * i + 1),
+              "zh": ZH[i % 2].format(a=i + 2, b=3 * i + 1), "answer": i} for i in range(n)]
+    data = {"templates": {"en": "Question: {question}\nAnswer:", "zh": "问题：{question}\n答案："},
+            "pairs": pairs}
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def cli(tmp_path, *extra):
+    prompts = tmp_path / "prompts.json"
+    if not prompts.exists():
+        write_prompts(prompts, 6)
+    return eb.parse_args(["--model", common.TINY_MODEL, "--device", "cpu", "--basis-layer", "2",
+                          "--k", "4", "--prompts", str(prompts), "--out", str(tmp_path / "exp_b"),
+                          "--figures", str(tmp_path / "fig"), "--cache-dir",
+                          str(tmp_path / "cache"), *extra])
+
+
+# ----------------------------------------------------------------------------------------------
+# The ratio
+
+@pytest.mark.parametrize("d,k", [(64, 8), (256, 20)])
+def test_isotropic_updates_average_chance_ratio(d, k):
+    updates = torch.randn(4000, d, dtype=torch.float64)
+    ratios = eb.compute_ratios(updates, common.random_basis(d, k, seed=3))
+    assert ratios["R"].mean() == pytest.approx(np.sqrt(k / (d - k)), rel=0.04)
+    assert ratios["energy"].mean() == pytest.approx(k / d, rel=0.04)
+    np.testing.assert_allclose(ratios["norm_z"] ** 2 + ratios["norm_zperp"] ** 2,
+                               ratios["norm"] ** 2, rtol=1e-10)
+
+
+def test_isotropic_updates_against_the_model_basis(tiny):
+    model, _ = tiny
+    basis = common.z_basis(model, 2, 4)
+    ratios = eb.compute_ratios(torch.randn(4000, 64), basis)
+    assert ratios["R"].mean() == pytest.approx(np.sqrt(4 / 60), rel=0.05)
+
+
+def test_ratio_separates_updates_inside_and_outside_z():
+    basis = common.random_basis(32, 4, seed=0).double()
+    inside = torch.randn(10, 4, dtype=torch.float64) @ basis
+    outside = torch.randn(10, 32, dtype=torch.float64)
+    outside -= (outside @ basis.T) @ basis
+    assert eb.compute_ratios(inside, basis)["energy"] == pytest.approx(np.ones(10))
+    assert eb.compute_ratios(inside, basis)["R"].min() > 1e3  # float32 basis: not exactly inf
+    assert eb.compute_ratios(outside, basis)["R"].max() < 1e-6
+
+
+def test_stacked_bases_match_one_at_a_time():
+    updates = torch.randn(5, 3, 16, dtype=torch.float64)
+    bases, _ = eb.random_bases(16, 3, 4, seed=1)
+    stacked = eb.compute_ratios(updates, bases)["R"]
+    assert stacked.shape == (4, 5, 3)
+    for m in range(4):
+        np.testing.assert_allclose(stacked[m], eb.compute_ratios(updates, bases[m])["R"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Captured layer outputs and the cache
+
+TEXTS = ["Tom has 3 apples.", "小明有3个苹果，又买了5个。他现在有多少个苹果？",
+         "A train travels 60 kilometers per hour for 2 hours. How far does it go?"]
+
+
+@pytest.mark.parametrize("drop_first", [False, True])
+def test_captured_outputs_equal_hidden_states(tiny, drop_first):
+    """Hooked, batched (left-padded) outputs equal each text's own output_hidden_states below the
+    last layer; the last layer's hook output is the state before the final norm."""
+    model, tokenizer = tiny
+    n = common.num_layers(model)
+    pooled = common.extract_activations(model, tokenizer, TEXTS, list(range(-1, n)), pool="mean",
+                                        drop_first=drop_first, batch_size=3, cache_dir=None)
+    tokens = common.extract_activations(model, tokenizer, TEXTS, [n - 1], pool=None,
+                                        drop_first=drop_first, batch_size=3, cache_dir=None)
+    start = 1 if drop_first else 0
+    for i, text in enumerate(TEXTS):
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+        for j, layer in enumerate(range(-1, n - 1)):
+            expected = hidden[layer + 1][0, start:].mean(0)
+            torch.testing.assert_close(pooled[i, j], expected, atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            normed = model.model.norm(tokens[i][:, 0].float())
+        torch.testing.assert_close(normed, hidden[n][0, start:], atol=2e-2, rtol=2e-2)
+        assert not torch.allclose(pooled[i, n], hidden[n][0, start:].mean(0), atol=1e-2)
+
+
+def test_cache_is_reused_and_invalidated(tiny, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    cache = tmp_path / "cache"
+
+    def files():
+        return sorted(p.name for p in cache.glob("acts-*.pt"))
+
+    first = common.extract_activations(model, tokenizer, TEXTS, [-1, 0, 1], cache_dir=cache)
+    assert len(files()) == 1
+    real_capture = common.capture_layer_outputs
+
+    def no_forward(*a, **k):
+        raise AssertionError("the model ran although the cache holds this input")
+
+    monkeypatch.setattr(common, "capture_layer_outputs", no_forward)
+    torch.testing.assert_close(
+        common.extract_activations(model, tokenizer, TEXTS, [-1, 0, 1], cache_dir=cache), first)
+    monkeypatch.setattr(common, "capture_layer_outputs", real_capture)
+
+    changed = common.extract_activations(model, tokenizer, TEXTS[:2] + ["Other prompt 7."],
+                                         [-1, 0, 1], cache_dir=cache)
+    assert len(files()) == 2
+    torch.testing.assert_close(changed[:2], first[:2], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(changed[2], first[2])
+
+    model.name_or_path_for_results = "another-model"
+    common.extract_activations(model, tokenizer, TEXTS, [-1, 0, 1], cache_dir=cache)
+    assert len(files()) == 3
+
+    model.to(torch.bfloat16)
+    common.extract_activations(model, tokenizer, TEXTS, [-1, 0, 1], cache_dir=cache)
+    assert len(files()) == 4
+
+    common.extract_activations(model, tokenizer, TEXTS, [-1, 0, 1], drop_first=False,
+                               cache_dir=cache)
+    assert len(files()) == 5
+
+
+# ----------------------------------------------------------------------------------------------
+# The script
+
+@pytest.mark.parametrize("extra", [["--basis-layer", "4"], ["--basis-layer", "-1"], ["--k", "0"],
+                                   ["--k", "64"], ["--n-random", "0"],
+                                   ["--prompts", "MISSING.json"]])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra):
+    args = cli(tmp_path, *extra)
+    if extra[0] == "--prompts":
+        args.prompts = tmp_path / "missing.json"
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(eb.main, args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+    for name in ("exp_b", "fig", "cache"):
+        assert not (tmp_path / name).exists()
+
+
+def test_main_end_to_end(tiny, tmp_path, monkeypatch):
+    args = cli(tmp_path, "--n-random", "20")
+    tables = eb.main(args)
+    out = tmp_path / "exp_b"
+    for name in ("per_prompt", "per_layer", "asymmetry", "random_draws"):
+        assert (out / f"{name}.csv").is_file()
+    figure = tmp_path / "fig" / "exp_b_residual_ratio.png"
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+    config = json.loads((out / "config.json").read_text())
+    assert (config["basis_layer"], config["k"], config["drop_first"], config["n_pairs"],
+            config["d"], config["n_random"]) == (2, 4, True, 6, 64, 20)
+
+    per_layer = pd.read_csv(out / "per_layer.csv")
+    assert len(per_layer) == 4 * 3 and set(per_layer["lang"]) == {"zh", "en", "all"}
+    assert sorted(per_layer["from_layer"].unique()) == [-1, 0, 1, 2]
+    assert per_layer["R_chance"].iloc[0] == pytest.approx(np.sqrt(4 / 60))
+    assert (per_layer["rand_R_lo"] <= per_layer["rand_R_hi"]).all()
+    draws = pd.read_csv(out / "random_draws.csv")
+    assert draws["draw"].nunique() == 20
+
+    # the saved R of one text and transition, recomputed from the pooled outputs directly
+    model, tokenizer = tiny
+    pairs = common.load_prompts(args.prompts)["pairs"]
+    pooled = common.extract_activations(model, tokenizer, [pairs[1]["en"]], [0, 1],
+                                        cache_dir=None)[0]
+    coords = (pooled[1] - pooled[0]).double() @ common.z_basis(model, 2, 4).double().T
+    total = ((pooled[1] - pooled[0]).double() ** 2).sum()
+    per_prompt = pd.read_csv(out / "per_prompt.csv")
+    row = per_prompt[(per_prompt["id"] == "p1") & (per_prompt["lang"] == "en")
+                     & (per_prompt["from_layer"] == 0)].iloc[0]
+    expected = float((coords ** 2).sum().sqrt() / (total - (coords ** 2).sum()).sqrt())
+    assert row["R"] == pytest.approx(expected, rel=1e-4)
+    zh = per_layer[(per_layer["lang"] == "zh") & (per_layer["from_layer"] == 0)].iloc[0]
+    assert zh["R_mean"] == pytest.approx(per_prompt[(per_prompt["lang"] == "zh")
+                                                    & (per_prompt["from_layer"] == 0)]["R"].mean())
+    asym = pd.read_csv(out / "asymmetry.csv")
+    assert len(asym) == 4
+    np.testing.assert_allclose(asym["diff_mean"], asym["R_zh"] - asym["R_en"], atol=1e-12)
+
+    # --replot redraws from the CSVs without loading a model
+    figure.unlink()
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    eb.main(cli(tmp_path, "--replot"))
+    assert figure.is_file()
+    assert tables["per_layer"].shape[0] == 12
+
+
+def test_keep_first_token_changes_and_records_the_pooling(tmp_path):
+    base = eb.main(cli(tmp_path))["per_prompt"]
+    args = cli(tmp_path, "--keep-first-token", "--overwrite")
+    kept = eb.main(args)["per_prompt"]
+    assert json.loads((tmp_path / "exp_b" / "config.json").read_text())["drop_first"] is False
+    assert not pd.read_csv(tmp_path / "exp_b" / "per_layer.csv")["drop_first"].any()
+    assert not np.allclose(base["R"], kept["R"])
+
+
+def test_existing_results_are_not_overwritten(tmp_path):
+    eb.main(cli(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(eb.main, cli(tmp_path))
+    assert exit_info.value.code == 2
