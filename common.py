@@ -418,31 +418,60 @@ def _new_cache(model):
     return DynamicCache(config=model.config)
 
 
-def _step(model, input_ids, attention_mask, position_ids, cache, patch, phase):
+def _forward(model, input_ids, attention_mask, position_ids, cache, patch, phase, last_only):
     if patch is not None:
         patch.phase = phase
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                cache=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].float()
+                cache=cache, use_cache=True, logits_to_keep=1 if last_only else 0)
+    return out.logits.float()
+
+
+def _score(model, cache, first_logits, attention_mask, position, continuations, patch):
+    """Summed log-probs (B,) of continuations (B lists of ids) after a prefilled cache, teacher
+    forced; continuation positions count as generated positions for the patch."""
+    device = first_logits.device
+    width = max(len(c) for c in continuations)
+    cont = torch.zeros((len(continuations), width), dtype=torch.long)
+    cont_mask = torch.zeros_like(cont, dtype=torch.bool)
+    for row, c in enumerate(continuations):
+        cont[row, :len(c)] = torch.tensor(c, dtype=torch.long)
+        cont_mask[row, :len(c)] = True
+    cont, cont_mask = cont.to(device), cont_mask.to(device)
+    logits = first_logits
+    if width > 1:  # right-padded continuations: padding comes after, so causal attention ignores it
+        mask = torch.cat([attention_mask, torch.ones_like(cont[:, :-1])], 1)
+        steps = position[:, -1:] + 1 + torch.arange(width - 1, device=device)
+        rest = _forward(model, cont[:, :-1], mask, steps, cache, patch, "generate", False)
+        logits = torch.cat([first_logits, rest], 1)
+    logp = torch.log_softmax(logits, -1).gather(-1, cont[..., None])[..., 0]
+    return (logp * cont_mask).sum(1).cpu()
 
 
 @torch.no_grad()
-def greedy_generate(model, input_ids, attention_mask, max_new_tokens, patch=None,
-                    stop_ids=(), return_logits=False):
-    """Greedy decoding of a left-padded batch with a KV cache, optionally under a SubspacePatch.
+def generate_and_score(model, input_ids, attention_mask, max_new_tokens, patch=None, stop_ids=(),
+                       score=(), return_logits=False):
+    """Greedy decoding of a left-padded batch with a KV cache, under an optional SubspacePatch,
+    plus teacher-forced scores of continuations from the same prefill.
 
-    Returns tokens (B, max_new_tokens) long on the CPU (rows keep going after a stop token; callers
-    cut at the first one) and, with return_logits, the per-step logits (B, max_new_tokens, V) float32.
+    score: a list of continuation sets, each B lists of token ids (e.g. the reference answer).
+    Returns dict: tokens (B, max_new_tokens) long on the CPU (rows keep going after a stop token;
+    callers cut at the first one); scores, one (B,) float32 tensor of summed log-probs per set;
+    logits (B, max_new_tokens, V) float32 with return_logits.
     """
+    import copy
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position = position_ids_from_mask(attention_mask)
     cache = _new_cache(model)
-    tokens, logits_seen = [], []
+    tokens, logits_seen, scores = [], [], []
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     with _maybe_patch(model, patch):
-        logits = _step(model, input_ids, attention_mask, position, cache, patch, "prompt")
+        logits = _forward(model, input_ids, attention_mask, position, cache, patch, "prompt", True)
+        for continuations in score:
+            scores.append(_score(model, copy.deepcopy(cache), logits, attention_mask, position,
+                                 continuations, patch))
+        logits = logits[:, -1]
         for _ in range(max_new_tokens):
             next_token = logits.argmax(-1)
             tokens.append(next_token)
@@ -453,50 +482,27 @@ def greedy_generate(model, input_ids, attention_mask, max_new_tokens, patch=None
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(done), 1)], 1)
             position = position[:, -1:] + 1
-            logits = _step(model, next_token[:, None], attention_mask, position, cache, patch,
-                           "generate")
-    out = torch.stack(tokens, 1).cpu()
-    if len(tokens) < max_new_tokens:  # every row stopped early: pad with the stop token
+            logits = _forward(model, next_token[:, None], attention_mask, position, cache, patch,
+                              "generate", True)[:, -1]
+    out = torch.stack(tokens, 1).cpu() if tokens else torch.zeros(len(done), 0, dtype=torch.long)
+    if 0 < len(tokens) < max_new_tokens:  # every row stopped early: pad with its last token
         out = torch.cat([out, out[:, -1:].expand(-1, max_new_tokens - len(tokens))], 1)
+    result = {"tokens": out, "scores": scores}
     if return_logits:
-        return out, torch.stack(logits_seen, 1).cpu()
-    return out
+        result["logits"] = torch.stack(logits_seen, 1).cpu()
+    return result
 
 
-@torch.no_grad()
+def greedy_generate(model, input_ids, attention_mask, max_new_tokens, patch=None, stop_ids=()):
+    """Greedy tokens (B, max_new_tokens) of a left-padded batch; see generate_and_score."""
+    return generate_and_score(model, input_ids, attention_mask, max_new_tokens, patch,
+                              stop_ids)["tokens"]
+
+
 def continuation_logprob(model, input_ids, attention_mask, continuations, patch=None):
-    """Teacher-forced log p(continuation | prompt), summed over its tokens, under an optional patch.
-
-    continuations: list of B token-id lists (non-empty). Continuation tokens are "generated"
-    positions for the patch, exactly as in greedy_generate. Returns (B,) float32 on the CPU.
-    """
-    device = next(model.parameters()).device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    position = position_ids_from_mask(attention_mask)
-    width = max(len(c) for c in continuations)
-    cont = torch.zeros((len(continuations), width), dtype=torch.long)
-    cont_mask = torch.zeros_like(cont, dtype=torch.bool)
-    for row, c in enumerate(continuations):
-        cont[row, :len(c)] = torch.tensor(c)
-        cont_mask[row, :len(c)] = True
-    cont, cont_mask = cont.to(device), cont_mask.to(device)
-    cache = _new_cache(model)
-    with _maybe_patch(model, patch):
-        if patch is not None:
-            patch.phase = "prompt"
-        first = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position,
-                      cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].float()
-        logits = first
-        if width > 1:
-            if patch is not None:
-                patch.phase = "generate"
-            full_mask = torch.cat([attention_mask, torch.ones_like(cont[:, :-1])], 1)
-            rest = model(input_ids=cont[:, :-1], attention_mask=full_mask,
-                         position_ids=position[:, -1:] + 1 + torch.arange(width - 1, device=device),
-                         cache=cache, use_cache=True).logits.float()
-            logits = torch.cat([first, rest], 1)
-    logp = torch.log_softmax(logits, -1).gather(-1, cont[..., None])[..., 0]
-    return (logp * cont_mask).sum(1).cpu()
+    """Teacher-forced log p(continuation | prompt) (B,) float32, summed over its tokens."""
+    return generate_and_score(model, input_ids, attention_mask, 0, patch,
+                              score=[continuations])["scores"][0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -869,3 +875,18 @@ def figure_path(args, name):
     """figures/<out folder name>_<name>.png: runs into different --out folders never collide."""
     Path(args.figures).mkdir(parents=True, exist_ok=True)
     return Path(args.figures) / f"{Path(args.out).name}_{name}.png"
+
+
+def write_csv(frame, path, append=False):
+    """Write (or append to) a CSV that load_csv reads back exactly. Every string is quoted:
+    pandas leaves a lone carriage return unquoted, which splits a generated text over two lines."""
+    import csv
+    path = Path(path)
+    frame.to_csv(path, mode="a" if append else "w", header=not (append and path.exists()),
+                 index=False, quoting=csv.QUOTE_NONNUMERIC)
+
+
+def load_csv(path):
+    """Read a CSV written by write_csv; empty fields are NaN, the text "none" stays a string."""
+    import pandas as pd
+    return pd.read_csv(path, keep_default_na=False, na_values=[""])
