@@ -70,6 +70,28 @@ def validate(args):
     return config
 
 
+def limit_blas_threads(n=1):
+    """Set numpy's OpenBLAS to n threads; returns whether it could. These fits are small (N x k),
+    where one thread is fastest, and on a busy shared CPU OpenBLAS threads spin-wait: the null
+    took 150x longer with 2 threads on a loaded 2-core machine. Best effort, via ctypes (no
+    threadpoolctl here); a no-op where no OpenBLAS is loaded."""
+    import ctypes
+    try:
+        paths = {line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line.lower()}
+    except OSError:
+        return False
+    done = False
+    for path in paths:
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
+                     "openblas_set_num_threads"):
+            if hasattr(lib, name):
+                getattr(lib, name)(ctypes.c_int(n))
+                done = True
+                break
+    return done
+
+
 # ----------------------------------------------------------------------------------------------
 # Maps: each fit returns (W (k, k), b (k,), alpha); the prediction is X @ W + b
 
@@ -88,9 +110,8 @@ def ridge_alpha(Xc, Yc, grid=RIDGE_GRID):
     U, s, _ = np.linalg.svd(Xc, full_matrices=False)
     alphas = grid * max((s ** 2).sum() / Xc.shape[1], 1e-300)
     shrink = s ** 2 / (s ** 2 + alphas[:, None])  # (A, r)
-    UtY = U.T @ Yc
-    fitted = np.einsum("ir,ar,rc->aic", U, shrink, UtY)  # (A, n, k), centred
-    leverage = 1.0 / n + np.einsum("ir,ar->ai", U ** 2, shrink)  # (A, n)
+    fitted = (U * shrink[:, None, :]) @ (U.T @ Yc)  # (A, n, k), centred
+    leverage = 1.0 / n + shrink @ (U ** 2).T  # (A, n)
     with np.errstate(divide="ignore", invalid="ignore"):
         loo = (Yc[None] - fitted) / (1 - leverage)[..., None]
     errors = np.where(np.isfinite(loo), loo ** 2, np.inf).sum((1, 2))
@@ -343,6 +364,7 @@ def main(args):
     if args.replot:
         return plot_all(args)
     validate(args)
+    blas_limited = limit_blas_threads(1)
     pairs = common.load_pairs(args)
     if len(pairs) < 3:
         raise UsageError(f"{len(pairs)} pairs are too few for held-out fits; pass at least 3")
@@ -351,9 +373,13 @@ def main(args):
     model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
     drop_first = not args.keep_first_token
     texts = [p["zh"] for p in pairs] + [p["en"] for p in pairs]
-    pooled = common.extract_activations(model, tokenizer, texts, [args.layer], pool="mean",
+    # all of layers -1..L-1, like exp_b_residual.py: the same cache entry serves both scripts,
+    # so D after B on the same pairs runs no forward pass
+    layers = list(range(-1, common.num_layers(model)))
+    pooled = common.extract_activations(model, tokenizer, texts, layers, pool="mean",
                                         drop_first=drop_first, batch_size=args.batch_size,
-                                        cache_dir=args.cache_dir)[:, 0].numpy()
+                                        cache_dir=args.cache_dir)[:, layers.index(args.layer)]
+    pooled = pooled.numpy()
     n = len(pairs)
     rows, svs, nulls = [], [], []
     for k in args.k:
@@ -370,7 +396,8 @@ def main(args):
         maps=list(MAPS), n_shuffles=args.n_shuffles, n_folds=args.n_folds,
         ridge_grid_times_mean_eigenvalue=RIDGE_GRID.tolist(), null_band_percentiles=list(
             DEFAULTS["band"]), direction="Z_zh ~ Z_en W + b", texts="bare questions, no template",
-        exactness_warnings={k: exactness_warning(n, k) for k in args.k}))
+        exactness_warnings={k: exactness_warning(n, k) for k in args.k},
+        blas_threads_limited_to_1=blas_limited))
     print_metrics(rows)
     paths = plot_all(args)
     print(f"wrote {out_dir} and {', '.join(map(str, paths))}")

@@ -209,7 +209,8 @@ def test_main_end_to_end(tiny, tmp_path, monkeypatch):
     assert tables["per_layer"].shape[0] == 12
 
 
-def test_keep_first_token_changes_and_records_the_pooling(tmp_path):
+def test_keep_first_token_changes_and_records_the_pooling(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: tiny)  # the same seed-0 model
     base = eb.main(cli(tmp_path))["per_prompt"]
     args = cli(tmp_path, "--keep-first-token", "--overwrite")
     kept = eb.main(args)["per_prompt"]
@@ -218,7 +219,8 @@ def test_keep_first_token_changes_and_records_the_pooling(tmp_path):
     assert not np.allclose(base["R"], kept["R"])
 
 
-def test_existing_results_are_not_overwritten(tmp_path):
+def test_existing_results_are_not_overwritten(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: tiny)
     eb.main(cli(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
         common.run_cli(eb.main, cli(tmp_path))
