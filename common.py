@@ -415,14 +415,25 @@ def _maybe_patch(model, patch):
 
 def _new_cache(model):
     from transformers import DynamicCache
-    return DynamicCache(config=model.config)
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # transformers < 4.56
+        return DynamicCache()
+
+
+def _cache_kwarg(model):
+    """transformers 5 calls the KV cache argument `cache`; 4.x calls it `past_key_values`. An
+    unknown name would be swallowed by **kwargs and silently disable the cache, so look it up."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _forward(model, input_ids, attention_mask, position_ids, cache, patch, phase, last_only):
     if patch is not None:
         patch.phase = phase
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                cache=cache, use_cache=True, logits_to_keep=1 if last_only else 0)
+                use_cache=True, logits_to_keep=1 if last_only else 0,
+                **{_cache_kwarg(model): cache})
     return out.logits.float()
 
 
