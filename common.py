@@ -8,6 +8,7 @@ Conventions used throughout:
   the hot path, projections are applied in low-rank form (x V^T) V.
 - Batches are left-padded, so the last column is every row's last prompt token.
 """
+import functools
 import hashlib
 import json
 import math
@@ -421,11 +422,16 @@ def _new_cache(model):
         return DynamicCache()
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(model_class):
+    import inspect
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def _cache_kwarg(model):
     """transformers 5 calls the KV cache argument `cache`; 4.x calls it `past_key_values`. An
     unknown name would be swallowed by **kwargs and silently disable the cache, so look it up."""
-    import inspect
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return _cache_kwarg_of(type(model))
 
 
 def _forward(model, input_ids, attention_mask, position_ids, cache, patch, phase, last_only):
