@@ -1,7 +1,7 @@
 """Experiment D: is the zh <-> en map inside Z a simple linear transform? (plan D, NOTES section 5)
 
     python exp_d_bridge.py --model Qwen/Qwen2.5-3B --layer 32 --k 20 50 \
-        --prompts-en shared/data/mgsm/mgsm_en.tsv --prompts-zh shared/data/mgsm/mgsm_zh.tsv
+        --prompts-en ../shared/data/mgsm/mgsm_en.tsv --prompts-zh ../shared/data/mgsm/mgsm_zh.tsv
 
 Paired Z coordinates of the mean-pooled bare questions at --layer: Z_lang = pooled_lang @ V_Z.T
 (N x k, first token left out unless --keep-first-token). Maps Z_zh ~ Z_en W + b:
