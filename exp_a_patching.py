@@ -102,7 +102,8 @@ def capture_prompt_states(model, tokenizer, texts, spans, layer, batch_size):
 def robust_scale(states):
     """Per-coordinate IQR over all tokens of `states` (list of (T, d)), floored to avoid zeros."""
     pooled = torch.cat(states).float()
-    q = torch.quantile(pooled[torch.randperm(len(pooled))[:20000]], torch.tensor([0.25, 0.75]), 0)
+    subsample = torch.randperm(len(pooled), generator=torch.Generator().manual_seed(0))[:20000]
+    q = torch.quantile(pooled[subsample], torch.tensor([0.25, 0.75]), 0)  # quantile caps its input
     iqr = q[1] - q[0]
     return iqr.clamp(min=1e-3 * float(iqr.median()) + 1e-8)
 
@@ -242,9 +243,9 @@ def prompt_texts(pairs, templates, lang):
     return [t for t, _ in filled], [s for _, s in filled]
 
 
-def run_layer(model, tokenizer, pairs, templates, layer, args, swap_of, generations):
-    """Decode every job of one layer not decoded yet (generations: job -> result, updated), and
-    return the layer's table rows."""
+def run_layer(model, tokenizer, pairs, templates, layer, args, swap_of, generations, save=None):
+    """Decode every job of one layer not decoded yet (generations: job -> result, updated; each
+    finished batch also goes to save(results) when given), and return the layer's table rows."""
     en_texts, en_spans = prompt_texts(pairs, templates, "en")
     zh_texts, zh_spans = prompt_texts(pairs, templates, "zh")
     en_tokens, _ = capture_prompt_states(model, tokenizer, en_texts, en_spans, layer, args.batch_size)
@@ -262,7 +263,8 @@ def run_layer(model, tokenizer, pairs, templates, layer, args, swap_of, generati
     def keep(results):
         for result in results:
             generations[result["job"]] = result
-        save_generations(args.out / "generations.csv", results, pairs)
+        if save is not None:
+            save(results)
 
     decode_jobs(model, tokenizer, jobs, layer, bases, zh_means, ot_sources, pairs, en_texts,
                 swap_of, args, keep)
@@ -713,7 +715,8 @@ def main(args):
         random_basis_seeds="seed * 1000003 + k * 1009 + draw"))
     generations = {}
     for layer in args.layer:
-        rows = run_layer(model, tokenizer, pairs, templates, layer, args, swap_of, generations)
+        rows = run_layer(model, tokenizer, pairs, templates, layer, args, swap_of, generations,
+                         save=lambda results: save_generations(out / "generations.csv", results, pairs))
         common.write_csv(table_rows(rows, generations, pairs), out / "rows.csv", append=True)
     metrics = summarize(out, args.figures)
     print(f"wrote {out}/SUMMARY.md")

@@ -1,0 +1,180 @@
+"""Timing of the whole study on a random-weight model of Qwen2.5-3B's exact shape.
+
+    python bench.py                  # Qwen2.5-3B's shape (about 6 GB of bf16 weights) on the GPU
+    python bench.py --shape tiny     # a small shape on the CPU, under a minute
+
+Times, in one run and on one model: Experiment A's gold grid (2 layers x k {20, 50} x positions
+{prompt, all} x source {mean, ot} x every condition, random draws and swap rows) batched, the same
+rows one at a time on a sample (the ratio is per decode), generated tokens per second, peak memory,
+B's extraction of every layer, C's 10 layers x 3 lambdas, and D's bridge. Prints a table and writes
+results/bench.csv (with the device name). Random weights never emit a stop token, so every decode
+runs the full --max-new-tokens: an upper bound for a real model, which stops after its answer.
+"""
+import argparse
+import platform
+import resource
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import torch
+
+import common
+import exp_a_patching as A
+
+# Qwen/Qwen2.5-3B's config.json, the fields that decide the shape and the cost.
+QWEN25_3B = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
+                 num_key_value_heads=2, intermediate_size=11008, vocab_size=151936,
+                 tie_word_embeddings=True, rope_theta=1_000_000.0, max_position_embeddings=32768,
+                 rms_norm_eps=1e-6, hidden_act="silu")
+
+# Per shape: A's layers and ks, pairs, random draws, tokens, the single-row sample; C's steps.
+SHAPES = {
+    "qwen2.5-3b": dict(layers=[32, 33], ks=[20, 50], pairs=40, n_random=10, max_new_tokens=100,
+                       single_sample=64, batch_size=512, c_steps=500),
+    "tiny": dict(layers=[2, 3], ks=[4, 8], pairs=6, n_random=2, max_new_tokens=12,
+                 single_sample=24, batch_size=128, c_steps=50),
+}
+
+
+def build_model(shape, device, dtype):
+    """A random-weight Qwen2ForCausalLM of the shape, built directly on the device."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    tokenizer = common.tiny_tokenizer()
+    if shape == "tiny":
+        config = common.tiny_config(len(tokenizer))
+    else:
+        config = Qwen2Config(**QWEN25_3B, eos_token_id=0, pad_token_id=0, bos_token_id=0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config)
+    model.to(dtype).eval()
+    model.name_or_path_for_results = f"random-{shape}"
+    return model, tokenizer
+
+
+class Timer:
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def __enter__(self):
+        self._sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self._sync()
+        self.seconds = time.perf_counter() - self.start
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def peak_memory_gb(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def bench_a(model, tokenizer, pairs, templates, spec, device):
+    """A's gold grid batched, then a sample of the same decodes one at a time."""
+    args = SimpleNamespace(k=spec["ks"], positions=["prompt", "all"], source=["mean", "ot"],
+                           n_random=spec["n_random"], seed=0, batch_size=spec["batch_size"],
+                           max_new_tokens=spec["max_new_tokens"])
+    swap_of = A.derangement([p["answer"] for p in pairs], 0)
+    generations = {}
+    with Timer(device) as batched:
+        for layer in spec["layers"]:
+            A.run_layer(model, tokenizer, pairs, templates, layer, args, swap_of, generations)
+    n_batched = len(generations)
+    sample = sorted(generations)[::max(1, n_batched // spec["single_sample"])][:spec["single_sample"]]
+    single_args = SimpleNamespace(**{**vars(args), "batch_size": 1})
+    by_layer = {}
+    for job in sample:  # none jobs carry layer -1: run them in the first layer's hook
+        by_layer.setdefault(job[1] if job[1] >= 0 else spec["layers"][0], []).append(job)
+    with Timer(device) as single:
+        for layer, jobs in by_layer.items():
+            _decode_only(model, tokenizer, pairs, templates, layer, single_args, swap_of, jobs)
+    per_batched = batched.seconds / n_batched
+    per_single = single.seconds / len(sample)
+    return {"a_grid_decodes": n_batched, "a_grid_seconds": batched.seconds,
+            "a_single_sample": len(sample), "a_single_seconds_per_decode": per_single,
+            "a_batched_seconds_per_decode": per_batched,
+            "a_batched_speedup": per_single / per_batched,
+            "a_generated_tokens_per_second": n_batched * spec["max_new_tokens"] / batched.seconds}
+
+
+def _decode_only(model, tokenizer, pairs, templates, layer, args, swap_of, jobs):
+    """Decode exactly `jobs` (with their sources) at `layer`, batch size from args."""
+    en_texts, en_spans = A.prompt_texts(pairs, templates, "en")
+    zh_texts, zh_spans = A.prompt_texts(pairs, templates, "zh")
+    en_tokens, _ = A.capture_prompt_states(model, tokenizer, en_texts, en_spans, layer, 16)
+    zh_tokens, zh_means = A.capture_prompt_states(model, tokenizer, zh_texts, zh_spans, layer, 16)
+    bases = A.make_bases(model, layer, args.k, args.n_random, args.seed)
+    scale = A.robust_scale(en_tokens + zh_tokens)
+    ot_sources = {(j[0], j[6]): A.ot_source(en_tokens[j[0]], zh_tokens[j[6]], scale)[0]
+                  for j in jobs if j[5] == "ot"}
+    A.decode_jobs(model, tokenizer, jobs, layer, bases, zh_means, ot_sources, pairs, en_texts,
+                  swap_of, args, lambda results: None)
+
+
+def bench_b(model, tokenizer, pairs, device):
+    texts = [p[lang] for p in pairs for lang in ("en", "zh")]
+    layers = list(range(-1, common.num_layers(model)))
+    with Timer(device) as t:
+        common.extract_activations(model, tokenizer, texts, layers, pool="mean", cache_dir=None,
+                                   batch_size=32)
+    return {"b_extract_seconds": t.seconds, "b_texts": len(texts), "b_layers": len(layers)}
+
+
+def run(args):
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = common.resolve_dtype(args.dtype, device)
+    spec = SHAPES[args.shape]
+    data = common.load_prompts(common.DEFAULT_PROMPTS)
+    pairs = data["pairs"][:spec["pairs"]]
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with Timer(device) as load:
+        model, tokenizer = build_model(args.shape, device, dtype)
+    device_name = (torch.cuda.get_device_name(device) if torch.device(device).type == "cuda"
+                   else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
+    result = {"shape": args.shape, "device": device_name, "dtype": str(dtype).replace("torch.", ""),
+              "pairs": len(pairs), "build_seconds": load.seconds}
+    with Timer(device) as total:
+        result.update(bench_a(model, tokenizer, pairs, data["templates"], spec, device))
+        result.update(bench_b(model, tokenizer, pairs, device))
+        result.update(bench_c(model, tokenizer, pairs, spec, device))
+        result.update(bench_d(model, tokenizer, device))
+    result["study_seconds"] = total.seconds - result["a_single_sample"] * result[
+        "a_single_seconds_per_decode"]  # the one-at-a-time sample is not part of the study
+    result["peak_memory_gb"] = peak_memory_gb(device)
+    return result
+
+
+def main(args):
+    result = run(args)
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    common.write_csv(pd.DataFrame([result]), out, append=out.exists())
+    print(f"appended to {out}")
+    return result
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-3b")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    parser.add_argument("--out", type=Path, default=common.REPO / "results" / "bench.csv",
+                        help="CSV the measurements are appended to (one row per run)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    common.run_cli(main, parse_args())
