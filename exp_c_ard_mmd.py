@@ -1,7 +1,9 @@
 """Experiment C: ARD-MMD extraction of Z, the coordinates that zh and en versions of a problem share.
 
     python exp_c_ard_mmd.py --model Qwen/Qwen2.5-3B --objective contrastive plan
-    python exp_c_ard_mmd.py --model /work/models/qwen-0.5b --objective contrastive plan \
+    # the committed CPU example (fewer steps at a larger lr: see the README):
+    OMP_NUM_THREADS=1 python exp_c_ard_mmd.py --model /work/models/qwen-0.5b \
+        --objective contrastive plan --steps 200 --min-steps 100 --lr 0.05 \
         --out results/example-qwen2.5-coder-0.5b/exp_c --figures figures/example-qwen2.5-coder-0.5b
 
 Data. For each pair i, the token states of the bare zh question and of the bare en question (no
@@ -320,7 +322,8 @@ def fit_lengthscales(loss_fn, log_l0, lambdas, log_l_ref, args):
             now = total.detach().cpu().numpy()
             if last is not None and step >= args.min_steps:
                 flat = active & (np.abs(now - last) <= args.plateau_tol * np.maximum(np.abs(last), 1e-8))
-                final[torch.from_numpy(flat)] = log_l.detach()[torch.from_numpy(flat)]
+                rows = torch.from_numpy(flat).to(final.device)
+                final[rows] = log_l.detach()[rows]
                 stopped[flat], active = step, active & ~flat
             last = now
         if step == args.steps or not active.any():
@@ -328,7 +331,8 @@ def fit_lengthscales(loss_fn, log_l0, lambdas, log_l_ref, args):
         opt.zero_grad(set_to_none=True)
         total.sum().backward()
         opt.step()
-    final[torch.from_numpy(active)] = log_l.detach()[torch.from_numpy(active)]
+    rows = torch.from_numpy(active).to(final.device)
+    final[rows] = log_l.detach()[rows]
     trace = trace.cpu()
     for f in range(n_fits):
         trace[stopped[f] // args.log_every + 1:, f] = float("nan")
@@ -428,9 +432,11 @@ def compute_layer_fits(data, layer, l_ref, objective, z_energy, args, progress):
     log_l0 = torch.stack([initial_log_l(s, z_energy, l_ref, args.warm_eps) for s, _ in fits]).to(device)
     lambdas = torch.tensor([lam for _, lam in fits], device=device)
     t0 = time.time()
-    final, trace, stopped = fit_lengthscales(objective_fn(objective, zh, en, args.tau), log_l0,
-                                             lambdas, math.log(l_ref), args)
+    loss_fn = objective_fn(objective, zh, en, args.tau)
+    final, trace, stopped = fit_lengthscales(loss_fn, log_l0, lambdas, math.log(l_ref), args)
     seconds = time.time() - t0
+    with torch.no_grad():
+        loss_final = loss_fn(final.to(device), lambdas)[0].cpu().numpy()
     progress.update(len(fits))
     scores = {f"{split}_{when}": evaluate_retrieval(*data[split], ll, args.tau)
               for split in ("val", "test") for when, ll in (("init", log_l0), ("final", final))}
@@ -438,7 +444,7 @@ def compute_layer_fits(data, layer, l_ref, objective, z_energy, args, progress):
     for f, (start, lam) in enumerate(fits):
         row = {"layer": layer, "objective": objective, "start": start, "lambda": lam,
                "l_ref": l_ref, "steps_run": int(stopped[f]), "plateaued": bool(stopped[f] < args.steps),
-               "loss_init": float(trace[0, f, 0]), "loss_final": float(trace[stopped[f] // args.log_every, f, 0]),
+               "loss_init": float(trace[0, f, 0]), "loss_final": float(loss_final[f]),
                "fit_seconds_batch": seconds}
         row.update(summarise_fit(final[f], math.log(l_ref), z_energy))
         for key, (acc, ce) in scores.items():
@@ -521,8 +527,9 @@ def plot_z_size(out, path):
         for (start, lam), g in s[s.objective == obj].groupby(["start", "lambda"]):
             ax.plot(g["layer"], g["z_size"], "o-" if start == "cold" else "s--",
                     color=_style(lam, list(s["lambda"].unique())), label=f"{start}, λ={lam:g}")
+        ax.set_yscale("symlog", linthresh=10)  # keeps |Z| = 0 visible next to |Z| near d
         ax.set(title=f"{obj} objective", xlabel="layer", ylabel=f"|Z| = #{{j: l_j < l_ref}} (d={d})",
-               ylim=(-0.02 * d, 1.02 * d))
+               ylim=(0, d))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("ARD-MMD: size of Z by layer")

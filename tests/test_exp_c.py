@@ -11,6 +11,15 @@ import torch
 import common
 import exp_c_ard_mmd as C
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is faster, and far faster on a shared, busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 D, PROBLEM_DIMS, LANGUAGE_DIMS = 24, list(range(0, 6)), list(range(6, 12))  # 12..23: noise
 
 
@@ -195,7 +204,6 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, prompts_file, bad, capsy
 
 
 def test_main_end_to_end(tmp_path, prompts_file):
-    torch.set_num_threads(1)
     args = C.parse_args(_argv(tmp_path, prompts_file, "--layers", "1", "3", "--steps", "10",
                               "--min-steps", "0", "--objective", "contrastive", "plan",
                               "--basis-layer", "2", "--k", "8"))
