@@ -297,8 +297,8 @@ def _plot_clipped(ax, x, y, color, fill, label):
     ax.plot(x[low], np.full(low.sum(), R2_FLOOR), "v", mfc=fill, color=color,
             label=label if not (~low).any() else None)
     for xi, yi in zip(x[low], y[low]):
-        ax.annotate(f"{yi:.2g}", (xi, R2_FLOOR), textcoords="offset points", xytext=(0, -10),
-                    ha="center", fontsize=7, color=color)
+        ax.annotate(f"{yi:.2g}", (xi, R2_FLOOR), textcoords="offset points", xytext=(5, 0),
+                    ha="left", va="center", fontsize=7, color=color)
 
 
 def plot_heldout_r2(out_dir, path):
@@ -308,13 +308,17 @@ def plot_heldout_r2(out_dir, path):
     plt = _pyplot()
     m = pd.read_csv(Path(out_dir) / "metrics.csv")
     ks = sorted(m["k"].unique())
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"wspace": 0.45})
     width = 0.8 / len(MAPS)
     for j, name in enumerate(MAPS):
         rows = m[m["map"] == name].set_index("k").loc[ks]
         x = np.arange(len(ks)) + (j - (len(MAPS) - 1) / 2) * width
-        ax.bar(x, rows["null_hi"] - rows["null_lo"], bottom=rows["null_lo"], width=width * 0.9,
-               color=COLORS[name], alpha=0.2)
+        lo, hi = np.maximum(rows["null_lo"], R2_FLOOR), np.maximum(rows["null_hi"], R2_FLOOR)
+        ax.bar(x, np.maximum(hi - lo, 0.02), bottom=lo, width=width * 0.9, color=COLORS[name],
+               alpha=0.25, hatch=None)
+        for xi, top in zip(x[rows["null_hi"] < R2_FLOOR], rows["null_hi"][rows["null_hi"] < R2_FLOOR]):
+            ax.annotate(f"null<{top:.2g}", (xi, R2_FLOOR), textcoords="offset points",
+                        xytext=(0, 12), ha="center", fontsize=6, color=COLORS[name])
         for col, fill in (("kfold_r2", None), ("loo_r2", "none")):
             _plot_clipped(ax, x, rows[col].to_numpy(), COLORS[name], fill,
                           name if fill is None else None)
@@ -325,7 +329,7 @@ def plot_heldout_r2(out_dir, path):
     ax.set_ylabel("held-out R^2 (zh from en)")
     ax.set_title(f"filled: {int(m['n_folds'].iloc[0])}-fold, open: leave-one-out; shaded: "
                  f"shuffled-pairs null (2.5-97.5%)", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax2.axhline(m["retrieval_chance"].iloc[0], color="k", ls="--", lw=1,
                 label=f"chance 1/N = {m['retrieval_chance'].iloc[0]:.3f}")
     ax2.set_xticks(range(len(ks)), [f"k={k}" for k in ks])
@@ -333,8 +337,7 @@ def plot_heldout_r2(out_dir, path):
     ax2.set_ylim(0, 1)
     ax2.set_title(f"leave-one-out, N={int(m['n_pairs'].iloc[0])} pairs", fontsize=9)
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -200,6 +200,12 @@ def test_main_end_to_end(tiny, tmp_path, monkeypatch):
     asym = pd.read_csv(out / "asymmetry.csv")
     assert len(asym) == 4
     np.testing.assert_allclose(asym["diff_mean"], asym["R_zh"] - asym["R_en"], atol=1e-12)
+    rand = draws[draws["lang"] != "all"].pivot_table(index=["from_layer", "draw"], columns="lang",
+                                                     values="R_mean")
+    rand_diff = (rand["zh"] - rand["en"]).loc[1]
+    row = asym[asym["from_layer"] == 1].iloc[0]
+    assert row["frac_random_absdiff_ge"] == pytest.approx(
+        np.mean(np.abs(rand_diff) >= abs(row["diff_mean"])))
 
     # --replot redraws from the CSVs without loading a model
     figure.unlink()
