@@ -129,6 +129,38 @@ def bench_b(model, tokenizer, pairs, device):
     return {"b_extract_seconds": t.seconds, "b_texts": len(texts), "b_layers": len(layers)}
 
 
+def bench_c(model, tokenizer, pairs, spec, device):
+    """C's default grid: 10 layers (the plan's depth fractions) x 3 lambdas x 2 starts."""
+    import exp_c_ard_mmd as C
+    args = C.parse_args(["--model", "unused", "--steps", str(spec["c_steps"]),
+                         "--min-steps", str(spec["c_steps"]), "--cache-dir", "none"])
+    layers, basis_layer = C.resolve_layers(args, model.config)
+    splits = C.split_problems(len(pairs), args.val_frac, args.test_frac, 0)
+    z_energy = C.compute_z_energy(model, basis_layer, min(args.k, common.hidden_size(model)))
+    with Timer(device) as extract:
+        zh, en, _ = C.load_clouds(model, tokenizer, pairs, layers, args)
+    with Timer(device) as fit:
+        C.compute_all(zh, en, layers, splits, z_energy, args, device)
+    return {"c_extract_seconds": extract.seconds, "c_fit_seconds": fit.seconds,
+            "c_fits": len(layers) * len(args.lambdas) * len(args.start), "c_steps": spec["c_steps"]}
+
+
+def bench_d(model, tokenizer, pairs, device):
+    """D at the basis layer for k = 20 and 50 (scaled to the shape), 100 shuffles."""
+    import exp_c_ard_mmd as C
+    import exp_d_bridge as D
+    layer = C.scale_layer(32, common.num_layers(model))
+    texts = [p["zh"] for p in pairs] + [p["en"] for p in pairs]
+    with Timer(device) as t:
+        pooled = common.extract_activations(model, tokenizer, texts, [layer], cache_dir=None)[:, 0]
+        for k in (20, 50):
+            k = max(2, round(k * common.hidden_size(model) / 2048))
+            basis = common.z_basis(model, layer, k).numpy()
+            y, x = D.z_coordinates(pooled[:len(pairs)], basis), D.z_coordinates(pooled[len(pairs):], basis)
+            D.compute_bridge(x, y, n_shuffles=100, n_folds=10, seed=0)
+    return {"d_seconds": t.seconds}
+
+
 def run(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = common.resolve_dtype(args.dtype, device)
@@ -147,7 +179,7 @@ def run(args):
         result.update(bench_a(model, tokenizer, pairs, data["templates"], spec, device))
         result.update(bench_b(model, tokenizer, pairs, device))
         result.update(bench_c(model, tokenizer, pairs, spec, device))
-        result.update(bench_d(model, tokenizer, device))
+        result.update(bench_d(model, tokenizer, pairs, device))
     result["study_seconds"] = total.seconds - result["a_single_sample"] * result[
         "a_single_seconds_per_decode"]  # the one-at-a-time sample is not part of the study
     result["peak_memory_gb"] = peak_memory_gb(device)
