@@ -46,6 +46,9 @@ def parse_args(argv=None):
                         help="shuffled-pairs null draws (default: %(default)s)")
     parser.add_argument("--n-folds", type=int, default=DEFAULTS["n_folds"],
                         help="folds for the k-fold held-out R^2 (default: %(default)s)")
+    parser.add_argument("--basis", choices=["z", "random"], default="z",
+                        help="z: the layer's Z basis; random: a Haar-random k-dim subspace seeded "
+                             "by --seed, the control for whether Z is special (default: z)")
     parser.add_argument("--fold-norm", action="store_true",
                         help="fold the layer's input RMSNorm gain into W_Q, W_K (NOTES 1)")
     parser.add_argument("--keep-first-token", action="store_true",
@@ -226,6 +229,13 @@ def compute_bridge(X, Y, n_shuffles, n_folds, seed):
     return rows, svs, nulls
 
 
+def make_basis(args, model, k):
+    """(k, d) float32 numpy: Z of --layer, or a seeded random subspace with --basis random."""
+    if args.basis == "random":
+        return common.random_basis(common.hidden_size(model), k, seed=args.seed).numpy()
+    return common.z_basis(model, args.layer, k, fold_norm=args.fold_norm).numpy()
+
+
 def z_coordinates(pooled, basis):
     """pooled (N, d), basis (k, d) -> (N, k) float64 coordinates in Z."""
     return np.asarray(pooled, np.float64) @ np.asarray(basis, np.float64).T
@@ -261,6 +271,12 @@ COLORS = {"lstsq": "tab:blue", "ridge": "tab:orange", "procrustes": "tab:green",
           "identity": "tab:gray", "mean_shift": "tab:purple"}
 
 
+def _basis_name(table):
+    value = table["basis"] if "basis" in table else "z"
+    value = value.iloc[0] if isinstance(value, pd.Series) else value
+    return "Z" if value == "z" else "random k-dim"
+
+
 def plot_singular_values(out_dir, path):
     """Sorted singular values of each full-data W, one panel per k, from singular_values.csv."""
     _require(out_dir, ["singular_values.csv", "metrics.csv"])
@@ -280,7 +296,8 @@ def plot_singular_values(out_dir, path):
         ax.set_ylabel("singular value of W")
         ax.set_title(f"k={k} (N={int(meta['n_pairs'])} pairs)", fontsize=10)
         ax.legend(fontsize=8)
-    fig.suptitle("Spectrum of the zh <- en bridge W (fit on all pairs)", fontsize=11)
+    fig.suptitle(f"Spectrum of the zh <- en bridge W (fit on all pairs; layer "
+                 f"{int(meta['layer'])}, {_basis_name(meta)} basis)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -335,7 +352,8 @@ def plot_heldout_r2(out_dir, path):
     ax2.set_xticks(range(len(ks)), [f"k={k}" for k in ks])
     ax2.set_ylabel("top-1 retrieval of held-out mapped vectors")
     ax2.set_ylim(0, 1)
-    ax2.set_title(f"leave-one-out, N={int(m['n_pairs'].iloc[0])} pairs", fontsize=9)
+    ax2.set_title(f"leave-one-out, N={int(m['n_pairs'].iloc[0])} pairs, layer "
+                  f"{int(m['layer'].iloc[0])}, {_basis_name(m)} basis", fontsize=9)
     ax2.legend(fontsize=8)
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
@@ -386,17 +404,18 @@ def main(args):
     n = len(pairs)
     rows, svs, nulls = [], [], []
     for k in args.k:
-        basis = common.z_basis(model, args.layer, k, fold_norm=args.fold_norm).numpy()
+        basis = make_basis(args, model, k)
         Y, X = z_coordinates(pooled[:n], basis), z_coordinates(pooled[n:], basis)  # zh, en
         warning = exactness_warning(n, k)
         if warning:
             print(f"warning (k={k}): {warning}")
         r, s, nl = compute_bridge(X, Y, args.n_shuffles, args.n_folds, args.seed)
         rows, svs, nulls = rows + r, svs + s, nulls + nl
-    save_tables(out_dir, rows, svs, nulls, {"layer": args.layer, "drop_first": drop_first})
+    save_tables(out_dir, rows, svs, nulls, {"layer": args.layer, "drop_first": drop_first,
+                                            "basis": args.basis})
     common.write_json(out_dir / "config.json", common.run_config(
         args, model, layer=args.layer, k=list(args.k), drop_first=drop_first, n_pairs=n,
-        maps=list(MAPS), n_shuffles=args.n_shuffles, n_folds=args.n_folds,
+        basis=args.basis, maps=list(MAPS), n_shuffles=args.n_shuffles, n_folds=args.n_folds,
         ridge_grid_times_mean_eigenvalue=RIDGE_GRID.tolist(), null_band_percentiles=list(
             DEFAULTS["band"]), direction="Z_zh ~ Z_en W + b", texts="bare questions, no template",
         exactness_warnings={k: exactness_warning(n, k) for k in args.k},

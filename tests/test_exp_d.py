@@ -210,6 +210,19 @@ def test_main_end_to_end(tiny, tmp_path, capsys, monkeypatch):
     assert (tmp_path / "fig" / "exp_d_heldout_r2.png").is_file()
 
 
+def test_random_basis_control_uses_a_random_subspace(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: tiny)
+    model, _ = tiny
+    args = cli(tmp_path, "--basis", "random", "--k", "4", "--n-shuffles", "5")
+    assert not np.allclose(ed.make_basis(args, model, 4), common.z_basis(model, 2, 4).numpy())
+    np.testing.assert_allclose(ed.make_basis(args, model, 4),
+                               common.random_basis(64, 4, seed=0).numpy())
+    ed.main(args)
+    m = pd.read_csv(tmp_path / "exp_d" / "metrics.csv")
+    assert (m["basis"] == "random").all()
+    assert json.loads((tmp_path / "exp_d" / "config.json").read_text())["basis"] == "random"
+
+
 def test_main_flags_an_exact_fit_when_n_is_at_most_k(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(common, "load_model", lambda *a, **k: tiny)  # the same seed-0 model
     ed.main(cli(tmp_path, "--limit", "4", "--k", "4", "--n-shuffles", "100"))
