@@ -90,15 +90,15 @@ def bench_a(model, tokenizer, pairs, templates, spec, device):
             A.run_layer(model, tokenizer, pairs, templates, layer, args, swap_of, generations)
     n_batched = len(generations)
     sample = sorted(generations)[::max(1, n_batched // spec["single_sample"])][:spec["single_sample"]]
-    single_args = SimpleNamespace(**{**vars(args), "batch_size": 1})
     by_layer = {}
     for job in sample:  # none jobs carry layer -1: run them in the first layer's hook
         by_layer.setdefault(job[1] if job[1] >= 0 else spec["layers"][0], []).append(job)
-    with Timer(device) as single:
-        for layer, jobs in by_layer.items():
-            _decode_only(model, tokenizer, pairs, templates, layer, single_args, swap_of, jobs)
+    single_seconds = 0.0
+    for layer, jobs in by_layer.items():
+        single_seconds += _one_at_a_time(model, tokenizer, pairs, templates, layer, args, swap_of,
+                                         jobs, device)
     per_batched = batched.seconds / n_batched
-    per_single = single.seconds / len(sample)
+    per_single = single_seconds / len(sample)
     return {"a_grid_decodes": n_batched, "a_grid_seconds": batched.seconds,
             "a_single_sample": len(sample), "a_single_seconds_per_decode": per_single,
             "a_batched_seconds_per_decode": per_batched,
@@ -106,18 +106,29 @@ def bench_a(model, tokenizer, pairs, templates, spec, device):
             "a_generated_tokens_per_second": n_batched * spec["max_new_tokens"] / batched.seconds}
 
 
-def _decode_only(model, tokenizer, pairs, templates, layer, args, swap_of, jobs):
-    """Decode exactly `jobs` (with their sources) at `layer`, batch size from args."""
-    en_texts, en_spans = A.prompt_texts(pairs, templates, "en")
+def _one_at_a_time(model, tokenizer, pairs, templates, layer, args, swap_of, jobs, device):
+    """Seconds to decode `jobs` the naive way: each row alone, its whole prompt through every
+    layer, with the same patch and scores. Sources and bases are prepared outside the timer."""
+    prefill, en_tokens = A.english_prefill(model, tokenizer, pairs, templates, layer)
     zh_texts, zh_spans = A.prompt_texts(pairs, templates, "zh")
-    en_tokens, _ = A.capture_prompt_states(model, tokenizer, en_texts, en_spans, layer, 16)
     zh_tokens, zh_means = A.capture_prompt_states(model, tokenizer, zh_texts, zh_spans, layer, 16)
     bases = A.make_bases(model, layer, args.k, args.n_random, args.seed)
     scale = A.robust_scale(en_tokens + zh_tokens)
     ot_sources = {(j[0], j[6]): A.ot_source(en_tokens[j[0]], zh_tokens[j[6]], scale)[0]
                   for j in jobs if j[5] == "ot"}
-    A.decode_jobs(model, tokenizer, jobs, layer, bases, zh_means, ot_sources, pairs, en_texts,
-                  swap_of, args, lambda results: None)
+    en_texts, _ = A.prompt_texts(pairs, templates, "en")
+    stop_ids = common.stop_token_ids(tokenizer)
+    with Timer(device) as t:
+        for job in jobs:
+            ids, mask, _ = common.tokenize_left_padded(tokenizer, [en_texts[job[0]]], device=device)
+            patch = A.make_patch([job], layer, bases, zh_means, ot_sources, ids.shape[1],
+                                 common.hidden_size(model)).to(device)
+            reference = [common.answer_continuation(tokenizer, pairs[job[0]]["answer"], "en")]
+            partner = [common.answer_continuation(tokenizer, pairs[swap_of[job[0]]]["answer"], "en")]
+            out = common.generate_and_score(model, ids, mask, args.max_new_tokens, patch, stop_ids,
+                                            score=[reference, partner])
+            common.decode_response(tokenizer, out["tokens"][0], stop_ids)
+    return t.seconds
 
 
 def bench_b(model, tokenizer, pairs, device):

@@ -425,7 +425,9 @@ def _new_cache(model):
 @functools.lru_cache(maxsize=None)
 def _cache_kwarg_of(model_class):
     import inspect
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+    params = inspect.signature(model_class.forward).parameters
+    return next((name for name in ("cache", "past_key_values", "past_key_value") if name in params),
+                "past_key_values")
 
 
 def _cache_kwarg(model):
@@ -464,9 +466,86 @@ def _score(model, cache, first_logits, attention_mask, position, continuations, 
     return (logp * cont_mask).sum(1).cpu()
 
 
+def _layer_kv(cache, layer):
+    """(keys, values) of one layer of a DynamicCache: (B, H_kv, T, d_head) each."""
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]  # transformers < 4.54
+
+
+@torch.no_grad()
+def shared_prefill(model, input_ids, attention_mask, layer):
+    """Run prompts through layers 0..layer once, for reuse by every row that patches `layer`.
+
+    Every patched row of the same prompt has identical states up to and including `layer`'s
+    output, so computing them once per prompt and not once per row removes (layer + 1) / L of the
+    prefill. Returns a dict: input_ids, attention_mask (U, T) on the model's device, hidden
+    (U, T, d), the output of `layer`, and kv, a list over layers 0..layer of (keys, values).
+    """
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    cache = _new_cache(model)
+    captured = {}
+
+    def grab(hidden):
+        captured["hidden"] = hidden.detach()
+        raise _StopForward
+
+    try:
+        with layer_output_hook(model, layer, grab):
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                  position_ids=position_ids_from_mask(attention_mask), **{_cache_kwarg(model): cache})
+    except _StopForward:
+        pass
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "layer": layer,
+            "hidden": captured["hidden"], "kv": [_layer_kv(cache, l) for l in range(layer + 1)]}
+
+
+def select_prefill(prefill, rows):
+    """The prefill of prompts `rows` (B indices, repeats allowed), cut to their longest prompt."""
+    rows = torch.as_tensor(rows, device=prefill["input_ids"].device)
+    mask = prefill["attention_mask"][rows]
+    width = int(mask.sum(1).max())
+    return {"input_ids": prefill["input_ids"][rows, -width:], "attention_mask": mask[:, -width:],
+            "layer": prefill["layer"], "hidden": prefill["hidden"][rows, -width:],
+            "kv": [(k[rows, :, -width:], v[rows, :, -width:]) for k, v in prefill["kv"]]}
+
+
+def _additive_causal_mask(attention_mask, dtype):
+    """(B, 1, T, T) float mask, 0 where a query may attend (causal and not padding), else -inf-ish;
+    accepted by both the eager and the sdpa attention of Qwen2 layers."""
+    T = attention_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal[None] & attention_mask.bool()[:, None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _forward_from_prefill(model, prefill, cache, patch):
+    """The prompt forward of a row batch that starts from a selected prefill: the cached layers
+    0..layer are copied into `cache`, `layer`'s output is patched, and only the layers above it
+    run. Returns the last position's logits (B, 1, V) float32, like _forward(..., last_only)."""
+    layer, hidden = prefill["layer"], prefill["hidden"]
+    for l, (keys, values) in enumerate(prefill["kv"]):
+        cache.update(keys, values, l)
+    if patch is not None:
+        patch.phase = "prompt"
+        patched = patch(hidden)
+        hidden = hidden if patched is None else patched
+    position = position_ids_from_mask(prefill["attention_mask"])
+    mask = _additive_causal_mask(prefill["attention_mask"], hidden.dtype)
+    rotary = model.model.rotary_emb(hidden, position)
+    for l in range(layer + 1, num_layers(model)):
+        block = decoder_layers(model)[l]
+        out = block(hidden, attention_mask=mask, position_ids=position, position_embeddings=rotary,
+                    use_cache=True, **{_cache_kwarg(block): cache})
+        hidden = out[0] if isinstance(out, tuple) else out
+    return model.lm_head(model.model.norm(hidden[:, -1:])).float()
+
+
 @torch.no_grad()
 def generate_and_score(model, input_ids, attention_mask, max_new_tokens, patch=None, stop_ids=(),
-                       score=(), return_logits=False):
+                       score=(), return_logits=False, prefill=None):
     """Greedy decoding of a left-padded batch with a KV cache, under an optional SubspacePatch,
     plus teacher-forced scores of continuations from the same prefill.
 
@@ -474,6 +553,8 @@ def generate_and_score(model, input_ids, attention_mask, max_new_tokens, patch=N
     Returns dict: tokens (B, max_new_tokens) long on the CPU (rows keep going after a stop token;
     callers cut at the first one); scores, one (B,) float32 tensor of summed log-probs per set;
     logits (B, max_new_tokens, V) float32 with return_logits.
+    prefill: optional select_prefill(...) of these very prompts (input_ids and attention_mask must
+    be its own); the patch, if any, must then be at prefill["layer"].
     """
     import copy
     device = next(model.parameters()).device
@@ -484,7 +565,10 @@ def generate_and_score(model, input_ids, attention_mask, max_new_tokens, patch=N
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     with _maybe_patch(model, patch):
-        logits = _forward(model, input_ids, attention_mask, position, cache, patch, "prompt", True)
+        if prefill is None:
+            logits = _forward(model, input_ids, attention_mask, position, cache, patch, "prompt", True)
+        else:  # same result, without recomputing the layers below the patch
+            logits = _forward_from_prefill(model, prefill, cache, patch)
         for continuations in score:
             scores.append(_score(model, copy.deepcopy(cache), logits, attention_mask, position,
                                  continuations, patch))

@@ -187,19 +187,18 @@ def make_patch(jobs, layer, bases, zh_means, ot_sources, prompt_width, d):
 # ----------------------------------------------------------------------------------------------
 # Decoding
 
-def decode_batch(model, tokenizer, batch, layer, bases, zh_means, ot_sources, pairs, en_texts,
+def decode_batch(model, tokenizer, batch, layer, bases, zh_means, ot_sources, pairs, prefill,
                  swap_of, max_new_tokens, stop_ids):
     """Decode one batch of jobs under their patches; one result dict per job."""
-    device = next(model.parameters()).device
-    ids, mask, _ = common.tokenize_left_padded(tokenizer, [en_texts[j[0]] for j in batch],
-                                               device=device)
-    patch = make_patch(batch, layer, bases, zh_means, ot_sources, ids.shape[1],
-                       common.hidden_size(model)).to(device)
+    rows = common.select_prefill(prefill, [j[0] for j in batch])
+    patch = make_patch(batch, layer, bases, zh_means, ot_sources, rows["input_ids"].shape[1],
+                       common.hidden_size(model)).to(rows["input_ids"].device)
     reference = [common.answer_continuation(tokenizer, pairs[j[0]]["answer"], "en") for j in batch]
     partner = [common.answer_continuation(tokenizer, pairs[swap_of[j[0]]]["answer"], "en")
                for j in batch]
-    out = common.generate_and_score(model, ids, mask, max_new_tokens, patch, stop_ids,
-                                    score=[reference, partner])
+    out = common.generate_and_score(model, rows["input_ids"], rows["attention_mask"],
+                                    max_new_tokens, patch, stop_ids, score=[reference, partner],
+                                    prefill=rows)
     results = []
     for b, job in enumerate(batch):
         text = common.decode_response(tokenizer, out["tokens"][b], stop_ids)
@@ -210,12 +209,13 @@ def decode_batch(model, tokenizer, batch, layer, bases, zh_means, ot_sources, pa
     return results
 
 
-def decode_jobs(model, tokenizer, jobs, layer, bases, zh_means, ot_sources, pairs, en_texts,
+def decode_jobs(model, tokenizer, jobs, layer, bases, zh_means, ot_sources, pairs, prefill,
                 swap_of, args, on_results):
     """Decode every job in batches sorted by prompt length (OT jobs apart, since only they need a
-    per-token source); halve the batch when the GPU runs out of memory."""
+    per-token source); halve the batch when the GPU runs out of memory. prefill: the English
+    prompts' common.shared_prefill at `layer`."""
     stop_ids = common.stop_token_ids(tokenizer)
-    length = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in en_texts]
+    length = prefill["attention_mask"].sum(1).tolist()
     jobs = sorted(jobs, key=lambda j: (j[5] == "ot", length[j[0]], j))
     batch_size, start = args.batch_size, 0
     with tqdm(total=len(jobs), desc=f"layer {layer}", unit="decode") as bar:
@@ -224,7 +224,7 @@ def decode_jobs(model, tokenizer, jobs, layer, bases, zh_means, ot_sources, pair
             batch = [j for j in batch if (j[5] == "ot") == (batch[0][5] == "ot")]
             try:
                 results = decode_batch(model, tokenizer, batch, layer, bases, zh_means, ot_sources,
-                                       pairs, en_texts, swap_of, args.max_new_tokens, stop_ids)
+                                       pairs, prefill, swap_of, args.max_new_tokens, stop_ids)
             except torch.cuda.OutOfMemoryError:
                 if batch_size == 1:
                     raise
@@ -243,12 +243,22 @@ def prompt_texts(pairs, templates, lang):
     return [t for t, _ in filled], [s for _, s in filled]
 
 
+def english_prefill(model, tokenizer, pairs, templates, layer):
+    """The English prompts run once through layers 0..layer (common.shared_prefill), and their
+    unpatched token states at `layer` (list of (T_i, d) float32 on the CPU, for OT)."""
+    en_texts, _ = prompt_texts(pairs, templates, "en")
+    ids, mask, _ = common.tokenize_left_padded(tokenizer, en_texts)
+    prefill = common.shared_prefill(model, ids, mask, layer)
+    real = prefill["attention_mask"].bool()
+    tokens = [prefill["hidden"][i][real[i]].float().cpu() for i in range(len(pairs))]
+    return prefill, tokens
+
+
 def run_layer(model, tokenizer, pairs, templates, layer, args, swap_of, generations, save=None):
     """Decode every job of one layer not decoded yet (generations: job -> result, updated; each
     finished batch also goes to save(results) when given), and return the layer's table rows."""
-    en_texts, en_spans = prompt_texts(pairs, templates, "en")
+    prefill, en_tokens = english_prefill(model, tokenizer, pairs, templates, layer)
     zh_texts, zh_spans = prompt_texts(pairs, templates, "zh")
-    en_tokens, _ = capture_prompt_states(model, tokenizer, en_texts, en_spans, layer, args.batch_size)
     zh_tokens, zh_means = capture_prompt_states(model, tokenizer, zh_texts, zh_spans, layer,
                                                 args.batch_size)
     bases = make_bases(model, layer, args.k, args.n_random, args.seed)
@@ -266,7 +276,7 @@ def run_layer(model, tokenizer, pairs, templates, layer, args, swap_of, generati
         if save is not None:
             save(results)
 
-    decode_jobs(model, tokenizer, jobs, layer, bases, zh_means, ot_sources, pairs, en_texts,
+    decode_jobs(model, tokenizer, jobs, layer, bases, zh_means, ot_sources, pairs, prefill,
                 swap_of, args, keep)
     return rows
 

@@ -315,3 +315,23 @@ def test_repo_prompts_are_valid_and_answers_computed_independently():
     for lang in ("en", "zh"):  # the template's worked examples parse to their stated answers
         demo = data["templates"][lang].split("{question}")[0]
         assert common.extract_answer(demo.split("\n")[1]) is not None
+
+
+def test_shared_prefill_gives_the_same_decodes_as_a_full_prompt_pass(tiny):
+    model, tok = tiny
+    texts = [TEXTS[0], TEXTS[1], TEXTS[2], "A train travels 60 kilometers.", "问题：火车每小时行驶60公里"]
+    ids, mask, _ = common.tokenize_left_padded(tok, texts)
+    prefill = common.shared_prefill(model, ids, mask, 2)
+    rows = [3, 0, 0, 2, 1]  # repeats: several conditions of one prompt share its prefill
+    selected = common.select_prefill(prefill, rows)
+    patch = _conditions(model, len(rows))
+    conts = [common.answer_continuation(tok, a, "en") for a in (12, 8, 1234, 5, 77)]
+    fast = common.generate_and_score(model, selected["input_ids"], selected["attention_mask"], 8,
+                                     patch, score=[conts], return_logits=True, prefill=selected)
+    full_ids, full_mask, _ = common.tokenize_left_padded(tok, [texts[r] for r in rows])
+    slow = common.generate_and_score(model, full_ids, full_mask, 8, patch, score=[conts],
+                                     return_logits=True)
+    assert torch.equal(fast["tokens"], slow["tokens"])
+    torch.testing.assert_close(fast["logits"], slow["logits"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast["scores"][0], slow["scores"][0], atol=1e-4, rtol=1e-4)
+    assert not _has_hooks(model)
