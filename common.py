@@ -826,9 +826,14 @@ def write_json(path, obj):
 
 
 def model_fingerprint(model):
-    """A short hash of the model's identity (name and config) for cache keys."""
+    """A short hash of the model's identity (name, config, dtype and a checksum of its weights)
+    for cache keys: another checkpoint at the same path, or another seed, never reuses a cache."""
+    with torch.no_grad():
+        checksum = [float(p.detach().float().abs().sum()) for _, p in
+                    zip(range(8), model.parameters())] + [
+            float(decoder_layers(model)[-1].mlp.down_proj.weight.detach().float().abs().sum())]
     blob = json.dumps({"name": getattr(model, "name_or_path_for_results", None),
-                       "config": model.config.to_dict(),
+                       "config": model.config.to_dict(), "weights": checksum,
                        "dtype": str(next(model.parameters()).dtype)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

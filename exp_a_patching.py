@@ -463,6 +463,8 @@ def verdicts(metrics, controls, tests, alpha=0.05):
     zp_outside = bool(band_zp_lang) and m["zperp_language_disrupted"]["rate"] > band_zp_lang["max"]
 
     def verdict(controlled):
+        if controlled and not band_z:
+            return "not tested (no random draws)"
         if z_changes and z_keeps_lang and zp_disrupts and zp_keeps_answers and (
                 not controlled or (z_outside and zp_outside)):
             return "double dissociation"

@@ -335,3 +335,12 @@ def test_shared_prefill_gives_the_same_decodes_as_a_full_prompt_pass(tiny):
     torch.testing.assert_close(fast["logits"], slow["logits"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fast["scores"][0], slow["scores"][0], atol=1e-4, rtol=1e-4)
     assert not _has_hooks(model)
+
+
+def test_cache_key_changes_with_the_weights(tiny):
+    model, _ = tiny
+    before = common.model_fingerprint(model)
+    assert common.model_fingerprint(model) == before
+    with torch.no_grad():
+        model.model.layers[-1].mlp.down_proj.weight[0, 0] += 1.0
+    assert common.model_fingerprint(model) != before
