@@ -33,8 +33,8 @@ QWEN25_3B = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
 SHAPES = {
     "qwen2.5-3b": dict(layers=[32, 33], ks=[20, 50], pairs=40, n_random=10, max_new_tokens=100,
                        single_sample=64, batch_size=512, c_steps=500),
-    "tiny": dict(layers=[2, 3], ks=[4, 8], pairs=6, n_random=2, max_new_tokens=12,
-                 single_sample=24, batch_size=128, c_steps=50),
+    "tiny": dict(layers=[2, 3], ks=[4, 8], pairs=4, n_random=2, max_new_tokens=8,
+                 single_sample=16, batch_size=128, c_steps=20),
 }
 
 
