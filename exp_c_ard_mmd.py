@@ -3,7 +3,7 @@
     python exp_c_ard_mmd.py --model Qwen/Qwen2.5-3B --objective contrastive plan
     # the committed CPU example (fewer steps at a larger lr: see the README):
     OMP_NUM_THREADS=1 python exp_c_ard_mmd.py --model /work/models/qwen-0.5b \
-        --objective contrastive plan --steps 200 --min-steps 100 --lr 0.05 \
+        --objective contrastive plan --steps 400 --min-steps 200 --lr 0.05 \
         --out results/example-qwen2.5-coder-0.5b/exp_c --figures figures/example-qwen2.5-coder-0.5b
 
 Data. For each pair i, the token states of the bare zh question and of the bare en question (no
