@@ -12,7 +12,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import platform
 import random
 import re
@@ -958,6 +957,19 @@ def add_pairs_args(parser):
                         help="MGSM-style English TSV (with --prompts-zh; replaces --prompts)")
     parser.add_argument("--prompts-zh", type=Path, default=None)
     parser.add_argument("--limit", type=int, default=None, help="use the first N pairs")
+    return parser
+
+
+def add_activation_args(parser):
+    """Flags of the scripts that read the shared activation extraction (B and D)."""
+    parser.add_argument("--fold-norm", action="store_true",
+                        help="fold the layer's input RMSNorm gain into W_Q, W_K (NOTES 1)")
+    parser.add_argument("--keep-first-token", action="store_true",
+                        help="include position 0 (the attention sink) in the token means")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
+                        help="activation cache folder (default: results/cache)")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the figures from the CSVs in --out (no model)")
     return parser
 
 

@@ -568,7 +568,7 @@ def verdict_paragraph(metrics, controls, tests):
 def write_summary(out_dir, rows, metrics, controls, tests, config):
     """SUMMARY.md and patching_table.md, both generated from the CSV frames."""
     model = config.get("model", {})
-    head = [f"# Experiment A: activation patching of Z",
+    head = ["# Experiment A: activation patching of Z",
             "",
             f"Model `{model.get('name_or_path')}` ({model.get('dtype')}, {model.get('device_name')}), "
             f"{rows.problem_id.nunique()} problems, command `{config.get('command')}`, "

@@ -40,14 +40,7 @@ def parse_args(argv=None):
     parser.add_argument("--k", type=int, default=DEFAULTS["k"], help="Z dimension (default: %(default)s)")
     parser.add_argument("--n-random", type=int, default=DEFAULTS["n_random"],
                         help="random k-dim subspaces for the chance band (default: %(default)s)")
-    parser.add_argument("--fold-norm", action="store_true",
-                        help="fold the basis layer's input RMSNorm gain into W_Q, W_K (NOTES 1)")
-    parser.add_argument("--keep-first-token", action="store_true",
-                        help="include position 0 (the attention sink) in the token means")
-    parser.add_argument("--cache-dir", type=Path, default=common.DEFAULT_CACHE,
-                        help="activation cache folder (default: results/cache)")
-    parser.add_argument("--replot", action="store_true",
-                        help="only redraw the figure from the CSVs in --out (no model)")
+    common.add_activation_args(parser)
     return parser.parse_args(argv)
 
 

@@ -58,7 +58,6 @@ Outputs (--out): summary.csv (one row per fit), lengthscales.npz (log l per fit,
 traces.csv (loss and |Z| over steps), config.json; figures via common.figure_path.
 """
 import argparse
-import json
 import math
 import time
 from dataclasses import dataclass

@@ -49,14 +49,7 @@ def parse_args(argv=None):
     parser.add_argument("--basis", choices=["z", "random"], default="z",
                         help="z: the layer's Z basis; random: a Haar-random k-dim subspace seeded "
                              "by --seed, the control for whether Z is special (default: z)")
-    parser.add_argument("--fold-norm", action="store_true",
-                        help="fold the layer's input RMSNorm gain into W_Q, W_K (NOTES 1)")
-    parser.add_argument("--keep-first-token", action="store_true",
-                        help="include position 0 (the attention sink) in the token means")
-    parser.add_argument("--cache-dir", type=Path, default=common.DEFAULT_CACHE,
-                        help="activation cache folder (default: results/cache)")
-    parser.add_argument("--replot", action="store_true",
-                        help="only redraw the figures from the CSVs in --out (no model)")
+    common.add_activation_args(parser)
     return parser.parse_args(argv)
 
 

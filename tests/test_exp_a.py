@@ -112,7 +112,6 @@ def test_interchange_outcomes():
     pairs = [{"id": "a", "category": "c", "answer": 10}, {"id": "b", "category": "c", "answer": 20}]
     none = A.job_key(0, -1, "none", 0, "-", "-", 0, -1)
     gens = {none: dict(output="", answer=10.0, language="en", logp_ref=-1.0, logp_swap=-5.0)}
-    rows = []
     for answer, expected in ((20.0, "transferred"), (10.0, "kept"), (33.0, "broken"), (None, "broken")):
         key = A.job_key(0, 1, "z", 2, "prompt", "mean", 1, -1)
         gens[key] = dict(output="", answer=answer, language="en", logp_ref=-2.0, logp_swap=-1.0)
