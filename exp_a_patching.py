@@ -644,8 +644,8 @@ def plot_figures(out_dir, controls, metrics, figures_dir):
     conds = [("z", "rand_z", "tab:blue"), ("zperp", "rand_zperp", "tab:orange"),
              ("full", None, "tab:gray")]
     fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.4 * len(configs)), 7))
-    panel(axes[0], "answer_change", "answer changed (same-problem source); shaded: random draws "
-          "(range, dotted mean); bars: Wilson 95%", conds,
+    panel(axes[0], "answer_change", "answer changed vs no patch (same-problem source)\n"
+          "error bars: Wilson 95%; shaded: random draws (range, dotted: mean)", conds,
           {"z": "z_answer_change", "zperp": "zperp_answer_change", "full": "full_answer_change"})
     panel(axes[1], "language_not_en", "output not English (same-problem source)", conds)
     axes[0].set_ylim(0, 1.05)
