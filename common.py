@@ -989,6 +989,15 @@ def load_pairs(args):
     return pairs
 
 
+def save_figure(fig, path, dpi=120):
+    """Lay out, write and close a matplotlib figure (closing frees it in long runs)."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def figure_path(args, name):
     """figures/<out folder name>_<name>.png: runs into different --out folders never collide."""
     Path(args.figures).mkdir(parents=True, exist_ok=True)

@@ -650,25 +650,19 @@ def plot_figures(out_dir, controls, metrics, figures_dir):
     panel(axes[1], "language_not_en", "output not English (same-problem source)", conds)
     axes[0].set_ylim(0, 1.05)
     axes[1].set_ylim(0, 1.05)
-    fig.tight_layout()
-    fig.savefig(common.figure_path(where, "change_rates"), dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, common.figure_path(where, "change_rates"))
 
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(configs)), 3.5))
     panel(ax, "transferred", "interchange: output takes the source problem's answer", conds)
     ax.set_ylim(0, 1.05)
-    fig.tight_layout()
-    fig.savefig(common.figure_path(where, "transfer_rates"), dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, common.figure_path(where, "transfer_rates"))
 
     fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.4 * len(configs)), 7))
     panel(axes[0], "dlogp_ref", "shift in log p(reference answer) vs no patch", conds)
     panel(axes[1], "dlogp_swap", "shift in log p(source problem's answer), interchange rows", conds)
     for ax in axes:
         ax.axhline(0, color="k", lw=0.5)
-    fig.tight_layout()
-    fig.savefig(common.figure_path(where, "logprob_shift"), dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, common.figure_path(where, "logprob_shift"))
 
 
 def summarize(out_dir, figures_dir):

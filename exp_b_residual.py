@@ -279,9 +279,7 @@ def plot_residual_ratio(out_dir, path):
                    "dotted: update into the basis layer")
     ax2.legend(fontsize=8)
     _layer_ticks(ax2, x)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=130)
     return path
 
 

@@ -68,7 +68,7 @@ import torch
 from common import (DEFAULT_CACHE, UsageError, add_common_args, add_pairs_args, check_k,
                     check_layer, extract_activations, figure_path, hidden_size, load_model,
                     load_model_config, load_pairs, num_layers, prepare_out_dir, run_cli,
-                    run_config, set_seed, write_json, z_basis)
+                    run_config, save_figure, set_seed, write_json, z_basis)
 
 # Defaults (phase3-plan C.5), in one place.
 PLAN_NUM_LAYERS = 36  # Qwen2.5-3B; other depths get the same fractions of depth
@@ -541,9 +541,7 @@ def plot_z_size(out, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("ARD-MMD: size of Z by layer")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_spectrum(out, path, basis_layer):
@@ -570,9 +568,7 @@ def plot_spectrum(out, path, basis_layer):
     ax_h.set(xlabel="log10 lengthscale", ylabel="coordinates", title=f"layer {layer}: histogram")
     ax_c.set(xlabel="coordinate rank", ylabel="log10 lengthscale", title=f"layer {layer}: sorted")
     ax_c.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_overlap(out, path):
@@ -600,9 +596,7 @@ def plot_overlap(out, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Selected λ per layer; SVD mask at the basis layer (warm start used it: circular)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_traces(out, path, basis_layer):
@@ -626,9 +620,7 @@ def plot_traces(out, path, basis_layer):
         for ax in row:
             ax.grid(alpha=0.3)
         row[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_all(args, out, basis_layer):

@@ -291,9 +291,7 @@ def plot_singular_values(out_dir, path):
         ax.legend(fontsize=8)
     fig.suptitle(f"Spectrum of the zh <- en bridge W (fit on all pairs; layer "
                  f"{int(meta['layer'])}, {_basis_name(meta)} basis)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=130)
     return path
 
 
