@@ -270,9 +270,10 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def capture_layer_outputs(model, input_ids, attention_mask, layers):
+def capture_layer_outputs(model, input_ids, attention_mask, layers, cache=None):
     """Hidden states after each of `layers` (-1 = embeddings): dict layer -> (B, T, d), model dtype,
-    on the model's device. Stops the forward pass after the last requested layer."""
+    on the model's device. Stops the forward pass after the last requested layer; with a `cache`,
+    the layers up to it leave their keys and values there."""
     layers = sorted(set(layers))
     captured = {}
     last = layers[-1]
@@ -291,7 +292,8 @@ def capture_layer_outputs(model, input_ids, attention_mask, layers):
     try:
         with _hooks(model, [(l, grab(l)) for l in layers if l >= 0]):
             model(input_ids=input_ids, attention_mask=attention_mask,
-                  position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+                  position_ids=position_ids_from_mask(attention_mask), use_cache=cache is not None,
+                  **({_cache_kwarg(model): cache} if cache is not None else {}))
     except _StopForward:
         pass
     finally:
@@ -484,20 +486,9 @@ def shared_prefill(model, input_ids, attention_mask, layer):
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     cache = _new_cache(model)
-    captured = {}
-
-    def grab(hidden):
-        captured["hidden"] = hidden.detach()
-        raise _StopForward
-
-    try:
-        with layer_output_hook(model, layer, grab):
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
-                  position_ids=position_ids_from_mask(attention_mask), **{_cache_kwarg(model): cache})
-    except _StopForward:
-        pass
+    hidden = capture_layer_outputs(model, input_ids, attention_mask, [layer], cache)[layer]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "layer": layer,
-            "hidden": captured["hidden"], "kv": [_layer_kv(cache, l) for l in range(layer + 1)]}
+            "hidden": hidden, "kv": [_layer_kv(cache, l) for l in range(layer + 1)]}
 
 
 def select_prefill(prefill, rows):
