@@ -556,9 +556,11 @@ def verdict_paragraph(metrics, controls, tests):
             + (f" and {100 * rand_transfer.mean():.0f}% under random Z" if len(rand_transfer) else "")
             + ".")
     agree_z, agree_zp = m.loc["full_agrees_with_z", "rate"], m.loc["full_agrees_with_zperp", "rate"]
-    like = "Z-patch" if agree_z > agree_zp else "Z⊥-patch" if agree_zp > agree_z else "neither"
+    like = ("it behaves more like the Z-patch" if agree_z > agree_zp else
+            "it behaves more like the Z⊥-patch" if agree_zp > agree_z else
+            "it is no closer to one than to the other")
     text.append(f"Full replacement matched the Z-patch outcome on {100 * agree_z:.0f}% of problems "
-                f"and the Z⊥-patch outcome on {100 * agree_zp:.0f}%: it behaves more like the {like}.")
+                f"and the Z⊥-patch outcome on {100 * agree_zp:.0f}%: {like}.")
     verdict, literal = metrics.verdict.iloc[0], metrics.verdict_without_controls.iloc[0]
     text.append(f"**Verdict: {verdict}** (the plan's criteria read against the random band; "
                 f"without that control the same numbers would read as: {literal}).")
