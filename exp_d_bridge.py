@@ -67,25 +67,12 @@ def validate(args):
 
 
 def limit_blas_threads(n=1):
-    """Set numpy's OpenBLAS to n threads; returns whether it could. These fits are small (N x k),
-    where one thread is fastest, and on a busy shared CPU OpenBLAS threads spin-wait: the null
-    took 150x longer with 2 threads on a loaded 2-core machine. Best effort, via ctypes (no
-    threadpoolctl here); a no-op where no OpenBLAS is loaded."""
-    import ctypes
-    try:
-        paths = {line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line.lower()}
-    except OSError:
-        return False
-    done = False
-    for path in paths:
-        lib = ctypes.CDLL(path)
-        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
-                     "openblas_set_num_threads"):
-            if hasattr(lib, name):
-                getattr(lib, name)(ctypes.c_int(n))
-                done = True
-                break
-    return done
+    """Limit numpy's BLAS to n threads for the rest of the process; returns whether a BLAS library
+    was found. These fits are small (N x k), where one thread is fastest, and on a busy shared CPU
+    BLAS threads spin-wait: the null took 150x longer with 2 threads on a loaded 2-core machine."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+    threadpool_limits(limits=n, user_api="blas")
+    return any(lib["user_api"] == "blas" for lib in threadpool_info())
 
 
 # ----------------------------------------------------------------------------------------------
