@@ -81,8 +81,8 @@ def peak_memory_gb(device):
 def bench_a(model, tokenizer, pairs, templates, spec, device):
     """A's gold grid batched, then a sample of the same decodes one at a time."""
     args = SimpleNamespace(k=spec["ks"], positions=["prompt", "all"], source=["mean", "ot"],
-                           n_random=spec["n_random"], seed=0, batch_size=spec["batch_size"],
-                           max_new_tokens=spec["max_new_tokens"])
+                           fold_norm=False, n_random=spec["n_random"], seed=0,
+                           batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"])
     swap_of = A.derangement([p["answer"] for p in pairs], 0)
     generations = {}
     with Timer(device) as batched:

@@ -146,12 +146,12 @@ def basis_id(condition, k, draw):
     return ("z", k, -1) if condition in ("z", "zperp") else ("rand", k, draw)
 
 
-def make_bases(model, layer, ks, n_random, seed):
+def make_bases(model, layer, ks, n_random, seed, fold_norm=False):
     """Z and the random control bases for one layer: dict basis_id -> float32 (k, d)."""
     d = common.hidden_size(model)
     bases = {}
     for k in ks:
-        bases[("z", k, -1)] = common.z_basis(model, layer, k)
+        bases[("z", k, -1)] = common.z_basis(model, layer, k, fold_norm=fold_norm)
         for draw in range(n_random):  # the same draws at every layer: seeded by (seed, k, draw)
             bases[("rand", k, draw)] = common.random_basis(d, k, seed * 1_000_003 + k * 1_009 + draw)
     return bases
@@ -261,7 +261,7 @@ def run_layer(model, tokenizer, pairs, templates, layer, args, swap_of, generati
     zh_texts, zh_spans = prompt_texts(pairs, templates, "zh")
     zh_tokens, zh_means = capture_prompt_states(model, tokenizer, zh_texts, zh_spans, layer,
                                                 args.batch_size)
-    bases = make_bases(model, layer, args.k, args.n_random, args.seed)
+    bases = make_bases(model, layer, args.k, args.n_random, args.seed, args.fold_norm)
     rows = build_rows(pairs, layer, args.k, args.positions, args.source, args.n_random, swap_of)
     jobs = sorted({r["job"] for r in rows} - set(generations))
     ot_sources = {}
@@ -744,6 +744,9 @@ def parse_args(argv=None):
     parser.add_argument("--n-random", type=int, default=10,
                         help="random k-dimensional control subspaces per (layer, k)")
     parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--fold-norm", action="store_true",
+                        help="fold the layer's input RMSNorm gain into W_Q, W_K before the SVD "
+                             "(NOTES 1; default: raw weights, as Phase 2)")
     parser.add_argument("--summarize", type=Path, default=None, metavar="DIR",
                         help="only rebuild the summary and figures of a finished run from its CSVs")
     parser.set_defaults(batch_size=None)  # resolved in main(): 256 on a GPU, 64 on a CPU
