@@ -278,7 +278,30 @@ def run_layer(model, tokenizer, pairs, templates, layer, args, swap_of, generati
 
     decode_jobs(model, tokenizer, jobs, layer, bases, zh_means, ot_sources, pairs, prefill,
                 swap_of, args, keep)
-    return rows
+    null = None
+    if getattr(args, "n_random_logprob", 0):
+        null = score_random_null(model, tokenizer, pairs, layer, args, prefill, zh_means,
+                                 ot_sources, swap_of)
+    return rows, null
+
+
+def score_random_null(model, tokenizer, pairs, layer, args, prefill, zh_means, ot_sources, swap_of):
+    """Teacher-forced log p(reference) under --n-random-logprob random subspaces (same-problem
+    source, no decoding): a null for Z's log-prob shift with enough draws for a p-value (NOTES 2).
+    Returns a frame: problem_id, layer, k, positions, source, condition, draw, logp_ref."""
+    from types import SimpleNamespace
+    bases = make_bases(model, layer, args.k, args.n_random_logprob, args.seed, args.fold_norm)
+    jobs = [(i, layer, condition, k, positions, source, i, draw)
+            for i in range(len(pairs)) for k in args.k for positions in args.positions
+            for source in args.source for condition in RANDOM_CONDITIONS
+            for draw in range(args.n_random_logprob)]
+    scored = []
+    score_only = SimpleNamespace(**{**vars(args), "max_new_tokens": 0})
+    decode_jobs(model, tokenizer, jobs, layer, bases, zh_means, ot_sources, pairs, prefill,
+                swap_of, score_only, scored.extend)
+    return pd.DataFrame([dict(problem_id=pairs[r["job"][0]]["id"], layer=layer, k=r["job"][3],
+                              positions=r["job"][4], source=r["job"][5], condition=r["job"][2],
+                              draw=r["job"][7], logp_ref=r["logp_ref"]) for r in scored])
 
 
 JOB_FIELDS = ["problem", "job_layer", "condition", "job_k", "job_positions", "job_source",
@@ -445,6 +468,29 @@ def config_tests(frame):
     return tests
 
 
+def logprob_null_tests(rows, null):
+    """Z's (and Z-perp's) mean shift in log p(reference) against the same shift under each random
+    subspace of the null (logprob_null.csv), per configuration: empirical one- and two-sided p."""
+    none = rows[rows.condition == "none"].drop_duplicates("problem_id").set_index("problem_id")
+    null = null.assign(dlogp_ref=null.logp_ref - null.problem_id.map(none.logp_ref))
+    null_means = null.groupby(CONFIG + ["condition", "draw"]).dlogp_ref.mean()
+    out = []
+    for config, frame in rows.groupby(CONFIG, sort=True):
+        for condition, rand in (("z", "rand_z"), ("zperp", "rand_zperp")):
+            own = frame[(frame.condition == condition) & (frame.pair == "same")].dlogp_ref.mean()
+            try:
+                draws = null_means.loc[tuple(config) + (rand,)].to_numpy(float)
+            except KeyError:
+                continue
+            above = (1 + int((draws >= own).sum())) / (len(draws) + 1)
+            below = (1 + int((draws <= own).sum())) / (len(draws) + 1)
+            out.append(dict(zip(CONFIG, config), condition=condition, dlogp_ref=own,
+                            null_draws=len(draws), null_mean=draws.mean(), null_min=draws.min(),
+                            null_max=draws.max(), p_above=above, p_below=below,
+                            p_two_sided=min(1.0, 2 * min(above, below))))
+    return pd.DataFrame(out)
+
+
 def verdicts(metrics, controls, tests, alpha=0.05):
     """The plan's verdict, with and without the random-subspace control (NOTES section 2)."""
     m = {r["metric"]: r for r in metrics}
@@ -517,7 +563,7 @@ def render_patching_table(frame):
     return lines
 
 
-def verdict_paragraph(metrics, controls, tests):
+def verdict_paragraph(metrics, controls, tests, logprob=None):
     """A paragraph generated from the numbers only."""
     m = metrics.set_index("metric")
     p = {(t.measure, t.first, t.second): t.p_value for t in tests.itertuples()}
@@ -561,13 +607,20 @@ def verdict_paragraph(metrics, controls, tests):
             "it is no closer to one than to the other")
     text.append(f"Full replacement matched the Z-patch outcome on {100 * agree_z:.0f}% of problems "
                 f"and the Z⊥-patch outcome on {100 * agree_zp:.0f}%: {like}.")
+    if logprob is not None:
+        for r in logprob.itertuples():
+            name = "Z" if r.condition == "z" else "Z⊥"
+            text.append(f"Scored by teacher forcing against {r.null_draws} random subspaces, "
+                        f"{name}'s mean shift in log p(reference) ({r.dlogp_ref:+.2f} nats) has a "
+                        f"two-sided empirical p = {r.p_two_sided:.3f} (random: mean "
+                        f"{r.null_mean:+.2f}, range {r.null_min:+.2f} to {r.null_max:+.2f}).")
     verdict, literal = metrics.verdict.iloc[0], metrics.verdict_without_controls.iloc[0]
     text.append(f"**Verdict: {verdict}** (the plan's criteria read against the random band; "
                 f"without that control the same numbers would read as: {literal}).")
     return " ".join(text)
 
 
-def write_summary(out_dir, rows, metrics, controls, tests, config):
+def write_summary(out_dir, rows, metrics, controls, tests, config, logprob=None):
     """SUMMARY.md and patching_table.md, both generated from the CSV frames."""
     model = config.get("model", {})
     head = ["# Experiment A: activation patching of Z",
@@ -592,7 +645,8 @@ def write_summary(out_dir, rows, metrics, controls, tests, config):
             f"{100 * mi.loc['z_language_preserved', 'rate']:.0f}%",
             f"{100 * mi.loc['zperp_language_disrupted', 'rate']:.0f}%",
             m.verdict.iloc[0], m.verdict_without_controls.iloc[0]]) + " |")
-        body += [f"## {name}", "", verdict_paragraph(m, c, t), "", "### Metrics", "",
+        lp = select_config(logprob, config_key) if logprob is not None and len(logprob) else None
+        body += [f"## {name}", "", verdict_paragraph(m, c, t, lp), "", "### Metrics", "",
                  m[["metric", "count", "n", "rate", "ci_low", "ci_high"]].to_markdown(
                      index=False, floatfmt=".3f"), "",
                  "### Controls (per condition; random rows are individual draws)", "",
@@ -678,10 +732,14 @@ def summarize(out_dir, figures_dir):
     rows = common.load_csv(out_dir / "rows.csv")
     config = json.loads((out_dir / "config.json").read_text()) if (out_dir / "config.json").exists() else {}
     metrics, controls, tests = compute_summary_tables(rows)
+    logprob = None
+    if (out_dir / "logprob_null.csv").is_file():
+        logprob = logprob_null_tests(rows, common.load_csv(out_dir / "logprob_null.csv"))
+        common.write_csv(logprob, out_dir / "logprob_tests.csv")
     common.write_csv(metrics, out_dir / "metrics.csv")
     common.write_csv(controls, out_dir / "controls.csv")
     common.write_csv(tests, out_dir / "tests.csv")
-    write_summary(out_dir, rows, metrics, controls, tests, config)
+    write_summary(out_dir, rows, metrics, controls, tests, config, logprob)
     plot_figures(out_dir, controls, metrics, figures_dir)
     return metrics
 
@@ -690,8 +748,9 @@ def summarize(out_dir, figures_dir):
 
 def validate(args):
     """Every check that needs no weights, before anything is loaded or written."""
-    if args.n_random < 0 or args.batch_size < 1 or args.max_new_tokens < 1:
-        raise common.UsageError("--n-random must be >= 0, --batch-size and --max-new-tokens >= 1")
+    if args.n_random < 0 or args.n_random_logprob < 0 or args.batch_size < 1 or args.max_new_tokens < 1:
+        raise common.UsageError("--n-random and --n-random-logprob must be >= 0, --batch-size and "
+                                "--max-new-tokens >= 1")
     config = common.load_model_config(args.model)
     for layer in args.layer:
         common.check_layer(config, layer)
@@ -711,7 +770,7 @@ def main(args):
         args.batch_size = 256 if on_gpu else 64
     pairs, templates = validate(args)
     out = common.prepare_out_dir(args.out, args.overwrite)
-    for stale in ("rows.csv", "generations.csv"):  # --overwrite: never append to an old run
+    for stale in ("rows.csv", "generations.csv", "logprob_null.csv"):  # --overwrite: no appending
         (out / stale).unlink(missing_ok=True)
     args.out = out
     common.set_seed(args.seed)
@@ -723,8 +782,11 @@ def main(args):
         random_basis_seeds="seed * 1000003 + k * 1009 + draw"))
     generations = {}
     for layer in args.layer:
-        rows = run_layer(model, tokenizer, pairs, templates, layer, args, swap_of, generations,
-                         save=lambda results: save_generations(out / "generations.csv", results, pairs))
+        rows, null = run_layer(
+            model, tokenizer, pairs, templates, layer, args, swap_of, generations,
+            save=lambda results: save_generations(out / "generations.csv", results, pairs))
+        if null is not None:
+            common.write_csv(null, out / "logprob_null.csv", append=True)
         common.write_csv(table_rows(rows, generations, pairs), out / "rows.csv", append=True)
     metrics = summarize(out, args.figures)
     print(f"wrote {out}/SUMMARY.md")
@@ -743,6 +805,10 @@ def parse_args(argv=None):
     parser.add_argument("--source", nargs="+", choices=["mean", "ot"], default=["mean"])
     parser.add_argument("--n-random", type=int, default=10,
                         help="random k-dimensional control subspaces per (layer, k)")
+    parser.add_argument("--n-random-logprob", type=int, default=0, metavar="M",
+                        help="also score log p(reference) under M random subspaces per (layer, k) "
+                             "without decoding, for p-values on the continuous measure (NOTES 2 "
+                             "suggests M >= 200); writes logprob_null.csv and logprob_tests.csv")
     parser.add_argument("--max-new-tokens", type=int, default=100)
     parser.add_argument("--fold-norm", action="store_true",
                         help="fold the layer's input RMSNorm gain into W_Q, W_K before the SVD "

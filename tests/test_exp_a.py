@@ -108,6 +108,21 @@ def test_verdict_needs_z_outside_the_random_band():
     assert A.compute_summary_tables(nothing)[0].verdict.iloc[0] == "null"
 
 
+def test_logprob_null_p_values():
+    rows = pd.DataFrame([dict(problem_id=f"p{i}", layer=1, k=2, positions="prompt", source="mean",
+                              condition=c, pair="same", draw=-1, logp_ref=-5.0,
+                              dlogp_ref=2.0 if c == "z" else -1.0 if c == "zperp" else 0.0)
+                         for i in range(3) for c in ("none", "z", "zperp")])
+    null = pd.DataFrame([dict(problem_id=f"p{i}", layer=1, k=2, positions="prompt", source="mean",
+                              condition=c, draw=d, logp_ref=-5.0 + 0.1 * d)
+                         for i in range(3) for c in ("rand_z", "rand_zperp") for d in range(9)])
+    tests = A.logprob_null_tests(rows, null).set_index("condition")
+    assert tests.loc["z", "p_above"] == pytest.approx(1 / 10)  # above all 9 draws (0 .. 0.8)
+    assert tests.loc["z", "p_two_sided"] == pytest.approx(2 / 10)
+    assert tests.loc["zperp", "p_below"] == pytest.approx(1 / 10)
+    assert tests.loc["z", "null_max"] == pytest.approx(0.8)
+
+
 def test_interchange_outcomes():
     pairs = [{"id": "a", "category": "c", "answer": 10}, {"id": "b", "category": "c", "answer": 20}]
     none = A.job_key(0, -1, "none", 0, "-", "-", 0, -1)
@@ -130,9 +145,11 @@ ARGS = ["--model", "tiny-random", "--layer", "1", "2", "--k", "4", "--positions"
 
 def test_main_end_to_end_and_summary_rebuilds_without_model(tmp_path, monkeypatch):
     out, figures = tmp_path / "exp_a", tmp_path / "figures"
-    A.main(A.parse_args(ARGS + ["--out", str(out), "--figures", str(figures)]))
+    A.main(A.parse_args(ARGS + ["--out", str(out), "--figures", str(figures),
+                                "--n-random-logprob", "3"]))
     for name in ("rows.csv", "generations.csv", "metrics.csv", "controls.csv", "tests.csv",
-                 "SUMMARY.md", "patching_table.md", "config.json"):
+                 "SUMMARY.md", "patching_table.md", "config.json", "logprob_null.csv",
+                 "logprob_tests.csv"):
         assert (out / name).is_file(), name
     for name in ("change_rates", "transfer_rates", "logprob_shift"):
         assert (figures / f"exp_a_{name}.png").is_file()
@@ -146,6 +163,17 @@ def test_main_end_to_end_and_summary_rebuilds_without_model(tmp_path, monkeypatc
     assert config["model"]["name_or_path"] == "tiny-random" and config["args"]["k"] == [4]
     summary = (out / "SUMMARY.md").read_text()
     assert "Verdict:" in summary and "| layer | k |" in summary
+    null = common.load_csv(out / "logprob_null.csv")
+    # 4 problems x 2 layers x 2 positions x 2 sources x 2 random conditions x 3 draws
+    assert len(null) == 4 * 2 * 2 * 2 * 2 * 3
+    # the first draws are the decoded random subspaces: scoring alone gives their decode's score
+    decoded = rows[(rows.condition == "rand_z") & (rows.pair == "same") & (rows.draw == 0)]
+    merged = decoded.merge(null[(null.condition == "rand_z") & (null.draw == 0)],
+                           on=["problem_id", "layer", "k", "positions", "source"])
+    assert len(merged) == len(decoded) and np.allclose(merged.logp_ref_x, merged.logp_ref_y, atol=1e-4)
+    lp = common.load_csv(out / "logprob_tests.csv")
+    assert ((lp.p_two_sided > 0) & (lp.p_two_sided <= 1)).all() and (lp.null_draws == 3).all()
+    assert "against 3 random subspaces" in summary
 
     def no_model(*a, **k):
         raise AssertionError("the summary must not need a model")
