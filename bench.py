@@ -21,6 +21,8 @@ import pandas as pd
 import torch
 
 import common
+import problems
+import runs
 import exp_a_patching as A
 
 # Qwen/Qwen2.5-3B's config.json, the fields that decide the shape and the cost.
@@ -123,18 +125,18 @@ def _one_at_a_time(model, tokenizer, pairs, templates, layer, args, swap_of, job
     ot_sources = {(j[0], j[6]): A.ot_source(en_tokens[j[0]], zh_tokens[j[6]], scale)[0]
                   for j in jobs if j[5] == "ot"}
     en_texts, _ = A.prompt_texts(pairs, templates, "en")
-    stop_ids = common.stop_token_ids(tokenizer)
+    stop_ids = problems.stop_token_ids(tokenizer)
     setup.__exit__()
     with Timer(device) as t:
         for job in jobs:
             ids, mask, _ = common.tokenize_left_padded(tokenizer, [en_texts[job[0]]], device=device)
             patch = A.make_patch([job], layer, bases, zh_means, ot_sources, ids.shape[1],
                                  common.hidden_size(model)).to(device)
-            reference = [common.answer_continuation(tokenizer, pairs[job[0]]["answer"], "en")]
-            partner = [common.answer_continuation(tokenizer, pairs[swap_of[job[0]]]["answer"], "en")]
+            reference = [problems.answer_continuation(tokenizer, pairs[job[0]]["answer"], "en")]
+            partner = [problems.answer_continuation(tokenizer, pairs[swap_of[job[0]]]["answer"], "en")]
             out = common.generate_and_score(model, ids, mask, args.max_new_tokens, patch, stop_ids,
                                             score=[reference, partner])
-            common.decode_response(tokenizer, out["tokens"][0], stop_ids)
+            problems.decode_response(tokenizer, out["tokens"][0], stop_ids)
     return setup.seconds, t.seconds
 
 
@@ -183,7 +185,7 @@ def run(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = common.resolve_dtype(args.dtype, device)
     spec = SHAPES[args.shape]
-    data = common.load_prompts(common.DEFAULT_PROMPTS)
+    data = problems.load_prompts(problems.DEFAULT_PROMPTS)
     pairs = data["pairs"][:spec["pairs"]]
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -211,7 +213,7 @@ def main(args):
         print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    common.write_csv(pd.DataFrame([result]), out, append=out.exists())
+    runs.write_csv(pd.DataFrame([result]), out, append=out.exists())
     print(f"appended to {out}")
     return result
 
@@ -221,10 +223,10 @@ def parse_args(argv=None):
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-3b")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    parser.add_argument("--out", type=Path, default=common.REPO / "results" / "bench.csv",
+    parser.add_argument("--out", type=Path, default=runs.REPO / "results" / "bench.csv",
                         help="CSV the measurements are appended to (one row per run)")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    common.run_cli(main, parse_args())
+    runs.run_cli(main, parse_args())

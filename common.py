@@ -11,42 +11,16 @@ Conventions used throughout:
 import functools
 import hashlib
 import json
-import math
-import platform
-import random
-import re
-import subprocess
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent
+from runs import REPO, UsageError
+
 DEFAULT_MODEL = "Qwen/Qwen2.5-3B"
 TINY_MODEL = "tiny-random"  # a small random Qwen2 built in-process: offline smoke runs and tests
-DEFAULT_PROMPTS = REPO / "prompts.json"
-
-
-class UsageError(Exception):
-    """Bad input from the user. Scripts print the message as one line and exit with status 2."""
-
-
-def run_cli(main, args):
-    """Run `main(args)`, turning a UsageError into one clear line on stderr and exit status 2."""
-    try:
-        return main(args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
-def set_seed(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -596,225 +570,6 @@ def continuation_logprob(model, input_ids, attention_mask, continuations, patch=
                               score=[continuations])["scores"][0]
 
 
-# ----------------------------------------------------------------------------------------------
-# Prompts
-
-_PAIR_FIELDS = {"id": str, "category": str, "en": str, "zh": str, "answer": (int, float)}
-
-
-def load_prompts(path=DEFAULT_PROMPTS):
-    """Read and validate a prompts file: {"templates": {"en", "zh"}, "pairs": [...]}.
-
-    Each pair has id, category, en, zh (str) and answer (number); ids are unique. Any problem is a
-    UsageError naming the fix.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"prompts file {path} does not exist; pass --prompts FILE")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"prompts file {path} is not valid JSON ({err}); fix the file") from None
-    if not isinstance(data, dict) or not isinstance(data.get("pairs"), list):
-        raise UsageError(f"prompts file {path} needs a top-level object with a \"pairs\" list")
-    templates = data.get("templates")
-    if not (isinstance(templates, dict) and all(
-            isinstance(templates.get(lang), str) and "{question}" in templates[lang]
-            for lang in ("en", "zh"))):
-        raise UsageError(f"prompts file {path} needs \"templates\" with \"en\" and \"zh\" strings "
-                         f"that contain {{question}}")
-    pairs = data["pairs"]
-    if not pairs:
-        raise UsageError(f"prompts file {path} has no pairs; add at least one zh/en pair")
-    seen = set()
-    for i, pair in enumerate(pairs):
-        if not isinstance(pair, dict):
-            raise UsageError(f"prompts file {path}: pair {i} is not an object")
-        for field, kind in _PAIR_FIELDS.items():
-            if field not in pair:
-                raise UsageError(f"prompts file {path}: pair {i} has no \"{field}\"; add it")
-            if not isinstance(pair[field], kind) or isinstance(pair[field], bool):
-                raise UsageError(f"prompts file {path}: pair {i} field \"{field}\" has the wrong "
-                                 f"type ({type(pair[field]).__name__})")
-        if pair["id"] in seen:
-            raise UsageError(f"prompts file {path}: duplicate id {pair['id']!r}; ids must be unique")
-        seen.add(pair["id"])
-    return {"templates": templates, "pairs": pairs}
-
-
-def format_prompt(template, question):
-    """Fill the template; returns (text, (start, end)) with the question's character span."""
-    start = template.index("{question}")
-    text = template.replace("{question}", question, 1)
-    return text, (start, start + len(question))
-
-
-def decode_response(tokenizer, tokens, stop_ids=()):
-    """Text of one generated row up to (not including) its first stop token."""
-    tokens = [int(x) for x in tokens]
-    for i, tok in enumerate(tokens):
-        if tok in stop_ids:
-            tokens = tokens[:i]
-            break
-    return tokenizer.decode(tokens, skip_special_tokens=True)
-
-
-def stop_token_ids(tokenizer):
-    """Tokens that end a response: EOS (and the chat end token, when the tokenizer has it) and a
-    lone blank line, which the template uses between examples."""
-    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    ids.update(tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")
-               if t in tokenizer.get_vocab())
-    blank = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
-    if len(blank) == 1:
-        ids.add(blank[0])
-    return sorted(i for i in ids if i is not None)
-
-
-def answer_continuation(tokenizer, answer, lang):
-    """Token ids of the reference answer as the model would write it right after the template."""
-    text = (" " if lang == "en" else "") + format_number(answer)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def format_number(value):
-    value = float(value)
-    return str(int(value)) if value.is_integer() else repr(value)
-
-
-# ----------------------------------------------------------------------------------------------
-# Answer and language parsing
-
-_NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?"
-_FINAL = [
-    r"\\boxed\{\s*(" + _NUMBER + r")\s*\}",
-    r"(?:answer|result|total)\s*(?:is|=|:)\s*\$?\s*(" + _NUMBER + r")",
-    r"答案\s*(?:是|为|：|:)\s*(" + _NUMBER + r")",
-]
-_STOP_MARKERS = ("\n\n", "\nQuestion:", "\n问题：", "Question:", "问题：")
-
-
-def truncate_response(text):
-    """The model's answer to this prompt: text up to where it starts writing a new example."""
-    cut = len(text)
-    for marker in _STOP_MARKERS:
-        at = text.find(marker, 1)
-        if at != -1:
-            cut = min(cut, at)
-    return text[:cut]
-
-
-def _to_number(token):
-    token = token.replace(",", "").replace(" ", "")
-    if "/" in token:
-        num, den = token.split("/")
-        return float(num) / float(den) if float(den) != 0 else None
-    return float(token)
-
-
-def extract_answer(text):
-    """The model's final stated answer as a float, or None.
-
-    Looks, in order, for the last \\boxed{...}, the last "answer is N" / "答案是N", and otherwise
-    the last number in the response (after truncate_response). Handles negatives, decimals,
-    fractions and thousands separators.
-    """
-    response = truncate_response(text)
-    for pattern in _FINAL:
-        found = re.findall(pattern, response, flags=re.IGNORECASE)
-        if found:
-            return _to_number(found[-1])
-    numbers = re.findall(_NUMBER, response)
-    return _to_number(numbers[-1]) if numbers else None
-
-
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-_LATIN = re.compile(r"[A-Za-z]")
-
-
-def is_degenerate(text, min_repeats=3, coverage=0.8):
-    """True for repetition such as "0000..." or "苹果苹果苹果": one unit of at most 8 characters
-    repeated back to back over `coverage` of the (whitespace-free) text."""
-    s = re.sub(r"\s+", "", text)
-    if len(s) < min_repeats:
-        return False
-    pattern = re.compile(r"(.{1,8}?)\1{%d,}" % (min_repeats - 1), re.DOTALL)
-    covered = sum(len(m.group(0)) for m in pattern.finditer(s))
-    return covered >= coverage * len(s)
-
-
-def classify_language(text, threshold=0.8):
-    """'en', 'zh', 'mixed' or 'none' for a response (truncated at the next example).
-
-    none: no letters at all, or degenerate repetition. Otherwise the share of CJK characters among
-    CJK characters plus Latin letters decides: >= threshold zh, <= 1 - threshold en, else mixed.
-    """
-    response = truncate_response(text)
-    cjk, latin = len(_CJK.findall(response)), len(_LATIN.findall(response))
-    if cjk + latin == 0 or is_degenerate(response):
-        return "none"
-    share = cjk / (cjk + latin)
-    if share >= threshold:
-        return "zh"
-    if share <= 1 - threshold:
-        return "en"
-    return "mixed"
-
-
-def answers_equal(a, b, tol=1e-6):
-    return a is not None and b is not None and math.isclose(a, b, rel_tol=tol, abs_tol=tol)
-
-
-# ----------------------------------------------------------------------------------------------
-# Run bookkeeping
-
-def prepare_out_dir(out, overwrite=False):
-    """Create `out`; refuse (UsageError) to reuse a non-empty folder unless overwrite is set."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"{out} already holds results; pass --out NEW_DIR or --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _git_commit():
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def run_config(args, model=None, **extra):
-    """Everything needed to trace a result to the command that made it."""
-    import transformers
-    config = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "git_commit": _git_commit(),
-              "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                           "transformers": transformers.__version__, "numpy": np.__version__}}
-    if model is not None:
-        param = next(model.parameters())
-        config["model"] = {"name_or_path": getattr(model, "name_or_path_for_results", None),
-                           "revision": getattr(model.config, "_commit_hash", None),
-                           "dtype": str(param.dtype).replace("torch.", ""),
-                           "device": str(param.device),
-                           "device_name": (torch.cuda.get_device_name(param.device)
-                                           if param.device.type == "cuda" else platform.processor()
-                                           or platform.machine()),
-                           "num_layers": num_layers(model), "hidden_size": hidden_size(model)}
-    config.update(extra)
-    return config
-
-
-def write_json(path, obj):
-    Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n",
-                          encoding="utf-8")
-
-
 def model_fingerprint(model):
     """A short hash of the model's identity (name, config, dtype and a checksum of its weights)
     for cache keys: another checkpoint at the same path, or another seed, never reuses a cache."""
@@ -882,47 +637,6 @@ def extract_activations(model, tokenizer, texts, layers, pool="mean", drop_first
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Problem sets and command-line plumbing shared by the scripts
-
-def read_mgsm(path_en, path_zh):
-    """MGSM's layout: two TSV files (question, answer; no header), row i of each the same problem.
-
-    Returns pairs like prompts.json's: id, category ("mgsm"), en, zh, answer (thousands separators
-    stripped). Files of different lengths or with disagreeing answers are a UsageError.
-    """
-    import csv
-    rows = {}
-    for lang, path in (("en", path_en), ("zh", path_zh)):
-        path = Path(path)
-        if not path.is_file():
-            raise UsageError(f"MGSM file {path} does not exist; pass --prompts-{lang} FILE")
-        with path.open(encoding="utf-8", newline="") as f:
-            rows[lang] = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
-        bad = [i for i, r in enumerate(rows[lang]) if len(r) != 2]
-        if bad:
-            raise UsageError(f"MGSM file {path}: row {bad[0]} does not have two tab-separated "
-                             f"columns (question, answer)")
-    if len(rows["en"]) != len(rows["zh"]):
-        raise UsageError(f"MGSM files have different lengths ({len(rows['en'])} en, "
-                         f"{len(rows['zh'])} zh); pass the two files of one release")
-    if not rows["en"]:
-        raise UsageError("MGSM files are empty")
-    pairs = []
-    for i, ((q_en, a_en), (q_zh, a_zh)) in enumerate(zip(rows["en"], rows["zh"])):
-        try:
-            answer_en, answer_zh = _to_number(a_en.strip()), _to_number(a_zh.strip())
-        except ValueError:
-            raise UsageError(f"MGSM row {i}: answer {a_en!r} / {a_zh!r} is not a number") from None
-        if answer_en != answer_zh:
-            raise UsageError(f"MGSM row {i}: the en and zh answers differ ({a_en} vs {a_zh}); "
-                             f"the files are not aligned")
-        answer = int(answer_en) if float(answer_en).is_integer() else answer_en
-        pairs.append({"id": f"mgsm-{i:03d}", "category": "mgsm", "en": q_en, "zh": q_zh,
-                      "answer": answer})
-    return pairs
-
-
 def add_common_args(parser, out_default):
     """Flags every script takes, with the same names and defaults everywhere."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
@@ -941,15 +655,6 @@ def add_common_args(parser, out_default):
     return parser
 
 
-def add_pairs_args(parser):
-    parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS,
-                        help="prompts.json-style file (default: prompts.json)")
-    parser.add_argument("--prompts-en", type=Path, default=None,
-                        help="MGSM-style English TSV (with --prompts-zh; replaces --prompts)")
-    parser.add_argument("--prompts-zh", type=Path, default=None)
-    parser.add_argument("--limit", type=int, default=None, help="use the first N pairs")
-    return parser
-
 
 def add_activation_args(parser):
     """Flags of the scripts that read the shared activation extraction (B and D)."""
@@ -964,47 +669,3 @@ def add_activation_args(parser):
     return parser
 
 
-def load_pairs(args):
-    """The zh/en pairs the flags name (prompts.json or MGSM), cut to --limit."""
-    if (args.prompts_en is None) != (args.prompts_zh is None):
-        raise UsageError("pass both --prompts-en and --prompts-zh, or neither")
-    if args.prompts_en is not None:
-        pairs = read_mgsm(args.prompts_en, args.prompts_zh)
-    else:
-        pairs = load_prompts(args.prompts)["pairs"]
-    if args.limit is not None:
-        if not 1 <= args.limit <= len(pairs):
-            raise UsageError(f"--limit {args.limit} is out of range: there are {len(pairs)} pairs; "
-                             f"pass --limit between 1 and {len(pairs)}")
-        pairs = pairs[:args.limit]
-    return pairs
-
-
-def save_figure(fig, path, dpi=120):
-    """Lay out, write and close a matplotlib figure (closing frees it in long runs)."""
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
-
-
-def figure_path(args, name):
-    """figures/<out folder name>_<name>.png: runs into different --out folders never collide."""
-    Path(args.figures).mkdir(parents=True, exist_ok=True)
-    return Path(args.figures) / f"{Path(args.out).name}_{name}.png"
-
-
-def write_csv(frame, path, append=False):
-    """Write (or append to) a CSV that load_csv reads back exactly. Every string is quoted:
-    pandas leaves a lone carriage return unquoted, which splits a generated text over two lines."""
-    import csv
-    path = Path(path)
-    frame.to_csv(path, mode="a" if append else "w", header=not (append and path.exists()),
-                 index=False, quoting=csv.QUOTE_NONNUMERIC)
-
-
-def load_csv(path):
-    """Read a CSV written by write_csv; empty fields are NaN, the text "none" stays a string."""
-    import pandas as pd
-    return pd.read_csv(path, keep_default_na=False, na_values=[""])

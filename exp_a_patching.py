@@ -28,6 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 import common
+import problems
+import runs
 
 CONDITIONS = ["none", "z", "zperp", "full"]
 RANDOM_CONDITIONS = ["rand_z", "rand_zperp"]
@@ -48,7 +50,7 @@ def derangement(answers, seed):
         perm = rng.permutation(n)
         if np.any(perm == np.arange(n)):
             continue
-        clashes = sum(common.answers_equal(answers[i], answers[j]) for i, j in enumerate(perm))
+        clashes = sum(problems.answers_equal(answers[i], answers[j]) for i, j in enumerate(perm))
         if best is None or clashes < best_clashes:
             best, best_clashes = perm, clashes
         if clashes == 0:
@@ -193,17 +195,17 @@ def decode_batch(model, tokenizer, batch, layer, bases, zh_means, ot_sources, pa
     rows = common.select_prefill(prefill, [j[0] for j in batch])
     patch = make_patch(batch, layer, bases, zh_means, ot_sources, rows["input_ids"].shape[1],
                        common.hidden_size(model)).to(rows["input_ids"].device)
-    reference = [common.answer_continuation(tokenizer, pairs[j[0]]["answer"], "en") for j in batch]
-    partner = [common.answer_continuation(tokenizer, pairs[swap_of[j[0]]]["answer"], "en")
+    reference = [problems.answer_continuation(tokenizer, pairs[j[0]]["answer"], "en") for j in batch]
+    partner = [problems.answer_continuation(tokenizer, pairs[swap_of[j[0]]]["answer"], "en")
                for j in batch]
     out = common.generate_and_score(model, rows["input_ids"], rows["attention_mask"],
                                     max_new_tokens, patch, stop_ids, score=[reference, partner],
                                     prefill=rows)
     results = []
     for b, job in enumerate(batch):
-        text = common.decode_response(tokenizer, out["tokens"][b], stop_ids)
-        results.append({"job": job, "output": text, "answer": common.extract_answer(text),
-                        "language": common.classify_language(text),
+        text = problems.decode_response(tokenizer, out["tokens"][b], stop_ids)
+        results.append({"job": job, "output": text, "answer": problems.extract_answer(text),
+                        "language": problems.classify_language(text),
                         "logp_ref": float(out["scores"][0][b]),
                         "logp_swap": float(out["scores"][1][b])})
     return results
@@ -214,7 +216,7 @@ def decode_jobs(model, tokenizer, jobs, layer, bases, zh_means, ot_sources, pair
     """Decode every job in batches sorted by prompt length (OT jobs apart, since only they need a
     per-token source); halve the batch when the GPU runs out of memory. prefill: the English
     prompts' common.shared_prefill at `layer`."""
-    stop_ids = common.stop_token_ids(tokenizer)
+    stop_ids = problems.stop_token_ids(tokenizer)
     length = prefill["attention_mask"].sum(1).tolist()
     jobs = sorted(jobs, key=lambda j: (j[5] == "ot", length[j[0]], j))
     batch_size, start = args.batch_size, 0
@@ -239,7 +241,7 @@ def decode_jobs(model, tokenizer, jobs, layer, bases, zh_means, ot_sources, pair
 
 def prompt_texts(pairs, templates, lang):
     """Templated prompts and the character span of each question inside them."""
-    filled = [common.format_prompt(templates[lang], p[lang]) for p in pairs]
+    filled = [problems.format_prompt(templates[lang], p[lang]) for p in pairs]
     return [t for t, _ in filled], [s for _, s in filled]
 
 
@@ -312,7 +314,7 @@ def save_generations(path, results, pairs):
     """Append decoded jobs to generations.csv as they finish, so a crash loses at most a batch."""
     frame = pd.DataFrame([dict(zip(JOB_FIELDS, r["job"]), problem_id=pairs[r["job"][0]]["id"],
                                **{k: v for k, v in r.items() if k != "job"}) for r in results])
-    common.write_csv(frame, path, append=True)
+    runs.write_csv(frame, path, append=True)
 
 
 def table_rows(rows, generations, pairs):
@@ -322,9 +324,9 @@ def table_rows(rows, generations, pairs):
         g = generations[r["job"]]
         none = generations[job_key(r["problem"], -1, "none", 0, "-", "-", r["problem"], -1)]
         own, src = pairs[r["problem"]], pairs[r["source_problem"]]
-        unchanged = (g["answer"] is None and none["answer"] is None) or common.answers_equal(
+        unchanged = (g["answer"] is None and none["answer"] is None) or problems.answers_equal(
             g["answer"], none["answer"])
-        if r["pair"] == "swap" and common.answers_equal(g["answer"], float(src["answer"])):
+        if r["pair"] == "swap" and problems.answers_equal(g["answer"], float(src["answer"])):
             outcome = "transferred"
         else:
             outcome = "kept" if unchanged else "broken"
@@ -333,7 +335,7 @@ def table_rows(rows, generations, pairs):
             positions=r["positions"], source=r["source"], condition=r["condition"],
             draw=r["draw"], pair=r["pair"], source_id=src["id"], output=g["output"],
             answer=g["answer"], reference=float(own["answer"]), source_answer=float(src["answer"]),
-            correct=common.answers_equal(g["answer"], float(own["answer"])),
+            correct=problems.answers_equal(g["answer"], float(own["answer"])),
             answer_changed=not unchanged, language=g["language"],
             language_changed=g["language"] != none["language"], outcome=outcome,
             logp_ref=g["logp_ref"], logp_swap=g["logp_swap"],
@@ -557,7 +559,7 @@ def render_patching_table(frame):
         row = [pid]
         for c in CONDITIONS:
             r = cells[c].loc[pid]
-            answer = "-" if pd.isna(r.answer) else common.format_number(r.answer)
+            answer = "-" if pd.isna(r.answer) else problems.format_number(r.answer)
             row.append(f"{_cell(r.output)} **[{answer}, {r.language}]**")
         lines.append("| " + " | ".join(row) + " |")
     return lines
@@ -706,19 +708,19 @@ def plot_figures(out_dir, controls, metrics, figures_dir):
     panel(axes[1], "language_not_en", "output not English (same-problem source)", conds)
     axes[0].set_ylim(0, 1.05)
     axes[1].set_ylim(0, 1.05)
-    common.save_figure(fig, common.figure_path(where, "change_rates"))
+    runs.save_figure(fig, runs.figure_path(where, "change_rates"))
 
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(configs)), 3.5))
     panel(ax, "transferred", "interchange: output takes the source problem's answer", conds)
     ax.set_ylim(0, 1.05)
-    common.save_figure(fig, common.figure_path(where, "transfer_rates"))
+    runs.save_figure(fig, runs.figure_path(where, "transfer_rates"))
 
     fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.4 * len(configs)), 7))
     panel(axes[0], "dlogp_ref", "shift in log p(reference answer) vs no patch", conds)
     panel(axes[1], "dlogp_swap", "shift in log p(source problem's answer), interchange rows", conds)
     for ax in axes:
         ax.axhline(0, color="k", lw=0.5)
-    common.save_figure(fig, common.figure_path(where, "logprob_shift"))
+    runs.save_figure(fig, runs.figure_path(where, "logprob_shift"))
 
 
 def summarize(out_dir, figures_dir):
@@ -727,18 +729,18 @@ def summarize(out_dir, figures_dir):
     import json
     out_dir = Path(out_dir)
     if not (out_dir / "rows.csv").is_file():
-        raise common.UsageError(f"{out_dir} has no rows.csv; run the experiment first or pass the "
+        raise runs.UsageError(f"{out_dir} has no rows.csv; run the experiment first or pass the "
                                 f"folder of a finished run")
-    rows = common.load_csv(out_dir / "rows.csv")
+    rows = runs.load_csv(out_dir / "rows.csv")
     config = json.loads((out_dir / "config.json").read_text()) if (out_dir / "config.json").exists() else {}
     metrics, controls, tests = compute_summary_tables(rows)
     logprob = None
     if (out_dir / "logprob_null.csv").is_file():
-        logprob = logprob_null_tests(rows, common.load_csv(out_dir / "logprob_null.csv"))
-        common.write_csv(logprob, out_dir / "logprob_tests.csv")
-    common.write_csv(metrics, out_dir / "metrics.csv")
-    common.write_csv(controls, out_dir / "controls.csv")
-    common.write_csv(tests, out_dir / "tests.csv")
+        logprob = logprob_null_tests(rows, runs.load_csv(out_dir / "logprob_null.csv"))
+        runs.write_csv(logprob, out_dir / "logprob_tests.csv")
+    runs.write_csv(metrics, out_dir / "metrics.csv")
+    runs.write_csv(controls, out_dir / "controls.csv")
+    runs.write_csv(tests, out_dir / "tests.csv")
     write_summary(out_dir, rows, metrics, controls, tests, config, logprob)
     plot_figures(out_dir, controls, metrics, figures_dir)
     return metrics
@@ -749,17 +751,17 @@ def summarize(out_dir, figures_dir):
 def validate(args):
     """Every check that needs no weights, before anything is loaded or written."""
     if args.n_random < 0 or args.n_random_logprob < 0 or args.batch_size < 1 or args.max_new_tokens < 1:
-        raise common.UsageError("--n-random and --n-random-logprob must be >= 0, --batch-size and "
+        raise runs.UsageError("--n-random and --n-random-logprob must be >= 0, --batch-size and "
                                 "--max-new-tokens >= 1")
     config = common.load_model_config(args.model)
     for layer in args.layer:
         common.check_layer(config, layer)
     for k in args.k:
         common.check_k(config, k)
-    pairs = common.load_pairs(args)
+    pairs = problems.load_pairs(args)
     if len(pairs) < 2:
-        raise common.UsageError("need at least 2 pairs (the interchange source is another problem)")
-    return pairs, common.load_prompts(args.prompts)["templates"]
+        raise runs.UsageError("need at least 2 pairs (the interchange source is another problem)")
+    return pairs, problems.load_prompts(args.prompts)["templates"]
 
 
 def main(args):
@@ -769,14 +771,14 @@ def main(args):
         on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         args.batch_size = 256 if on_gpu else 64
     pairs, templates = validate(args)
-    out = common.prepare_out_dir(args.out, args.overwrite)
+    out = runs.prepare_out_dir(args.out, args.overwrite)
     for stale in ("rows.csv", "generations.csv", "logprob_null.csv"):  # --overwrite: no appending
         (out / stale).unlink(missing_ok=True)
     args.out = out
-    common.set_seed(args.seed)
+    runs.set_seed(args.seed)
     model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
     swap_of = derangement([p["answer"] for p in pairs], args.seed)
-    common.write_json(out / "config.json", common.run_config(
+    runs.write_json(out / "config.json", runs.run_config(
         args, model, templates=templates, n_pairs=len(pairs),
         swap_source={p["id"]: pairs[j]["id"] for p, j in zip(pairs, swap_of)},
         random_basis_seeds="seed * 1000003 + k * 1009 + draw"))
@@ -786,8 +788,8 @@ def main(args):
             model, tokenizer, pairs, templates, layer, args, swap_of, generations,
             save=lambda results: save_generations(out / "generations.csv", results, pairs))
         if null is not None:
-            common.write_csv(null, out / "logprob_null.csv", append=True)
-        common.write_csv(table_rows(rows, generations, pairs), out / "rows.csv", append=True)
+            runs.write_csv(null, out / "logprob_null.csv", append=True)
+        runs.write_csv(table_rows(rows, generations, pairs), out / "rows.csv", append=True)
     metrics = summarize(out, args.figures)
     print(f"wrote {out}/SUMMARY.md")
     print(metrics.drop_duplicates(CONFIG)[CONFIG + ["verdict", "verdict_without_controls"]]
@@ -798,7 +800,7 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(parser, "exp_a")
-    common.add_pairs_args(parser)
+    problems.add_pairs_args(parser)
     parser.add_argument("--layer", type=int, nargs="+", default=[32])
     parser.add_argument("--k", type=int, nargs="+", default=[50])
     parser.add_argument("--positions", nargs="+", choices=["prompt", "all"], default=["prompt"])
@@ -820,4 +822,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_cli(main, parse_args())
+    runs.run_cli(main, parse_args())

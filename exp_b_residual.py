@@ -24,7 +24,9 @@ import pandas as pd
 import torch
 
 import common
-from common import UsageError
+import problems
+import runs
+from runs import UsageError
 
 DEFAULTS = dict(basis_layer=32, k=50, n_random=20, band=(2.5, 97.5))
 LANGS = ("zh", "en")
@@ -34,7 +36,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser, "exp_b")
-    common.add_pairs_args(parser)
+    problems.add_pairs_args(parser)
     parser.add_argument("--basis-layer", type=int, default=DEFAULTS["basis_layer"],
                         help="layer whose Z basis is used for every transition (default: %(default)s)")
     parser.add_argument("--k", type=int, default=DEFAULTS["k"], help="Z dimension (default: %(default)s)")
@@ -279,7 +281,7 @@ def plot_residual_ratio(out_dir, path):
                    "dotted: update into the basis layer")
     ax2.legend(fontsize=8)
     _layer_ticks(ax2, x)
-    common.save_figure(fig, path, dpi=130)
+    runs.save_figure(fig, path, dpi=130)
     return path
 
 
@@ -299,11 +301,11 @@ def print_summary(per_layer, asym):
 
 def main(args):
     if args.replot:
-        return plot_residual_ratio(args.out, common.figure_path(args, "residual_ratio"))
+        return plot_residual_ratio(args.out, runs.figure_path(args, "residual_ratio"))
     config = validate(args)
-    pairs = common.load_pairs(args)
-    out_dir = common.prepare_out_dir(args.out, args.overwrite)
-    common.set_seed(args.seed)
+    pairs = problems.load_pairs(args)
+    out_dir = runs.prepare_out_dir(args.out, args.overwrite)
+    runs.set_seed(args.seed)
     model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
     n_layers, d = common.num_layers(config), common.hidden_size(config)
     basis = common.z_basis(model, args.basis_layer, args.k, fold_norm=args.fold_norm)
@@ -315,17 +317,17 @@ def main(args):
     tables = compute_all(pooled, pairs, basis, args.k, d, args.n_random, args.seed)
     save_tables(out_dir, tables, {"basis_layer": args.basis_layer, "k": args.k, "d": d,
                                   "drop_first": drop_first})
-    common.write_json(out_dir / "config.json", common.run_config(
+    runs.write_json(out_dir / "config.json", runs.run_config(
         args, model, basis_layer=args.basis_layer, k=args.k, d=d, n_layers=n_layers,
         drop_first=drop_first, n_pairs=len(pairs), n_texts=len(texts), n_random=args.n_random,
         random_seeds=random_seeds(args.seed, args.n_random),
         band_percentiles=list(DEFAULTS["band"]), texts="bare questions, zh and en, no template",
         R_chance=float(np.sqrt(args.k / (d - args.k))), energy_chance=args.k / d))
     print_summary(tables["per_layer"], tables["asymmetry"])
-    path = plot_residual_ratio(out_dir, common.figure_path(args, "residual_ratio"))
+    path = plot_residual_ratio(out_dir, runs.figure_path(args, "residual_ratio"))
     print(f"wrote {out_dir} and {path}")
     return tables
 
 
 if __name__ == "__main__":
-    common.run_cli(main, parse_args())
+    runs.run_cli(main, parse_args())

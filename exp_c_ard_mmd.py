@@ -65,10 +65,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import (DEFAULT_CACHE, UsageError, add_common_args, add_pairs_args, check_k,
-                    check_layer, extract_activations, figure_path, hidden_size, load_model,
-                    load_model_config, load_pairs, num_layers, prepare_out_dir, run_cli,
-                    run_config, save_figure, set_seed, write_json, z_basis)
+from common import (DEFAULT_CACHE, add_common_args, check_k, check_layer, extract_activations,
+                    hidden_size, load_model, load_model_config, num_layers, z_basis)
+from problems import add_pairs_args, load_pairs
+from runs import (UsageError, figure_path, prepare_out_dir, run_cli, run_config, save_figure,
+                  set_seed, write_json)
 
 # Defaults (phase3-plan C.5), in one place.
 PLAN_NUM_LAYERS = 36  # Qwen2.5-3B; other depths get the same fractions of depth

@@ -26,7 +26,9 @@ import numpy as np
 import pandas as pd
 
 import common
-from common import UsageError
+import problems
+import runs
+from runs import UsageError
 
 DEFAULTS = dict(layer=32, k=[20, 50], n_shuffles=100, n_folds=10, band=(2.5, 97.5))
 MAPS = ("lstsq", "ridge", "procrustes", "identity", "mean_shift")
@@ -37,7 +39,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser, "exp_d")
-    common.add_pairs_args(parser)
+    problems.add_pairs_args(parser)
     parser.add_argument("--layer", type=int, default=DEFAULTS["layer"],
                         help="layer of the activations and of the Z basis (default: %(default)s)")
     parser.add_argument("--k", type=int, nargs="+", default=DEFAULTS["k"],
@@ -278,7 +280,7 @@ def plot_singular_values(out_dir, path):
         ax.legend(fontsize=8)
     fig.suptitle(f"Spectrum of the zh <- en bridge W (fit on all pairs; layer "
                  f"{int(meta['layer'])}, {_basis_name(meta)} basis)", fontsize=11)
-    common.save_figure(fig, path, dpi=130)
+    runs.save_figure(fig, path, dpi=130)
     return path
 
 
@@ -339,8 +341,8 @@ def plot_heldout_r2(out_dir, path):
 
 
 def plot_all(args):
-    return [plot_singular_values(args.out, common.figure_path(args, "singular_values")),
-            plot_heldout_r2(args.out, common.figure_path(args, "heldout_r2"))]
+    return [plot_singular_values(args.out, runs.figure_path(args, "singular_values")),
+            plot_heldout_r2(args.out, runs.figure_path(args, "heldout_r2"))]
 
 
 def save_tables(out_dir, rows, svs, nulls, extra_columns):
@@ -364,11 +366,11 @@ def main(args):
         return plot_all(args)
     validate(args)
     blas_limited = limit_blas_threads(1)
-    pairs = common.load_pairs(args)
+    pairs = problems.load_pairs(args)
     if len(pairs) < 3:
         raise UsageError(f"{len(pairs)} pairs are too few for held-out fits; pass at least 3")
-    out_dir = common.prepare_out_dir(args.out, args.overwrite)
-    common.set_seed(args.seed)
+    out_dir = runs.prepare_out_dir(args.out, args.overwrite)
+    runs.set_seed(args.seed)
     model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
     drop_first = not args.keep_first_token
     texts = [p["zh"] for p in pairs] + [p["en"] for p in pairs]
@@ -391,7 +393,7 @@ def main(args):
         rows, svs, nulls = rows + r, svs + s, nulls + nl
     save_tables(out_dir, rows, svs, nulls, {"layer": args.layer, "drop_first": drop_first,
                                             "basis": args.basis})
-    common.write_json(out_dir / "config.json", common.run_config(
+    runs.write_json(out_dir / "config.json", runs.run_config(
         args, model, layer=args.layer, k=list(args.k), drop_first=drop_first, n_pairs=n,
         basis=args.basis, maps=list(MAPS), n_shuffles=args.n_shuffles, n_folds=args.n_folds,
         ridge_grid_times_mean_eigenvalue=RIDGE_GRID.tolist(), null_band_percentiles=list(
@@ -405,4 +407,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    common.run_cli(main, parse_args())
+    runs.run_cli(main, parse_args())

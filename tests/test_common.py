@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import common
+import problems
+import runs
 
 
 def per_head_z_basis(model, layer, k):
@@ -184,7 +186,7 @@ def test_scopes_differ_only_from_first_generated_token(tiny):
 def test_continuation_logprob_matches_full_forward(tiny):
     model, tok = tiny
     ids, mask, _ = common.tokenize_left_padded(tok, TEXTS)
-    conts = [common.answer_continuation(tok, a, "en") for a in (12, 8, 1234)]
+    conts = [problems.answer_continuation(tok, a, "en") for a in (12, 8, 1234)]
     patch = _conditions(model, 3)
     got = common.continuation_logprob(model, ids, mask, conts, patch)
     for row, text in enumerate(TEXTS):
@@ -224,7 +226,7 @@ def test_mean_pool_excludes_padding(tiny):
 
 def test_question_span_mask():
     tok = common.tiny_tokenizer()
-    text, span = common.format_prompt("Q: {question}\nA:", "Tom has 3 apples.")
+    text, span = problems.format_prompt("Q: {question}\nA:", "Tom has 3 apples.")
     assert text[span[0]:span[1]] == "Tom has 3 apples."
     ids, mask, span_mask = common.tokenize_left_padded(tok, [text, "x"], [span, (0, 1)])
     covered = tok.decode(ids[0][span_mask[0]])
@@ -239,7 +241,7 @@ def test_question_span_mask():
     (" 6 * 7 + 9 * 3 = 42 + 27 = 69. The answer is 69.", 69),
 ])
 def test_extract_answer(text, answer):
-    got = common.extract_answer(text)
+    got = problems.extract_answer(text)
     assert (got is None and answer is None) or abs(got - answer) < 1e-9
 
 
@@ -250,14 +252,14 @@ def test_extract_answer(text, answer):
     ("苹果s left, so 12 are left over", "en"), ("", "none"),
 ])
 def test_classify_language(text, language):
-    assert common.classify_language(text) == language
+    assert problems.classify_language(text) == language
 
 
 def test_decode_response_cuts_at_stop_token(tiny):
     _, tok = tiny
     ids = tok(" 42. The answer is 42.", add_special_tokens=False)["input_ids"]
-    stop = common.stop_token_ids(tok)
-    assert common.decode_response(tok, ids + [tok.eos_token_id] + ids, stop) == " 42. The answer is 42."
+    stop = problems.stop_token_ids(tok)
+    assert problems.decode_response(tok, ids + [tok.eos_token_id] + ids, stop) == " 42. The answer is 42."
 
 
 def _write(tmp_path, obj):
@@ -281,40 +283,40 @@ GOOD = {"templates": {"en": "Q: {question}\nA:", "zh": "问：{question}\n答：
 def test_load_prompts_rejects_bad_files(tmp_path, mutate, message):
     data = json.loads(json.dumps(GOOD))
     mutate(data)
-    with pytest.raises(common.UsageError, match=message):
-        common.load_prompts(_write(tmp_path, data))
+    with pytest.raises(runs.UsageError, match=message):
+        problems.load_prompts(_write(tmp_path, data))
 
 
 def test_load_prompts_missing_and_malformed(tmp_path):
-    with pytest.raises(common.UsageError, match="does not exist"):
-        common.load_prompts(tmp_path / "nope.json")
-    with pytest.raises(common.UsageError, match="not valid JSON"):
-        common.load_prompts(_write(tmp_path, "{"))
-    assert common.load_prompts(_write(tmp_path, GOOD))["pairs"][0]["id"] == "a"
+    with pytest.raises(runs.UsageError, match="does not exist"):
+        problems.load_prompts(tmp_path / "nope.json")
+    with pytest.raises(runs.UsageError, match="not valid JSON"):
+        problems.load_prompts(_write(tmp_path, "{"))
+    assert problems.load_prompts(_write(tmp_path, GOOD))["pairs"][0]["id"] == "a"
 
 
 def test_bad_layer_k_and_missing_model(tiny, tmp_path):
     model, _ = tiny
-    with pytest.raises(common.UsageError, match="layers 0..3"):
+    with pytest.raises(runs.UsageError, match="layers 0..3"):
         common.check_layer(model, 4)
-    with pytest.raises(common.UsageError, match="--k between 1 and 64"):
+    with pytest.raises(runs.UsageError, match="--k between 1 and 64"):
         common.check_k(model, 0)
-    with pytest.raises(common.UsageError, match="--k between 1 and 64"):
+    with pytest.raises(runs.UsageError, match="--k between 1 and 64"):
         common.check_k(model, 65)
-    with pytest.raises(common.UsageError, match="--model PATH"):
+    with pytest.raises(runs.UsageError, match="--model PATH"):
         common.load_model_config(str(tmp_path / "no-such-model"))
 
 
 def test_repo_prompts_are_valid_and_answers_computed_independently():
-    data = common.load_prompts(common.DEFAULT_PROMPTS)
+    data = problems.load_prompts(problems.DEFAULT_PROMPTS)
     pairs = data["pairs"]
     assert len(pairs) >= 40 and len({p["category"] for p in pairs}) >= 10
     for p in pairs:
         assert eval(p["expr"], {"__builtins__": {}}) == p["answer"], p["id"]  # noqa: S307
-        assert common._CJK.search(p["zh"]) and not common._CJK.search(p["en"])
+        assert problems._CJK.search(p["zh"]) and not problems._CJK.search(p["en"])
     for lang in ("en", "zh"):  # the template's worked examples parse to their stated answers
         demo = data["templates"][lang].split("{question}")[0]
-        assert common.extract_answer(demo.split("\n")[1]) is not None
+        assert problems.extract_answer(demo.split("\n")[1]) is not None
 
 
 def test_shared_prefill_gives_the_same_decodes_as_a_full_prompt_pass(tiny):
@@ -325,7 +327,7 @@ def test_shared_prefill_gives_the_same_decodes_as_a_full_prompt_pass(tiny):
     rows = [3, 0, 0, 2, 1]  # repeats: several conditions of one prompt share its prefill
     selected = common.select_prefill(prefill, rows)
     patch = _conditions(model, len(rows))
-    conts = [common.answer_continuation(tok, a, "en") for a in (12, 8, 1234, 5, 77)]
+    conts = [problems.answer_continuation(tok, a, "en") for a in (12, 8, 1234, 5, 77)]
     fast = common.generate_and_score(model, selected["input_ids"], selected["attention_mask"], 8,
                                      patch, score=[conts], return_logits=True, prefill=selected)
     full_ids, full_mask, _ = common.tokenize_left_padded(tok, [texts[r] for r in rows])

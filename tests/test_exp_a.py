@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import common
+import problems
+import runs
 import exp_a_patching as A
 
 
@@ -153,7 +155,7 @@ def test_main_end_to_end_and_summary_rebuilds_without_model(tmp_path, monkeypatc
         assert (out / name).is_file(), name
     for name in ("change_rates", "transfer_rates", "logprob_shift"):
         assert (figures / f"exp_a_{name}.png").is_file()
-    rows = common.load_csv(out / "rows.csv")
+    rows = runs.load_csv(out / "rows.csv")
     # 4 problems x 2 layers x 1 k x 2 positions x 2 sources x (none + 2*(3 + 2*2) swap/same rows)
     assert len(rows) == 4 * 2 * 2 * 2 * (1 + 2 * (3 + 2 * 2))
     none = rows[rows.condition == "none"]
@@ -163,7 +165,7 @@ def test_main_end_to_end_and_summary_rebuilds_without_model(tmp_path, monkeypatc
     assert config["model"]["name_or_path"] == "tiny-random" and config["args"]["k"] == [4]
     summary = (out / "SUMMARY.md").read_text()
     assert "Verdict:" in summary and "| layer | k |" in summary
-    null = common.load_csv(out / "logprob_null.csv")
+    null = runs.load_csv(out / "logprob_null.csv")
     # 4 problems x 2 layers x 2 positions x 2 sources x 2 random conditions x 3 draws
     assert len(null) == 4 * 2 * 2 * 2 * 2 * 3
     # the first draws are the decoded random subspaces: scoring alone gives their decode's score
@@ -171,7 +173,7 @@ def test_main_end_to_end_and_summary_rebuilds_without_model(tmp_path, monkeypatc
     merged = decoded.merge(null[(null.condition == "rand_z") & (null.draw == 0)],
                            on=["problem_id", "layer", "k", "positions", "source"])
     assert len(merged) == len(decoded) and np.allclose(merged.logp_ref_x, merged.logp_ref_y, atol=1e-4)
-    lp = common.load_csv(out / "logprob_tests.csv")
+    lp = runs.load_csv(out / "logprob_tests.csv")
     assert ((lp.p_two_sided > 0) & (lp.p_two_sided <= 1)).all() and (lp.null_draws == 3).all()
     assert "against 3 random subspaces" in summary
 
@@ -181,12 +183,12 @@ def test_main_end_to_end_and_summary_rebuilds_without_model(tmp_path, monkeypatc
     (out / "SUMMARY.md").unlink()
     A.main(A.parse_args(["--summarize", str(out), "--figures", str(figures)]))
     assert (out / "SUMMARY.md").read_text() == summary
-    with pytest.raises(common.UsageError, match="already holds results"):  # no silent overwrite
+    with pytest.raises(runs.UsageError, match="already holds results"):  # no silent overwrite
         A.main(A.parse_args(ARGS + ["--out", str(out), "--figures", str(figures)]))
 
 
 def _prompts(tmp_path, mutate):
-    data = json.loads(common.DEFAULT_PROMPTS.read_text(encoding="utf-8"))
+    data = json.loads(problems.DEFAULT_PROMPTS.read_text(encoding="utf-8"))
     mutate(data)
     path = tmp_path / "prompts.json"
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
@@ -210,7 +212,7 @@ def test_bad_input_errors_and_writes_nothing(tmp_path, extra, message):
         extra = ["--prompts", _prompts(tmp_path, mutations[extra])]
     out = tmp_path / "out"
     argv = ["--model", "tiny-random", "--layer", "2", "--out", str(out), "--figures", str(tmp_path / "f")]
-    with pytest.raises(common.UsageError, match=message):
+    with pytest.raises(runs.UsageError, match=message):
         A.main(A.parse_args(argv + extra))
     assert not out.exists() and not (tmp_path / "f").exists()
 
@@ -220,7 +222,7 @@ def test_cli_exit_status_two_and_offline_model_message(tmp_path):
     import os
     env = dict(os.environ, **env)
     result = subprocess.run(
-        [sys.executable, str(common.REPO / "exp_a_patching.py"), "--model",
+        [sys.executable, str(runs.REPO / "exp_a_patching.py"), "--model",
          "no-such-org/no-such-model", "--out", str(tmp_path / "out")],
         capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2

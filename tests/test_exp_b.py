@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import common
+import problems
+import runs
 import exp_b_residual as eb
 
 EN = ["Tom has {a} apples and buys {b} more. How many apples does he have?",
@@ -154,7 +156,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra):
     if extra[0] == "--prompts":
         args.prompts = tmp_path / "missing.json"
     with pytest.raises(SystemExit) as exit_info:
-        common.run_cli(eb.main, args)
+        runs.run_cli(eb.main, args)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
@@ -184,7 +186,7 @@ def test_main_end_to_end(tiny, tmp_path, monkeypatch):
 
     # the saved R of one text and transition, recomputed from the pooled outputs directly
     model, tokenizer = tiny
-    pairs = common.load_prompts(args.prompts)["pairs"]
+    pairs = problems.load_prompts(args.prompts)["pairs"]
     pooled = common.extract_activations(model, tokenizer, [pairs[1]["en"]], [0, 1],
                                         cache_dir=None)[0]
     coords = (pooled[1] - pooled[0]).double() @ common.z_basis(model, 2, 4).double().T
@@ -229,5 +231,5 @@ def test_existing_results_are_not_overwritten(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(common, "load_model", lambda *a, **k: tiny)
     eb.main(cli(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
-        common.run_cli(eb.main, cli(tmp_path))
+        runs.run_cli(eb.main, cli(tmp_path))
     assert exit_info.value.code == 2

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import common
+import problems
+import runs
 import exp_c_ard_mmd as C
 
 @pytest.fixture(autouse=True, scope="module")
@@ -180,7 +182,7 @@ def test_layers_scale_to_the_same_fraction_of_depth():
 
 @pytest.fixture
 def prompts_file(tmp_path):
-    pairs = json.loads(common.DEFAULT_PROMPTS.read_text(encoding="utf-8"))["pairs"][:8]
+    pairs = json.loads(problems.DEFAULT_PROMPTS.read_text(encoding="utf-8"))["pairs"][:8]
     path = tmp_path / "prompts.json"
     path.write_text(json.dumps({"templates": {"en": "Q: {question}", "zh": "问：{question}"},
                                 "pairs": pairs}, ensure_ascii=False), encoding="utf-8")
@@ -197,7 +199,7 @@ def _argv(tmp_path, prompts_file, *extra):
                                  ["--k", "65"]])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, prompts_file, bad, capsys):
     with pytest.raises(SystemExit) as exc:
-        common.run_cli(C.main, C.parse_args(_argv(tmp_path, prompts_file, *bad)))
+        runs.run_cli(C.main, C.parse_args(_argv(tmp_path, prompts_file, *bad)))
     assert exc.value.code == 2
     assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "fig").exists()

@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 
 import common
+import problems
+import runs
 import exp_d_bridge as ed
 
 FITTED = ("lstsq", "ridge", "procrustes")
@@ -134,15 +136,15 @@ def write_mgsm(tmp_path, n, en_extra=(), answers=None):
 
 def test_read_mgsm_handles_thousands_separators(tmp_path):
     en, zh = write_mgsm(tmp_path, 3, answers=["1,000", "12", "2,500,000"])
-    pairs = common.read_mgsm(en, zh)
+    pairs = problems.read_mgsm(en, zh)
     assert [p["answer"] for p in pairs] == [1000, 12, 2500000]
     assert pairs[1]["zh"].startswith("小明有3个") and pairs[1]["en"].startswith("Tom has 3")
 
 
 def test_read_mgsm_rejects_files_of_different_lengths(tmp_path):
     en, zh = write_mgsm(tmp_path, 3, en_extra=["One more question?\t5"])
-    with pytest.raises(common.UsageError, match="different lengths"):
-        common.read_mgsm(en, zh)
+    with pytest.raises(runs.UsageError, match="different lengths"):
+        problems.read_mgsm(en, zh)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +171,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra):
         (tmp_path / "short.tsv").write_text("Only one?\t2\n", encoding="utf-8")
         args.prompts_en = tmp_path / "short.tsv"
     with pytest.raises(SystemExit) as exit_info:
-        common.run_cli(ed.main, args)
+        runs.run_cli(ed.main, args)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
@@ -195,7 +197,7 @@ def test_main_end_to_end(tiny, tmp_path, capsys, monkeypatch):
 
     # identity: the saved R^2 equals one recomputed from the activations and the basis directly
     model, tokenizer = tiny
-    pairs = common.read_mgsm(tmp_path / "en.tsv", tmp_path / "zh.tsv")
+    pairs = problems.read_mgsm(tmp_path / "en.tsv", tmp_path / "zh.tsv")
     pooled = common.extract_activations(model, tokenizer, [p["zh"] for p in pairs]
                                         + [p["en"] for p in pairs], [2], cache_dir=None)[:, 0]
     coords = pooled.double().numpy() @ common.z_basis(model, 2, 4).double().numpy().T

@@ -1,0 +1,248 @@
+"""The problems: prompts.json and MGSM readers, templates, the reference answer's tokens, and
+parsing of the model's answer and language. Imports only runs.py.
+"""
+import json
+import math
+import re
+from pathlib import Path
+
+from runs import REPO, UsageError
+
+DEFAULT_PROMPTS = REPO / "prompts.json"
+
+
+_PAIR_FIELDS = {"id": str, "category": str, "en": str, "zh": str, "answer": (int, float)}
+
+
+def load_prompts(path=DEFAULT_PROMPTS):
+    """Read and validate a prompts file: {"templates": {"en", "zh"}, "pairs": [...]}.
+
+    Each pair has id, category, en, zh (str) and answer (number); ids are unique. Any problem is a
+    UsageError naming the fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"prompts file {path} does not exist; pass --prompts FILE")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"prompts file {path} is not valid JSON ({err}); fix the file") from None
+    if not isinstance(data, dict) or not isinstance(data.get("pairs"), list):
+        raise UsageError(f"prompts file {path} needs a top-level object with a \"pairs\" list")
+    templates = data.get("templates")
+    if not (isinstance(templates, dict) and all(
+            isinstance(templates.get(lang), str) and "{question}" in templates[lang]
+            for lang in ("en", "zh"))):
+        raise UsageError(f"prompts file {path} needs \"templates\" with \"en\" and \"zh\" strings "
+                         f"that contain {{question}}")
+    pairs = data["pairs"]
+    if not pairs:
+        raise UsageError(f"prompts file {path} has no pairs; add at least one zh/en pair")
+    seen = set()
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, dict):
+            raise UsageError(f"prompts file {path}: pair {i} is not an object")
+        for field, kind in _PAIR_FIELDS.items():
+            if field not in pair:
+                raise UsageError(f"prompts file {path}: pair {i} has no \"{field}\"; add it")
+            if not isinstance(pair[field], kind) or isinstance(pair[field], bool):
+                raise UsageError(f"prompts file {path}: pair {i} field \"{field}\" has the wrong "
+                                 f"type ({type(pair[field]).__name__})")
+        if pair["id"] in seen:
+            raise UsageError(f"prompts file {path}: duplicate id {pair['id']!r}; ids must be unique")
+        seen.add(pair["id"])
+    return {"templates": templates, "pairs": pairs}
+
+
+def format_prompt(template, question):
+    """Fill the template; returns (text, (start, end)) with the question's character span."""
+    start = template.index("{question}")
+    text = template.replace("{question}", question, 1)
+    return text, (start, start + len(question))
+
+
+def decode_response(tokenizer, tokens, stop_ids=()):
+    """Text of one generated row up to (not including) its first stop token."""
+    tokens = [int(x) for x in tokens]
+    for i, tok in enumerate(tokens):
+        if tok in stop_ids:
+            tokens = tokens[:i]
+            break
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def stop_token_ids(tokenizer):
+    """Tokens that end a response: EOS (and the chat end token, when the tokenizer has it) and a
+    lone blank line, which the template uses between examples."""
+    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    ids.update(tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")
+               if t in tokenizer.get_vocab())
+    blank = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    if len(blank) == 1:
+        ids.add(blank[0])
+    return sorted(i for i in ids if i is not None)
+
+
+def answer_continuation(tokenizer, answer, lang):
+    """Token ids of the reference answer as the model would write it right after the template."""
+    text = (" " if lang == "en" else "") + format_number(answer)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def format_number(value):
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Answer and language parsing
+
+_NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?"
+_FINAL = [
+    r"\\boxed\{\s*(" + _NUMBER + r")\s*\}",
+    r"(?:answer|result|total)\s*(?:is|=|:)\s*\$?\s*(" + _NUMBER + r")",
+    r"答案\s*(?:是|为|：|:)\s*(" + _NUMBER + r")",
+]
+_STOP_MARKERS = ("\n\n", "\nQuestion:", "\n问题：", "Question:", "问题：")
+
+
+def truncate_response(text):
+    """The model's answer to this prompt: text up to where it starts writing a new example."""
+    cut = len(text)
+    for marker in _STOP_MARKERS:
+        at = text.find(marker, 1)
+        if at != -1:
+            cut = min(cut, at)
+    return text[:cut]
+
+
+def _to_number(token):
+    token = token.replace(",", "").replace(" ", "")
+    if "/" in token:
+        num, den = token.split("/")
+        return float(num) / float(den) if float(den) != 0 else None
+    return float(token)
+
+
+def extract_answer(text):
+    """The model's final stated answer as a float, or None.
+
+    Looks, in order, for the last \\boxed{...}, the last "answer is N" / "答案是N", and otherwise
+    the last number in the response (after truncate_response). Handles negatives, decimals,
+    fractions and thousands separators.
+    """
+    response = truncate_response(text)
+    for pattern in _FINAL:
+        found = re.findall(pattern, response, flags=re.IGNORECASE)
+        if found:
+            return _to_number(found[-1])
+    numbers = re.findall(_NUMBER, response)
+    return _to_number(numbers[-1]) if numbers else None
+
+
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN = re.compile(r"[A-Za-z]")
+
+
+def is_degenerate(text, min_repeats=3, coverage=0.8):
+    """True for repetition such as "0000..." or "苹果苹果苹果": one unit of at most 8 characters
+    repeated back to back over `coverage` of the (whitespace-free) text."""
+    s = re.sub(r"\s+", "", text)
+    if len(s) < min_repeats:
+        return False
+    pattern = re.compile(r"(.{1,8}?)\1{%d,}" % (min_repeats - 1), re.DOTALL)
+    covered = sum(len(m.group(0)) for m in pattern.finditer(s))
+    return covered >= coverage * len(s)
+
+
+def classify_language(text, threshold=0.8):
+    """'en', 'zh', 'mixed' or 'none' for a response (truncated at the next example).
+
+    none: no letters at all, or degenerate repetition. Otherwise the share of CJK characters among
+    CJK characters plus Latin letters decides: >= threshold zh, <= 1 - threshold en, else mixed.
+    """
+    response = truncate_response(text)
+    cjk, latin = len(_CJK.findall(response)), len(_LATIN.findall(response))
+    if cjk + latin == 0 or is_degenerate(response):
+        return "none"
+    share = cjk / (cjk + latin)
+    if share >= threshold:
+        return "zh"
+    if share <= 1 - threshold:
+        return "en"
+    return "mixed"
+
+
+def answers_equal(a, b, tol=1e-6):
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=tol, abs_tol=tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# Problem sets and command-line plumbing shared by the scripts
+
+def read_mgsm(path_en, path_zh):
+    """MGSM's layout: two TSV files (question, answer; no header), row i of each the same problem.
+
+    Returns pairs like prompts.json's: id, category ("mgsm"), en, zh, answer (thousands separators
+    stripped). Files of different lengths or with disagreeing answers are a UsageError.
+    """
+    import csv
+    rows = {}
+    for lang, path in (("en", path_en), ("zh", path_zh)):
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"MGSM file {path} does not exist; pass --prompts-{lang} FILE")
+        with path.open(encoding="utf-8", newline="") as f:
+            rows[lang] = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
+        bad = [i for i, r in enumerate(rows[lang]) if len(r) != 2]
+        if bad:
+            raise UsageError(f"MGSM file {path}: row {bad[0]} does not have two tab-separated "
+                             f"columns (question, answer)")
+    if len(rows["en"]) != len(rows["zh"]):
+        raise UsageError(f"MGSM files have different lengths ({len(rows['en'])} en, "
+                         f"{len(rows['zh'])} zh); pass the two files of one release")
+    if not rows["en"]:
+        raise UsageError("MGSM files are empty")
+    pairs = []
+    for i, ((q_en, a_en), (q_zh, a_zh)) in enumerate(zip(rows["en"], rows["zh"])):
+        try:
+            answer_en, answer_zh = _to_number(a_en.strip()), _to_number(a_zh.strip())
+        except ValueError:
+            raise UsageError(f"MGSM row {i}: answer {a_en!r} / {a_zh!r} is not a number") from None
+        if answer_en != answer_zh:
+            raise UsageError(f"MGSM row {i}: the en and zh answers differ ({a_en} vs {a_zh}); "
+                             f"the files are not aligned")
+        answer = int(answer_en) if float(answer_en).is_integer() else answer_en
+        pairs.append({"id": f"mgsm-{i:03d}", "category": "mgsm", "en": q_en, "zh": q_zh,
+                      "answer": answer})
+    return pairs
+
+
+
+def add_pairs_args(parser):
+    parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS,
+                        help="prompts.json-style file (default: prompts.json)")
+    parser.add_argument("--prompts-en", type=Path, default=None,
+                        help="MGSM-style English TSV (with --prompts-zh; replaces --prompts)")
+    parser.add_argument("--prompts-zh", type=Path, default=None)
+    parser.add_argument("--limit", type=int, default=None, help="use the first N pairs")
+    return parser
+
+
+
+def load_pairs(args):
+    """The zh/en pairs the flags name (prompts.json or MGSM), cut to --limit."""
+    if (args.prompts_en is None) != (args.prompts_zh is None):
+        raise UsageError("pass both --prompts-en and --prompts-zh, or neither")
+    if args.prompts_en is not None:
+        pairs = read_mgsm(args.prompts_en, args.prompts_zh)
+    else:
+        pairs = load_prompts(args.prompts)["pairs"]
+    if args.limit is not None:
+        if not 1 <= args.limit <= len(pairs):
+            raise UsageError(f"--limit {args.limit} is out of range: there are {len(pairs)} pairs; "
+                             f"pass --limit between 1 and {len(pairs)}")
+        pairs = pairs[:args.limit]
+    return pairs
+
+
