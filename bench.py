@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 import common
+import decoding
 import problems
 import runs
 import exp_a_patching as A
@@ -134,7 +135,7 @@ def _one_at_a_time(model, tokenizer, pairs, templates, layer, args, swap_of, job
                                  common.hidden_size(model)).to(device)
             reference = [problems.answer_continuation(tokenizer, pairs[job[0]]["answer"], "en")]
             partner = [problems.answer_continuation(tokenizer, pairs[swap_of[job[0]]]["answer"], "en")]
-            out = common.generate_and_score(model, ids, mask, args.max_new_tokens, patch, stop_ids,
+            out = decoding.generate_and_score(model, ids, mask, args.max_new_tokens, patch, stop_ids,
                                             score=[reference, partner])
             problems.decode_response(tokenizer, out["tokens"][0], stop_ids)
     return setup.seconds, t.seconds

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from runs import REPO, UsageError
+from runs import UsageError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-3B"
 TINY_MODEL = "tiny-random"  # a small random Qwen2 built in-process: offline smoke runs and tests
@@ -67,8 +67,28 @@ def tiny_config(vocab_size=600):
 
 def _resolve_device(device):
     if device:
-        return torch.device(device)
+        return torch.device("cuda" if device == "gpu" else device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_runtime(device, dtype):
+    """--device and --dtype, checked before anything is loaded or written: an unknown device or
+    CUDA asked for where there is none is a UsageError; float16 on a CPU only warns (it is
+    emulated there, and slower than float32)."""
+    try:
+        resolved = _resolve_device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device}: unknown device; pass cpu or cuda") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is visible on this machine; "
+                         f"pass --device cpu (or leave --device out)")
+    if resolved.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: only cpu and cuda are supported")
+    if resolved.type == "cpu" and dtype in ("float16", torch.float16):
+        import warnings
+        warnings.warn("--dtype float16 on a CPU is emulated and slower than float32; "
+                      "float32 is the CPU default", stacklevel=2)
+    return resolved
 
 
 def resolve_dtype(dtype, device):
@@ -148,18 +168,37 @@ def hidden_size(model_or_config):
     return config.hidden_size
 
 
-def check_layer(model_or_config, layer):
+def check_layer(model_or_config, layer, flag="--layer"):
+    """`layer` must be a decoder layer of the model; the error names the script's own `flag`."""
     n = num_layers(model_or_config)
     if not (isinstance(layer, int) and 0 <= layer < n):
         raise UsageError(f"layer {layer} does not exist: this model has layers 0..{n - 1}; "
-                         f"pass --layer between 0 and {n - 1}")
+                         f"pass {flag} between 0 and {n - 1} (or --depth F)")
     return layer
 
 
-def check_k(model_or_config, k):
+def depth_to_layer(model_or_config, fraction, flag="--depth"):
+    """The layer at a fraction of the model's depth: round(F * number of layers), so one value
+    means the same depth on every model (F = 0.889: layer 32 of 36, 25 of 28, 21 of 24)."""
+    n = num_layers(model_or_config)
+    if not 0 < fraction < 1:
+        raise UsageError(f"{flag} {fraction} is not a fraction of depth; pass a value in (0, 1), "
+                         f"e.g. {flag} 0.889 for layer 32 of 36")
+    layer = int(round(fraction * n))
+    if layer >= n:
+        raise UsageError(f"{flag} {fraction} gives layer {layer}, past the last layer {n - 1} of "
+                         f"this model; pass a smaller fraction")
+    return layer
+
+
+def check_k(model_or_config, k, allow_full=True):
+    """1 <= k <= d (k < d when a complement must exist: Z-perp of a k = d subspace is empty)."""
     d = hidden_size(model_or_config)
-    if not (isinstance(k, int) and 1 <= k <= d):
-        raise UsageError(f"k={k} is out of range: the hidden size is {d}; pass --k between 1 and {d}")
+    top = d if allow_full else d - 1
+    if not (isinstance(k, int) and 1 <= k <= top):
+        why = "" if allow_full else " (k = d would leave Z-perp empty)"
+        raise UsageError(f"k={k} is out of range: the hidden size is {d}{why}; pass --k between 1 "
+                         f"and {top}")
     return k
 
 
@@ -222,8 +261,8 @@ def project(x, basis):
 
 @contextmanager
 def layer_output_hook(model, layer, fn):
-    """Call fn(hidden) on decoder layer `layer`'s output, hidden (B, T, d); a tensor returned by fn
-    replaces it. The hook is removed on exit, also on an exception. Works whether the layer returns
+    """Call fn(hidden) on decoder layer `layer`'s output (layer -1: the embeddings), hidden
+    (B, T, d); a tensor returned by fn replaces it. The hook is removed on exit, also on an exception. Works whether the layer returns
     a tensor (transformers 5) or a tuple whose first element is the hidden state (4.x)."""
     def hook(module, inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
@@ -232,7 +271,8 @@ def layer_output_hook(model, layer, fn):
             return None
         return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
 
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    module = model.model.embed_tokens if layer == -1 else decoder_layers(model)[layer]
+    handle = module.register_forward_hook(hook)
     try:
         yield
     finally:
@@ -299,7 +339,7 @@ def mean_pool(hidden, mask):
 
 @dataclass
 class SubspacePatch:
-    """A per-row patch of decoder layer `layer`'s output: h <- h + P_S (s - h).
+    """A per-row patch of the residual stream at decoder layer `layer`: h <- h + P_S (s - h).
 
     P_S projects on the replaced subspace S: span(basis rows), or its complement when `complement`.
     The plan's conditions are special cases (V = Z basis, padded with zero rows to a common k):
@@ -307,8 +347,13 @@ class SubspacePatch:
       full: V = 0, complement True  (P_S = I)     Z-perp: V = V_Z, complement True
     basis: (B, k, d) float32; complement: (B,) bool; source_mean: (B, d) float32, the source for
     generated positions (and for prompt positions when source_tokens is None); source_tokens:
-    optional (B, T, d), a per-position source aligned with the left-padded prompt (OT);
+    optional (B, T, d), a per-position source aligned with the left-padded prompt (OT, `last`);
+    prompt_mask: optional (B, T) bool aligned the same way, the prompt positions patched (None:
+    all; False positions keep their state exactly: `last:m` sources, leaving the sink alone);
     patch_generated: (B,) bool, whether generated positions are patched too (scope "all").
+    site: "output" patches decoder layer `layer`'s output (NOTES 1: "the hidden state at layer
+    l"); "input" patches its input, the state its W_Q and W_K read (= layer l-1's output, the
+    embeddings for l = 0). `stream` is the residual-stream index either way (-1: embeddings).
     """
     layer: int
     basis: torch.Tensor
@@ -316,19 +361,30 @@ class SubspacePatch:
     source_mean: torch.Tensor
     patch_generated: torch.Tensor
     source_tokens: torch.Tensor = None
+    prompt_mask: torch.Tensor = None
+    site: str = "output"
     phase: str = "prompt"  # set by the decoding loop: "prompt" or "generate"
+
+    @property
+    def stream(self):
+        """Index of the residual stream patched: the output of this decoder layer (-1: embeddings)."""
+        return self.layer if self.site == "output" else self.layer - 1
 
     def __call__(self, hidden):
         if self.phase == "prompt":
             source = self.source_tokens if self.source_tokens is not None else self.source_mean[:, None]
-            return patch_subspace(hidden, self.basis, self.complement, source)
+            patched = patch_subspace(hidden, self.basis, self.complement, source)
+            if self.prompt_mask is None:
+                return patched
+            return torch.where(self.prompt_mask.to(hidden.device)[..., None], patched, hidden)
         if not bool(self.patch_generated.any()):
             return None
         patched = patch_subspace(hidden, self.basis, self.complement, self.source_mean[:, None])
         return torch.where(self.patch_generated.to(hidden.device)[:, None, None], patched, hidden)
 
     def to(self, device):
-        for name in ("basis", "complement", "source_mean", "patch_generated", "source_tokens"):
+        for name in ("basis", "complement", "source_mean", "patch_generated", "source_tokens",
+                     "prompt_mask"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
@@ -380,15 +436,6 @@ def tokenize_left_padded(tokenizer, texts, spans=None, device="cpu"):
     return ids.to(device), mask.to(device), span_mask.to(device)
 
 
-@contextmanager
-def _maybe_patch(model, patch):
-    if patch is None:
-        yield
-    else:
-        with layer_output_hook(model, patch.layer, patch):
-            yield
-
-
 def _new_cache(model):
     from transformers import DynamicCache
     try:
@@ -411,165 +458,6 @@ def _cache_kwarg(model):
     return _cache_kwarg_of(type(model))
 
 
-def _forward(model, input_ids, attention_mask, position_ids, cache, patch, phase, last_only):
-    if patch is not None:
-        patch.phase = phase
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=True, logits_to_keep=1 if last_only else 0,
-                **{_cache_kwarg(model): cache})
-    return out.logits.float()
-
-
-def _score(model, cache, first_logits, attention_mask, position, continuations, patch):
-    """Summed log-probs (B,) of continuations (B lists of ids) after a prefilled cache, teacher
-    forced; continuation positions count as generated positions for the patch."""
-    device = first_logits.device
-    width = max(len(c) for c in continuations)
-    cont = torch.zeros((len(continuations), width), dtype=torch.long)
-    cont_mask = torch.zeros_like(cont, dtype=torch.bool)
-    for row, c in enumerate(continuations):
-        cont[row, :len(c)] = torch.tensor(c, dtype=torch.long)
-        cont_mask[row, :len(c)] = True
-    cont, cont_mask = cont.to(device), cont_mask.to(device)
-    logits = first_logits
-    if width > 1:  # right-padded continuations: padding comes after, so causal attention ignores it
-        mask = torch.cat([attention_mask, torch.ones_like(cont[:, :-1])], 1)
-        steps = position[:, -1:] + 1 + torch.arange(width - 1, device=device)
-        rest = _forward(model, cont[:, :-1], mask, steps, cache, patch, "generate", False)
-        logits = torch.cat([first_logits, rest], 1)
-    logp = torch.log_softmax(logits, -1).gather(-1, cont[..., None])[..., 0]
-    return (logp * cont_mask).sum(1).cpu()
-
-
-def _layer_kv(cache, layer):
-    """(keys, values) of one layer of a DynamicCache: (B, H_kv, T, d_head) each."""
-    if hasattr(cache, "layers"):
-        return cache.layers[layer].keys, cache.layers[layer].values
-    return cache.key_cache[layer], cache.value_cache[layer]  # transformers < 4.54
-
-
-@torch.no_grad()
-def shared_prefill(model, input_ids, attention_mask, layer):
-    """Run prompts through layers 0..layer once, for reuse by every row that patches `layer`.
-
-    Every patched row of the same prompt has identical states up to and including `layer`'s
-    output, so computing them once per prompt and not once per row removes (layer + 1) / L of the
-    prefill. Returns a dict: input_ids, attention_mask (U, T) on the model's device, hidden
-    (U, T, d), the output of `layer`, and kv, a list over layers 0..layer of (keys, values).
-    """
-    device = next(model.parameters()).device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    cache = _new_cache(model)
-    hidden = capture_layer_outputs(model, input_ids, attention_mask, [layer], cache)[layer]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "layer": layer,
-            "hidden": hidden, "kv": [_layer_kv(cache, l) for l in range(layer + 1)]}
-
-
-def select_prefill(prefill, rows):
-    """The prefill of prompts `rows` (B indices, repeats allowed), cut to their longest prompt."""
-    rows = torch.as_tensor(rows, device=prefill["input_ids"].device)
-    mask = prefill["attention_mask"][rows]
-    width = int(mask.sum(1).max())
-    return {"input_ids": prefill["input_ids"][rows, -width:], "attention_mask": mask[:, -width:],
-            "layer": prefill["layer"], "hidden": prefill["hidden"][rows, -width:],
-            "kv": [(k[rows, :, -width:], v[rows, :, -width:]) for k, v in prefill["kv"]]}
-
-
-def _additive_causal_mask(attention_mask, dtype):
-    """(B, 1, T, T) float mask, 0 where a query may attend (causal and not padding), else -inf-ish;
-    accepted by both the eager and the sdpa attention of Qwen2 layers."""
-    T = attention_mask.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
-    allowed = causal[None] & attention_mask.bool()[:, None, :]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-
-
-def _forward_from_prefill(model, prefill, cache, patch):
-    """The prompt forward of a row batch that starts from a selected prefill: the cached layers
-    0..layer are copied into `cache`, `layer`'s output is patched, and only the layers above it
-    run. Returns the last position's logits (B, 1, V) float32, like _forward(..., last_only)."""
-    layer, hidden = prefill["layer"], prefill["hidden"]
-    for l, (keys, values) in enumerate(prefill["kv"]):
-        cache.update(keys, values, l)
-    if patch is not None:
-        patch.phase = "prompt"
-        patched = patch(hidden)
-        hidden = hidden if patched is None else patched
-    position = position_ids_from_mask(prefill["attention_mask"])
-    mask = _additive_causal_mask(prefill["attention_mask"], hidden.dtype)
-    rotary = model.model.rotary_emb(hidden, position)
-    for l in range(layer + 1, num_layers(model)):
-        block = decoder_layers(model)[l]
-        out = block(hidden, attention_mask=mask, position_ids=position, position_embeddings=rotary,
-                    use_cache=True, **{_cache_kwarg(block): cache})
-        hidden = out[0] if isinstance(out, tuple) else out
-    return model.lm_head(model.model.norm(hidden[:, -1:])).float()
-
-
-@torch.no_grad()
-def generate_and_score(model, input_ids, attention_mask, max_new_tokens, patch=None, stop_ids=(),
-                       score=(), return_logits=False, prefill=None):
-    """Greedy decoding of a left-padded batch with a KV cache, under an optional SubspacePatch,
-    plus teacher-forced scores of continuations from the same prefill.
-
-    score: a list of continuation sets, each B lists of token ids (e.g. the reference answer).
-    Returns dict: tokens (B, max_new_tokens) long on the CPU (rows keep going after a stop token;
-    callers cut at the first one); scores, one (B,) float32 tensor of summed log-probs per set;
-    logits (B, max_new_tokens, V) float32 with return_logits.
-    prefill: optional select_prefill(...) of these very prompts (input_ids and attention_mask must
-    be its own); the patch, if any, must then be at prefill["layer"].
-    """
-    import copy
-    device = next(model.parameters()).device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    position = position_ids_from_mask(attention_mask)
-    cache = _new_cache(model)
-    tokens, logits_seen, scores = [], [], []
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
-    with _maybe_patch(model, patch):
-        if prefill is None:
-            logits = _forward(model, input_ids, attention_mask, position, cache, patch, "prompt", True)
-        else:  # same result, without recomputing the layers below the patch
-            logits = _forward_from_prefill(model, prefill, cache, patch)
-        for continuations in score:
-            scores.append(_score(model, copy.deepcopy(cache), logits, attention_mask, position,
-                                 continuations, patch))
-        logits = logits[:, -1]
-        for _ in range(max_new_tokens):
-            next_token = logits.argmax(-1)
-            tokens.append(next_token)
-            if return_logits:
-                logits_seen.append(logits)
-            done |= torch.isin(next_token, stop)
-            if len(tokens) == max_new_tokens or (len(stop) and bool(done.all())):
-                break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(done), 1)], 1)
-            position = position[:, -1:] + 1
-            logits = _forward(model, next_token[:, None], attention_mask, position, cache, patch,
-                              "generate", True)[:, -1]
-    out = torch.stack(tokens, 1).cpu() if tokens else torch.zeros(len(done), 0, dtype=torch.long)
-    if 0 < len(tokens) < max_new_tokens:  # every row stopped early: pad with its last token
-        out = torch.cat([out, out[:, -1:].expand(-1, max_new_tokens - len(tokens))], 1)
-    result = {"tokens": out, "scores": scores}
-    if return_logits:
-        result["logits"] = torch.stack(logits_seen, 1).cpu()
-    return result
-
-
-def greedy_generate(model, input_ids, attention_mask, max_new_tokens, patch=None, stop_ids=()):
-    """Greedy tokens (B, max_new_tokens) of a left-padded batch; see generate_and_score."""
-    return generate_and_score(model, input_ids, attention_mask, max_new_tokens, patch,
-                              stop_ids)["tokens"]
-
-
-def continuation_logprob(model, input_ids, attention_mask, continuations, patch=None):
-    """Teacher-forced log p(continuation | prompt) (B,) float32, summed over its tokens."""
-    return generate_and_score(model, input_ids, attention_mask, 0, patch,
-                              score=[continuations])["scores"][0]
-
-
 def model_fingerprint(model):
     """A short hash of the model's identity (name, config, dtype and a checksum of its weights)
     for cache keys: another checkpoint at the same path, or another seed, never reuses a cache."""
@@ -586,7 +474,7 @@ def model_fingerprint(model):
 # ----------------------------------------------------------------------------------------------
 # Activation extraction shared by Experiments B, C and D (one batched pass, cached on disk)
 
-DEFAULT_CACHE = REPO / "results" / "cache"
+DEFAULT_CACHE = Path("results") / "cache"
 
 
 @torch.no_grad()
@@ -640,32 +528,43 @@ def extract_activations(model, tokenizer, texts, layers, pool="mean", drop_first
 def add_common_args(parser, out_default):
     """Flags every script takes, with the same names and defaults everywhere."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"hub id, local folder, or {TINY_MODEL} (default: %(default)s)")
+                        help=f"hub id, local folder, or {TINY_MODEL} (a small random model built "
+                             f"in-process, for smoke runs)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=REPO / "results" / out_default,
-                        help="folder for CSVs and config.json (default: results/%s)" % out_default)
-    parser.add_argument("--figures", type=Path, default=REPO / "figures",
-                        help="folder for PNGs (default: figures/)")
+                        help="weights and activations; None: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--device", default=None,
+                        help="cpu or cuda; None: cuda if available, else cpu")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds torch, numpy and random (random subspaces, splits, pairings)")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
+    parser.add_argument("--out", type=Path, default=Path("results") / out_default,
+                        help="folder for CSVs and config.json")
+    parser.add_argument("--figures", type=Path, default=Path("figures"),
+                        help="root folder for PNGs; a run's figures go to its --out path mirrored "
+                             "under it (results/r1/exp_a -> figures/r1/exp_a/)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="allow writing into an --out folder that already holds results")
+                        help="replace the run in --out (its files and figures are removed first)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run in --out (same flags as its "
+                             "config.json); finished work is kept")
     return parser
 
+
+def cache_dir_arg(value):
+    """--cache-dir: a folder, or 'none' for no cache."""
+    return None if str(value).lower() == "none" else Path(value)
 
 
 def add_activation_args(parser):
-    """Flags of the scripts that read the shared activation extraction (B and D)."""
+    """Flags of the scripts that read the shared activation extraction (B, C and D)."""
     parser.add_argument("--fold-norm", action="store_true",
-                        help="fold the layer's input RMSNorm gain into W_Q, W_K (NOTES 1)")
+                        help="fold the layer's input RMSNorm gain into W_Q, W_K before the SVD "
+                             "(default: raw weights, as Phase 2 built Z)")
     parser.add_argument("--keep-first-token", action="store_true",
-                        help="include position 0 (the attention sink) in the token means")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
-                        help="activation cache folder (default: results/cache)")
+                        help="include position 0 (the attention sink, whose norm dominates a "
+                             "mean) in the token means")
+    parser.add_argument("--cache-dir", type=cache_dir_arg, default=Path("results") / "cache",
+                        help="activation cache folder, or 'none' for no cache")
     parser.add_argument("--replot", action="store_true",
                         help="only redraw the figures from the CSVs in --out (no model)")
     return parser
-
-

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 import common
+import decoding
 import problems
 import runs
 
@@ -192,13 +193,13 @@ def make_patch(jobs, layer, bases, zh_means, ot_sources, prompt_width, d):
 def decode_batch(model, tokenizer, batch, layer, bases, zh_means, ot_sources, pairs, prefill,
                  swap_of, max_new_tokens, stop_ids):
     """Decode one batch of jobs under their patches; one result dict per job."""
-    rows = common.select_prefill(prefill, [j[0] for j in batch])
+    rows = decoding.select_prefill(prefill, [j[0] for j in batch])
     patch = make_patch(batch, layer, bases, zh_means, ot_sources, rows["input_ids"].shape[1],
                        common.hidden_size(model)).to(rows["input_ids"].device)
     reference = [problems.answer_continuation(tokenizer, pairs[j[0]]["answer"], "en") for j in batch]
     partner = [problems.answer_continuation(tokenizer, pairs[swap_of[j[0]]]["answer"], "en")
                for j in batch]
-    out = common.generate_and_score(model, rows["input_ids"], rows["attention_mask"],
+    out = decoding.generate_and_score(model, rows["input_ids"], rows["attention_mask"],
                                     max_new_tokens, patch, stop_ids, score=[reference, partner],
                                     prefill=rows)
     results = []
@@ -215,7 +216,7 @@ def decode_jobs(model, tokenizer, jobs, layer, bases, zh_means, ot_sources, pair
                 swap_of, args, on_results):
     """Decode every job in batches sorted by prompt length (OT jobs apart, since only they need a
     per-token source); halve the batch when the GPU runs out of memory. prefill: the English
-    prompts' common.shared_prefill at `layer`."""
+    prompts' decoding.shared_prefill at `layer`."""
     stop_ids = problems.stop_token_ids(tokenizer)
     length = prefill["attention_mask"].sum(1).tolist()
     jobs = sorted(jobs, key=lambda j: (j[5] == "ot", length[j[0]], j))
@@ -246,11 +247,11 @@ def prompt_texts(pairs, templates, lang):
 
 
 def english_prefill(model, tokenizer, pairs, templates, layer):
-    """The English prompts run once through layers 0..layer (common.shared_prefill), and their
+    """The English prompts run once through layers 0..layer (decoding.shared_prefill), and their
     unpatched token states at `layer` (list of (T_i, d) float32 on the CPU, for OT)."""
     en_texts, _ = prompt_texts(pairs, templates, "en")
     ids, mask, _ = common.tokenize_left_padded(tokenizer, en_texts)
-    prefill = common.shared_prefill(model, ids, mask, layer)
+    prefill = decoding.shared_prefill(model, ids, mask, layer)
     real = prefill["attention_mask"].bool()
     tokens = [prefill["hidden"][i][real[i]].float().cpu() for i in range(len(pairs))]
     return prefill, tokens

@@ -1,6 +1,7 @@
 """Run bookkeeping shared by every script: usage errors and the command-line exit, seeds, output
 folders, config.json, CSV/JSON I/O and figure files. The lowest module: it imports no project code.
 """
+import argparse
 import json
 import platform
 import random
@@ -18,13 +19,34 @@ class UsageError(Exception):
     """Bad input from the user. Scripts print the message as one line and exit with status 2."""
 
 
+class _Terminated(Exception):
+    """SIGTERM, turned into an exception so that `finally` blocks and hook removal still run."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
 def run_cli(main, args):
-    """Run `main(args)`, turning a UsageError into one clear line on stderr and exit status 2."""
+    """Run `main(args)` as a command: a UsageError becomes one line on stderr and exit status 2;
+    Ctrl-C (exit 130) and SIGTERM (exit 143) end with one line saying how to continue. Finished
+    work is whatever the script already wrote to disk (scripts write as they go)."""
+    import signal
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return main(args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except (KeyboardInterrupt, _Terminated) as err:
+        code = 130 if isinstance(err, KeyboardInterrupt) else 143
+        out = getattr(args, "out", None)
+        where = f" in {out}" if out is not None else ""
+        print(f"interrupted: finished work is kept{where}; rerun the same command with --resume "
+              f"to continue", file=sys.stderr)
+        sys.exit(code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def set_seed(seed):
@@ -33,13 +55,96 @@ def set_seed(seed):
     torch.manual_seed(seed)
 
 
-def prepare_out_dir(out, overwrite=False):
-    """Create `out`; refuse (UsageError) to reuse a non-empty folder unless overwrite is set."""
+# Flags that never change what a run computes: a resumed run may differ from its config.json in
+# these and nothing else.
+RESUME_IGNORED = {"resume", "overwrite", "batch_size", "figures", "summarize", "replot",
+                  "cache_dir"}
+
+
+def check_out_arg(out):
+    """--out must be a folder (or not exist yet): one clear line instead of NotADirectoryError."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"{out} already holds results; pass --out NEW_DIR or --overwrite")
+    for parent in [out] + list(out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"--out {out}: {parent} is a file, not a folder; pass a folder path")
+    return out
+
+
+def comparable_args(args):
+    """The flags of a run as config.json stores them, minus RESUME_IGNORED."""
+    stored = json.loads(json.dumps(_args_dict(args), default=str))
+    return {k: v for k, v in stored.items() if k not in RESUME_IGNORED}
+
+
+def _args_dict(args):
+    return {k: portable(v) for k, v in vars(args).items()}
+
+
+def portable(value):
+    """A flag's value as config.json stores it: paths as strings, and no absolute path of this
+    machine (inside the repository: relative to it; under the home folder: ~/...; elsewhere:
+    <outside>/name), so committed results can be traced but name no machine's folders."""
+    if isinstance(value, (list, tuple)):
+        return [portable(v) for v in value]
+    if not isinstance(value, (str, Path)):
+        return value
+    text = str(value)
+    if not text.startswith("/"):
+        return text
+    path = Path(text)
+    if path.is_relative_to(REPO):
+        return str(path.relative_to(REPO)) or "."
+    if path.is_relative_to(Path.home()):
+        return "~/" + str(path.relative_to(Path.home()))
+    return f"<outside>/{path.name}"
+
+
+def check_resume(out, args):
+    """--resume: `out` must hold a run whose config.json has the same flags as this command
+    (RESUME_IGNORED aside); else a UsageError naming the flags that differ."""
+    config_path = Path(out) / "config.json"
+    if not config_path.is_file():
+        raise UsageError(f"--resume: {out} holds no run to continue (no config.json); "
+                         f"drop --resume to start one")
+    stored = json.loads(config_path.read_text(encoding="utf-8")).get("args", {})
+    stored = {k: v for k, v in stored.items() if k not in RESUME_IGNORED}
+    current = comparable_args(args)
+    differ = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    if differ:
+        shown = ", ".join(f"--{k.replace('_', '-')} (was {stored.get(k)!r}, now {current.get(k)!r})"
+                          for k in differ[:4])
+        raise UsageError(f"--resume: this command differs from the run in {out} in {shown}; "
+                         f"rerun with the flags of its config.json, or use a new --out")
+
+
+def prepare_out_dir(out, overwrite=False, resume=False, args=None, figures=None):
+    """Create `out` for a run. A folder that already holds files is refused unless
+    - resume: it holds a run with the same flags (check_resume; needs `args`), kept as it is;
+    - overwrite: it holds a run of this project (a config.json), whose files are all removed
+      first, with its figure folder (`figures`, see figure_dir), so nothing stale survives.
+    """
+    out = check_out_arg(out)
+    if resume:
+        check_resume(out, args)
+        return out
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"{out} already holds results; pass --resume to continue that run, "
+                             f"--overwrite to replace it, or a new --out")
+        if not (out / "config.json").is_file():
+            raise UsageError(f"--overwrite: {out} holds files that are not a run of this project "
+                             f"(no config.json); pass a new --out")
+        for folder in (out, figure_dir(out, figures) if figures is not None else None):
+            if folder is not None and folder.is_dir():
+                _empty_folder(folder)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _empty_folder(folder):
+    import shutil
+    for child in folder.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 def _git_commit():
@@ -53,18 +158,18 @@ def _git_commit():
         return None
 
 
-
 def run_config(args, model=None, **extra):
     """Everything needed to trace a result to the command that made it."""
     import transformers
-    config = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    config = {"command": " ".join([Path(sys.argv[0]).name] + [portable(a) for a in sys.argv[1:]]),
+              "args": _args_dict(args),
               "git_commit": _git_commit(),
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
                            "transformers": transformers.__version__, "numpy": np.__version__}}
     if model is not None:
         param = next(model.parameters())
-        config["model"] = {"name_or_path": getattr(model, "name_or_path_for_results", None),
+        name = getattr(model, "name_or_path_for_results", None)
+        config["model"] = {"name_or_path": portable(name),
                            "revision": getattr(model.config, "_commit_hash", None),
                            "dtype": str(param.dtype).replace("torch.", ""),
                            "device": str(param.device),
@@ -91,10 +196,31 @@ def save_figure(fig, path, dpi=120):
     return path
 
 
+def figure_dir(out, figures_root):
+    """Where a run's figures go: its --out path mirrored under the figures root, so that
+    --out results/r1/exp_a and --out results/r2/exp_a never share a file. The mirrored part is the
+    path below results/ (or below the working folder, or the whole path otherwise)."""
+    out = Path(out).resolve()
+    for base in (REPO / "results", Path.cwd()):
+        if out.is_relative_to(base.resolve()) and out != base.resolve():
+            return Path(figures_root) / out.relative_to(base.resolve())
+    return Path(figures_root) / Path(*out.parts[1:])
+
+
 def figure_path(args, name):
-    """figures/<out folder name>_<name>.png: runs into different --out folders never collide."""
-    Path(args.figures).mkdir(parents=True, exist_ok=True)
-    return Path(args.figures) / f"{Path(args.out).name}_{name}.png"
+    """figure_dir(args.out, args.figures) / <name>.png, the folder created."""
+    folder = figure_dir(args.out, args.figures)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{name}.png"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default and keeps the module docstring's layout."""
+
+
+def make_parser(doc):
+    """An ArgumentParser whose description is a script's docstring, every default shown."""
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
 
 
 def write_csv(frame, path, append=False):

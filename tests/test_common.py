@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import common
+import decoding
 import problems
 import runs
 
@@ -156,14 +157,14 @@ def test_batched_generation_equals_one_at_a_time(tiny):
     texts = [TEXTS[0], TEXTS[1], TEXTS[2], "A train travels 60 kilometers.", "问题：火车每小时行驶60公里"]
     ids, mask, _ = common.tokenize_left_padded(tok, texts)
     patch = _conditions(model, len(texts))
-    batched = common.generate_and_score(model, ids, mask, 8, patch, return_logits=True)
+    batched = decoding.generate_and_score(model, ids, mask, 8, patch, return_logits=True)
     for row, text in enumerate(texts):
         one_ids, one_mask, _ = common.tokenize_left_padded(tok, [text])
         one_patch = common.SubspacePatch(
             layer=patch.layer, basis=patch.basis[row:row + 1], complement=patch.complement[row:row + 1],
             source_mean=patch.source_mean[row:row + 1],
             patch_generated=patch.patch_generated[row:row + 1])
-        single = common.generate_and_score(model, one_ids, one_mask, 8, one_patch, return_logits=True)
+        single = decoding.generate_and_score(model, one_ids, one_mask, 8, one_patch, return_logits=True)
         assert torch.equal(single["tokens"][0], batched["tokens"][row])
         torch.testing.assert_close(single["logits"][0], batched["logits"][row], atol=1e-4, rtol=1e-4)
 
@@ -176,7 +177,7 @@ def test_scopes_differ_only_from_first_generated_token(tiny):
     runs = {}
     for scope in ("prompt", "all"):
         patch = _patch(2, torch.zeros(3, 1, d), [True] * 3, source, [scope == "all"] * 3)  # full
-        runs[scope] = common.generate_and_score(model, ids, mask, 6, patch, return_logits=True)
+        runs[scope] = decoding.generate_and_score(model, ids, mask, 6, patch, return_logits=True)
     first = runs["prompt"]["logits"][:, 0], runs["all"]["logits"][:, 0]
     assert torch.equal(*first)  # the prompt forward is identical
     assert torch.equal(runs["prompt"]["tokens"][:, 0], runs["all"]["tokens"][:, 0])
@@ -188,7 +189,7 @@ def test_continuation_logprob_matches_full_forward(tiny):
     ids, mask, _ = common.tokenize_left_padded(tok, TEXTS)
     conts = [problems.answer_continuation(tok, a, "en") for a in (12, 8, 1234)]
     patch = _conditions(model, 3)
-    got = common.continuation_logprob(model, ids, mask, conts, patch)
+    got = decoding.continuation_logprob(model, ids, mask, conts, patch)
     for row, text in enumerate(TEXTS):
         prompt = tok(text, add_special_tokens=False)["input_ids"]
         full = torch.tensor([prompt + conts[row]])
@@ -323,15 +324,15 @@ def test_shared_prefill_gives_the_same_decodes_as_a_full_prompt_pass(tiny):
     model, tok = tiny
     texts = [TEXTS[0], TEXTS[1], TEXTS[2], "A train travels 60 kilometers.", "问题：火车每小时行驶60公里"]
     ids, mask, _ = common.tokenize_left_padded(tok, texts)
-    prefill = common.shared_prefill(model, ids, mask, 2)
+    prefill = decoding.shared_prefill(model, ids, mask, 2)
     rows = [3, 0, 0, 2, 1]  # repeats: several conditions of one prompt share its prefill
-    selected = common.select_prefill(prefill, rows)
+    selected = decoding.select_prefill(prefill, rows)
     patch = _conditions(model, len(rows))
     conts = [problems.answer_continuation(tok, a, "en") for a in (12, 8, 1234, 5, 77)]
-    fast = common.generate_and_score(model, selected["input_ids"], selected["attention_mask"], 8,
+    fast = decoding.generate_and_score(model, selected["input_ids"], selected["attention_mask"], 8,
                                      patch, score=[conts], return_logits=True, prefill=selected)
     full_ids, full_mask, _ = common.tokenize_left_padded(tok, [texts[r] for r in rows])
-    slow = common.generate_and_score(model, full_ids, full_mask, 8, patch, score=[conts],
+    slow = decoding.generate_and_score(model, full_ids, full_mask, 8, patch, score=[conts],
                                      return_logits=True)
     assert torch.equal(fast["tokens"], slow["tokens"])
     torch.testing.assert_close(fast["logits"], slow["logits"], atol=1e-4, rtol=1e-4)

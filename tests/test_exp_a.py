@@ -154,7 +154,7 @@ def test_main_end_to_end_and_summary_rebuilds_without_model(tmp_path, monkeypatc
                  "logprob_tests.csv"):
         assert (out / name).is_file(), name
     for name in ("change_rates", "transfer_rates", "logprob_shift"):
-        assert (figures / f"exp_a_{name}.png").is_file()
+        assert (runs.figure_dir(out, figures) / f"{name}.png").is_file()
     rows = runs.load_csv(out / "rows.csv")
     # 4 problems x 2 layers x 1 k x 2 positions x 2 sources x (none + 2*(3 + 2*2) swap/same rows)
     assert len(rows) == 4 * 2 * 2 * 2 * (1 + 2 * (3 + 2 * 2))

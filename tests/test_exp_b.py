@@ -170,7 +170,7 @@ def test_main_end_to_end(tiny, tmp_path, monkeypatch):
     out = tmp_path / "exp_b"
     for name in ("per_prompt", "per_layer", "asymmetry", "random_draws"):
         assert (out / f"{name}.csv").is_file()
-    figure = tmp_path / "fig" / "exp_b_residual_ratio.png"
+    figure = runs.figure_dir(out, tmp_path / "fig") / "residual_ratio.png"
     assert figure.read_bytes()[:4] == b"\x89PNG"
     config = json.loads((out / "config.json").read_text())
     assert (config["basis_layer"], config["k"], config["drop_first"], config["n_pairs"],

@@ -221,5 +221,5 @@ def test_main_end_to_end(tmp_path, prompts_file):
     assert config["layers"] == [1, 3] and config["basis_layer"] == 2
     assert set(config["splits"]) == {"train", "val", "test"}
     for name in ("z_size", "spectrum", "overlap", "traces"):
-        assert (tmp_path / "fig" / f"out_{name}.png").stat().st_size > 10_000
+        assert (runs.figure_dir(tmp_path / "out", tmp_path / "fig") / f"{name}.png").stat().st_size > 10_000
     assert summary["retrieval_test_final"].between(0, 1).all()

@@ -192,7 +192,7 @@ def test_main_end_to_end(tiny, tmp_path, capsys, monkeypatch):
     assert (config["layer"], config["k"], config["drop_first"], config["n_pairs"]) == \
         (2, [4, 8], True, 12)
     for name in ("singular_values", "heldout_r2"):
-        assert (tmp_path / "fig" / f"exp_d_{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (runs.figure_dir(tmp_path / "exp_d", tmp_path / "fig") / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert "exact by construction" not in capsys.readouterr().out
 
     # identity: the saved R^2 equals one recomputed from the activations and the basis directly
@@ -206,10 +206,10 @@ def test_main_end_to_end(tiny, tmp_path, capsys, monkeypatch):
         pytest.approx(expected, rel=1e-5)
 
     for name in ("singular_values", "heldout_r2"):
-        (tmp_path / "fig" / f"exp_d_{name}.png").unlink()
+        (runs.figure_dir(tmp_path / "exp_d", tmp_path / "fig") / f"{name}.png").unlink()
     monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     ed.main(cli(tmp_path, "--replot"))
-    assert (tmp_path / "fig" / "exp_d_heldout_r2.png").is_file()
+    assert (runs.figure_dir(tmp_path / "exp_d", tmp_path / "fig") / "heldout_r2.png").is_file()
 
 
 def test_random_basis_control_uses_a_random_subspace(tiny, tmp_path, monkeypatch):
