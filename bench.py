@@ -197,7 +197,7 @@ def run(args):
     result = {"shape": args.shape, "device": device_name, "dtype": str(dtype).replace("torch.", ""),
               "pairs": len(pairs), "build_seconds": load.seconds}
     with Timer(device) as total:
-        result.update(bench_a(model, tokenizer, pairs, data["templates"], spec, device))
+        result.update(bench_a(model, tokenizer, pairs, data["templates"]["cot"], spec, device))
         result.update(bench_b(model, tokenizer, pairs, device))
         result.update(bench_c(model, tokenizer, pairs, spec, device))
         result.update(bench_d(model, tokenizer, pairs, device))

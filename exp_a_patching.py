@@ -762,7 +762,8 @@ def validate(args):
     pairs = problems.load_pairs(args)
     if len(pairs) < 2:
         raise runs.UsageError("need at least 2 pairs (the interchange source is another problem)")
-    return pairs, problems.load_prompts(args.prompts)["templates"]
+    templates = problems.load_prompts(args.prompts)["templates"]
+    return pairs, problems.get_template(templates, "cot")
 
 
 def main(args):

@@ -15,7 +15,7 @@ _PAIR_FIELDS = {"id": str, "category": str, "en": str, "zh": str, "answer": (int
 
 
 def load_prompts(path=DEFAULT_PROMPTS):
-    """Read and validate a prompts file: {"templates": {"en", "zh"}, "pairs": [...]}.
+    """Read and validate a prompts file: {"templates": {name: {"en", "zh"}}, "pairs": [...]}.
 
     Each pair has id, category, en, zh (str) and answer (number); ids are unique. Any problem is a
     UsageError naming the fix.
@@ -30,11 +30,12 @@ def load_prompts(path=DEFAULT_PROMPTS):
     if not isinstance(data, dict) or not isinstance(data.get("pairs"), list):
         raise UsageError(f"prompts file {path} needs a top-level object with a \"pairs\" list")
     templates = data.get("templates")
-    if not (isinstance(templates, dict) and all(
-            isinstance(templates.get(lang), str) and "{question}" in templates[lang]
-            for lang in ("en", "zh"))):
-        raise UsageError(f"prompts file {path} needs \"templates\" with \"en\" and \"zh\" strings "
-                         f"that contain {{question}}")
+    if not (isinstance(templates, dict) and templates and all(
+            isinstance(t, dict) and all(isinstance(t.get(lang), str) and "{question}" in t[lang]
+                                        for lang in ("en", "zh")) for t in templates.values())):
+        raise UsageError(f"prompts file {path} needs \"templates\": named templates (e.g. "
+                         f"\"direct\", \"cot\"), each with \"en\" and \"zh\" strings that "
+                         f"contain {{question}}")
     pairs = data["pairs"]
     if not pairs:
         raise UsageError(f"prompts file {path} has no pairs; add at least one zh/en pair")
@@ -48,10 +49,22 @@ def load_prompts(path=DEFAULT_PROMPTS):
             if not isinstance(pair[field], kind) or isinstance(pair[field], bool):
                 raise UsageError(f"prompts file {path}: pair {i} field \"{field}\" has the wrong "
                                  f"type ({type(pair[field]).__name__})")
+        empty = [lang for lang in ("en", "zh") if not pair[lang].strip()]
+        if empty:
+            raise UsageError(f"prompts file {path}: pair {pair['id']!r} has an empty "
+                             f"\"{empty[0]}\" question; fill it in or remove the pair")
         if pair["id"] in seen:
             raise UsageError(f"prompts file {path}: duplicate id {pair['id']!r}; ids must be unique")
         seen.add(pair["id"])
     return {"templates": templates, "pairs": pairs}
+
+
+def get_template(templates, name):
+    """The {"en", "zh"} pair of template `name` (--template), or a UsageError listing the names."""
+    if name not in templates:
+        raise UsageError(f"--template {name}: no such template; choose one of "
+                         f"{', '.join(sorted(templates))}")
+    return templates[name]
 
 
 def format_prompt(template, question):
@@ -212,11 +225,12 @@ def read_mgsm(path_en, path_zh):
         if answer_en != answer_zh:
             raise UsageError(f"MGSM row {i}: the en and zh answers differ ({a_en} vs {a_zh}); "
                              f"the files are not aligned")
+        if not q_en.strip() or not q_zh.strip():
+            raise UsageError(f"MGSM row {i} (mgsm-{i:03d}) has an empty question; fix the file")
         answer = int(answer_en) if float(answer_en).is_integer() else answer_en
         pairs.append({"id": f"mgsm-{i:03d}", "category": "mgsm", "en": q_en, "zh": q_zh,
                       "answer": answer})
     return pairs
-
 
 
 def add_pairs_args(parser):

@@ -269,7 +269,7 @@ def _write(tmp_path, obj):
     return path
 
 
-GOOD = {"templates": {"en": "Q: {question}\nA:", "zh": "问：{question}\n答："},
+GOOD = {"templates": {"direct": {"en": "Q: {question}\nA:", "zh": "问：{question}\n答："}},
         "pairs": [{"id": "a", "category": "c", "en": "x", "zh": "y", "answer": 1}]}
 
 
@@ -279,7 +279,9 @@ GOOD = {"templates": {"en": "Q: {question}\nA:", "zh": "问：{question}\n答：
     (lambda d: d["pairs"][0].update(answer="1"), "wrong type"),
     (lambda d: d["pairs"].append(dict(d["pairs"][0])), "duplicate id"),
     (lambda d: d.pop("templates"), "templates"),
-    (lambda d: d["templates"].update(en="no placeholder"), "templates"),
+    (lambda d: d["templates"]["direct"].update(en="no placeholder"), "templates"),
+    (lambda d: d.update(templates={"en": "Q: {question}", "zh": "问：{question}"}), "templates"),
+    (lambda d: d["pairs"][0].update(zh="  "), "'a' has an empty \"zh\" question"),
 ])
 def test_load_prompts_rejects_bad_files(tmp_path, mutate, message):
     data = json.loads(json.dumps(GOOD))
@@ -315,9 +317,10 @@ def test_repo_prompts_are_valid_and_answers_computed_independently():
     for p in pairs:
         assert eval(p["expr"], {"__builtins__": {}}) == p["answer"], p["id"]  # noqa: S307
         assert problems._CJK.search(p["zh"]) and not problems._CJK.search(p["en"])
-    for lang in ("en", "zh"):  # the template's worked examples parse to their stated answers
-        demo = data["templates"][lang].split("{question}")[0]
-        assert problems.extract_answer(demo.split("\n")[1]) is not None
+    for lang in ("en", "zh"):  # each template's worked examples parse to their stated answers
+        for name in ("direct", "cot"):
+            demo = data["templates"][name][lang].split("{question}")[0]
+            assert problems.extract_answer(demo.split("\n")[1]) in (60, 27), (name, lang)
 
 
 def test_shared_prefill_gives_the_same_decodes_as_a_full_prompt_pass(tiny):

@@ -21,7 +21,7 @@ ZH = ["小明有{a}个苹果，又买了{b}个。他现在有多少个苹果？"
 def write_prompts(path, n):
     pairs = [{"id": f"p{i}", "category": "test", "en": EN[i % 2].format(a=i + 2, b=3 * i + 1),
               "zh": ZH[i % 2].format(a=i + 2, b=3 * i + 1), "answer": i} for i in range(n)]
-    data = {"templates": {"en": "Question: {question}\nAnswer:", "zh": "问题：{question}\n答案："},
+    data = {"templates": {"cot": {"en": "Question: {question}\nAnswer:", "zh": "问题：{question}\n答案："}},
             "pairs": pairs}
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     return path

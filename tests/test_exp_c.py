@@ -184,7 +184,7 @@ def test_layers_scale_to_the_same_fraction_of_depth():
 def prompts_file(tmp_path):
     pairs = json.loads(problems.DEFAULT_PROMPTS.read_text(encoding="utf-8"))["pairs"][:8]
     path = tmp_path / "prompts.json"
-    path.write_text(json.dumps({"templates": {"en": "Q: {question}", "zh": "问：{question}"},
+    path.write_text(json.dumps({"templates": {"cot": {"en": "Q: {question}", "zh": "问：{question}"}},
                                 "pairs": pairs}, ensure_ascii=False), encoding="utf-8")
     return path
 
