@@ -31,6 +31,7 @@ import common
 import decoding
 import problems
 import runs
+import stats
 
 CONDITIONS = ["none", "z", "zperp", "full"]
 RANDOM_CONDITIONS = ["rand_z", "rand_zperp"]
@@ -348,27 +349,6 @@ def table_rows(rows, generations, pairs):
 # ----------------------------------------------------------------------------------------------
 # Statistics
 
-def wilson_interval(count, n, z=1.959963984540054):
-    """Wilson score 95% interval for count successes out of n; (nan, nan) when n == 0."""
-    if n == 0:
-        return math.nan, math.nan
-    p = count / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def mcnemar_exact(first, second):
-    """Exact McNemar test on paired booleans: (b, c, p) with b = first only, c = second only, and
-    the two-sided binomial p-value of b among the b + c discordant pairs (1.0 when none)."""
-    from scipy.stats import binomtest
-    first, second = np.asarray(first, bool), np.asarray(second, bool)
-    b, c = int((first & ~second).sum()), int((~first & second).sum())
-    p = binomtest(b, b + c, 0.5).pvalue if b + c else 1.0
-    return b, c, float(p)
-
-
 CONFIG = ["layer", "k", "positions", "source"]
 
 
@@ -393,7 +373,7 @@ def config_metrics(frame):
 
     def rate(name, values, condition=""):
         count = int(np.sum(values))
-        lo, hi = wilson_interval(count, n)
+        lo, hi = stats.wilson_interval(count, n)
         return dict(metric=name, count=count, n=n, rate=count / n if n else math.nan,
                     ci_low=lo, ci_high=hi)
 
@@ -465,7 +445,7 @@ def config_tests(frame):
         for a, b in (("z", "zperp"), ("z", "rand_z"), ("z", "none"), ("zperp", "rand_zperp"),
                      ("zperp", "none"), ("full", "none")):
             if a in series and b in series:
-                only_a, only_b, p = mcnemar_exact(series[a], series[b])
+                only_a, only_b, p = stats.mcnemar_exact(series[a], series[b])
                 tests.append(dict(measure=column, first=a, second=b, first_only=only_a,
                                   second_only=only_b, p_value=p))
     return tests

@@ -12,6 +12,7 @@ import torch
 import common
 import problems
 import runs
+import stats
 import exp_a_patching as A
 
 
@@ -60,23 +61,23 @@ def test_ot_patch_from_own_prompt_leaves_logits_unchanged(tiny):
 
 
 def test_wilson_interval_against_hand_computed_values():
-    lo, hi = A.wilson_interval(10, 20)
+    lo, hi = stats.wilson_interval(10, 20)
     assert abs(lo - 0.2993) < 1e-4 and abs(hi - 0.7007) < 1e-4
-    lo, hi = A.wilson_interval(0, 10)
+    lo, hi = stats.wilson_interval(0, 10)
     assert lo == 0 and abs(hi - 0.2775) < 1e-4
-    lo, hi = A.wilson_interval(15, 15)
+    lo, hi = stats.wilson_interval(15, 15)
     assert abs(lo - 0.7961) < 1e-4 and hi == 1
-    assert all(math.isnan(v) for v in A.wilson_interval(0, 0))
+    assert all(math.isnan(v) for v in stats.wilson_interval(0, 0))
 
 
 def test_mcnemar_exact_against_hand_computed_values():
     first = [True] * 6 + [False] * 4
     second = [False] * 6 + [False] * 4
-    assert A.mcnemar_exact(first, second) == (6, 0, pytest.approx(2 * 0.5 ** 6))
+    assert stats.mcnemar_exact(first, second) == (6, 0, pytest.approx(2 * 0.5 ** 6))
     first = [True] * 5 + [False] + [True] * 4
     second = [False] * 5 + [True] + [True] * 4
-    assert A.mcnemar_exact(first, second)[2] == pytest.approx(2 * 7 / 64)
-    assert A.mcnemar_exact([True, False], [True, False])[2] == 1.0
+    assert stats.mcnemar_exact(first, second)[2] == pytest.approx(2 * 7 / 64)
+    assert stats.mcnemar_exact([True, False], [True, False])[2] == 1.0
 
 
 def _synthetic_rows(n, z_change, zperp_lang, random_change, n_random=5):
