@@ -244,6 +244,8 @@ def prepare_layer(model, tokenizer, pairs, template, layer, args, swap_of):
     """States, sources and bases of one layer (see LayerContext); the English prompts run through
     layers 0..stream once (decoding.shared_prefill)."""
     stream = layer if args.site == "output" else layer - 1
+    tqdm.write(f"layer {layer}: English prompts through layers 0..{stream} (shared prefill), "
+               f"Chinese prompt states")
     en_texts, en_spans = prompt_texts(pairs, template, "en")
     ids, mask, span_mask = common.tokenize_left_padded(tokenizer, en_texts, en_spans)
     prefill = decoding.shared_prefill(model, ids, mask, stream)
@@ -256,6 +258,7 @@ def prepare_layer(model, tokenizer, pairs, template, layer, args, swap_of):
     # The sink token (position 0) is left out of the covariance: its norm would dominate it.
     cov = stats.covariance(torch.cat([t[1:] for t in en_tokens + zh_tokens]).numpy())
     draws = max(args.n_random, args.n_random_logprob)
+    tqdm.write(f"layer {layer}: Z and {draws} {args.random_kind} random bases per k")
     bases = make_bases(model, layer, args.k, draws, args.seed, args.fold_norm, args.random_kind,
                        stats.covariance_sqrt(cov) if args.random_kind == "matched" else None)
     ot_sources = {}

@@ -486,7 +486,7 @@ def _bars(ax, configs, conditions, value, error=None, band=None, ylabel="", titl
             yerr = np.abs(np.stack([values - lo_hi[:, 0], lo_hi[:, 1] - values]))
         ax.bar(xs, np.nan_to_num(values), width * 0.85, color=COLOURS[cond], alpha=0.8,
                label=LABEL[cond], yerr=yerr, capsize=2, error_kw=dict(lw=0.8))
-        ax.plot(xs, values, "o", color=COLOURS[cond], ms=4, mec="white", mew=0.5)
+        ax.plot(xs, values, "o", color=COLOURS[cond], ms=6, mec="black", mew=0.6, zorder=3)
         for x, cfg in zip(xs, configs):
             b = band(cfg, cond) if band is not None else None
             if b is not None:
@@ -498,11 +498,11 @@ def _bars(ax, configs, conditions, value, error=None, band=None, ylabel="", titl
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.axhline(0, color="k", lw=0.5)
-    ax.legend(fontsize=7, ncol=len(conditions))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
 
 
 def _say(ax, text):
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=8,
+    ax.text(0.5, 0.9, text, transform=ax.transAxes, ha="center", va="top", fontsize=8,
             bbox=dict(fc="white", ec="0.7"))
 
 
@@ -532,12 +532,12 @@ def plot_figures(out_dir, figures_dir, tables, template):
         return fn
 
     conds = ["noop", "z", "zperp", "full", "en"]
-    width = max(6, 1.8 * len(configs))
+    width = max(6, 1.8 * len(configs)) + 1.5  # room for the legend on the right
     fig, axes = plt.subplots(2, 1, figsize=(width, 7))
     _bars(axes[0], configs, conds, value("answer_change"), error("answer_change"),
           band(controls, "answer_change"), "share of problems",
-          "answer changed vs no patch (same-problem source); bars: Wilson 95%; shaded: random "
-          "draws (range, dotted: mean)")
+          "answer changed vs no patch (same-problem source)\nerror bars: Wilson 95%; shaded: "
+          "random draws of Z's size (range; dotted: mean)")
     _bars(axes[1], configs, conds, value("language_change"), error("language_change"),
           band(controls, "language_change"), "share of English baselines",
           "output language changed (problems whose unpatched output is English)")
@@ -561,10 +561,11 @@ def plot_figures(out_dir, figures_dir, tables, template):
     null = draws if len(draws) else controls
     what = "log p(reference) at the readout" if template == "cot" else "log p(reference answer)"
     _bars(axes[0], configs, conds, value("dlogp_ref"), None, band(null, "dlogp_ref"),
-          "shift (nats)", f"shift in {what} vs no patch, same-problem source; shaded: random draws")
+          "shift (nats)", f"shift in {what} vs no patch, same-problem source\nshaded: random "
+          f"draws of Z's size (range; dotted: mean)")
     _bars(axes[1], configs, ["z", "zperp", "full"], value("dld_swap"), None, band(null, "dld_swap"),
-          "shift (nats)", "shift in ld = log p(own answer) − log p(source's answer), swap source "
-          "(negative: toward the source)")
+          "shift (nats)", "shift in ld = log p(own answer) − log p(source's answer), swap source\n"
+          "(negative: toward the source's answer)")
     for ax, metric in zip(axes, ("dlogp_ref", "dld_swap")):
         if not metrics[metrics.metric == metric].value.notna().any():
             _say(ax, "no scored rows")
