@@ -84,15 +84,18 @@ def peak_memory_gb(device):
 def bench_a(model, tokenizer, pairs, templates, spec, device):
     """A's gold grid batched, then a sample of the same decodes one at a time."""
     args = SimpleNamespace(k=spec["ks"], positions=["prompt", "all"], source=["mean", "ot"],
-                           fold_norm=False, n_random=spec["n_random"], seed=0,
-                           batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"])
+                           fold_norm=False, n_random=spec["n_random"], n_random_logprob=0, seed=0,
+                           batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"],
+                           template="cot", site="output", skip_first=False, random_kind="uniform")
     swap_of = A.derangement([p["answer"] for p in pairs], 0)
-    generations = {}
+    generations, scores, earlier = A.Store(None, pairs), A.Store(None, pairs), set()
     with Timer(device) as batched:
         for layer in spec["layers"]:
-            A.run_layer(model, tokenizer, pairs, templates, layer, args, swap_of, generations)
-    n_batched = len(generations)
-    sample = sorted(generations)[::max(1, n_batched // spec["single_sample"])][:spec["single_sample"]]
+            earlier |= A.run_layer(model, tokenizer, pairs, templates, layer, args, swap_of,
+                                   generations, scores, earlier)[3]
+    n_batched = len(generations.results)
+    sample = sorted(generations.results)[::max(1, n_batched // spec["single_sample"])][
+        :spec["single_sample"]]
     by_layer = {}
     for job in sample:  # none jobs carry layer -1: run them in the first layer's hook
         by_layer.setdefault(job[1] if job[1] >= 0 else spec["layers"][0], []).append(job)
@@ -118,21 +121,15 @@ def _one_at_a_time(model, tokenizer, pairs, templates, layer, args, swap_of, job
     """(set-up seconds, decode seconds) for `jobs` the naive way: each row alone, its whole prompt
     through every layer, with the same patch and scores."""
     setup = Timer(device).__enter__()
-    prefill, en_tokens = A.english_prefill(model, tokenizer, pairs, templates, layer)
-    zh_texts, zh_spans = A.prompt_texts(pairs, templates, "zh")
-    zh_tokens, zh_means = A.capture_prompt_states(model, tokenizer, zh_texts, zh_spans, layer, 16)
-    bases = A.make_bases(model, layer, args.k, args.n_random, args.seed)
-    scale = A.robust_scale(en_tokens + zh_tokens)
-    ot_sources = {(j[0], j[6]): A.ot_source(en_tokens[j[0]], zh_tokens[j[6]], scale)[0]
-                  for j in jobs if j[5] == "ot"}
+    ctx = A.prepare_layer(model, tokenizer, pairs, templates, layer, args, swap_of)
     en_texts, _ = A.prompt_texts(pairs, templates, "en")
     stop_ids = problems.stop_token_ids(tokenizer)
     setup.__exit__()
     with Timer(device) as t:
         for job in jobs:
             ids, mask, _ = common.tokenize_left_padded(tokenizer, [en_texts[job[0]]], device=device)
-            patch = A.make_patch([job], layer, bases, zh_means, ot_sources, ids.shape[1],
-                                 common.hidden_size(model)).to(device)
+            rows = decoding.select_prefill(ctx.prefill, [job.problem])
+            patch = A.make_patch([job], ctx, rows, args).to(device)
             reference = [problems.answer_continuation(tokenizer, pairs[job[0]]["answer"], "en")]
             partner = [problems.answer_continuation(tokenizer, pairs[swap_of[job[0]]]["answer"], "en")]
             out = decoding.generate_and_score(model, ids, mask, args.max_new_tokens, patch, stop_ids,
