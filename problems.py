@@ -238,7 +238,8 @@ def add_pairs_args(parser):
                         help="prompts.json-style file (default: prompts.json)")
     parser.add_argument("--prompts-en", type=Path, default=None,
                         help="MGSM-style English TSV (with --prompts-zh; replaces --prompts)")
-    parser.add_argument("--prompts-zh", type=Path, default=None)
+    parser.add_argument("--prompts-zh", type=Path, default=None,
+                        help="MGSM-style Chinese TSV, row i the translation of --prompts-en's row i")
     parser.add_argument("--limit", type=int, default=None, help="use the first N pairs")
     return parser
 
