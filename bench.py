@@ -165,9 +165,8 @@ def bench_c(model, tokenizer, pairs, spec, device):
 
 def bench_d(model, tokenizer, pairs, device):
     """D at the basis layer for k = 20 and 50 (scaled to the shape), 100 shuffles."""
-    import exp_c_ard_mmd as C
     import exp_d_bridge as D
-    layer = C.scale_layer(32, common.num_layers(model))
+    layer = common.plan_layer_at_depth(model)
     texts = [p["zh"] for p in pairs] + [p["en"] for p in pairs]
     with Timer(device) as t:
         pooled = common.extract_activations(model, tokenizer, texts, [layer], cache_dir=None)[:, 0]

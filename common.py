@@ -11,6 +11,7 @@ Conventions used throughout:
 import functools
 import hashlib
 import json
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -498,30 +499,87 @@ def model_fingerprint(model):
 # Activation extraction shared by Experiments B, C and D (one batched pass, cached on disk)
 
 DEFAULT_CACHE = Path("results") / "cache"
+# A number as written in a question: digits with the separators between them ("80,000", "2.5").
+# \d is Unicode-aware, so full-width digits count too.
+NUMBER_PATTERN = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def number_token_mask(tokenizer, text):
+    """(T,) bool over the tokens of `text` (no special tokens, as tokenize_left_padded makes them):
+    True on the tokens of its numbers, i.e. every token whose characters overlap a number
+    ("80,000" -> 8 0 , 0 0 0; "2.5" -> 2 . 5) or whose own text holds a digit. Whitespace next to a
+    number is not part of it (Qwen writes " 16" as " ", "1", "6": the " " stays)."""
+    spans = [m.span() for m in NUMBER_PATTERN.finditer(text)]
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    flags = [any(start < end_ and end > start_ for start_, end_ in spans)
+             or bool(NUMBER_PATTERN.search(tokenizer.decode([token_id])))
+             for token_id, (start, end) in zip(enc["input_ids"], enc["offset_mapping"])]
+    return torch.tensor(flags, dtype=torch.bool)
+
+
+def kept_positions(tokenizer, texts, attention_mask, drop_first=True, drop_numbers=False,
+                   skip_prefix=None):
+    """(B, T) bool, aligned with the left-padded `attention_mask` of `texts`: the positions whose
+    states enter the token means and clouds. Left out: padding; position 0 with `drop_first`
+    (Qwen's attention sink); the first skip_prefix[i] tokens of text i (a list, or None); the tokens
+    of numbers with `drop_numbers` (number_token_mask). A text with nothing left is a UsageError."""
+    keep = attention_mask.bool().cpu().clone()
+    width = keep.shape[1]
+    for row, text in enumerate(texts):
+        first = width - int(keep[row].sum())
+        skip = max(int(drop_first), int(skip_prefix[row]) if skip_prefix is not None else 0)
+        keep[row, first:first + skip] = False
+        if drop_numbers:
+            keep[row, first:] &= ~number_token_mask(tokenizer, text)
+        if not keep[row].any():
+            raise UsageError(f"the text {text[:40]!r} has no token left once the first token"
+                             f"{' and its numbers' if drop_numbers else ''} are left out; "
+                             f"remove it from the pairs")
+    return keep
+
+
+def number_token_counts(tokenizer, texts):
+    """How many tokens the texts have and how many of them belong to numbers (for config.json)."""
+    masks = [number_token_mask(tokenizer, text) for text in texts]
+    return {"tokens": int(sum(len(m) for m in masks)),
+            "number_tokens": int(sum(int(m.sum()) for m in masks))}
+
+
+def _activation_cache_path(cache_dir, model, texts, layers, pool, drop_first, drop_numbers,
+                           skip_prefix):
+    """The cache file for one extraction: the key holds everything that changes its result."""
+    if cache_dir is None:
+        return None
+    key = hashlib.sha256(json.dumps(
+        {"model": model_fingerprint(model), "texts": list(texts), "layers": layers, "pool": pool,
+         "drop_first": drop_first, "drop_numbers": drop_numbers,
+         "skip_prefix": None if skip_prefix is None else [int(s) for s in skip_prefix]},
+        ensure_ascii=False).encode()).hexdigest()[:24]
+    return Path(cache_dir) / f"acts-{key}.pt"
 
 
 @torch.no_grad()
 def extract_activations(model, tokenizer, texts, layers, pool="mean", drop_first=True,
-                        batch_size=16, cache_dir=DEFAULT_CACHE, desc="extract"):
+                        drop_numbers=False, skip_prefix=None, batch_size=16,
+                        cache_dir=DEFAULT_CACHE, desc="extract"):
     """Decoder-layer outputs (forward hooks, so the last layer is before the final norm) for texts.
 
     layers: list of layer indices, -1 = the embeddings.
-    pool="mean": returns float32 (N, len(layers), d), the mean over each text's tokens.
-    pool=None: returns a list of N float16 tensors (T_i, len(layers), d) of token states.
-    drop_first: leave out position 0 (Qwen's attention sink, whose norm dominates any mean).
-    Texts are batched by length; the result is cached under cache_dir keyed by the model, the
-    texts (so the template), the layers, the pooling and the dtype: a changed input never reuses
-    a stale file. cache_dir=None disables the cache.
+    pool="mean": returns float32 (N, len(layers), d), the mean over each text's kept tokens.
+    pool=None: returns a list of N float16 tensors (T_i, len(layers), d), the kept token states.
+    Kept tokens (kept_positions): all but position 0 with drop_first (Qwen's attention sink, whose
+    norm dominates any mean), the first skip_prefix[i] tokens of text i, and with drop_numbers the
+    tokens of numbers (number_token_mask). Texts are batched by length; the result is cached under
+    cache_dir keyed by the model, the texts (so the template), the layers and every option above:
+    a changed input never reuses a stale file. cache_dir=None disables the cache.
     """
     from tqdm.auto import tqdm
     layers = [int(l) for l in layers]
     for layer in layers:
         if layer != -1:
             check_layer(model, layer)
-    key = hashlib.sha256(json.dumps(
-        {"model": model_fingerprint(model), "texts": list(texts), "layers": layers,
-         "pool": pool, "drop_first": drop_first}, ensure_ascii=False).encode()).hexdigest()[:24]
-    path = Path(cache_dir) / f"acts-{key}.pt" if cache_dir is not None else None
+    path = _activation_cache_path(cache_dir, model, texts, layers, pool, drop_first, drop_numbers,
+                                  skip_prefix)
     if path is not None and path.exists():
         return torch.load(path)
     device = next(model.parameters()).device
@@ -530,14 +588,12 @@ def extract_activations(model, tokenizer, texts, layers, pool="mean", drop_first
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False):
         rows = order[start:start + batch_size]
         ids, mask, _ = tokenize_left_padded(tokenizer, [texts[i] for i in rows], device=device)
+        keep = kept_positions(tokenizer, [texts[i] for i in rows], mask, drop_first, drop_numbers,
+                              None if skip_prefix is None else [skip_prefix[i] for i in rows])
         captured = capture_layer_outputs(model, ids, mask, layers)
         states = torch.stack([captured[l] for l in layers], 2)  # (B, T, L, d)
-        keep = mask.bool().clone()
-        if drop_first:
-            first = keep.float().argmax(1)  # left padding: the first real position per row
-            keep[torch.arange(len(rows)), first] = False
         for b, i in enumerate(rows):
-            tokens = states[b][keep[b]]
+            tokens = states[b][keep[b].to(states.device)]
             results[i] = tokens.float().mean(0).cpu() if pool == "mean" else tokens.half().cpu()
     out = torch.stack(results) if pool == "mean" else results
     if path is not None:
@@ -585,9 +641,50 @@ def add_activation_args(parser):
                              "(default: raw weights, as Phase 2 built Z)")
     parser.add_argument("--keep-first-token", action="store_true",
                         help="include position 0 (the attention sink, whose norm dominates a "
-                             "mean) in the token means")
-    parser.add_argument("--cache-dir", type=cache_dir_arg, default=Path("results") / "cache",
+                             "mean) in the token means and clouds")
+    parser.add_argument("--drop-numbers", action="store_true",
+                        help="leave the tokens of numbers (every token with a digit, and the "
+                             "separators inside a number such as 80,000) out of the token means "
+                             "and clouds: the zh and en versions of a problem share their digits, "
+                             "which alone could match a problem across languages")
+    parser.add_argument("--cache-dir", type=cache_dir_arg, default=DEFAULT_CACHE,
                         help="activation cache folder, or 'none' for no cache")
     parser.add_argument("--replot", action="store_true",
-                        help="only redraw the figures from the CSVs in --out (no model)")
+                        help="only redraw the figures from the saved results in --out (no model)")
     return parser
+
+
+PLAN_NUM_LAYERS = 36  # Qwen2.5-3B: the model the plan's layer numbers refer to
+PLAN_Z_LAYER = 32     # the plan's layer of Z
+
+
+def plan_layer_at_depth(model_or_config, plan_layer=PLAN_Z_LAYER):
+    """The plan's layer (numbered of 36) at the same fraction of this model's depth, capped at the
+    last layer: min(L - 1, round(plan_layer / 36 * L)); 32 -> 21 of 24, 25 of 28, 32 of 36."""
+    n = num_layers(model_or_config)
+    return min(n - 1, int(round(plan_layer / PLAN_NUM_LAYERS * n)))
+
+
+def add_layer_args(parser, flag, what):
+    """A script's layer flag (`flag`, e.g. --layer or --basis-layer; `what` says what it picks)
+    and --depth F beside it; resolve both with resolve_layer."""
+    parser.add_argument(flag, type=int, default=None,
+                        help=f"{what} (default: the plan's layer 32 of 36 at the same fraction of "
+                             f"this model's depth)")
+    parser.add_argument("--depth", type=float, default=None,
+                        help=f"instead of {flag}: the layer round(F x number of layers), the same "
+                             f"depth on every model (0.889: 32 of 36, 25 of 28, 21 of 24)")
+    return parser
+
+
+def resolve_layer(model_or_config, layer, depth, flag, plan_layer=PLAN_Z_LAYER):
+    """The layer named by a script's layer flag (`flag`, value `layer`) or by --depth F
+    (depth_to_layer); with neither, the plan's layer at the same depth (plan_layer_at_depth).
+    Passing both, an unknown layer or a fraction outside (0, 1) is a UsageError naming the flag."""
+    if layer is not None and depth is not None:
+        raise UsageError(f"pass {flag} or --depth, not both")
+    if layer is not None:
+        return check_layer(model_or_config, layer, flag=flag)
+    if depth is not None:
+        return depth_to_layer(model_or_config, depth)
+    return plan_layer_at_depth(model_or_config, plan_layer)
