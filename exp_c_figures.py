@@ -108,7 +108,8 @@ def plot_spectrum(out, path, basis_layer):
         v = npz["log10_l"][li, list(npz["objectives"]).index(r.objective),
                            list(npz["starts"]).index(r.start), list(npz["lambdas"]).index(r["lambda"])]
         label = f"{r.objective}, {r.start}, λ={r['lambda']:g} (|Z|={r.z_size})"
-        ax_h.hist(v, bins=60, histtype="step", label=label)
+        # A spectrum with (numerically) no spread, e.g. nothing moved from the start, is one bar.
+        ax_h.hist(v, bins=60 if np.ptp(v) > 1e-6 else 1, histtype="step", label=label)
         ax_c.plot(np.sort(v), label=label)
     ax_h.axvline(npz["log10_l_ref"][li], color="k", ls=":", label="l_ref (Z threshold)")
     ax_c.axhline(npz["log10_l_ref"][li], color="k", ls=":", label="l_ref (Z threshold)")
