@@ -168,13 +168,15 @@ def is_degenerate(text, min_repeats=3, coverage=0.8):
     return covered >= coverage * len(s)
 
 
-def classify_language(text, threshold=0.8):
-    """'en', 'zh', 'mixed' or 'none' for a response (truncated at the next example).
+def classify_language(text, threshold=0.8, truncate=True):
+    """'en', 'zh', 'mixed' or 'none' for a response (truncated at the next example, unless
+    truncate=False: a bare-number answer has no letters, and what the model writes after it,
+    e.g. "\n\nQuestion:" or "\n\n问题：", is then its only language evidence).
 
     none: no letters at all, or degenerate repetition. Otherwise the share of CJK characters among
     CJK characters plus Latin letters decides: >= threshold zh, <= 1 - threshold en, else mixed.
     """
-    response = truncate_response(text)
+    response = truncate_response(text) if truncate else text
     cjk, latin = len(_CJK.findall(response)), len(_LATIN.findall(response))
     if cjk + latin == 0 or is_degenerate(response):
         return "none"
@@ -238,7 +240,8 @@ def add_pairs_args(parser):
                         help="prompts.json-style file (default: prompts.json)")
     parser.add_argument("--prompts-en", type=Path, default=None,
                         help="MGSM-style English TSV (with --prompts-zh; replaces --prompts)")
-    parser.add_argument("--prompts-zh", type=Path, default=None)
+    parser.add_argument("--prompts-zh", type=Path, default=None,
+                        help="MGSM-style Chinese TSV, row i the same problem as --prompts-en's")
     parser.add_argument("--limit", type=int, default=None, help="use the first N pairs")
     return parser
 
