@@ -331,6 +331,14 @@ def done_values(path, column, **match):
     return set(frame[column].tolist())
 
 
+def keep_rows(path, column, keep):
+    """Rewrite a CSV keeping only rows whose `column` is in `keep`: on --resume, the rows an
+    interrupted step appended before its marking file was written are dropped, not duplicated."""
+    if Path(path).is_file():
+        frame = runs.load_csv(path)
+        runs.write_csv(frame[frame[column].isin(keep)], path)
+
+
 def per_problem_rows(measured, state, conditions, split, extra):
     """The named (non-random) conditions' rows, one per problem, pairing and condition."""
     named = [c for c, name in enumerate(conditions.names) if name != "random"]
@@ -356,6 +364,8 @@ def run_sweep(model, state, args, out, split):
     batches = make_batches(state, range(len(state.pairs)), len(FIXED) + args.n_random,
                            args.batch_size, dtype)
     done = done_values(out / "per_layer.csv", "layer")
+    for name in ("per_problem.csv", "draws.csv"):
+        keep_rows(out / name, "layer", done)
     for layer in tqdm([l for l in args.layers if l not in done], desc="layers", unit="layer"):
         z_here = common.z_basis(model, layer, args.k, fold_norm=args.fold_norm)
         conditions = make_conditions(d, args.k, [("z_basis", z_fixed), ("z_layer", z_here)],
@@ -489,7 +499,10 @@ def run_das(model, tokenizer, state, template, args, out, split, layer):
     d = common.hidden_size(model)
     test = [i for i, s in enumerate(split) if s == "test"]
     dtype = next(model.parameters()).dtype
-    for k in [k for k in args.das_k if k not in done_values(out / "das.csv", "k")]:
+    done = done_values(out / "das.csv", "k")
+    for name in ("das_training.csv", "das_angles.csv", "das_decode.csv"):
+        keep_rows(out / name, "k", done)
+    for k in [k for k in args.das_k if k not in done]:
         basis, history = das.train_das(model, state, layer, k, split, args,
                                    log=lambda h: tqdm.write(f"DAS k={k} {h}"))
         np.save(out / f"das_basis_k{k}.npy", basis.numpy())
@@ -708,6 +721,10 @@ def main(args):
 
 
 def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def build_parser():
     parser = runs.make_parser(__doc__)
     common.add_common_args(parser, "exp_e")
     problems.add_pairs_args(parser)
@@ -754,7 +771,7 @@ def parse_args(argv=None):
     parser.add_argument("--replot", action="store_true",
                         help="only redraw the figures from the CSVs in --out (no model)")
     parser.set_defaults(batch_size=None)  # resolved in main(): 1024 on a GPU, 64 on a CPU
-    return parser.parse_args(argv)
+    return parser
 
 
 if __name__ == "__main__":
