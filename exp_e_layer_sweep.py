@@ -31,6 +31,7 @@ config.json; figures layer_sweep.png and das.png under --figures (runs.figure_pa
 exp_e_summary.py from the CSVs.
 """
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -50,7 +51,8 @@ import stats
 from exp_a_patching import derangement  # the seeded swap-partner derangement of Experiment A
 
 FIXED = ["none", "full", "z_basis", "z_layer"]
-MEASURES = ["dlogp_own", "dlogp_src", "transfer", "transfer_pooled", "dlang_own"]
+MEASURES = ["dlogp_own", "dlogp_src", "transfer", "transfer_pooled", "transfer_first",
+            "dlang_own"]
 EN_MARK, ZH_MARK = ".\n\n", "。\n\n"  # what follows the answer in the template's examples
 
 
@@ -168,17 +170,22 @@ def last_states(model, tokenizer, texts, m, batch_size):
 
 
 def clean_frame(pairs, partner, inverse, scores):
-    """Per problem: split-free clean scores. logp_src is log p(partner's answer | own prompt);
-    ld_target = log p(own answer | partner's prompt) - log p(partner's answer | partner's prompt)."""
+    """Per problem: clean scores. logp_src is log p(partner's answer | own prompt); ld_target =
+    log p(own answer | partner's prompt) - log p(partner's answer | partner's prompt); the
+    first_* and ld_first_* columns are the same for the answers' first tokens alone."""
     logp, lang, greedy = scores["logp"].double().numpy(), scores["lang"].double().numpy(), \
         scores["greedy"].numpy()
+    first = scores["logp_first"].double().numpy()
     rows = []
     for i, p in enumerate(pairs):
         j = partner[i]
         rows.append(dict(problem_id=p["id"], answer=p["answer"], source_id=pairs[j]["id"],
                          source_answer=pairs[j]["answer"], logp_own=logp[i, 0],
                          logp_src=logp[i, 1], ld_clean=logp[i, 0] - logp[i, 1],
-                         ld_target=logp[j, 2] - logp[j, 0], greedy_correct=bool(greedy[i, 0]),
+                         ld_target=logp[j, 2] - logp[j, 0], first_own=first[i, 0],
+                         first_src=first[i, 1], ld_first_clean=first[i, 0] - first[i, 1],
+                         ld_first_target=first[j, 2] - first[j, 0],
+                         greedy_correct=bool(greedy[i, 0]),
                          lang_own=lang[i, 0], lang_src=lang[i, 1]))
     return pd.DataFrame(rows)
 
@@ -237,7 +244,7 @@ def make_batches(state, problem_index, n_conditions, batch_size, dtype):
 @torch.no_grad()
 def run_rows(model, state, layer, conditions, batches):
     """Scores of every row with the `last` source patched at `layer`: a frame with problem,
-    pairing, condition index, logp_own, logp_src, lang_own, lang_src (float64)."""
+    pairing, condition index, logp_own, logp_src, first_own, first_src, lang_own, lang_src."""
     device = state.hidden.device
     bases, complement = conditions.bases.to(device), conditions.complement.to(device)
     frames = []
@@ -254,40 +261,53 @@ def run_rows(model, state, layer, conditions, batches):
             "condition": batch.condition.cpu().numpy(),
             "logp_own": out["logp"][:, 0].double().cpu().numpy(),
             "logp_src": out["logp"][:, src].double().cpu().numpy(),
+            "first_own": out["logp_first"][:, 0].double().cpu().numpy(),
+            "first_src": out["logp_first"][:, src].double().cpu().numpy(),
             "lang_own": out["lang"][:, 0].double().cpu().numpy(),
             "lang_src": out["lang"][:, src].double().cpu().numpy()}))
     return pd.concat(frames, ignore_index=True)
 
 
-def row_measures(rows, clean):
+def row_measures(rows, clean, min_span=1.0):
     """Per-row shifts against the clean run and, for swap rows, the transfer fraction.
 
-    dlogp_own, dlogp_src, dlang_own: patched minus clean; ld_shift = ld - ld_clean, ld_span =
-    ld_target - ld_clean and transfer = ld_shift / ld_span, NaN where ld_span is 0 (equal answers)."""
+    dlogp_own, dlogp_src, dlang_own: patched minus clean. ld_shift = ld - ld_clean and ld_span =
+    ld_target - ld_clean; transfer = ld_shift / ld_span where |ld_span| >= min_span nats, else NaN
+    (a pair whose answers the model tells apart on neither prompt has no transfer to measure, and
+    its ratio is noise). first_shift, first_span, transfer_first: the same for the first token."""
     c = clean.iloc[rows.problem.to_numpy()].reset_index(drop=True)
     same = (rows.pairing == "same").to_numpy()
     out = rows.copy()
     out["dlogp_own"] = rows.logp_own - c.logp_own
     out["dlogp_src"] = rows.logp_src - np.where(same, c.logp_own, c.logp_src)
     out["dlang_own"] = rows.lang_own - c.lang_own
-    ld = rows.logp_own - rows.logp_src
-    out["ld_shift"] = np.where(same, np.nan, ld - c.ld_clean)
-    out["ld_span"] = np.where(same, np.nan, c.ld_target - c.ld_clean)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out["transfer"] = np.where(np.abs(out.ld_span) > 1e-9, out.ld_shift / out.ld_span, np.nan)
+    for prefix, ld, ld_clean, ld_target in (
+            ("ld", rows.logp_own - rows.logp_src, c.ld_clean, c.ld_target),
+            ("first", rows.first_own - rows.first_src, c.ld_first_clean, c.ld_first_target)):
+        shift = np.where(same, np.nan, ld - ld_clean)
+        span = np.where(same, np.nan, ld_target - ld_clean)
+        ok = np.abs(span) >= min_span
+        out[f"{prefix}_shift"], out[f"{prefix}_span"] = shift, np.where(ok, span, np.nan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["transfer" if prefix == "ld" else "transfer_first"] = np.where(ok, shift / span,
+                                                                             np.nan)
     return out
 
 
 def aggregate(measured):
-    """Means per (pairing, condition index): dlogp_own, dlogp_src, dlang_own, transfer (mean of
-    per-pair fractions) and transfer_pooled (mean shift / mean span, robust to small spans)."""
+    """Means per (pairing, condition index): dlogp_own, dlogp_src, dlang_own; over the swap pairs
+    with a transfer: transfer (mean of per-pair fractions, the issue's definition),
+    transfer_pooled (mean shift / mean span: each pair weighted by its span) and transfer_first
+    (mean of the first-token fractions); n_transfer pairs."""
     def summary(group):
         valid = group.transfer.notna()
         pooled = (group.ld_shift[valid].mean() / group.ld_span[valid].mean()) if valid.any() \
             else np.nan
-        return pd.Series({"n": len(group), "dlogp_own": group.dlogp_own.mean(),
-                          "dlogp_src": group.dlogp_src.mean(), "transfer": group.transfer.mean(),
-                          "transfer_pooled": pooled, "dlang_own": group.dlang_own.mean()})
+        return pd.Series({"n": len(group), "n_transfer": int(valid.sum()),
+                          "dlogp_own": group.dlogp_own.mean(), "dlogp_src": group.dlogp_src.mean(),
+                          "transfer": group.transfer.mean(), "transfer_pooled": pooled,
+                          "transfer_first": group.transfer_first.mean(),
+                          "dlang_own": group.dlang_own.mean()})
     return measured.groupby(["pairing", "condition"]).apply(summary, include_groups=False).reset_index()
 
 
@@ -302,6 +322,7 @@ def summarise_conditions(agg, conditions, extra):
         rand = group[group.name == "random"]
         for _, row in group[group.name != "random"].iterrows():
             record = dict(extra, pairing=pairing, condition=row["name"], n=int(row.n),
+                          n_transfer=int(row.n_transfer),
                           **{m: row[m] for m in MEASURES})
             if row["name"] not in ("none", "full") and len(rand):
                 for m in MEASURES:
@@ -311,13 +332,15 @@ def summarise_conditions(agg, conditions, extra):
             summary.append(record)
         if len(rand):
             record = dict(extra, pairing=pairing, condition="random", n=int(rand.n.iloc[0]),
+                          n_transfer=int(rand.n_transfer.iloc[0]),
                           **{m: rand[m].mean() for m in MEASURES})
             for m in MEASURES:
                 record[f"{m}_lo"], record[f"{m}_hi"] = np.nanpercentile(rand[m], [2.5, 97.5]) \
                     if rand[m].notna().any() else (np.nan, np.nan)
             summary.append(record)
     draws = draws.assign(**extra)
-    return pd.DataFrame(summary), draws[list(extra) + ["pairing", "draw", "n"] + MEASURES]
+    return pd.DataFrame(summary), draws[list(extra) + ["pairing", "draw", "n", "n_transfer"]
+                                        + MEASURES]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,6 +380,24 @@ def per_problem_rows(measured, state, conditions, split, extra):
     return frame
 
 
+def query_flops(config, rows, width, prefix, n_layers_run, scored):
+    """Multiply-adds x 2 of running `rows` query blocks of `width` tokens through n_layers_run
+    decoder layers against `prefix` cached positions, then the LM head at `scored` positions per
+    row (the cost model of the suffix-only engine; norms, RoPE and the patch are left out)."""
+    d, ffn = config.hidden_size, config.intermediate_size
+    d_head = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    q, kv = config.num_attention_heads * d_head, config.num_key_value_heads * d_head
+    per_token = 2 * (d * q + 2 * d * kv + q * d + 3 * d * ffn) + 4 * (prefix + width) * q
+    return rows * (width * n_layers_run * per_token + scored * 2 * d * config.vocab_size)
+
+
+def layer_flops(config, batches, layer):
+    """Estimated FLOPs of one layer's patched rows (query_flops summed over the batches)."""
+    n_layers = config.num_hidden_layers
+    return sum(query_flops(config, len(b.problems), b.block.width, b.block.prefix_width,
+                           n_layers - 1 - layer, b.block.width - b.block.m + 1) for b in batches)
+
+
 def run_sweep(model, state, args, out, split):
     """Every layer of args.layers not in per_layer.csv yet: patched rows, measures, and three
     CSVs appended per layer (a crash loses at most the layer under way)."""
@@ -369,14 +410,18 @@ def run_sweep(model, state, args, out, split):
     for name in ("per_problem.csv", "draws.csv"):
         keep_rows(out / name, "layer", done)
     for layer in tqdm([l for l in args.layers if l not in done], desc="layers", unit="layer"):
+        started = time.perf_counter()
         z_here = common.z_basis(model, layer, args.k, fold_norm=args.fold_norm)
         conditions = make_conditions(d, args.k, [("z_basis", z_fixed), ("z_layer", z_here)],
                                      args.n_random, args.seed)
-        measured = row_measures(run_rows(model, state, layer, conditions, batches), state.clean)
+        measured = row_measures(run_rows(model, state, layer, conditions, batches), state.clean,
+                                args.min_span)
         extra = {"layer": layer, "depth": layer / L}
         summary, draws = summarise_conditions(aggregate(measured), conditions, extra)
         noop = measured[measured.condition == 0][["dlogp_own", "dlogp_src"]].abs().to_numpy()
         summary["noop_max_abs"] = float(noop.max())
+        summary["seconds"] = time.perf_counter() - started  # this layer's rows, Z's SVD included
+        summary["tflop"] = layer_flops(model.config, batches, layer) / 1e12
         runs.write_csv(per_problem_rows(measured, state, conditions, split, extra),
                        out / "per_problem.csv", append=True)
         runs.write_csv(draws, out / "draws.csv", append=True)
@@ -455,6 +500,8 @@ def run_decode_checks(model, tokenizer, state, template, args, out, layers):
     d = common.hidden_size(model)
     z_fixed = common.z_basis(model, args.basis_layer, args.k, fold_norm=args.fold_norm)
     problem_index = list(range(min(args.decode_limit, len(state.pairs))))
+    if not problem_index or not layers:
+        return
     done = done_values(out / "decode.csv", "layer")
     for layer in [l for l in layers if l not in done]:
         z_here = common.z_basis(model, layer, args.k, fold_norm=args.fold_norm)
@@ -493,7 +540,8 @@ def run_das(model, tokenizer, state, template, args, out, split, layer):
         conditions = make_conditions(d, k, [("das", basis), ("z_basis", z_fixed),
                                             ("z_layer", z_here)], args.n_random, args.seed)
         batches = make_batches(state, test, len(conditions.names), args.batch_size, dtype)
-        measured = row_measures(run_rows(model, state, layer, conditions, batches), state.clean)
+        measured = row_measures(run_rows(model, state, layer, conditions, batches), state.clean,
+                                args.min_span)
         summary, _ = summarise_conditions(aggregate(measured), conditions, {"k": k, "layer": layer})
         random_bases = [b for b, name in zip(conditions.bases, conditions.names) if name == "random"]
         angles = das.das_angles(basis, [("z_basis", -1, z_fixed), ("z_layer", -1, z_here)],
@@ -539,6 +587,8 @@ def validate(args):
                               f"position that predicts the first digit)")
     if args.batch_size is not None and args.batch_size < 1:
         raise runs.UsageError("--batch-size must be at least 1")
+    if args.min_span < 0:
+        raise runs.UsageError(f"--min-span {args.min_span} must be >= 0")
     if args.das_lr <= 0:
         raise runs.UsageError(f"--das-lr {args.das_lr} must be positive")
     if len(args.split) != 3 or min(args.split) <= 0 or abs(sum(args.split) - 1) > 1e-6:
@@ -556,7 +606,7 @@ def main(args):
     pairs, template = validate(args)
     if args.batch_size is None:  # rows are a few tokens each: large batches pay on a GPU
         on_gpu = common._resolve_device(args.device).type == "cuda"
-        args.batch_size = 1024 if on_gpu else 64
+        args.batch_size = 512 if on_gpu else 64
     out = runs.prepare_out_dir(args.out, args.overwrite, args.resume, args, args.figures)
     runs.set_seed(args.seed)
     model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
@@ -608,6 +658,9 @@ def build_parser():
     parser.add_argument("--last-m", type=int, default=1,
                         help="positions interchanged: the English prompt's last m take the "
                              "Chinese prompt's last m, aligned from the end")
+    parser.add_argument("--min-span", type=float, default=1.0,
+                        help="a swap pair enters the transfer fraction only when |ld_target - "
+                             "ld_clean| is at least this many nats (else its ratio is noise)")
     parser.add_argument("--fold-norm", action="store_true",
                         help="fold the layer's input RMSNorm gain into W_Q, W_K before Z's SVD")
     parser.add_argument("--split", type=float, nargs=3, default=[0.5, 0.25, 0.25],
@@ -638,7 +691,7 @@ def build_parser():
                              "from the train split)")
     parser.add_argument("--replot", action="store_true",
                         help="only redraw the figures from the CSVs in --out (no model)")
-    parser.set_defaults(batch_size=None)  # resolved in main(): 1024 on a GPU, 64 on a CPU
+    parser.set_defaults(batch_size=None)  # resolved in main(): 512 on a GPU, 64 on a CPU
     return parser
 
 

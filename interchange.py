@@ -241,7 +241,8 @@ def embed(model, block):
 def score(model, hidden, block, markers=None):
     """Teacher-forced scores of every segment from the last layer's output `hidden` (B, Q, d).
 
-    Returns dict: logp (B, R) float32, summed log p of each continuation's tokens; greedy (B, R)
+    Returns dict: logp (B, R) float32, summed log p of each continuation's tokens; logp_first
+    (B, R), log p of its first token alone (what the last prompt position predicts); greedy (B, R)
     bool, every token the argmax; with markers = (en_id, zh_id), lang (B, R) float32, log p(en_id)
     - log p(zh_id) at the position after the continuation's last token (the output's language:
     what follows the answer, e.g. ".\\n\\n" against "。\\n\\n").
@@ -252,7 +253,7 @@ def score(model, hidden, block, markers=None):
     logz = torch.logsumexp(logits, -1)
     B = hidden.shape[0]
     arange = torch.arange(B, device=hidden.device)[:, None]
-    logp, greedy, lang = [], [], []
+    logp, first, greedy, lang = [], [], [], []
     for r, targets in enumerate(block.targets):
         w = targets.shape[1]
         t = torch.arange(w, device=hidden.device)[None]
@@ -260,13 +261,15 @@ def score(model, hidden, block, markers=None):
         valid = t < block.seg_len[:, r:r + 1]
         picked = logits[arange, pred, targets] - logz[arange, pred]
         logp.append((picked * valid).sum(1))
+        first.append(picked[:, 0])
         best = logits[arange, pred].argmax(-1) == targets
         greedy.append((best | ~valid).all(1))
         if markers is not None:
             after = block.seg_start[r] - m + block.seg_len[:, r]  # read after the last token
             last = logits[torch.arange(B, device=hidden.device), after]
             lang.append(last[:, markers[0]] - last[:, markers[1]])  # log-ratio: logz cancels
-    out = {"logp": torch.stack(logp, 1), "greedy": torch.stack(greedy, 1)}
+    out = {"logp": torch.stack(logp, 1), "logp_first": torch.stack(first, 1),
+           "greedy": torch.stack(greedy, 1)}
     if markers is not None:
         out["lang"] = torch.stack(lang, 1)
     return out

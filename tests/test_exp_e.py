@@ -152,9 +152,10 @@ def test_transfer_is_zero_for_a_noop_and_one_when_the_patched_run_is_the_target_
     state = ee.prepare(model, tok, pairs, template, [1, 0], T, 4)
     conditions = ee.make_conditions(common.hidden_size(model), 4, [], 0, 0)
     batches = ee.make_batches(state, [0, 1], 2, 8, torch.float32)
-    measured = ee.row_measures(ee.run_rows(model, state, -1, conditions, batches), state.clean)
+    measured = ee.row_measures(ee.run_rows(model, state, -1, conditions, batches), state.clean,
+                               min_span=0.1)
     swap = measured[measured.pairing == "swap"].set_index("condition")
-    assert np.all(np.abs(state.clean.ld_target - state.clean.ld_clean) > 0.1)
+    assert np.all(np.abs(state.clean.ld_target - state.clean.ld_clean) >= 0.1)
     assert np.allclose(swap.loc[1, "transfer"], 1, atol=1e-4)  # full
     assert np.allclose(swap.loc[0, "transfer"], 0, atol=1e-5)  # none
     same_full = measured[(measured.pairing == "same") & (measured.condition == 1)]
@@ -164,19 +165,26 @@ def test_transfer_is_zero_for_a_noop_and_one_when_the_patched_run_is_the_target_
 def test_row_measures_against_hand_computation():
     import pandas as pd
     clean = pd.DataFrame({"logp_own": [-1.0, -2.0], "logp_src": [-5.0, -4.0], "ld_clean": [4.0, 2.0],
-                          "ld_target": [-3.0, -6.0], "lang_own": [2.0, 1.0]})
+                          "ld_target": [-3.0, 1.5], "lang_own": [2.0, 1.0],
+                          "ld_first_clean": [1.0, 1.0], "ld_first_target": [-1.0, -3.0]})
     rows = pd.DataFrame({"problem": [0, 0, 1], "pairing": ["same", "swap", "swap"],
                          "condition": [0, 0, 0], "logp_own": [-1.5, -2.0, -2.0],
-                         "logp_src": [-1.5, -3.0, -4.0], "lang_own": [2.0, 1.0, 1.0],
+                         "logp_src": [-1.5, -3.0, -4.0], "first_own": [-0.5, -1.0, -1.0],
+                         "first_src": [-0.5, -1.0, -3.0], "lang_own": [2.0, 1.0, 1.0],
                          "lang_src": [2.0, 1.0, 1.0]})
-    m = ee.row_measures(rows, clean)
+    m = ee.row_measures(rows, clean, min_span=1.0)
     assert m.dlogp_own.tolist() == [-0.5, -1.0, 0.0]
     assert m.dlogp_src.tolist() == [-0.5, 2.0, 0.0]  # same: the source's answer is the own one
-    assert np.isnan(m.transfer[0])
+    assert np.isnan(m.transfer[0]) and np.isnan(m.transfer_first[0])
     assert m.transfer[1] == pytest.approx((1 - 4) / (-3 - 4))
-    assert m.transfer[2] == pytest.approx(0)
+    assert np.isnan(m.transfer[2])  # |ld_target - ld_clean| = 0.5 < min_span: no transfer
+    assert m.transfer_first[1] == pytest.approx((0 - 1) / (-1 - 1))
+    assert m.transfer_first[2] == pytest.approx((2 - 1) / (-3 - 1))
     agg = ee.aggregate(m).set_index("pairing")
-    assert agg.loc["swap", "transfer_pooled"] == pytest.approx(np.mean([-3, 0]) / np.mean([-7, -8]))
+    assert agg.loc["swap", "n_transfer"] == 1
+    assert agg.loc["swap", "transfer_pooled"] == pytest.approx(3 / 7)
+    everything = ee.aggregate(ee.row_measures(rows, clean, min_span=0)).set_index("pairing")
+    assert everything.loc["swap", "transfer_pooled"] == pytest.approx(np.mean([-3, 0]) / np.mean([-7, -0.5]))
 
 
 # ----------------------------------------------------------------------------------------------
