@@ -174,13 +174,15 @@ def is_degenerate(text, min_repeats=3, coverage=0.8):
     return covered >= coverage * len(s)
 
 
-def classify_language(text, threshold=0.8):
-    """'en', 'zh', 'mixed' or 'none' for a response (truncated at the next example).
+def classify_language(text, threshold=0.8, truncate=True):
+    """'en', 'zh', 'mixed' or 'none' for a response (truncated at the next example, unless
+    truncate=False: a bare-number answer has no letters, and what the model writes after it,
+    e.g. "\n\nQuestion:" or "\n\n问题：", is then its only language evidence).
 
     none: no letters at all, or degenerate repetition. Otherwise the share of CJK characters among
     CJK characters plus Latin letters decides: >= threshold zh, <= 1 - threshold en, else mixed.
     """
-    response = truncate_response(text)
+    response = truncate_response(text) if truncate else text
     cjk, latin = len(_CJK.findall(response)), len(_LATIN.findall(response))
     if cjk + latin == 0 or is_degenerate(response):
         return "none"

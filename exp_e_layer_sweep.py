@@ -1,0 +1,699 @@
+"""Experiment E: where does the answer live? A layer sweep of position-aligned interchange, and a
+learned subspace (DAS) as the upper bound for Z (issue 10).
+
+    python exp_e_layer_sweep.py --model Qwen/Qwen2.5-3B --prompts-en mgsm_en.tsv --prompts-zh mgsm_zh.tsv
+    python exp_e_layer_sweep.py --model tiny-random --limit 8 --n-random 3 --das-steps 4 --out results/smoke/exp_e
+    python exp_e_layer_sweep.py --replot --out results/exp_e      # redraw the figures from the CSVs
+
+Prompts use the `direct` template: the English prompt ends with "The answer is " (last token the
+lone space), the Chinese with "答案是", so each prompt's last position predicts the answer's first
+digit, and the answer's tokens are its digits. At every layer l = 0..L-1 (teacher-forced only),
+the English prompt's last --last-m positions take the Chinese prompt's last m positions (aligned
+from the end; `last` source), from the same problem (pairing `same`) or from a swap partner with a
+different answer (`swap`), within a subspace:
+  none      nothing (the no-op, computed in the same batches: the noise floor)
+  full      everything (h <- s)
+  z_basis   Z of --basis-layer (default 32; or --depth F), k dims
+  z_layer   Z of the patched layer l itself
+  random    --n-random random k-dim subspaces (the same draws at every layer)
+Per layer and condition: mean shift of log p(own answer) and of log p(source answer), and over
+swap pairs the transfer fraction (ld_patched - ld_clean) / (ld_target - ld_clean), where
+ld = log p(own answer) - log p(source answer) (all answer tokens, teacher-forced) and ld_target is
+that difference on the unpatched English prompt of the source problem; plus the language margin
+log p(".\\n\\n") - log p("。\\n\\n") after the answer. Z is read against the random draws
+(stats.rank_test). Decoded spot checks at --decode-layers; then DAS at --das-layer (default: the
+layer where full interchange transfers most on train + validation problems), trained on the train
+split, steps chosen on validation, everything reported on the held-out test split.
+
+Outputs in --out: clean.csv, per_layer.csv, draws.csv, per_problem.csv, decode.csv,
+decode_summary.csv, das.csv, das_angles.csv, das_training.csv, das_decode.csv, das_basis_k*.npy,
+config.json; figures layer_sweep.png and das.png under --figures (runs.figure_path), drawn by
+exp_e_summary.py from the CSVs.
+"""
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+import common
+import das
+import decoding
+import exp_e_summary
+import interchange
+import problems
+import runs
+import stats
+from exp_a_patching import derangement  # the seeded swap-partner derangement of Experiment A
+
+FIXED = ["none", "full", "z_basis", "z_layer"]
+MEASURES = ["dlogp_own", "dlogp_src", "transfer", "transfer_pooled", "transfer_first",
+            "dlang_own"]
+EN_MARK, ZH_MARK = ".\n\n", "。\n\n"  # what follows the answer in the template's examples
+
+
+# ----------------------------------------------------------------------------------------------
+# Problems: splits, swap partners, answer tokens
+
+def split_sizes(n, fractions):
+    """(train, validation, test) sizes: each split needs 2 problems for a derangement."""
+    val, test = (max(2, int(round(f * n))) for f in fractions[1:])
+    if n - val - test < 2:
+        raise runs.UsageError(f"{n} pairs cannot be split into train / validation / test with at "
+                              f"least 2 problems each (--split {' '.join(map(str, fractions))}); "
+                              f"use at least 6 pairs or change --split")
+    return n - val - test, val, test
+
+
+def make_splits(n, fractions, seed):
+    """A seeded assignment of problems to 'train' / 'validation' / 'test': list of N names."""
+    sizes = split_sizes(n, fractions)
+    order = np.random.default_rng(seed).permutation(n)
+    names = np.empty(n, dtype=object)
+    names[order[:sizes[0]]] = "train"
+    names[order[sizes[0]:sizes[0] + sizes[1]]] = "validation"
+    names[order[sizes[0] + sizes[1]:]] = "test"
+    return list(names)
+
+
+def swap_partners(pairs, split, seed):
+    """Swap partner of every problem: a seeded derangement within its split (so no test problem's
+    states ever reach training) that avoids equal answers where it can. List of N indices."""
+    partner = [None] * len(pairs)
+    for offset, name in enumerate(("train", "validation", "test")):
+        members = [i for i, s in enumerate(split) if s == name]
+        perm = derangement([pairs[i]["answer"] for i in members], seed + offset)
+        for i, j in zip(members, perm):
+            partner[i] = members[j]
+    return partner
+
+
+def answer_ids(tokenizer, answer):
+    """The answer's tokens right after a `direct` prompt: its digits (Qwen writes each digit as
+    its own token; the English prompt already ends with the space)."""
+    return tokenizer(problems.format_number(answer), add_special_tokens=False)["input_ids"]
+
+
+def language_markers(tokenizer):
+    """(en_id, zh_id): the first tokens of ".\\n\\n" and "。\\n\\n"."""
+    return tuple(tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in (EN_MARK, ZH_MARK))
+
+
+# ----------------------------------------------------------------------------------------------
+# The clean pass: prefixes, canonical query blocks, their states at every layer, the sources
+
+@torch.no_grad()
+def prepare(model, tokenizer, pairs, template, partner, m, batch_size):
+    """Everything the patched rows reuse, computed once (SimpleNamespace):
+    prefixes (interchange.Prefixes of the English prompts), canonical (QueryBlock of every
+    prompt with segments [own answer, partner's answer, answer of the problem whose partner it
+    is]), hidden (L + 1, N, Q, d): the canonical block's clean states, index 0 the embeddings
+    and l + 1 the output of layer l; zh_last (L + 1, N, m, d): the Chinese prompts' last m states;
+    clean: per-problem clean scores; markers.
+    """
+    n = len(pairs)
+    inverse = [0] * n
+    for i, j in enumerate(partner):
+        inverse[j] = i
+    en = [problems.format_prompt(template["en"], p["en"])[0] for p in pairs]
+    zh = [problems.format_prompt(template["zh"], p["zh"])[0] for p in pairs]
+    answers = [answer_ids(tokenizer, p["answer"]) for p in pairs]
+    conts = [[answers[i], answers[partner[i]], answers[inverse[i]]] for i in range(n)]
+    prefixes = interchange.encode_prefixes(model, interchange.prompt_ids(tokenizer, en), m,
+                                           batch_size)
+    canonical = interchange.build_block(prefixes, list(range(n)), conts)
+    markers = language_markers(tokenizer)
+    hidden, scores = clean_states(model, prefixes, canonical, batch_size, markers)
+    state = SimpleNamespace(pairs=pairs, partner=partner, inverse=inverse, answers=answers,
+                            conts=conts, prefixes=prefixes, canonical=canonical, hidden=hidden,
+                            zh_last=last_states(model, tokenizer, zh, m, batch_size),
+                            markers=markers, m=m)
+    state.clean = clean_frame(pairs, partner, inverse, scores)
+    return state
+
+
+def clean_states(model, prefixes, canonical, batch_size, markers):
+    """The canonical block's states at every layer (L + 1, N, Q, d) and its clean scores."""
+    n_layers = common.num_layers(model)
+    n, width = canonical.ids.shape
+    hidden = torch.empty(n_layers + 1, n, width, common.hidden_size(model),
+                         dtype=next(model.parameters()).dtype, device=canonical.ids.device)
+    parts = []
+    for start in range(0, n, batch_size):
+        index = list(range(start, min(n, start + batch_size)))
+        block = canonical.take(index)
+        emb = interchange.embed(model, block)
+        final, captured = interchange.run_layers(model, prefixes, block, emb, 0, capture=True)
+        hidden[0, index] = emb
+        for layer, states in captured.items():
+            hidden[layer + 1, index] = states
+        parts.append(interchange.score(model, final, block, markers))
+    scores = {key: torch.cat([p[key] for p in parts]).cpu() for key in parts[0]}
+    return hidden, scores
+
+
+def last_states(model, tokenizer, texts, m, batch_size):
+    """Each prompt's last m states at every layer: (L + 1, N, m, d), index 0 the embeddings."""
+    layers = list(range(-1, common.num_layers(model)))
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(texts), batch_size):
+        ids, mask, _ = common.tokenize_left_padded(tokenizer, texts[start:start + batch_size],
+                                                   device=device)
+        captured = common.capture_layer_outputs(model, ids, mask, layers)
+        out.append(torch.stack([captured[l][:, -m:] for l in layers]))  # left padding: real tail
+    return torch.cat(out, 1)
+
+
+def clean_frame(pairs, partner, inverse, scores):
+    """Per problem: clean scores. logp_src is log p(partner's answer | own prompt); ld_target =
+    log p(own answer | partner's prompt) - log p(partner's answer | partner's prompt); the
+    first_* and ld_first_* columns are the same for the answers' first tokens alone."""
+    logp, lang, greedy = scores["logp"].double().numpy(), scores["lang"].double().numpy(), \
+        scores["greedy"].numpy()
+    first = scores["logp_first"].double().numpy()
+    rows = []
+    for i, p in enumerate(pairs):
+        j = partner[i]
+        rows.append(dict(problem_id=p["id"], answer=p["answer"], source_id=pairs[j]["id"],
+                         source_answer=pairs[j]["answer"], logp_own=logp[i, 0],
+                         logp_src=logp[i, 1], ld_clean=logp[i, 0] - logp[i, 1],
+                         ld_target=logp[j, 2] - logp[j, 0], first_own=first[i, 0],
+                         first_src=first[i, 1], ld_first_clean=first[i, 0] - first[i, 1],
+                         ld_first_target=first[j, 2] - first[j, 0],
+                         greedy_correct=bool(greedy[i, 0]),
+                         lang_own=lang[i, 0], lang_src=lang[i, 1]))
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conditions and the patched rows
+
+def random_seed(seed, k, draw):
+    """Seed of random draw `draw` of dimension k: Experiment A's formula, the same at every layer."""
+    return seed * 1_000_003 + k * 1_009 + draw
+
+
+def make_conditions(d, k, named, n_random, seed):
+    """Conditions as one table: names, draws (-1 for named ones), bases (C, k, d) float32 and
+    complement (C,) bool. named: list of (name, basis (k, d) or None) after none and full."""
+    names, draws, bases = ["none", "full"], [-1, -1], [torch.zeros(k, d), torch.zeros(k, d)]
+    for name, basis in named:
+        names.append(name)
+        draws.append(-1)
+        bases.append(basis.float())
+    for draw in range(n_random):
+        names.append("random")
+        draws.append(draw)
+        bases.append(common.random_basis(d, k, random_seed(seed, k, draw)))
+    complement = torch.tensor([name == "full" for name in names])
+    return SimpleNamespace(names=names, draws=draws, bases=torch.stack(bases), complement=complement)
+
+
+def make_batches(state, problem_index, n_conditions, batch_size, dtype):
+    """Row batches (problem x condition, per pairing), built once and reused at every layer.
+
+    Rows are ordered by answer lengths so that a batch's segments are nearly unpadded; `same`
+    rows score only the own answer (the source's answer is the same), `swap` rows score both.
+    """
+    batches = []
+    for pairing, segments in (("same", [0]), ("swap", [0, 1])):
+        order = sorted(problem_index, key=lambda u: (len(state.conts[u][0]),
+                                                     len(state.conts[u][1]), u))
+        rows = [(u, c) for u in order for c in range(n_conditions)]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            problems_ = [u for u, _ in chunk]
+            block = interchange.build_block(
+                state.prefixes, problems_, [[state.conts[u][s] for s in segments] for u in problems_])
+            device = block.ids.device
+            sources = [u if pairing == "same" else state.partner[u] for u in problems_]
+            batches.append(SimpleNamespace(
+                pairing=pairing, block=block, problems=problems_,
+                columns=interchange.column_map(block, state.canonical, segments),
+                mask=interchange.attention_mask(state.prefixes, block, dtype),
+                condition=torch.tensor([c for _, c in chunk], device=device),
+                source=torch.tensor(sources, device=device)))
+    return batches
+
+
+@torch.no_grad()
+def run_rows(model, state, layer, conditions, batches):
+    """Scores of every row with the `last` source patched at `layer`: a frame with problem,
+    pairing, condition index, logp_own, logp_src, first_own, first_src, lang_own, lang_src."""
+    device = state.hidden.device
+    bases, complement = conditions.bases.to(device), conditions.complement.to(device)
+    frames = []
+    for batch in batches:
+        rows = batch.block.rows
+        hidden = state.hidden[layer + 1][rows[:, None], batch.columns]
+        patch = interchange.subspace_patch(bases[batch.condition], complement[batch.condition],
+                                           state.zh_last[layer + 1][batch.source])
+        out = interchange.patched_scores(model, state.prefixes, batch.block, layer, hidden, patch,
+                                         state.markers, batch.mask)
+        src = 0 if batch.pairing == "same" else 1
+        frames.append(pd.DataFrame({
+            "problem": batch.problems, "pairing": batch.pairing,
+            "condition": batch.condition.cpu().numpy(),
+            "logp_own": out["logp"][:, 0].double().cpu().numpy(),
+            "logp_src": out["logp"][:, src].double().cpu().numpy(),
+            "first_own": out["logp_first"][:, 0].double().cpu().numpy(),
+            "first_src": out["logp_first"][:, src].double().cpu().numpy(),
+            "lang_own": out["lang"][:, 0].double().cpu().numpy(),
+            "lang_src": out["lang"][:, src].double().cpu().numpy()}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def row_measures(rows, clean, min_span=1.0):
+    """Per-row shifts against the clean run and, for swap rows, the transfer fraction.
+
+    dlogp_own, dlogp_src, dlang_own: patched minus clean. ld_shift = ld - ld_clean and ld_span =
+    ld_target - ld_clean; transfer = ld_shift / ld_span where |ld_span| >= min_span nats, else NaN
+    (a pair whose answers the model tells apart on neither prompt has no transfer to measure, and
+    its ratio is noise). first_shift, first_span, transfer_first: the same for the first token."""
+    c = clean.iloc[rows.problem.to_numpy()].reset_index(drop=True)
+    same = (rows.pairing == "same").to_numpy()
+    out = rows.copy()
+    out["dlogp_own"] = rows.logp_own - c.logp_own
+    out["dlogp_src"] = rows.logp_src - np.where(same, c.logp_own, c.logp_src)
+    out["dlang_own"] = rows.lang_own - c.lang_own
+    for prefix, ld, ld_clean, ld_target in (
+            ("ld", rows.logp_own - rows.logp_src, c.ld_clean, c.ld_target),
+            ("first", rows.first_own - rows.first_src, c.ld_first_clean, c.ld_first_target)):
+        shift = np.where(same, np.nan, ld - ld_clean)
+        span = np.where(same, np.nan, ld_target - ld_clean)
+        ok = np.abs(span) >= min_span
+        out[f"{prefix}_shift"], out[f"{prefix}_span"] = shift, np.where(ok, span, np.nan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["transfer" if prefix == "ld" else "transfer_first"] = np.where(ok, shift / span,
+                                                                             np.nan)
+    return out
+
+
+def aggregate(measured):
+    """Means per (pairing, condition index): dlogp_own, dlogp_src, dlang_own; over the swap pairs
+    with a transfer: transfer (mean of per-pair fractions, the issue's definition),
+    transfer_pooled (mean shift / mean span: each pair weighted by its span) and transfer_first
+    (mean of the first-token fractions); n_transfer pairs."""
+    def summary(group):
+        valid = group.transfer.notna()
+        pooled = (group.ld_shift[valid].mean() / group.ld_span[valid].mean()) if valid.any() \
+            else np.nan
+        return pd.Series({"n": len(group), "n_transfer": int(valid.sum()),
+                          "dlogp_own": group.dlogp_own.mean(), "dlogp_src": group.dlogp_src.mean(),
+                          "transfer": group.transfer.mean(), "transfer_pooled": pooled,
+                          "transfer_first": group.transfer_first.mean(),
+                          "dlang_own": group.dlang_own.mean()})
+    return measured.groupby(["pairing", "condition"]).apply(summary, include_groups=False).reset_index()
+
+
+def summarise_conditions(agg, conditions, extra):
+    """per_layer-style rows (named conditions, and `random` as the draws' mean with a 2.5-97.5%
+    band) plus the draws; named non-trivial conditions get a two-sided rank test against the
+    draws (stats.rank_test) on every measure. extra: columns added to every row."""
+    agg = agg.assign(name=[conditions.names[c] for c in agg.condition],
+                     draw=[conditions.draws[c] for c in agg.condition])
+    summary, draws = [], agg[agg.name == "random"].drop(columns=["condition", "name"])
+    for pairing, group in agg.groupby("pairing"):
+        rand = group[group.name == "random"]
+        for _, row in group[group.name != "random"].iterrows():
+            record = dict(extra, pairing=pairing, condition=row["name"], n=int(row.n),
+                          n_transfer=int(row.n_transfer),
+                          **{m: row[m] for m in MEASURES})
+            if row["name"] not in ("none", "full") and len(rand):
+                for m in MEASURES:
+                    test = stats.rank_test(row[m], rand[m])
+                    record[f"{m}_p"] = test.get("p_two_sided", np.nan)
+                    record[f"{m}_rank"] = test.get("rank", np.nan)
+            summary.append(record)
+        if len(rand):
+            record = dict(extra, pairing=pairing, condition="random", n=int(rand.n.iloc[0]),
+                          n_transfer=int(rand.n_transfer.iloc[0]),
+                          **{m: rand[m].mean() for m in MEASURES})
+            for m in MEASURES:
+                record[f"{m}_lo"], record[f"{m}_hi"] = np.nanpercentile(rand[m], [2.5, 97.5]) \
+                    if rand[m].notna().any() else (np.nan, np.nan)
+            summary.append(record)
+    draws = draws.assign(**extra)
+    return pd.DataFrame(summary), draws[list(extra) + ["pairing", "draw", "n", "n_transfer"]
+                                        + MEASURES]
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep
+
+def done_values(path, column, **match):
+    """Values of `column` already in a CSV (rows matching `match`), for --resume."""
+    if not Path(path).is_file():
+        return set()
+    frame = runs.load_csv(path)
+    for key, value in match.items():
+        frame = frame[frame[key] == value]
+    return set(frame[column].tolist())
+
+
+def keep_rows(path, column, keep):
+    """Rewrite a CSV keeping only rows whose `column` is in `keep`: on --resume, the rows an
+    interrupted step appended before its marking file was written are dropped, not duplicated."""
+    if Path(path).is_file():
+        frame = runs.load_csv(path)
+        runs.write_csv(frame[frame[column].isin(keep)], path)
+
+
+def per_problem_rows(measured, state, conditions, split, extra):
+    """The named (non-random) conditions' rows, one per problem, pairing and condition."""
+    named = [c for c, name in enumerate(conditions.names) if name != "random"]
+    frame = measured[measured.condition.isin(named)].copy()
+    pairs = state.pairs
+    frame.insert(0, "condition_name", [conditions.names[c] for c in frame.condition])
+    frame["problem_id"] = [pairs[u]["id"] for u in frame.problem]
+    frame["source_id"] = [pairs[u if p == "same" else state.partner[u]]["id"]
+                          for u, p in zip(frame.problem, frame.pairing)]
+    frame["split"] = [split[u] for u in frame.problem]
+    frame = frame.drop(columns=["condition", "problem"]).rename(columns={"condition_name": "condition"})
+    for key, value in reversed(list(extra.items())):
+        frame.insert(0, key, value)
+    return frame
+
+
+def query_flops(config, rows, width, prefix, n_layers_run, scored):
+    """Multiply-adds x 2 of running `rows` query blocks of `width` tokens through n_layers_run
+    decoder layers against `prefix` cached positions, then the LM head at `scored` positions per
+    row (the cost model of the suffix-only engine; norms, RoPE and the patch are left out)."""
+    d, ffn = config.hidden_size, config.intermediate_size
+    d_head = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    q, kv = config.num_attention_heads * d_head, config.num_key_value_heads * d_head
+    per_token = 2 * (d * q + 2 * d * kv + q * d + 3 * d * ffn) + 4 * (prefix + width) * q
+    return rows * (width * n_layers_run * per_token + scored * 2 * d * config.vocab_size)
+
+
+def layer_flops(config, batches, layer):
+    """Estimated FLOPs of one layer's patched rows (query_flops summed over the batches)."""
+    n_layers = config.num_hidden_layers
+    return sum(query_flops(config, len(b.problems), b.block.width, b.block.prefix_width,
+                           n_layers - 1 - layer, b.block.width - b.block.m + 1) for b in batches)
+
+
+def run_sweep(model, state, args, out, split):
+    """Every layer of args.layers not in per_layer.csv yet: patched rows, measures, and three
+    CSVs appended per layer (a crash loses at most the layer under way)."""
+    d, L = common.hidden_size(model), common.num_layers(model)
+    z_fixed = common.z_basis(model, args.basis_layer, args.k, fold_norm=args.fold_norm)
+    dtype = next(model.parameters()).dtype
+    batches = make_batches(state, range(len(state.pairs)), len(FIXED) + args.n_random,
+                           args.batch_size, dtype)
+    done = done_values(out / "per_layer.csv", "layer")
+    for name in ("per_problem.csv", "draws.csv"):
+        keep_rows(out / name, "layer", done)
+    for layer in tqdm([l for l in args.layers if l not in done], desc="layers", unit="layer"):
+        started = time.perf_counter()
+        z_here = common.z_basis(model, layer, args.k, fold_norm=args.fold_norm)
+        conditions = make_conditions(d, args.k, [("z_basis", z_fixed), ("z_layer", z_here)],
+                                     args.n_random, args.seed)
+        measured = row_measures(run_rows(model, state, layer, conditions, batches), state.clean,
+                                args.min_span)
+        extra = {"layer": layer, "depth": layer / L}
+        summary, draws = summarise_conditions(aggregate(measured), conditions, extra)
+        noop = measured[measured.condition == 0][["dlogp_own", "dlogp_src"]].abs().to_numpy()
+        summary["noop_max_abs"] = float(noop.max())
+        summary["seconds"] = time.perf_counter() - started  # this layer's rows, Z's SVD included
+        summary["tflop"] = layer_flops(model.config, batches, layer) / 1e12
+        runs.write_csv(per_problem_rows(measured, state, conditions, split, extra),
+                       out / "per_problem.csv", append=True)
+        runs.write_csv(draws, out / "draws.csv", append=True)
+        runs.write_csv(summary, out / "per_layer.csv", append=True)  # last: marks the layer done
+
+
+def peak_layer(out, split_of, exclude="test"):
+    """The layer where full interchange transfers most (pooled over swap pairs outside `exclude`),
+    from per_problem.csv: the default --das-layer and decode layer."""
+    frame = runs.load_csv(out / "per_problem.csv")
+    frame = frame[(frame.condition == "full") & (frame.pairing == "swap")
+                  & (frame.split != exclude) & frame.transfer.notna()]
+    pooled = frame.groupby("layer").apply(lambda g: g.ld_shift.sum() / g.ld_span.sum(),
+                                          include_groups=False)
+    return int(pooled.idxmax())
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoded spot checks
+
+def decode_rows(model, tokenizer, state, template, layer, conditions, problem_index, args):
+    """Greedy decodes of the English prompts with the `last` source patched at `layer` through
+    decoding.generate_and_score (the full forward with a SubspacePatch whose source_tokens and
+    prompt_mask select the last m positions), every condition x pairing x problem. The output is
+    decoded past the answer (no stop token), so its language shows in what follows the number."""
+    pairs, m = state.pairs, state.m
+    d = common.hidden_size(model)
+    rows = [(u, pairing, c) for pairing in ("same", "swap") for u in problem_index
+            for c in range(len(conditions.names))]
+    records = []
+    for start in range(0, len(rows), args.batch_size):
+        chunk = rows[start:start + args.batch_size]
+        texts = [problems.format_prompt(template["en"], pairs[u]["en"])[0] for u, _, _ in chunk]
+        ids, mask, _ = common.tokenize_left_padded(tokenizer, texts)
+        src = [u if p == "same" else state.partner[u] for u, p, _ in chunk]
+        cond = torch.tensor([c for _, _, c in chunk])
+        B, T = ids.shape
+        source_tokens = torch.zeros(B, T, d)
+        source_tokens[:, -m:] = state.zh_last[layer + 1][torch.tensor(src)].float().cpu()
+        prompt_mask = torch.zeros(B, T, dtype=torch.bool)
+        prompt_mask[:, -m:] = True
+        patch = common.SubspacePatch(
+            layer=layer, basis=conditions.bases[cond], complement=conditions.complement[cond],
+            source_mean=torch.zeros(B, d), patch_generated=torch.zeros(B, dtype=torch.bool),
+            source_tokens=source_tokens, prompt_mask=prompt_mask)
+        patch.to(next(model.parameters()).device)
+        result = decoding.generate_and_score(
+            model, ids, mask, args.max_new_tokens, patch, stop_ids=(),
+            score=[[state.answers[u] for u, _, _ in chunk], [state.answers[j] for j in src]])
+        for b, (u, pairing, c) in enumerate(chunk):
+            text = problems.decode_response(tokenizer, result["tokens"][b])
+            records.append(decode_record(pairs, u, src[b], pairing, conditions, c, text,
+                                         float(result["scores"][0][b]), layer))
+    return pd.DataFrame(records)
+
+
+def decode_record(pairs, u, j, pairing, conditions, c, text, logp_own, layer):
+    answer = problems.extract_answer(text)
+    own, source = pairs[u]["answer"], pairs[j]["answer"]
+    if problems.answers_equal(answer, own):
+        outcome = "kept"
+    elif pairing == "swap" and problems.answers_equal(answer, source):
+        outcome = "transferred"
+    else:
+        outcome = "broken"
+    return dict(layer=layer, pairing=pairing, condition=conditions.names[c],
+                draw=conditions.draws[c], problem_id=pairs[u]["id"], source_id=pairs[j]["id"],
+                answer=own, source_answer=source, output=text, parsed=answer, outcome=outcome,
+                language=problems.classify_language(text, truncate=False),
+                logp_own_decode=logp_own)
+
+
+def run_decode_checks(model, tokenizer, state, template, args, out, layers):
+    """Decoded spot checks at `layers` (first --decode-limit problems), each layer written as it
+    finishes; the teacher-forced log p of the fast engine is joined for the named conditions."""
+    d = common.hidden_size(model)
+    z_fixed = common.z_basis(model, args.basis_layer, args.k, fold_norm=args.fold_norm)
+    problem_index = list(range(min(args.decode_limit, len(state.pairs))))
+    if not problem_index or not layers:
+        return
+    done = done_values(out / "decode.csv", "layer")
+    for layer in [l for l in layers if l not in done]:
+        z_here = common.z_basis(model, layer, args.k, fold_norm=args.fold_norm)
+        conditions = make_conditions(d, args.k, [("z_basis", z_fixed), ("z_layer", z_here)],
+                                     args.decode_random, args.seed)
+        frame = decode_rows(model, tokenizer, state, template, layer, conditions, problem_index,
+                            args)
+        fast = runs.load_csv(out / "per_problem.csv")
+        fast = fast[fast.layer == layer][["pairing", "condition", "problem_id", "logp_own"]]
+        frame = frame.merge(fast.rename(columns={"logp_own": "logp_own_fast"}), how="left",
+                            on=["pairing", "condition", "problem_id"])
+        runs.write_csv(frame, out / "decode.csv", append=True)
+    frame = runs.load_csv(out / "decode.csv")
+    runs.write_csv(exp_e_summary.decode_summary(frame, ["layer", "pairing", "condition"]),
+                   out / "decode_summary.csv")
+
+
+# ----------------------------------------------------------------------------------------------
+# DAS: learn the subspace on train, choose steps on validation, report on test
+
+def run_das(model, tokenizer, state, template, args, out, split, layer):
+    """For every --das-k not done yet: train, then on the test split the transfer of DAS, Z (basis
+    layer and this layer), full and the random band; principal angles; decoded outputs."""
+    d = common.hidden_size(model)
+    test = [i for i, s in enumerate(split) if s == "test"]
+    dtype = next(model.parameters()).dtype
+    done = done_values(out / "das.csv", "k")
+    for name in ("das_training.csv", "das_angles.csv", "das_decode.csv"):
+        keep_rows(out / name, "k", done)
+    for k in [k for k in args.das_k if k not in done]:
+        basis, history = das.train_das(model, state, layer, k, split, args,
+                                   log=lambda h: tqdm.write(f"DAS k={k} {h}"))
+        np.save(out / f"das_basis_k{k}.npy", basis.numpy())
+        z_fixed = common.z_basis(model, args.basis_layer, k, fold_norm=args.fold_norm)
+        z_here = common.z_basis(model, layer, k, fold_norm=args.fold_norm)
+        conditions = make_conditions(d, k, [("das", basis), ("z_basis", z_fixed),
+                                            ("z_layer", z_here)], args.n_random, args.seed)
+        batches = make_batches(state, test, len(conditions.names), args.batch_size, dtype)
+        measured = row_measures(run_rows(model, state, layer, conditions, batches), state.clean,
+                                args.min_span)
+        summary, _ = summarise_conditions(aggregate(measured), conditions, {"k": k, "layer": layer})
+        random_bases = [b for b, name in zip(conditions.bases, conditions.names) if name == "random"]
+        angles = das.das_angles(basis, [("z_basis", -1, z_fixed), ("z_layer", -1, z_here)],
+                            random_bases, k)
+        decoded = decode_rows(model, tokenizer, state, template, layer,
+                              make_conditions(d, k, [("das", basis), ("z_basis", z_fixed)], 0,
+                                              args.seed), test, args)
+        runs.write_csv(history.assign(k=k, layer=layer), out / "das_training.csv", append=True)
+        runs.write_csv(angles, out / "das_angles.csv", append=True)
+        runs.write_csv(decoded.assign(k=k), out / "das_decode.csv", append=True)
+        runs.write_csv(summary, out / "das.csv", append=True)  # last: marks k done
+    decoded = runs.load_csv(out / "das_decode.csv")
+    runs.write_csv(exp_e_summary.decode_summary(decoded, ["k", "layer", "pairing", "condition"]),
+                   out / "das_decode_summary.csv")
+
+
+# ----------------------------------------------------------------------------------------------
+
+def validate(args):
+    """Every check that needs no weights, before anything is loaded or written. Resolves
+    --depth into --basis-layer and the default --layers (all)."""
+    common.check_runtime(args.device, args.dtype)
+    config = common.load_model_config(args.model)
+    if args.depth is not None:
+        args.basis_layer = common.depth_to_layer(config, args.depth)
+    common.check_layer(config, args.basis_layer, flag="--basis-layer")
+    n_layers = common.num_layers(config)
+    args.layers = sorted(set(args.layers)) if args.layers else list(range(n_layers))
+    for layer in args.layers:
+        common.check_layer(config, layer, flag="--layers")
+    for layer in (args.decode_layers or []) + ([args.das_layer] if args.das_layer is not None else []):
+        common.check_layer(config, layer, flag="--decode-layers / --das-layer")
+    for k in [args.k] + list(args.das_k):
+        common.check_k(config, k, allow_full=False)
+    counts = dict(n_random=0, decode_random=0, decode_limit=0, last_m=1, das_steps=1,
+                  das_batch=1, das_eval_every=1, das_partners=1, max_new_tokens=1)
+    for name, low in counts.items():
+        if getattr(args, name) < low:
+            raise runs.UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at "
+                                  f"least {low}")
+    if args.last_m > 8:
+        raise runs.UsageError(f"--last-m {args.last_m}: pass 1..8 (the template's tail; 1 is the "
+                              f"position that predicts the first digit)")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise runs.UsageError("--batch-size must be at least 1")
+    if args.min_span < 0:
+        raise runs.UsageError(f"--min-span {args.min_span} must be >= 0")
+    if args.das_lr <= 0:
+        raise runs.UsageError(f"--das-lr {args.das_lr} must be positive")
+    if len(args.split) != 3 or min(args.split) <= 0 or abs(sum(args.split) - 1) > 1e-6:
+        raise runs.UsageError(f"--split {' '.join(map(str, args.split))}: pass three positive "
+                              f"fractions (train validation test) that sum to 1")
+    pairs = problems.load_pairs(args)
+    split_sizes(len(pairs), args.split)
+    template = problems.get_template(problems.load_prompts(args.prompts)["templates"], "direct")
+    return pairs, template
+
+
+def main(args):
+    if args.replot:
+        return exp_e_summary.replot(args)
+    pairs, template = validate(args)
+    if args.batch_size is None:  # rows are a few tokens each: large batches pay on a GPU
+        on_gpu = common._resolve_device(args.device).type == "cuda"
+        args.batch_size = 512 if on_gpu else 64
+    out = runs.prepare_out_dir(args.out, args.overwrite, args.resume, args, args.figures)
+    runs.set_seed(args.seed)
+    model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
+    model.requires_grad_(False)
+    split = make_splits(len(pairs), args.split, args.seed)
+    partner = swap_partners(pairs, split, args.seed)
+    if not args.resume:
+        runs.write_json(out / "config.json", runs.run_config(
+            args, model, template=template, n_pairs=len(pairs), basis_layer=args.basis_layer,
+            splits={s: [p["id"] for p, name in zip(pairs, split) if name == s]
+                    for s in ("train", "validation", "test")},
+            swap_source={p["id"]: pairs[j]["id"] for p, j in zip(pairs, partner)},
+            random_basis_seeds="seed * 1000003 + k * 1009 + draw",
+            language_markers=[EN_MARK, ZH_MARK]))
+    state = prepare(model, tokenizer, pairs, template, partner, args.last_m, args.batch_size)
+    runs.write_csv(state.clean.assign(split=split), out / "clean.csv")
+    run_sweep(model, state, args, out, split)
+    peak = peak_layer(out, split)
+    decode_layers = args.decode_layers if args.decode_layers is not None else sorted(
+        {args.basis_layer, peak} & set(args.layers))
+    run_decode_checks(model, tokenizer, state, template, args, out, decode_layers)
+    if args.das_k:
+        das_layer = args.das_layer if args.das_layer is not None else peak
+        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        runs.write_json(out / "config.json", dict(config, das_layer=das_layer,
+                                                  decode_layers=decode_layers))
+        run_das(model, tokenizer, state, template, args, out, split, das_layer)
+    exp_e_summary.replot(args)
+    exp_e_summary.print_summary(out)
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def build_parser():
+    parser = runs.make_parser(__doc__)
+    common.add_common_args(parser, "exp_e")
+    problems.add_pairs_args(parser)
+    parser.add_argument("--layers", type=int, nargs="*", default=None,
+                        help="layers to patch (default: every layer 0..L-1)")
+    parser.add_argument("--basis-layer", type=int, default=32,
+                        help="layer whose Z is the fixed basis (z_basis)")
+    parser.add_argument("--depth", type=float, default=None,
+                        help="basis layer as a fraction of depth instead (0.889: 32 of 36, 21 of 24)")
+    parser.add_argument("--k", type=int, default=50, help="dimension of Z and the random subspaces")
+    parser.add_argument("--n-random", type=int, default=50,
+                        help="random k-dim subspaces per layer (the band and the rank test)")
+    parser.add_argument("--last-m", type=int, default=1,
+                        help="positions interchanged: the English prompt's last m take the "
+                             "Chinese prompt's last m, aligned from the end")
+    parser.add_argument("--min-span", type=float, default=1.0,
+                        help="a swap pair enters the transfer fraction only when |ld_target - "
+                             "ld_clean| is at least this many nats (else its ratio is noise)")
+    parser.add_argument("--fold-norm", action="store_true",
+                        help="fold the layer's input RMSNorm gain into W_Q, W_K before Z's SVD")
+    parser.add_argument("--split", type=float, nargs=3, default=[0.5, 0.25, 0.25],
+                        metavar=("TRAIN", "VAL", "TEST"),
+                        help="fractions of problems for DAS training, step choice and report "
+                             "(seeded; swap partners stay within a split)")
+    parser.add_argument("--decode-layers", type=int, nargs="*", default=None,
+                        help="layers of the decoded spot checks (default: the basis layer and "
+                             "the layer where full interchange transfers most)")
+    parser.add_argument("--decode-limit", type=int, default=16,
+                        help="problems decoded at each decode layer (the first N)")
+    parser.add_argument("--decode-random", type=int, default=3,
+                        help="random draws decoded beside the named conditions")
+    parser.add_argument("--max-new-tokens", type=int, default=10,
+                        help="greedy tokens decoded: the answer and what follows it")
+    parser.add_argument("--das-k", type=int, nargs="*", default=[20, 50],
+                        help="dimensions of the learned subspaces (none: skip DAS)")
+    parser.add_argument("--das-layer", type=int, default=None,
+                        help="layer of DAS (default: where full interchange transfers most on "
+                             "train + validation problems)")
+    parser.add_argument("--das-steps", type=int, default=200, help="Adam steps of DAS training")
+    parser.add_argument("--das-lr", type=float, default=1e-2, help="Adam learning rate of DAS")
+    parser.add_argument("--das-batch", type=int, default=32, help="interchange pairs per DAS step")
+    parser.add_argument("--das-eval-every", type=int, default=20,
+                        help="steps between validation losses (the best is kept)")
+    parser.add_argument("--das-partners", type=int, default=4,
+                        help="source problems per training problem (its swap partner and more "
+                             "from the train split)")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the figures from the CSVs in --out (no model)")
+    parser.set_defaults(batch_size=None)  # resolved in main(): 512 on a GPU, 64 on a CPU
+    return parser
+
+
+if __name__ == "__main__":
+    runs.run_cli(main, parse_args())

@@ -1,0 +1,143 @@
+"""Experiment E's tables and figures from its CSVs alone (no model): decoded-outcome rates, the
+layer-sweep figure, the DAS figure, --replot and the printed summary.
+
+    python exp_e_layer_sweep.py --replot --out results/exp_e     # what calls replot()
+"""
+import json
+from pathlib import Path
+
+import pandas as pd
+
+import runs
+import stats
+
+
+def decode_summary(frame, keys):
+    """Outcome and language rates (with Wilson 95% intervals for transferred and kept) per group."""
+    rows = []
+    for key, group in frame.groupby(keys, sort=True):
+        n = len(group)
+        record = dict(zip(keys, key if isinstance(key, tuple) else (key,)), n=n)
+        for outcome in ("transferred", "kept", "broken"):
+            count = int((group.outcome == outcome).sum())
+            record[outcome] = count / n
+            if outcome != "broken":
+                record[f"{outcome}_lo"], record[f"{outcome}_hi"] = stats.wilson_interval(count, n)
+        for lang in ("en", "zh", "mixed", "none"):
+            record[f"lang_{lang}"] = float((group.language == lang).mean())
+        if "logp_own_fast" in group:
+            record["fast_vs_full_max_abs"] = float((group.logp_own_fast - group.logp_own_decode)
+                                                   .abs().max())
+        rows.append(record)
+    return pd.DataFrame(rows)
+
+
+STYLE = {"none": dict(color="0.5", ls=":", label="none (no-op)"),
+         "full": dict(color="k", label="full"),
+         "z_basis": dict(color="tab:blue", label="Z of the basis layer"),
+         "z_layer": dict(color="tab:orange", label="Z of the patched layer"),
+         "das": dict(color="tab:red", label="DAS"),
+         "random": dict(color="tab:green", ls="--", label="random (mean, 95% band)")}
+
+
+def plot_sweep(per_layer, n_layers, basis_layer, k, title, path):
+    """Transfer, log-prob and language-margin shifts against layer, random band shaded."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [("swap", "transfer", "transfer fraction of ld (swap source)"),
+              ("swap", "dlogp_src", "Δ log p(source's answer), swap source"),
+              ("swap", "dlogp_own", "Δ log p(own answer), swap source"),
+              ("same", "dlogp_own", "Δ log p(own answer), same-problem source"),
+              ("swap", "dlang_own", "Δ language margin after the answer (en - zh full stop), swap"),
+              ("same", "dlang_own", "Δ language margin, same-problem source")]
+    fig, axes = plt.subplots(3, 2, figsize=(12, 10), sharex=True)
+    for ax, (pairing, measure, label) in zip(axes.flat, panels):
+        frame = per_layer[per_layer.pairing == pairing].sort_values("layer")
+        for condition, style in STYLE.items():
+            rows = frame[frame.condition == condition]
+            if not len(rows):
+                continue
+            ax.plot(rows.layer, rows[measure], marker=".", lw=1.2, **style)
+            if condition == "random" and f"{measure}_lo" in rows:
+                ax.fill_between(rows.layer, rows[f"{measure}_lo"], rows[f"{measure}_hi"],
+                                color=style["color"], alpha=0.2, lw=0)
+        ax.axvline(basis_layer, color="tab:blue", lw=0.8, ls="-.")
+        ax.axhline(1 if measure == "transfer" else 0, color="0.8", lw=0.6)
+        ax.set_title(label, fontsize=9)
+        top = ax.secondary_xaxis("top", functions=(lambda x: x / n_layers, lambda f: f * n_layers))
+        top.tick_params(labelsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("patched layer l (top axis: l / L)")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"{title}\nlast-position interchange, k = {k}; dash-dot: basis layer "
+                 f"{basis_layer}", fontsize=10)
+    runs.save_figure(fig, path)
+
+
+def plot_das(table, angles, title, path):
+    """Per k: held-out transfer of full, DAS, Z and the random band; overlap of DAS with Z and
+    with the random draws against chance."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ks = sorted(table.k.unique())
+    fig, axes = plt.subplots(2, len(ks), figsize=(5 * len(ks), 7), squeeze=False)
+    for col, k in enumerate(ks):
+        frame = table[(table.k == k) & (table.pairing == "swap")].set_index("condition")
+        names = [n for n in ("full", "das", "z_basis", "z_layer", "random") if n in frame.index]
+        values = [frame.loc[n, "transfer"] for n in names]
+        ax = axes[0, col]
+        ax.bar(range(len(names)), values, color=[STYLE[n]["color"] for n in names])
+        if "random" in frame.index:
+            r = frame.loc["random"]
+            ax.errorbar(names.index("random"), r.transfer, yerr=[[r.transfer - r.transfer_lo],
+                        [r.transfer_hi - r.transfer]], color="k", capsize=4)
+        ax.set_xticks(range(len(names)), names, fontsize=8)
+        ax.axhline(0, color="0.6", lw=0.6)
+        ax.set_title(f"k = {k}: transfer on held-out swap pairs (layer {int(frame.layer.iloc[0])})",
+                     fontsize=9)
+        ax = axes[1, col]
+        a = angles[angles.k == k]
+        rand = a[a.versus == "random"]
+        ax.bar([0, 1], [a[a.versus == v].overlap.iloc[0] for v in ("z_basis", "z_layer")],
+               color=[STYLE["z_basis"]["color"], STYLE["z_layer"]["color"]])
+        if len(rand):
+            ax.bar([2], [rand.overlap.mean()], color=STYLE["random"]["color"],
+                   yerr=[[rand.overlap.mean() - rand.overlap.min()],
+                         [rand.overlap.max() - rand.overlap.mean()]], capsize=4)
+        ax.axhline(a.chance_overlap.iloc[0], color="0.4", ls=":", lw=1, label="chance k/d")
+        ax.set_xticks([0, 1, 2], ["DAS vs Z(basis)", "DAS vs Z(layer)", "DAS vs random"], fontsize=8)
+        ax.set_title("overlap ||V_DAS V^T||²/k (mean cos² of principal angles)", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    runs.save_figure(fig, path)
+
+
+def replot(args):
+    """Redraw every figure of the run in --out from its CSVs and config.json (no model)."""
+    out = Path(args.out)
+    if not (out / "per_layer.csv").is_file():
+        raise runs.UsageError(f"{out} has no per_layer.csv: pass the --out folder of a sweep run")
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    model = config.get("model", {})
+    title = f"{model.get('name_or_path')} ({model.get('dtype')}, {model.get('device_name')})"
+    plot_sweep(runs.load_csv(out / "per_layer.csv"), model["num_layers"], config["basis_layer"],
+               config["args"]["k"], title, runs.figure_path(args, "layer_sweep"))
+    if (out / "das.csv").is_file() and (out / "das_angles.csv").is_file():
+        plot_das(runs.load_csv(out / "das.csv"), runs.load_csv(out / "das_angles.csv"),
+                 f"DAS: {title}", runs.figure_path(args, "das"))
+
+
+def print_summary(out):
+    per_layer = runs.load_csv(out / "per_layer.csv")
+    swap = per_layer[per_layer.pairing == "swap"].pivot(index="layer", columns="condition",
+                                                       values="transfer")
+    print(f"wrote {out}; transfer fraction (swap source) per layer:")
+    print(swap.round(3).to_string())
+    if (out / "das.csv").is_file():
+        table = runs.load_csv(out / "das.csv")
+        print("DAS on held-out problems (swap source):")
+        print(table[table.pairing == "swap"][["k", "layer", "condition", "n", "transfer",
+                                              "transfer_pooled", "dlogp_src"]].round(3)
+              .to_string(index=False))

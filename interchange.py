@@ -1,0 +1,292 @@
+"""Position-aligned interchange at the last prompt positions (`last:m`), computed only where it can
+change anything (issue 10, "Speed"). Used by the layer sweep and DAS (exp_e_layer_sweep.py, das.py).
+
+A `last:m` patch at layer l replaces, within a subspace, the states of a prompt's last m positions
+at l by a source's states (e.g. another prompt's last m positions, aligned from the end). Under
+causal attention nothing before those positions changes, at any layer. So:
+  1. each prompt's *prefix* (all but its last m tokens) runs once, and its keys and values at every
+     layer are kept (encode_prefixes);
+  2. its *query block* -- the m suffix positions, then teacher-forced answer tokens -- runs once
+     clean through every layer, its states at each layer kept (run_layers with capture);
+  3. a patched row starts from the clean query states at layer l, patches the suffix, runs the
+     query block alone through layers l+1..L-1 against the clean prefix keys and values, and
+     scores its continuations (patched_scores).
+A row costs (m + answer tokens) x (L - 1 - l) token-layers instead of (T + answer tokens) x L.
+
+Query block of one prompt: [suffix: m] [segment 0] [segment 1] ... Segment r holds continuation r
+(an answer's tokens, all of them, so the distribution after its last token is available too).
+Segments are tree-masked: each sees the prefix, the suffix and its own earlier tokens, never
+another segment, and each starts at position T; one pass scores several continuations exactly as
+separate runs would. Padding at a segment's end is never attended to by a real token.
+Rows of a batch may come from different prompts: prefixes are left-padded, rows gather theirs.
+"""
+from dataclasses import dataclass
+
+import torch
+
+import common
+
+
+@dataclass
+class Prefixes:
+    """Clean keys and values of every prompt's prefix, at every layer.
+
+    kv: list over layers of (keys, values), each (U, H_kv, P, d_head), model dtype and device,
+    left-padded to the longest prefix P (padded entries are zero); mask: (U, P) long, 1 on real
+    prefix tokens; suffix_ids: (U, m) long, each prompt's last m tokens; length: (U,) long, real
+    prompt lengths T (prefix + suffix).
+    """
+    kv: list
+    mask: torch.Tensor
+    suffix_ids: torch.Tensor
+    length: torch.Tensor
+
+    @property
+    def m(self):
+        return self.suffix_ids.shape[1]
+
+
+def prompt_ids(tokenizer, texts):
+    """Token ids of each text as the model reads it (no special tokens): list of lists."""
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+@torch.no_grad()
+def encode_prefixes(model, ids, m, batch_size=16):
+    """Run each prompt's prefix (ids[u][:-m]) once and keep its keys and values at every layer.
+
+    ids: list of U token-id lists, each at least m long (an empty prefix is allowed). Returns
+    Prefixes on the model's device.
+    """
+    from decoding import _layer_kv
+    device = next(model.parameters()).device
+    n_layers = common.num_layers(model)
+    if any(len(x) < m for x in ids):
+        raise ValueError(f"every prompt needs at least m = {m} tokens")
+    width = max(len(x) - m for x in ids)
+    kv = [None] * n_layers
+    mask = torch.zeros(len(ids), width, dtype=torch.long, device=device)
+    order = sorted(range(len(ids)), key=lambda u: len(ids[u]))
+    for start in range(0, len(ids), batch_size):
+        rows = order[start:start + batch_size]
+        local = max(len(ids[u]) - m for u in rows)
+        if local == 0:
+            continue
+        batch = torch.full((len(rows), local), 0, dtype=torch.long)
+        local_mask = torch.zeros((len(rows), local), dtype=torch.long)
+        for b, u in enumerate(rows):
+            n = len(ids[u]) - m
+            if n:
+                batch[b, local - n:] = torch.tensor(ids[u][:n])
+                local_mask[b, local - n:] = 1
+        batch, local_mask = batch.to(device), local_mask.to(device)
+        cache = common._new_cache(model)
+        common.capture_layer_outputs(model, batch, local_mask, [n_layers - 1], cache)
+        index = torch.tensor(rows, device=device)
+        mask[index, width - local:] = local_mask
+        keep = local_mask.bool()[:, None, :, None]
+        for layer in range(n_layers):
+            for slot, tensor in enumerate(_layer_kv(cache, layer)):
+                if kv[layer] is None:
+                    shape = (len(ids), tensor.shape[1], width, tensor.shape[3])
+                    kv[layer] = [torch.zeros(shape, dtype=tensor.dtype, device=device),
+                                 torch.zeros(shape, dtype=tensor.dtype, device=device)]
+                # zero the padding: a fully padded row must not carry NaN or junk into attention
+                kv[layer][slot][index, :, width - local:] = torch.where(keep, tensor, 0)
+    if kv[0] is None:  # every prefix empty
+        cfg = model.config
+        d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        empty = torch.zeros(len(ids), cfg.num_key_value_heads, 0, d_head,
+                            dtype=next(model.parameters()).dtype, device=device)
+        kv = [[empty, empty] for _ in range(n_layers)]
+    suffix = torch.tensor([x[len(x) - m:] for x in ids], dtype=torch.long, device=device)
+    length = torch.tensor([len(x) for x in ids], dtype=torch.long, device=device)
+    return Prefixes([tuple(pair) for pair in kv], mask, suffix.reshape(len(ids), m), length)
+
+
+@dataclass
+class QueryBlock:
+    """The query block of B rows (see the module docstring), on the prefixes' device.
+
+    rows: (B,) long prompt index of each row; ids, position: (B, Q) long; allowed: (B, Q, Q) bool,
+    which query column each query column may attend to; seg_start: list of R ints, the first
+    column of each segment; seg_len: (B, R) long, real continuation lengths; targets: list of R
+    (B, w_r) long continuation ids (0 past seg_len); m: suffix length.
+    """
+    rows: torch.Tensor
+    ids: torch.Tensor
+    position: torch.Tensor
+    allowed: torch.Tensor
+    seg_start: list
+    seg_len: torch.Tensor
+    targets: list
+    m: int
+    prefix_width: int  # the rows' longest real prefix: the prefix columns a pass needs
+
+    @property
+    def width(self):
+        return self.ids.shape[1]
+
+    def take(self, index):
+        """The block of rows `index` (a list or 1-D tensor), same columns."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.ids.device)
+        rows = self.rows[index]
+        return QueryBlock(rows, self.ids[index], self.position[index], self.allowed[index],
+                          self.seg_start, self.seg_len[index], [t[index] for t in self.targets],
+                          self.m, self.prefix_width)
+
+
+def build_block(prefixes, rows, continuations):
+    """QueryBlock for prompts `rows` (B ints) with continuations[b] = R non-empty id lists."""
+    device = prefixes.mask.device
+    m, B = prefixes.m, len(rows)
+    n_seg = len(continuations[0])
+    widths = [max(len(c[r]) for c in continuations) for r in range(n_seg)]
+    starts = [m + sum(widths[:r]) for r in range(n_seg)]
+    Q = m + sum(widths)
+    ids = torch.zeros(B, Q, dtype=torch.long)
+    position = torch.zeros(B, Q, dtype=torch.long)
+    allowed = torch.zeros(B, Q, Q, dtype=torch.bool)
+    allowed[:, :m, :m] = torch.ones(m, m, dtype=torch.bool).tril()
+    seg_len = torch.zeros(B, n_seg, dtype=torch.long)
+    targets = [torch.zeros(B, w, dtype=torch.long) for w in widths]
+    lengths = prefixes.length.cpu()
+    rows_cpu = torch.as_tensor(rows, dtype=torch.long).cpu()
+    ids[:, :m] = prefixes.suffix_ids.cpu()[rows_cpu]
+    for b, u in enumerate(rows_cpu.tolist()):
+        T = int(lengths[u])
+        position[b, :m] = torch.arange(T - m, T)
+        for r, (start, w) in enumerate(zip(starts, widths)):
+            cont = continuations[b][r]
+            n = len(cont)
+            if n == 0:
+                raise ValueError("empty continuation")
+            seg_len[b, r] = n
+            ids[b, start:start + n] = torch.tensor(cont)
+            targets[r][b, :n] = torch.tensor(cont)
+            position[b, start:start + w] = T + torch.arange(w)
+            allowed[b, start:start + w, :m] = True
+            allowed[b, start:start + w, start:start + w] = torch.ones(w, w, dtype=torch.bool).tril()
+    prefix_width = int((lengths[rows_cpu] - m).max())
+    return QueryBlock(rows_cpu.to(device), ids.to(device), position.to(device),
+                      allowed.to(device), starts, seg_len.to(device),
+                      [t.to(device) for t in targets], m, prefix_width)
+
+
+def column_map(block, canonical, segments):
+    """(B, Q) long: for each column of `block`, the column of `canonical` (a block of the same
+    prompts' continuations, e.g. all of them) holding the same token. block's segment r is
+    canonical's segment segments[r]; padding maps to its segment's last real token."""
+    B, Q = block.ids.shape
+    cols = torch.zeros(B, Q, dtype=torch.long, device=block.ids.device)
+    cols[:, :block.m] = torch.arange(block.m, device=cols.device)
+    for r, s in enumerate(segments):
+        w = block.targets[r].shape[1]
+        t = torch.arange(w, device=cols.device)[None].expand(B, w)
+        t = torch.minimum(t, block.seg_len[:, r:r + 1] - 1)
+        cols[:, block.seg_start[r]:block.seg_start[r] + w] = canonical.seg_start[s] + t
+    return cols
+
+
+def attention_mask(prefixes, block, dtype):
+    """Additive mask (B, 1, Q, P_block + Q): 0 where a query column may attend (a real prefix
+    token, or an allowed query column), the dtype's min elsewhere."""
+    P = prefixes.mask.shape[1]
+    prefix = prefixes.mask[block.rows, P - block.prefix_width:].bool()  # (B, P_block)
+    Q = block.width
+    allowed = torch.cat([prefix[:, None, :].expand(-1, Q, -1), block.allowed], -1)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+class _PrefixKV:
+    """Stands in for a KV cache: hands each layer the rows' clean prefix keys and values in front
+    of the query block's own (nothing is stored, so one object serves every layer of a pass)."""
+
+    def __init__(self, prefixes, block):
+        self.prefixes, self.rows = prefixes, block.rows
+        self.start = prefixes.mask.shape[1] - block.prefix_width  # left padding no row needs
+
+    def update(self, keys, values, layer_idx, *args, **kwargs):
+        old_keys, old_values = self.prefixes.kv[layer_idx]
+        return (torch.cat([old_keys[self.rows, :, self.start:], keys], 2),
+                torch.cat([old_values[self.rows, :, self.start:], values], 2))
+
+
+def run_layers(model, prefixes, block, hidden, start, mask=None, capture=False, stop=None):
+    """Run the query block through decoder layers start..stop-1 (stop None: the last layer) from
+    `hidden` (B, Q, d), the residual stream entering layer `start` (the output of layer start - 1;
+    the embeddings for start = 0). Returns the last layer's output (B, Q, d), and with capture a
+    dict layer -> output of every layer run."""
+    mask = attention_mask(prefixes, block, hidden.dtype) if mask is None else mask
+    rotary = model.model.rotary_emb(hidden, block.position)
+    cache = _PrefixKV(prefixes, block)
+    captured = {}
+    for layer in range(start, common.num_layers(model) if stop is None else stop):
+        module = common.decoder_layers(model)[layer]
+        out = module(hidden, attention_mask=mask, position_ids=block.position,
+                     position_embeddings=rotary, use_cache=True,
+                     **{common._cache_kwarg(module): cache})
+        hidden = out[0] if isinstance(out, tuple) else out
+        if capture:
+            captured[layer] = hidden
+    return (hidden, captured) if capture else hidden
+
+
+def embed(model, block):
+    """The query block's token embeddings (B, Q, d): the residual stream 'at layer -1'."""
+    return model.model.embed_tokens(block.ids)
+
+
+def score(model, hidden, block, markers=None):
+    """Teacher-forced scores of every segment from the last layer's output `hidden` (B, Q, d).
+
+    Returns dict: logp (B, R) float32, summed log p of each continuation's tokens; logp_first
+    (B, R), log p of its first token alone (what the last prompt position predicts); greedy (B, R)
+    bool, every token the argmax; with markers = (en_id, zh_id), lang (B, R) float32, log p(en_id)
+    - log p(zh_id) at the position after the continuation's last token (the output's language:
+    what follows the answer, e.g. ".\\n\\n" against "。\\n\\n").
+    """
+    m = block.m
+    normed = model.model.norm(hidden[:, m - 1:])
+    logits = model.lm_head(normed).float()  # (B, Q - m + 1, V): column c predicts token c + 1
+    logz = torch.logsumexp(logits, -1)
+    B = hidden.shape[0]
+    arange = torch.arange(B, device=hidden.device)[:, None]
+    logp, first, greedy, lang = [], [], [], []
+    for r, targets in enumerate(block.targets):
+        w = targets.shape[1]
+        t = torch.arange(w, device=hidden.device)[None]
+        pred = torch.where(t == 0, 0, block.seg_start[r] - m + t)  # logits column of token t
+        valid = t < block.seg_len[:, r:r + 1]
+        picked = logits[arange, pred, targets] - logz[arange, pred]
+        logp.append((picked * valid).sum(1))
+        first.append(picked[:, 0])
+        best = logits[arange, pred].argmax(-1) == targets
+        greedy.append((best | ~valid).all(1))
+        if markers is not None:
+            after = block.seg_start[r] - m + block.seg_len[:, r]  # read after the last token
+            last = logits[torch.arange(B, device=hidden.device), after]
+            lang.append(last[:, markers[0]] - last[:, markers[1]])  # log-ratio: logz cancels
+    out = {"logp": torch.stack(logp, 1), "logp_first": torch.stack(first, 1),
+           "greedy": torch.stack(greedy, 1)}
+    if markers is not None:
+        out["lang"] = torch.stack(lang, 1)
+    return out
+
+
+def patched_scores(model, prefixes, block, layer, hidden, patch, markers=None, mask=None):
+    """Scores of the query block when the suffix's output of decoder `layer` (-1: embeddings) is
+    replaced by patch(suffix_states (B, m, d)) -> (B, m, d). hidden: the clean query states at
+    that layer (B, Q, d). Differentiable (for DAS) unless called under torch.no_grad()."""
+    m = block.m
+    suffix = patch(hidden[:, :m])
+    hidden = torch.cat([suffix.to(hidden.dtype), hidden[:, m:]], 1)
+    final = run_layers(model, prefixes, block, hidden, layer + 1, mask)
+    return score(model, final, block, markers)
+
+
+def subspace_patch(basis, complement, source):
+    """A patch for patched_scores: h <- h + P_S (s - h) on the suffix (common.patch_subspace).
+    basis (B, k, d), complement (B,) bool, source (B, m, d)."""
+    return lambda suffix: common.patch_subspace(suffix, basis, complement, source)

@@ -1,0 +1,137 @@
+"""DAS: the learned subspace stays orthonormal, recovers a planted subspace, keeps the step with the
+best validation value; principal angles and overlap; gradients reach only the subspace."""
+import numpy as np
+import pytest
+import torch
+
+import common
+import das
+import interchange
+
+
+def test_learned_subspace_starts_at_a_seeded_random_orthonormal_basis():
+    learned = das.LearnedSubspace(24, 3, seed=5)
+    basis = learned.basis().detach()
+    assert basis.shape == (3, 24)
+    assert torch.allclose(basis @ basis.T, torch.eye(3), atol=1e-5)
+    assert torch.allclose(basis, common.random_basis(24, 3, 5), atol=1e-5)
+
+
+def planted_problem(d=24, k=3, n_classes=8, seed=0):
+    """A synthetic model whose output reads only span(U), U a known (k, d) basis: logits =
+    W U h. Interchanging within S moves the output to the source's class exactly when S
+    contains span(U)."""
+    gen = torch.Generator().manual_seed(seed)
+    planted = common.random_basis(d, k, 123)
+    readout = torch.randn(n_classes, k, generator=gen) * 10
+
+    def loss(basis, base, source):
+        target = (source @ planted.T @ readout.T).argmax(-1)
+        patched = base + ((source - base) @ basis.T) @ basis
+        return torch.nn.functional.cross_entropy(patched @ planted.T @ readout.T, target)
+
+    return planted, loss, gen
+
+
+def test_das_recovers_a_planted_subspace():
+    d, k = 24, 3
+    planted, loss, gen = planted_problem(d, k)
+    val_base, val_source = torch.randn(512, d, generator=gen), torch.randn(512, d, generator=gen)
+
+    def loss_fn(basis):
+        return loss(basis, torch.randn(256, d, generator=gen), torch.randn(256, d, generator=gen))
+
+    def val_fn(basis):
+        return float(loss(basis, val_base, val_source))
+
+    learned = das.LearnedSubspace(d, k, seed=7)
+    start = das.principal_angles(learned.basis().detach(), planted)
+    basis, history = das.train_subspace(learned, loss_fn, val_fn, steps=400, lr=0.05,
+                                        eval_every=50)
+    angles = das.principal_angles(basis, planted)
+    assert start.max() > 30  # it did not start there
+    assert angles.max() < 10, angles
+    assert torch.allclose(basis @ basis.T, torch.eye(k), atol=1e-4)
+    for seed in range(5):  # random subspaces of the same size are not close
+        assert das.principal_angles(common.random_basis(d, k, 1000 + seed), planted).max() > 10
+    assert history[-1]["val"] < history[0]["val"]
+
+
+def test_train_subspace_keeps_the_step_with_the_best_validation_value():
+    values = iter([3.0, 1.0, 2.0, 5.0])
+    seen = []
+
+    def val_fn(basis):
+        seen.append(basis.clone())
+        return next(values)
+
+    learned = das.LearnedSubspace(10, 2, seed=0)
+    target = common.random_basis(10, 2, 1)
+    basis, history = das.train_subspace(
+        learned, lambda b: -(b @ target.T).pow(2).sum(), val_fn, steps=6, lr=0.1, eval_every=2)
+    assert [h["step"] for h in history] == [0, 2, 4, 6]
+    assert torch.equal(basis, seen[1])
+    assert not torch.allclose(seen[1], seen[3])
+
+
+def test_principal_angles_and_overlap():
+    a = common.random_basis(30, 4, 0)
+    assert np.allclose(das.principal_angles(a, a), 0, atol=1e-5)
+    assert das.overlap(a, a) == pytest.approx(1)
+    rotated = torch.linalg.qr(torch.randn(4, 4))[0] @ a  # same subspace, other basis
+    assert np.allclose(das.principal_angles(rotated, a), 0, atol=1e-4)
+    e = torch.eye(30)
+    assert np.allclose(das.principal_angles(e[:4], e[4:8]), 90)
+    assert das.overlap(e[:4], e[4:8]) == 0
+    overlaps = [das.overlap(common.random_basis(30, 4, s), common.random_basis(30, 4, 100 + s))
+                for s in range(300)]
+    assert np.mean(overlaps) == pytest.approx(4 / 30, rel=0.15)
+
+
+def test_interchange_loss_trains_only_the_subspace(tiny):
+    model, tok = tiny
+    model.requires_grad_(False)
+    texts = ["Tom buys 3 apples. The answer is ", "A train goes 60 km. The answer is "]
+    prefixes = interchange.encode_prefixes(model, interchange.prompt_ids(tok, texts), 1)
+    block = interchange.build_block(prefixes, [0, 1], [[[5, 6]], [[7]]])
+    with torch.no_grad():
+        hidden = interchange.run_layers(model, prefixes, block, interchange.embed(model, block),
+                                        0, stop=2)
+    learned = das.LearnedSubspace(common.hidden_size(model), 4, seed=0)
+    sources = torch.randn(2, 1, common.hidden_size(model)) * 3
+    loss = das.interchange_loss(model, prefixes, block, hidden, sources, 1, learned.basis())
+    loss.backward()
+    grads = [p.grad for p in learned.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_same_intervention_as_pyvene_when_installed(tiny):
+    """Cross-check against pyvene's LowRankRotatedSpaceIntervention (skipped where pyvene is not
+    installed: it is not a requirement, see notes/README-exp-e.md)."""
+    pv = pytest.importorskip("pyvene")
+    model, tok = tiny
+    layer, k = 2, 4
+    config = pv.IntervenableConfig(representations=[{
+        "layer": layer, "component": "block_output", "low_rank_dimension": k, "unit": "pos"}],
+        intervention_types=pv.LowRankRotatedSpaceIntervention)
+    intervenable = pv.IntervenableModel(config, model)
+    base, source = (tok([t], return_tensors="pt").input_ids
+                    for t in ("Tom buys 3 apples. The answer is ", "答案是42。答案是"))
+    _, patched = intervenable({"input_ids": base}, [{"input_ids": source}], unit_locations={
+        "sources->base": ([[[source.shape[1] - 1]]], [[[base.shape[1] - 1]]])})
+    intervention = list(intervenable.interventions.values())[0]
+    intervention = intervention[0] if isinstance(intervention, tuple) else intervention
+    basis = intervention.rotate_layer.weight.detach().T  # pyvene stores (d, k)
+    prefixes = interchange.encode_prefixes(model, [base[0].tolist()], 1)
+    block = interchange.build_block(prefixes, [0], [[[int(base[0, -1])]]])
+    states = common.capture_layer_outputs(model, source, torch.ones_like(source), [layer])[layer]
+    with torch.no_grad():
+        clean = interchange.run_layers(model, prefixes, block, interchange.embed(model, block), 0,
+                                       stop=layer + 1)
+        ours = interchange.patched_scores(
+            model, prefixes, block, layer, clean,
+            interchange.subspace_patch(basis[None], torch.tensor([False]), states[:, -1:]))
+    logp = torch.log_softmax(patched.logits[0, -1].float(), -1)[int(base[0, -1])]
+    assert float(ours["logp"][0, 0]) == pytest.approx(float(logp), abs=1e-4)
+

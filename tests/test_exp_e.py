@@ -1,0 +1,353 @@
+"""Experiment E: the suffix-only engine against the full forward, the `last` source's identities,
+the transfer fraction's fixed points, splits and partners, bad input, resume, and an end-to-end
+sweep on the tiny model with --replot."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import decoding
+import exp_e_layer_sweep as ee
+import interchange
+import runs
+
+TEXTS = ["Question: Tom buys 3 apples for 4 dollars each. The answer is ",
+         "A train goes 60 km. The answer is ",
+         "答案是42。一步一步地想。答案是"]
+CONTS = [[[5, 7], [9]], [[11], [12, 13, 14]], [[3, 4, 5], [6, 6]]]
+
+
+def full_forward_scores(model, tok, texts, conts, patch=None):
+    """Teacher-forced log p of each continuation set through decoding.generate_and_score (the
+    whole prompt, the patch as a hook): (B, R)."""
+    ids, mask, _ = common.tokenize_left_padded(tok, texts)
+    return torch.stack([decoding.generate_and_score(model, ids, mask, 0, patch=patch,
+                                                    score=[[c[r] for c in conts]])["scores"][0]
+                        for r in range(len(conts[0]))], 1)
+
+
+def last_patch(layer, basis, complement, source, width):
+    """A SubspacePatch of the last m positions (source (B, m, d)) of prompts left-padded to width."""
+    B, m, d = source.shape
+    tokens = torch.zeros(B, width, d)
+    tokens[:, -m:] = source
+    mask = torch.zeros(B, width, dtype=torch.bool)
+    mask[:, -m:] = True
+    return common.SubspacePatch(layer=max(layer, 0), basis=basis, complement=complement,
+                                source_mean=torch.zeros(B, d),
+                                patch_generated=torch.zeros(B, dtype=torch.bool),
+                                source_tokens=tokens, prompt_mask=mask,
+                                site="output" if layer >= 0 else "input")
+
+
+def engine(model, tok, m, texts=TEXTS, conts=CONTS):
+    prefixes = interchange.encode_prefixes(model, interchange.prompt_ids(tok, texts), m)
+    block = interchange.build_block(prefixes, list(range(len(texts))), conts)
+    with torch.no_grad():
+        final, states = interchange.run_layers(model, prefixes, block,
+                                               interchange.embed(model, block), 0, capture=True)
+    states[-1] = interchange.embed(model, block)
+    return prefixes, block, final, states
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine
+
+def test_clean_query_block_scores_equal_the_full_forward(tiny):
+    model, tok = tiny
+    _, block, final, _ = engine(model, tok, 2)
+    with torch.no_grad():
+        fast = interchange.score(model, final, block)["logp"]
+    assert torch.allclose(fast, full_forward_scores(model, tok, TEXTS, CONTS), atol=1e-4)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("layer", [-1, 0, 2, 3])
+def test_suffix_only_recomputation_equals_the_full_forward(tiny, m, layer):
+    """float32: patching the last m positions at `layer` and recomputing only the query block
+    above it gives the full forward's log-probabilities (left-padded prompts of three lengths,
+    one row each of subspace, full and no-op patching)."""
+    model, tok = tiny
+    d = common.hidden_size(model)
+    prefixes, block, _, states = engine(model, tok, m)
+    gen = torch.Generator().manual_seed(layer + 10)
+    source = torch.randn(3, m, d, generator=gen) * 2
+    basis = torch.stack([common.random_basis(d, 8, 1), torch.zeros(8, d), torch.zeros(8, d)])
+    complement = torch.tensor([False, True, False])
+    with torch.no_grad():
+        fast = interchange.patched_scores(model, prefixes, block, layer, states[layer],
+                                          interchange.subspace_patch(basis, complement, source))
+    width = common.tokenize_left_padded(tok, TEXTS)[0].shape[1]
+    full = full_forward_scores(model, tok, TEXTS, CONTS,
+                               last_patch(layer, basis, complement, source, width))
+    assert torch.allclose(fast["logp"], full, atol=1e-4)
+    clean = full_forward_scores(model, tok, TEXTS, CONTS)
+    assert torch.allclose(full[2], clean[2], atol=1e-5)  # the no-op row
+    assert (full[:2] - clean[:2]).abs().max() > 1e-2  # the others moved
+
+
+def test_last_source_from_the_own_prompt_leaves_the_logits_unchanged(tiny):
+    model, tok = tiny
+    layer, m = 1, 2
+    ids, mask, _ = common.tokenize_left_padded(tok, TEXTS)
+    own = common.capture_layer_outputs(model, ids, mask, [layer])[layer][:, -m:].float()
+    d = common.hidden_size(model)
+    patch = last_patch(layer, torch.zeros(3, 4, d), torch.ones(3, dtype=torch.bool), own,
+                       ids.shape[1])
+    with torch.no_grad():
+        clean = model(input_ids=ids, attention_mask=mask,
+                      position_ids=common.position_ids_from_mask(mask)).logits
+        with common.layer_output_hook(model, layer, patch):
+            patched = model(input_ids=ids, attention_mask=mask,
+                            position_ids=common.position_ids_from_mask(mask)).logits
+    assert torch.equal(clean, patched)
+    prefixes, block, final, states = engine(model, tok, m)
+    with torch.no_grad():
+        fast = interchange.patched_scores(
+            model, prefixes, block, layer, states[layer],
+            interchange.subspace_patch(torch.zeros(3, 4, d), torch.ones(3, dtype=torch.bool),
+                                       states[layer][:, :m].float()))
+        assert torch.allclose(fast["logp"], interchange.score(model, final, block)["logp"],
+                              atol=1e-5)
+
+
+def test_k_equal_to_d_subspace_patch_equals_full_replacement(tiny):
+    model, tok = tiny
+    d = common.hidden_size(model)
+    prefixes, block, _, states = engine(model, tok, 1)
+    source = torch.randn(3, 1, d) * 2
+    everything = common.random_basis(d, d, 3).expand(3, -1, -1)
+    with torch.no_grad():
+        subspace = interchange.patched_scores(
+            model, prefixes, block, 1, states[1],
+            interchange.subspace_patch(everything, torch.zeros(3, dtype=torch.bool), source))
+        full = interchange.patched_scores(
+            model, prefixes, block, 1, states[1],
+            interchange.subspace_patch(torch.zeros(3, 1, d), torch.ones(3, dtype=torch.bool), source))
+    assert torch.allclose(subspace["logp"], full["logp"], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The transfer fraction
+
+def equal_length_pairs(tok):
+    """Two English questions of the same token length, each its own 'Chinese' prompt."""
+    candidates = ["Tom has 3 apples.", "Tom has 5 apples.", "Sam has 4 pears.", "Ann has 7 eggs."]
+    lengths = {t: len(tok(t, add_special_tokens=False)["input_ids"]) for t in candidates}
+    a = candidates[0]
+    b = next(t for t in candidates[1:] if lengths[t] == lengths[a])
+    return [{"id": "a", "en": a, "zh": a, "answer": 12}, {"id": "b", "en": b, "zh": b, "answer": 47}]
+
+
+def test_transfer_is_zero_for_a_noop_and_one_when_the_patched_run_is_the_target_run(tiny):
+    """Full replacement of every prompt position at the embeddings by the partner prompt's
+    embeddings makes the patched run the partner's unpatched run: ld_patched = ld_target."""
+    model, tok = tiny
+    pairs = equal_length_pairs(tok)
+    template = {"en": "{question}", "zh": "{question}"}
+    T = len(tok(pairs[0]["en"], add_special_tokens=False)["input_ids"])
+    state = ee.prepare(model, tok, pairs, template, [1, 0], T, 4)
+    conditions = ee.make_conditions(common.hidden_size(model), 4, [], 0, 0)
+    batches = ee.make_batches(state, [0, 1], 2, 8, torch.float32)
+    measured = ee.row_measures(ee.run_rows(model, state, -1, conditions, batches), state.clean,
+                               min_span=0.1)
+    swap = measured[measured.pairing == "swap"].set_index("condition")
+    assert np.all(np.abs(state.clean.ld_target - state.clean.ld_clean) >= 0.1)
+    assert np.allclose(swap.loc[1, "transfer"], 1, atol=1e-4)  # full
+    assert np.allclose(swap.loc[0, "transfer"], 0, atol=1e-5)  # none
+    same_full = measured[(measured.pairing == "same") & (measured.condition == 1)]
+    assert np.allclose(same_full.dlogp_own, 0, atol=1e-5)  # own states in: nothing moves
+
+
+def test_row_measures_against_hand_computation():
+    import pandas as pd
+    clean = pd.DataFrame({"logp_own": [-1.0, -2.0], "logp_src": [-5.0, -4.0], "ld_clean": [4.0, 2.0],
+                          "ld_target": [-3.0, 1.5], "lang_own": [2.0, 1.0],
+                          "ld_first_clean": [1.0, 1.0], "ld_first_target": [-1.0, -3.0]})
+    rows = pd.DataFrame({"problem": [0, 0, 1], "pairing": ["same", "swap", "swap"],
+                         "condition": [0, 0, 0], "logp_own": [-1.5, -2.0, -2.0],
+                         "logp_src": [-1.5, -3.0, -4.0], "first_own": [-0.5, -1.0, -1.0],
+                         "first_src": [-0.5, -1.0, -3.0], "lang_own": [2.0, 1.0, 1.0],
+                         "lang_src": [2.0, 1.0, 1.0]})
+    m = ee.row_measures(rows, clean, min_span=1.0)
+    assert m.dlogp_own.tolist() == [-0.5, -1.0, 0.0]
+    assert m.dlogp_src.tolist() == [-0.5, 2.0, 0.0]  # same: the source's answer is the own one
+    assert np.isnan(m.transfer[0]) and np.isnan(m.transfer_first[0])
+    assert m.transfer[1] == pytest.approx((1 - 4) / (-3 - 4))
+    assert np.isnan(m.transfer[2])  # |ld_target - ld_clean| = 0.5 < min_span: no transfer
+    assert m.transfer_first[1] == pytest.approx((0 - 1) / (-1 - 1))
+    assert m.transfer_first[2] == pytest.approx((2 - 1) / (-3 - 1))
+    agg = ee.aggregate(m).set_index("pairing")
+    assert agg.loc["swap", "n_transfer"] == 1
+    assert agg.loc["swap", "transfer_pooled"] == pytest.approx(3 / 7)
+    everything = ee.aggregate(ee.row_measures(rows, clean, min_span=0)).set_index("pairing")
+    assert everything.loc["swap", "transfer_pooled"] == pytest.approx(np.mean([-3, 0]) / np.mean([-7, -0.5]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits, partners, answer tokens
+
+def test_splits_are_seeded_and_partners_stay_in_their_split():
+    pairs = [{"id": str(i), "answer": i % 10} for i in range(20)]  # each answer twice
+    split = ee.make_splits(20, [0.5, 0.25, 0.25], 3)
+    assert split == ee.make_splits(20, [0.5, 0.25, 0.25], 3)
+    assert split != ee.make_splits(20, [0.5, 0.25, 0.25], 4)
+    assert [split.count(s) for s in ("train", "validation", "test")] == [10, 5, 5]
+    partner = ee.swap_partners(pairs, split, 0)
+    for i, j in enumerate(partner):
+        assert j != i and split[j] == split[i]
+        assert pairs[j]["answer"] != pairs[i]["answer"]
+    assert sorted(partner) == list(range(20))  # a permutation: every problem is one source
+    with pytest.raises(runs.UsageError, match="at least 2 problems"):
+        ee.split_sizes(5, [0.5, 0.25, 0.25])
+
+
+def test_answer_tokens_on_the_real_qwen_tokenizer():
+    """The token facts the sweep relies on (skipped where the real model is not on disk)."""
+    path = Path.home() / ".cache/real-models/qwen2.5-coder-0.5b-instruct"
+    if not path.is_dir():
+        pytest.skip("real Qwen tokenizer not available")
+    from transformers import AutoTokenizer
+    import problems
+    tok = AutoTokenizer.from_pretrained(path)
+    template = problems.load_prompts()["templates"]["direct"]
+    for lang, tail in (("en", " "), ("zh", "是")):
+        prompt = problems.format_prompt(template[lang], "Q?")[0]
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids[-1:]) == tail
+        digits = ee.answer_ids(tok, 605)
+        assert [tok.decode([i]) for i in digits] == ["6", "0", "5"]
+        assert tok(prompt + "605", add_special_tokens=False)["input_ids"] == ids + digits
+    assert [tok.decode([i]) for i in ee.language_markers(tok)] == [".\n\n", "。\n\n"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+
+def write_prompts(path, n=8):
+    en = "Tom has {a} apples and buys {b} more. How many apples does he have?"
+    zh = "小明有{a}个苹果，又买了{b}个。他现在有多少个苹果？"
+    pairs = [{"id": f"p{i}", "category": "t", "en": en.format(a=i + 2, b=3 * i + 1),
+              "zh": zh.format(a=i + 2, b=3 * i + 1), "answer": 4 * i + 3} for i in range(n)]
+    data = {"templates": {"direct": {"en": "Question: {question}\nAnswer: The answer is ",
+                                     "zh": "问题：{question}\n答案：答案是"}}, "pairs": pairs}
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def cli(tmp_path, *extra):
+    prompts = tmp_path / "prompts.json"
+    if not prompts.exists():
+        write_prompts(prompts)
+    return ee.parse_args(["--model", common.TINY_MODEL, "--device", "cpu", "--prompts",
+                          str(prompts), "--basis-layer", "2", "--k", "4", "--n-random", "3",
+                          "--decode-limit", "2", "--decode-random", "1", "--das-k", "4",
+                          "--das-steps", "2", "--das-eval-every", "1", "--max-new-tokens", "4",
+                          "--out", str(tmp_path / "exp_e"), "--figures", str(tmp_path / "fig"),
+                          *extra])
+
+
+OUTPUTS = ["clean.csv", "per_layer.csv", "draws.csv", "per_problem.csv", "decode.csv",
+           "decode_summary.csv", "das.csv", "das_angles.csv", "das_training.csv",
+           "das_decode.csv", "das_decode_summary.csv", "das_basis_k4.npy", "config.json"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    args = cli(tmp_path)
+    ee.main(args)
+    return tmp_path, args
+
+
+def test_sweep_writes_every_output_and_the_figures(finished_run):
+    tmp_path, args = finished_run
+    out = tmp_path / "exp_e"
+    for name in OUTPUTS:
+        assert (out / name).is_file(), name
+    figures = runs.figure_dir(out, tmp_path / "fig")
+    assert (figures / "layer_sweep.png").is_file() and (figures / "das.png").is_file()
+    per_layer = runs.load_csv(out / "per_layer.csv")
+    assert sorted(per_layer.layer.unique()) == [0, 1, 2, 3]
+    assert set(per_layer.condition) == {"none", "full", "z_basis", "z_layer", "random"}
+    assert per_layer.noop_max_abs.max() < 1e-4  # the no-op rows reproduce the clean run
+    layer2 = per_layer[(per_layer.layer == 2) & (per_layer.pairing == "swap")].set_index("condition")
+    assert layer2.loc["z_basis", "transfer"] == pytest.approx(layer2.loc["z_layer", "transfer"])
+    assert layer2.loc["random", "transfer_lo"] <= layer2.loc["random", "transfer"] <= \
+        layer2.loc["random", "transfer_hi"]
+    draws = runs.load_csv(out / "draws.csv")
+    assert len(draws) == 4 * 2 * 3  # layers x pairings x draws
+    decode = runs.load_csv(out / "decode_summary.csv")
+    assert decode.fast_vs_full_max_abs.max() < 1e-3  # the engine agrees with generate_and_score
+    config = json.loads((out / "config.json").read_text())
+    assert sum(len(v) for v in config["splits"].values()) == 8
+    assert config["das_layer"] in range(4) and config["basis_layer"] == 2
+    assert "/tmp" not in json.dumps(config["args"])
+    angles = runs.load_csv(out / "das_angles.csv")
+    assert set(angles.versus) == {"z_basis", "z_layer", "random"}
+    assert np.load(out / "das_basis_k4.npy").shape == (4, 64)
+
+
+def test_replot_redraws_the_figures_from_the_csvs_alone(finished_run, monkeypatch):
+    tmp_path, _ = finished_run
+    figures = runs.figure_dir(tmp_path / "exp_e", tmp_path / "fig")
+    for name in ("layer_sweep.png", "das.png"):
+        (figures / name).unlink()
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("replot loaded a model"))
+    ee.main(ee.parse_args(["--replot", "--out", str(tmp_path / "exp_e"),
+                           "--figures", str(tmp_path / "fig")]))
+    assert (figures / "layer_sweep.png").is_file() and (figures / "das.png").is_file()
+
+
+def test_resume_finishes_an_interrupted_run_without_duplicates(finished_run, tmp_path):
+    import shutil
+    source, args = finished_run
+    out = tmp_path / "exp_e"
+    shutil.copytree(source / "exp_e", out)
+    per_layer = runs.load_csv(out / "per_layer.csv")
+    runs.write_csv(per_layer[per_layer.layer < 3], out / "per_layer.csv")  # layer 3 unfinished
+    das_table = runs.load_csv(out / "das.csv")
+    runs.write_csv(das_table.iloc[:0], out / "das.csv")  # DAS unfinished
+    resumed = ee.parse_args([a if a != str(source / "exp_e") else str(out)
+                             for a in _argv(args)] + ["--resume"])
+    ee.main(resumed)
+    assert len(runs.load_csv(out / "per_layer.csv")) == len(per_layer)
+    assert len(runs.load_csv(out / "draws.csv")) == 4 * 2 * 3
+    problems_rows = runs.load_csv(out / "per_problem.csv")
+    assert not problems_rows.duplicated(["layer", "pairing", "condition", "problem_id"]).any()
+    assert len(runs.load_csv(out / "das_training.csv")) == 3  # steps 0, 1, 2 once
+
+
+def _argv(args):
+    """The command line of a parsed namespace as cli() built it."""
+    return ["--model", args.model, "--device", "cpu", "--prompts", str(args.prompts),
+            "--basis-layer", "2", "--k", "4", "--n-random", "3", "--decode-limit", "2",
+            "--decode-random", "1", "--das-k", "4", "--das-steps", "2", "--das-eval-every", "1",
+            "--max-new-tokens", "4", "--out", str(args.out), "--figures", str(args.figures)]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--basis-layer", "9"], "--basis-layer"),
+    (["--depth", "1.5"], "--depth"),
+    (["--k", "64"], "k=64"),
+    (["--layers", "0", "7"], "--layers"),
+    (["--last-m", "0"], "--last-m"),
+    (["--split", "0.5", "0.5", "0.5"], "--split"),
+    (["--limit", "4"], "at least 2 problems"),
+    (["--device", "cuda"], "--device"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        runs.run_cli(ee.main, cli(tmp_path, *extra))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "exp_e").exists() and not (tmp_path / "fig").exists()
+
+
+def test_every_flag_has_a_help_text():
+    for action in ee.build_parser()._actions:
+        assert action.help, action.option_strings
