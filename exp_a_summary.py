@@ -377,10 +377,14 @@ def verdict_paragraph(frame, controls, tests, v, variance, template):
             f"correctly ({int(none.truncated.sum())} truncated); {n_en} of {len(none)} outputs were "
             f"English, and the language rates are over those"
             + (" (the direct template's outputs are numbers: language is not measured here; "
-               "use --template cot)." if n_en == 0 and template == "direct" else ".")]
+               "use --template cot)." if n_en == 0 and template == "direct" else
+               " (direct template: the language is that of the words after the number, such as "
+               "' minutes', where the model writes any)." if template == "direct" else ".")]
     noop = r["noop"]
+    drift = _part(frame, "noop", -1, "same").dlogp_ref.abs().max()
     text.append(f"The noop patch (each row's own states, through the same code path and batches) "
-                f"changed {_pct(noop['answer_change'])} answers: the noise floor.")
+                f"changed {_pct(noop['answer_change'])} answers and moved log p(reference) by at "
+                f"most {drift:.1g} nats: the noise floor.")
     text += [v[f"{name}_reason"] + "." for name in
              ("z_changes_answers", "z_keeps_language", "zperp_changes_language", "zperp_keeps_answers")]
     if r["z"]["transfer"]["n"]:
@@ -498,6 +502,7 @@ def _bars(ax, configs, conditions, value, error=None, band=None, ylabel="", titl
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.axhline(0, color="k", lw=0.5)
+    ax.margins(y=0.08)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
 
 
