@@ -153,22 +153,24 @@ def test_cache_is_reused_and_invalidated(tiny, tmp_path, monkeypatch):
 
 
 def test_drop_numbers_removes_exactly_the_tokens_of_numbers_on_a_hand_checked_prompt(tiny):
-    """The tiny tokenizer writes this prompt as (index: token)
-    0 Tom, 1 ' p', 2 a, 3 i, 4 d, 5 ' ', 6 $, 7 1, 8 ',', 9 2, 10 5, 11 0, 12 ' for', 13 ' 3',
-    14 '.', 15 5, 16 ' ', 17 k, 18 g, 19 ' ', 20 o, 21 f, 22 ' 12', 23 ' apples', 24 '.'
-    The numbers are 1,250 (7-11, the comma included), 3.5 (13-15, the point included) and 12 (22);
-    the spaces, the dollar sign and the full stop at the end are not numbers."""
+    """The tiny tokenizer (Qwen2's pre-tokenizer: one token per digit, the space before a number a
+    token of its own) writes this prompt as (index: token)
+    0 Tom, 1 ' p', 2 a, 3 i, 4 d, 5 ' ', 6 $, 7 1, 8 ',', 9 2, 10 5, 11 0, 12 ' for', 13 ' ', 14 3,
+    15 '.', 16 5, 17 ' ', 18 k, 19 g, 20 ' ', 21 o, 22 f, 23 ' ', 24 1, 25 2, 26 ' apples', 27 '.'
+    The numbers are 1,250 (7-11, the comma included), 3.5 (14-16, the point included) and 12
+    (24-25); the spaces, the dollar sign and the full stop at the end are not numbers."""
     model, tokenizer = tiny
     text = "Tom paid $1,250 for 3.5 kg of 12 apples."
     pieces = [tokenizer.decode([t]) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
-    assert pieces[5:16] == [" ", "$", "1", ",", "2", "5", "0", " for", " 3", ".", "5"]
-    assert pieces[22:] == [" 12", " apples", "."]
-    numbers = [7, 8, 9, 10, 11, 13, 14, 15, 22]
+    assert pieces[5:17] == [" ", "$", "1", ",", "2", "5", "0", " for", " ", "3", ".", "5"]
+    assert pieces[23:] == [" ", "1", "2", " apples", "."]
+    numbers = [7, 8, 9, 10, 11, 14, 15, 16, 24, 25]
     assert common.number_token_mask(tokenizer, text).nonzero().flatten().tolist() == numbers
-    zh = "小明有12个苹果，花了3.5元。"  # 小明有 | 12 | 个苹果 | ， | 花 (3 byte pieces) | 了 | 3 | . | 5 | 元 | 。
-    assert common.number_token_mask(tokenizer, zh).nonzero().flatten().tolist() == [1, 8, 9, 10]
+    zh = "小明有12个苹果，花了3.5元。"  # 小 (2 byte pieces) 明有 | 1 | 2 | 个苹果 | ， | 花 (3) | 了 | 3 . 5 | 元 | 。
+    zh_numbers = [2, 3, 10, 11, 12]
+    assert common.number_token_mask(tokenizer, zh).nonzero().flatten().tolist() == zh_numbers
     assert common.number_token_counts(tokenizer, [text, zh]) == {
-        "tokens": len(pieces) + 13, "number_tokens": 13}
+        "tokens": len(pieces) + 15, "number_tokens": 15}
 
     # the extraction leaves out exactly these positions (and the first) from means and clouds
     for drop_first in (True, False):
@@ -178,7 +180,7 @@ def test_drop_numbers_removes_exactly_the_tokens_of_numbers_on_a_hand_checked_pr
                                           drop_first=drop_first, drop_numbers=True, cache_dir=None)
         pooled = common.extract_activations(model, tokenizer, [text, zh], [1], drop_first=drop_first,
                                             drop_numbers=True, cache_dir=None)
-        for i, number_positions in enumerate((numbers, [1, 8, 9, 10])):
+        for i, number_positions in enumerate((numbers, zh_numbers)):
             start = int(drop_first)
             keep = [p for p in range(start, start + len(tokens[i]))
                     if p not in number_positions]
@@ -189,7 +191,7 @@ def test_drop_numbers_removes_exactly_the_tokens_of_numbers_on_a_hand_checked_pr
 def test_a_text_left_without_tokens_is_a_usage_error(tiny):
     model, tokenizer = tiny
     with pytest.raises(runs.UsageError, match="no token left"):
-        common.extract_activations(model, tokenizer, ["Tom has 3 apples.", "A 12"], [0],
+        common.extract_activations(model, tokenizer, ["Tom has 3 apples.", "12"], [0],
                                    drop_numbers=True, cache_dir=None)
 
 
