@@ -67,6 +67,26 @@ def test_ratio_separates_updates_inside_and_outside_z():
     assert eb.compute_ratios(outside, basis)["R"].max() < 1e-6
 
 
+def test_matched_band_sees_updates_along_the_main_directions_of_the_stream():
+    """Updates that move along the directions in which the basis layer's states vary most: a
+    uniform random subspace sees k/d of their energy, one drawn with the states' covariance much
+    more; a basis with no variance (outside the states' span) sees none and ranks below both."""
+    gen = torch.Generator().manual_seed(0)
+    d, k, n = 32, 4, 40
+    scales = torch.ones(d)
+    scales[:4] = 20.0  # four dominant directions of the states
+    pooled = torch.randn(2 * n, 3, d, generator=gen, dtype=torch.float64) * scales
+    pairs = [{"id": f"p{i}"} for i in range(n)]
+    outside = torch.eye(d, dtype=torch.float64)[-k:]
+    tables, shares = eb.compute_all(pooled, pairs, outside, k, d, 20, 0, basis_layer=0)
+    table = tables["per_layer"]
+    both = table[table["lang"] == "all"]
+    assert (both["matched_energy_mean"] > 4 * both["rand_energy_mean"]).all()
+    assert both["rand_energy_mean"].between(0.5 * k / d, 2 * k / d).all()
+    assert (both["frac_matched_R_ge"] == 1).all() and (both["frac_random_R_ge"] == 1).all()
+    assert shares["matched"] > 0.5 > shares["uniform"] and shares["z"] < 0.01
+
+
 def test_stacked_bases_match_one_at_a_time():
     updates = torch.randn(5, 3, 16, dtype=torch.float64)
     bases, _ = eb.random_bases(16, 3, 4, seed=1)
@@ -230,9 +250,16 @@ def test_main_end_to_end(tiny, tmp_path, monkeypatch):
     assert len(per_layer) == 4 * 3 and set(per_layer["lang"]) == {"zh", "en", "all"}
     assert sorted(per_layer["from_layer"].unique()) == [-1, 0, 1, 2]
     assert per_layer["R_chance"].iloc[0] == pytest.approx(np.sqrt(4 / 60))
-    assert (per_layer["rand_R_lo"] <= per_layer["rand_R_hi"]).all()
+    for prefix in ("rand", "matched"):
+        assert (per_layer[f"{prefix}_R_lo"] <= per_layer[f"{prefix}_R_hi"]).all()
     draws = pd.read_csv(out / "random_draws.csv")
-    assert draws["draw"].nunique() == 20
+    assert draws.groupby("kind")["draw"].nunique().to_dict() == {"matched": 20, "uniform": 20}
+    shares = config["variance_share_of_basis_layer_states"]
+    assert shares["matched"] > shares["uniform"] and set(shares) == {"z", "uniform", "matched"}
+    row = per_layer[(per_layer["lang"] == "all") & (per_layer["from_layer"] == 2)].iloc[0]
+    matched = draws[(draws["kind"] == "matched") & (draws["lang"] == "all")
+                    & (draws["from_layer"] == 2)]["R_mean"]
+    assert row["frac_matched_R_ge"] == pytest.approx(np.mean(matched >= row["R_mean"]))
 
     # the saved R of one text and transition, recomputed from the pooled outputs directly
     model, tokenizer = tiny
@@ -252,8 +279,8 @@ def test_main_end_to_end(tiny, tmp_path, monkeypatch):
     asym = pd.read_csv(out / "asymmetry.csv")
     assert len(asym) == 4
     np.testing.assert_allclose(asym["diff_mean"], asym["R_zh"] - asym["R_en"], atol=1e-12)
-    rand = draws[draws["lang"] != "all"].pivot_table(index=["from_layer", "draw"], columns="lang",
-                                                     values="R_mean")
+    rand = draws[(draws["lang"] != "all") & (draws["kind"] == "uniform")].pivot_table(
+        index=["from_layer", "draw"], columns="lang", values="R_mean")
     rand_diff = (rand["zh"] - rand["en"]).loc[1]
     row = asym[asym["from_layer"] == 1].iloc[0]
     assert row["frac_random_absdiff_ge"] == pytest.approx(
