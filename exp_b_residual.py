@@ -296,8 +296,8 @@ def plot_residual_ratio(out_dir, path):
                     label=f"uniform random {int(first['k'])}-dim subspaces (2.5-97.5%)")
     if "matched_R_lo" in both:
         ax.fill_between(x, both["matched_R_lo"], both["matched_R_hi"], color="tab:orange",
-                        alpha=0.25, label="random subspaces drawn with the covariance of the "
-                                          "basis layer's states (2.5-97.5%)")
+                        alpha=0.25, label=f"random subspaces drawn with the covariance of layer "
+                                          f"{int(first['basis_layer'])}'s states (2.5-97.5%)")
     ax.axhline(first["R_chance"], color="k", ls="--", lw=1,
                label=f"chance sqrt(k/(d-k)) = {first['R_chance']:.3f}")
     for lang, color in (("zh", "tab:red"), ("en", "tab:blue")):
