@@ -11,7 +11,11 @@ Z basis V_Z of --basis-layer (fixed for all transitions; by default the plan's l
 the same fraction of this model's depth):
   R = ||P_Z u|| / ||P_Zperp u||   (chance for an isotropic u: about sqrt(k / (d - k)), not 1)
   energy = ||P_Z u||^2 / ||u||^2  (chance k / d)
-per prompt, averaged over zh, en and both, against a band from --n-random random k-dim subspaces.
+per prompt, averaged over zh, en and both, against two bands of --n-random random k-dim subspaces:
+uniform (Haar) ones, and ones drawn with the covariance of the basis layer's pooled states
+(stats.matched_random_basis), which favour the directions the residual stream varies in, as a
+subspace read by attention may: residual updates are far from isotropic, so "more than a uniform
+random subspace" can mean no more than "along the stream's main directions".
 The first token (attention sink) is left out of the means unless --keep-first-token; the tokens of
 numbers too with --drop-numbers.
 
@@ -28,6 +32,7 @@ import torch
 import common
 import problems
 import runs
+import stats
 from runs import UsageError
 
 DEFAULTS = dict(k=50, n_random=20, band=(2.5, 97.5))
@@ -100,6 +105,14 @@ def random_bases(d, k, n, seed):
     return torch.stack([common.random_basis(d, k, s) for s in seeds]), seeds
 
 
+def matched_bases(cov_sqrt, k, n, seed):
+    """n random (k, d) bases drawn with a covariance (stats.matched_random_basis), stacked, and
+    their seeds: subspaces that favour the directions the residual stream varies in, as Z may."""
+    seeds = random_seeds(seed, n)
+    return torch.stack([torch.from_numpy(stats.matched_random_basis(cov_sqrt, k, s))
+                        for s in seeds]), seeds
+
+
 def transition_frame(n_layers):
     from_layer = np.arange(-1, n_layers - 1)
     names = ["emb->0"] + [f"{l}->{l + 1}" for l in range(n_layers - 1)]
@@ -125,7 +138,7 @@ def lang_masks(n):
     return {"zh": zh, "en": ~zh, "all": np.ones(2 * n, bool)}
 
 
-def compute_random_draws(rand_ratios, n, seeds):
+def compute_random_draws(rand_ratios, n, seeds, kind):
     """Per draw, transition and language group: the mean R and energy over prompts."""
     frames = []
     n_draws, _, n_trans = rand_ratios["R"].shape
@@ -133,8 +146,9 @@ def compute_random_draws(rand_ratios, n, seeds):
     for lang, mask in lang_masks(n).items():
         for m in range(n_draws):
             frame = trans[["from_layer", "to_layer"]].copy()
-            frame.insert(0, "draw", m)
-            frame.insert(1, "seed", seeds[m])
+            frame.insert(0, "kind", kind)
+            frame.insert(1, "draw", m)
+            frame.insert(2, "seed", seeds[m])
             frame["lang"] = lang
             frame["R_mean"] = rand_ratios["R"][m][mask].mean(0)
             frame["energy_mean"] = rand_ratios["energy"][m][mask].mean(0)
@@ -142,9 +156,20 @@ def compute_random_draws(rand_ratios, n, seeds):
     return pd.concat(frames, ignore_index=True)
 
 
+# Column prefixes of the two random-subspace bands: Haar-uniform and covariance-matched draws.
+KINDS = {"uniform": "rand", "matched": "matched"}
+
+
+def rank_column(kind, what):
+    """frac_random_R_ge (uniform draws), frac_matched_R_ge, ...: the share of draws of `kind` at
+    least as large as Z in `what` (R, absdiff), i.e. Z's empirical rank among them."""
+    return f"frac_{'random' if kind == 'uniform' else KINDS[kind]}_{what}_ge"
+
+
 def compute_per_layer(per_prompt, draws, k, d, band=DEFAULTS["band"]):
     """Per transition and language group (zh, en, all): means of R and energy, chance values, and
-    the random-subspace band (percentiles `band` of the per-draw means)."""
+    for each kind of random subspace the band (percentiles `band` of the per-draw means) and the
+    share of draws whose R is at least Z's (frac_<prefix>_R_ge: Z's empirical rank)."""
     both = per_prompt.assign(lang="all")
     grouped = pd.concat([per_prompt, both]).groupby(["from_layer", "to_layer", "lang"], sort=False)
     table = grouped.agg(n=("R", "size"), R_mean=("R", "mean"), R_sem=("R", "sem"),
@@ -154,19 +179,20 @@ def compute_per_layer(per_prompt, draws, k, d, band=DEFAULTS["band"]):
     table["energy_chance"] = k / d
     table["R_over_chance"] = table["R_mean"] / table["R_chance"]
     table["energy_over_chance"] = table["energy_mean"] / table["energy_chance"]
-    rand = draws.groupby(["from_layer", "lang"])
-    stats = pd.DataFrame({
-        "rand_R_mean": rand["R_mean"].mean(), "rand_R_lo": rand["R_mean"].quantile(band[0] / 100),
-        "rand_R_hi": rand["R_mean"].quantile(band[1] / 100),
-        "rand_energy_mean": rand["energy_mean"].mean(),
-        "rand_energy_lo": rand["energy_mean"].quantile(band[0] / 100),
-        "rand_energy_hi": rand["energy_mean"].quantile(band[1] / 100)}).reset_index()
-    table = table.merge(stats, on=["from_layer", "lang"], how="left")
-    merged = draws.merge(table[["from_layer", "lang", "R_mean"]], on=["from_layer", "lang"],
-                         suffixes=("", "_z"))
-    frac = (merged["R_mean"] >= merged["R_mean_z"]).groupby([merged["from_layer"], merged["lang"]])
-    table = table.merge(frac.mean().rename("frac_random_R_ge").reset_index(),
-                        on=["from_layer", "lang"], how="left")
+    for kind, prefix in KINDS.items():
+        rand = draws[draws["kind"] == kind].groupby(["from_layer", "lang"])
+        columns = {f"{prefix}_{name}_{stat}": value for name in ("R", "energy") for stat, value in (
+            ("mean", rand[f"{name}_mean"].mean()),
+            ("lo", rand[f"{name}_mean"].quantile(band[0] / 100)),
+            ("hi", rand[f"{name}_mean"].quantile(band[1] / 100)))}
+        table = table.merge(pd.DataFrame(columns).reset_index(), on=["from_layer", "lang"],
+                            how="left")
+        merged = draws[draws["kind"] == kind].merge(
+            table[["from_layer", "lang", "R_mean"]], on=["from_layer", "lang"], suffixes=("", "_z"))
+        frac = (merged["R_mean"] >= merged["R_mean_z"]).groupby(
+            [merged["from_layer"], merged["lang"]]).mean()
+        table = table.merge(frac.rename(rank_column(kind, "R")).reset_index(),
+                            on=["from_layer", "lang"], how="left")
     return table.sort_values(["lang", "from_layer"], key=_lang_order).reset_index(drop=True)
 
 
@@ -176,7 +202,8 @@ def _lang_order(col):
 
 def compute_asymmetry(per_prompt, draws, band=DEFAULTS["band"]):
     """Plan B.4: per transition, the paired difference R_zh - R_en over problems, a Wilcoxon
-    signed-rank p-value (uncorrected), and the same difference under the random subspaces."""
+    signed-rank p-value (uncorrected), and the same difference under each kind of random subspace:
+    its band and the share of draws whose |difference| is at least Z's."""
     from scipy.stats import wilcoxon
     wide = per_prompt.pivot_table(index=["from_layer", "to_layer", "id"], columns="lang", values="R")
     diff = (wide["zh"] - wide["en"]).rename("diff")
@@ -190,30 +217,41 @@ def compute_asymmetry(per_prompt, draws, band=DEFAULTS["band"]):
                      "diff_mean": d.mean(), "diff_sem": d.std(ddof=1) / np.sqrt(len(d))
                      if len(d) > 1 else np.nan, "wilcoxon_p": p})
     table = pd.DataFrame(rows)
-    rand = draws[draws["lang"] != "all"].pivot_table(index=["from_layer", "draw"], columns="lang",
-                                                     values="R_mean")
-    rand_diff = (rand["zh"] - rand["en"]).rename("rand")
-    by_layer = rand_diff.groupby(level=0)
-    table["rand_diff_mean"] = table["from_layer"].map(by_layer.mean())
-    table["rand_diff_lo"] = table["from_layer"].map(by_layer.quantile(band[0] / 100))
-    table["rand_diff_hi"] = table["from_layer"].map(by_layer.quantile(band[1] / 100))
-    # zh and en updates differ in direction, so any subspace shows some R_zh - R_en: the fair
-    # question is whether Z's difference is larger than a random subspace's
-    merged = rand_diff.reset_index().merge(table[["from_layer", "diff_mean"]], on="from_layer")
-    exceeds = merged["rand"].abs() >= merged["diff_mean"].abs()
-    table["frac_random_absdiff_ge"] = table["from_layer"].map(
-        exceeds.groupby(merged["from_layer"]).mean())
+    for kind, prefix in KINDS.items():
+        rand = draws[(draws["lang"] != "all") & (draws["kind"] == kind)].pivot_table(
+            index=["from_layer", "draw"], columns="lang", values="R_mean")
+        rand_diff = (rand["zh"] - rand["en"]).rename("rand")
+        by_layer = rand_diff.groupby(level=0)
+        table[f"{prefix}_diff_mean"] = table["from_layer"].map(by_layer.mean())
+        table[f"{prefix}_diff_lo"] = table["from_layer"].map(by_layer.quantile(band[0] / 100))
+        table[f"{prefix}_diff_hi"] = table["from_layer"].map(by_layer.quantile(band[1] / 100))
+        # zh and en updates differ in direction, so any subspace shows some R_zh - R_en: the fair
+        # question is whether Z's difference is larger than a random subspace's
+        merged = rand_diff.reset_index().merge(table[["from_layer", "diff_mean"]], on="from_layer")
+        exceeds = merged["rand"].abs() >= merged["diff_mean"].abs()
+        table[rank_column(kind, "absdiff")] = table["from_layer"].map(
+            exceeds.groupby(merged["from_layer"]).mean())
     return table
 
 
-def compute_all(pooled, pairs, basis, k, d, n_random, seed):
-    """pooled: (2N, L+1, d), zh texts then en texts. Returns the four tables."""
+def compute_all(pooled, pairs, basis, k, d, n_random, seed, basis_layer):
+    """pooled: (2N, L+1, d), zh texts then en texts, column j the output of layer j - 1. Returns
+    the four tables and the variance shares (of the basis layer's pooled outputs) of Z and of
+    the two kinds of random subspace."""
     updates = compute_updates(pooled)
     per_prompt = compute_per_prompt(compute_ratios(updates, basis), pairs)
-    bases, seeds = random_bases(d, k, n_random, seed)
-    draws = compute_random_draws(compute_ratios(updates, bases), len(pairs), seeds)
+    cov = stats.covariance(torch.as_tensor(pooled)[:, basis_layer + 1].double().numpy())
+    cov_sqrt = stats.covariance_sqrt(cov)
+    draws, shares = [], {"z": stats.variance_share(basis.double().numpy(), cov)}
+    for kind in KINDS:
+        bases, seeds = (random_bases(d, k, n_random, seed) if kind == "uniform"
+                        else matched_bases(cov_sqrt, k, n_random, seed))
+        draws.append(compute_random_draws(compute_ratios(updates, bases), len(pairs), seeds, kind))
+        shares[kind] = float(np.mean([stats.variance_share(b.double().numpy(), cov)
+                                      for b in bases]))
+    draws = pd.concat(draws, ignore_index=True)
     return {"per_prompt": per_prompt, "per_layer": compute_per_layer(per_prompt, draws, k, d),
-            "asymmetry": compute_asymmetry(per_prompt, draws), "random_draws": draws}
+            "asymmetry": compute_asymmetry(per_prompt, draws), "random_draws": draws}, shares
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,8 +292,12 @@ def plot_residual_ratio(out_dir, path):
                                   gridspec_kw={"height_ratios": [3, 2]})
     both = table[table["lang"] == "all"]
     x = both["from_layer"].to_numpy()
-    ax.fill_between(x, both["rand_R_lo"], both["rand_R_hi"], color="0.85",
-                    label=f"random {int(first['k'])}-dim subspaces (2.5-97.5% of their means)")
+    ax.fill_between(x, both["rand_R_lo"], both["rand_R_hi"], color="0.8", alpha=0.8,
+                    label=f"uniform random {int(first['k'])}-dim subspaces (2.5-97.5%)")
+    if "matched_R_lo" in both:
+        ax.fill_between(x, both["matched_R_lo"], both["matched_R_hi"], color="tab:orange",
+                        alpha=0.25, label=f"random subspaces drawn with the covariance of layer "
+                                          f"{int(first['basis_layer'])}'s states (2.5-97.5%)")
     ax.axhline(first["R_chance"], color="k", ls="--", lw=1,
                label=f"chance sqrt(k/(d-k)) = {first['R_chance']:.3f}")
     for lang, color in (("zh", "tab:red"), ("en", "tab:blue")):
@@ -275,8 +317,11 @@ def plot_residual_ratio(out_dir, path):
                  f"(k={int(first['k'])}, d={int(first['d'])}, N={int(asym['n_pairs'].iloc[0])} "
                  f"pairs; {pooled})", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax2.fill_between(asym["from_layer"], asym["rand_diff_lo"], asym["rand_diff_hi"], color="0.85",
-                     label="random subspaces (2.5-97.5%)")
+    ax2.fill_between(asym["from_layer"], asym["rand_diff_lo"], asym["rand_diff_hi"], color="0.8",
+                     alpha=0.8, label="uniform random subspaces (2.5-97.5%)")
+    if "matched_diff_lo" in asym:
+        ax2.fill_between(asym["from_layer"], asym["matched_diff_lo"], asym["matched_diff_hi"],
+                         color="tab:orange", alpha=0.25, label="covariance-matched (2.5-97.5%)")
     ax2.axhline(0, color="k", lw=0.8)
     ax2.errorbar(asym["from_layer"], asym["diff_mean"], yerr=asym["diff_sem"], color="tab:purple",
                  marker="o", ms=3, capsize=2, label="R_zh - R_en (paired mean ± sem)")
@@ -296,6 +341,11 @@ def print_summary(per_layer, asym):
     print(f"R chance {both['R_chance'].iloc[0]:.4f}; max R/chance {top['R_over_chance']:.2f} at "
           f"{int(top['from_layer'])}->{int(top['to_layer'])}, min {low['R_over_chance']:.2f} at "
           f"{int(low['from_layer'])}->{int(low['to_layer'])}")
+    for kind, name in (("uniform", "uniform"), ("matched", "covariance-matched")):
+        above = both[both[rank_column(kind, "R")] == 0]
+        below = both[both[rank_column(kind, "R")] == 1]
+        print(f"transitions with R above every {name} random subspace: {len(above)} of "
+              f"{len(both)}, below every one: {len(below)}")
     big = asym.loc[asym["diff_mean"].abs().idxmax()]
     print(f"largest |R_zh - R_en| = {big['diff_mean']:+.4f} at {int(big['from_layer'])}->"
           f"{int(big['to_layer'])} (Wilcoxon p = {big['wilcoxon_p']:.2g}; random subspaces with "
@@ -332,11 +382,13 @@ def main(args):
         model, tokenizer, texts, list(range(-1, record["n_layers"])), pool="mean",
         drop_first=record["drop_first"], drop_numbers=args.drop_numbers,
         batch_size=args.batch_size, cache_dir=args.cache_dir)
-    tables = compute_all(pooled, pairs, basis, args.k, record["d"], args.n_random, args.seed)
+    tables, shares = compute_all(pooled, pairs, basis, args.k, record["d"], args.n_random,
+                                 args.seed, basis_layer)
     save_tables(out_dir, tables, {key: record[key] for key in
                                   ("basis_layer", "k", "d", "drop_first", "drop_numbers")})
     runs.write_json(out_dir / "config.json", runs.run_config(
-        args, model, **record, tokens=common.number_token_counts(tokenizer, texts)))
+        args, model, **record, tokens=common.number_token_counts(tokenizer, texts),
+        variance_share_of_basis_layer_states=shares))
     print_summary(tables["per_layer"], tables["asymmetry"])
     path = plot_residual_ratio(out_dir, runs.figure_path(args, "residual_ratio"))
     print(f"wrote {out_dir} and {path}")

@@ -104,12 +104,16 @@ def plot_spectrum(out, path, basis_layer):
     layer = basis_layer if basis_layer in layers else layers[-1]
     li = layers.index(layer)
     fig, (ax_h, ax_c) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for _, r in s[(s.layer == layer) & s.selected].iterrows():
-        v = npz["log10_l"][li, list(npz["objectives"]).index(r.objective),
-                           list(npz["starts"]).index(r.start), list(npz["lambdas"]).index(r["lambda"])]
+    selected = s[(s.layer == layer) & s.selected]
+    spectra = [npz["log10_l"][li, list(npz["objectives"]).index(r.objective),
+                              list(npz["starts"]).index(r.start),
+                              list(npz["lambdas"]).index(r["lambda"])]
+               for _, r in selected.iterrows()]
+    low, high = min(v.min() for v in spectra), max(v.max() for v in spectra)
+    bins = np.linspace(low - 0.5, high + 0.5, 61) if high - low < 1e-3 else np.linspace(low, high, 61)
+    for (_, r), v in zip(selected.iterrows(), spectra):
         label = f"{r.objective}, {r.start}, λ={r['lambda']:g} (|Z|={r.z_size})"
-        # A spectrum with (numerically) no spread, e.g. nothing moved from the start, is one bar.
-        ax_h.hist(v, bins=60 if np.ptp(v) > 1e-6 else 1, histtype="step", label=label)
+        ax_h.hist(v, bins=bins, histtype="step", label=label)
         ax_c.plot(np.sort(v), label=label)
     ax_h.axvline(npz["log10_l_ref"][li], color="k", ls=":", label="l_ref (Z threshold)")
     ax_c.axhline(npz["log10_l_ref"][li], color="k", ls=":", label="l_ref (Z threshold)")

@@ -1,11 +1,10 @@
 """Synthetic activations in which only the numbers are shared across languages, for the
 --drop-numbers tests of C and D.
 
-Problem i (i = 2..9) is "Tom has {i} apples." in English and "小明有{i}个苹果。" in Chinese: the
-same template in every problem, one single-digit number each (0 and 1 are left out: the tiny
-tokenizer splits " 0" and " 1" differently from the other digits). A fake `capture_layer_outputs` gives every
+Problem i (i = 0..9) is "Tom has {i} apples." in English and "小明有{i}个苹果。" in Chinese: the
+same template in every problem, one single-digit number each. A fake `capture_layer_outputs` gives every
 position the state 3 * e_key, with e_key one of a set of orthonormal vectors: key = the digit for a
-token that holds one (so the English " 3" and the Chinese "3" get the same state), else the token id
+token that holds one (the English and the Chinese "3" get the same state), else the token id
 (English and Chinese share no other token). So the two versions of problem i share exactly their
 number position, and every problem's template positions are identical to every other's.
 """
@@ -13,7 +12,7 @@ import torch
 
 import common
 
-DIGITS = range(2, 10)
+DIGITS = range(10)
 N_PROBLEMS = len(DIGITS)
 
 
