@@ -516,7 +516,7 @@ def run_decode_checks(model, tokenizer, state, template, args, out, layers):
         runs.write_csv(frame, out / "decode.csv", append=True)
     frame = runs.load_csv(out / "decode.csv")
     runs.write_csv(exp_e_summary.decode_summary(frame, ["layer", "pairing", "condition"]),
-                   out / "decode_summary.csv")
+                   out / "decode_summary.csv")  # replot rebuilds it too
 
 
 # ----------------------------------------------------------------------------------------------

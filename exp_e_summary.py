@@ -1,5 +1,5 @@
 """Experiment E's tables and figures from its CSVs alone (no model): decoded-outcome rates, the
-layer-sweep figure, the DAS figure, --replot and the printed summary.
+layer-sweep figure, the DAS figure, --replot (all of these again) and the printed summary.
 
     python exp_e_layer_sweep.py --replot --out results/exp_e     # what calls replot()
 """
@@ -62,6 +62,10 @@ def plot_sweep(per_layer, n_layers, basis_layer, k, title, path):
             if condition == "random" and f"{measure}_lo" in rows:
                 ax.fill_between(rows.layer, rows[f"{measure}_lo"], rows[f"{measure}_hi"],
                                 color=style["color"], alpha=0.2, lw=0)
+        if measure == "transfer":  # the first digit alone: what the patched position predicts
+            rows = frame[frame.condition == "full"]
+            ax.plot(rows.layer, rows.transfer_first, color="k", ls="--", lw=0.9,
+                    label="full, first digit only")
         ax.axvline(basis_layer, color="tab:blue", lw=0.8, ls="-.")
         ax.axhline(1 if measure == "transfer" else 0, color="0.8", lw=0.6)
         ax.set_title(label, fontsize=9)
@@ -115,10 +119,16 @@ def plot_das(table, angles, title, path):
 
 
 def replot(args):
-    """Redraw every figure of the run in --out from its CSVs and config.json (no model)."""
+    """Rebuild the decoded-outcome tables and redraw every figure of the run in --out from its
+    CSVs and config.json (no model)."""
     out = Path(args.out)
     if not (out / "per_layer.csv").is_file():
         raise runs.UsageError(f"{out} has no per_layer.csv: pass the --out folder of a sweep run")
+    for rows, table, keys in (("decode.csv", "decode_summary.csv", ["layer", "pairing", "condition"]),
+                              ("das_decode.csv", "das_decode_summary.csv",
+                               ["k", "layer", "pairing", "condition"])):
+        if (out / rows).is_file():
+            runs.write_csv(decode_summary(runs.load_csv(out / rows), keys), out / table)
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     model = config.get("model", {})
     title = f"{model.get('name_or_path')} ({model.get('dtype')}, {model.get('device_name')})"

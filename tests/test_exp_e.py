@@ -158,6 +158,8 @@ def test_transfer_is_zero_for_a_noop_and_one_when_the_patched_run_is_the_target_
     assert np.all(np.abs(state.clean.ld_target - state.clean.ld_clean) >= 0.1)
     assert np.allclose(swap.loc[1, "transfer"], 1, atol=1e-4)  # full
     assert np.allclose(swap.loc[0, "transfer"], 0, atol=1e-5)  # none
+    first = swap.transfer_first.notna()
+    assert np.allclose(swap[first].transfer_first, swap[first].index == 1, atol=1e-4)
     same_full = measured[(measured.pairing == "same") & (measured.condition == 1)]
     assert np.allclose(same_full.dlogp_own, 0, atol=1e-5)  # own states in: nothing moves
 
@@ -296,10 +298,18 @@ def test_replot_redraws_the_figures_from_the_csvs_alone(finished_run, monkeypatc
     figures = runs.figure_dir(tmp_path / "exp_e", tmp_path / "fig")
     for name in ("layer_sweep.png", "das.png"):
         (figures / name).unlink()
+    tables = {name: runs.load_csv(tmp_path / "exp_e" / name)
+              for name in ("decode_summary.csv", "das_decode_summary.csv")}
+    for name in tables:
+        (tmp_path / "exp_e" / name).unlink()
     monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("replot loaded a model"))
     ee.main(ee.parse_args(["--replot", "--out", str(tmp_path / "exp_e"),
                            "--figures", str(tmp_path / "fig")]))
     assert (figures / "layer_sweep.png").is_file() and (figures / "das.png").is_file()
+    for name, before in tables.items():
+        after = runs.load_csv(tmp_path / "exp_e" / name)
+        assert after.drop(columns="fast_vs_full_max_abs", errors="ignore").equals(
+            before.drop(columns="fast_vs_full_max_abs", errors="ignore"))
 
 
 def test_resume_finishes_an_interrupted_run_without_duplicates(finished_run, tmp_path):
