@@ -83,9 +83,21 @@ def build_model(shape, device, dtype):
     return model, tokenizer
 
 
+class PartError(Exception):
+    """A part that failed after measuring something: its row keeps `fields` beside the error."""
+
+    def __init__(self, err, **fields):
+        super().__init__(f"{type(err).__name__}: {err}")
+        self.fields = fields
+
+
 class Timer:
     def __init__(self, device):
         self.device = torch.device(device)
+
+    def elapsed(self):
+        self._sync()
+        return time.perf_counter() - self.start
 
     def __enter__(self):
         self._sync()
@@ -216,8 +228,12 @@ def _a_grid(ctx, workdir, layers, ks, positions, sources, n_random, pairs, batch
             "--source", *sources, "--n-random", str(n_random), "--limit", str(pairs),
             "--max-new-tokens", str(ctx["new_tokens"]), "--batch-size", str(batch_size)]
     optional = [["--template", "direct"], ["--decode", ctx["engine"]], ["--n-random-logprob", "0"]]
-    with timing_decodes(ctx["device"]) as decode:
-        seconds, out, left_out = run_script(A, argv, optional, ctx, workdir)
+    with timing_decodes(ctx["device"]) as decode, Timer(ctx["device"]) as wall:
+        try:
+            seconds, out, left_out = run_script(A, argv, optional, ctx, workdir)
+        except Exception as err:  # noqa: BLE001 - e.g. the summary failed after every decode
+            raise PartError(err, seconds=wall.elapsed(), decode_seconds=decode["seconds"],
+                            decodes=_rows_in(Path(workdir) / A.__name__ / "generations.csv"))
     return seconds, decode["seconds"], _rows_in(out / "generations.csv"), left_out
 
 
@@ -367,6 +383,8 @@ def run_part(name, ctx, out):
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as workdir, Timer(device) as wall:
         try:
             fields = globals()[f"part_{name}"](ctx, workdir)
+        except PartError as err:
+            fields = dict(status="error", note=str(err)[:300], **err.fields)
         except Exception as err:  # noqa: BLE001 - a failed part must not stop the benchmark
             fields = dict(status="error", note=f"{type(err).__name__}: {err}"[:300])
     row = {"run": ctx["run"], "shape": ctx["shape"], "device": ctx["device_name"],

@@ -10,7 +10,7 @@ Two engines sit behind generate_and_score (`engine=`, `--decode` on the command 
          with the generated-position patch and the stop bookkeeping inside the step; on CUDA each
          step shape is captured once as a CUDA graph and replayed, and finished rows are read on
          the host only every CHECK_EVERY steps.
-  auto   fast on CUDA; on a CPU, CPU_ENGINE (fast: measured faster there, notes/README-performance.md).
+  auto   fast on CUDA; on a CPU, CPU_ENGINE (fast: measured no slower there, see CPU_ENGINE).
 Both return the same tokens and scores (float32 on a CPU: tests/test_decoding.py).
 """
 import copy
@@ -26,9 +26,10 @@ from fast_decode import advance, new_stop_state
 from runs import UsageError
 
 ENGINES = ("auto", "eager", "fast")
-# On this project's 2-core CPU the fast loop was 1.3-2.3x faster per step than eager (tiny model,
-# batch 64; Qwen2.5-Coder-0.5B, batch 16): notes/README-performance.md. Change here if a CPU says
-# otherwise (bench.py --parts step prints both).
+# Measured on this project's 2-core CPU (notes/README-performance.md; one thread, the two step
+# kinds alternated from the same state): the fast step took 1/1.8 to 1/2.5 of the eager step's
+# time on the tiny model (batch 8 and 64) and the same time on Qwen2.5-Coder-0.5B (batch 8 and 32,
+# where the matrix products dominate). bench.py --parts step prints both for any machine.
 CPU_ENGINE = "fast"
 CHECK_EVERY = 4  # fast engine: read "every row finished?" on the host only every this many steps
 
@@ -236,8 +237,10 @@ def _finish(tokens, logits_seen, state, max_new_tokens, fill, steps):
     length = state["length"].cpu()
     result = {"tokens": out, "lengths": length, "steps": steps}
     if logits_seen is not None:
-        logits = torch.zeros((B, max_new_tokens, logits_seen[0].shape[-1]), dtype=torch.float32)
-        logits[:, :len(logits_seen)] = torch.stack(logits_seen, 1).cpu()
+        vocab = logits_seen[0].shape[-1] if logits_seen else 0
+        logits = torch.zeros((B, max_new_tokens, vocab), dtype=torch.float32)
+        if logits_seen:
+            logits[:, :len(logits_seen)] = torch.stack(logits_seen, 1).cpu()
         logits[torch.arange(max_new_tokens)[None] >= length[:, None]] = 0
         result["logits"] = logits
     return result
@@ -385,7 +388,7 @@ def add_decode_args(parser):
                         help="decode loop: fast (preallocated KV cache, the patch inside the step, "
                              "CUDA graphs on a GPU), eager (the plain loop through the Hugging Face "
                              "model, for debugging; same tokens in float32), auto (fast on CUDA; "
-                             f"on a CPU {CPU_ENGINE}, measured faster there)")
+                             f"on a CPU {CPU_ENGINE}, measured no slower there)")
     return parser
 
 

@@ -327,3 +327,15 @@ def test_engine_flag_and_resolution(tiny):
     with pytest.raises(runs.UsageError, match="--decode eager"):
         decoding.resolve_engine("fast", model)
     assert decoding.resolve_engine("auto", model) == "eager"
+
+
+@pytest.mark.parametrize("new_tokens", [0, 1, 2])
+def test_engines_agree_at_zero_one_and_two_new_tokens(tiny, new_tokens):
+    model, tok = tiny
+    ids, mask = _ids(tok, TEXTS)
+    out = [decoding.generate_and_score(model, ids, mask, new_tokens, conditions(model, 3),
+                                       score=[_conts(tok, 3)], return_logits=True, engine=e)
+           for e in ENGINES]
+    _assert_same(*out)
+    assert out[1]["tokens"].shape == (3, new_tokens) and out[1]["steps"] == max(0, new_tokens - 1)
+    assert (out[1]["lengths"] == new_tokens).all()
