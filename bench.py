@@ -233,7 +233,8 @@ def _a_grid(ctx, workdir, layers, ks, positions, sources, n_random, pairs, batch
             seconds, out, left_out = run_script(A, argv, optional, ctx, workdir)
         except Exception as err:  # noqa: BLE001 - e.g. the summary failed after every decode
             raise PartError(err, seconds=wall.elapsed(), decode_seconds=decode["seconds"],
-                            decodes=_rows_in(Path(workdir) / A.__name__ / "generations.csv"))
+                            decodes=_rows_in(Path(workdir) / A.__name__ / "generations.csv"),
+                            pairs=pairs, batch_size=batch_size, new_tokens=ctx["new_tokens"])
     return seconds, decode["seconds"], _rows_in(out / "generations.csv"), left_out
 
 
