@@ -135,11 +135,15 @@ class _Decoder:
 
     def __init__(self, model):
         config = model.config
-        self.model = model
+        self._model = weakref.ref(model)  # _DECODERS is keyed by the model: no strong reference
         self.H, self.H_kv = config.num_attention_heads, config.num_key_value_heads
         self.d_head = getattr(config, "head_dim", None) or config.hidden_size // self.H
         self.shapes = collections.OrderedDict()
         self.store, self.signature, self.qkv = None, None, None
+
+    @property
+    def model(self):
+        return self._model()
 
     def weights(self):
         """[(W_qkv, b_qkv)] per layer, concatenated again whenever a projection changed (moved,
@@ -173,10 +177,10 @@ class _Decoder:
         return self.store[:n].view(2, L, B, self.H_kv, T, self.d_head)
 
     def shape(self, B, T, k, stream, dtype, device, use_graph):
-        """The buffers (and graph) of one decode shape, captured on first use."""
+        """The buffers of one decode shape; with use_graph, captured on first use and kept."""
         self.weights()
         key = (B, T, k, stream, dtype, device)
-        if key in self.shapes:
+        if use_graph and key in self.shapes:
             self.shapes.move_to_end(key)
             return self.shapes[key]
         shape = _Shape(self, self.kv_view(B, T, dtype, device), B, T, k, stream)

@@ -39,7 +39,7 @@ def test_a_row_is_printed_and_written_before_any_other_part_runs(tmp_path, monke
 
 
 def test_step_and_single_parts_report_their_ratios(tmp_path):
-    rows = bench.main(_args(tmp_path, "--parts", "single", "step", "--pairs", "3"))
+    rows = bench.main(_args(tmp_path, "--parts", "single", "step", "--pairs", "2"))
     single, step = rows
     assert single["status"] == step["status"] == "ok"
     assert single["decodes"] > 0 and single["batched_speedup"] > 0 and single["batch_size"] == 1
