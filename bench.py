@@ -80,6 +80,7 @@ def build_model(shape, device, dtype):
         model = Qwen2ForCausalLM(config)
     model.to(dtype).eval()
     model.name_or_path_for_results = f"random-{shape}"
+    model.tokenizer_for_decoding = tokenizer  # decoding's digit table (stop_when_number_ends)
     return model, tokenizer
 
 

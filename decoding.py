@@ -15,13 +15,14 @@ Both return the same tokens and scores (float32 on a CPU: tests/test_decoding.py
 """
 import copy
 import dataclasses
+import warnings
 from contextlib import contextmanager
 
 import torch
 
 import fast_decode
-from common import (_cache_kwarg, _new_cache, capture_layer_outputs, decoder_layers,
-                    layer_output_hook, num_layers, position_ids_from_mask)
+from common import (TINY_MODEL, _cache_kwarg, _new_cache, capture_layer_outputs, decoder_layers,
+                    layer_output_hook, num_layers, position_ids_from_mask, tiny_tokenizer)
 from fast_decode import advance, new_stop_state
 from runs import UsageError
 
@@ -162,17 +163,44 @@ _DIGIT_TABLES = {}
 
 
 def digit_token_mask(tokenizer, size=None):
-    """(size,) bool on the CPU: True for the token ids whose text holds an ASCII digit. Byte-level
-    BPE writes the digit bytes as themselves and no other byte as a digit, so the token strings
-    are enough. size: the model's vocabulary (its logits' width; default len(tokenizer))."""
+    """(size,) bool on the CPU: True for the token ids whose text (each decoded alone) holds a
+    digit, the same test as problems' reading of a direct answer. size: the model's vocabulary
+    (its logits' width; default len(tokenizer)); ids past the tokenizer's are False."""
     key = (id(tokenizer), size)
     if key not in _DIGIT_TABLES:
         n = len(tokenizer)
-        pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
+        texts = tokenizer.batch_decode([[i] for i in range(n)])
         table = torch.zeros(max(size or n, n), dtype=torch.bool)
-        table[:n] = torch.tensor([any("0" <= c <= "9" for c in (p or "")) for p in pieces])
-        _DIGIT_TABLES[key] = (tokenizer, table[:size or n])
+        table[:n] = torch.tensor([any(c.isdigit() for c in text) for text in texts])
+        _DIGIT_TABLES[key] = (tokenizer, table[:size or n])  # the tokenizer kept: ids stay unique
     return _DIGIT_TABLES[key][1]
+
+
+def _tokenizer_of(model):
+    """The tokenizer that goes with `model`, for the digit table when none was passed: one set on
+    the model as `tokenizer_for_decoding`, the in-process tiny one, or the local files of the
+    model's folder or hub id (common.load_model's name_or_path_for_results); None if none."""
+    tokenizer = getattr(model, "tokenizer_for_decoding", None)
+    name = getattr(model, "name_or_path_for_results", None)
+    if tokenizer is not None or name is None:
+        return tokenizer
+    if name == TINY_MODEL:
+        return _cached_tokenizer(name, tiny_tokenizer)
+    try:
+        from transformers import AutoTokenizer
+        return _cached_tokenizer(name, lambda: AutoTokenizer.from_pretrained(
+            str(name), local_files_only=True))
+    except (OSError, ValueError):
+        return None
+
+
+_TOKENIZERS = {}
+
+
+def _cached_tokenizer(name, make):
+    if name not in _TOKENIZERS:
+        _TOKENIZERS[name] = make()
+    return _TOKENIZERS[name]
 
 
 def _fill_id(model, stop_ids):
@@ -184,15 +212,20 @@ def _fill_id(model, stop_ids):
     return int(eos) if eos is not None else 0
 
 
-def _digits(stop_when_number_ends, digits, vocab):
+def _digits(model, stop_when_number_ends, digits, vocab):
+    """The (V,) digit table for stop_when_number_ends, or None (no stop at a number's end). Without
+    digits= the model's own tokenizer is used (_tokenizer_of); where none can be found the rows run
+    on with a warning (readers that cut at the number's end read the same answers, only later)."""
     if not stop_when_number_ends:
         return None
-    if digits is None:
-        raise ValueError("stop_when_number_ends needs digits=: the tokenizer, or a (V,) bool "
-                         "tensor of the token ids that hold a digit (digit_token_mask)")
     if isinstance(digits, torch.Tensor):
         return digits.bool().cpu()
-    return digit_token_mask(digits, vocab)
+    tokenizer = digits if digits is not None else _tokenizer_of(model)
+    if tokenizer is None:
+        warnings.warn("stop_when_number_ends: no tokenizer known for this model, so rows do not "
+                      "stop where their number ends; pass digits=tokenizer", stacklevel=3)
+        return None
+    return digit_token_mask(tokenizer, vocab)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,7 +368,8 @@ def generate_and_score(model, input_ids, attention_mask, max_new_tokens, patch=N
     prefill: optional select_prefill(...) of these very prompts (input_ids and attention_mask must
     be its own); the patch, if any, must then be at stream prefill["layer"] (patch.stream).
     engine: "auto", "eager" or "fast" (module docstring); digits: with stop_when_number_ends, the
-    tokenizer or a (V,) bool tensor marking the token ids with a digit (digit_token_mask).
+    tokenizer or a (V,) bool tensor marking the token ids with a digit (digit_token_mask); None:
+    the model's own tokenizer (_tokenizer_of).
     batch_size: decode at most this many rows at once, the rows sorted by prompt length into
     batches (less padding); results come back in the caller's order. None: one batch.
     """
@@ -345,7 +379,7 @@ def generate_and_score(model, input_ids, attention_mask, max_new_tokens, patch=N
     if patch is not None:
         patch = patch.to(device)
     stop_ids = sorted(set(int(i) for i in stop_ids))
-    digits = _digits(stop_when_number_ends, digits, model.lm_head.out_features)
+    digits = _digits(model, stop_when_number_ends, digits, model.lm_head.out_features)
     run = _fast_batch if engine == "fast" else _eager_batch
     B = input_ids.shape[0]
     if batch_size is None or B <= batch_size:

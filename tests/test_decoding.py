@@ -223,12 +223,18 @@ def test_digit_token_mask_marks_the_tokens_with_a_digit(tiny):
     for text in (" apples", "。", " The"):
         assert not any(table[i] for i in tok(text, add_special_tokens=False)["input_ids"])
     assert 0 < int(table.sum()) < len(tok) // 2
-    with pytest.raises(ValueError, match="digits="):
-        decoding.generate_and_score(model, *_ids(tok, TEXTS), 3, stop_when_number_ends=True)
-    ids, mask = _ids(tok, TEXTS)  # a tokenizer passed as digits works the same as its table
+    ids, mask = _ids(tok, MIXED)  # a tokenizer, its table, or the model's own: the same rows
     a = decoding.generate_and_score(model, ids, mask, 6, stop_when_number_ends=True, digits=tok)
     b = decoding.generate_and_score(model, ids, mask, 6, stop_when_number_ends=True, digits=table)
-    assert torch.equal(a["tokens"], b["tokens"])
+    c = decoding.generate_and_score(model, ids, mask, 6, stop_when_number_ends=True)
+    assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["tokens"], c["tokens"])
+    assert (a["lengths"] < 6).any()  # a row here writes " 60" and then a token without a digit
+    text = tok.decode(a["tokens"][a["lengths"].argmin(), :int(a["lengths"].min())])
+    assert any(ch.isdigit() for ch in text) and not text[-1].isdigit()
+    model.name_or_path_for_results = "no-such-model-folder"  # no tokenizer to be found
+    with pytest.warns(UserWarning, match="digits=tokenizer"):
+        d = decoding.generate_and_score(model, ids, mask, 6, stop_when_number_ends=True)
+    assert (d["lengths"] == 6).all()
 
 
 @pytest.mark.parametrize("engine", ENGINES)
