@@ -5,8 +5,11 @@ import common
 
 TEXTS = ["Question: Tom buys 3 apples for 4 dollars each. Answer:", "问题：小明有3个苹果。答案：",
          "The answer is 42."]
-# Five prompts of five different lengths: batches mix lengths, so left padding is exercised.
-MIXED = TEXTS + ["A train travels 60 kilometers.", "问题：火车每小时行驶60公里，行驶了2小时。"]
+# Five prompts of five different token lengths (with the tiny tokenizer's byte-level and its
+# Qwen-style pre-tokenizer alike): batches mix lengths, so left padding is exercised.
+MIXED = ["The answer is 42.", "A train travels 60 kilometers.", "问题：火车每小时行驶60公里，行驶了2小时。",
+         "Question: Tom buys 3 apples for 4 dollars each. Answer:",
+         "问题：火车每小时行驶60公里，行驶了2小时。一共行驶了多少公里？答案："]
 
 
 def make_patch(layer, basis_rows, complement, source_mean, patch_generated, source_tokens=None,

@@ -223,18 +223,22 @@ def test_digit_token_mask_marks_the_tokens_with_a_digit(tiny):
     for text in (" apples", "。", " The"):
         assert not any(table[i] for i in tok(text, add_special_tokens=False)["input_ids"])
     assert 0 < int(table.sum()) < len(tok) // 2
-    ids, mask = _ids(tok, MIXED)  # a tokenizer, its table, or the model's own: the same rows
-    a = decoding.generate_and_score(model, ids, mask, 6, stop_when_number_ends=True, digits=tok)
-    b = decoding.generate_and_score(model, ids, mask, 6, stop_when_number_ends=True, digits=table)
-    c = decoding.generate_and_score(model, ids, mask, 6, stop_when_number_ends=True)
+    ids, mask = _ids(tok, MIXED * 2)  # a tokenizer, its table, or the model's own: the same rows
+    a = decoding.generate_and_score(model, ids, mask, 8, stop_when_number_ends=True, digits=tok)
+    b = decoding.generate_and_score(model, ids, mask, 8, stop_when_number_ends=True, digits=table)
+    c = decoding.generate_and_score(model, ids, mask, 8, stop_when_number_ends=True)
     assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["tokens"], c["tokens"])
-    assert (a["lengths"] < 6).any()  # a row here writes " 60" and then a token without a digit
-    text = tok.decode(a["tokens"][a["lengths"].argmin(), :int(a["lengths"].min())])
-    assert any(ch.isdigit() for ch in text) and not text[-1].isdigit()
+    vocab = model.lm_head.out_features  # digits=None finds the model's own tokenizer's table
+    assert torch.equal(decoding._digits(model, True, None, vocab), table)
+    free = _first_tokens(model, ids, mask, 8)
+    for row, length in zip(free.tolist(), a["lengths"].tolist()):  # the rule, token by token
+        digit = [any(ch.isdigit() for ch in tok.decode([t])) for t in row]
+        ends = [i + 1 for i in range(1, 8) if any(digit[:i]) and not digit[i]]
+        assert length == (ends[0] if ends else 8)
     model.name_or_path_for_results = "no-such-model-folder"  # no tokenizer to be found
     with pytest.warns(UserWarning, match="digits=tokenizer"):
-        d = decoding.generate_and_score(model, ids, mask, 6, stop_when_number_ends=True)
-    assert (d["lengths"] == 6).all()
+        d = decoding.generate_and_score(model, ids, mask, 8, stop_when_number_ends=True)
+    assert torch.equal(d["tokens"], free) and (d["lengths"] == 8).all()
 
 
 @pytest.mark.parametrize("engine", ENGINES)
