@@ -10,7 +10,7 @@ model (the same code as the eager engine), then calls decode() here for the gene
   projections with their biases as one matmul (weights concatenated once), RoPE in transformers'
   rotate_half form, grouped-query attention over the cache with the G query heads of a key/value
   head taken as G queries of length 1 (no key repeated), one additive mask per step for all
-  layers, scaled by self_attn.scaling;
+  layers, scaled by self_attn.scaling, through SDPA's memory-efficient kernel on CUDA;
 - the generated-position patch (SubspacePatch with patch_generated) applied inside the step at
   patch.stream, and the greedy token, the stop check and the counters (advance) on the device;
 - on CUDA each step shape is captured once as a CUDA graph and replayed (one launch per step,
@@ -19,6 +19,7 @@ Checked token for token against the eager loop and the Hugging Face forward in
 tests/test_decoding.py (float32, CPU) and tests/test_cuda.py (bfloat16, GPU).
 """
 import collections
+import contextlib
 import math
 import warnings
 import weakref
@@ -82,6 +83,19 @@ def _rms_norm(norm, x):
         return norm(x)
     normed = F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon)
     return norm.weight * normed.to(x.dtype)
+
+
+def _attention_backends(device):
+    """On CUDA, SDPA's memory-efficient kernel (masks, bf16, safe to capture in a graph: the one
+    static-cache decoders such as gpt-fast use) or else the math one, not a backend picked by shape;
+    elsewhere torch's own choice."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return contextlib.nullcontext()
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 class _Shape:
@@ -216,8 +230,7 @@ class _Decoder:
     def step(self, shape):
         """One token per row: reads shape.tok at shape.pos, writes its key and value at
         shape.slot, leaves the next token in shape.tok (advance), returns the logits (B, V)."""
-        model, qkv = self.model.model, self.qkv
-        B, H, H_kv, d_head = shape.tok.shape[0], self.H, self.H_kv, self.d_head
+        model = self.model.model
         hidden = model.embed_tokens(shape.tok)[:, None]  # (B, 1, d)
         if shape.stream == -1:
             hidden = self._patch(hidden, shape)
@@ -226,6 +239,17 @@ class _Decoder:
         # One additive mask per step for every layer (a bool mask is converted again per call).
         mask = torch.zeros(shape.valid.shape, dtype=hidden.dtype, device=hidden.device)
         mask = mask.masked_fill_(~shape.valid, torch.finfo(hidden.dtype).min)[:, None, None, :]
+        with _attention_backends(hidden.device):
+            hidden = self._layers(shape, hidden, cos, sin, mask)
+        logits = self.model.lm_head(_rms_norm(model.norm, hidden))[:, 0]
+        shape.tok.copy_(advance(logits, shape.state))
+        shape.pos.add_(1)
+        shape.slot.add_(1)
+        return logits
+
+    def _layers(self, shape, hidden, cos, sin, mask):
+        """The decoder layers for one new token per row: hidden (B, 1, d) in, (B, 1, d) out."""
+        qkv, B, H, H_kv, d_head = self.qkv, shape.tok.shape[0], self.H, self.H_kv, self.d_head
         for l, layer in enumerate(decoder_layers(self.model)):
             attn = layer.self_attn
             x = F.linear(_rms_norm(layer.input_layernorm, hidden), *qkv[l])
@@ -240,11 +264,7 @@ class _Decoder:
             hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
             if l == shape.stream:
                 hidden = self._patch(hidden, shape)
-        logits = self.model.lm_head(_rms_norm(model.norm, hidden))[:, 0]
-        shape.tok.copy_(advance(logits, shape.state))
-        shape.pos.add_(1)
-        shape.slot.add_(1)
-        return logits
+        return hidden
 
 
 _DECODERS = weakref.WeakKeyDictionary()
