@@ -15,7 +15,8 @@ def wilson_interval(count, n, z=1.959963984540054):
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # The interval always holds p; at count 0 (or n) rounding would leave it 1e-17 off p.
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
 def mcnemar_exact(first, second):

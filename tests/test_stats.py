@@ -17,6 +17,8 @@ def test_wilson_interval_against_hand_computed_values():
     lo, hi = stats.wilson_interval(15, 15)
     assert abs(lo - 0.7961) < 1e-4 and hi == 1
     assert all(math.isnan(v) for v in stats.wilson_interval(0, 0))
+    for n in range(1, 300):  # the interval holds p exactly: error bars are never negative
+        assert stats.wilson_interval(0, n)[0] == 0 and stats.wilson_interval(n, n)[1] == 1
     assert stats.rate(10, 20) == dict(count=10, n=20, value=0.5, ci_low=pytest.approx(0.2993, abs=1e-4),
                                       ci_high=pytest.approx(0.7007, abs=1e-4))
 
