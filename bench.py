@@ -59,7 +59,7 @@ SHAPES = {
 PARTS = ["a", "single", "step", "b", "c", "d", "e"]
 # The layer sweep's sizing flags per shape, for when exp_e_layer_sweep.py exists (issue 10); flags
 # its parser does not know are left out (and named in the row's note).
-SWEEP_FLAGS = {"qwen2.5-3b": [], "tiny": [["--n-random", "2"]]}
+SWEEP_FLAGS = {"qwen2.5-3b": [], "tiny": [["--n-random", "2"], ["--basis-layer", "2"], ["--das-steps", "4"]]}
 COLUMNS = ["run", "shape", "device", "dtype", "engine", "part", "status", "seconds",
            "decode_seconds", "pairs",
            "batch_size", "decodes", "new_tokens", "model_tokens", "limit_basis", "compute_limit_s",
@@ -353,9 +353,10 @@ def part_e(ctx, workdir):
         import exp_e_layer_sweep as E
     except ImportError:
         return dict(status="skipped", note="exp_e_layer_sweep.py does not exist yet")
-    seconds, _, left_out = run_script(E, [], [["--limit", str(ctx["pairs"])]] +
+    pairs = max(ctx["pairs"], 8)  # DAS's train / validation / test split needs 2 problems each
+    seconds, _, left_out = run_script(E, [], [["--limit", str(pairs)]] +
                                       SWEEP_FLAGS[ctx["shape"]], ctx, workdir)
-    return dict(seconds=seconds, pairs=ctx["pairs"], note=_note(left_out))
+    return dict(seconds=seconds, pairs=pairs, note=_note(left_out))
 
 
 def _scaled(ctx, plan_layer):
