@@ -31,8 +31,9 @@ def _assert_same(a, b, atol=1e-5):
     assert torch.equal(a["lengths"], b["lengths"])
     for x, y in zip(a["scores"], b["scores"]):
         torch.testing.assert_close(x, y, atol=atol, rtol=0)
-    if "logits" in a and "logits" in b:
-        torch.testing.assert_close(a["logits"], b["logits"], atol=atol, rtol=atol)
+    if "logits" in a and "logits" in b:  # raw logits (up to ~50 here) get a relative tolerance:
+        # another CPU's BLAS blocks float32 products differently (seen: 1.6e-5 on a logit of 0.5)
+        torch.testing.assert_close(a["logits"], b["logits"], atol=atol, rtol=10 * atol)
 
 
 def _case(model, name):
