@@ -30,6 +30,7 @@ import inspect
 import json
 import math
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 from typing import NamedTuple
 
@@ -91,17 +92,13 @@ def conditions_for(source, n_draws):
 def build_rows(n_problems, layer, args, swap_of):
     """Every (problem, configuration, condition, draw, pair) row of the table for one layer."""
     rows = []
-    for i in range(n_problems):
-        for k in args.k:
-            for positions in args.positions:
-                for source in args.source:
-                    for condition, draw, pairs in conditions_for(source, args.n_random):
-                        for pair in pairs:
-                            j = i if pair == "same" else swap_of[i]
-                            rows.append(dict(problem=i, layer=layer, k=k, positions=positions,
-                                             source=source, condition=condition, draw=draw,
-                                             pair=pair, source_problem=j, job=job_key(
-                                                 i, layer, condition, k, positions, source, j, draw)))
+    for i, k, positions, source in product(range(n_problems), args.k, args.positions, args.source):
+        for condition, draw, pairs in conditions_for(source, args.n_random):
+            for pair in pairs:
+                j = i if pair == "same" else swap_of[i]
+                rows.append(dict(problem=i, layer=layer, k=k, positions=positions, source=source,
+                                 condition=condition, draw=draw, pair=pair, source_problem=j,
+                                 job=job_key(i, layer, condition, k, positions, source, j, draw)))
     return rows
 
 
@@ -109,17 +106,14 @@ def null_jobs(n_problems, layer, args, swap_of):
     """The scored random null: rand_z / rand_zperp under draws 0..M-1 (M = the larger of
     --n-random and --n-random-logprob; the first --n-random are the decoded draws), both pairs."""
     draws = max(args.n_random, args.n_random_logprob)
-    return [job_key(i, layer, c, k, positions, source, j, d)
-            for i in range(n_problems) for k in args.k for positions in args.positions
-            for source in args.source for c in RANDOM_CONDITIONS for d in range(draws)
-            for j in (i, swap_of[i])]
+    return [job_key(i, layer, c, k, positions, source, j, d) for i, k, positions, source, c, d in
+            product(range(n_problems), args.k, args.positions, args.source, RANDOM_CONDITIONS,
+                    range(draws)) for j in (i, swap_of[i])]
 
 
 def derangement(answers, seed):
-    """A seeded permutation j(i) != i that avoids j with the same answer as i where it can.
-
-    answers: list of N numbers. Returns a list of N indices. Needs N >= 2.
-    """
+    """A seeded permutation j(i) != i (list of N indices, N >= 2) that avoids j with the same
+    answer as i where it can."""
     rng = np.random.default_rng(seed)
     n = len(answers)
     best, best_clashes = None, None
@@ -139,9 +133,7 @@ def derangement(answers, seed):
 
 def last_positions(source):
     """m for a last / last:m source, else None."""
-    if not source.startswith("last"):
-        return None
-    return int(source.split(":")[1]) if ":" in source else 1
+    return (int(source.split(":")[1]) if ":" in source else 1) if source.startswith("last") else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,8 +247,11 @@ def prepare_layer(model, tokenizer, pairs, template, layer, args, swap_of):
     zh_texts, zh_spans = prompt_texts(pairs, template, "zh")
     zh_tokens, zh_means = capture_prompt_states(model, tokenizer, zh_texts, zh_spans, stream,
                                                 args.batch_size)
-    # The sink token (position 0) is left out of the covariance: its norm would dominate it.
-    cov = stats.covariance(torch.cat([t[1:] for t in en_tokens + zh_tokens]).numpy())
+    # Position 0 (the sink) is left out of the covariance, whose norm would dominate it; at most
+    # 32768 tokens (seeded) keep it cheap for MGSM-sized runs.
+    states = torch.cat([t[1:] for t in en_tokens + zh_tokens])
+    keep = torch.randperm(len(states), generator=torch.Generator().manual_seed(0))[:32768]
+    cov = stats.covariance(states[keep.sort().values].numpy())
     draws = max(args.n_random, args.n_random_logprob)
     tqdm.write(f"layer {layer}: Z and {draws} {args.random_kind} random bases per k")
     bases = make_bases(model, layer, args.k, draws, args.seed, args.fold_norm, args.random_kind,
@@ -434,8 +429,6 @@ def run_jobs(model, tokenizer, ctx, jobs, args, done, on_results, decode, scorin
 # On-disk stores: every finished batch is appended, so an interrupted run resumes where it stopped
 
 JOB_FIELDS = list(Job._fields)
-DECODE_FIELDS = ["output", "tokens", "answer", "language", "truncated", "patch_size", "logp_ref",
-                 "logp_swap"]
 
 
 class Store:
@@ -634,10 +627,13 @@ def main(args):
     args.out = out
     runs.set_seed(args.seed)
     model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
-    for m in filter(None, map(last_positions, args.source)):
-        if m > min(len(tokenizer(t, add_special_tokens=False)["input_ids"])
-                   for lang in ("en", "zh") for t in prompt_texts(pairs, template, lang)[0]):
-            raise runs.UsageError(f"--source last:{m} is longer than the shortest prompt")
+    shortest = min(len(tokenizer(t, add_special_tokens=False)["input_ids"])
+                   for lang in ("en", "zh") for t in prompt_texts(pairs, template, lang)[0])
+    if max([0] + [last_positions(s) or 0 for s in args.source]) > shortest:
+        if not args.resume and not any(out.iterdir()):
+            out.rmdir()  # nothing is left behind by a refused command
+        raise runs.UsageError(f"--source last:M: M is longer than the shortest prompt "
+                              f"({shortest} tokens); pass a smaller M")
     swap_of = derangement([p["answer"] for p in pairs], args.seed)
     if not args.resume:  # a resumed run keeps the config.json it was started with
         runs.write_json(out / "config.json", runs.run_config(

@@ -418,7 +418,9 @@ def checks_markdown(checks, template):
     lines = [f"Scored {at}. Unpatched, log p(reference) averages {_f(checks['logp_ref_correct'])} "
              f"nats on the {checks['n_correct']} problems answered correctly and "
              f"{_f(checks['logp_ref_missed'])} on the {checks['n_missed']} missed ("
-             + ("higher where the model knows the answer, as a measure of it must be" if higher else
+             + ("cannot be compared: one of the groups is empty" if not (
+                 checks["n_correct"] and checks["n_missed"]) else
+                "higher where the model knows the answer, as a measure of it must be" if higher else
                 "NOT higher where the model knows the answer: read the scored numbers with suspicion")
              + f"); ld > 0 on {checks['ld_positive_correct']} of {checks['ld_scored_correct']} "
              f"correctly answered problems and {checks['ld_positive_missed']} of "

@@ -158,7 +158,11 @@ def test_site_input_equals_site_output_one_layer_below(tiny):
 def test_site_input_rows_equal_site_output_rows_one_layer_below(tmp_path):
     """End to end: every condition that does not depend on Z's layer gives the same rows."""
     a, _ = _run(tmp_path, FAST + ["--layer", "2", "--site", "input"], "a")
-    b, _ = _run(tmp_path, FAST + ["--layer", "1"], "b")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text("{}")  # an earlier run in the folder: replaced
+    (tmp_path / "b" / "logprob_tests.csv").write_text("stale")
+    b, _ = _run(tmp_path, FAST + ["--layer", "1", "--overwrite"], "b")
+    assert not (b / "logprob_tests.csv").exists()
     rows = [S.load_table(out / "rows.csv") for out in (a, b)]
     keep = ["none", "noop", "full", "rand_z", "rand_zperp"]
     rows = [r[r.condition.isin(keep)].drop(columns="layer").reset_index(drop=True) for r in rows]
