@@ -116,6 +116,7 @@ def prepare(model, tokenizer, pairs, template, partner, m, batch_size):
     clean: per-problem clean scores; markers.
     """
     n = len(pairs)
+    batch_size = min(batch_size, 64)  # whole prompts with every layer's states: keep batches small
     inverse = [0] * n
     for i, j in enumerate(partner):
         inverse[j] = i
