@@ -1,21 +1,36 @@
-"""Timing of the whole study on a random-weight model of Qwen2.5-3B's exact shape.
+"""Timing of the study, part by part, on a random-weight model of Qwen2.5-3B's exact shape.
 
-    python bench.py                  # Qwen2.5-3B's shape (about 6 GB of bf16 weights) on the GPU
-    python bench.py --shape tiny     # a small shape on the CPU, under a minute
+    python bench.py                                  # Qwen2.5-3B's shape, bf16, on the GPU: every part
+    python bench.py --parts step a                   # the decode step and A's gold grid only
+    python bench.py --shape tiny --parts a --pairs 4 # a small shape on the CPU, in seconds
 
-Times, in one run and on one model: Experiment A's gold grid (2 layers x k {20, 50} x positions
-{prompt, all} x source {mean, ot} x every condition, random draws and swap rows) batched, the same
-rows one at a time on a sample (the ratio is per decode), generated tokens per second, peak memory,
-B's extraction of every layer, C's 10 layers x 3 lambdas, and D's bridge. Prints a table and writes
-results/bench.csv (with the device name). Random weights never emit a stop token, so every decode
-runs the full --max-new-tokens: an upper bound for a real model, which stops after its answer.
+Parts (in this order; --parts picks, --pairs sizes A, the sample, B, C and D):
+  a       Experiment A's gold grid (2 layers x k {20, 50} x positions {prompt, all} x source
+          {mean, ot} x every condition and random draw, same and swap sources), batched, at the
+          new tokens the direct template needs (--new-tokens to change; random weights never stop,
+          so every decode runs that many)
+  single  a small grid of A decoded one row at a time and batched: the per-decode ratio
+  step    one batch (512 rows x 150-token prompt on the GPU): the per-step decode time of the fast
+          and eager engines and of model.generate, from (t(1 + n tokens) - t(1 token)) / n
+  b, c, d Experiments B, C (10 layers x 3 lambdas x 2 starts) and D
+  e       the layer sweep, once exp_e_layer_sweep.py exists (SWEEP_FLAGS sizes it)
+Every part runs the scripts' own main() (A, B, C, D, the sweep) on the random model, handed to them
+in place of loading one (`serving`), writing into a temporary folder: the time a user waits.
+Each part prints its row and appends it to --out (results/bench.csv) the moment it ends, with the
+device name, peak memory, and its fraction of the compute limit: model tokens x 2 x parameters /
+the device's matmul rate, which bench measures first (one large product in the model's dtype).
+A part that fails prints its error, writes a row saying so, and the next part runs.
 """
-import argparse
+import contextlib
+import io
+import math
 import platform
 import resource
+import statistics
+import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import torch
@@ -24,7 +39,6 @@ import common
 import decoding
 import problems
 import runs
-import exp_a_patching as A
 
 # Qwen/Qwen2.5-3B's config.json, the fields that decide the shape and the cost.
 QWEN25_3B = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
@@ -32,13 +46,25 @@ QWEN25_3B = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
                  tie_word_embeddings=True, rope_theta=1_000_000.0, max_position_embeddings=32768,
                  rms_norm_eps=1e-6, hidden_act="silu")
 
-# Per shape: A's layers and ks, pairs, random draws, tokens, the single-row sample; C's steps.
+# Per shape: A's layers, ks, pairs, random draws and batch; the one-at-a-time sample's pairs; the
+# step part's batch, prompt length and tokens; C's steps; D's ks.
 SHAPES = {
-    "qwen2.5-3b": dict(layers=[32, 33], ks=[20, 50], pairs=40, n_random=10, max_new_tokens=100,
-                       single_sample=64, batch_size=512, c_steps=500),
-    "tiny": dict(layers=[2, 3], ks=[4, 8], pairs=6, n_random=2, max_new_tokens=8,
-                 single_sample=16, batch_size=128, c_steps=20),
+    "qwen2.5-3b": dict(layers=[32, 33], ks=[20, 50], pairs=40, n_random=10, batch_size=512,
+                       single_pairs=6, step_batch=512, step_prompt=150, step_tokens=20,
+                       c_steps=500, d_ks=[20, 50]),
+    "tiny": dict(layers=[2, 3], ks=[4, 8], pairs=6, n_random=2, batch_size=128,
+                 single_pairs=4, step_batch=64, step_prompt=32, step_tokens=20, c_steps=20,
+                 d_ks=[4, 8]),
 }
+PARTS = ["a", "single", "step", "b", "c", "d", "e"]
+# The layer sweep's sizing flags per shape, for when exp_e_layer_sweep.py exists (issue 10); flags
+# its parser does not know are left out (and named in the row's note).
+SWEEP_FLAGS = {"qwen2.5-3b": [], "tiny": [["--n-random", "2"], ["--basis-layer", "2"], ["--das-steps", "4"]]}
+COLUMNS = ["run", "shape", "device", "dtype", "engine", "part", "status", "seconds",
+           "decode_seconds", "pairs",
+           "batch_size", "decodes", "new_tokens", "model_tokens", "limit_basis", "compute_limit_s",
+           "fraction_of_limit", "per_decode_ms", "batched_speedup", "step_ms", "eager_step_ms",
+           "generate_step_ms", "speedup_vs_generate", "peak_memory_gb", "matmul_tflops", "note"]
 
 
 def build_model(shape, device, dtype):
@@ -54,12 +80,25 @@ def build_model(shape, device, dtype):
         model = Qwen2ForCausalLM(config)
     model.to(dtype).eval()
     model.name_or_path_for_results = f"random-{shape}"
+    model.tokenizer_for_decoding = tokenizer  # decoding's digit table (stop_when_number_ends)
     return model, tokenizer
+
+
+class PartError(Exception):
+    """A part that failed after measuring something: its row keeps `fields` beside the error."""
+
+    def __init__(self, err, **fields):
+        super().__init__(f"{type(err).__name__}: {err}")
+        self.fields = fields
 
 
 class Timer:
     def __init__(self, device):
         self.device = torch.device(device)
+
+    def elapsed(self):
+        self._sync()
+        return time.perf_counter() - self.start
 
     def __enter__(self):
         self._sync()
@@ -76,156 +115,360 @@ class Timer:
 
 
 def peak_memory_gb(device):
+    """Peak GPU memory allocated since the last reset; on a CPU the process's peak resident set."""
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def bench_a(model, tokenizer, pairs, templates, spec, device):
-    """A's gold grid batched, then a sample of the same decodes one at a time."""
-    args = SimpleNamespace(k=spec["ks"], positions=["prompt", "all"], source=["mean", "ot"],
-                           fold_norm=False, n_random=spec["n_random"], seed=0,
-                           batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"])
-    swap_of = A.derangement([p["answer"] for p in pairs], 0)
-    generations = {}
-    with Timer(device) as batched:
-        for layer in spec["layers"]:
-            A.run_layer(model, tokenizer, pairs, templates, layer, args, swap_of, generations)
-    n_batched = len(generations)
-    sample = sorted(generations)[::max(1, n_batched // spec["single_sample"])][:spec["single_sample"]]
-    by_layer = {}
-    for job in sample:  # none jobs carry layer -1: run them in the first layer's hook
-        by_layer.setdefault(job[1] if job[1] >= 0 else spec["layers"][0], []).append(job)
-    setup_seconds, single_seconds = 0.0, 0.0
-    for layer, jobs in by_layer.items():
-        setup, decode = _one_at_a_time(model, tokenizer, pairs, templates, layer, args, swap_of,
-                                       jobs, device)
-        setup_seconds += setup * len(spec["layers"]) / len(by_layer)
-        single_seconds += decode
-    per_single = single_seconds / len(sample)
-    # The same grid one row at a time: the same per-layer set-up (sources, bases, OT), then every
-    # decode alone at the measured per-decode cost.
-    single_grid = setup_seconds + n_batched * per_single
-    return {"a_grid_decodes": n_batched, "a_grid_seconds": batched.seconds,
-            "a_single_sample": len(sample), "a_single_seconds_per_decode": per_single,
-            "a_single_grid_seconds_estimated": single_grid,
-            "a_single_measure_seconds": setup_seconds + single_seconds,
-            "a_batched_speedup": single_grid / batched.seconds,
-            "a_generated_tokens_per_second": n_batched * spec["max_new_tokens"] / batched.seconds}
+def matmul_tflops(device, dtype):
+    """The device's measured rate for one large matrix product in `dtype` (random data, the median
+    of 10 after 3 warm-ups): the ceiling the compute limit is read against."""
+    n = 8192 if torch.device(device).type == "cuda" else 1024
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    times = []
+    for i in range(13):
+        with Timer(device) as t:
+            a @ b
+        if i >= 3:
+            times.append(t.seconds)
+    return 2 * n ** 3 / statistics.median(times) / 1e12
 
 
-def _one_at_a_time(model, tokenizer, pairs, templates, layer, args, swap_of, jobs, device):
-    """(set-up seconds, decode seconds) for `jobs` the naive way: each row alone, its whole prompt
-    through every layer, with the same patch and scores."""
-    setup = Timer(device).__enter__()
-    prefill, en_tokens = A.english_prefill(model, tokenizer, pairs, templates, layer)
-    zh_texts, zh_spans = A.prompt_texts(pairs, templates, "zh")
-    zh_tokens, zh_means = A.capture_prompt_states(model, tokenizer, zh_texts, zh_spans, layer, 16)
-    bases = A.make_bases(model, layer, args.k, args.n_random, args.seed)
-    scale = A.robust_scale(en_tokens + zh_tokens)
-    ot_sources = {(j[0], j[6]): A.ot_source(en_tokens[j[0]], zh_tokens[j[6]], scale)[0]
-                  for j in jobs if j[5] == "ot"}
-    en_texts, _ = A.prompt_texts(pairs, templates, "en")
-    stop_ids = problems.stop_token_ids(tokenizer)
-    setup.__exit__()
-    with Timer(device) as t:
-        for job in jobs:
-            ids, mask, _ = common.tokenize_left_padded(tokenizer, [en_texts[job[0]]], device=device)
-            patch = A.make_patch([job], layer, bases, zh_means, ot_sources, ids.shape[1],
-                                 common.hidden_size(model)).to(device)
-            reference = [problems.answer_continuation(tokenizer, pairs[job[0]]["answer"], "en")]
-            partner = [problems.answer_continuation(tokenizer, pairs[swap_of[job[0]]]["answer"], "en")]
-            out = decoding.generate_and_score(model, ids, mask, args.max_new_tokens, patch, stop_ids,
-                                            score=[reference, partner])
-            problems.decode_response(tokenizer, out["tokens"][0], stop_ids)
-    return setup.seconds, t.seconds
+def direct_new_tokens(pairs):
+    """New tokens the direct template needs: the longest answer's digits (Qwen writes one token
+    per digit, right after the prompt) plus the token that ends the number."""
+    return max(len(problems.format_number(p["answer"])) for p in pairs) + 1
 
 
-def bench_b(model, tokenizer, pairs, device):
-    texts = [p[lang] for p in pairs for lang in ("en", "zh")]
-    layers = list(range(-1, common.num_layers(model)))
-    with Timer(device) as t:
-        common.extract_activations(model, tokenizer, texts, layers, pool="mean", cache_dir=None,
-                                   batch_size=32)
-    return {"b_extract_seconds": t.seconds, "b_texts": len(texts), "b_layers": len(layers)}
+# ----------------------------------------------------------------------------------------------
+# Running the scripts' own main() on the random model
+
+@contextlib.contextmanager
+def serving(model, tokenizer, *modules):
+    """Hand `model` to scripts in place of loading one: common.load_model / load_model_config (and
+    the same names imported into `modules`) return it and its config while inside."""
+    def load_model(*args, **kwargs):
+        return model, tokenizer
+
+    def load_model_config(*args, **kwargs):
+        return model.config
+
+    saved = []
+    for module in (common,) + modules:
+        for name, fn in (("load_model", load_model), ("load_model_config", load_model_config)):
+            if hasattr(module, name):
+                saved.append((module, name, getattr(module, name)))
+                setattr(module, name, fn)
+    try:
+        yield
+    finally:
+        for module, name, fn in reversed(saved):
+            setattr(module, name, fn)
 
 
-def bench_c(model, tokenizer, pairs, spec, device):
-    """C's default grid: 10 layers (the plan's depth fractions) x 3 lambdas x 2 starts."""
+def accepted(parse_args, base, optional):
+    """base + each optional flag group that parse_args accepts (scripts gain flags over time);
+    returns (argv, the groups left out)."""
+    argv, left_out = list(base), []
+    for group in optional:
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                parse_args(argv + list(group))
+            argv += list(group)
+        except SystemExit:
+            left_out.append(group[0])
+    return argv, left_out
+
+
+def run_script(module, argv, optional, ctx, workdir):
+    """module.main(parse_args(argv + accepted optional flags)) on the served model, its --out and
+    --figures under workdir. Returns (seconds, out folder, flags left out)."""
+    out = Path(workdir) / module.__name__
+    base = ["--model", ctx["model"].name_or_path_for_results, "--device", ctx["device"],
+            "--dtype", ctx["dtype_name"], "--out", str(out), "--figures", str(out / "figures")]
+    argv, left_out = accepted(module.parse_args, base + argv, optional)
+    args = module.parse_args(argv)
+    with serving(ctx["model"], ctx["tokenizer"], module), Timer(ctx["device"]) as t:
+        module.main(args)
+    return t.seconds, out, left_out
+
+
+@contextlib.contextmanager
+def timing_decodes(device):
+    """Add up the time spent inside decoding.generate_and_score while inside (the scripts call it
+    through the module), so a part can tell decoding from its set-up, summary and figures."""
+    original, spent = decoding.generate_and_score, {"seconds": 0.0, "calls": 0}
+
+    def timed(*args, **kwargs):
+        with Timer(device) as t:
+            result = original(*args, **kwargs)
+        spent["seconds"] += t.seconds
+        spent["calls"] += 1
+        return result
+
+    decoding.generate_and_score = timed
+    try:
+        yield spent
+    finally:
+        decoding.generate_and_score = original
+
+
+def _rows_in(path):
+    return len(runs.load_csv(path)) if Path(path).is_file() else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# Parts: each returns its row's fields
+
+def _a_grid(ctx, workdir, layers, ks, positions, sources, n_random, pairs, batch_size):
+    import exp_a_patching as A
+    argv = ["--layer", *map(str, layers), "--k", *map(str, ks), "--positions", *positions,
+            "--source", *sources, "--n-random", str(n_random), "--limit", str(pairs),
+            "--max-new-tokens", str(ctx["new_tokens"]), "--batch-size", str(batch_size)]
+    optional = [["--template", "direct"], ["--decode", ctx["engine"]], ["--n-random-logprob", "0"]]
+    with timing_decodes(ctx["device"]) as decode, Timer(ctx["device"]) as wall:
+        try:
+            seconds, out, left_out = run_script(A, argv, optional, ctx, workdir)
+        except Exception as err:  # noqa: BLE001 - e.g. the summary failed after every decode
+            raise PartError(err, seconds=wall.elapsed(), decode_seconds=decode["seconds"],
+                            decodes=_rows_in(Path(workdir) / A.__name__ / "generations.csv"),
+                            pairs=pairs, batch_size=batch_size, new_tokens=ctx["new_tokens"])
+    return seconds, decode["seconds"], _rows_in(out / "generations.csv"), left_out
+
+
+def part_a(ctx, workdir):
+    spec = ctx["spec"]
+    try:
+        seconds, decoding_s, decodes, left_out = _a_grid(
+            ctx, workdir, spec["layers"], spec["ks"], ["prompt", "all"], ["mean", "ot"],
+            spec["n_random"], ctx["pairs"], spec["batch_size"])
+    except PartError as err:  # decoded, then failed: the decoding time still compares
+        if err.fields.get("decodes", 0) > 0:
+            ctx["a_decode_ms"] = 1e3 * err.fields["decode_seconds"] / err.fields["decodes"]
+        raise
+    ctx["a_decode_ms"] = 1e3 * decoding_s / decodes
+    return dict(seconds=seconds, decode_seconds=decoding_s, pairs=ctx["pairs"],
+                batch_size=spec["batch_size"], decodes=decodes,
+                new_tokens=ctx["new_tokens"], model_tokens=decodes * ctx["new_tokens"],
+                limit_basis="generated tokens", per_decode_ms=1e3 * decoding_s / decodes,
+                note=_note(left_out))
+
+
+def part_single(ctx, workdir):
+    """A small grid of A (first layer and k, prompt scope, mean source, 2 random draws) at batch 1
+    and batched: the same decodes, so the ratio of the time inside generate_and_score is the gain
+    from batching (the runs' shared set-up, summary and figures left out)."""
+    spec = ctx["spec"]
+    pairs = min(ctx["pairs"], spec["single_pairs"])
+    grid = ([spec["layers"][0]], [spec["ks"][0]], ["prompt"], ["mean"], 2, pairs)
+    _, batched, decodes, left_out = _a_grid(ctx, Path(workdir) / "batched", *grid,
+                                            spec["batch_size"])
+    seconds, single, _, _ = _a_grid(ctx, Path(workdir) / "single", *grid, 1)
+    return dict(seconds=seconds, decode_seconds=single, pairs=pairs, batch_size=1, decodes=decodes,
+                new_tokens=ctx["new_tokens"], model_tokens=decodes * ctx["new_tokens"],
+                limit_basis="generated tokens", per_decode_ms=1e3 * single / decodes,
+                batched_speedup=single / batched,
+                note=_note(left_out, f"batched: {batched:.3g} s decoding" + (
+                    f"; {1e3 * single / decodes / ctx['a_decode_ms']:.3g}x the A grid's decoding "
+                    f"time per decode" if "a_decode_ms" in ctx else "")))
+
+
+def part_step(ctx, workdir):
+    """Per-step decode time on one batch, fast and eager engines and model.generate."""
+    spec, model, device = ctx["spec"], ctx["model"], ctx["device"]
+    B, T, n = spec["step_batch"], spec["step_prompt"], spec["step_tokens"]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, len(ctx["tokenizer"]), (B, T), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+
+    def ours(engine):
+        return lambda new: decoding.generate_and_score(model, ids, mask, new, engine=engine)
+
+    def hf(new):
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                              min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+    fast, eager, reference = (per_step_seconds(fn, n, device) for fn in (ours("fast"), ours("eager"), hf))
+    return dict(batch_size=B, new_tokens=n, model_tokens=B * n,
+                limit_basis="generated tokens", step_ms=1e3 * fast, eager_step_ms=1e3 * eager,
+                generate_step_ms=1e3 * reference, speedup_vs_generate=reference / fast,
+                compute_limit_s=B * 2 * ctx["parameters"] / (ctx["tflops"] * 1e12),
+                fraction_of_limit=B * 2 * ctx["parameters"] / (ctx["tflops"] * 1e12) / fast,
+                note=f"{T}-token prompts; limit and fraction per step; fast engine "
+                     f"{'with' if device.startswith('cuda') else 'without'} CUDA graphs")
+
+
+def per_step_seconds(decode, n, device, repeats=2):
+    """(t(1 + n new tokens) - t(1 new token)) / n: the prefill cancels. One warm-up first (CUDA
+    graph capture, library autotuning), then the median of `repeats` of each, interleaved."""
+    decode(n + 1)
+    short, long = [], []
+    for _ in range(repeats):
+        for new, times in ((1, short), (n + 1, long)):
+            with Timer(device) as t:
+                decode(new)
+            times.append(t.seconds)
+    return (statistics.median(long) - statistics.median(short)) / n
+
+
+def _texts_tokens(ctx):
+    """Tokens of the bare questions (zh and en) of the benchmark's pairs: what B, C and D forward."""
+    tok = ctx["tokenizer"]
+    return sum(len(tok(p[lang], add_special_tokens=False)["input_ids"])
+               for p in ctx["pair_data"] for lang in ("en", "zh"))
+
+
+def part_b(ctx, workdir):
+    import exp_b_residual as B
+    layer, k = _scaled(ctx, 32), ctx["spec"]["d_ks"][-1]
+    seconds, _, left_out = run_script(B, ["--basis-layer", str(layer), "--k", str(k), "--limit",
+                                          str(ctx["pairs"]), "--cache-dir", "none"], [], ctx, workdir)
+    return _forward_row(ctx, seconds, left_out)
+
+
+def part_c(ctx, workdir):
     import exp_c_ard_mmd as C
-    args = C.parse_args(["--model", "unused", "--steps", str(spec["c_steps"]),
-                         "--min-steps", str(spec["c_steps"]), "--cache-dir", "none"])
-    layers, basis_layer = C.resolve_layers(args, model.config)
-    splits = C.split_problems(len(pairs), args.val_frac, args.test_frac, 0)
-    z_energy = C.compute_z_energy(model, basis_layer, min(args.k, common.hidden_size(model)))
-    with Timer(device) as extract:
-        zh, en, _ = C.load_clouds(model, tokenizer, pairs, layers, args)
-    with Timer(device) as fit:
-        C.compute_all(zh, en, layers, splits, z_energy, args, device)
-    return {"c_extract_seconds": extract.seconds, "c_fit_seconds": fit.seconds,
-            "c_fits": len(layers) * len(args.lambdas) * len(args.start), "c_steps": spec["c_steps"]}
+    steps = str(ctx["spec"]["c_steps"])
+    seconds, _, left_out = run_script(C, ["--steps", steps, "--min-steps", steps, "--limit",
+                                          str(ctx["pairs"]), "--cache-dir", "none"], [], ctx, workdir)
+    return _forward_row(ctx, seconds, left_out, "10 layers x 3 lambdas x 2 starts, "
+                                                 f"{steps} steps each; the limit counts the forward")
 
 
-def bench_d(model, tokenizer, pairs, device):
-    """D at the basis layer for k = 20 and 50 (scaled to the shape), 100 shuffles."""
-    import exp_c_ard_mmd as C
+def part_d(ctx, workdir):
     import exp_d_bridge as D
-    layer = C.scale_layer(32, common.num_layers(model))
-    texts = [p["zh"] for p in pairs] + [p["en"] for p in pairs]
-    with Timer(device) as t:
-        pooled = common.extract_activations(model, tokenizer, texts, [layer], cache_dir=None)[:, 0]
-        for k in (20, 50):
-            k = max(2, round(k * common.hidden_size(model) / 2048))
-            basis = common.z_basis(model, layer, k).numpy()
-            y, x = D.z_coordinates(pooled[:len(pairs)], basis), D.z_coordinates(pooled[len(pairs):], basis)
-            D.compute_bridge(x, y, n_shuffles=100, n_folds=10, seed=0)
-    return {"d_seconds": t.seconds}
+    argv = ["--layer", str(_scaled(ctx, 32)), "--k", *map(str, ctx["spec"]["d_ks"]), "--limit",
+            str(ctx["pairs"]), "--cache-dir", "none"]
+    seconds, _, left_out = run_script(D, argv, [], ctx, workdir)
+    return _forward_row(ctx, seconds, left_out)
 
 
-def run(args):
+def part_e(ctx, workdir):
+    """The layer sweep (issue 10), once exp_e_layer_sweep.py exists: its main() with --limit and
+    SWEEP_FLAGS for the shape."""
+    try:
+        import exp_e_layer_sweep as E
+    except ImportError:
+        return dict(status="skipped", note="exp_e_layer_sweep.py does not exist yet")
+    pairs = max(ctx["pairs"], 8)  # DAS's train / validation / test split needs 2 problems each
+    seconds, _, left_out = run_script(E, [], [["--limit", str(pairs)]] +
+                                      SWEEP_FLAGS[ctx["shape"]], ctx, workdir)
+    return dict(seconds=seconds, pairs=pairs, note=_note(left_out))
+
+
+def _scaled(ctx, plan_layer):
+    n = common.num_layers(ctx["model"])
+    return min(n - 1, int(math.floor(plan_layer / 36 * n + 0.5)))
+
+
+def _forward_row(ctx, seconds, left_out, note=""):
+    tokens = _texts_tokens(ctx)
+    return dict(seconds=seconds, pairs=ctx["pairs"], model_tokens=tokens,
+                limit_basis="prompt tokens forwarded once", note=_note(left_out, note))
+
+
+def _note(left_out, text=""):
+    flags = f"flags its parser lacks: {' '.join(left_out)}" if left_out else ""
+    return "; ".join(x for x in (text, flags) if x)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def record(row, out):
+    """Print the row and append it to the CSV at once (flushed), so a run cut short keeps it."""
+    frame = pd.DataFrame([{c: row.get(c) for c in COLUMNS}])
+    runs.write_csv(frame, out, append=out.exists())
+    shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()
+             if v is not None and k in COLUMNS[5:] and not (isinstance(v, float) and math.isnan(v))}
+    print(f"[bench] {row['part']}: " + ", ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+
+
+def run_part(name, ctx, out):
+    """One part: timed, its limit and memory added, its row recorded; an error becomes a row."""
+    device = ctx["device"]
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as workdir, Timer(device) as wall:
+        try:
+            fields = globals()[f"part_{name}"](ctx, workdir)
+        except PartError as err:
+            fields = dict(status="error", note=str(err)[:300], **err.fields)
+        except Exception as err:  # noqa: BLE001 - a failed part must not stop the benchmark
+            fields = dict(status="error", note=f"{type(err).__name__}: {err}"[:300])
+    row = {"run": ctx["run"], "shape": ctx["shape"], "device": ctx["device_name"],
+           "dtype": ctx["dtype_name"], "engine": ctx["engine_used"], "part": name, "status": "ok",
+           "seconds": wall.seconds, "peak_memory_gb": peak_memory_gb(device),
+           "matmul_tflops": ctx["tflops"], **fields}
+    if row.get("seconds") and row.get("model_tokens") and row.get("compute_limit_s") is None:
+        row["compute_limit_s"] = row["model_tokens"] * 2 * ctx["parameters"] / (ctx["tflops"] * 1e12)
+        row["fraction_of_limit"] = row["compute_limit_s"] / row["seconds"]
+    record(row, out)
+    return row
+
+
+def setup(args):
+    """The model, the pairs and the device's numbers every part reads (printed as they come)."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    common.check_runtime(device, args.dtype)
     dtype = common.resolve_dtype(args.dtype, device)
     spec = SHAPES[args.shape]
+    pairs = args.pairs or spec["pairs"]
     data = problems.load_prompts(problems.DEFAULT_PROMPTS)
-    pairs = data["pairs"][:spec["pairs"]]
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with Timer(device) as load:
-        model, tokenizer = build_model(args.shape, device, dtype)
-    device_name = (torch.cuda.get_device_name(device) if torch.device(device).type == "cuda"
+    if not 2 <= pairs <= len(data["pairs"]):
+        raise runs.UsageError(f"--pairs {pairs}: pass 2 to {len(data['pairs'])} (prompts.json)")
+    device_name = (torch.cuda.get_device_name(device) if device.startswith("cuda")
                    else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
-    result = {"shape": args.shape, "device": device_name, "dtype": str(dtype).replace("torch.", ""),
-              "pairs": len(pairs), "build_seconds": load.seconds}
-    with Timer(device) as total:
-        result.update(bench_a(model, tokenizer, pairs, data["templates"]["cot"], spec, device))
-        result.update(bench_b(model, tokenizer, pairs, device))
-        result.update(bench_c(model, tokenizer, pairs, spec, device))
-        result.update(bench_d(model, tokenizer, pairs, device))
-    # the one-at-a-time measurement is not part of the study
-    result["study_seconds"] = total.seconds - result.pop("a_single_measure_seconds")
-    result["peak_memory_gb"] = peak_memory_gb(device)
-    return result
+    with Timer(device) as build:
+        model, tokenizer = build_model(args.shape, device, dtype)
+    ctx = dict(run=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), shape=args.shape,
+               spec=spec, device=device, device_name=device_name,
+               dtype_name=str(dtype).replace("torch.", ""), model=model, tokenizer=tokenizer,
+               pairs=pairs, pair_data=data["pairs"][:pairs], engine=args.engine,
+               engine_used=decoding.resolve_engine(args.engine, model),
+               parameters=sum(p.numel() for p in model.parameters()),
+               new_tokens=args.new_tokens or direct_new_tokens(data["pairs"][:pairs]))
+    ctx["tflops"] = matmul_tflops(device, dtype)
+    print(f"[bench] {device_name}, {ctx['dtype_name']}, shape {args.shape}: "
+          f"{ctx['parameters'] / 1e9:.3f} B parameters built in {build.seconds:.1f} s; "
+          f"matmul {ctx['tflops']:.3g} TFLOP/s; decode engine {ctx['engine_used']}; "
+          f"{pairs} pairs; A decodes {ctx['new_tokens']} new tokens "
+          f"({'set by --new-tokens' if args.new_tokens else 'what the direct template needs'})",
+          flush=True)
+    return ctx
 
 
 def main(args):
-    result = run(args)
-    width = max(len(k) for k in result)
-    for key, value in result.items():
-        print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     out = Path(args.out)
+    if out.exists() and runs.load_csv(out).columns.tolist() != COLUMNS:
+        raise runs.UsageError(f"{out} holds rows of another schema; pass another --out (or move "
+                              f"that file away)")
+    ctx = setup(args)
     out.parent.mkdir(parents=True, exist_ok=True)
-    runs.write_csv(pd.DataFrame([result]), out, append=out.exists())
-    print(f"appended to {out}")
-    return result
+    rows = [run_part(name, ctx, out) for name in PARTS if name in args.parts]
+    print(f"[bench] appended {len(rows)} rows to {out}", flush=True)
+    return rows
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-3b")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    parser = runs.make_parser(__doc__)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-3b",
+                        help="model shape: Qwen2.5-3B's (random weights) or a tiny one for a CPU")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS,
+                        help="which parts to time, run in the order listed above")
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="pairs for A, B, C, D and the sweep (default: 40 for the 3B shape, 6 tiny)")
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help="new tokens per A decode (default: what the direct template needs)")
+    parser.add_argument("--engine", choices=decoding.ENGINES, default="auto",
+                        help="decode engine for A (passed as --decode when exp_a takes it)")
+    parser.add_argument("--device", default=None, help="cpu or cuda; None: cuda if available")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="None: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--out", type=Path, default=runs.REPO / "results" / "bench.csv",
-                        help="CSV the measurements are appended to (one row per run)")
+                        help="CSV the rows are appended to, one per part as it ends")
     return parser.parse_args(argv)
 
 

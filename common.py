@@ -11,6 +11,7 @@ Conventions used throughout:
 import functools
 import hashlib
 import json
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +40,21 @@ _TINY_CORPUS = [
 ]
 
 
+_QWEN_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                     r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 def tiny_tokenizer():
     """A byte-level BPE tokenizer built in-process (no download), covering Chinese and English."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Qwen2's own pre-tokenizer: every digit its own token and a space before a number a token of
+    # its own (" 60" -> " ", "6", "0"), so answer-position scoring is exercised as on real weights.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_QWEN_PRETOKENIZE), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=600, special_tokens=["<|endoftext|>"], show_progress=False,
@@ -205,8 +214,13 @@ def check_k(model_or_config, k, allow_full=True):
 # ----------------------------------------------------------------------------------------------
 # The Z basis (NOTES section 1)
 
-def _head_weights(model, layer, fold_norm=False):
-    """Per query head h: W_Q^h and W_K^g(h), float32 (H, d_head, d) each, on the CPU."""
+def head_projections(model, layer, fold_norm=False):
+    """Per query head h, (W_Q^h, W_K^g(h)): two float32 tensors (H, d_head, d) on the CPU.
+
+    W_Q^h is rows [h*d_head, (h+1)*d_head) of q_proj.weight; g(h) = h // (H / H_kv) picks the
+    key/value group. Raw weights as in Phase 2 (no bias, no RoPE); `fold_norm` folds the layer's
+    input RMSNorm gain into both (x -> diag(gamma) x).
+    """
     config = model.config
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     d_head = getattr(config, "head_dim", None) or config.hidden_size // n_heads
@@ -216,50 +230,37 @@ def _head_weights(model, layer, fold_norm=False):
     if fold_norm:
         gamma = decoder_layers(model)[layer].input_layernorm.weight.detach().float().cpu()
         w_q, w_k = w_q * gamma, w_k * gamma
-    w_q = w_q.view(n_heads, d_head, -1)
-    w_k = w_k.view(n_kv, d_head, -1)
     group = torch.arange(n_heads) // (n_heads // n_kv)
-    return w_q, w_k[group]
+    return w_q.view(n_heads, d_head, -1), w_k.view(n_kv, d_head, -1)[group]
 
 
-def head_kernels(model, layer, fold_norm=False):
-    """Per query head h, K^h = W_Q^h.T @ W_K^g(h): float32 tensor (H, d, d) on the CPU.
+def _kernel_right_vectors(w_q, w_k, k):
+    """Top-k right singular vectors of each K^h = W_Q^h.T W_K^h, (H, k, d) float64.
 
-    W_Q^h is rows [h*d_head, (h+1)*d_head) of q_proj.weight; g(h) = h // (H / H_kv) picks the
-    key/value group. Raw weights as in Phase 2 (no bias, no RoPE); `fold_norm` folds the layer's
-    input RMSNorm gain into both (x -> diag(gamma) x).
+    K^h has rank <= d_head, so with W_Q^h.T = Q1 R1 and W_K^h.T = Q2 R2 (thin QR) it is
+    Q1 (R1 R2.T) Q2.T, and the SVD of the small d_head x d_head core U S V.T gives K^h's right
+    singular vectors Q2 V: the same subspaces as the full d x d SVD at a fraction of the cost
+    (seconds instead of minutes at d = 2048). Beyond rank d_head the singular values are zero and
+    the vectors arbitrary, so k > d_head falls back to the full SVD, as Phase 2 computed it.
     """
-    w_q, w_k = _head_weights(model, layer, fold_norm)
-    return torch.einsum("hed,hef->hdf", w_q, w_k)
-
-
-def _head_top_right_singular_vectors(model, layer, k, fold_norm=False):
-    """Top-k right singular vectors of every head's kernel K^h: float64 (H, k, d).
-
-    K^h = W_Q^h.T W_K^h has rank <= d_head, so for k <= d_head they come exactly from the
-    factors: with W_Q^h.T = Q_q R_q and W_K^h.T = Q_k R_k (thin QR), K^h = Q_q (R_q R_k^T) Q_k^T,
-    and the SVD of the d_head x d_head core gives them as Vh_core Q_k^T. This replaces H SVDs of
-    d x d matrices (about 20 s each at d = 2048 on a small CPU, 36 layers in a sweep) by H tiny
-    ones; the full SVD is kept for k > d_head, where the extra vectors span the kernel's null space.
-    """
-    w_q, w_k = (w.double() for w in _head_weights(model, layer, fold_norm))
     if k > w_q.shape[1]:
         return torch.linalg.svd(torch.einsum("hed,hef->hdf", w_q, w_k)).Vh[:, :k, :]
-    q_q, r_q = torch.linalg.qr(w_q.transpose(1, 2))
-    q_k, r_k = torch.linalg.qr(w_k.transpose(1, 2))
-    core_vh = torch.linalg.svd(r_q @ r_k.transpose(1, 2)).Vh  # (H, d_head, d_head)
-    return (core_vh @ q_k.transpose(1, 2))[:, :k, :]
+    q1, r1 = torch.linalg.qr(w_q.transpose(1, 2))
+    q2, r2 = torch.linalg.qr(w_k.transpose(1, 2))
+    core_vh = torch.linalg.svd(r1 @ r2.transpose(1, 2)).Vh  # (H, d_head, d_head)
+    return (core_vh @ q2.transpose(1, 2))[:, :k, :]
 
 
 def z_basis(model, layer, k, fold_norm=False):
     """Phase 2's multi-head Z mask V_Z: float32 (k, d) with orthonormal rows, on the CPU.
 
     Top-k right singular vectors of each head's kernel, stacked (H*k, d), then the top-k right
-    singular vectors of the stack.
+    singular vectors of the stack. SVDs in float64 for a stable ordering.
     """
     check_layer(model, layer)
     check_k(model, k)
-    per_head = _head_top_right_singular_vectors(model, layer, k, fold_norm)  # (H, k, d)
+    w_q, w_k = head_projections(model, layer, fold_norm)
+    per_head = _kernel_right_vectors(w_q.double(), w_k.double(), k)  # (H, k, d)
     stacked = per_head.reshape(-1, per_head.shape[-1])
     return torch.linalg.svd(stacked, full_matrices=False).Vh[:k].float()
 
@@ -498,30 +499,87 @@ def model_fingerprint(model):
 # Activation extraction shared by Experiments B, C and D (one batched pass, cached on disk)
 
 DEFAULT_CACHE = Path("results") / "cache"
+# A number as written in a question: digits with the separators between them ("80,000", "2.5").
+# \d is Unicode-aware, so full-width digits count too.
+NUMBER_PATTERN = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def number_token_mask(tokenizer, text):
+    """(T,) bool over the tokens of `text` (no special tokens, as tokenize_left_padded makes them):
+    True on the tokens of its numbers, i.e. every token whose characters overlap a number
+    ("80,000" -> 8 0 , 0 0 0; "2.5" -> 2 . 5) or whose own text holds a digit. Whitespace next to a
+    number is not part of it (Qwen writes " 16" as " ", "1", "6": the " " stays)."""
+    spans = [m.span() for m in NUMBER_PATTERN.finditer(text)]
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    flags = [any(start < end_ and end > start_ for start_, end_ in spans)
+             or bool(NUMBER_PATTERN.search(tokenizer.decode([token_id])))
+             for token_id, (start, end) in zip(enc["input_ids"], enc["offset_mapping"])]
+    return torch.tensor(flags, dtype=torch.bool)
+
+
+def kept_positions(tokenizer, texts, attention_mask, drop_first=True, drop_numbers=False,
+                   skip_prefix=None):
+    """(B, T) bool, aligned with the left-padded `attention_mask` of `texts`: the positions whose
+    states enter the token means and clouds. Left out: padding; position 0 with `drop_first`
+    (Qwen's attention sink); the first skip_prefix[i] tokens of text i (a list, or None); the tokens
+    of numbers with `drop_numbers` (number_token_mask). A text with nothing left is a UsageError."""
+    keep = attention_mask.bool().cpu().clone()
+    width = keep.shape[1]
+    for row, text in enumerate(texts):
+        first = width - int(keep[row].sum())
+        skip = max(int(drop_first), int(skip_prefix[row]) if skip_prefix is not None else 0)
+        keep[row, first:first + skip] = False
+        if drop_numbers:
+            keep[row, first:] &= ~number_token_mask(tokenizer, text)
+        if not keep[row].any():
+            raise UsageError(f"the text {text[:40]!r} has no token left once the first token"
+                             f"{' and its numbers' if drop_numbers else ''} are left out; "
+                             f"remove it from the pairs")
+    return keep
+
+
+def number_token_counts(tokenizer, texts):
+    """How many tokens the texts have and how many of them belong to numbers (for config.json)."""
+    masks = [number_token_mask(tokenizer, text) for text in texts]
+    return {"tokens": int(sum(len(m) for m in masks)),
+            "number_tokens": int(sum(int(m.sum()) for m in masks))}
+
+
+def _activation_cache_path(cache_dir, model, texts, layers, pool, drop_first, drop_numbers,
+                           skip_prefix):
+    """The cache file for one extraction: the key holds everything that changes its result."""
+    if cache_dir is None:
+        return None
+    key = hashlib.sha256(json.dumps(
+        {"model": model_fingerprint(model), "texts": list(texts), "layers": layers, "pool": pool,
+         "drop_first": drop_first, "drop_numbers": drop_numbers,
+         "skip_prefix": None if skip_prefix is None else [int(s) for s in skip_prefix]},
+        ensure_ascii=False).encode()).hexdigest()[:24]
+    return Path(cache_dir) / f"acts-{key}.pt"
 
 
 @torch.no_grad()
 def extract_activations(model, tokenizer, texts, layers, pool="mean", drop_first=True,
-                        batch_size=16, cache_dir=DEFAULT_CACHE, desc="extract"):
+                        drop_numbers=False, skip_prefix=None, batch_size=16,
+                        cache_dir=DEFAULT_CACHE, desc="extract"):
     """Decoder-layer outputs (forward hooks, so the last layer is before the final norm) for texts.
 
     layers: list of layer indices, -1 = the embeddings.
-    pool="mean": returns float32 (N, len(layers), d), the mean over each text's tokens.
-    pool=None: returns a list of N float16 tensors (T_i, len(layers), d) of token states.
-    drop_first: leave out position 0 (Qwen's attention sink, whose norm dominates any mean).
-    Texts are batched by length; the result is cached under cache_dir keyed by the model, the
-    texts (so the template), the layers, the pooling and the dtype: a changed input never reuses
-    a stale file. cache_dir=None disables the cache.
+    pool="mean": returns float32 (N, len(layers), d), the mean over each text's kept tokens.
+    pool=None: returns a list of N float16 tensors (T_i, len(layers), d), the kept token states.
+    Kept tokens (kept_positions): all but position 0 with drop_first (Qwen's attention sink, whose
+    norm dominates any mean), the first skip_prefix[i] tokens of text i, and with drop_numbers the
+    tokens of numbers (number_token_mask). Texts are batched by length; the result is cached under
+    cache_dir keyed by the model, the texts (so the template), the layers and every option above:
+    a changed input never reuses a stale file. cache_dir=None disables the cache.
     """
     from tqdm.auto import tqdm
     layers = [int(l) for l in layers]
     for layer in layers:
         if layer != -1:
             check_layer(model, layer)
-    key = hashlib.sha256(json.dumps(
-        {"model": model_fingerprint(model), "texts": list(texts), "layers": layers,
-         "pool": pool, "drop_first": drop_first}, ensure_ascii=False).encode()).hexdigest()[:24]
-    path = Path(cache_dir) / f"acts-{key}.pt" if cache_dir is not None else None
+    path = _activation_cache_path(cache_dir, model, texts, layers, pool, drop_first, drop_numbers,
+                                  skip_prefix)
     if path is not None and path.exists():
         return torch.load(path)
     device = next(model.parameters()).device
@@ -530,14 +588,12 @@ def extract_activations(model, tokenizer, texts, layers, pool="mean", drop_first
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False):
         rows = order[start:start + batch_size]
         ids, mask, _ = tokenize_left_padded(tokenizer, [texts[i] for i in rows], device=device)
+        keep = kept_positions(tokenizer, [texts[i] for i in rows], mask, drop_first, drop_numbers,
+                              None if skip_prefix is None else [skip_prefix[i] for i in rows])
         captured = capture_layer_outputs(model, ids, mask, layers)
         states = torch.stack([captured[l] for l in layers], 2)  # (B, T, L, d)
-        keep = mask.bool().clone()
-        if drop_first:
-            first = keep.float().argmax(1)  # left padding: the first real position per row
-            keep[torch.arange(len(rows)), first] = False
         for b, i in enumerate(rows):
-            tokens = states[b][keep[b]]
+            tokens = states[b][keep[b].to(states.device)]
             results[i] = tokens.float().mean(0).cpu() if pool == "mean" else tokens.half().cpu()
     out = torch.stack(results) if pool == "mean" else results
     if path is not None:
@@ -585,9 +641,50 @@ def add_activation_args(parser):
                              "(default: raw weights, as Phase 2 built Z)")
     parser.add_argument("--keep-first-token", action="store_true",
                         help="include position 0 (the attention sink, whose norm dominates a "
-                             "mean) in the token means")
-    parser.add_argument("--cache-dir", type=cache_dir_arg, default=Path("results") / "cache",
+                             "mean) in the token means and clouds")
+    parser.add_argument("--drop-numbers", action="store_true",
+                        help="leave the tokens of numbers (every token with a digit, and the "
+                             "separators inside a number such as 80,000) out of the token means "
+                             "and clouds: the zh and en versions of a problem share their digits, "
+                             "which alone could match a problem across languages")
+    parser.add_argument("--cache-dir", type=cache_dir_arg, default=DEFAULT_CACHE,
                         help="activation cache folder, or 'none' for no cache")
     parser.add_argument("--replot", action="store_true",
-                        help="only redraw the figures from the CSVs in --out (no model)")
+                        help="only redraw the figures from the saved results in --out (no model)")
     return parser
+
+
+PLAN_NUM_LAYERS = 36  # Qwen2.5-3B: the model the plan's layer numbers refer to
+PLAN_Z_LAYER = 32     # the plan's layer of Z
+
+
+def plan_layer_at_depth(model_or_config, plan_layer=PLAN_Z_LAYER):
+    """The plan's layer (numbered of 36) at the same fraction of this model's depth, capped at the
+    last layer: min(L - 1, round(plan_layer / 36 * L)); 32 -> 21 of 24, 25 of 28, 32 of 36."""
+    n = num_layers(model_or_config)
+    return min(n - 1, int(round(plan_layer / PLAN_NUM_LAYERS * n)))
+
+
+def add_layer_args(parser, flag, what):
+    """A script's layer flag (`flag`, e.g. --layer or --basis-layer; `what` says what it picks)
+    and --depth F beside it; resolve both with resolve_layer."""
+    parser.add_argument(flag, type=int, default=None,
+                        help=f"{what} (default: the plan's layer 32 of 36 at the same fraction of "
+                             f"this model's depth)")
+    parser.add_argument("--depth", type=float, default=None,
+                        help=f"instead of {flag}: the layer round(F x number of layers), the same "
+                             f"depth on every model (0.889: 32 of 36, 25 of 28, 21 of 24)")
+    return parser
+
+
+def resolve_layer(model_or_config, layer, depth, flag, plan_layer=PLAN_Z_LAYER):
+    """The layer named by a script's layer flag (`flag`, value `layer`) or by --depth F
+    (depth_to_layer); with neither, the plan's layer at the same depth (plan_layer_at_depth).
+    Passing both, an unknown layer or a fraction outside (0, 1) is a UsageError naming the flag."""
+    if layer is not None and depth is not None:
+        raise UsageError(f"pass {flag} or --depth, not both")
+    if layer is not None:
+        return check_layer(model_or_config, layer, flag=flag)
+    if depth is not None:
+        return depth_to_layer(model_or_config, depth)
+    return plan_layer_at_depth(model_or_config, plan_layer)

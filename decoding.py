@@ -1,14 +1,42 @@
 """Decoding and teacher-forced scoring under a SubspacePatch: greedy decoding of left-padded
-batches with a KV cache, the shared prefill (layers below the patch run once per prompt), and
-log-probabilities of given continuations. Imports common (model accessors, hooks, patching).
+batches, the shared prefill (layers below the patch run once per prompt), and log-probabilities of
+given continuations. Imports common (model accessors, hooks, patching).
+
+Two engines sit behind generate_and_score (`engine=`, `--decode` on the command line):
+  eager  the plain loop through the Hugging Face model: a growing DynamicCache, the patch as a
+         forward hook, a host check of finished rows every step. The reference, for debugging.
+  fast   the prompt pass and the scores are eager's own code; the decode steps run Qwen2's decoder
+         layer written out for one new token per row (fast_decode.py) over a preallocated KV cache,
+         with the generated-position patch and the stop bookkeeping inside the step; on CUDA each
+         step shape is captured once as a CUDA graph and replayed, and finished rows are read on
+         the host only every CHECK_EVERY steps.
+  auto   fast on CUDA; on a CPU, CPU_ENGINE (fast: measured no slower there, see CPU_ENGINE).
+Both return the same tokens and scores (float32 on a CPU: tests/test_decoding.py).
 """
+import copy
+import dataclasses
+import warnings
 from contextlib import contextmanager
 
 import torch
 
-from common import (_cache_kwarg, _new_cache, capture_layer_outputs, decoder_layers,
-                    layer_output_hook, num_layers, position_ids_from_mask)
+import fast_decode
+from common import (TINY_MODEL, _cache_kwarg, _new_cache, capture_layer_outputs, decoder_layers,
+                    layer_output_hook, num_layers, position_ids_from_mask, tiny_tokenizer)
+from fast_decode import advance, new_stop_state
+from runs import UsageError
 
+ENGINES = ("auto", "eager", "fast")
+# Measured on this project's 2-core CPU (notes/README-performance.md; one thread, the two step
+# kinds alternated from the same state): the fast step took 1/1.8 to 1/2.5 of the eager step's
+# time on the tiny model (batch 8 and 64) and the same time on Qwen2.5-Coder-0.5B (batch 8 and 32,
+# where the matrix products dominate). bench.py --parts step prints both for any machine.
+CPU_ENGINE = "fast"
+CHECK_EVERY = 4  # fast engine: read "every row finished?" on the host only every this many steps
+
+
+# ----------------------------------------------------------------------------------------------
+# The prompt pass and the scores (shared by both engines)
 
 @contextmanager
 def _maybe_patch(model, patch):
@@ -115,64 +143,297 @@ def _forward_from_prefill(model, prefill, cache, patch):
     return model.lm_head(model.model.norm(hidden[:, -1:])).float()
 
 
+def _prompt_pass(model, input_ids, attention_mask, position, patch, score, prefill):
+    """The prompt forward (patched, phase "prompt") and the teacher-forced scores. Returns
+    (DynamicCache of the prompt, last-position logits (B, V) float32, list of (B,) scores)."""
+    cache = _new_cache(model)
+    if prefill is None:
+        logits = _forward(model, input_ids, attention_mask, position, cache, patch, "prompt", True)
+    else:  # same result, without recomputing the layers below the patch
+        logits = _forward_from_prefill(model, prefill, cache, patch)
+    scores = [_score(model, copy.deepcopy(cache), logits, attention_mask, position, continuations,
+                     patch) for continuations in score]
+    return cache, logits[:, -1], scores
+
+
+# ----------------------------------------------------------------------------------------------
+# When a row is finished (the same tensor code in both engines)
+
+_DIGIT_TABLES = {}
+
+
+def digit_token_mask(tokenizer, size=None):
+    """(size,) bool on the CPU: True for the token ids whose text (each decoded alone) holds a
+    digit, the same test as problems' reading of a direct answer. size: the model's vocabulary
+    (its logits' width; default len(tokenizer)); ids past the tokenizer's are False."""
+    key = (id(tokenizer), size)
+    if key not in _DIGIT_TABLES:
+        n = len(tokenizer)
+        texts = tokenizer.batch_decode([[i] for i in range(n)])
+        table = torch.zeros(max(size or n, n), dtype=torch.bool)
+        table[:n] = torch.tensor([any(c.isdigit() for c in text) for text in texts])
+        _DIGIT_TABLES[key] = (tokenizer, table[:size or n])  # the tokenizer kept: ids stay unique
+    return _DIGIT_TABLES[key][1]
+
+
+def _tokenizer_of(model):
+    """The tokenizer that goes with `model`, for the digit table when none was passed: one set on
+    the model as `tokenizer_for_decoding`, the in-process tiny one, or the local files of the
+    model's folder or hub id (common.load_model's name_or_path_for_results); None if none."""
+    tokenizer = getattr(model, "tokenizer_for_decoding", None)
+    name = getattr(model, "name_or_path_for_results", None)
+    if tokenizer is not None or name is None:
+        return tokenizer
+    if name == TINY_MODEL:
+        return _cached_tokenizer(name, tiny_tokenizer)
+    try:
+        from transformers import AutoTokenizer
+        return _cached_tokenizer(name, lambda: AutoTokenizer.from_pretrained(
+            str(name), local_files_only=True))
+    except (OSError, ValueError):
+        return None
+
+
+_TOKENIZERS = {}
+
+
+def _cached_tokenizer(name, make):
+    if name not in _TOKENIZERS:
+        _TOKENIZERS[name] = make()
+    return _TOKENIZERS[name]
+
+
+def _fill_id(model, stop_ids):
+    """The token written after a row has finished: its first stop id, else the model's EOS."""
+    if stop_ids:
+        return min(stop_ids)
+    eos = getattr(model.config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    return int(eos) if eos is not None else 0
+
+
+def _digits(model, stop_when_number_ends, digits, vocab):
+    """The (V,) digit table for stop_when_number_ends, or None (no stop at a number's end). Without
+    digits= the model's own tokenizer is used (_tokenizer_of); where none can be found the rows run
+    on with a warning (readers that cut at the number's end read the same answers, only later)."""
+    if not stop_when_number_ends:
+        return None
+    if isinstance(digits, torch.Tensor):
+        return digits.bool().cpu()
+    tokenizer = digits if digits is not None else _tokenizer_of(model)
+    if tokenizer is None:
+        warnings.warn("stop_when_number_ends: no tokenizer known for this model, so rows do not "
+                      "stop where their number ends; pass digits=tokenizer", stacklevel=3)
+        return None
+    return digit_token_mask(tokenizer, vocab)
+
+
+# ----------------------------------------------------------------------------------------------
+# The engines
+
+def fast_unsupported(model):
+    """Why the fast engine cannot run this model (a sentence), or None when it can: it writes out
+    Qwen2's decoder layer (full attention, RoPE without dynamic rescaling)."""
+    config = model.config
+    if getattr(config, "model_type", None) not in ("qwen2",):
+        return f"it implements Qwen2 only, not {getattr(config, 'model_type', type(model).__name__)}"
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []) or \
+            getattr(config, "use_sliding_window", False):
+        return "this model uses sliding-window attention"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if "dynamic" in kind or kind == "longrope":
+        return f"its RoPE ({kind}) rescales with the sequence length"
+    return None
+
+
+def resolve_engine(engine, model):
+    """"eager" or "fast" for `engine` in ENGINES on this model's device (see the module docstring)."""
+    if engine not in ENGINES:
+        raise UsageError(f"--decode {engine}: unknown decode engine; pass one of {', '.join(ENGINES)}")
+    why_not = fast_unsupported(model)
+    if engine == "auto":
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        return "eager" if why_not else ("fast" if on_cuda else CPU_ENGINE)
+    if engine == "fast" and why_not:
+        raise UsageError(f"--decode fast: {why_not}; pass --decode eager")
+    return engine
+
+
+def _finish(tokens, logits_seen, state, max_new_tokens, fill, steps):
+    """The result dict of one batch: tokens (B, max_new_tokens) long on the CPU, filled after
+    each row's end; logits (B, max_new_tokens, V) float32 (zeros after the end) when recorded."""
+    B = state["done"].shape[0]
+    out = torch.full((B, max_new_tokens), fill, dtype=torch.long)
+    if tokens:
+        out[:, :len(tokens)] = torch.stack(tokens, 1).cpu()
+    length = state["length"].cpu()
+    result = {"tokens": out, "lengths": length, "steps": steps}
+    if logits_seen is not None:
+        vocab = logits_seen[0].shape[-1] if logits_seen else 0
+        logits = torch.zeros((B, max_new_tokens, vocab), dtype=torch.float32)
+        if logits_seen:
+            logits[:, :len(logits_seen)] = torch.stack(logits_seen, 1).cpu()
+        logits[torch.arange(max_new_tokens)[None] >= length[:, None]] = 0
+        result["logits"] = logits
+    return result
+
+
+def _eager_batch(model, input_ids, attention_mask, max_new_tokens, patch, score, return_logits,
+                 prefill, stop_ids, digits):
+    """Today's loop: the Hugging Face model with a DynamicCache, the patch as a forward hook, and
+    a host check of finished rows every step."""
+    position = position_ids_from_mask(attention_mask)
+    fill = _fill_id(model, stop_ids)
+    with _maybe_patch(model, patch):
+        cache, logits, scores = _prompt_pass(model, input_ids, attention_mask, position, patch,
+                                             score, prefill)
+        state = new_stop_state(len(input_ids), logits.shape[-1], logits.device, stop_ids, digits,
+                               fill)
+        can_stop = bool(stop_ids) or digits is not None
+        tokens, logits_seen, steps = [], [] if return_logits else None, 0
+        for step in range(max_new_tokens):
+            if step:
+                if can_stop and bool(state["done"].all()):
+                    break
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(tokens[-1]), 1)], 1)
+                position = position[:, -1:] + 1
+                logits = _forward(model, tokens[-1][:, None], attention_mask, position, cache,
+                                  patch, "generate", True)[:, -1]
+                steps += 1
+            tokens.append(advance(logits, state))
+            if return_logits:
+                logits_seen.append(logits)
+    result = _finish(tokens, logits_seen, state, max_new_tokens, fill, steps)
+    result["scores"] = scores
+    return result
+
+
+def _fast_batch(model, input_ids, attention_mask, max_new_tokens, patch, score, return_logits,
+                prefill, stop_ids, digits):
+    """The prompt pass and scores as eager; the decode steps on fast_decode's static KV cache."""
+    position = position_ids_from_mask(attention_mask)
+    fill = _fill_id(model, stop_ids)
+    with _maybe_patch(model, patch):
+        cache, logits, scores = _prompt_pass(model, input_ids, attention_mask, position, patch,
+                                             score, prefill)
+    tokens, logits_seen, state, steps = fast_decode.decode(
+        model, cache, logits, attention_mask, position, max_new_tokens, patch, stop_ids, digits,
+        fill, return_logits, CHECK_EVERY)
+    del cache
+    result = _finish(tokens, logits_seen, state, max_new_tokens, fill, steps)
+    result["scores"] = scores
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The entry point
+
+def _select_patch(patch, rows, width):
+    """The patch of rows `rows` of a batch whose prompts are cut to their last `width` columns."""
+    if patch is None:
+        return None
+    cut = {name: (value[rows][:, -width:] if value is not None else None)
+           for name, value in (("source_tokens", patch.source_tokens),
+                               ("prompt_mask", patch.prompt_mask))}
+    return dataclasses.replace(patch, basis=patch.basis[rows], complement=patch.complement[rows],
+                               source_mean=patch.source_mean[rows],
+                               patch_generated=patch.patch_generated[rows], **cut)
+
+
+def _batches(attention_mask, batch_size):
+    """Row indices in batches of at most batch_size, sorted by prompt length (stable), so that each
+    batch pads only to its own longest prompt."""
+    length = attention_mask.sum(1).tolist()
+    order = sorted(range(len(length)), key=lambda r: length[r])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
 def generate_and_score(model, input_ids, attention_mask, max_new_tokens, patch=None, stop_ids=(),
-                       score=(), return_logits=False, prefill=None):
+                       score=(), return_logits=False, prefill=None, *, engine="auto",
+                       stop_when_number_ends=False, digits=None, batch_size=None):
     """Greedy decoding of a left-padded batch with a KV cache, under an optional SubspacePatch,
     plus teacher-forced scores of continuations from the same prefill.
 
     score: a list of continuation sets, each B lists of token ids (e.g. the reference answer).
-    Returns dict: tokens (B, max_new_tokens) long on the CPU (rows keep going after a stop token;
-    callers cut at the first one); scores, one (B,) float32 tensor of summed log-probs per set;
-    logits (B, max_new_tokens, V) float32 with return_logits.
+    Returns dict: tokens (B, max_new_tokens) long on the CPU; once a row has finished (a token of
+    stop_ids, or with stop_when_number_ends the first token without a digit after one with a
+    digit) its later tokens are the fill id (its first stop id, else the model's EOS), so cutting
+    at the first stop token gives the row's text; lengths (B,) long, the tokens up to and
+    including the one that finished the row (max_new_tokens if it never did); scores, one (B,)
+    float32 tensor of summed log-probs per set; steps, the decode forwards run (most over the
+    batches); logits (B, max_new_tokens, V) float32 with return_logits (zeros after a row's end).
+    The batch stops early when every row has finished.
     prefill: optional select_prefill(...) of these very prompts (input_ids and attention_mask must
     be its own); the patch, if any, must then be at stream prefill["layer"] (patch.stream).
+    engine: "auto", "eager" or "fast" (module docstring); digits: with stop_when_number_ends, the
+    tokenizer or a (V,) bool tensor marking the token ids with a digit (digit_token_mask); None:
+    the model's own tokenizer (_tokenizer_of).
+    batch_size: decode at most this many rows at once, the rows sorted by prompt length into
+    batches (less padding); results come back in the caller's order. None: one batch.
     """
-    import copy
+    engine = resolve_engine(engine, model)
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    position = position_ids_from_mask(attention_mask)
-    cache = _new_cache(model)
-    tokens, logits_seen, scores = [], [], []
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
-    with _maybe_patch(model, patch):
-        if prefill is None:
-            logits = _forward(model, input_ids, attention_mask, position, cache, patch, "prompt", True)
-        else:  # same result, without recomputing the layers below the patch
-            logits = _forward_from_prefill(model, prefill, cache, patch)
-        for continuations in score:
-            scores.append(_score(model, copy.deepcopy(cache), logits, attention_mask, position,
-                                 continuations, patch))
-        logits = logits[:, -1]
-        for _ in range(max_new_tokens):
-            next_token = logits.argmax(-1)
-            tokens.append(next_token)
-            if return_logits:
-                logits_seen.append(logits)
-            done |= torch.isin(next_token, stop)
-            if len(tokens) == max_new_tokens or (len(stop) and bool(done.all())):
-                break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(done), 1)], 1)
-            position = position[:, -1:] + 1
-            logits = _forward(model, next_token[:, None], attention_mask, position, cache, patch,
-                              "generate", True)[:, -1]
-    out = torch.stack(tokens, 1).cpu() if tokens else torch.zeros(len(done), 0, dtype=torch.long)
-    if 0 < len(tokens) < max_new_tokens:  # every row stopped early: pad with its last token
-        out = torch.cat([out, out[:, -1:].expand(-1, max_new_tokens - len(tokens))], 1)
-    result = {"tokens": out, "scores": scores}
-    if return_logits:
-        result["logits"] = torch.stack(logits_seen, 1).cpu()
-    return result
+    if patch is not None:
+        patch = patch.to(device)
+    stop_ids = sorted(set(int(i) for i in stop_ids))
+    digits = _digits(model, stop_when_number_ends, digits, model.lm_head.out_features)
+    run = _fast_batch if engine == "fast" else _eager_batch
+    B = input_ids.shape[0]
+    if batch_size is None or B <= batch_size:
+        return run(model, input_ids, attention_mask, max_new_tokens, patch, score, return_logits,
+                   prefill, stop_ids, digits)
+    parts = []
+    for rows in _batches(attention_mask, batch_size):
+        index = torch.tensor(rows, device=device)
+        width = int(attention_mask[index].sum(1).max())
+        sub_prefill = select_prefill(prefill, index) if prefill is not None else None
+        ids, mask = ((sub_prefill["input_ids"], sub_prefill["attention_mask"]) if sub_prefill
+                     else (input_ids[index, -width:], attention_mask[index, -width:]))
+        parts.append((rows, run(model, ids, mask, max_new_tokens, _select_patch(patch, index, width),
+                                [[c[r] for r in rows] for c in score], return_logits, sub_prefill,
+                                stop_ids, digits)))
+    return _merge(parts, B)
 
 
-def greedy_generate(model, input_ids, attention_mask, max_new_tokens, patch=None, stop_ids=()):
+def _merge(parts, B):
+    """One result dict in the caller's row order from [(rows, result of those rows)]."""
+    merged = {"steps": max(part["steps"] for _, part in parts)}
+    for name in ("tokens", "lengths", "logits"):
+        if name in parts[0][1]:
+            first = parts[0][1][name]
+            merged[name] = first.new_zeros((B,) + tuple(first.shape[1:]))
+            for rows, part in parts:
+                merged[name][rows] = part[name]
+    merged["scores"] = []
+    for s in range(len(parts[0][1]["scores"])):
+        scores = torch.zeros(B, dtype=torch.float32)
+        for rows, part in parts:
+            scores[rows] = part["scores"][s]
+        merged["scores"].append(scores)
+    return merged
+
+
+def add_decode_args(parser):
+    """--decode, for every script that decodes or teacher-forces."""
+    parser.add_argument("--decode", choices=ENGINES, default="auto",
+                        help="decode loop: fast (preallocated KV cache, the patch inside the step, "
+                             "CUDA graphs on a GPU), eager (the plain loop through the Hugging Face "
+                             "model, for debugging; same tokens in float32), auto (fast on CUDA; "
+                             f"on a CPU {CPU_ENGINE}, measured no slower there)")
+    return parser
+
+
+def greedy_generate(model, input_ids, attention_mask, max_new_tokens, patch=None, stop_ids=(),
+                    **options):
     """Greedy tokens (B, max_new_tokens) of a left-padded batch; see generate_and_score."""
     return generate_and_score(model, input_ids, attention_mask, max_new_tokens, patch,
-                              stop_ids)["tokens"]
+                              stop_ids, **options)["tokens"]
 
 
-def continuation_logprob(model, input_ids, attention_mask, continuations, patch=None):
+def continuation_logprob(model, input_ids, attention_mask, continuations, patch=None, **options):
     """Teacher-forced log p(continuation | prompt) (B,) float32, summed over its tokens."""
     return generate_and_score(model, input_ids, attention_mask, 0, patch,
-                              score=[continuations])["scores"][0]
+                              score=[continuations], **options)["scores"][0]

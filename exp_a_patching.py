@@ -1,26 +1,37 @@
 """Experiment A: activation patching of Z at a layer, English run <- Chinese source.
 
-    python exp_a_patching.py --layer 32 --k 50
-    python exp_a_patching.py --layer 32 33 --k 20 50 --positions prompt all --source mean ot   # gold grid
-    python exp_a_patching.py --summarize results/exp_a        # rebuild metrics, SUMMARY.md, figures
+    python exp_a_patching.py --layer 32 --k 50                         # Qwen2.5-3B, every control
+    python exp_a_patching.py --depth 0.889 --k 20 50 --source mean last  # the same depth on any model
+    python exp_a_patching.py --model tiny-random --smoke               # smoke run, seconds, offline
+    python exp_a_summary.py results/exp_a                              # SUMMARY.md, figures: no model
 
-For every problem, the English prompt is decoded greedily under each condition, with the layer's
-output patched as h <- h + P_S (s - h) (see common.SubspacePatch):
-  none    no patch                          z       replace the Z part of h by the source's
-  zperp   replace the Z-perp part           full    replace everything (h <- s)
-  rand_z / rand_zperp   the same with a random k-dimensional subspace (--n-random draws): the
-          control every Z effect is read against (NOTES section 2).
-The source s is the Chinese prompt's state at the layer: its mean over the question's tokens
-(--source mean, the plan's A.3) or, per English position, the barycentric image of an exact
-optimal-transport plan between the two token clouds (--source ot, the plan's A.6). Each condition
-runs with the Chinese version of the same problem ("same") and of a different problem with a
-different answer ("swap"), so an answer that moves can be told apart from one that breaks.
---positions prompt patches the prompt only (generated tokens see it through the KV cache); all
-also patches every generated step (with the mean source), the plan's literal reading.
+For every problem, the English prompt runs greedily under each condition, with the residual stream
+at layer --layer patched at the prompt positions as h <- h + P_S (s - h) (common.SubspacePatch):
+  none    no patch                        noop    s = the row's own states (the noise floor: the
+  z       replace the Z part of h                 same code path and batches as every patch)
+  zperp   replace the Z-perp part         full    replace everything (h <- s)
+  en      the Z part, with the English prompt's own question mean as s (mean source only): a mean
+          written in without any Chinese content
+  rand_z / rand_zperp   the same with random k-dim subspaces (--n-random decoded draws,
+          --n-random-logprob scored draws; --random-kind uniform or variance-matched)
+Sources s (--source): mean = the Chinese prompt's mean over its question tokens; ot = per English
+position, the barycentric image of an exact OT plan between the two token clouds; last / last:m =
+the Chinese prompt's final m states written into the English prompt's final m positions (with the
+direct template the last one predicts the answer's first digit). Each condition runs with the same
+problem's Chinese prompt (pair "same") and with another problem's, whose answer differs ("swap").
+
+Templates (--template): direct (default) ends the prompt right before the answer's first digit, so
+the output is the answer and logp_ref is log p(its digits) right after the prompt; cot lets the
+model calculate first and scores the answer after teacher-forcing the unpatched run's own text up
+to its "The answer is" (logp_readout). ld = log p(own answer) - log p(swap partner's answer).
+Statistics and the verdict: exp_a_summary.py (from the CSVs this script writes).
 """
-import argparse
+import inspect
+import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -29,16 +40,80 @@ from tqdm.auto import tqdm
 
 import common
 import decoding
+import exp_a_summary as summary
 import problems
 import runs
 import stats
 
-CONDITIONS = ["none", "z", "zperp", "full"]
+CONDITIONS = ["none", "noop", "z", "zperp", "full", "en"]
 RANDOM_CONDITIONS = ["rand_z", "rand_zperp"]
+SWAPPED = {"z", "zperp", "full", "rand_z", "rand_zperp"}  # conditions also run with a swap source
+COMPLEMENT = {"zperp", "full", "rand_zperp", "noop"}  # P_S = I - V^T V (noop, full: V = 0)
+MAX_NEW_TOKENS = {"direct": 10, "cot": 100}  # direct: the digits of a 7-digit answer and one more
+SMOKE = {"limit": 4, "n_random": 2, "n_random_logprob": 4, "k": [8], "depth": [0.5]}
+DEFAULT_LAYER = 32
 
 
 # ----------------------------------------------------------------------------------------------
-# Sources: the Chinese states a patch writes in
+# Jobs: one decode (or one teacher-forced score) each, shared by every table row that needs it
+
+class Job(NamedTuple):
+    problem: int
+    layer: int
+    condition: str
+    k: int
+    positions: str
+    source: str
+    source_problem: int
+    draw: int
+
+
+def job_key(problem, layer, condition, k, positions, source, source_problem, draw):
+    """Canonical Job: fields a condition does not depend on are blanked, so none is decoded once
+    per problem, noop once per (problem, layer) and full once per (layer, positions, source)."""
+    if condition == "none":
+        return Job(problem, -1, "none", 0, "-", "-", problem, -1)
+    if condition == "noop":
+        return Job(problem, layer, "noop", 0, "-", "-", problem, -1)
+    if condition == "full":
+        k = 0
+    return Job(problem, layer, condition, k, positions, source, source_problem, draw)
+
+
+def conditions_for(source, n_draws):
+    """(condition, draw, pairs) of one configuration: en only for the mean source (for ot and last
+    the English prompt's own source is the noop), swap rows only where a source carries content."""
+    out = [(c, -1) for c in CONDITIONS if c != "en" or source == "mean"]
+    out += [(c, d) for c in RANDOM_CONDITIONS for d in range(n_draws)]
+    return [(c, d, ("same", "swap") if c in SWAPPED else ("same",)) for c, d in out]
+
+
+def build_rows(n_problems, layer, args, swap_of):
+    """Every (problem, configuration, condition, draw, pair) row of the table for one layer."""
+    rows = []
+    for i in range(n_problems):
+        for k in args.k:
+            for positions in args.positions:
+                for source in args.source:
+                    for condition, draw, pairs in conditions_for(source, args.n_random):
+                        for pair in pairs:
+                            j = i if pair == "same" else swap_of[i]
+                            rows.append(dict(problem=i, layer=layer, k=k, positions=positions,
+                                             source=source, condition=condition, draw=draw,
+                                             pair=pair, source_problem=j, job=job_key(
+                                                 i, layer, condition, k, positions, source, j, draw)))
+    return rows
+
+
+def null_jobs(n_problems, layer, args, swap_of):
+    """The scored random null: rand_z / rand_zperp under draws 0..M-1 (M = the larger of
+    --n-random and --n-random-logprob; the first --n-random are the decoded draws), both pairs."""
+    draws = max(args.n_random, args.n_random_logprob)
+    return [job_key(i, layer, c, k, positions, source, j, d)
+            for i in range(n_problems) for k in args.k for positions in args.positions
+            for source in args.source for c in RANDOM_CONDITIONS for d in range(draws)
+            for j in (i, swap_of[i])]
+
 
 def derangement(answers, seed):
     """A seeded permutation j(i) != i that avoids j with the same answer as i where it can.
@@ -62,11 +137,21 @@ def derangement(answers, seed):
     return [int(j) for j in best]
 
 
+def last_positions(source):
+    """m for a last / last:m source, else None."""
+    if not source.startswith("last"):
+        return None
+    return int(source.split(":")[1]) if ":" in source else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# One layer's states, sources and bases
+
 def ot_source(en_states, zh_states, scale=None):
     """Per-English-token source from an exact OT plan (uniform marginals, squared Euclidean cost).
 
     en_states: (T_en, d), zh_states: (T_zh, d). Coordinates are divided by `scale` (d,) for the
-    cost only, so a few huge coordinates do not decide the alignment (NOTES section 6).
+    cost only, so a few huge coordinates do not decide the alignment.
     Returns (source (T_en, d) float32, plan (T_en, T_zh) float64): source[t] is the barycentric
     image sum_s plan[t, s] zh[s] / sum_s plan[t, s].
     """
@@ -74,33 +159,13 @@ def ot_source(en_states, zh_states, scale=None):
     en, zh = en_states.float().cpu(), zh_states.float().cpu()
     if scale is not None:
         scale = scale.float().cpu()
-        cost = ot.dist((en / scale).double().numpy(), (zh / scale).double().numpy(), "sqeuclidean")
+        en_cost, zh_cost = en / scale, zh / scale
     else:
-        cost = ot.dist(en.double().numpy(), zh.double().numpy(), "sqeuclidean")
-    a = np.full(len(en), 1.0 / len(en))
-    b = np.full(len(zh), 1.0 / len(zh))
-    plan = ot.emd(a, b, cost)
+        en_cost, zh_cost = en, zh
+    cost = ot.dist(en_cost.double().numpy(), zh_cost.double().numpy(), "sqeuclidean")
+    plan = ot.emd(np.full(len(en), 1.0 / len(en)), np.full(len(zh), 1.0 / len(zh)), cost)
     weights = torch.from_numpy(plan / plan.sum(1, keepdims=True)).float()
     return weights @ zh, plan
-
-
-@torch.no_grad()
-def capture_prompt_states(model, tokenizer, texts, spans, layer, batch_size):
-    """Unpatched states at `layer` for each prompt: (list of (T_i, d) float32 CPU tensors over real
-    tokens, (N, d) float32 means over the question span)."""
-    device = next(model.parameters()).device
-    tokens, means = [None] * len(texts), [None] * len(texts)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    for start in range(0, len(texts), batch_size):
-        rows = order[start:start + batch_size]
-        ids, mask, span_mask = common.tokenize_left_padded(
-            tokenizer, [texts[i] for i in rows], [spans[i] for i in rows], device=device)
-        hidden = common.capture_layer_outputs(model, ids, mask, [layer])[layer]
-        pooled = common.mean_pool(hidden, span_mask)
-        for b, i in enumerate(rows):
-            tokens[i] = hidden[b][mask[b].bool()].float().cpu()
-            means[i] = pooled[b].cpu()
-    return tokens, torch.stack(means)
 
 
 def robust_scale(states):
@@ -112,223 +177,373 @@ def robust_scale(states):
     return iqr.clamp(min=1e-3 * float(iqr.median()) + 1e-8)
 
 
-# ----------------------------------------------------------------------------------------------
-# Jobs: one greedy decode each, shared by every configuration that needs it
-
-def job_key(problem, layer, condition, k, positions, source, source_problem, draw):
-    """Canonical identity of a decode: fields a condition does not depend on are blanked, so the
-    none row is decoded once per problem and the full row once per (layer, positions, source)."""
-    if condition == "none":
-        return (problem, -1, "none", 0, "-", "-", problem, -1)
-    if condition == "full":
-        k = 0
-    return (problem, layer, condition, k, positions, source, source_problem, draw)
-
-
-def build_rows(pairs, layer, ks, positions_list, sources, n_random, swap_of):
-    """Every (problem, configuration, condition, draw, pair) row of the table for one layer."""
-    rows = []
-    for i in range(len(pairs)):
-        for k in ks:
-            for positions in positions_list:
-                for source in sources:
-                    for pair_kind, j in (("same", i), ("swap", swap_of[i])):
-                        conds = [(c, -1) for c in CONDITIONS]
-                        conds += [(c, d) for c in RANDOM_CONDITIONS for d in range(n_random)]
-                        for condition, draw in conds:
-                            if condition == "none" and pair_kind == "swap":
-                                continue
-                            rows.append(dict(
-                                problem=i, layer=layer, k=k, positions=positions, source=source,
-                                condition=condition, draw=draw, pair=pair_kind, source_problem=j,
-                                job=job_key(i, layer, condition, k, positions, source, j, draw)))
-    return rows
+@torch.no_grad()
+def capture_prompt_states(model, tokenizer, texts, spans, stream, batch_size):
+    """Unpatched states at residual stream `stream` (-1: embeddings) for each prompt: (list of
+    (T_i, d) float32 CPU tensors over real tokens, (N, d) float32 means over the question span)."""
+    device = next(model.parameters()).device
+    tokens, means = [None] * len(texts), [None] * len(texts)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    for start in range(0, len(texts), batch_size):
+        rows = order[start:start + batch_size]
+        ids, mask, span_mask = common.tokenize_left_padded(
+            tokenizer, [texts[i] for i in rows], [spans[i] for i in rows], device=device)
+        hidden = common.capture_layer_outputs(model, ids, mask, [stream])[stream]
+        pooled = common.mean_pool(hidden, span_mask)
+        for b, i in enumerate(rows):
+            tokens[i] = hidden[b][mask[b].bool()].float().cpu()
+            means[i] = pooled[b].cpu()
+    return tokens, torch.stack(means)
 
 
-def basis_id(condition, k, draw):
-    """Key of the basis a condition uses: ("z", k, -1) for z/zperp, ("rand", k, draw) otherwise."""
-    return ("z", k, -1) if condition in ("z", "zperp") else ("rand", k, draw)
+def prompt_texts(pairs, template, lang):
+    """Templated prompts and the character span of each question inside them."""
+    filled = [problems.format_prompt(template[lang], p[lang]) for p in pairs]
+    return [t for t, _ in filled], [s for _, s in filled]
 
 
-def make_bases(model, layer, ks, n_random, seed, fold_norm=False):
-    """Z and the random control bases for one layer: dict basis_id -> float32 (k, d)."""
+def basis_seed(seed, k, draw):
+    """Seed of random draw `draw` of size k: the same draws at every layer and in every run."""
+    return seed * 1_000_003 + k * 1_009 + draw
+
+
+def make_bases(model, layer, ks, n_draws, seed, fold_norm=False, kind="uniform", cov_sqrt=None):
+    """Z of `layer` and the random bases: dict ("z", k, -1) / ("rand", k, draw) -> float32 (k, d).
+    kind "matched" draws with the activations' covariance (needs cov_sqrt, see stats)."""
     d = common.hidden_size(model)
     bases = {}
     for k in ks:
         bases[("z", k, -1)] = common.z_basis(model, layer, k, fold_norm=fold_norm)
-        for draw in range(n_random):  # the same draws at every layer: seeded by (seed, k, draw)
-            bases[("rand", k, draw)] = common.random_basis(d, k, seed * 1_000_003 + k * 1_009 + draw)
+        for draw in range(n_draws):
+            if kind == "matched":
+                v = stats.matched_random_basis(cov_sqrt, k, basis_seed(seed, k, draw))
+                bases[("rand", k, draw)] = torch.from_numpy(v).float()
+            else:
+                bases[("rand", k, draw)] = common.random_basis(d, k, basis_seed(seed, k, draw))
     return bases
 
 
-def make_patch(jobs, layer, bases, zh_means, ot_sources, prompt_width, d):
-    """A SubspacePatch for a batch of jobs (see job_key), prompts left-padded to prompt_width."""
-    B = len(jobs)
-    k_max = max([1] + [j[3] for j in jobs if j[2] not in ("none", "full")])
-    basis = torch.zeros(B, k_max, d)
-    complement = torch.zeros(B, dtype=torch.bool)
-    patch_generated = torch.zeros(B, dtype=torch.bool)
-    source_mean = torch.zeros(B, d)
-    source_tokens = torch.zeros(B, prompt_width, d) if any(j[5] == "ot" for j in jobs) else None
-    for b, (problem, _, condition, k, positions, source, src, draw) in enumerate(jobs):
-        if condition not in ("none", "full"):
-            v = bases[basis_id(condition, k, draw)]
-            basis[b, :len(v)] = v
-        complement[b] = condition in ("full", "zperp", "rand_zperp")
-        patch_generated[b] = positions == "all"
-        source_mean[b] = zh_means[src]
-        if source_tokens is not None:
-            if source == "ot" and condition != "none":
-                tokens = ot_sources[(problem, src)]
-                source_tokens[b, prompt_width - len(tokens):] = tokens
-            else:
-                source_tokens[b] = zh_means[src]
-    return common.SubspacePatch(layer=max(layer, 0), basis=basis, complement=complement,
-                                source_mean=source_mean, patch_generated=patch_generated,
-                                source_tokens=source_tokens)
+@dataclass
+class LayerContext:
+    """What every batch of one layer needs: the layer, the residual stream patched (the layer's
+    output, or its input with --site input), the English prefill at that stream, the question
+    means of both languages (N, d), the token states (lists of (T_i, d)), bases and OT sources."""
+    layer: int
+    stream: int
+    prefill: dict
+    en_means: torch.Tensor
+    en_tokens: list
+    zh_means: torch.Tensor
+    zh_tokens: list
+    bases: dict
+    ot_sources: dict
+    cov: np.ndarray
 
 
-# ----------------------------------------------------------------------------------------------
-# Decoding
-
-def decode_batch(model, tokenizer, batch, layer, bases, zh_means, ot_sources, pairs, prefill,
-                 swap_of, max_new_tokens, stop_ids):
-    """Decode one batch of jobs under their patches; one result dict per job."""
-    rows = decoding.select_prefill(prefill, [j[0] for j in batch])
-    patch = make_patch(batch, layer, bases, zh_means, ot_sources, rows["input_ids"].shape[1],
-                       common.hidden_size(model)).to(rows["input_ids"].device)
-    reference = [problems.answer_continuation(tokenizer, pairs[j[0]]["answer"], "en") for j in batch]
-    partner = [problems.answer_continuation(tokenizer, pairs[swap_of[j[0]]]["answer"], "en")
-               for j in batch]
-    out = decoding.generate_and_score(model, rows["input_ids"], rows["attention_mask"],
-                                    max_new_tokens, patch, stop_ids, score=[reference, partner],
-                                    prefill=rows)
-    results = []
-    for b, job in enumerate(batch):
-        text = problems.decode_response(tokenizer, out["tokens"][b], stop_ids)
-        results.append({"job": job, "output": text, "answer": problems.extract_answer(text),
-                        "language": problems.classify_language(text),
-                        "logp_ref": float(out["scores"][0][b]),
-                        "logp_swap": float(out["scores"][1][b])})
-    return results
-
-
-def decode_jobs(model, tokenizer, jobs, layer, bases, zh_means, ot_sources, pairs, prefill,
-                swap_of, args, on_results):
-    """Decode every job in batches sorted by prompt length (OT jobs apart, since only they need a
-    per-token source); halve the batch when the GPU runs out of memory. prefill: the English
-    prompts' decoding.shared_prefill at `layer`."""
-    stop_ids = problems.stop_token_ids(tokenizer)
-    length = prefill["attention_mask"].sum(1).tolist()
-    jobs = sorted(jobs, key=lambda j: (j[5] == "ot", length[j[0]], j))
-    batch_size, start = args.batch_size, 0
-    with tqdm(total=len(jobs), desc=f"layer {layer}", unit="decode") as bar:
-        while start < len(jobs):
-            batch = jobs[start:start + batch_size]
-            batch = [j for j in batch if (j[5] == "ot") == (batch[0][5] == "ot")]
-            try:
-                results = decode_batch(model, tokenizer, batch, layer, bases, zh_means, ot_sources,
-                                       pairs, prefill, swap_of, args.max_new_tokens, stop_ids)
-            except torch.cuda.OutOfMemoryError:
-                if batch_size == 1:
-                    raise
-                batch_size = max(1, batch_size // 2)
-                torch.cuda.empty_cache()
-                tqdm.write(f"out of memory: batch size now {batch_size}")
-                continue
-            on_results(results)
-            start += len(batch)
-            bar.update(len(batch))
-
-
-def prompt_texts(pairs, templates, lang):
-    """Templated prompts and the character span of each question inside them."""
-    filled = [problems.format_prompt(templates[lang], p[lang]) for p in pairs]
-    return [t for t, _ in filled], [s for _, s in filled]
-
-
-def english_prefill(model, tokenizer, pairs, templates, layer):
-    """The English prompts run once through layers 0..layer (decoding.shared_prefill), and their
-    unpatched token states at `layer` (list of (T_i, d) float32 on the CPU, for OT)."""
-    en_texts, _ = prompt_texts(pairs, templates, "en")
-    ids, mask, _ = common.tokenize_left_padded(tokenizer, en_texts)
-    prefill = decoding.shared_prefill(model, ids, mask, layer)
+def prepare_layer(model, tokenizer, pairs, template, layer, args, swap_of):
+    """States, sources and bases of one layer (see LayerContext); the English prompts run through
+    layers 0..stream once (decoding.shared_prefill)."""
+    stream = layer if args.site == "output" else layer - 1
+    tqdm.write(f"layer {layer}: English prompts through layers 0..{stream} (shared prefill), "
+               f"Chinese prompt states")
+    en_texts, en_spans = prompt_texts(pairs, template, "en")
+    ids, mask, span_mask = common.tokenize_left_padded(tokenizer, en_texts, en_spans)
+    prefill = decoding.shared_prefill(model, ids, mask, stream)
     real = prefill["attention_mask"].bool()
-    tokens = [prefill["hidden"][i][real[i]].float().cpu() for i in range(len(pairs))]
-    return prefill, tokens
-
-
-def run_layer(model, tokenizer, pairs, templates, layer, args, swap_of, generations, save=None):
-    """Decode every job of one layer not decoded yet (generations: job -> result, updated; each
-    finished batch also goes to save(results) when given), and return the layer's table rows."""
-    prefill, en_tokens = english_prefill(model, tokenizer, pairs, templates, layer)
-    zh_texts, zh_spans = prompt_texts(pairs, templates, "zh")
-    zh_tokens, zh_means = capture_prompt_states(model, tokenizer, zh_texts, zh_spans, layer,
+    en_tokens = [prefill["hidden"][i][real[i]].float().cpu() for i in range(len(pairs))]
+    en_means = common.mean_pool(prefill["hidden"], span_mask).cpu()
+    zh_texts, zh_spans = prompt_texts(pairs, template, "zh")
+    zh_tokens, zh_means = capture_prompt_states(model, tokenizer, zh_texts, zh_spans, stream,
                                                 args.batch_size)
-    bases = make_bases(model, layer, args.k, args.n_random, args.seed, args.fold_norm)
-    rows = build_rows(pairs, layer, args.k, args.positions, args.source, args.n_random, swap_of)
-    jobs = sorted({r["job"] for r in rows} - set(generations))
+    # The sink token (position 0) is left out of the covariance: its norm would dominate it.
+    cov = stats.covariance(torch.cat([t[1:] for t in en_tokens + zh_tokens]).numpy())
+    draws = max(args.n_random, args.n_random_logprob)
+    tqdm.write(f"layer {layer}: Z and {draws} {args.random_kind} random bases per k")
+    bases = make_bases(model, layer, args.k, draws, args.seed, args.fold_norm, args.random_kind,
+                       stats.covariance_sqrt(cov) if args.random_kind == "matched" else None)
     ot_sources = {}
     if "ot" in args.source:
         scale = robust_scale(en_tokens + zh_tokens)
-        for i, j in sorted({(job[0], job[6]) for job in jobs if job[5] == "ot"}):
-            ot_sources[(i, j)] = ot_source(en_tokens[i], zh_tokens[j], scale)[0]
-
-    def keep(results):
-        for result in results:
-            generations[result["job"]] = result
-        if save is not None:
-            save(results)
-
-    decode_jobs(model, tokenizer, jobs, layer, bases, zh_means, ot_sources, pairs, prefill,
-                swap_of, args, keep)
-    null = None
-    if getattr(args, "n_random_logprob", 0):
-        null = score_random_null(model, tokenizer, pairs, layer, args, prefill, zh_means,
-                                 ot_sources, swap_of)
-    return rows, null
+        for i in range(len(pairs)):
+            for j in (i, swap_of[i]):
+                ot_sources[(i, j)] = ot_source(en_tokens[i], zh_tokens[j], scale)[0]
+    return LayerContext(layer, stream, prefill, en_means, en_tokens, zh_means, zh_tokens, bases,
+                        ot_sources, cov)
 
 
-def score_random_null(model, tokenizer, pairs, layer, args, prefill, zh_means, ot_sources, swap_of):
-    """Teacher-forced log p(reference) under --n-random-logprob random subspaces (same-problem
-    source, no decoding): a null for Z's log-prob shift with enough draws for a p-value (NOTES 2).
-    Returns a frame: problem_id, layer, k, positions, source, condition, draw, logp_ref."""
-    from types import SimpleNamespace
-    bases = make_bases(model, layer, args.k, args.n_random_logprob, args.seed, args.fold_norm)
-    jobs = [(i, layer, condition, k, positions, source, i, draw)
-            for i in range(len(pairs)) for k in args.k for positions in args.positions
-            for source in args.source for condition in RANDOM_CONDITIONS
-            for draw in range(args.n_random_logprob)]
-    scored = []
-    score_only = SimpleNamespace(**{**vars(args), "max_new_tokens": 0})
-    decode_jobs(model, tokenizer, jobs, layer, bases, zh_means, ot_sources, pairs, prefill,
-                swap_of, score_only, scored.extend)
-    return pd.DataFrame([dict(problem_id=pairs[r["job"][0]]["id"], layer=layer, k=r["job"][3],
-                              positions=r["job"][4], source=r["job"][5], condition=r["job"][2],
-                              draw=r["job"][7], logp_ref=r["logp_ref"]) for r in scored])
+def variance_rows(ctx, args):
+    """Share of the layer's activation variance in Z and in both kinds of random subspace (the
+    uniform draws of the run's seeds, and variance-matched draws), one dict per basis."""
+    d = ctx.cov.shape[0]
+    cov_sqrt = stats.covariance_sqrt(ctx.cov)
+    out = []
+    for k in args.k:
+        share = lambda v: stats.variance_share(np.asarray(v, np.float64), ctx.cov)  # noqa: E731
+        out.append(dict(layer=ctx.layer, k=k, basis="z", draw=-1,
+                        share=share(ctx.bases[("z", k, -1)])))
+        for draw in range(max(args.n_random, 1)):
+            seed = basis_seed(args.seed, k, draw)
+            out.append(dict(layer=ctx.layer, k=k, basis="uniform", draw=draw,
+                            share=share(common.random_basis(d, k, seed))))
+            out.append(dict(layer=ctx.layer, k=k, basis="matched", draw=draw,
+                            share=share(stats.matched_random_basis(cov_sqrt, k, seed))))
+    return out
 
 
-JOB_FIELDS = ["problem", "job_layer", "condition", "job_k", "job_positions", "job_source",
-              "source_problem", "draw"]
+# ----------------------------------------------------------------------------------------------
+# Patches
+
+def make_patch(batch, ctx, rows, args):
+    """A SubspacePatch for a batch of Jobs. rows: decoding.select_prefill of the batch's problems
+    (prompts left-padded to a common width T; rows["hidden"] (B, T, d) are their own states)."""
+    mask = rows["attention_mask"].bool().cpu()
+    B, T = mask.shape
+    d = ctx.en_means.shape[1]
+    k_max = max([1] + [j.k for j in batch if j.condition not in ("none", "noop", "full")])
+    basis = torch.zeros(B, k_max, d)
+    complement = torch.tensor([j.condition in COMPLEMENT for j in batch])
+    patch_generated = torch.tensor([j.positions == "all" and j.condition not in ("none", "noop")
+                                    for j in batch])
+    source_mean = torch.zeros(B, d)
+    per_token = any(j.condition == "noop" or j.source == "ot" or last_positions(j.source)
+                    for j in batch)
+    source_tokens = torch.zeros(B, T, d) if per_token else None
+    prompt_mask = mask.clone()
+    if args.skip_first:  # the first real token of each left-padded row: the attention sink
+        prompt_mask[torch.arange(B), mask.float().argmax(1)] = False
+    for b, job in enumerate(batch):
+        if job.condition in ("z", "zperp", "en"):
+            basis[b, :job.k] = ctx.bases[("z", job.k, -1)]
+        elif job.condition in RANDOM_CONDITIONS:
+            basis[b, :job.k] = ctx.bases[("rand", job.k, job.draw)]
+        mean = ctx.en_means[job.problem] if job.condition == "en" else ctx.zh_means[job.source_problem]
+        source_mean[b] = mean
+        m = last_positions(job.source)
+        if m and job.condition not in ("none", "noop"):
+            prompt_mask[b, :T - m] = False
+        if source_tokens is None:
+            continue
+        if job.condition == "noop":
+            source_tokens[b] = rows["hidden"][b].float().cpu()
+        elif job.condition in ("none", "en") or job.source == "mean":
+            source_tokens[b] = mean
+        elif job.source == "ot":
+            tokens = ctx.ot_sources[(job.problem, job.source_problem)]
+            source_tokens[b, T - len(tokens):] = tokens
+        else:
+            source_tokens[b, T - m:] = ctx.zh_tokens[job.source_problem][-m:]
+    return common.SubspacePatch(layer=ctx.layer, basis=basis, complement=complement,
+                                source_mean=source_mean, patch_generated=patch_generated,
+                                source_tokens=source_tokens, prompt_mask=prompt_mask, site=args.site)
 
 
-def save_generations(path, results, pairs):
-    """Append decoded jobs to generations.csv as they finish, so a crash loses at most a batch."""
-    frame = pd.DataFrame([dict(zip(JOB_FIELDS, r["job"]), problem_id=pairs[r["job"][0]]["id"],
-                               **{k: v for k, v in r.items() if k != "job"}) for r in results])
-    runs.write_csv(frame, path, append=True)
+def patch_sizes(patch, hidden, attention_mask):
+    """Mean over the patched real prompt positions of |P_S (s - h)|: (B,) float32 on the CPU."""
+    patch.phase = "prompt"
+    moved = patch(hidden)
+    moved = (moved.float() - hidden.float()).norm(dim=-1) if moved is not None else \
+        torch.zeros(hidden.shape[:2], device=hidden.device)
+    where = attention_mask.bool() & patch.prompt_mask.to(hidden.device)
+    return ((moved * where).sum(1) / where.sum(1).clamp(min=1)).cpu()
 
 
-def table_rows(rows, generations, pairs):
-    """The rows.csv frame: each row with its decode and its comparisons to the none row."""
+# ----------------------------------------------------------------------------------------------
+# Decoding and scoring
+
+def _decode_options(template):
+    """decoding's own number stop where it has one (a direct row is done once its number ends);
+    read_output cuts at the same place either way, so the rows are the same with or without it."""
+    params = inspect.signature(decoding.generate_and_score).parameters
+    return {"stop_when_number_ends": True} if template == "direct" and \
+        "stop_when_number_ends" in params else {}
+
+
+def score_sets(batch, answer_ids, swap_of, readouts):
+    """Teacher-forced continuations for a batch: direct (readouts None): [own answer, partner's
+    answer] right after the prompt; cot: [readout + own, readout + partner's, readout alone], so
+    log p(answer | prompt + readout) is a difference. Rows without a readout get a dummy and are
+    marked (returned list of bools)."""
+    if readouts is None:
+        return [[answer_ids[j.problem][""] for j in batch],
+                [answer_ids[swap_of[j.problem]][""] for j in batch]], [True] * len(batch)
+    sets, valid = [[], [], []], []
+    for j in batch:
+        readout = readouts.get(j.problem)
+        valid.append(readout is not None)
+        prefix, sep = readout if readout is not None else ([0], "")
+        sets[0].append(prefix + answer_ids[j.problem][sep])
+        sets[1].append(prefix + answer_ids[swap_of[j.problem]][sep])
+        sets[2].append(prefix)
+    return sets, valid
+
+
+def run_batch(model, tokenizer, ctx, batch, args, decode, scoring):
+    """Decode (decode=True) and/or score (scoring: (answer_ids, swap_of, readouts) or None) one
+    batch of Jobs under their patches. One result dict per job."""
+    rows = decoding.select_prefill(ctx.prefill, [j.problem for j in batch])
+    patch = make_patch(batch, ctx, rows, args).to(rows["input_ids"].device)
+    sizes = patch_sizes(patch, rows["hidden"], rows["attention_mask"])
+    sets, valid = score_sets(batch, *scoring) if scoring is not None else ([], [])
+    stop_ids = problems.stop_token_ids(tokenizer)
+    out = decoding.generate_and_score(
+        model, rows["input_ids"], rows["attention_mask"], args.max_new_tokens if decode else 0,
+        patch, stop_ids, score=sets, prefill=rows, **(_decode_options(args.template) if decode else {}))
+    results = []
+    for b, job in enumerate(batch):
+        result = {"job": job, "patch_size": float(sizes[b])}
+        if decode:
+            read = problems.read_output(tokenizer, out["tokens"][b].tolist(), stop_ids,
+                                        args.template, args.max_new_tokens)
+            read["tokens"] = json.dumps(read["tokens"])
+            result.update(read)
+        if sets:
+            s = [float(x[b]) for x in out["scores"]]
+            ref, swap = (s[0], s[1]) if len(s) == 2 else (s[0] - s[2], s[1] - s[2])
+            result.update(logp_ref=ref if valid[b] else math.nan,
+                          logp_swap=swap if valid[b] else math.nan)
+        results.append(result)
+    return results
+
+
+def run_jobs(model, tokenizer, ctx, jobs, args, done, on_results, decode, scoring, desc):
+    """Run `jobs` in batches sorted by prompt length; batches whose jobs are all in `done` (a
+    resumed run) are skipped, so the remaining batches are the ones an uninterrupted run makes.
+    A batch that runs out of GPU memory is split in two."""
+    length = ctx.prefill["attention_mask"].sum(1).tolist()
+    jobs = sorted(set(jobs), key=lambda j: (length[j.problem], j))
+    pending = [jobs[s:s + args.batch_size] for s in range(0, len(jobs), args.batch_size)]
+    pending = [b for b in pending if not all(j in done for j in b)]
+    with tqdm(total=sum(map(len, pending)), desc=desc, unit="row", leave=False) as bar:
+        while pending:
+            batch = pending.pop(0)
+            try:
+                results = run_batch(model, tokenizer, ctx, batch, args, decode, scoring)
+            except torch.cuda.OutOfMemoryError:
+                if len(batch) == 1:
+                    raise
+                torch.cuda.empty_cache()
+                half = len(batch) // 2
+                pending[:0] = [batch[:half], batch[half:]]
+                tqdm.write(f"out of memory: batch of {len(batch)} split in two")
+                continue
+            on_results(results)
+            bar.update(len(batch))
+
+
+# ----------------------------------------------------------------------------------------------
+# On-disk stores: every finished batch is appended, so an interrupted run resumes where it stopped
+
+JOB_FIELDS = list(Job._fields)
+DECODE_FIELDS = ["output", "tokens", "answer", "language", "truncated", "patch_size", "logp_ref",
+                 "logp_swap"]
+
+
+class Store:
+    """Results keyed by Job in a CSV (generations.csv: decodes; scores.csv: teacher-forced scores
+    that no decode gave), appended batch by batch and read back by --resume; path None: in memory."""
+
+    def __init__(self, path, pairs):
+        self.path, self.pairs, self.results = Path(path) if path else None, pairs, {}
+        if self.path is not None and self.path.is_file():
+            for record in summary.load_table(self.path).to_dict("records"):
+                job = Job(*[int(record[f]) if f in ("problem", "layer", "k", "source_problem",
+                                                     "draw") else str(record[f]) for f in JOB_FIELDS])
+                result = {k: v for k, v in record.items() if k not in JOB_FIELDS + ["problem_id"]}
+                if "answer" in result and pd.isna(result["answer"]):
+                    result["answer"] = None
+                self.results[job] = result
+
+    def __contains__(self, job):
+        return job in self.results
+
+    def __getitem__(self, job):
+        return self.results[job]
+
+    def frame(self, results):
+        return pd.DataFrame([dict(zip(JOB_FIELDS, job), problem_id=self.pairs[job.problem]["id"],
+                                  **{k: v for k, v in r.items() if k != "job"}) for job, r in results])
+
+    def add(self, results):
+        """Keep a finished batch and append it to the file in one write (an interrupt lands
+        between batches, never inside a line)."""
+        import csv
+        for r in results:
+            self.results[r["job"]] = {k: v for k, v in r.items() if k != "job"}
+        if self.path is None:
+            return
+        text = self.frame([(r["job"], r) for r in results]).to_csv(
+            index=False, header=not self.path.exists(), quoting=csv.QUOTE_NONNUMERIC)
+        with self.path.open("a", encoding="utf-8", newline="") as f:
+            f.write(text)
+
+    def rewrite_sorted(self):
+        """The final file in job order: the same bytes whether or not the run was interrupted."""
+        if self.results and self.path is not None:
+            runs.write_csv(self.frame(sorted(self.results.items())), self.path)
+
+
+def answer_token_ids(tokenizer, pairs):
+    """Per problem, the answer's ids keyed by what precedes them: "" (the direct prompt, or a cot
+    readout ending in "答案是") and " " (a cot readout ending in "The answer is")."""
+    return [{"": problems.answer_continuation(tokenizer, p["answer"], "en", "direct"),
+             " ": tokenizer(" " + problems.format_number(p["answer"]),
+                            add_special_tokens=False)["input_ids"]} for p in pairs]
+
+
+def readout_prefixes(tokenizer, pairs, decodes):
+    """cot: per problem, (the unpatched run's ids up to its "The answer is", sep), or None."""
+    out = {}
+    for i in range(len(pairs)):
+        g = decodes[job_key(i, -1, "none", 0, "-", "-", i, -1)]
+        ids = json.loads(g["tokens"])
+        out[i] = problems.readout_prefix(tokenizer, ids)
+    return out
+
+
+def run_layer(model, tokenizer, pairs, template, layer, args, swap_of, decodes, scores,
+              earlier=frozenset()):
+    """Decode and score every job of one layer not in the stores yet (decodes, scores: Store or
+    dict-like with .add); `earlier`: jobs that belong to layers already run (the none rows).
+    Returns (the layer's table rows, its scored null jobs, its variance rows)."""
+    ctx = prepare_layer(model, tokenizer, pairs, template, layer, args, swap_of)
+    rows = build_rows(len(pairs), layer, args, swap_of)
+    decoded = sorted({r["job"] for r in rows} - set(earlier))
+    null = sorted(set(null_jobs(len(pairs), layer, args, swap_of)))
+    answer_ids = answer_token_ids(tokenizer, pairs)
+    direct = args.template == "direct"
+    run_jobs(model, tokenizer, ctx, decoded, args, decodes, decodes.add, True,
+             (answer_ids, swap_of, None) if direct else None, f"layer {layer} decode")
+    readouts = None if direct else readout_prefixes(tokenizer, pairs, decodes)
+    to_score = [j for j in null if j not in decodes] if direct else sorted(set(null) | set(decoded))
+    run_jobs(model, tokenizer, ctx, to_score, args, scores, scores.add, False,
+             (answer_ids, swap_of, readouts), f"layer {layer} score")
+    return rows, null, variance_rows(ctx, args), set(decoded)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+def score_of(job, decodes, scores):
+    """(logp_ref, logp_swap) of a job: from the scoring pass, else from its decode (direct)."""
+    r = scores[job] if job in scores else decodes[job]
+    return float(r["logp_ref"]), float(r["logp_swap"])
+
+
+def table_rows(rows, decodes, scores, pairs):
+    """The rows.csv frame: each row with its decode, scores and comparisons to the none row."""
     records = []
     for r in rows:
-        g = generations[r["job"]]
-        none = generations[job_key(r["problem"], -1, "none", 0, "-", "-", r["problem"], -1)]
+        g = decodes[r["job"]]
+        none_job = job_key(r["problem"], -1, "none", 0, "-", "-", r["problem"], -1)
+        none = decodes[none_job]
+        ref, swap = score_of(r["job"], decodes, scores)
+        none_ref, none_swap = score_of(none_job, decodes, scores)
         own, src = pairs[r["problem"]], pairs[r["source_problem"]]
         unchanged = (g["answer"] is None and none["answer"] is None) or problems.answers_equal(
             g["answer"], none["answer"])
-        if r["pair"] == "swap" and problems.answers_equal(g["answer"], float(src["answer"])):
+        if bool(g["truncated"]):
+            outcome = "truncated"
+        elif r["pair"] == "swap" and problems.answers_equal(g["answer"], float(src["answer"])):
             outcome = "transferred"
         else:
             outcome = "kept" if unchanged else "broken"
@@ -338,469 +553,182 @@ def table_rows(rows, generations, pairs):
             draw=r["draw"], pair=r["pair"], source_id=src["id"], output=g["output"],
             answer=g["answer"], reference=float(own["answer"]), source_answer=float(src["answer"]),
             correct=problems.answers_equal(g["answer"], float(own["answer"])),
-            answer_changed=not unchanged, language=g["language"],
+            truncated=bool(g["truncated"]), answer_changed=not unchanged,
+            baseline_language=none["language"], language=g["language"],
             language_changed=g["language"] != none["language"], outcome=outcome,
-            logp_ref=g["logp_ref"], logp_swap=g["logp_swap"],
-            dlogp_ref=g["logp_ref"] - none["logp_ref"],
-            dlogp_swap=g["logp_swap"] - none["logp_swap"]))
+            logp_ref=ref, logp_swap=swap, ld=ref - swap, dlogp_ref=ref - none_ref,
+            dlogp_swap=swap - none_swap, dld=(ref - swap) - (none_ref - none_swap),
+            patch_size=float(g["patch_size"])))
+    return pd.DataFrame(records)
+
+
+def null_table(jobs, decodes, scores, pairs):
+    """random_scores.csv: per problem and random draw, the scored measures (no decoding)."""
+    records = []
+    for job in jobs:
+        ref, swap = score_of(job, decodes, scores)
+        records.append(dict(problem_id=pairs[job.problem]["id"], layer=job.layer, k=job.k,
+                            positions=job.positions, source=job.source, condition=job.condition,
+                            draw=job.draw, pair="same" if job.source_problem == job.problem else "swap",
+                            logp_ref=ref, logp_swap=swap, ld=ref - swap))
     return pd.DataFrame(records)
 
 
 # ----------------------------------------------------------------------------------------------
-# Statistics
 
-CONFIG = ["layer", "k", "positions", "source"]
+def resolve_layers(config, args):
+    """--layer or --depth (not both) to decoder layers; the default is layer 32."""
+    if args.layer is not None and args.depth is not None:
+        raise runs.UsageError("pass --layer or --depth, not both")
+    if args.depth is not None:
+        return [common.depth_to_layer(config, f) for f in args.depth]
+    layers = args.layer if args.layer is not None else [DEFAULT_LAYER]
+    return [common.check_layer(config, layer) for layer in layers]
 
-
-def _by_problem(frame, condition, column, draw=-1, pair="same"):
-    part = frame[(frame.condition == condition) & (frame.draw == draw) & (frame.pair == pair)]
-    return part.set_index("problem_id")[column]
-
-
-def select_config(frame, config):
-    """The rows of `frame` whose (layer, k, positions, source) equal `config`."""
-    mask = np.ones(len(frame), dtype=bool)
-    for column, value in zip(CONFIG, config):
-        mask &= (frame[column] == value).to_numpy()
-    return frame[mask]
-
-
-def config_metrics(frame):
-    """The plan's five metrics and the baselines for one configuration: list of metric dicts."""
-    none = _by_problem(frame, "none", "language")
-    problems = none.index
-    n = len(problems)
-
-    def rate(name, values, condition=""):
-        count = int(np.sum(values))
-        lo, hi = stats.wilson_interval(count, n)
-        return dict(metric=name, count=count, n=n, rate=count / n if n else math.nan,
-                    ci_low=lo, ci_high=hi)
-
-    lang = {c: _by_problem(frame, c, "language").reindex(problems) for c in ("z", "zperp", "full")}
-    change = {c: _by_problem(frame, c, "answer_changed").reindex(problems).astype(bool)
-              for c in ("z", "zperp", "full")}
-    lang_changed = {c: _by_problem(frame, c, "language_changed").reindex(problems).astype(bool)
-                    for c in ("z", "zperp", "full")}
-    full_vs_z = (change["full"] == change["z"]) & (lang_changed["full"] == lang_changed["z"])
-    full_vs_zp = (change["full"] == change["zperp"]) & (lang_changed["full"] == lang_changed["zperp"])
-    return [
-        rate("baseline_accuracy", _by_problem(frame, "none", "correct").reindex(problems)),
-        rate("baseline_english", none == "en"),
-        rate("z_answer_change", change["z"]),
-        rate("zperp_answer_change", change["zperp"]),
-        rate("z_language_preserved", lang["z"] == "en"),
-        rate("zperp_language_disrupted", lang["zperp"] != "en"),
-        rate("full_answer_change", change["full"]),
-        rate("full_language_disrupted", lang["full"] != "en"),
-        rate("full_agrees_with_z", full_vs_z),
-        rate("full_agrees_with_zperp", full_vs_zp),
-    ]
-
-
-def config_controls(frame):
-    """Per random draw: answer change, language change, transfer and mean log-prob shift, next to
-    Z's own values (draw -1). One dict per (condition, draw)."""
-    out = []
-    for condition in ("z", "zperp", "full", "rand_z", "rand_zperp"):
-        for draw in sorted(frame[frame.condition == condition].draw.unique()):
-            same = frame[(frame.condition == condition) & (frame.draw == draw) & (frame.pair == "same")]
-            swap = frame[(frame.condition == condition) & (frame.draw == draw) & (frame.pair == "swap")]
-            out.append(dict(condition=condition, draw=int(draw), n=len(same),
-                            answer_change=same.answer_changed.mean(),
-                            language_not_en=(same.language != "en").mean(),
-                            language_changed=same.language_changed.mean(),
-                            transferred=(swap.outcome == "transferred").mean(),
-                            kept_swap=(swap.outcome == "kept").mean(),
-                            broken_swap=(swap.outcome == "broken").mean(),
-                            dlogp_ref=same.dlogp_ref.mean(), dlogp_swap=swap.dlogp_swap.mean()))
-    return out
-
-
-def random_band(controls, condition, column, value):
-    """Where `value` (Z's) falls among the random draws: mean, sd, min, max, the number of draws
-    at or above it, and the one-sided empirical p-value (1 + #{draw >= value}) / (M + 1)."""
-    draws = controls[controls.condition == condition][column].to_numpy(float)
-    if len(draws) == 0:
-        return {}
-    at_or_above = int((draws >= value - 1e-12).sum())
-    return dict(mean=draws.mean(), sd=draws.std(ddof=1) if len(draws) > 1 else 0.0,
-                min=draws.min(), max=draws.max(), draws=len(draws), at_or_above=at_or_above,
-                at_or_below=int((draws <= value + 1e-12).sum()),
-                p_above=(1 + at_or_above) / (len(draws) + 1))
-
-
-def config_tests(frame):
-    """Exact McNemar tests between conditions on answer change and on language change (same-
-    problem rows); random = the majority outcome over the draws for each problem."""
-    problems = _by_problem(frame, "none", "language").index
-    tests = []
-    for column in ("answer_changed", "language_changed"):
-        series = {c: _by_problem(frame, c, column).reindex(problems).astype(bool)
-                  for c in ("none", "z", "zperp", "full")}
-        for rand in ("rand_z", "rand_zperp"):
-            part = frame[(frame.condition == rand) & (frame.pair == "same")]
-            if len(part):
-                series[rand] = (part.groupby("problem_id")[column].mean() > 0.5).reindex(problems)
-        for a, b in (("z", "zperp"), ("z", "rand_z"), ("z", "none"), ("zperp", "rand_zperp"),
-                     ("zperp", "none"), ("full", "none")):
-            if a in series and b in series:
-                only_a, only_b, p = stats.mcnemar_exact(series[a], series[b])
-                tests.append(dict(measure=column, first=a, second=b, first_only=only_a,
-                                  second_only=only_b, p_value=p))
-    return tests
-
-
-def logprob_null_tests(rows, null):
-    """Z's (and Z-perp's) mean shift in log p(reference) against the same shift under each random
-    subspace of the null (logprob_null.csv), per configuration: empirical one- and two-sided p."""
-    none = rows[rows.condition == "none"].drop_duplicates("problem_id").set_index("problem_id")
-    null = null.assign(dlogp_ref=null.logp_ref - null.problem_id.map(none.logp_ref))
-    null_means = null.groupby(CONFIG + ["condition", "draw"]).dlogp_ref.mean()
-    out = []
-    for config, frame in rows.groupby(CONFIG, sort=True):
-        for condition, rand in (("z", "rand_z"), ("zperp", "rand_zperp")):
-            own = frame[(frame.condition == condition) & (frame.pair == "same")].dlogp_ref.mean()
-            try:
-                draws = null_means.loc[tuple(config) + (rand,)].to_numpy(float)
-            except KeyError:
-                continue
-            above = (1 + int((draws >= own).sum())) / (len(draws) + 1)
-            below = (1 + int((draws <= own).sum())) / (len(draws) + 1)
-            out.append(dict(zip(CONFIG, config), condition=condition, dlogp_ref=own,
-                            null_draws=len(draws), null_mean=draws.mean(), null_min=draws.min(),
-                            null_max=draws.max(), p_above=above, p_below=below,
-                            p_two_sided=min(1.0, 2 * min(above, below))))
-    return pd.DataFrame(out)
-
-
-def verdicts(metrics, controls, tests, alpha=0.05):
-    """The plan's verdict, with and without the random-subspace control (NOTES section 2)."""
-    m = {r["metric"]: r for r in metrics}
-    p = {(t["measure"], t["first"], t["second"]): t["p_value"] for t in tests}
-    z_change, zp_change = m["z_answer_change"]["rate"], m["zperp_answer_change"]["rate"]
-    z_lang_changed_p = p.get(("language_changed", "z", "none"), 1.0)
-    band_z = random_band(controls, "rand_z", "answer_change", z_change)
-    band_zp_lang = random_band(controls, "rand_zperp", "language_not_en",
-                               m["zperp_language_disrupted"]["rate"])
-    z_changes = p.get(("answer_changed", "z", "none"), 1.0) < alpha
-    z_keeps_lang = m["z_language_preserved"]["ci_low"] >= 0.5 and z_lang_changed_p >= alpha
-    zp_disrupts = p.get(("language_changed", "zperp", "none"), 1.0) < alpha
-    zp_keeps_answers = p.get(("answer_changed", "zperp", "none"), 1.0) >= alpha
-    z_beats_zp = z_change > zp_change and p.get(("answer_changed", "z", "zperp"), 1.0) < alpha
-    z_outside = bool(band_z) and z_change > band_z["max"]
-    zp_outside = bool(band_zp_lang) and m["zperp_language_disrupted"]["rate"] > band_zp_lang["max"]
-
-    def verdict(controlled):
-        if controlled and not band_z:
-            return "not tested (no random draws)"
-        if z_changes and z_keeps_lang and zp_disrupts and zp_keeps_answers and (
-                not controlled or (z_outside and zp_outside)):
-            return "double dissociation"
-        if z_beats_zp and (not controlled or z_outside):
-            return "partial"
-        return "null"
-
-    return {"verdict": verdict(True), "verdict_without_controls": verdict(False),
-            "z_outside_random_band": z_outside, "zperp_outside_random_band": zp_outside}
-
-
-def compute_summary_tables(rows):
-    """metrics, controls and tests frames for every configuration of a rows.csv frame."""
-    metrics, controls, tests = [], [], []
-    for config, frame in rows.groupby(CONFIG, sort=True):
-        keys = dict(zip(CONFIG, config))
-        m, c, t = config_metrics(frame), config_controls(frame), config_tests(frame)
-        v = verdicts(m, pd.DataFrame(c), t)
-        metrics += [dict(keys, **r, **v) for r in m]
-        controls += [dict(keys, **r) for r in c]
-        tests += [dict(keys, **r) for r in t]
-    return pd.DataFrame(metrics), pd.DataFrame(controls), pd.DataFrame(tests)
-
-
-# ----------------------------------------------------------------------------------------------
-# Summary (from CSVs only) and figures
-
-def _pct(r):
-    return f"{r['count']}/{r['n']} ({100 * r['rate']:.0f}%, 95% CI {100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f}%)"
-
-
-def _cell(text, width=70):
-    text = " ".join(str(text).split()).replace("|", "\\|")
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
-def render_patching_table(frame):
-    """The plan's table for one configuration (same-problem source), as markdown lines."""
-    lines = ["| problem | original (en) | Z-patched (en←zh) | Z⊥-patched (en←zh) | full-patched |",
-             "|---|---|---|---|---|"]
-    cells = {c: frame[(frame.condition == c) & (frame.pair == "same") & (frame.draw == -1)]
-             .set_index("problem_id") for c in CONDITIONS}
-    for pid in cells["none"].index:
-        row = [pid]
-        for c in CONDITIONS:
-            r = cells[c].loc[pid]
-            answer = "-" if pd.isna(r.answer) else problems.format_number(r.answer)
-            row.append(f"{_cell(r.output)} **[{answer}, {r.language}]**")
-        lines.append("| " + " | ".join(row) + " |")
-    return lines
-
-
-def verdict_paragraph(metrics, controls, tests, logprob=None):
-    """A paragraph generated from the numbers only."""
-    m = metrics.set_index("metric")
-    p = {(t.measure, t.first, t.second): t.p_value for t in tests.itertuples()}
-    band = random_band(controls, "rand_z", "answer_change", m.loc["z_answer_change", "rate"])
-    band_zp = random_band(controls, "rand_zperp", "language_not_en",
-                          m.loc["zperp_language_disrupted", "rate"])
-    c = controls.set_index(["condition", "draw"])
-    rand_transfer = controls[controls.condition == "rand_z"].transferred
-    text = [
-        f"Unpatched, the model answered {_pct(m.loc['baseline_accuracy'])} correctly and in "
-        f"English on {_pct(m.loc['baseline_english'])}.",
-        f"Z-patching changed the answer on {_pct(m.loc['z_answer_change'])} and kept the output "
-        f"English on {_pct(m.loc['z_language_preserved'])}; Z⊥-patching changed the answer on "
-        f"{_pct(m.loc['zperp_answer_change'])} and took the output out of English on "
-        f"{_pct(m.loc['zperp_language_disrupted'])}.",
-        f"Exact McNemar, Z against Z⊥ on answer change: p = "
-        f"{p.get(('answer_changed', 'z', 'zperp'), float('nan')):.3g}; Z against no patch: p = "
-        f"{p.get(('answer_changed', 'z', 'none'), float('nan')):.3g}."]
-    if band:
-        side = "above" if band["at_or_above"] == 0 else "below" if band["at_or_below"] == 0 else "inside"
-        text.append(
-            f"{band['draws']} random {int(metrics.k.iloc[0])}-dimensional subspaces patched the same "
-            f"way changed {100 * band['mean']:.0f}% of answers on average (range "
-            f"{100 * band['min']:.0f}-{100 * band['max']:.0f}%): Z is {side} that band "
-            f"({band['at_or_above']} of {band['draws']} draws at or above it, empirical p = "
-            f"{band['p_above']:.2f}).")
-    if band_zp:
-        text.append(f"Random Z⊥ patches took the output out of English on {100 * band_zp['mean']:.0f}% "
-                    f"(range {100 * band_zp['min']:.0f}-{100 * band_zp['max']:.0f}%).")
-    if ("z", -1) in c.index and not math.isnan(c.loc[("z", -1), "transferred"]):
-        text.append(
-            f"With another problem's Chinese prompt as the source, the output took that problem's "
-            f"answer on {100 * c.loc[('z', -1), 'transferred']:.0f}% of problems under Z, "
-            f"{100 * c.loc[('zperp', -1), 'transferred']:.0f}% under Z⊥, "
-            f"{100 * c.loc[('full', -1), 'transferred']:.0f}% under full replacement"
-            + (f" and {100 * rand_transfer.mean():.0f}% under random Z" if len(rand_transfer) else "")
-            + ".")
-    agree_z, agree_zp = m.loc["full_agrees_with_z", "rate"], m.loc["full_agrees_with_zperp", "rate"]
-    like = ("it behaves more like the Z-patch" if agree_z > agree_zp else
-            "it behaves more like the Z⊥-patch" if agree_zp > agree_z else
-            "it is no closer to one than to the other")
-    text.append(f"Full replacement matched the Z-patch outcome on {100 * agree_z:.0f}% of problems "
-                f"and the Z⊥-patch outcome on {100 * agree_zp:.0f}%: {like}.")
-    if logprob is not None:
-        for r in logprob.itertuples():
-            name = "Z" if r.condition == "z" else "Z⊥"
-            text.append(f"Scored by teacher forcing against {r.null_draws} random subspaces, "
-                        f"{name}'s mean shift in log p(reference) ({r.dlogp_ref:+.2f} nats) has a "
-                        f"two-sided empirical p = {r.p_two_sided:.3f} (random: mean "
-                        f"{r.null_mean:+.2f}, range {r.null_min:+.2f} to {r.null_max:+.2f}).")
-    verdict, literal = metrics.verdict.iloc[0], metrics.verdict_without_controls.iloc[0]
-    text.append(f"**Verdict: {verdict}** (the plan's criteria read against the random band; "
-                f"without that control the same numbers would read as: {literal}).")
-    return " ".join(text)
-
-
-def write_summary(out_dir, rows, metrics, controls, tests, config, logprob=None):
-    """SUMMARY.md and patching_table.md, both generated from the CSV frames."""
-    model = config.get("model", {})
-    head = ["# Experiment A: activation patching of Z",
-            "",
-            f"Model `{model.get('name_or_path')}` ({model.get('dtype')}, {model.get('device_name')}), "
-            f"{rows.problem_id.nunique()} problems, command `{config.get('command')}`, "
-            f"git {config.get('git_commit')}. Every number and sentence here is generated from "
-            f"`rows.csv`; rebuild with `python exp_a_patching.py --summarize <this folder>`.", "",
-            "| layer | k | positions | source | Z answer change | random Z (mean, range) | "
-            "Z⊥ answer change | Z language kept | Z⊥ language disrupted | verdict | without controls |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
-    body, table = [], ["# Experiment A: the plan's patching tables", ""]
-    for config_key, frame in rows.groupby(CONFIG, sort=True):
-        m, c, t = (select_config(f, config_key) for f in (metrics, controls, tests))
-        mi = m.set_index("metric")
-        rz = c[c.condition == "rand_z"].answer_change
-        band = f"{100 * rz.mean():.0f}% ({100 * rz.min():.0f}-{100 * rz.max():.0f}%)" if len(rz) else "-"
-        name = "layer {} · k {} · positions {} · source {}".format(*config_key)
-        head.append("| {} | {} | {} | {} | ".format(*config_key) + " | ".join([
-            f"{100 * mi.loc['z_answer_change', 'rate']:.0f}%", band,
-            f"{100 * mi.loc['zperp_answer_change', 'rate']:.0f}%",
-            f"{100 * mi.loc['z_language_preserved', 'rate']:.0f}%",
-            f"{100 * mi.loc['zperp_language_disrupted', 'rate']:.0f}%",
-            m.verdict.iloc[0], m.verdict_without_controls.iloc[0]]) + " |")
-        lp = select_config(logprob, config_key) if logprob is not None and len(logprob) else None
-        body += [f"## {name}", "", verdict_paragraph(m, c, t, lp), "", "### Metrics", "",
-                 m[["metric", "count", "n", "rate", "ci_low", "ci_high"]].to_markdown(
-                     index=False, floatfmt=".3f"), "",
-                 "### Controls (per condition; random rows are individual draws)", "",
-                 c.drop(columns=CONFIG).to_markdown(index=False, floatfmt=".3f"), "",
-                 "### Paired tests (exact McNemar)", "",
-                 t.drop(columns=CONFIG).to_markdown(index=False, floatfmt=".3g"), "",
-                 "### Patching table (same-problem source; [answer, language])", ""]
-        body += render_patching_table(frame) + [""]
-        table += [f"## {name}", ""] + render_patching_table(frame) + [""] + [
-            m[["metric", "count", "n", "rate", "ci_low", "ci_high"]].to_markdown(
-                index=False, floatfmt=".3f"), ""]
-    Path(out_dir, "SUMMARY.md").write_text("\n".join(head + [""] + body), encoding="utf-8")
-    Path(out_dir, "patching_table.md").write_text("\n".join(table), encoding="utf-8")
-
-
-def plot_figures(out_dir, controls, metrics, figures_dir):
-    """Change rates against the random band, transfer rates, and log-prob shifts (from CSVs)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from types import SimpleNamespace
-    where = SimpleNamespace(out=Path(out_dir), figures=Path(figures_dir))
-    configs = list(metrics.groupby(CONFIG, sort=True).groups)
-    labels = ["L{} k{}\n{} {}".format(*c) for c in configs]
-    x = np.arange(len(configs))
-    width = 0.25
-
-    def panel(ax, column, title, conditions, per_metric=None):
-        for offset, (cond, rand, colour) in zip((-width, 0, width), conditions):
-            values, lows, highs = [], [], []
-            for i, config in enumerate(configs):
-                c = select_config(controls, config)
-                own = c[(c.condition == cond) & (c.draw == -1)][column]
-                values.append(float(own.iloc[0]) if len(own) else np.nan)
-                if per_metric:
-                    mi = select_config(metrics, config).set_index("metric").loc[per_metric[cond]]
-                    lows.append(values[-1] - mi.ci_low)
-                    highs.append(mi.ci_high - values[-1])
-                draws = c[c.condition == rand][column] if rand else []
-                if len(draws):
-                    ax.fill_between([i + offset - width / 2, i + offset + width / 2], draws.min(),
-                                    draws.max(), color=colour, alpha=0.2, lw=0)
-                    ax.plot([i + offset - width / 2, i + offset + width / 2], [draws.mean()] * 2,
-                            color=colour, ls=":", lw=1)
-            ax.bar(x + offset, values, width * 0.8, color=colour, label=cond,
-                   yerr=[lows, highs] if per_metric else None, capsize=2)
-        ax.set_xticks(x, labels, fontsize=7)
-        ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=7)
-
-    conds = [("z", "rand_z", "tab:blue"), ("zperp", "rand_zperp", "tab:orange"),
-             ("full", None, "tab:gray")]
-    fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.4 * len(configs)), 7))
-    panel(axes[0], "answer_change", "answer changed vs no patch (same-problem source)\n"
-          "error bars: Wilson 95%; shaded: random draws (range, dotted: mean)", conds,
-          {"z": "z_answer_change", "zperp": "zperp_answer_change", "full": "full_answer_change"})
-    panel(axes[1], "language_not_en", "output not English (same-problem source)", conds)
-    axes[0].set_ylim(0, 1.05)
-    axes[1].set_ylim(0, 1.05)
-    runs.save_figure(fig, runs.figure_path(where, "change_rates"))
-
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(configs)), 3.5))
-    panel(ax, "transferred", "interchange: output takes the source problem's answer", conds)
-    ax.set_ylim(0, 1.05)
-    runs.save_figure(fig, runs.figure_path(where, "transfer_rates"))
-
-    fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.4 * len(configs)), 7))
-    panel(axes[0], "dlogp_ref", "shift in log p(reference answer) vs no patch", conds)
-    panel(axes[1], "dlogp_swap", "shift in log p(source problem's answer), interchange rows", conds)
-    for ax in axes:
-        ax.axhline(0, color="k", lw=0.5)
-    runs.save_figure(fig, runs.figure_path(where, "logprob_shift"))
-
-
-def summarize(out_dir, figures_dir):
-    """Rebuild metrics.csv, controls.csv, tests.csv, SUMMARY.md, patching_table.md and the figures
-    from rows.csv and config.json alone (no model)."""
-    import json
-    out_dir = Path(out_dir)
-    if not (out_dir / "rows.csv").is_file():
-        raise runs.UsageError(f"{out_dir} has no rows.csv; run the experiment first or pass the "
-                                f"folder of a finished run")
-    rows = runs.load_csv(out_dir / "rows.csv")
-    config = json.loads((out_dir / "config.json").read_text()) if (out_dir / "config.json").exists() else {}
-    metrics, controls, tests = compute_summary_tables(rows)
-    logprob = None
-    if (out_dir / "logprob_null.csv").is_file():
-        logprob = logprob_null_tests(rows, runs.load_csv(out_dir / "logprob_null.csv"))
-        runs.write_csv(logprob, out_dir / "logprob_tests.csv")
-    runs.write_csv(metrics, out_dir / "metrics.csv")
-    runs.write_csv(controls, out_dir / "controls.csv")
-    runs.write_csv(tests, out_dir / "tests.csv")
-    write_summary(out_dir, rows, metrics, controls, tests, config, logprob)
-    plot_figures(out_dir, controls, metrics, figures_dir)
-    return metrics
-
-
-# ----------------------------------------------------------------------------------------------
 
 def validate(args):
-    """Every check that needs no weights, before anything is loaded or written."""
-    if args.n_random < 0 or args.n_random_logprob < 0 or args.batch_size < 1 or args.max_new_tokens < 1:
+    """Every check that needs no weights, before anything is loaded or written. Resolves --layer
+    (from --depth), --max-new-tokens (per template) and --batch-size in args."""
+    device = common.check_runtime(args.device, args.dtype)
+    if min(args.n_random, args.n_random_logprob) < 0 or (args.batch_size or 1) < 1 \
+            or (args.max_new_tokens or 1) < 1:
         raise runs.UsageError("--n-random and --n-random-logprob must be >= 0, --batch-size and "
-                                "--max-new-tokens >= 1")
+                              "--max-new-tokens >= 1")
+    if not 0 < args.keep_threshold < 1:
+        raise runs.UsageError(f"--keep-threshold {args.keep_threshold}: pass a rate in (0, 1)")
+    if "all" in args.positions and any(s != "mean" and s != "ot" for s in args.source):
+        raise runs.UsageError("--positions all patches generated tokens with a mean: use it with "
+                              "--source mean or ot, not last")
     config = common.load_model_config(args.model)
-    for layer in args.layer:
-        common.check_layer(config, layer)
+    args.layer = resolve_layers(config, args)
     for k in args.k:
-        common.check_k(config, k)
+        common.check_k(config, k, allow_full=False)
     pairs = problems.load_pairs(args)
     if len(pairs) < 2:
-        raise runs.UsageError("need at least 2 pairs (the interchange source is another problem)")
-    templates = problems.load_prompts(args.prompts)["templates"]
-    return pairs, problems.get_template(templates, "cot")
+        raise runs.UsageError("need at least 2 pairs (the swap source is another problem)")
+    template = problems.get_template(problems.load_prompts(args.prompts)["templates"], args.template)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = MAX_NEW_TOKENS[args.template]
+    if args.batch_size is None:  # decoding is memory-bound: big batches on a GPU, small on a CPU
+        args.batch_size = 256 if device.type == "cuda" else 64
+    return pairs, template
+
+
+def write_outputs(out, rows, null, variance, decodes, scores, pairs, template_name):
+    """rows.csv, random_scores.csv and variance.csv (named for the template's measure), and the
+    job stores rewritten in job order."""
+    names = summary.measure_names(template_name)
+    runs.write_csv(table_rows(rows, decodes, scores, pairs).rename(columns=names), out / "rows.csv")
+    runs.write_csv(null_table(null, decodes, scores, pairs).rename(columns=names),
+                   out / "random_scores.csv")
+    runs.write_csv(pd.DataFrame(variance), out / "variance.csv")
+    decodes.rewrite_sorted()
+    scores.rewrite_sorted()
 
 
 def main(args):
     if args.summarize is not None:
-        return summarize(args.summarize, args.figures)
-    if args.batch_size is None:  # decoding is memory-bound: big batches on a GPU, small on a CPU
-        on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-        args.batch_size = 256 if on_gpu else 64
-    pairs, templates = validate(args)
-    out = runs.prepare_out_dir(args.out, args.overwrite)
-    for stale in ("rows.csv", "generations.csv", "logprob_null.csv"):  # --overwrite: no appending
-        (out / stale).unlink(missing_ok=True)
+        return summary.summarize(args.summarize, args.figures)
+    pairs, template = validate(args)
+    out = runs.prepare_out_dir(args.out, args.overwrite, args.resume, args, args.figures)
     args.out = out
     runs.set_seed(args.seed)
     model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
+    for m in filter(None, map(last_positions, args.source)):
+        if m > min(len(tokenizer(t, add_special_tokens=False)["input_ids"])
+                   for lang in ("en", "zh") for t in prompt_texts(pairs, template, lang)[0]):
+            raise runs.UsageError(f"--source last:{m} is longer than the shortest prompt")
     swap_of = derangement([p["answer"] for p in pairs], args.seed)
-    runs.write_json(out / "config.json", runs.run_config(
-        args, model, templates=templates, n_pairs=len(pairs),
-        swap_source={p["id"]: pairs[j]["id"] for p, j in zip(pairs, swap_of)},
-        random_basis_seeds="seed * 1000003 + k * 1009 + draw"))
-    generations = {}
+    if not args.resume:  # a resumed run keeps the config.json it was started with
+        runs.write_json(out / "config.json", runs.run_config(
+            args, model, template=template, n_pairs=len(pairs), layers_resolved=dict(
+                depth=args.depth, layer=args.layer, num_layers=common.num_layers(model)),
+            swap_source={p["id"]: pairs[j]["id"] for p, j in zip(pairs, swap_of)},
+            random_basis_seeds="seed * 1000003 + k * 1009 + draw"))
+    decodes, scores = Store(out / "generations.csv", pairs), Store(out / "scores.csv", pairs)
+    rows, null, variance, earlier = [], [], [], set()
     for layer in args.layer:
-        rows, null = run_layer(
-            model, tokenizer, pairs, templates, layer, args, swap_of, generations,
-            save=lambda results: save_generations(out / "generations.csv", results, pairs))
-        if null is not None:
-            runs.write_csv(null, out / "logprob_null.csv", append=True)
-        runs.write_csv(table_rows(rows, generations, pairs), out / "rows.csv", append=True)
-    metrics = summarize(out, args.figures)
+        r, n, v, decoded = run_layer(model, tokenizer, pairs, template, layer, args, swap_of,
+                                     decodes, scores, earlier)
+        rows, null, variance, earlier = rows + r, null + n, variance + v, earlier | decoded
+    write_outputs(out, rows, null, variance, decodes, scores, pairs, args.template)
+    result = summary.summarize(out, args.figures)
     print(f"wrote {out}/SUMMARY.md")
-    print(metrics.drop_duplicates(CONFIG)[CONFIG + ["verdict", "verdict_without_controls"]]
-          .to_string(index=False))
-    return metrics
+    return result
+
+
+def source_arg(value):
+    """--source values: mean, ot, last, last:M (M >= 1)."""
+    if value in ("mean", "ot", "last"):
+        return value
+    if value.startswith("last:") and value[5:].isdigit() and int(value[5:]) >= 1:
+        return value
+    import argparse
+    raise argparse.ArgumentTypeError(f"{value!r}: choose mean, ot, last or last:M with M >= 1")
+
+
+def build_parser():
+    parser = runs.make_parser(__doc__)
+    common.add_common_args(parser, "exp_a")
+    problems.add_pairs_args(parser)
+    parser.add_argument("--layer", type=int, nargs="+", default=None,
+                        help=f"decoder layer(s) to patch; default {DEFAULT_LAYER} (Qwen2.5-3B's)")
+    parser.add_argument("--depth", type=float, nargs="+", default=None, metavar="F",
+                        help="instead of --layer: layer round(F x number of layers), the same "
+                             "depth on any model (0.889: 32 of 36, 21 of 24, 25 of 28)")
+    parser.add_argument("--k", type=int, nargs="+", default=[50], help="dimension(s) of Z")
+    parser.add_argument("--template", choices=["direct", "cot"], default="direct",
+                        help="direct: the prompt ends right before the answer's first digit; cot: "
+                             "the model calculates first (scored at its 'The answer is')")
+    parser.add_argument("--positions", nargs="+", choices=["prompt", "all"], default=["prompt"],
+                        help="prompt: patch the prompt only; all: also every generated token "
+                             "(with the mean source)")
+    parser.add_argument("--source", nargs="+", type=source_arg, default=["mean"],
+                        help="mean, ot, last, last:M (see the description above)")
+    parser.add_argument("--site", choices=["output", "input"], default="output",
+                        help="patch decoder layer l's output (the residual stream after l) or its "
+                             "input (the stream l's W_Q and W_K read, = layer l-1's output)")
+    parser.add_argument("--skip-first", action="store_true",
+                        help="leave position 0 (the attention sink) unpatched")
+    parser.add_argument("--n-random", type=int, default=19,
+                        help="random k-dim subspaces decoded per (layer, k): 19 is the fewest for "
+                             "a rank-test p of 0.05")
+    parser.add_argument("--n-random-logprob", type=int, default=200, metavar="M",
+                        help="random subspaces scored by teacher forcing (no decoding) for the "
+                             "rank tests of the log-prob measures; the first --n-random are the "
+                             "decoded draws")
+    parser.add_argument("--random-kind", choices=["uniform", "matched"], default="uniform",
+                        help="uniform (Haar) random subspaces, or drawn with the activations' "
+                             "covariance at the layer (as much variance as the data give them)")
+    parser.add_argument("--keep-threshold", type=float, default=0.2,
+                        help="'keeps answers/language' needs the change rate's Wilson upper "
+                             "bound at most this")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="greedy tokens per row; None: 10 (direct), 100 (cot)")
+    parser.add_argument("--fold-norm", action="store_true",
+                        help="fold the layer's input RMSNorm gain into W_Q, W_K before the SVD "
+                             "(default: raw weights, as Phase 2 built Z)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a smoke run: --limit 4 --n-random 2 --n-random-logprob 4 --k 8 "
+                             "--depth 0.5 unless given")
+    parser.add_argument("--summarize", type=Path, default=None, metavar="DIR",
+                        help="only rebuild the summary and figures of a finished run from its CSVs")
+    parser.set_defaults(batch_size=None)  # resolved in validate(): 256 on a GPU, 64 on a CPU
+    return parser
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_common_args(parser, "exp_a")
-    problems.add_pairs_args(parser)
-    parser.add_argument("--layer", type=int, nargs="+", default=[32])
-    parser.add_argument("--k", type=int, nargs="+", default=[50])
-    parser.add_argument("--positions", nargs="+", choices=["prompt", "all"], default=["prompt"])
-    parser.add_argument("--source", nargs="+", choices=["mean", "ot"], default=["mean"])
-    parser.add_argument("--n-random", type=int, default=10,
-                        help="random k-dimensional control subspaces per (layer, k)")
-    parser.add_argument("--n-random-logprob", type=int, default=0, metavar="M",
-                        help="also score log p(reference) under M random subspaces per (layer, k) "
-                             "without decoding, for p-values on the continuous measure (NOTES 2 "
-                             "suggests M >= 200); writes logprob_null.csv and logprob_tests.csv")
-    parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--fold-norm", action="store_true",
-                        help="fold the layer's input RMSNorm gain into W_Q, W_K before the SVD "
-                             "(NOTES 1; default: raw weights, as Phase 2)")
-    parser.add_argument("--summarize", type=Path, default=None, metavar="DIR",
-                        help="only rebuild the summary and figures of a finished run from its CSVs")
-    parser.set_defaults(batch_size=None)  # resolved in main(): 256 on a GPU, 64 on a CPU
-    return parser.parse_args(argv)
+    """The flags, with --smoke's values filled in where the command does not give them."""
+    import sys
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.smoke:
+        given = {a.split("=")[0] for a in argv}
+        for name, value in SMOKE.items():
+            if f"--{name.replace('_', '-')}" not in given and not (
+                    name == "depth" and "--layer" in given):
+                setattr(args, name, value)
+    return args
 
 
 if __name__ == "__main__":

@@ -1,22 +1,28 @@
-"""Experiment B: how much of each layer's residual update lies in Z (plan B.1-B.4, NOTES section 3).
+"""Experiment B: how much of each layer's residual update lies in Z (plan B.1-B.4).
 
-    python exp_b_residual.py --model Qwen/Qwen2.5-3B --basis-layer 32 --k 50
+    python exp_b_residual.py --model Qwen/Qwen2.5-3B --depth 0.889 --k 50    # layer 32 of 36
+    python exp_b_residual.py --model tiny-random                           # smoke run, seconds
 
 For every transition l -> l+1 (and embeddings -> layer 0) and every bare question text (en and zh),
 the mean-pooled update u = mean_t h_{l+1}[t] - mean_t h_l[t] (the mean of the update is the
 difference of the pooled means, so pooled layer outputs are extracted once for layers -1..L-1; all
 come from forward hooks, so L-2 -> L-1 is a true residual update, before the final norm). With the
-Z basis V_Z of --basis-layer (fixed for all transitions):
-  R = ||P_Z u|| / ||P_Zperp u||   (chance for an isotropic u: about sqrt(k / (d - k)))
+Z basis V_Z of --basis-layer (fixed for all transitions; by default the plan's layer 32 of 36 at
+the same fraction of this model's depth):
+  R = ||P_Z u|| / ||P_Zperp u||   (chance for an isotropic u: about sqrt(k / (d - k)), not 1)
   energy = ||P_Z u||^2 / ||u||^2  (chance k / d)
-per prompt, averaged over zh, en and both, against a band from --n-random random k-dim subspaces.
-The first token (attention sink) is left out of the means unless --keep-first-token.
+per prompt, averaged over zh, en and both, against two bands of --n-random random k-dim subspaces:
+uniform (Haar) ones, and ones drawn with the covariance of the basis layer's pooled states
+(stats.matched_random_basis), which favour the directions the residual stream varies in, as a
+subspace read by attention may: residual updates are far from isotropic, so "more than a uniform
+random subspace" can mean no more than "along the stream's main directions".
+The first token (attention sink) is left out of the means unless --keep-first-token; the tokens of
+numbers too with --drop-numbers.
 
 Outputs under --out: per_prompt.csv, per_layer.csv, asymmetry.csv (R_zh - R_en, plan B.4),
-random_draws.csv, config.json; figure via figure_path(args, "residual_ratio").
+random_draws.csv, config.json; figure residual_ratio.png under --figures (the --out path mirrored).
 Redraw the figure from the CSVs alone with --replot.
 """
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -26,37 +32,35 @@ import torch
 import common
 import problems
 import runs
+import stats
 from runs import UsageError
 
-DEFAULTS = dict(basis_layer=32, k=50, n_random=20, band=(2.5, 97.5))
-LANGS = ("zh", "en")
+DEFAULTS = dict(k=50, n_random=20, band=(2.5, 97.5))
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = runs.make_parser(__doc__)
     common.add_common_args(parser, "exp_b")
     problems.add_pairs_args(parser)
-    parser.add_argument("--basis-layer", type=int, default=DEFAULTS["basis_layer"],
-                        help="layer whose Z basis is used for every transition (default: %(default)s)")
-    parser.add_argument("--k", type=int, default=DEFAULTS["k"], help="Z dimension (default: %(default)s)")
+    common.add_layer_args(parser, "--basis-layer",
+                          "layer whose Z basis is used for every transition")
+    parser.add_argument("--k", type=int, default=DEFAULTS["k"], help="Z dimension")
     parser.add_argument("--n-random", type=int, default=DEFAULTS["n_random"],
-                        help="random k-dim subspaces for the chance band (default: %(default)s)")
+                        help="random k-dim subspaces for the chance band")
     common.add_activation_args(parser)
     return parser.parse_args(argv)
 
 
 def validate(args):
-    """Check layer, k and counts against the model config alone (nothing loaded, nothing written)."""
+    """Check device, layer, k and counts against the model config alone (nothing loaded, nothing
+    written). Returns the config and the resolved basis layer."""
+    common.check_runtime(args.device, args.dtype)
     config = common.load_model_config(args.model)
-    common.check_layer(config, args.basis_layer)
-    common.check_k(config, args.k)
-    if args.k >= common.hidden_size(config):
-        raise UsageError(f"k={args.k} leaves no Z-perp (hidden size {common.hidden_size(config)}); "
-                         f"pass --k below {common.hidden_size(config)}")
+    basis_layer = common.resolve_layer(config, args.basis_layer, args.depth, "--basis-layer")
+    common.check_k(config, args.k, allow_full=False)
     if args.n_random < 1:
         raise UsageError(f"--n-random {args.n_random} must be at least 1 (default 20)")
-    return config
+    return config, basis_layer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,6 +105,14 @@ def random_bases(d, k, n, seed):
     return torch.stack([common.random_basis(d, k, s) for s in seeds]), seeds
 
 
+def matched_bases(cov_sqrt, k, n, seed):
+    """n random (k, d) bases drawn with a covariance (stats.matched_random_basis), stacked, and
+    their seeds: subspaces that favour the directions the residual stream varies in, as Z may."""
+    seeds = random_seeds(seed, n)
+    return torch.stack([torch.from_numpy(stats.matched_random_basis(cov_sqrt, k, s))
+                        for s in seeds]), seeds
+
+
 def transition_frame(n_layers):
     from_layer = np.arange(-1, n_layers - 1)
     names = ["emb->0"] + [f"{l}->{l + 1}" for l in range(n_layers - 1)]
@@ -126,7 +138,7 @@ def lang_masks(n):
     return {"zh": zh, "en": ~zh, "all": np.ones(2 * n, bool)}
 
 
-def compute_random_draws(rand_ratios, n, seeds):
+def compute_random_draws(rand_ratios, n, seeds, kind):
     """Per draw, transition and language group: the mean R and energy over prompts."""
     frames = []
     n_draws, _, n_trans = rand_ratios["R"].shape
@@ -134,8 +146,9 @@ def compute_random_draws(rand_ratios, n, seeds):
     for lang, mask in lang_masks(n).items():
         for m in range(n_draws):
             frame = trans[["from_layer", "to_layer"]].copy()
-            frame.insert(0, "draw", m)
-            frame.insert(1, "seed", seeds[m])
+            frame.insert(0, "kind", kind)
+            frame.insert(1, "draw", m)
+            frame.insert(2, "seed", seeds[m])
             frame["lang"] = lang
             frame["R_mean"] = rand_ratios["R"][m][mask].mean(0)
             frame["energy_mean"] = rand_ratios["energy"][m][mask].mean(0)
@@ -143,9 +156,20 @@ def compute_random_draws(rand_ratios, n, seeds):
     return pd.concat(frames, ignore_index=True)
 
 
+# Column prefixes of the two random-subspace bands: Haar-uniform and covariance-matched draws.
+KINDS = {"uniform": "rand", "matched": "matched"}
+
+
+def rank_column(kind, what):
+    """frac_random_R_ge (uniform draws), frac_matched_R_ge, ...: the share of draws of `kind` at
+    least as large as Z in `what` (R, absdiff), i.e. Z's empirical rank among them."""
+    return f"frac_{'random' if kind == 'uniform' else KINDS[kind]}_{what}_ge"
+
+
 def compute_per_layer(per_prompt, draws, k, d, band=DEFAULTS["band"]):
     """Per transition and language group (zh, en, all): means of R and energy, chance values, and
-    the random-subspace band (percentiles `band` of the per-draw means)."""
+    for each kind of random subspace the band (percentiles `band` of the per-draw means) and the
+    share of draws whose R is at least Z's (frac_<prefix>_R_ge: Z's empirical rank)."""
     both = per_prompt.assign(lang="all")
     grouped = pd.concat([per_prompt, both]).groupby(["from_layer", "to_layer", "lang"], sort=False)
     table = grouped.agg(n=("R", "size"), R_mean=("R", "mean"), R_sem=("R", "sem"),
@@ -155,19 +179,20 @@ def compute_per_layer(per_prompt, draws, k, d, band=DEFAULTS["band"]):
     table["energy_chance"] = k / d
     table["R_over_chance"] = table["R_mean"] / table["R_chance"]
     table["energy_over_chance"] = table["energy_mean"] / table["energy_chance"]
-    rand = draws.groupby(["from_layer", "lang"])
-    stats = pd.DataFrame({
-        "rand_R_mean": rand["R_mean"].mean(), "rand_R_lo": rand["R_mean"].quantile(band[0] / 100),
-        "rand_R_hi": rand["R_mean"].quantile(band[1] / 100),
-        "rand_energy_mean": rand["energy_mean"].mean(),
-        "rand_energy_lo": rand["energy_mean"].quantile(band[0] / 100),
-        "rand_energy_hi": rand["energy_mean"].quantile(band[1] / 100)}).reset_index()
-    table = table.merge(stats, on=["from_layer", "lang"], how="left")
-    merged = draws.merge(table[["from_layer", "lang", "R_mean"]], on=["from_layer", "lang"],
-                         suffixes=("", "_z"))
-    frac = (merged["R_mean"] >= merged["R_mean_z"]).groupby([merged["from_layer"], merged["lang"]])
-    table = table.merge(frac.mean().rename("frac_random_R_ge").reset_index(),
-                        on=["from_layer", "lang"], how="left")
+    for kind, prefix in KINDS.items():
+        rand = draws[draws["kind"] == kind].groupby(["from_layer", "lang"])
+        columns = {f"{prefix}_{name}_{stat}": value for name in ("R", "energy") for stat, value in (
+            ("mean", rand[f"{name}_mean"].mean()),
+            ("lo", rand[f"{name}_mean"].quantile(band[0] / 100)),
+            ("hi", rand[f"{name}_mean"].quantile(band[1] / 100)))}
+        table = table.merge(pd.DataFrame(columns).reset_index(), on=["from_layer", "lang"],
+                            how="left")
+        merged = draws[draws["kind"] == kind].merge(
+            table[["from_layer", "lang", "R_mean"]], on=["from_layer", "lang"], suffixes=("", "_z"))
+        frac = (merged["R_mean"] >= merged["R_mean_z"]).groupby(
+            [merged["from_layer"], merged["lang"]]).mean()
+        table = table.merge(frac.rename(rank_column(kind, "R")).reset_index(),
+                            on=["from_layer", "lang"], how="left")
     return table.sort_values(["lang", "from_layer"], key=_lang_order).reset_index(drop=True)
 
 
@@ -177,7 +202,8 @@ def _lang_order(col):
 
 def compute_asymmetry(per_prompt, draws, band=DEFAULTS["band"]):
     """Plan B.4: per transition, the paired difference R_zh - R_en over problems, a Wilcoxon
-    signed-rank p-value (uncorrected), and the same difference under the random subspaces."""
+    signed-rank p-value (uncorrected), and the same difference under each kind of random subspace:
+    its band and the share of draws whose |difference| is at least Z's."""
     from scipy.stats import wilcoxon
     wide = per_prompt.pivot_table(index=["from_layer", "to_layer", "id"], columns="lang", values="R")
     diff = (wide["zh"] - wide["en"]).rename("diff")
@@ -191,30 +217,41 @@ def compute_asymmetry(per_prompt, draws, band=DEFAULTS["band"]):
                      "diff_mean": d.mean(), "diff_sem": d.std(ddof=1) / np.sqrt(len(d))
                      if len(d) > 1 else np.nan, "wilcoxon_p": p})
     table = pd.DataFrame(rows)
-    rand = draws[draws["lang"] != "all"].pivot_table(index=["from_layer", "draw"], columns="lang",
-                                                     values="R_mean")
-    rand_diff = (rand["zh"] - rand["en"]).rename("rand")
-    by_layer = rand_diff.groupby(level=0)
-    table["rand_diff_mean"] = table["from_layer"].map(by_layer.mean())
-    table["rand_diff_lo"] = table["from_layer"].map(by_layer.quantile(band[0] / 100))
-    table["rand_diff_hi"] = table["from_layer"].map(by_layer.quantile(band[1] / 100))
-    # zh and en updates differ in direction, so any subspace shows some R_zh - R_en: the fair
-    # question is whether Z's difference is larger than a random subspace's
-    merged = rand_diff.reset_index().merge(table[["from_layer", "diff_mean"]], on="from_layer")
-    exceeds = merged["rand"].abs() >= merged["diff_mean"].abs()
-    table["frac_random_absdiff_ge"] = table["from_layer"].map(
-        exceeds.groupby(merged["from_layer"]).mean())
+    for kind, prefix in KINDS.items():
+        rand = draws[(draws["lang"] != "all") & (draws["kind"] == kind)].pivot_table(
+            index=["from_layer", "draw"], columns="lang", values="R_mean")
+        rand_diff = (rand["zh"] - rand["en"]).rename("rand")
+        by_layer = rand_diff.groupby(level=0)
+        table[f"{prefix}_diff_mean"] = table["from_layer"].map(by_layer.mean())
+        table[f"{prefix}_diff_lo"] = table["from_layer"].map(by_layer.quantile(band[0] / 100))
+        table[f"{prefix}_diff_hi"] = table["from_layer"].map(by_layer.quantile(band[1] / 100))
+        # zh and en updates differ in direction, so any subspace shows some R_zh - R_en: the fair
+        # question is whether Z's difference is larger than a random subspace's
+        merged = rand_diff.reset_index().merge(table[["from_layer", "diff_mean"]], on="from_layer")
+        exceeds = merged["rand"].abs() >= merged["diff_mean"].abs()
+        table[rank_column(kind, "absdiff")] = table["from_layer"].map(
+            exceeds.groupby(merged["from_layer"]).mean())
     return table
 
 
-def compute_all(pooled, pairs, basis, k, d, n_random, seed):
-    """pooled: (2N, L+1, d), zh texts then en texts. Returns the four tables."""
+def compute_all(pooled, pairs, basis, k, d, n_random, seed, basis_layer):
+    """pooled: (2N, L+1, d), zh texts then en texts, column j the output of layer j - 1. Returns
+    the four tables and the variance shares (of the basis layer's pooled outputs) of Z and of
+    the two kinds of random subspace."""
     updates = compute_updates(pooled)
     per_prompt = compute_per_prompt(compute_ratios(updates, basis), pairs)
-    bases, seeds = random_bases(d, k, n_random, seed)
-    draws = compute_random_draws(compute_ratios(updates, bases), len(pairs), seeds)
+    cov = stats.covariance(torch.as_tensor(pooled)[:, basis_layer + 1].double().numpy())
+    cov_sqrt = stats.covariance_sqrt(cov)
+    draws, shares = [], {"z": stats.variance_share(basis.double().numpy(), cov)}
+    for kind in KINDS:
+        bases, seeds = (random_bases(d, k, n_random, seed) if kind == "uniform"
+                        else matched_bases(cov_sqrt, k, n_random, seed))
+        draws.append(compute_random_draws(compute_ratios(updates, bases), len(pairs), seeds, kind))
+        shares[kind] = float(np.mean([stats.variance_share(b.double().numpy(), cov)
+                                      for b in bases]))
+    draws = pd.concat(draws, ignore_index=True)
     return {"per_prompt": per_prompt, "per_layer": compute_per_layer(per_prompt, draws, k, d),
-            "asymmetry": compute_asymmetry(per_prompt, draws), "random_draws": draws}
+            "asymmetry": compute_asymmetry(per_prompt, draws), "random_draws": draws}, shares
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,9 +266,18 @@ def save_tables(out_dir, tables, extra_columns):
 
 
 def _layer_ticks(ax, from_layers):
+    """One tick per transition, labelled by the layer it starts from (emb = the embeddings)."""
     labels = ["emb" if l == -1 else str(l) for l in from_layers]
-    step = max(1, len(from_layers) // 12)
-    ax.set_xticks(from_layers[::step], labels[::step])
+    ax.set_xticks(from_layers, labels, fontsize=7 if len(from_layers) > 30 else 8)
+
+
+def _read_tables(out_dir):
+    out_dir = Path(out_dir)
+    for name in ("per_layer.csv", "asymmetry.csv"):
+        if not (out_dir / name).is_file():
+            raise UsageError(f"{out_dir / name} does not exist; run exp_b_residual.py without "
+                             f"--replot first, or pass the --out folder of an earlier run")
+    return pd.read_csv(out_dir / "per_layer.csv"), pd.read_csv(out_dir / "asymmetry.csv")
 
 
 def plot_residual_ratio(out_dir, path):
@@ -240,46 +286,48 @@ def plot_residual_ratio(out_dir, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    out_dir = Path(out_dir)
-    for name in ("per_layer.csv", "asymmetry.csv"):
-        if not (out_dir / name).is_file():
-            raise UsageError(f"{out_dir / name} does not exist; run exp_b_residual.py without "
-                             f"--replot first, or pass the --out folder of an earlier run")
-    table, asym = pd.read_csv(out_dir / "per_layer.csv"), pd.read_csv(out_dir / "asymmetry.csv")
+    table, asym = _read_tables(out_dir)
     first = table.iloc[0]
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 7.5), sharex=True,
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(12.5, 7.5), sharex=True,
                                   gridspec_kw={"height_ratios": [3, 2]})
     both = table[table["lang"] == "all"]
     x = both["from_layer"].to_numpy()
-    ax.fill_between(x, both["rand_R_lo"], both["rand_R_hi"], color="0.8",
-                    label=f"random {int(first['k'])}-dim subspaces (2.5-97.5%)")
+    ax.fill_between(x, both["rand_R_lo"], both["rand_R_hi"], color="0.8", alpha=0.8,
+                    label=f"uniform random {int(first['k'])}-dim subspaces (2.5-97.5%)")
+    if "matched_R_lo" in both:
+        ax.fill_between(x, both["matched_R_lo"], both["matched_R_hi"], color="tab:orange",
+                        alpha=0.25, label=f"random subspaces drawn with the covariance of layer "
+                                          f"{int(first['basis_layer'])}'s states (2.5-97.5%)")
     ax.axhline(first["R_chance"], color="k", ls="--", lw=1,
                label=f"chance sqrt(k/(d-k)) = {first['R_chance']:.3f}")
     for lang, color in (("zh", "tab:red"), ("en", "tab:blue")):
         rows = table[table["lang"] == lang]
         ax.errorbar(rows["from_layer"], rows["R_mean"], yerr=rows["R_sem"], color=color,
-                    marker="o", ms=3, capsize=2, label=f"R {lang} (mean +- sem)")
+                    marker="o", ms=3, capsize=2, label=f"R, {lang} prompts (mean ± sem)")
     basis_in = int(first["basis_layer"]) - 1  # the update that produces the basis layer's output
     for a in (ax, ax2):
-        a.axvline(basis_in, color="tab:green", ls=":", lw=1)
-    ax.text(basis_in, ax.get_ylim()[1], f" {basis_in}->{basis_in + 1}", color="tab:green",
-            va="top", fontsize=8)
-    ax.set_yscale("log")
+        a.axvline(basis_in, color="tab:green", ls=":", lw=1.2,
+                  label=f"update into the basis layer ({basis_in} -> {basis_in + 1})"
+                  if a is ax else None)
+        a.grid(axis="y", alpha=0.3)
     ax.set_ylabel("R = ||P_Z u|| / ||P_Zperp u||")
-    keep = "first token kept" if not bool(first["drop_first"]) else "first token dropped"
-    ax.set_title(f"Residual updates vs Z of layer {int(first['basis_layer'])} "
+    pooled = ("first token kept" if not bool(first["drop_first"]) else "first token dropped") + (
+        ", numbers dropped" if bool(first.get("drop_numbers", False)) else "")
+    ax.set_title(f"Residual updates u against Z of layer {int(first['basis_layer'])} "
                  f"(k={int(first['k'])}, d={int(first['d'])}, N={int(asym['n_pairs'].iloc[0])} "
-                 f"pairs, {keep})", fontsize=10)
-    ax.legend(fontsize=8)
+                 f"pairs; {pooled})", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax2.fill_between(asym["from_layer"], asym["rand_diff_lo"], asym["rand_diff_hi"], color="0.8",
-                     label="random subspaces (2.5-97.5%)")
+                     alpha=0.8, label="uniform random subspaces (2.5-97.5%)")
+    if "matched_diff_lo" in asym:
+        ax2.fill_between(asym["from_layer"], asym["matched_diff_lo"], asym["matched_diff_hi"],
+                         color="tab:orange", alpha=0.25, label="covariance-matched (2.5-97.5%)")
     ax2.axhline(0, color="k", lw=0.8)
     ax2.errorbar(asym["from_layer"], asym["diff_mean"], yerr=asym["diff_sem"], color="tab:purple",
-                 marker="o", ms=3, capsize=2, label="R_zh - R_en (paired mean +- sem)")
+                 marker="o", ms=3, capsize=2, label="R_zh - R_en (paired mean ± sem)")
     ax2.set_ylabel("R_zh - R_en")
-    ax2.set_xlabel("transition l -> l+1, plotted at l (emb = embeddings -> layer 0); "
-                   "dotted: update into the basis layer")
-    ax2.legend(fontsize=8)
+    ax2.set_xlabel("transition l -> l+1, plotted at l (emb: embeddings -> layer 0)")
+    ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _layer_ticks(ax2, x)
     runs.save_figure(fig, path, dpi=130)
     return path
@@ -293,36 +341,54 @@ def print_summary(per_layer, asym):
     print(f"R chance {both['R_chance'].iloc[0]:.4f}; max R/chance {top['R_over_chance']:.2f} at "
           f"{int(top['from_layer'])}->{int(top['to_layer'])}, min {low['R_over_chance']:.2f} at "
           f"{int(low['from_layer'])}->{int(low['to_layer'])}")
+    for kind, name in (("uniform", "uniform"), ("matched", "covariance-matched")):
+        above = both[both[rank_column(kind, "R")] == 0]
+        below = both[both[rank_column(kind, "R")] == 1]
+        print(f"transitions with R above every {name} random subspace: {len(above)} of "
+              f"{len(both)}, below every one: {len(below)}")
     big = asym.loc[asym["diff_mean"].abs().idxmax()]
     print(f"largest |R_zh - R_en| = {big['diff_mean']:+.4f} at {int(big['from_layer'])}->"
           f"{int(big['to_layer'])} (Wilcoxon p = {big['wilcoxon_p']:.2g}; random subspaces with "
           f"a difference at least as large: {big['frac_random_absdiff_ge']:.0%})")
 
 
+def run_record(args, config, basis_layer, pairs):
+    """What config.json says about this run besides the flags (written before any work, so an
+    interrupted run can be resumed, and again at the end with the model's details)."""
+    n_layers, d = common.num_layers(config), common.hidden_size(config)
+    return dict(basis_layer=basis_layer, depth=args.depth,
+                basis_layer_fraction=round(basis_layer / n_layers, 4), k=args.k, d=d,
+                n_layers=n_layers, drop_first=not args.keep_first_token,
+                drop_numbers=args.drop_numbers, n_pairs=len(pairs), n_texts=2 * len(pairs),
+                n_random=args.n_random, random_seeds=random_seeds(args.seed, args.n_random),
+                band_percentiles=list(DEFAULTS["band"]),
+                texts="bare questions, zh and en, no template",
+                R_chance=float(np.sqrt(args.k / (d - args.k))), energy_chance=args.k / d)
+
+
 def main(args):
     if args.replot:
         return plot_residual_ratio(args.out, runs.figure_path(args, "residual_ratio"))
-    config = validate(args)
+    config, basis_layer = validate(args)
     pairs = problems.load_pairs(args)
-    out_dir = runs.prepare_out_dir(args.out, args.overwrite)
+    out_dir = runs.prepare_out_dir(args.out, args.overwrite, args.resume, args, args.figures)
+    record = run_record(args, config, basis_layer, pairs)
+    runs.write_json(out_dir / "config.json", runs.run_config(args, **record))
     runs.set_seed(args.seed)
     model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
-    n_layers, d = common.num_layers(config), common.hidden_size(config)
-    basis = common.z_basis(model, args.basis_layer, args.k, fold_norm=args.fold_norm)
+    basis = common.z_basis(model, basis_layer, args.k, fold_norm=args.fold_norm)
     texts = [p["zh"] for p in pairs] + [p["en"] for p in pairs]
-    drop_first = not args.keep_first_token
-    pooled = common.extract_activations(model, tokenizer, texts, list(range(-1, n_layers)),
-                                        pool="mean", drop_first=drop_first,
-                                        batch_size=args.batch_size, cache_dir=args.cache_dir)
-    tables = compute_all(pooled, pairs, basis, args.k, d, args.n_random, args.seed)
-    save_tables(out_dir, tables, {"basis_layer": args.basis_layer, "k": args.k, "d": d,
-                                  "drop_first": drop_first})
+    pooled = common.extract_activations(
+        model, tokenizer, texts, list(range(-1, record["n_layers"])), pool="mean",
+        drop_first=record["drop_first"], drop_numbers=args.drop_numbers,
+        batch_size=args.batch_size, cache_dir=args.cache_dir)
+    tables, shares = compute_all(pooled, pairs, basis, args.k, record["d"], args.n_random,
+                                 args.seed, basis_layer)
+    save_tables(out_dir, tables, {key: record[key] for key in
+                                  ("basis_layer", "k", "d", "drop_first", "drop_numbers")})
     runs.write_json(out_dir / "config.json", runs.run_config(
-        args, model, basis_layer=args.basis_layer, k=args.k, d=d, n_layers=n_layers,
-        drop_first=drop_first, n_pairs=len(pairs), n_texts=len(texts), n_random=args.n_random,
-        random_seeds=random_seeds(args.seed, args.n_random),
-        band_percentiles=list(DEFAULTS["band"]), texts="bare questions, zh and en, no template",
-        R_chance=float(np.sqrt(args.k / (d - args.k))), energy_chance=args.k / d))
+        args, model, **record, tokens=common.number_token_counts(tokenizer, texts),
+        variance_share_of_basis_layer_states=shares))
     print_summary(tables["per_layer"], tables["asymmetry"])
     path = plot_residual_ratio(out_dir, runs.figure_path(args, "residual_ratio"))
     print(f"wrote {out_dir} and {path}")

@@ -1,10 +1,13 @@
-"""Experiment D: is the zh <-> en map inside Z a simple linear transform? (plan D, NOTES section 5)
+"""Experiment D: is the zh <-> en map inside Z a simple linear transform? (plan D)
 
-    python exp_d_bridge.py --model Qwen/Qwen2.5-3B --layer 32 --k 20 50 \
-        --prompts-en ../shared/data/mgsm/mgsm_en.tsv --prompts-zh ../shared/data/mgsm/mgsm_zh.tsv
+    python exp_d_bridge.py --model Qwen/Qwen2.5-3B --depth 0.889 --k 20 50 \
+        --prompts-en mgsm_en.tsv --prompts-zh mgsm_zh.tsv       # layer 32 of 36, MGSM's 250 pairs
+    python exp_d_bridge.py --model tiny-random                 # smoke run, seconds
 
-Paired Z coordinates of the mean-pooled bare questions at --layer: Z_lang = pooled_lang @ V_Z.T
-(N x k, first token left out unless --keep-first-token). Maps Z_zh ~ Z_en W + b:
+Paired Z coordinates of the mean-pooled bare questions at --layer (by default the plan's layer 32 of
+36 at the same fraction of this model's depth): Z_lang = pooled_lang @ V_Z.T (N x k; the first
+token is left out unless --keep-first-token, the tokens of numbers too with --drop-numbers). Maps
+Z_zh ~ Z_en W + b:
   lstsq       the plan's least squares (minimum-norm via lstsq when singular)
   ridge       penalty chosen on the training rows only, by their closed-form leave-one-out error
   procrustes  W = U V^T from the SVD of Xc^T Yc (orthogonal)
@@ -13,13 +16,14 @@ Paired Z coordinates of the mean-pooled bare questions at --layer: Z_lang = pool
 Fitted maps centre X and Y with the training rows' means (the intercept b). For each: in-sample R^2,
 held-out R^2 by leave-one-out and 10-fold, a shuffled-pairs null of the 10-fold R^2, top-1 retrieval
 of the mapped vectors among the true Z_zh (chance 1/N), ||W^T W - I||_F / k and the singular values.
-R^2 = 1 - ||Y - Yhat||_F^2 / ||Y - mean(Y)||_F^2, with the mean over all N rows.
+R^2 = 1 - ||Y - Yhat||_F^2 / ||Y - mean(Y)||_F^2, with the mean over all N rows. With N <= k + 1
+least squares interpolates (in-sample R^2 = 1 whatever the data): only held-out numbers mean
+anything, and they need N well above k (MGSM's 250 pairs for k = 50).
 
-Outputs under --out: metrics.csv, singular_values.csv, null.csv, config.json; figures via
-figure_path(args, "singular_values") and figure_path(args, "heldout_r2"). --replot redraws them
-from the CSVs alone.
+Outputs under --out: metrics.csv, singular_values.csv, null.csv, config.json; figures
+singular_values.png and heldout_r2.png under --figures (the --out path mirrored). --replot redraws
+them from the CSVs alone.
 """
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -30,42 +34,41 @@ import problems
 import runs
 from runs import UsageError
 
-DEFAULTS = dict(layer=32, k=[20, 50], n_shuffles=100, n_folds=10, band=(2.5, 97.5))
+DEFAULTS = dict(k=[20, 50], n_shuffles=100, n_folds=10, band=(2.5, 97.5))
 MAPS = ("lstsq", "ridge", "procrustes", "identity", "mean_shift")
 RIDGE_GRID = np.logspace(-4, 3, 15)  # times the mean eigenvalue of the training Xc^T Xc
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = runs.make_parser(__doc__)
     common.add_common_args(parser, "exp_d")
     problems.add_pairs_args(parser)
-    parser.add_argument("--layer", type=int, default=DEFAULTS["layer"],
-                        help="layer of the activations and of the Z basis (default: %(default)s)")
-    parser.add_argument("--k", type=int, nargs="+", default=DEFAULTS["k"],
-                        help="Z dimensions (default: %(default)s)")
+    common.add_layer_args(parser, "--layer", "layer of the activations and of the Z basis")
+    parser.add_argument("--k", type=int, nargs="+", default=DEFAULTS["k"], help="Z dimensions")
     parser.add_argument("--n-shuffles", type=int, default=DEFAULTS["n_shuffles"],
-                        help="shuffled-pairs null draws (default: %(default)s)")
+                        help="shuffled-pairs null draws")
     parser.add_argument("--n-folds", type=int, default=DEFAULTS["n_folds"],
-                        help="folds for the k-fold held-out R^2 (default: %(default)s)")
+                        help="folds for the k-fold held-out R^2")
     parser.add_argument("--basis", choices=["z", "random"], default="z",
                         help="z: the layer's Z basis; random: a Haar-random k-dim subspace seeded "
-                             "by --seed, the control for whether Z is special (default: z)")
+                             "by --seed, the control for whether Z is special")
     common.add_activation_args(parser)
     return parser.parse_args(argv)
 
 
 def validate(args):
-    """Check layer, k and counts against the model config alone (nothing loaded, nothing written)."""
+    """Check device, layer, k and counts against the model config alone (nothing loaded, nothing
+    written). Returns the config and the resolved layer."""
+    common.check_runtime(args.device, args.dtype)
     config = common.load_model_config(args.model)
-    common.check_layer(config, args.layer)
+    layer = common.resolve_layer(config, args.layer, args.depth, "--layer")
     for k in args.k:
         common.check_k(config, k)
     if args.n_shuffles < 1:
         raise UsageError(f"--n-shuffles {args.n_shuffles} must be at least 1 (default 100)")
     if args.n_folds < 2:
         raise UsageError(f"--n-folds {args.n_folds} must be at least 2 (default 10)")
-    return config
+    return config, layer
 
 
 def limit_blas_threads(n=1):
@@ -211,11 +214,11 @@ def compute_bridge(X, Y, n_shuffles, n_folds, seed):
     return rows, svs, nulls
 
 
-def make_basis(args, model, k):
-    """(k, d) float32 numpy: Z of --layer, or a seeded random subspace with --basis random."""
+def make_basis(args, model, layer, k):
+    """(k, d) float32 numpy: Z of `layer`, or a seeded random subspace with --basis random."""
     if args.basis == "random":
         return common.random_basis(common.hidden_size(model), k, seed=args.seed).numpy()
-    return common.z_basis(model, args.layer, k, fold_norm=args.fold_norm).numpy()
+    return common.z_basis(model, layer, k, fold_norm=args.fold_norm).numpy()
 
 
 def z_coordinates(pooled, basis):
@@ -270,72 +273,80 @@ def plot_singular_values(out_dir, path):
     for ax, k in zip(axes[0], ks):
         for name in ("lstsq", "ridge", "procrustes"):
             rows = sv[(sv["k"] == k) & (sv["map"] == name)]
-            ax.plot(rows["index"] + 1, rows["sigma"], marker=".", color=COLORS[name], label=name)
-        ax.axhline(1, color="k", ls="--", lw=1, label="identity / rotation (all 1)")
+            ax.plot(rows["index"] + 1, rows["sigma"], marker=".", color=COLORS[name], label=name,
+                    zorder=3 if name == "procrustes" else 2)
+        ax.axhline(1, color="k", ls=":", lw=1, label="identity and every rotation: all 1")
         ax.set_yscale("log")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("index (sorted)")
         ax.set_ylabel("singular value of W")
         ax.set_title(f"k={k} (N={int(meta['n_pairs'])} pairs)", fontsize=10)
-        ax.legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(f"Spectrum of the zh <- en bridge W (fit on all pairs; layer "
-                 f"{int(meta['layer'])}, {_basis_name(meta)} basis)", fontsize=11)
-    runs.save_figure(fig, path, dpi=130)
+                 f"{int(meta['layer'])}, {_basis_name(meta)} basis, {_pooling_note(sv)})",
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
     return path
 
 
-R2_FLOOR = -1.5  # R^2 can be hugely negative (identity map); such points sit on the floor
-
-
-def _plot_clipped(ax, x, y, color, fill, label):
-    """Points; those below R2_FLOOR are drawn on it as down-triangles labelled with their value."""
-    low = y < R2_FLOOR
-    ax.plot(x[~low], y[~low], "o", mfc=fill, color=color, label=label)
-    ax.plot(x[low], np.full(low.sum(), R2_FLOOR), "v", mfc=fill, color=color,
-            label=label if not (~low).any() else None)
-    for xi, yi in zip(x[low], y[low]):
-        ax.annotate(f"{yi:.2g}", (xi, R2_FLOOR), textcoords="offset points", xytext=(5, 0),
-                    ha="left", va="center", fontsize=7, color=color)
+def _pooling_note(table):
+    notes = ["first token kept" if not bool(table["drop_first"].iloc[0]) else "first token dropped"]
+    if "drop_numbers" in table and bool(table["drop_numbers"].iloc[0]):
+        notes.append("numbers dropped")
+    return ", ".join(notes)
 
 
 def plot_heldout_r2(out_dir, path):
-    """Held-out R^2 (10-fold, filled; LOO, open) against k per map with the shuffled-pairs null
-    band, and LOO top-1 retrieval against chance; from metrics.csv only."""
+    """One panel per k: held-out R^2 per map (10-fold filled, leave-one-out open, in-sample x) with
+    the shuffled-pairs null band; and a panel of leave-one-out top-1 retrieval against chance.
+    Maps are rows, so no legend repeats them; from metrics.csv only."""
     _require(out_dir, ["metrics.csv"])
     plt = _pyplot()
     m = pd.read_csv(Path(out_dir) / "metrics.csv")
     ks = sorted(m["k"].unique())
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"wspace": 0.45})
-    width = 0.8 / len(MAPS)
-    for j, name in enumerate(MAPS):
-        rows = m[m["map"] == name].set_index("k").loc[ks]
-        x = np.arange(len(ks)) + (j - (len(MAPS) - 1) / 2) * width
-        lo, hi = np.maximum(rows["null_lo"], R2_FLOOR), np.maximum(rows["null_hi"], R2_FLOOR)
-        ax.bar(x, np.maximum(hi - lo, 0.02), bottom=lo, width=width * 0.9, color=COLORS[name],
-               alpha=0.25, hatch=None)
-        for xi, top in zip(x[rows["null_hi"] < R2_FLOOR], rows["null_hi"][rows["null_hi"] < R2_FLOOR]):
-            ax.annotate(f"null<{top:.2g}", (xi, R2_FLOOR), textcoords="offset points",
-                        xytext=(0, 12), ha="center", fontsize=6, color=COLORS[name])
-        for col, fill in (("kfold_r2", None), ("loo_r2", "none")):
-            _plot_clipped(ax, x, rows[col].to_numpy(), COLORS[name], fill,
-                          name if fill is None else None)
-        ax2.bar(x, rows["retrieval_loo"], width=width * 0.9, color=COLORS[name], label=name)
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_ylim(max(ax.get_ylim()[0], R2_FLOOR - 0.1), min(ax.get_ylim()[1], 1.05))
-    ax.set_xticks(range(len(ks)), [f"k={k}" for k in ks])
-    ax.set_ylabel("held-out R^2 (zh from en)")
-    ax.set_title(f"filled: {int(m['n_folds'].iloc[0])}-fold, open: leave-one-out; shaded: "
-                 f"shuffled-pairs null (2.5-97.5%)", fontsize=9)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax2.axhline(m["retrieval_chance"].iloc[0], color="k", ls="--", lw=1,
-                label=f"chance 1/N = {m['retrieval_chance'].iloc[0]:.3f}")
-    ax2.set_xticks(range(len(ks)), [f"k={k}" for k in ks])
-    ax2.set_ylabel("top-1 retrieval of held-out mapped vectors")
-    ax2.set_ylim(0, 1)
-    ax2.set_title(f"leave-one-out, N={int(m['n_pairs'].iloc[0])} pairs, layer "
-                  f"{int(m['layer'].iloc[0])}, {_basis_name(m)} basis", fontsize=9)
-    ax2.legend(fontsize=8)
-    fig.savefig(path, dpi=130, bbox_inches="tight")
+    rows_y = np.arange(len(MAPS))[::-1]
+    fig, axes = plt.subplots(1, len(ks) + 1, figsize=(4.2 * (len(ks) + 1), 3.8), sharey=True)
+    values = m[["in_sample_r2", "loo_r2", "kfold_r2", "null_lo", "null_hi"]].to_numpy()
+    left = min(-0.1, np.nanmin(values)) - 0.1
+    for ax, k in zip(axes, ks):
+        rows = m[m["k"] == k].set_index("map").loc[list(MAPS)]
+        ax.barh(rows_y, rows["null_hi"] - rows["null_lo"], left=rows["null_lo"], height=0.5,
+                color="0.8", label="shuffled-pairs null (2.5-97.5%)")
+        ax.plot(rows["kfold_r2"], rows_y + 0.12, "o", color="tab:blue",
+                label=f"{int(m['n_folds'].iloc[0])}-fold held out")
+        ax.plot(rows["loo_r2"], rows_y - 0.12, "o", mfc="none", color="tab:blue",
+                label="leave-one-out")
+        ax.plot(rows["in_sample_r2"], rows_y, "x", color="tab:red", label="in sample")
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_xlim(left, 1.05)
+        ax.set_title(f"k = {k}", fontsize=10)
+        ax.set_xlabel("R^2 of zh predicted from en")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(rows_y, list(MAPS))
+    ax = axes[-1]
+    height = 0.8 / len(ks)
+    for j, k in enumerate(ks):
+        rows = m[m["k"] == k].set_index("map").loc[list(MAPS)]
+        ax.barh(rows_y + (len(ks) - 1) / 2 * height - j * height, rows["retrieval_loo"],
+                height=height * 0.9, color=plt.cm.Greens(0.45 + 0.4 * j / max(1, len(ks) - 1)),
+                label=f"k = {k}")
+    ax.axvline(m["retrieval_chance"].iloc[0], color="k", ls="--", lw=1,
+               label=f"chance 1/N = {m['retrieval_chance'].iloc[0]:.3g}")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("top-1 retrieval, leave-one-out")
+    ax.set_title("mapped en finds its own zh", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    more = ax.get_legend_handles_labels()
+    fig.legend(handles + more[0], labels + [f"retrieval, {label}" for label in more[1]],
+               loc="lower center", ncol=4 + len(ks) + 1, fontsize=8, frameon=False)
+    fig.suptitle(f"Bridge zh <- en inside the {_basis_name(m)} basis: layer "
+                 f"{int(m['layer'].iloc[0])}, N = {int(m['n_pairs'].iloc[0])} pairs, "
+                 f"{_pooling_note(m)}", fontsize=11)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
 
@@ -361,44 +372,55 @@ def print_metrics(rows):
 
 # ----------------------------------------------------------------------------------------------
 
+def run_record(args, config, layer, pairs):
+    """What config.json says about this run besides the flags (written before any work, so an
+    interrupted run can be resumed, and again at the end)."""
+    n = len(pairs)
+    return dict(layer=layer, depth=args.depth,
+                layer_fraction=round(layer / common.num_layers(config), 4), k=list(args.k),
+                drop_first=not args.keep_first_token, drop_numbers=args.drop_numbers, n_pairs=n,
+                basis=args.basis, maps=list(MAPS), n_shuffles=args.n_shuffles,
+                n_folds=args.n_folds, ridge_grid_times_mean_eigenvalue=RIDGE_GRID.tolist(),
+                null_band_percentiles=list(DEFAULTS["band"]), direction="Z_zh ~ Z_en W + b",
+                texts="bare questions, no template",
+                exactness_warnings={k: exactness_warning(n, k) for k in args.k})
+
+
 def main(args):
     if args.replot:
         return plot_all(args)
-    validate(args)
-    blas_limited = limit_blas_threads(1)
+    config, layer = validate(args)
     pairs = problems.load_pairs(args)
     if len(pairs) < 3:
         raise UsageError(f"{len(pairs)} pairs are too few for held-out fits; pass at least 3")
-    out_dir = runs.prepare_out_dir(args.out, args.overwrite)
+    out_dir = runs.prepare_out_dir(args.out, args.overwrite, args.resume, args, args.figures)
+    record = run_record(args, config, layer, pairs)
+    runs.write_json(out_dir / "config.json", runs.run_config(args, **record))
+    blas_limited = limit_blas_threads(1)
     runs.set_seed(args.seed)
     model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
-    drop_first = not args.keep_first_token
     texts = [p["zh"] for p in pairs] + [p["en"] for p in pairs]
     # all of layers -1..L-1, like exp_b_residual.py: the same cache entry serves both scripts,
-    # so D after B on the same pairs runs no forward pass
+    # so D after B on the same pairs (and the same pooling flags) runs no forward pass
     layers = list(range(-1, common.num_layers(model)))
-    pooled = common.extract_activations(model, tokenizer, texts, layers, pool="mean",
-                                        drop_first=drop_first, batch_size=args.batch_size,
-                                        cache_dir=args.cache_dir)[:, layers.index(args.layer)]
-    pooled = pooled.numpy()
+    pooled = common.extract_activations(
+        model, tokenizer, texts, layers, pool="mean", drop_first=record["drop_first"],
+        drop_numbers=args.drop_numbers, batch_size=args.batch_size,
+        cache_dir=args.cache_dir)[:, layers.index(layer)].numpy()
     n = len(pairs)
     rows, svs, nulls = [], [], []
     for k in args.k:
-        basis = make_basis(args, model, k)
+        basis = make_basis(args, model, layer, k)
         Y, X = z_coordinates(pooled[:n], basis), z_coordinates(pooled[n:], basis)  # zh, en
         warning = exactness_warning(n, k)
         if warning:
             print(f"warning (k={k}): {warning}")
         r, s, nl = compute_bridge(X, Y, args.n_shuffles, args.n_folds, args.seed)
         rows, svs, nulls = rows + r, svs + s, nulls + nl
-    save_tables(out_dir, rows, svs, nulls, {"layer": args.layer, "drop_first": drop_first,
-                                            "basis": args.basis})
+    save_tables(out_dir, rows, svs, nulls, {key: record[key] for key in
+                                            ("layer", "drop_first", "drop_numbers", "basis")})
     runs.write_json(out_dir / "config.json", runs.run_config(
-        args, model, layer=args.layer, k=list(args.k), drop_first=drop_first, n_pairs=n,
-        basis=args.basis, maps=list(MAPS), n_shuffles=args.n_shuffles, n_folds=args.n_folds,
-        ridge_grid_times_mean_eigenvalue=RIDGE_GRID.tolist(), null_band_percentiles=list(
-            DEFAULTS["band"]), direction="Z_zh ~ Z_en W + b", texts="bare questions, no template",
-        exactness_warnings={k: exactness_warning(n, k) for k in args.k},
+        args, model, **record, tokens=common.number_token_counts(tokenizer, texts),
         blas_threads_limited_to_1=blas_limited))
     print_metrics(rows)
     paths = plot_all(args)

@@ -96,9 +96,15 @@ def stop_token_ids(tokenizer):
     return sorted(i for i in ids if i is not None)
 
 
-def answer_continuation(tokenizer, answer, lang):
-    """Token ids of the reference answer as the model would write it right after the template."""
-    text = (" " if lang == "en" else "") + format_number(answer)
+def answer_continuation(tokenizer, answer, lang, template="cot"):
+    """Token ids of the reference answer as the model would write it right after the template.
+
+    direct: the answer's digits alone, in both languages: the English prompt ends with the lone
+    space token of "The answer is " and the Chinese one with "答案是", so the prompt's last position
+    predicts the first digit (Qwen writes " 60" as " ", "6", "0"). cot: " N" after "Answer:" in
+    English, "N" after "答案：" (where the model starts a calculation: not an answer position).
+    """
+    text = ("" if template == "direct" or lang != "en" else " ") + format_number(answer)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -186,6 +192,80 @@ def classify_language(text, threshold=0.8, truncate=True):
     if share <= 1 - threshold:
         return "en"
     return "mixed"
+
+
+def first_number(text):
+    """The first number in `text` as a float, or None (the direct template's answer)."""
+    found = re.search(_NUMBER, text)
+    return _to_number(found.group(0)) if found else None
+
+
+_READOUT = re.compile(r"answer\s+is|答案\s*(?:是|为)", re.IGNORECASE)
+
+
+def has_final_answer(text):
+    """Whether the response states its final answer ("The answer is N", "答案是N", \\boxed{N})."""
+    response = truncate_response(text)
+    return any(re.search(p, response, flags=re.IGNORECASE) for p in _FINAL)
+
+
+def _token_texts(tokenizer, tokens):
+    return [tokenizer.decode([t]) for t in tokens]
+
+
+def number_end(tokenizer, tokens):
+    """Index just past the first token without a digit that follows a token with one: where a
+    direct-template answer ends (decoding's stop_when_number_ends rule). None if it never ends."""
+    seen_digit = False
+    for i, text in enumerate(_token_texts(tokenizer, tokens)):
+        has_digit = any(ch.isdigit() for ch in text)
+        if seen_digit and not has_digit:
+            return i + 1
+        seen_digit |= has_digit
+    return None
+
+
+def read_output(tokenizer, tokens, stop_ids, template, max_new_tokens):
+    """Text, answer, language and truncation of one generated row (tokens: the ids generated,
+    possibly padded after a stop token).
+
+    direct: the row ends at its first stop token or where its first number ends (number_end); the
+    answer is the first number. cot: the row ends at its first stop token; the answer is
+    extract_answer's. truncated: the row reached max_new_tokens before it ended and without a
+    final-answer phrase (direct: before its number ended); a truncated row gets no answer.
+    Returns dict(output, tokens (the ids kept), answer, language, truncated).
+    """
+    tokens = [int(t) for t in tokens]
+    stop = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
+    kept = tokens if stop is None else tokens[:stop]
+    if template == "direct":
+        end = number_end(tokenizer, kept)
+        kept = kept if end is None else kept[:end]
+        ended = stop is not None or end is not None
+        text = tokenizer.decode(kept, skip_special_tokens=True)
+        truncated = not ended and len(tokens) >= max_new_tokens
+        answer = None if truncated else first_number(text)
+    else:
+        text = tokenizer.decode(kept, skip_special_tokens=True)
+        ended = stop is not None or truncate_response(text) != text
+        truncated = not ended and len(tokens) >= max_new_tokens and not has_final_answer(text)
+        answer = None if truncated else extract_answer(text)
+    return {"output": text, "tokens": kept, "answer": answer,
+            "language": classify_language(text), "truncated": truncated}
+
+
+def readout_prefix(tokenizer, tokens):
+    """Where a cot response states its answer: (the generated ids up to and including its first
+    "The answer is" / "答案是", the text that goes before the number: " " after the English phrase,
+    "" after the Chinese), or None when the response has no such phrase before its next example."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    if not _READOUT.search(truncate_response(text)):
+        return None
+    for i in range(1, len(tokens) + 1):
+        found = _READOUT.search(tokenizer.decode(tokens[:i], skip_special_tokens=True))
+        if found:
+            return tokens[:i], "" if "答" in found.group(0) else " "
+    return None
 
 
 def answers_equal(a, b, tol=1e-6):

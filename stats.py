@@ -1,5 +1,6 @@
 """Statistics shared by Experiment A, the layer sweep (E) and report.py: Wilson intervals, exact
-McNemar, and the rank test that treats Z as one more random draw. Imports no project code.
+McNemar, the rank test that treats Z as one more random draw, and the random subspaces that test
+draws Z against (variance-matched draws and variance shares). Numpy only; imports no project code.
 """
 import math
 
@@ -14,7 +15,8 @@ def wilson_interval(count, n, z=1.959963984540054):
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # The interval always holds p; at count 0 (or n) rounding would leave it 1e-17 off p.
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
 def mcnemar_exact(first, second):
@@ -48,3 +50,48 @@ def rank_test(value, draws, tol=1e-12):
                 min=float(draws.min()), max=float(draws.max()),
                 rank=1 + int((draws < value - tol).sum()), at_or_above=above, at_or_below=below,
                 p_above=p_above, p_below=p_below, p_two_sided=min(1.0, 2 * min(p_above, p_below)))
+
+
+def rate(count, n):
+    """count / n with its Wilson 95% interval: dict(count, n, value, ci_low, ci_high); value nan
+    when n == 0."""
+    lo, hi = wilson_interval(count, n)
+    return dict(count=int(count), n=int(n), value=count / n if n else math.nan, ci_low=lo, ci_high=hi)
+
+
+def covariance(states):
+    """Covariance (d, d) float64 of the rows of `states` (n, d): the activations' second moment
+    about their mean."""
+    x = np.asarray(states, np.float64)
+    x = x - x.mean(0)
+    return x.T @ x / max(1, len(x) - 1)
+
+
+def variance_share(basis, cov):
+    """Share of the activations' variance in span(basis rows): tr(V C V^T) / tr(C). basis (k, d)
+    with orthonormal rows, cov (d, d)."""
+    v = np.asarray(basis, np.float64)
+    return float(np.einsum("kd,de,ke->", v, cov, v) / np.trace(cov))
+
+
+def covariance_sqrt(cov):
+    """A symmetric square root S of a covariance (S S^T = C), from its eigendecomposition (negative
+    rounding-error eigenvalues set to 0)."""
+    values, vectors = np.linalg.eigh(np.asarray(cov, np.float64))
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
+def matched_random_basis(cov_sqrt, k, seed):
+    """A random k-dim subspace drawn with the activations' covariance: k Gaussian vectors
+    N(0, C) = S g, orthonormalised (QR). Such a subspace carries about as much activation variance
+    as a subspace the data favour, unlike a uniform (Haar) one whose expected share is k/d.
+    cov_sqrt: S (d, d) from covariance_sqrt. Returns float64 (k, d) with orthonormal rows, seeded.
+    A vanishing isotropic jitter keeps the draw full rank where C is rank-deficient."""
+    rng = np.random.default_rng(int(seed))
+    d = cov_sqrt.shape[0]
+    gauss = rng.standard_normal((d, k))
+    draws = cov_sqrt @ gauss
+    scale = np.sqrt(np.sum(np.square(cov_sqrt)) / d) or 1.0  # sqrt(tr C / d)
+    draws = draws + 1e-6 * scale * rng.standard_normal((d, k))
+    q, r = np.linalg.qr(draws)
+    return (q * np.sign(np.diagonal(r))).T

@@ -1,5 +1,9 @@
 """Shared fixtures: a tiny random Qwen2 (grouped-query attention) and an in-process tokenizer that
-covers Chinese and English. Nothing is downloaded."""
+covers Chinese and English. Nothing is downloaded.
+
+Tests compare numbers computed in float32 on the CPU, so every test sees no CUDA device unless it is
+marked `cuda` (tests/test_cuda.py): "cuda if available" defaults (scripts' --device, bench.py)
+resolve to the CPU and float32 on a GPU machine too, and the suite means the same thing there."""
 import copy
 import random
 import sys
@@ -14,6 +18,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_cpu_thread():
+    """The tiny model's products are too small to gain from a second thread, and on a shared,
+    loaded CPU two spinning OpenMP threads made the suite four times slower (5 minutes, not 70 s)."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_cuda(request, monkeypatch):
+    if request.node.get_closest_marker("cuda") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     random.seed(0)
@@ -21,9 +38,17 @@ def _seed_everything():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny tensors: faster, and far faster on a busy shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def _tiny_cached():
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     return common.load_model(common.TINY_MODEL, device="cpu")
 
 

@@ -1,13 +1,68 @@
-"""bench.py --shape tiny: the whole study runs on the CPU and its CSV row is written. Speed itself
-is bench.py's output, never a test assertion (timings fail on a loaded machine)."""
+"""bench.py on the tiny shape: each part prints and appends its row the moment it ends, a failing
+part becomes a row and the next part runs, the CSV keeps one schema. Speed itself is bench.py's
+output, never a test assertion (timings fail on a loaded machine)."""
+import pytest
+
 import bench
 import runs
 
 
-def test_bench_tiny_runs_and_writes_its_row(tmp_path):
+def _args(tmp_path, *extra):
+    return bench.parse_args(["--shape", "tiny", "--device", "cpu", "--out", str(tmp_path / "bench.csv"),
+                             *extra])
+
+
+def test_a_row_is_printed_and_written_before_any_other_part_runs(tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench.csv"
-    result = bench.main(bench.parse_args(["--shape", "tiny", "--device", "cpu", "--out", str(out)]))
-    assert result["a_grid_decodes"] > 1000  # the whole grid ran: conditions x draws x swaps x configs
+    seen = {}
+
+    def next_part(ctx, workdir):  # stands in for the step part: what exists when it starts?
+        seen["printed"] = capsys.readouterr().out
+        seen["rows"] = runs.load_csv(out)
+        return dict(seconds=0.0, note="stand-in")
+
+    monkeypatch.setattr(bench, "part_step", next_part)
+    rows = bench.main(_args(tmp_path, "--parts", "a", "step", "--pairs", "4"))
+    assert "[bench] a: " in seen["printed"] and "[bench] step" not in seen["printed"]
+    assert "what the direct template needs" in seen["printed"]  # new tokens are reported
+    first = seen["rows"]
+    assert list(first.part) == ["a"] and first.status.iloc[0] == "ok"
+    a = rows[0]
+    # 4 problems x (none + 2 layers x 2 pairings x (2 ks x 4 configurations x (z, zperp, 2 x 2
+    # random draws) + 4 full)) = 836 unique decodes today; more if exp_a gains conditions
+    assert a["decodes"] >= 836
+    assert a["new_tokens"] == bench.direct_new_tokens(bench.problems.load_prompts()["pairs"][:4])
+    assert 0 < a["decode_seconds"] <= a["seconds"] and 0 < a["fraction_of_limit"]
+    assert a["device"].startswith("CPU") and a["peak_memory_gb"] > 0
     saved = runs.load_csv(out)
-    assert len(saved) == 1 and saved.device.iloc[0].startswith("CPU")
-    assert saved.a_batched_speedup.iloc[0] == result["a_batched_speedup"]
+    assert list(saved.columns) == bench.COLUMNS and list(saved.part) == ["a", "step"]
+
+
+def test_step_and_single_parts_report_their_ratios(tmp_path):
+    rows = bench.main(_args(tmp_path, "--parts", "single", "step", "--pairs", "2"))
+    single, step = rows
+    assert single["status"] == step["status"] == "ok"
+    assert single["decodes"] > 0 and single["batched_speedup"] > 0 and single["batch_size"] == 1
+    for key in ("step_ms", "eager_step_ms", "generate_step_ms", "speedup_vs_generate",
+                "fraction_of_limit"):
+        assert step[key] > 0, key
+
+
+def test_a_failing_part_is_a_row_and_the_next_part_runs(tmp_path, monkeypatch):
+    def broken(ctx, workdir):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(bench, "part_b", broken)
+    rows = bench.main(_args(tmp_path, "--parts", "b", "e", "--pairs", "3"))
+    assert rows[0]["status"] == "error" and "boom" in rows[0]["note"]
+    assert rows[1]["part"] == "e" and rows[1]["status"] in ("ok", "skipped")
+    assert len(runs.load_csv(tmp_path / "bench.csv")) == 2
+
+
+def test_a_csv_of_another_schema_is_refused(tmp_path):
+    (tmp_path / "bench.csv").write_text('"shape","device"\n"tiny","CPU"\n')
+    with pytest.raises(runs.UsageError, match="another schema"):
+        bench.main(_args(tmp_path, "--parts", "e"))
+    with pytest.raises(runs.UsageError, match="--pairs 1"):
+        bench.main(bench.parse_args(["--shape", "tiny", "--pairs", "1", "--out",
+                                     str(tmp_path / "new.csv")]))
+    assert not (tmp_path / "new.csv").exists()

@@ -1,13 +1,14 @@
-"""Invariants of the shared machinery: the Z basis, projections, hooks, patching, decoding, parsing."""
+"""Invariants of the shared machinery: the Z basis, projections, hooks, patching, parsing.
+(Decoding, scoring and the shared prefill: test_decoding.py.)"""
 import json
 
 import pytest
 import torch
 
 import common
-import decoding
 import problems
 import runs
+from helpers import TEXTS, has_hooks, make_patch
 
 
 def per_head_z_basis(model, layer, k):
@@ -25,7 +26,7 @@ def per_head_z_basis(model, layer, k):
     return torch.linalg.svd(torch.cat(tops), full_matrices=False).Vh[:k]
 
 
-@pytest.mark.parametrize("k", [1, 5, 16])
+@pytest.mark.parametrize("k", [1, 5, 16, 20])  # 20 > d_head: the full-SVD fallback
 def test_projector_is_symmetric_idempotent_rank_k(tiny, k):
     model, _ = tiny
     basis = common.z_basis(model, 2, k)
@@ -66,16 +67,6 @@ def _logits(model, ids, mask):
                      position_ids=common.position_ids_from_mask(mask)).logits
 
 
-TEXTS = ["Question: Tom buys 3 apples for 4 dollars each. Answer:", "问题：小明有3个苹果。答案：",
-         "The answer is 42."]
-
-
-def _patch(layer, basis_rows, complement, source_mean, patch_generated, source_tokens=None):
-    return common.SubspacePatch(layer=layer, basis=basis_rows, complement=torch.tensor(complement),
-                                source_mean=source_mean, source_tokens=source_tokens,
-                                patch_generated=torch.tensor(patch_generated))
-
-
 def test_self_source_patch_leaves_logits_unchanged(tiny):
     model, tok = tiny
     ids, mask, _ = common.tokenize_left_padded(tok, TEXTS)
@@ -84,7 +75,7 @@ def test_self_source_patch_leaves_logits_unchanged(tiny):
     z = common.z_basis(model, 1, 6)
     d = common.hidden_size(model)
     for basis, complement in [(z, False), (z, True), (torch.zeros(6, d), True)]:  # Z, Z-perp, full
-        patch = _patch(1, basis.expand(3, -1, -1), [complement] * 3, torch.randn(3, d),
+        patch = make_patch(1, basis.expand(3, -1, -1), [complement] * 3, torch.randn(3, d),
                        [False] * 3, source_tokens=own)
         with common.layer_output_hook(model, 1, patch):
             assert torch.equal(_logits(model, ids, mask), baseline)
@@ -95,17 +86,13 @@ def test_none_patch_is_bit_exact_and_other_patches_change_logits(tiny):
     ids, mask, _ = common.tokenize_left_padded(tok, TEXTS)
     baseline = _logits(model, ids, mask)
     d = common.hidden_size(model)
-    none = _patch(2, torch.zeros(3, 4, d), [False] * 3, torch.randn(3, d) * 5, [True] * 3)
+    none = make_patch(2, torch.zeros(3, 4, d), [False] * 3, torch.randn(3, d) * 5, [True] * 3)
     with common.layer_output_hook(model, 2, none):
         assert torch.equal(_logits(model, ids, mask), baseline)
-    z = _patch(2, common.z_basis(model, 2, 4).expand(3, -1, -1), [False] * 3,
+    z = make_patch(2, common.z_basis(model, 2, 4).expand(3, -1, -1), [False] * 3,
                torch.randn(3, d) * 5, [True] * 3)
     with common.layer_output_hook(model, 2, z):
         assert not torch.allclose(_logits(model, ids, mask), baseline, atol=1e-3)
-
-
-def _has_hooks(model):
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_hooks_removed_after_context_and_after_exception(tiny):
@@ -113,16 +100,16 @@ def test_hooks_removed_after_context_and_after_exception(tiny):
     ids, mask, _ = common.tokenize_left_padded(tok, TEXTS)
     baseline = _logits(model, ids, mask)
     with common.layer_output_hook(model, 1, lambda h: h * 0):
-        assert _has_hooks(model)
+        assert has_hooks(model)
         assert not torch.allclose(_logits(model, ids, mask), baseline)
-    assert not _has_hooks(model)
+    assert not has_hooks(model)
     with pytest.raises(RuntimeError, match="boom"):
         with common.layer_output_hook(model, 1, lambda h: h * 0):
             raise RuntimeError("boom")
-    assert not _has_hooks(model)
+    assert not has_hooks(model)
     assert torch.equal(_logits(model, ids, mask), baseline)
     common.capture_layer_outputs(model, ids, mask, [-1, 0, 2])  # stops the pass by an exception
-    assert not _has_hooks(model)
+    assert not has_hooks(model)
 
 
 def test_hook_handles_tuple_outputs(tiny):
@@ -140,78 +127,6 @@ def test_hook_handles_tuple_outputs(tiny):
     finally:
         handle.remove()
     assert isinstance(out, tuple) and out[1] == "extra" and torch.equal(out[0], seen["h"])
-
-
-def _conditions(model, n_rows, layer=2, k=4, seed=0):
-    """One row per condition: none, Z, Z-perp, full, random-Z; mixed scopes."""
-    d = common.hidden_size(model)
-    z, r = common.z_basis(model, layer, k), common.random_basis(d, k, seed)
-    bases = [torch.zeros(k, d), z, z, torch.zeros(k, d), r][:n_rows]
-    gen = torch.Generator().manual_seed(seed)
-    return _patch(layer, torch.stack(bases), [False, False, True, True, False][:n_rows],
-                  torch.randn(n_rows, d, generator=gen) * 3, [False, True, False, True, True][:n_rows])
-
-
-def test_batched_generation_equals_one_at_a_time(tiny):
-    model, tok = tiny
-    texts = [TEXTS[0], TEXTS[1], TEXTS[2], "A train travels 60 kilometers.", "问题：火车每小时行驶60公里"]
-    ids, mask, _ = common.tokenize_left_padded(tok, texts)
-    patch = _conditions(model, len(texts))
-    batched = decoding.generate_and_score(model, ids, mask, 8, patch, return_logits=True)
-    for row, text in enumerate(texts):
-        one_ids, one_mask, _ = common.tokenize_left_padded(tok, [text])
-        one_patch = common.SubspacePatch(
-            layer=patch.layer, basis=patch.basis[row:row + 1], complement=patch.complement[row:row + 1],
-            source_mean=patch.source_mean[row:row + 1],
-            patch_generated=patch.patch_generated[row:row + 1])
-        single = decoding.generate_and_score(model, one_ids, one_mask, 8, one_patch, return_logits=True)
-        assert torch.equal(single["tokens"][0], batched["tokens"][row])
-        torch.testing.assert_close(single["logits"][0], batched["logits"][row], atol=1e-4, rtol=1e-4)
-
-
-def test_scopes_differ_only_from_first_generated_token(tiny):
-    model, tok = tiny
-    ids, mask, _ = common.tokenize_left_padded(tok, TEXTS)
-    d = common.hidden_size(model)
-    source = torch.randn(3, d) * 3
-    runs = {}
-    for scope in ("prompt", "all"):
-        patch = _patch(2, torch.zeros(3, 1, d), [True] * 3, source, [scope == "all"] * 3)  # full
-        runs[scope] = decoding.generate_and_score(model, ids, mask, 6, patch, return_logits=True)
-    first = runs["prompt"]["logits"][:, 0], runs["all"]["logits"][:, 0]
-    assert torch.equal(*first)  # the prompt forward is identical
-    assert torch.equal(runs["prompt"]["tokens"][:, 0], runs["all"]["tokens"][:, 0])
-    assert not torch.allclose(runs["prompt"]["logits"][:, 1:], runs["all"]["logits"][:, 1:], atol=1e-3)
-
-
-def test_continuation_logprob_matches_full_forward(tiny):
-    model, tok = tiny
-    ids, mask, _ = common.tokenize_left_padded(tok, TEXTS)
-    conts = [problems.answer_continuation(tok, a, "en") for a in (12, 8, 1234)]
-    patch = _conditions(model, 3)
-    got = decoding.continuation_logprob(model, ids, mask, conts, patch)
-    for row, text in enumerate(TEXTS):
-        prompt = tok(text, add_special_tokens=False)["input_ids"]
-        full = torch.tensor([prompt + conts[row]])
-        one = common.SubspacePatch(layer=2, basis=patch.basis[row:row + 1],
-                                   complement=patch.complement[row:row + 1],
-                                   source_mean=patch.source_mean[row:row + 1],
-                                   patch_generated=patch.patch_generated[row:row + 1])
-        # Manual reference: the prompt positions get the prompt patch, the answer positions get the
-        # generated-position patch (or none), exactly as the decoding loop defines them.
-        n = len(prompt)
-
-        def fn(hidden, one=one, n=n):
-            one.phase = "prompt"
-            head = one(hidden[:, :n])
-            one.phase = "generate"
-            tail = one(hidden[:, n:])
-            return torch.cat([head, hidden[:, n:] if tail is None else tail], 1)
-
-        with common.layer_output_hook(model, 2, fn), torch.no_grad():
-            logp = torch.log_softmax(model(full).logits[0].float(), -1)
-        want = sum(float(logp[n - 1 + j, t]) for j, t in enumerate(conts[row]))
-        assert abs(float(got[row]) - want) < 1e-3
 
 
 def test_mean_pool_excludes_padding(tiny):
@@ -321,26 +236,6 @@ def test_repo_prompts_are_valid_and_answers_computed_independently():
         for name in ("direct", "cot"):
             demo = data["templates"][name][lang].split("{question}")[0]
             assert problems.extract_answer(demo.split("\n")[1]) in (60, 27), (name, lang)
-
-
-def test_shared_prefill_gives_the_same_decodes_as_a_full_prompt_pass(tiny):
-    model, tok = tiny
-    texts = [TEXTS[0], TEXTS[1], TEXTS[2], "A train travels 60 kilometers.", "问题：火车每小时行驶60公里"]
-    ids, mask, _ = common.tokenize_left_padded(tok, texts)
-    prefill = decoding.shared_prefill(model, ids, mask, 2)
-    rows = [3, 0, 0, 2, 1]  # repeats: several conditions of one prompt share its prefill
-    selected = decoding.select_prefill(prefill, rows)
-    patch = _conditions(model, len(rows))
-    conts = [problems.answer_continuation(tok, a, "en") for a in (12, 8, 1234, 5, 77)]
-    fast = decoding.generate_and_score(model, selected["input_ids"], selected["attention_mask"], 8,
-                                     patch, score=[conts], return_logits=True, prefill=selected)
-    full_ids, full_mask, _ = common.tokenize_left_padded(tok, [texts[r] for r in rows])
-    slow = decoding.generate_and_score(model, full_ids, full_mask, 8, patch, score=[conts],
-                                     return_logits=True)
-    assert torch.equal(fast["tokens"], slow["tokens"])
-    torch.testing.assert_close(fast["logits"], slow["logits"], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(fast["scores"][0], slow["scores"][0], atol=1e-4, rtol=1e-4)
-    assert not _has_hooks(model)
 
 
 def test_cache_key_changes_with_the_weights(tiny):

@@ -1,6 +1,8 @@
-"""Experiment A: sources (derangement, OT), statistics, verdict logic, and the script end to end."""
+"""Experiment A: sources, patches, scoring positions, the noise floor, the verdict, and the script
+end to end (smoke command, resume, bad input) on the tiny model."""
 import json
-import math
+import os
+import shutil
 import subprocess
 import sys
 
@@ -10,11 +12,47 @@ import pytest
 import torch
 
 import common
+import decoding
 import problems
 import runs
-import stats
 import exp_a_patching as A
+import exp_a_summary as S
 
+SMOKE = ["--model", "tiny-random", "--smoke"]
+
+
+FAST = ["--limit", "2", "--max-new-tokens", "4"]  # for tests that run the script several times
+
+
+def _run(tmp, extra=(), name="exp_a"):
+    out, figures = tmp / name, tmp / "figures"
+    A.main(A.parse_args(SMOKE + list(extra) + ["--out", str(out), "--figures", str(figures)]))
+    return out, figures
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One smoke run shared by the tests that only read its outputs."""
+    return _run(tmp_path_factory.mktemp("smoke"))
+
+
+def _setup(tiny, extra=()):
+    """(model, tokenizer, args, pairs, template, swap_of, ctx) for layer 2 of the tiny model."""
+    model, tok = tiny
+    args = A.parse_args(["--model", "tiny-random", "--layer", "2", "--k", "4", "--limit", "4",
+                         "--n-random", "1", "--n-random-logprob", "1"] + list(extra))
+    pairs, template = A.validate(args)
+    swap_of = A.derangement([p["answer"] for p in pairs], 0)
+    ctx = A.prepare_layer(model, tok, pairs, template, 2, args, swap_of)
+    return model, tok, args, pairs, template, swap_of, ctx
+
+
+def _by_job(results):
+    return {r["job"]: r for r in results}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources and patches
 
 def test_derangement_has_no_fixed_points_and_avoids_equal_answers():
     answers = [1, 2, 3, 4, 5, 5, 7, 8, 9, 10]
@@ -38,190 +76,358 @@ def test_ot_plan_marginals_and_identity():
     assert torch.equal(same_source, en)
 
 
-def test_ot_patch_from_own_prompt_leaves_logits_unchanged(tiny):
+def _logits(model, ctx, batch, args, patch=None):
+    rows = decoding.select_prefill(ctx.prefill, [j.problem for j in batch])
+    patch = patch or A.make_patch(batch, ctx, rows, args)
+    out = decoding.generate_and_score(model, rows["input_ids"], rows["attention_mask"], 3, patch,
+                                      return_logits=True, prefill=rows)
+    return out["logits"]
+
+
+@pytest.mark.parametrize("source", ["last", "last:3", "ot", "mean"])
+def test_own_prompt_as_source_leaves_logits_unchanged(tiny, source):
+    """The English prompt patched with its own states (or own question mean written into the
+    mean's place is not a no-op, so mean is checked through noop) gives the unpatched logits."""
+    model, tok, args, pairs, template, swap_of, ctx = _setup(tiny, ["--source", source])
+    ctx.zh_tokens, ctx.zh_means = ctx.en_tokens, ctx.en_means  # the source is the row's own prompt
+    scale = A.robust_scale(ctx.en_tokens)
+    ctx.ot_sources = {(i, i): A.ot_source(ctx.en_tokens[i], ctx.en_tokens[i], scale)[0] for i in range(4)}
+    none = [A.job_key(i, 2, "none", 0, "-", "-", i, -1) for i in range(4)]
+    base = _logits(model, ctx, none, args)
+    conditions = ["noop"] if source == "mean" else ["z", "zperp", "full", "rand_z"]
+    for condition in conditions:
+        jobs = [A.job_key(i, 2, condition, 4, "prompt", source, i, 0 if "rand" in condition else -1)
+                for i in range(4)]
+        torch.testing.assert_close(_logits(model, ctx, jobs, args), base, atol=1e-5, rtol=1e-5)
+
+
+def test_last_source_patches_only_the_last_positions_and_k_d_equals_full(tiny):
+    model, tok, args, pairs, template, swap_of, ctx = _setup(tiny, ["--source", "last:2"])
+    d = common.hidden_size(model)
+    ctx.bases[("rand", d, 0)] = common.random_basis(d, d, 0)  # a k = d subspace: all of R^d
+    jobs = [A.job_key(i, 2, "rand_z", d, "prompt", "last:2", swap_of[i], 0) for i in range(4)]
+    full = [A.job_key(i, 2, "full", 4, "prompt", "last:2", swap_of[i], -1) for i in range(4)]
+    torch.testing.assert_close(_logits(model, ctx, jobs, args), _logits(model, ctx, full, args),
+                               atol=1e-4, rtol=1e-4)
+    rows = decoding.select_prefill(ctx.prefill, [0, 1])
+    patch = A.make_patch(full[:2], ctx, rows, args)
+    assert patch.prompt_mask.sum(1).tolist() == [2, 2] and patch.prompt_mask[:, -2:].all()
+    patch.phase = "prompt"
+    moved = (patch(rows["hidden"]) - rows["hidden"]).norm(dim=-1)
+    assert (moved[:, :-2] == 0).all() and (moved[:, -2:] > 0).all()
+    # The last position is the space token that predicts the answer's first digit (direct template).
+    assert tok.decode([int(rows["input_ids"][0, -1])]) == " "
+
+
+def test_skip_first_leaves_the_sink_position_alone(tiny):
+    model, tok, args, pairs, template, swap_of, ctx = _setup(tiny, ["--skip-first"])
+    rows = decoding.select_prefill(ctx.prefill, [0, 1, 2])
+    jobs = [A.job_key(i, 2, "full", 4, "prompt", "mean", i, -1) for i in range(3)]
+    patch = A.make_patch(jobs, ctx, rows, args)
+    patch.phase = "prompt"
+    moved = (patch(rows["hidden"]) - rows["hidden"]).norm(dim=-1)
+    first = rows["attention_mask"].float().argmax(1)
+    assert (moved[torch.arange(3), first] == 0).all()
+    sizes = A.patch_sizes(patch, rows["hidden"], rows["attention_mask"])
+    assert (sizes > 0).all()
+
+
+def test_site_input_equals_site_output_one_layer_below(tiny):
     model, tok = tiny
-    texts = ["Question: Tom buys 3 apples. Answer:", "Question: A train travels 60 km. Answer:"]
-    ids, mask, _ = common.tokenize_left_padded(tok, texts)
+    ids, mask, _ = common.tokenize_left_padded(tok, ["Question: Tom buys 3 apples. Answer:",
+                                                     "问题：小明有3个苹果。答案："])
+    basis = common.random_basis(64, 6, 0)[None].repeat(2, 1, 1)
+    source = torch.randn(2, 64)
+
+    def patch(layer, site):
+        return common.SubspacePatch(layer=layer, basis=basis, complement=torch.tensor([False, True]),
+                                    source_mean=source, patch_generated=torch.tensor([False, True]),
+                                    site=site)
+    a = decoding.generate_and_score(model, ids, mask, 4, patch(2, "input"), return_logits=True)
+    b = decoding.generate_and_score(model, ids, mask, 4, patch(1, "output"), return_logits=True)
+    assert torch.equal(a["logits"], b["logits"])
+    # Layer 0's input is the embeddings (stream -1): the shared prefill works from there too.
+    whole = decoding.generate_and_score(model, ids, mask, 4, patch(0, "input"), return_logits=True)
+    rows = decoding.select_prefill(decoding.shared_prefill(model, ids, mask, -1), [0, 1])
+    fast = decoding.generate_and_score(model, rows["input_ids"], rows["attention_mask"], 4,
+                                       patch(0, "input"), return_logits=True, prefill=rows)
+    torch.testing.assert_close(fast["logits"], whole["logits"], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(whole["logits"], a["logits"])
+
+
+def test_site_input_rows_equal_site_output_rows_one_layer_below(tmp_path):
+    """End to end: every condition that does not depend on Z's layer gives the same rows."""
+    a, _ = _run(tmp_path, FAST + ["--layer", "2", "--site", "input"], "a")
+    b, _ = _run(tmp_path, FAST + ["--layer", "1"], "b")
+    rows = [S.load_table(out / "rows.csv") for out in (a, b)]
+    keep = ["none", "noop", "full", "rand_z", "rand_zperp"]
+    rows = [r[r.condition.isin(keep)].drop(columns="layer").reset_index(drop=True) for r in rows]
+    pd.testing.assert_frame_equal(rows[0], rows[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring positions and the noise floor
+
+def _full_forward_logp(model, ids, answer, hook=None):
+    full = torch.tensor([ids + answer])
     with torch.no_grad():
-        baseline = model(input_ids=ids, attention_mask=mask,
-                         position_ids=common.position_ids_from_mask(mask)).logits
-    states, means = A.capture_prompt_states(model, tok, texts, [(0, len(t)) for t in texts], 2, 8)
-    scale = A.robust_scale(states)
-    ot_sources = {(i, i): A.ot_source(states[i], states[i], scale)[0] for i in range(2)}
-    bases = A.make_bases(model, 2, [4], 1, 0)
-    for condition in ("z", "zperp", "full", "rand_z"):
-        jobs = [(i, 2, condition, 4, "prompt", "ot", i, 0 if condition == "rand_z" else -1)
-                for i in range(2)]
-        patch = A.make_patch(jobs, 2, bases, means, ot_sources, ids.shape[1], 64)
-        with common.layer_output_hook(model, 2, patch), torch.no_grad():
-            patched = model(input_ids=ids, attention_mask=mask,
-                            position_ids=common.position_ids_from_mask(mask)).logits
-        real = mask.bool()
-        torch.testing.assert_close(patched[real], baseline[real], atol=1e-5, rtol=1e-5)
+        if hook is None:
+            logits = model(full).logits
+        else:
+            with common.layer_output_hook(model, 2, hook):
+                logits = model(full).logits
+    logp = torch.log_softmax(logits[0].float(), -1)
+    return sum(float(logp[len(ids) - 1 + j, t]) for j, t in enumerate(answer))
 
 
-def test_wilson_interval_against_hand_computed_values():
-    lo, hi = stats.wilson_interval(10, 20)
-    assert abs(lo - 0.2993) < 1e-4 and abs(hi - 0.7007) < 1e-4
-    lo, hi = stats.wilson_interval(0, 10)
-    assert lo == 0 and abs(hi - 0.2775) < 1e-4
-    lo, hi = stats.wilson_interval(15, 15)
-    assert abs(lo - 0.7961) < 1e-4 and hi == 1
-    assert all(math.isnan(v) for v in stats.wilson_interval(0, 0))
+def test_direct_logp_ref_is_log_p_of_the_answer_digits_after_the_prompt(tiny):
+    model, tok, args, pairs, template, swap_of, ctx = _setup(tiny)
+    answer_ids = A.answer_token_ids(tok, pairs)
+    jobs = [A.job_key(i, 2, c, 4, "prompt", "mean", i, -1) for i in range(4) for c in ("none", "z")]
+    results = _by_job(A.run_batch(model, tok, ctx, jobs, args, True, (answer_ids, swap_of, None)))
+    texts, _ = A.prompt_texts(pairs, template, "en")
+    v = ctx.bases[("z", 4, -1)]
+    for job in jobs:
+        ids = tok(texts[job.problem], add_special_tokens=False)["input_ids"]
+        n, s = len(ids), ctx.zh_means[job.problem]
+
+        def z_patch(hidden, n=n, s=s):  # prompt positions only, as the decoding loop does
+            head = hidden[:, :n] + ((s - hidden[:, :n]) @ v.T) @ v
+            return torch.cat([head, hidden[:, n:]], 1)
+        hook = z_patch if job.condition == "z" else None
+        want_ref = _full_forward_logp(model, ids, answer_ids[job.problem][""], hook)
+        want_swap = _full_forward_logp(model, ids, answer_ids[swap_of[job.problem]][""], hook)
+        assert results[job]["logp_ref"] == pytest.approx(want_ref, abs=1e-3)
+        assert results[job]["logp_swap"] == pytest.approx(want_swap, abs=1e-3)
 
 
-def test_mcnemar_exact_against_hand_computed_values():
-    first = [True] * 6 + [False] * 4
-    second = [False] * 6 + [False] * 4
-    assert stats.mcnemar_exact(first, second) == (6, 0, pytest.approx(2 * 0.5 ** 6))
-    first = [True] * 5 + [False] + [True] * 4
-    second = [False] * 5 + [True] + [True] * 4
-    assert stats.mcnemar_exact(first, second)[2] == pytest.approx(2 * 7 / 64)
-    assert stats.mcnemar_exact([True, False], [True, False])[2] == 1.0
+def test_cot_logp_readout_is_scored_after_the_teacher_forced_readout(tiny):
+    model, tok, args, pairs, template, swap_of, ctx = _setup(tiny, ["--template", "cot"])
+    answer_ids = A.answer_token_ids(tok, pairs)
+    prefix = tok(" 3 + 4 = 7. The answer is", add_special_tokens=False)["input_ids"]
+    readouts = {0: (prefix, " "), 1: (prefix, " "), 2: None, 3: (prefix, " ")}
+    jobs = [A.job_key(i, -1, "none", 0, "-", "-", i, -1) for i in range(4)]
+    results = _by_job(A.run_batch(model, tok, ctx, jobs, args, False, (answer_ids, swap_of, readouts)))
+    texts, _ = A.prompt_texts(pairs, template, "en")
+    for job in jobs:
+        if readouts[job.problem] is None:  # no "The answer is": not scored
+            assert np.isnan(results[job]["logp_ref"])
+            continue
+        ids = tok(texts[job.problem], add_special_tokens=False)["input_ids"] + prefix
+        want = _full_forward_logp(model, ids, answer_ids[job.problem][" "])
+        assert results[job]["logp_ref"] == pytest.approx(want, abs=1e-3)
 
 
-def _synthetic_rows(n, z_change, zperp_lang, random_change, n_random=5):
-    """rows.csv-like frame for one configuration with chosen outcomes."""
-    records = []
-    for i in range(n):
-        def row(condition, draw=-1, changed=False, language="en", pair="same"):
-            return dict(problem_id=f"p{i}", category="c", layer=1, k=2, positions="prompt",
-                        source="mean", condition=condition, draw=draw, pair=pair, source_id="q",
-                        output="o", answer=1.0, reference=1.0, source_answer=2.0,
-                        correct=not changed, answer_changed=changed, language=language,
-                        language_changed=language != "en", outcome="broken" if changed else "kept",
-                        logp_ref=-1.0, logp_swap=-2.0, dlogp_ref=0.0, dlogp_swap=0.0)
-        records += [row("none"), row("z", changed=z_change), row("zperp", language=zperp_lang),
-                    row("full", changed=True, language="zh")]
-        records += [row("rand_z", d, changed=random_change) for d in range(n_random)]
-        records += [row("rand_zperp", d, language="en") for d in range(n_random)]
-    return pd.DataFrame(records)
+def test_noop_rows_decode_exactly_like_none_rows_in_the_same_batches(tiny):
+    model, tok, args, pairs, template, swap_of, ctx = _setup(tiny, ["--source", "mean", "ot"])
+    answer_ids = A.answer_token_ids(tok, pairs)
+    jobs = [A.job_key(i, 2, c, 4, "prompt", src, j, 0 if "rand" in c else -1)
+            for i in range(4) for c, src, j in (("none", "-", i), ("noop", "-", i),
+                                                ("z", "ot", swap_of[i]), ("rand_z", "mean", i))]
+    results = _by_job(A.run_batch(model, tok, ctx, jobs, args, True, (answer_ids, swap_of, None)))
+    for i in range(4):
+        none = results[A.job_key(i, -1, "none", 0, "-", "-", i, -1)]
+        noop = results[A.job_key(i, 2, "noop", 0, "-", "-", i, -1)]
+        for field in ("output", "tokens", "logp_ref", "logp_swap", "patch_size"):
+            assert noop[field] == none[field], field
 
 
-def test_verdict_needs_z_outside_the_random_band():
-    clean = _synthetic_rows(20, z_change=True, zperp_lang="zh", random_change=False)
-    metrics, _, _ = A.compute_summary_tables(clean)
-    assert metrics.verdict.iloc[0] == "double dissociation"
-    # Random subspaces change every answer too: the same Z numbers no longer count.
-    confounded = _synthetic_rows(20, z_change=True, zperp_lang="zh", random_change=True)
-    metrics, _, _ = A.compute_summary_tables(confounded)
-    assert metrics.verdict.iloc[0] == "null"
-    assert metrics.verdict_without_controls.iloc[0] == "double dissociation"
-    nothing = _synthetic_rows(20, z_change=False, zperp_lang="en", random_change=False)
-    assert A.compute_summary_tables(nothing)[0].verdict.iloc[0] == "null"
+# ----------------------------------------------------------------------------------------------
+# The script end to end
+
+def test_readme_smoke_command_runs(tmp_path):
+    """The README's command exactly, from a fresh folder (outputs under it)."""
+    result = subprocess.run([sys.executable, str(runs.REPO / "exp_a_patching.py"), "--model",
+                             "tiny-random", "--smoke"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = tmp_path / "results" / "exp_a"
+    for name in ("rows.csv", "SUMMARY.md", "verdicts.csv", "tests.csv", "config.json"):
+        assert (out / name).is_file()
+    assert sorted(p.name for p in (tmp_path / "figures").rglob("*.png")) == [
+        "change_rates.png", "logprob_shift.png", "transfer_rates.png"]
 
 
-def test_logprob_null_p_values():
-    rows = pd.DataFrame([dict(problem_id=f"p{i}", layer=1, k=2, positions="prompt", source="mean",
-                              condition=c, pair="same", draw=-1, logp_ref=-5.0,
-                              dlogp_ref=2.0 if c == "z" else -1.0 if c == "zperp" else 0.0)
-                         for i in range(3) for c in ("none", "z", "zperp")])
-    null = pd.DataFrame([dict(problem_id=f"p{i}", layer=1, k=2, positions="prompt", source="mean",
-                              condition=c, draw=d, logp_ref=-5.0 + 0.1 * d)
-                         for i in range(3) for c in ("rand_z", "rand_zperp") for d in range(9)])
-    tests = A.logprob_null_tests(rows, null).set_index("condition")
-    assert tests.loc["z", "p_above"] == pytest.approx(1 / 10)  # above all 9 draws (0 .. 0.8)
-    assert tests.loc["z", "p_two_sided"] == pytest.approx(2 / 10)
-    assert tests.loc["zperp", "p_below"] == pytest.approx(1 / 10)
-    assert tests.loc["z", "null_max"] == pytest.approx(0.8)
+def test_smoke_outputs(smoke):
+    out, figures = smoke
+    for name in ("rows.csv", "generations.csv", "scores.csv", "random_scores.csv", "variance.csv",
+                 "metrics.csv", "controls.csv", "null_draws.csv", "tests.csv", "verdicts.csv",
+                 "measure_checks.csv", "SUMMARY.md", "patching_table.md", "config.json"):
+        assert (out / name).is_file(), name
+    rows = S.load_table(out / "rows.csv")
+    # 4 problems x (none, noop, en + 2 x (z, zperp, full) + 2 draws x 2 random x 2 pairs)
+    assert len(rows) == 4 * (3 + 6 + 8)
+    none, noop = (rows[rows.condition == c].reset_index(drop=True) for c in ("none", "noop"))
+    for column in ("output", "answer", "logp_ref", "logp_swap", "truncated"):
+        pd.testing.assert_series_equal(none[column], noop[column])
+    assert (none.dlogp_ref == 0).all() and not none.answer_changed.any()
+    np.testing.assert_allclose(rows.ld, rows.logp_ref - rows.logp_swap)
+    truncated = rows[rows.truncated]
+    assert truncated.answer.isna().all() and (truncated.outcome == "truncated").all()
+    config = json.loads((out / "config.json").read_text())
+    assert config["args"]["depth"] == [0.5] and config["layers_resolved"]["layer"] == [2]
+    assert config["args"]["layer"] == [2] and config["args"]["max_new_tokens"] == 10
+    variance = S.load_table(out / "variance.csv")
+    assert set(variance.basis) == {"z", "uniform", "matched"} and variance.share.between(0, 1).all()
+    null = S.load_table(out / "random_scores.csv")
+    assert len(null) == 4 * 2 * 4 * 2  # problems x random conditions x 4 scored draws x pairs
+    decoded = rows[(rows.condition == "rand_z") & (rows.draw == 0) & (rows.pair == "same")]
+    merged = decoded.merge(null[(null.condition == "rand_z") & (null.draw == 0) & (null.pair == "same")],
+                           on=["problem_id", "k"])
+    np.testing.assert_allclose(merged.logp_ref_x, merged.logp_ref_y)
+    tests = S.load_table(out / "tests.csv")
+    assert {"answer_change", "transfer", "dlogp_ref", "dld_swap"} <= set(tests.metric)
+    assert (tests[tests.null == "scored"].draws == 4).all()
+    summary = (out / "SUMMARY.md").read_text()
+    assert "Verdict:" in summary and "not measured" in summary and "noise floor" in summary
+    for name in ("change_rates", "transfer_rates", "logprob_shift"):
+        assert (runs.figure_dir(out, figures) / f"{name}.png").is_file()
+
+
+def test_summary_rebuilds_without_a_model_and_refuses_a_partial_rows_csv(smoke, tmp_path, monkeypatch):
+    out = tmp_path / "copy"
+    shutil.copytree(smoke[0], out)
+
+    def no_model(*a, **k):
+        raise AssertionError("the summary must not need a model")
+    monkeypatch.setattr(common, "load_model", no_model)
+    before = (out / "SUMMARY.md").read_text()
+    S.summarize(out, tmp_path / "figures")
+    assert (out / "SUMMARY.md").read_text() == before
+    rows = S.load_table(out / "rows.csv")
+    runs.write_csv(rows.drop(index=5), out / "rows.csv")  # one row deleted
+    with pytest.raises(runs.UsageError, match="rows.csv is incomplete: 1 rows missing"):
+        S.summarize(out, tmp_path / "figures")
+
+
+def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    extra = FAST + ["--source", "mean", "last", "--batch-size", "8"]
+    full, figures = _run(tmp_path, extra, "r1/exp_a")
+    calls = {"n": 0}
+    original = A.run_batch
+
+    def interrupt_on_third(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*a, **k)
+    monkeypatch.setattr(A, "run_batch", interrupt_on_third)
+    argv = SMOKE + extra + ["--out",
+                    str(tmp_path / "r2/exp_a"), "--figures", str(figures)]
+    with pytest.raises(KeyboardInterrupt):
+        A.main(A.parse_args(argv))
+    assert not (tmp_path / "r2/exp_a/rows.csv").exists()
+    monkeypatch.setattr(A, "run_batch", original)
+    with pytest.raises(runs.UsageError, match="already holds results"):
+        A.main(A.parse_args(argv))
+    with pytest.raises(runs.UsageError, match="--resume: this command differs"):
+        A.main(A.parse_args(argv[:-4] + ["--k", "6"] + argv[-4:] + ["--resume"]))
+    A.main(A.parse_args(argv + ["--resume"]))
+    resumed = tmp_path / "r2/exp_a"
+    # The batches left after the interrupt are the ones the uninterrupted run made: same bytes.
+    for name in ("rows.csv", "generations.csv", "scores.csv", "random_scores.csv", "variance.csv",
+                 "metrics.csv", "controls.csv", "null_draws.csv", "tests.csv", "verdicts.csv",
+                 "measure_checks.csv", "patching_table.md"):
+        assert (full / name).read_bytes() == (resumed / name).read_bytes(), name
+    # both runs' figures survive: same --figures, same --out basename
+    for out in (full, resumed):
+        assert len(list(runs.figure_dir(out, figures).glob("*.png"))) == 3
+
+
+def test_verdict_criteria():
+    def rows(n, z_changed, zp_changed, z_lang, zp_lang, rand_changed, noop_changed=0, draws=19):
+        records = []
+        for i in range(n):
+            def row(condition, draw=-1, changed=False, lang_changed=False):
+                return dict(problem_id=f"p{i}", layer=1, k=2, positions="prompt", source="mean",
+                            condition=condition, draw=draw, pair="same", answer_changed=changed,
+                            baseline_language="en", language_changed=lang_changed,
+                            truncated=False, outcome="kept", correct=True, logp_ref=-1.0, ld=1.0,
+                            dlogp_ref=0.0, dld=0.0, patch_size=1.0)
+            records += [row("none"), row("noop", changed=i < noop_changed), row("full"),
+                        row("z", changed=i < z_changed, lang_changed=i < z_lang),
+                        row("zperp", changed=i < zp_changed, lang_changed=i < zp_lang)]
+            records += [row("rand_z", d, changed=i < rand_changed) for d in range(draws)]
+            records += [row("rand_zperp", d) for d in range(draws)]
+        return pd.DataFrame(records)
+
+    def verdict(frame):
+        return S.compute_tables(frame)[4].iloc[0]
+    clean = verdict(rows(40, z_changed=20, zp_changed=0, z_lang=0, zp_lang=20, rand_changed=2))
+    assert clean.verdict == "double dissociation" and clean.failed == ""
+    # Random subspaces of Z's size change as many answers: Z is not special.
+    same = verdict(rows(40, 20, 0, 0, 20, rand_changed=20))
+    assert same.verdict == "null" and not same.z_changes_answers
+    # The noop patch (batch noise) changes as many: the Wilson lower bound is not above it.
+    noisy = verdict(rows(40, 8, 0, 0, 20, rand_changed=2, noop_changed=8))
+    assert not noisy.z_changes_answers and "not above" in noisy.z_changes_answers_reason
+    # "Keeps answers" must not pass merely because N is small: 0 of 5 changed is not keeping.
+    small = verdict(rows(5, 5, 0, 0, 5, rand_changed=0))
+    assert not small.zperp_keeps_answers and small.verdict == "partial"
+    assert "zperp_keeps_answers" in small.failed
+    # Too few draws for a p of 0.05: never "changes answers".
+    few = verdict(rows(40, 20, 0, 0, 20, rand_changed=2, draws=10))
+    assert not few.z_changes_answers and few.verdict == "null"
 
 
 def test_interchange_outcomes():
     pairs = [{"id": "a", "category": "c", "answer": 10}, {"id": "b", "category": "c", "answer": 20}]
     none = A.job_key(0, -1, "none", 0, "-", "-", 0, -1)
-    gens = {none: dict(output="", answer=10.0, language="en", logp_ref=-1.0, logp_swap=-5.0)}
-    for answer, expected in ((20.0, "transferred"), (10.0, "kept"), (33.0, "broken"), (None, "broken")):
+    base = dict(output="", language="en", truncated=False, patch_size=0.0, logp_ref=-1.0,
+                logp_swap=-5.0)
+    decodes = {none: dict(base, answer=10.0)}
+    for answer, truncated, expected in ((20.0, False, "transferred"), (10.0, False, "kept"),
+                                        (33.0, False, "broken"), (None, True, "truncated")):
         key = A.job_key(0, 1, "z", 2, "prompt", "mean", 1, -1)
-        gens[key] = dict(output="", answer=answer, language="en", logp_ref=-2.0, logp_swap=-1.0)
+        decodes[key] = dict(base, answer=answer, truncated=truncated, logp_ref=-2.0, logp_swap=-1.0)
         row = dict(problem=0, layer=1, k=2, positions="prompt", source="mean", condition="z",
                    draw=-1, pair="swap", source_problem=1, job=key)
-        table = A.table_rows([row, dict(row, condition="none", pair="same", source_problem=0,
-                                        job=none)], gens, pairs)
+        table = A.table_rows([row], decodes, {}, pairs)
         assert table.outcome.iloc[0] == expected
-        assert table.dlogp_swap.iloc[0] == pytest.approx(4.0)
-
-
-ARGS = ["--model", "tiny-random", "--layer", "1", "2", "--k", "4", "--positions", "prompt", "all",
-        "--source", "mean", "ot", "--n-random", "2", "--limit", "4", "--max-new-tokens", "6",
-        "--batch-size", "64"]
-
-
-def test_main_end_to_end_and_summary_rebuilds_without_model(tmp_path, monkeypatch):
-    out, figures = tmp_path / "exp_a", tmp_path / "figures"
-    A.main(A.parse_args(ARGS + ["--out", str(out), "--figures", str(figures),
-                                "--n-random-logprob", "3"]))
-    for name in ("rows.csv", "generations.csv", "metrics.csv", "controls.csv", "tests.csv",
-                 "SUMMARY.md", "patching_table.md", "config.json", "logprob_null.csv",
-                 "logprob_tests.csv"):
-        assert (out / name).is_file(), name
-    for name in ("change_rates", "transfer_rates", "logprob_shift"):
-        assert (runs.figure_dir(out, figures) / f"{name}.png").is_file()
-    rows = runs.load_csv(out / "rows.csv")
-    # 4 problems x 2 layers x 1 k x 2 positions x 2 sources x (none + 2*(3 + 2*2) swap/same rows)
-    assert len(rows) == 4 * 2 * 2 * 2 * (1 + 2 * (3 + 2 * 2))
-    none = rows[rows.condition == "none"]
-    assert not none.answer_changed.any() and (none.dlogp_ref == 0).all()
-    assert set(rows.outcome) <= {"kept", "broken", "transferred"}
-    config = json.loads((out / "config.json").read_text())
-    assert config["model"]["name_or_path"] == "tiny-random" and config["args"]["k"] == [4]
-    summary = (out / "SUMMARY.md").read_text()
-    assert "Verdict:" in summary and "| layer | k |" in summary
-    null = runs.load_csv(out / "logprob_null.csv")
-    # 4 problems x 2 layers x 2 positions x 2 sources x 2 random conditions x 3 draws
-    assert len(null) == 4 * 2 * 2 * 2 * 2 * 3
-    # the first draws are the decoded random subspaces: scoring alone gives their decode's score
-    decoded = rows[(rows.condition == "rand_z") & (rows.pair == "same") & (rows.draw == 0)]
-    merged = decoded.merge(null[(null.condition == "rand_z") & (null.draw == 0)],
-                           on=["problem_id", "layer", "k", "positions", "source"])
-    assert len(merged) == len(decoded) and np.allclose(merged.logp_ref_x, merged.logp_ref_y, atol=1e-4)
-    lp = runs.load_csv(out / "logprob_tests.csv")
-    assert ((lp.p_two_sided > 0) & (lp.p_two_sided <= 1)).all() and (lp.null_draws == 3).all()
-    assert "against 3 random subspaces" in summary
-
-    def no_model(*a, **k):
-        raise AssertionError("the summary must not need a model")
-    monkeypatch.setattr(common, "load_model", no_model)
-    (out / "SUMMARY.md").unlink()
-    A.main(A.parse_args(["--summarize", str(out), "--figures", str(figures)]))
-    assert (out / "SUMMARY.md").read_text() == summary
-    with pytest.raises(runs.UsageError, match="already holds results"):  # no silent overwrite
-        A.main(A.parse_args(ARGS + ["--out", str(out), "--figures", str(figures)]))
-
-
-def _prompts(tmp_path, mutate):
-    data = json.loads(problems.DEFAULT_PROMPTS.read_text(encoding="utf-8"))
-    mutate(data)
-    path = tmp_path / "prompts.json"
-    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    return str(path)
+        assert table.dld.iloc[0] == pytest.approx((-2.0 + 1.0) - (-1.0 + 5.0))
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--layer", "4"], "layers 0..3"), (["--layer", "-2"], "layers 0..3"),
-    (["--k", "0"], "--k between 1 and 64"), (["--k", "65"], "--k between 1 and 64"),
+    (["--k", "0"], "--k between 1 and 63"), (["--k", "64"], "Z-perp empty"),
+    (["--depth", "1.5"], "--depth 1.5 is not a fraction"),
+    (["--depth", "0.5", "--layer", "2"], "--layer or --depth"),
     (["--limit", "999"], "--limit between 1 and"),
     (["--prompts", "/nonexistent/prompts.json"], "does not exist"),
-    ("empty", "no pairs"), ("missing", 'no "answer"'), ("type", "wrong type"),
-    ("duplicate", "duplicate id"),
+    (["--device", "cuda"], "no CUDA device"), (["--source", "last:0"], None),
+    (["--keep-threshold", "2"], "--keep-threshold"),
+    (["--positions", "all", "--source", "last"], "--positions all"),
+    (["--template", "nope"], None), ("empty", "no pairs"), ("duplicate", "duplicate id"),
+    ("file_out", "is a file, not a folder"),
 ])
 def test_bad_input_errors_and_writes_nothing(tmp_path, extra, message):
-    mutations = {"empty": lambda d: d.update(pairs=[]),
-                 "missing": lambda d: d["pairs"][0].pop("answer"),
-                 "type": lambda d: d["pairs"][0].update(en=5),
-                 "duplicate": lambda d: d["pairs"].append(d["pairs"][0])}
+    if extra == "file_out":
+        (tmp_path / "taken").write_text("x")
+        out, extra = tmp_path / "taken" / "exp_a", []
+    else:
+        out = tmp_path / "out"
     if isinstance(extra, str):
-        extra = ["--prompts", _prompts(tmp_path, mutations[extra])]
-    out = tmp_path / "out"
+        data = json.loads(problems.DEFAULT_PROMPTS.read_text(encoding="utf-8"))
+        {"empty": lambda d: d.update(pairs=[]),
+         "duplicate": lambda d: d["pairs"].append(d["pairs"][0])}[extra](data)
+        path = tmp_path / "prompts.json"
+        path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        extra = ["--prompts", str(path)]
     argv = ["--model", "tiny-random", "--layer", "2", "--out", str(out), "--figures", str(tmp_path / "f")]
-    with pytest.raises(runs.UsageError, match=message):
-        A.main(A.parse_args(argv + extra))
+    if "--depth" in extra and "--layer" not in extra:
+        argv = argv[:2] + argv[4:]
+    if message is None:  # argparse's own refusal: exit status 2
+        with pytest.raises(SystemExit) as err:
+            A.parse_args(argv + extra)
+        assert err.value.code == 2
+    else:
+        with pytest.raises(runs.UsageError, match=message):
+            A.main(A.parse_args(argv + extra))
     assert not out.exists() and not (tmp_path / "f").exists()
 
 
 def test_cli_exit_status_two_and_offline_model_message(tmp_path):
-    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    import os
-    env = dict(os.environ, **env)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HOME=str(tmp_path))
     result = subprocess.run(
         [sys.executable, str(runs.REPO / "exp_a_patching.py"), "--model",
          "no-such-org/no-such-model", "--out", str(tmp_path / "out")],
@@ -230,3 +436,11 @@ def test_cli_exit_status_two_and_offline_model_message(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "--model PATH" in last
     assert not (tmp_path / "out").exists()
+
+
+def test_every_flag_has_help_and_help_shows_defaults():
+    parser = A.build_parser()
+    for action in parser._actions:
+        assert action.help, action.option_strings
+    text = " ".join(parser.format_help().split())
+    assert "(default: 19)" in text and "(default: 200)" in text and "(default: direct)" in text

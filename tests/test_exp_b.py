@@ -67,6 +67,26 @@ def test_ratio_separates_updates_inside_and_outside_z():
     assert eb.compute_ratios(outside, basis)["R"].max() < 1e-6
 
 
+def test_matched_band_sees_updates_along_the_main_directions_of_the_stream():
+    """Updates that move along the directions in which the basis layer's states vary most: a
+    uniform random subspace sees k/d of their energy, one drawn with the states' covariance much
+    more; a basis with no variance (outside the states' span) sees none and ranks below both."""
+    gen = torch.Generator().manual_seed(0)
+    d, k, n = 32, 4, 40
+    scales = torch.ones(d)
+    scales[:4] = 20.0  # four dominant directions of the states
+    pooled = torch.randn(2 * n, 3, d, generator=gen, dtype=torch.float64) * scales
+    pairs = [{"id": f"p{i}"} for i in range(n)]
+    outside = torch.eye(d, dtype=torch.float64)[-k:]
+    tables, shares = eb.compute_all(pooled, pairs, outside, k, d, 20, 0, basis_layer=0)
+    table = tables["per_layer"]
+    both = table[table["lang"] == "all"]
+    assert (both["matched_energy_mean"] > 4 * both["rand_energy_mean"]).all()
+    assert both["rand_energy_mean"].between(0.5 * k / d, 2 * k / d).all()
+    assert (both["frac_matched_R_ge"] == 1).all() and (both["frac_random_R_ge"] == 1).all()
+    assert shares["matched"] > 0.5 > shares["uniform"] and shares["z"] < 0.01
+
+
 def test_stacked_bases_match_one_at_a_time():
     updates = torch.randn(5, 3, 16, dtype=torch.float64)
     bases, _ = eb.random_bases(16, 3, 4, seed=1)
@@ -144,6 +164,56 @@ def test_cache_is_reused_and_invalidated(tiny, tmp_path, monkeypatch):
                                cache_dir=cache)
     assert len(files()) == 5
 
+    common.extract_activations(model, tokenizer, TEXTS, [-1, 0, 1], drop_numbers=True,
+                               cache_dir=cache)
+    assert len(files()) == 6
+    common.extract_activations(model, tokenizer, TEXTS, [-1, 0, 1], skip_prefix=[2, 0, 1],
+                               cache_dir=cache)
+    assert len(files()) == 7
+
+
+def test_drop_numbers_removes_exactly_the_tokens_of_numbers_on_a_hand_checked_prompt(tiny):
+    """The tiny tokenizer (Qwen2's pre-tokenizer: one token per digit, the space before a number a
+    token of its own) writes this prompt as (index: token)
+    0 Tom, 1 ' p', 2 a, 3 i, 4 d, 5 ' ', 6 $, 7 1, 8 ',', 9 2, 10 5, 11 0, 12 ' for', 13 ' ', 14 3,
+    15 '.', 16 5, 17 ' ', 18 k, 19 g, 20 ' ', 21 o, 22 f, 23 ' ', 24 1, 25 2, 26 ' apples', 27 '.'
+    The numbers are 1,250 (7-11, the comma included), 3.5 (14-16, the point included) and 12
+    (24-25); the spaces, the dollar sign and the full stop at the end are not numbers."""
+    model, tokenizer = tiny
+    text = "Tom paid $1,250 for 3.5 kg of 12 apples."
+    pieces = [tokenizer.decode([t]) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    assert pieces[5:17] == [" ", "$", "1", ",", "2", "5", "0", " for", " ", "3", ".", "5"]
+    assert pieces[23:] == [" ", "1", "2", " apples", "."]
+    numbers = [7, 8, 9, 10, 11, 14, 15, 16, 24, 25]
+    assert common.number_token_mask(tokenizer, text).nonzero().flatten().tolist() == numbers
+    zh = "小明有12个苹果，花了3.5元。"  # 小 (2 byte pieces) 明有 | 1 | 2 | 个苹果 | ， | 花 (3) | 了 | 3 . 5 | 元 | 。
+    zh_numbers = [2, 3, 10, 11, 12]
+    assert common.number_token_mask(tokenizer, zh).nonzero().flatten().tolist() == zh_numbers
+    assert common.number_token_counts(tokenizer, [text, zh]) == {
+        "tokens": len(pieces) + 15, "number_tokens": 15}
+
+    # the extraction leaves out exactly these positions (and the first) from means and clouds
+    for drop_first in (True, False):
+        tokens = common.extract_activations(model, tokenizer, [text, zh], [1], pool=None,
+                                            drop_first=drop_first, cache_dir=None)
+        kept = common.extract_activations(model, tokenizer, [text, zh], [1], pool=None,
+                                          drop_first=drop_first, drop_numbers=True, cache_dir=None)
+        pooled = common.extract_activations(model, tokenizer, [text, zh], [1], drop_first=drop_first,
+                                            drop_numbers=True, cache_dir=None)
+        for i, number_positions in enumerate((numbers, zh_numbers)):
+            start = int(drop_first)
+            keep = [p for p in range(start, start + len(tokens[i]))
+                    if p not in number_positions]
+            torch.testing.assert_close(kept[i], tokens[i][[p - start for p in keep]])
+            torch.testing.assert_close(pooled[i], kept[i].float().mean(0), atol=1e-3, rtol=1e-3)
+
+
+def test_a_text_left_without_tokens_is_a_usage_error(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(runs.UsageError, match="no token left"):
+        common.extract_activations(model, tokenizer, ["Tom has 3 apples.", "12"], [0],
+                                   drop_numbers=True, cache_dir=None)
+
 
 # ----------------------------------------------------------------------------------------------
 # The script
@@ -180,9 +250,16 @@ def test_main_end_to_end(tiny, tmp_path, monkeypatch):
     assert len(per_layer) == 4 * 3 and set(per_layer["lang"]) == {"zh", "en", "all"}
     assert sorted(per_layer["from_layer"].unique()) == [-1, 0, 1, 2]
     assert per_layer["R_chance"].iloc[0] == pytest.approx(np.sqrt(4 / 60))
-    assert (per_layer["rand_R_lo"] <= per_layer["rand_R_hi"]).all()
+    for prefix in ("rand", "matched"):
+        assert (per_layer[f"{prefix}_R_lo"] <= per_layer[f"{prefix}_R_hi"]).all()
     draws = pd.read_csv(out / "random_draws.csv")
-    assert draws["draw"].nunique() == 20
+    assert draws.groupby("kind")["draw"].nunique().to_dict() == {"matched": 20, "uniform": 20}
+    shares = config["variance_share_of_basis_layer_states"]
+    assert shares["matched"] > shares["uniform"] and set(shares) == {"z", "uniform", "matched"}
+    row = per_layer[(per_layer["lang"] == "all") & (per_layer["from_layer"] == 2)].iloc[0]
+    matched = draws[(draws["kind"] == "matched") & (draws["lang"] == "all")
+                    & (draws["from_layer"] == 2)]["R_mean"]
+    assert row["frac_matched_R_ge"] == pytest.approx(np.mean(matched >= row["R_mean"]))
 
     # the saved R of one text and transition, recomputed from the pooled outputs directly
     model, tokenizer = tiny
@@ -202,8 +279,8 @@ def test_main_end_to_end(tiny, tmp_path, monkeypatch):
     asym = pd.read_csv(out / "asymmetry.csv")
     assert len(asym) == 4
     np.testing.assert_allclose(asym["diff_mean"], asym["R_zh"] - asym["R_en"], atol=1e-12)
-    rand = draws[draws["lang"] != "all"].pivot_table(index=["from_layer", "draw"], columns="lang",
-                                                     values="R_mean")
+    rand = draws[(draws["lang"] != "all") & (draws["kind"] == "uniform")].pivot_table(
+        index=["from_layer", "draw"], columns="lang", values="R_mean")
     rand_diff = (rand["zh"] - rand["en"]).loc[1]
     row = asym[asym["from_layer"] == 1].iloc[0]
     assert row["frac_random_absdiff_ge"] == pytest.approx(

@@ -10,6 +10,7 @@ import common
 import problems
 import runs
 import exp_d_bridge as ed
+import synthetic_numbers
 
 FITTED = ("lstsq", "ridge", "procrustes")
 
@@ -113,6 +114,22 @@ def test_underdetermined_fit_is_flagged_exact():
     assert ed.exactness_warning(20, 4) is None
 
 
+def test_only_the_numbers_shared_retrieval_perfect_with_them_and_at_chance_without(tiny,
+                                                                                  monkeypatch):
+    """Synthetic activations (tests/synthetic_numbers.py) in which the zh and en versions of a
+    problem share only their number: the identity and the language offset (mean_shift, fitted
+    without the held-out pair) map every en mean nearest to its own zh mean; with --drop-numbers
+    every problem's mean is the same and retrieval is at chance (1/N)."""
+    n = synthetic_numbers.N_PROBLEMS
+    loo = [np.array([i]) for i in range(n)]
+    for drop, expected in ((False, 1.0), (True, 1 / n)):
+        pooled = synthetic_numbers.activations(tiny, monkeypatch, drop, pool="mean")[:, 0]
+        Y, X = pooled[:n].double().numpy(), pooled[n:].double().numpy()  # zh, en
+        for name in ("mean_shift", "identity"):
+            assert ed.retrieval_top1(ed.heldout_predictions(name, X, Y, loo), Y) == \
+                pytest.approx(expected), (drop, name)
+
+
 def test_r2_and_retrieval_definitions():
     Y = np.arange(12.0).reshape(6, 2) ** 1.5
     assert ed.r2(Y, Y) == 1.0
@@ -162,7 +179,8 @@ def cli(tmp_path, *extra, n=12):
 
 @pytest.mark.parametrize("extra", [["--layer", "4"], ["--k", "0"], ["--k", "4", "65"],
                                    ["--n-shuffles", "0"], ["--prompts-zh", "MISSING"],
-                                   ["--limit", "2"], ["--prompts-en", "SHORT"]])
+                                   ["--limit", "2"], ["--prompts-en", "SHORT"],
+                                   ["--depth", "1.5"], ["--depth", "0.5"]])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra):
     args = cli(tmp_path, *extra)
     if extra[0] == "--prompts-zh":
@@ -180,13 +198,13 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra):
 
 
 def test_main_end_to_end(tiny, tmp_path, capsys, monkeypatch):
-    rows = ed.main(cli(tmp_path))
+    rows = ed.main(cli(tmp_path, "--n-shuffles", "20"))
     out = tmp_path / "exp_d"
     m = pd.read_csv(out / "metrics.csv")
     assert len(rows) == len(m) == 2 * len(ed.MAPS)
     assert set(m["k"]) == {4, 8} and (m["n_pairs"] == 12).all() and not m["in_sample_exact"].any()
     assert ((m["null_lo"] <= m["null_hi"]) & (m["retrieval_chance"] == 1 / 12)).all()
-    assert len(pd.read_csv(out / "null.csv")) == 2 * len(ed.MAPS) * 100
+    assert len(pd.read_csv(out / "null.csv")) == 2 * len(ed.MAPS) * 20
     assert len(pd.read_csv(out / "singular_values.csv")) == (4 + 8) * len(ed.MAPS)
     config = json.loads((out / "config.json").read_text())
     assert (config["layer"], config["k"], config["drop_first"], config["n_pairs"]) == \
@@ -216,8 +234,8 @@ def test_random_basis_control_uses_a_random_subspace(tiny, tmp_path, monkeypatch
     monkeypatch.setattr(common, "load_model", lambda *a, **k: tiny)
     model, _ = tiny
     args = cli(tmp_path, "--basis", "random", "--k", "4", "--n-shuffles", "5")
-    assert not np.allclose(ed.make_basis(args, model, 4), common.z_basis(model, 2, 4).numpy())
-    np.testing.assert_allclose(ed.make_basis(args, model, 4),
+    assert not np.allclose(ed.make_basis(args, model, 2, 4), common.z_basis(model, 2, 4).numpy())
+    np.testing.assert_allclose(ed.make_basis(args, model, 2, 4),
                                common.random_basis(64, 4, seed=0).numpy())
     ed.main(args)
     m = pd.read_csv(tmp_path / "exp_d" / "metrics.csv")
@@ -227,7 +245,7 @@ def test_random_basis_control_uses_a_random_subspace(tiny, tmp_path, monkeypatch
 
 def test_main_flags_an_exact_fit_when_n_is_at_most_k(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(common, "load_model", lambda *a, **k: tiny)  # the same seed-0 model
-    ed.main(cli(tmp_path, "--limit", "4", "--k", "4", "--n-shuffles", "100"))
+    ed.main(cli(tmp_path, "--limit", "4", "--k", "4", "--n-shuffles", "20"))
     assert "exact by construction" in capsys.readouterr().out
     m = pd.read_csv(tmp_path / "exp_d" / "metrics.csv").set_index("map")
     assert m.loc["lstsq", "in_sample_exact"] and m.loc["lstsq", "in_sample_r2"] == \

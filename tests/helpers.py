@@ -1,0 +1,34 @@
+"""Small builders shared by the test modules: prompts of different lengths and patches."""
+import torch
+
+import common
+
+TEXTS = ["Question: Tom buys 3 apples for 4 dollars each. Answer:", "问题：小明有3个苹果。答案：",
+         "The answer is 42."]
+# Five prompts of five different token lengths (with the tiny tokenizer's byte-level and its
+# Qwen-style pre-tokenizer alike): batches mix lengths, so left padding is exercised.
+MIXED = ["The answer is 42.", "A train travels 60 kilometers.", "问题：火车每小时行驶60公里，行驶了2小时。",
+         "Question: Tom buys 3 apples for 4 dollars each. Answer:",
+         "问题：火车每小时行驶60公里，行驶了2小时。一共行驶了多少公里？答案："]
+
+
+def make_patch(layer, basis_rows, complement, source_mean, patch_generated, source_tokens=None,
+               **fields):
+    return common.SubspacePatch(layer=layer, basis=basis_rows, complement=torch.tensor(complement),
+                                source_mean=source_mean, source_tokens=source_tokens,
+                                patch_generated=torch.tensor(patch_generated), **fields)
+
+
+def conditions(model, n_rows, layer=2, k=4, seed=0):
+    """One row per condition: none, Z, Z-perp, full, random-Z; mixed scopes."""
+    d = common.hidden_size(model)
+    z, r = common.z_basis(model, layer, k), common.random_basis(d, k, seed)
+    bases = [torch.zeros(k, d), z, z, torch.zeros(k, d), r][:n_rows]
+    gen = torch.Generator().manual_seed(seed)
+    return make_patch(layer, torch.stack(bases), [False, False, True, True, False][:n_rows],
+                      torch.randn(n_rows, d, generator=gen) * 3,
+                      [False, True, False, True, True][:n_rows])
+
+
+def has_hooks(model):
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
