@@ -52,7 +52,7 @@ from exp_a_patching import derangement  # the seeded swap-partner derangement of
 
 FIXED = ["none", "full", "z_basis", "z_layer"]
 MEASURES = ["dlogp_own", "dlogp_src", "transfer", "transfer_pooled", "transfer_first",
-            "dlang_own"]
+            "dlang_own", "patch_share"]
 EN_MARK, ZH_MARK = ".\n\n", "。\n\n"  # what follows the answer in the template's examples
 
 
@@ -116,6 +116,7 @@ def prepare(model, tokenizer, pairs, template, partner, m, batch_size):
     clean: per-problem clean scores; markers.
     """
     n = len(pairs)
+    batch_size = min(batch_size, 64)  # whole prompts with every layer's states: keep batches small
     inverse = [0] * n
     for i, j in enumerate(partner):
         inverse[j] = i
@@ -244,15 +245,21 @@ def make_batches(state, problem_index, n_conditions, batch_size, dtype):
 @torch.no_grad()
 def run_rows(model, state, layer, conditions, batches):
     """Scores of every row with the `last` source patched at `layer`: a frame with problem,
-    pairing, condition index, logp_own, logp_src, first_own, first_src, lang_own, lang_src."""
+    pairing, condition index, logp_own, logp_src, first_own, first_src, lang_own, lang_src, and
+    patch_share = |P_S (s - h)| / |s - h| at the patched positions (how much of the difference
+    between source and run the subspace carries: 1 for full, 0 for none)."""
     device = state.hidden.device
     bases, complement = conditions.bases.to(device), conditions.complement.to(device)
     frames = []
     for batch in batches:
         rows = batch.block.rows
         hidden = state.hidden[layer + 1][rows[:, None], batch.columns]
+        source = state.zh_last[layer + 1][batch.source]
         patch = interchange.subspace_patch(bases[batch.condition], complement[batch.condition],
-                                           state.zh_last[layer + 1][batch.source])
+                                           source)
+        suffix = hidden[:, :batch.block.m].float()
+        share = ((patch(suffix).float() - suffix).norm(dim=-1)
+                 / (source.float() - suffix).norm(dim=-1).clamp(min=1e-12)).mean(1)
         out = interchange.patched_scores(model, state.prefixes, batch.block, layer, hidden, patch,
                                          state.markers, batch.mask)
         src = 0 if batch.pairing == "same" else 1
@@ -264,7 +271,8 @@ def run_rows(model, state, layer, conditions, batches):
             "first_own": out["logp_first"][:, 0].double().cpu().numpy(),
             "first_src": out["logp_first"][:, src].double().cpu().numpy(),
             "lang_own": out["lang"][:, 0].double().cpu().numpy(),
-            "lang_src": out["lang"][:, src].double().cpu().numpy()}))
+            "lang_src": out["lang"][:, src].double().cpu().numpy(),
+            "patch_share": share.double().cpu().numpy()}))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -307,7 +315,8 @@ def aggregate(measured):
                           "dlogp_own": group.dlogp_own.mean(), "dlogp_src": group.dlogp_src.mean(),
                           "transfer": group.transfer.mean(), "transfer_pooled": pooled,
                           "transfer_first": group.transfer_first.mean(),
-                          "dlang_own": group.dlang_own.mean()})
+                          "dlang_own": group.dlang_own.mean(),
+                          "patch_share": group.patch_share.mean()})
     return measured.groupby(["pairing", "condition"]).apply(summary, include_groups=False).reset_index()
 
 

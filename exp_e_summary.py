@@ -37,37 +37,37 @@ STYLE = {"none": dict(color="0.5", ls=":", label="none (no-op)"),
          "z_basis": dict(color="tab:blue", label="Z of the basis layer"),
          "z_layer": dict(color="tab:orange", label="Z of the patched layer"),
          "das": dict(color="tab:red", label="DAS"),
-         "random": dict(color="tab:green", ls="--", label="random (mean, 95% band)")}
+         "random": dict(color="tab:green", ls="--", label="random (mean; band: 2.5-97.5% of draws)")}
 
 
 def plot_sweep(per_layer, n_layers, basis_layer, k, title, path):
-    """Transfer, log-prob and language-margin shifts against layer, random band shaded."""
+    """Transfer (all digits and first digit), log-prob and language-margin shifts against layer,
+    random band shaded. Shifts in nats on a symmetric-log axis, so that Z and the random band stay
+    readable beside full replacement's shifts of several nats."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = [("swap", "transfer", "transfer fraction of ld (swap source)"),
+    panels = [("swap", "transfer", "transfer fraction of ld, all digits (swap source)"),
+              ("swap", "transfer_first", "transfer fraction, first digit only (swap source)"),
               ("swap", "dlogp_src", "Δ log p(source's answer), swap source"),
               ("swap", "dlogp_own", "Δ log p(own answer), swap source"),
               ("same", "dlogp_own", "Δ log p(own answer), same-problem source"),
-              ("swap", "dlang_own", "Δ language margin after the answer (en - zh full stop), swap"),
-              ("same", "dlang_own", "Δ language margin, same-problem source")]
+              ("swap", "dlang_own", "Δ language margin after the answer (en - zh full stop), swap")]
     fig, axes = plt.subplots(3, 2, figsize=(12, 10), sharex=True)
     for ax, (pairing, measure, label) in zip(axes.flat, panels):
         frame = per_layer[per_layer.pairing == pairing].sort_values("layer")
         for condition, style in STYLE.items():
             rows = frame[frame.condition == condition]
-            if not len(rows):
+            if not len(rows) or measure not in rows:
                 continue
             ax.plot(rows.layer, rows[measure], marker=".", lw=1.2, **style)
             if condition == "random" and f"{measure}_lo" in rows:
                 ax.fill_between(rows.layer, rows[f"{measure}_lo"], rows[f"{measure}_hi"],
                                 color=style["color"], alpha=0.2, lw=0)
-        if measure == "transfer":  # the first digit alone: what the patched position predicts
-            rows = frame[frame.condition == "full"]
-            ax.plot(rows.layer, rows.transfer_first, color="k", ls="--", lw=0.9,
-                    label="full, first digit only")
+        if not measure.startswith("transfer"):
+            ax.set_yscale("symlog", linthresh=0.1)
         ax.axvline(basis_layer, color="tab:blue", lw=0.8, ls="-.")
-        ax.axhline(1 if measure == "transfer" else 0, color="0.8", lw=0.6)
+        ax.axhline(0, color="0.8", lw=0.6)
         ax.set_title(label, fontsize=9)
         top = ax.secondary_xaxis("top", functions=(lambda x: x / n_layers, lambda f: f * n_layers))
         top.tick_params(labelsize=7)
@@ -75,7 +75,7 @@ def plot_sweep(per_layer, n_layers, basis_layer, k, title, path):
         ax.set_xlabel("patched layer l (top axis: l / L)")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"{title}\nlast-position interchange, k = {k}; dash-dot: basis layer "
-                 f"{basis_layer}", fontsize=10)
+                 f"{basis_layer}; shifts in nats (symmetric log scale)", fontsize=10)
     runs.save_figure(fig, path)
 
 
@@ -99,8 +99,8 @@ def plot_das(table, angles, title, path):
                         [r.transfer_hi - r.transfer]], color="k", capsize=4)
         ax.set_xticks(range(len(names)), names, fontsize=8)
         ax.axhline(0, color="0.6", lw=0.6)
-        ax.set_title(f"k = {k}: transfer on held-out swap pairs (layer {int(frame.layer.iloc[0])})",
-                     fontsize=9)
+        ax.set_title(f"k = {k}: transfer on {int(frame.n_transfer.iloc[0])} held-out swap pairs "
+                     f"(layer {int(frame.layer.iloc[0])})", fontsize=9)
         ax = axes[1, col]
         a = angles[angles.k == k]
         rand = a[a.versus == "random"]
@@ -131,7 +131,9 @@ def replot(args):
             runs.write_csv(decode_summary(runs.load_csv(out / rows), keys), out / table)
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     model = config.get("model", {})
-    title = f"{model.get('name_or_path')} ({model.get('dtype')}, {model.get('device_name')})"
+    name = Path(str(model.get("name_or_path"))).name
+    title = (f"{name} ({model.get('dtype')}, {model.get('device_name')}), "
+             f"{config.get('n_pairs')} pairs, {config['args'].get('n_random')} random draws")
     plot_sweep(runs.load_csv(out / "per_layer.csv"), model["num_layers"], config["basis_layer"],
                config["args"]["k"], title, runs.figure_path(args, "layer_sweep"))
     if (out / "das.csv").is_file() and (out / "das_angles.csv").is_file():

@@ -173,7 +173,7 @@ def test_row_measures_against_hand_computation():
                          "condition": [0, 0, 0], "logp_own": [-1.5, -2.0, -2.0],
                          "logp_src": [-1.5, -3.0, -4.0], "first_own": [-0.5, -1.0, -1.0],
                          "first_src": [-0.5, -1.0, -3.0], "lang_own": [2.0, 1.0, 1.0],
-                         "lang_src": [2.0, 1.0, 1.0]})
+                         "lang_src": [2.0, 1.0, 1.0], "patch_share": [0.0, 0.0, 0.0]})
     m = ee.row_measures(rows, clean, min_span=1.0)
     assert m.dlogp_own.tolist() == [-0.5, -1.0, 0.0]
     assert m.dlogp_src.tolist() == [-0.5, 2.0, 0.0]  # same: the source's answer is the own one
@@ -276,6 +276,9 @@ def test_sweep_writes_every_output_and_the_figures(finished_run):
     assert sorted(per_layer.layer.unique()) == [0, 1, 2, 3]
     assert set(per_layer.condition) == {"none", "full", "z_basis", "z_layer", "random"}
     assert per_layer.noop_max_abs.max() < 1e-4  # the no-op rows reproduce the clean run
+    share = per_layer.groupby("condition").patch_share
+    assert np.allclose(share.min()["full"], 1) and np.allclose(share.max()["full"], 1)
+    assert share.max()["none"] == 0 and 0 < share.mean()["random"] < 1
     layer2 = per_layer[(per_layer.layer == 2) & (per_layer.pairing == "swap")].set_index("condition")
     assert layer2.loc["z_basis", "transfer"] == pytest.approx(layer2.loc["z_layer", "transfer"])
     assert layer2.loc["random", "transfer_lo"] <= layer2.loc["random", "transfer"] <= \
