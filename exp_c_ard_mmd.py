@@ -35,7 +35,9 @@ layer's standardised training tokens): a coordinate is in Z when the fit weighs 
 isotropic kernel does. `z_size_rel` also counts w_j >= 0.1 max_j w_j.
 
 Starts. warm (plan C.4): log l_j = -log(diag(P_Z)_j + eps), diag(P_Z) = (V_Z**2).sum(0) of the SVD
-mask at --basis-layer; cold: every l_j = l_ref.
+mask at --basis-layer, shifted so that the k coordinates with the largest diag(P_Z) start inside Z
+(l_j < l_ref) and the rest outside (the plan's formula has no scale; on standardised data it puts
+nearly every coordinate far below l_ref); cold: every l_j = l_ref.
 
 Selection. Problems are split into train / val / test (seeded). Fits see training problems only.
 Per (layer, objective, start) the selected lambda is the one with the lowest validation
@@ -244,10 +246,18 @@ def compute_z_energy(model, layer, k, fold_norm=False):
     return (common.z_basis(model, layer, k, fold_norm=fold_norm) ** 2).sum(0)
 
 
-def initial_log_l(start, z_energy, l_ref, eps):
-    if start == "warm":
-        return -torch.log(z_energy + eps)
-    return torch.full_like(z_energy, math.log(l_ref))
+def initial_log_l(start, z_energy, l_ref, eps, k):
+    """Starting log lengthscales (d,). cold: every l_j = l_ref. warm (plan C.4): the plan's
+    log l_j = -log(diag(P_Z)_j + eps), shifted so that the k coordinates with the largest
+    diag(P_Z) start below l_ref (inside Z) and the others above: the plan's formula gives the
+    shape, the data's l_ref the scale. Unshifted, 1/(diag(P_Z) + eps) is far below l_ref on
+    standardised data for almost every coordinate, and Z would start with nearly all d of them."""
+    if start == "cold":
+        return torch.full_like(z_energy, math.log(l_ref))
+    log_l = -torch.log(z_energy + eps)
+    ordered = torch.sort(log_l).values
+    anchor = (ordered[k - 1] + ordered[k]) / 2 if k < len(ordered) else ordered[-1] + 1
+    return log_l - anchor + math.log(l_ref)
 
 
 def summarise_fit(log_l, log_l_ref, z_energy):
@@ -296,7 +306,8 @@ def compute_layer_fits(data, layer, layer_info, objective, z_energy, args, progr
     zh, en = data["train"]
     l_ref = layer_info["l_ref"]
     fits = [(s, lam) for s in args.start for lam in args.lambdas]
-    log_l0 = torch.stack([initial_log_l(s, z_energy, l_ref, args.warm_eps) for s, _ in fits])
+    log_l0 = torch.stack([initial_log_l(s, z_energy, l_ref, args.warm_eps, args.k)
+                          for s, _ in fits])
     lambdas = torch.tensor([lam for _, lam in fits], device=zh.x.device)
     steps_taken = [0]
 

@@ -65,13 +65,14 @@ def plot_z_size(out, path):
                      for i, layer in enumerate(layers)}
     for (ax_layer, ax_lam), obj in zip(axes, objectives):
         rows = s[s.objective == obj]
-        for start, g in rows[rows.selected].groupby("start"):
+        selected = rows[rows.selected]
+        for start, g in selected.groupby("start"):
             ax_layer.plot(g["layer"], g["z_size"], color="k", label=f"{start} start",
                           **_start_style(start))
-            for _, r in g.iterrows():
-                ax_layer.annotate(f"λ={r['lambda']:g}", (r["layer"], r["z_size"]), fontsize=6,
-                                  xytext=(3, 4 if start == "cold" else -9),
-                                  textcoords="offset points")
+        for layer, g in selected.groupby("layer"):  # one label per layer: the selected lambdas
+            chosen = "/".join(f"{lam:g}" for lam in dict.fromkeys(g["lambda"]))
+            ax_layer.annotate(f"λ={chosen}", (layer, g["z_size"].max()), fontsize=7,
+                              xytext=(0, 7), textcoords="offset points", ha="center")
         ax_layer.set_xticks(layers, [str(layer) for layer in layers])
         ax_layer.margins(x=0.08)
         ax_layer.set_title(f"{obj}: at the selected λ (lowest validation cross-entropy)",
@@ -155,6 +156,13 @@ def plot_overlap(out, path):
     save_figure(fig, path)
 
 
+def _loss_ticks(loss):
+    """1-2-5 ticks across the range of (positive) losses."""
+    low, high = np.floor(np.log10(loss.min())), np.ceil(np.log10(loss.max()))
+    return [m * 10 ** e for e in np.arange(low, high + 1) for m in (1, 2, 5)
+            if loss.min() / 2 <= m * 10 ** e <= loss.max() * 2]
+
+
 def plot_traces(out, path, basis_layer):
     """Loss and |Z| over steps at the basis layer, every fit."""
     import pandas as pd
@@ -173,7 +181,14 @@ def plot_traces(out, path, basis_layer):
             row[0].plot(g["step"], g["loss"], **style)
             row[1].plot(g["step"], g["z_size"], **style)
         row[0].set(title=f"{obj}: loss (layer {layer})", xlabel="Adam step", ylabel="loss")
-        row[0].set_yscale("symlog", linthresh=1)
+        loss = t[t.objective == obj]["loss"]
+        if (loss > 0).all():
+            row[0].set_yscale("log")
+            row[0].yaxis.set_major_formatter(plt.ScalarFormatter())
+            row[0].yaxis.set_minor_formatter(plt.NullFormatter())
+            row[0].set_yticks(_loss_ticks(loss))
+        else:  # the plan objective's unbiased MMD^2 can go below 0
+            row[0].set_yscale("symlog", linthresh=1)
         row[1].set(title=f"{obj}: |Z| (layer {layer})", xlabel="Adam step", ylabel="|Z|")
         for ax in row:
             ax.grid(alpha=0.3)

@@ -315,6 +315,8 @@ def plot_heldout_r2(out_dir, path):
         rows = m[m["k"] == k].set_index("map").loc[list(MAPS)]
         ax.barh(rows_y, rows["null_hi"] - rows["null_lo"], left=rows["null_lo"], height=0.5,
                 color="0.8", label="shuffled-pairs null (2.5-97.5%)")
+        ax.plot(rows["null_hi"], rows_y, "|", color="0.45", ms=14, mew=1.5,
+                label="null, 97.5% point")
         ax.plot(rows["kfold_r2"], rows_y + 0.12, "o", color="tab:blue",
                 label=f"{int(m['n_folds'].iloc[0])}-fold held out")
         ax.plot(rows["loo_r2"], rows_y - 0.12, "o", mfc="none", color="tab:blue",
@@ -341,11 +343,11 @@ def plot_heldout_r2(out_dir, path):
     handles, labels = axes[0].get_legend_handles_labels()
     more = ax.get_legend_handles_labels()
     fig.legend(handles + more[0], labels + [f"retrieval, {label}" for label in more[1]],
-               loc="lower center", ncol=4 + len(ks) + 1, fontsize=8, frameon=False)
+               loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(f"Bridge zh <- en inside the {_basis_name(m)} basis: layer "
                  f"{int(m['layer'].iloc[0])}, N = {int(m['n_pairs'].iloc[0])} pairs, "
                  f"{_pooling_note(m)}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path

@@ -31,8 +31,13 @@ FIGURES = {"B": ["residual_ratio"], "C": ["z_size", "spectrum", "overlap", "trac
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
 
-def smoke_args(name, *extra):
-    return SCRIPTS[name].parse_args(shlex.split(SMOKE_COMMANDS[name])[2:] + list(extra))
+# Lighter still, for the tests that are not about the README command itself.
+LIGHT = {"B": ["--n-random", "5"], "C": [], "D": ["--k", "8", "--n-shuffles", "10"]}
+
+
+def smoke_args(name, *extra, light=True):
+    return SCRIPTS[name].parse_args(shlex.split(SMOKE_COMMANDS[name])[2:]
+                                    + (LIGHT[name] if light else []) + list(extra))
 
 
 def exit_of(name, args, capsys):
@@ -57,7 +62,7 @@ def resolved_layer(name, args):
 @pytest.mark.parametrize("name", ["B", "C", "D"])
 def test_readme_smoke_command_runs_end_to_end(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default --out, --figures and --cache-dir are relative
-    args = smoke_args(name)
+    args = smoke_args(name, light=False)
     SCRIPTS[name].main(args)
     out = tmp_path / "results" / f"exp_{name.lower()}"
     for file in OUTPUTS[name] + ["config.json"]:

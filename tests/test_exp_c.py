@@ -36,6 +36,17 @@ def test_summarise_fit_counts_the_coordinates_below_l_ref():
     assert row["z_size"] == 3 and row["z_size_rel"] == 2 and row["overlap"] == 3  # w = 1, 1/4
 
 
+def test_warm_start_puts_the_svd_masks_top_k_coordinates_inside_z():
+    z_energy = torch.tensor([0.9, 0.02, 0.5, 0.001, 0.3, 0.05, 0.0, 0.2])
+    log_l = C.initial_log_l("warm", z_energy, 40.0, 1e-3, k=3)
+    assert set(np.flatnonzero((log_l < math.log(40.0)).numpy())) == {0, 2, 4}  # the top 3
+    # the plan's shape: log l_j = -log(diag + eps) up to one shift
+    shift = log_l + torch.log(z_energy + 1e-3)
+    torch.testing.assert_close(shift, torch.full_like(shift, float(shift[0])))
+    cold = C.initial_log_l("cold", z_energy, 40.0, 1e-3, k=3)
+    torch.testing.assert_close(cold, torch.full_like(cold, math.log(40.0)))
+
+
 def test_mark_selected_takes_the_lowest_validation_cross_entropy_ties_to_the_larger_lambda():
     summary = pd.DataFrame({"layer": 1, "objective": "contrastive", "start": "cold",
                             "lambda": [0.0, 0.1, 1.0, 10.0], "ce_val_final": [0.9, 0.5, 0.5, 2.0]})
