@@ -57,7 +57,7 @@ def set_seed(seed):
 
 # Flags that never change what a run computes: a resumed run may differ from its config.json in
 # these and nothing else.
-RESUME_IGNORED = {"resume", "overwrite", "batch_size", "figures", "summarize", "replot",
+RESUME_IGNORED = {"resume", "overwrite", "batch_size", "figures", "summarize", "replot", "decode",
                   "cache_dir"}
 
 
@@ -161,7 +161,12 @@ def _git_commit():
 def run_config(args, model=None, **extra):
     """Everything needed to trace a result to the command that made it."""
     import transformers
-    config = {"command": " ".join([Path(sys.argv[0]).name] + [portable(a) for a in sys.argv[1:]]),
+    # The script whose main() called this; its command line only when it was run as a command
+    # (a main() called from Python, as in the tests, has no command of its own).
+    script = Path(sys._getframe(1).f_code.co_filename).name
+    command = " ".join([script] + [portable(a) for a in sys.argv[1:]]) \
+        if Path(sys.argv[0]).name == script else None
+    config = {"script": script, "command": command,
               "args": _args_dict(args),
               "git_commit": _git_commit(),
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -199,11 +204,13 @@ def save_figure(fig, path, dpi=120):
 def figure_dir(out, figures_root):
     """Where a run's figures go: its --out path mirrored under the figures root, so that
     --out results/r1/exp_a and --out results/r2/exp_a never share a file. The mirrored part is the
-    path below results/ (or below the working folder, or the whole path otherwise)."""
+    path below the innermost folder called results (or below the working folder, or the whole
+    path otherwise); report.py finds a run's figures with the same rule."""
     out = Path(out).resolve()
-    for base in (REPO / "results", Path.cwd()):
-        if out.is_relative_to(base.resolve()) and out != base.resolve():
-            return Path(figures_root) / out.relative_to(base.resolve())
+    results = [parent for parent in out.parents if parent.name == "results"]
+    for base in results[:1] + [Path.cwd().resolve()]:
+        if out.is_relative_to(base) and out != base:
+            return Path(figures_root) / out.relative_to(base)
     return Path(figures_root) / Path(*out.parts[1:])
 
 
@@ -215,7 +222,17 @@ def figure_path(args, name):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every default and keeps the module docstring's layout."""
+    """--help shows every default and keeps the module docstring's layout. A help text that
+    already says its default is left as written; a path default is shown as config.json stores
+    it (relative to the repository), not as this machine's absolute path."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default is argparse.SUPPRESS:
+            return text
+        if isinstance(action.default, Path):
+            return f"{text} (default: {portable(action.default)})"
+        return super()._get_help_string(action)
 
 
 def make_parser(doc):

@@ -32,3 +32,19 @@ def conditions(model, n_rows, layer=2, k=4, seed=0):
 
 def has_hooks(model):
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+# Each experiment script's flags for a run of a few seconds on the tiny model (its layers 0..3):
+# the CUDA tests and the report's tests run the scripts with them.
+TINY_RUN_FLAGS = {
+    "exp_a_patching.py": ["--layer", "2", "--k", "4", "--n-random", "1", "--limit", "3",
+                          "--n-random-logprob", "4", "--max-new-tokens", "4"],
+    "exp_b_residual.py": ["--basis-layer", "2", "--k", "4", "--n-random", "2", "--limit", "4",
+                          "--cache-dir", "none"],
+    "exp_c_ard_mmd.py": ["--layers", "1", "3", "--basis-layer", "2", "--k", "8", "--steps", "10",
+                         "--min-steps", "0", "--limit", "12", "--cache-dir", "none"],
+    "exp_d_bridge.py": ["--layer", "2", "--k", "4", "--limit", "12", "--n-shuffles", "10",
+                        "--n-folds", "3", "--cache-dir", "none"],
+    "exp_e_layer_sweep.py": ["--limit", "6", "--basis-layer", "2", "--k", "8", "--n-random", "3",
+                             "--decode-limit", "2", "--das-k", "4", "--das-steps", "4"],
+}

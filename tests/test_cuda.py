@@ -14,7 +14,7 @@ import common
 import decoding
 import fast_decode
 import runs
-from helpers import MIXED, conditions
+from helpers import MIXED, TINY_RUN_FLAGS, conditions
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -106,18 +106,7 @@ def _run(script, *flags, tmp_path):
     return out
 
 
-SCRIPTS = {
-    "exp_a_patching.py": ["--layer", "2", "--k", "4", "--n-random", "1", "--limit", "3",
-                          "--max-new-tokens", "4"],
-    "exp_b_residual.py": ["--basis-layer", "2", "--k", "4", "--n-random", "2", "--limit", "4",
-                          "--cache-dir", "none"],
-    "exp_c_ard_mmd.py": ["--layers", "1", "3", "--basis-layer", "2", "--k", "8", "--steps", "10",
-                         "--min-steps", "0", "--limit", "12", "--cache-dir", "none"],
-    "exp_d_bridge.py": ["--layer", "2", "--k", "4", "--limit", "12", "--n-shuffles", "10",
-                        "--n-folds", "3", "--cache-dir", "none"],
-    "exp_e_layer_sweep.py": ["--limit", "6", "--basis-layer", "2", "--k", "8", "--n-random", "3",
-                             "--decode-limit", "2", "--das-k", "4", "--das-steps", "4"],
-}
+SCRIPTS = TINY_RUN_FLAGS
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
