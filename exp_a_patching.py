@@ -26,7 +26,6 @@ model calculate first and scores the answer after teacher-forcing the unpatched 
 to its "The answer is" (logp_readout). ld = log p(own answer) - log p(swap partner's answer).
 Statistics and the verdict: exp_a_summary.py (from the CSVs this script writes).
 """
-import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -345,12 +344,10 @@ def patch_sizes(patch, hidden, attention_mask):
 # ----------------------------------------------------------------------------------------------
 # Decoding and scoring
 
-def _decode_options(template):
-    """decoding's own number stop where it has one (a direct row is done once its number ends);
-    read_output cuts at the same place either way, so the rows are the same with or without it."""
-    params = inspect.signature(decoding.generate_and_score).parameters
-    return {"stop_when_number_ends": True} if template == "direct" and \
-        "stop_when_number_ends" in params else {}
+def _decode_options(args, decode):
+    """Engine and stop rule of a batch: a direct row is done once its number ends (read_output
+    cuts at the same place either way, so the rows are the same with or without the stop)."""
+    return {"engine": args.decode, "stop_when_number_ends": decode and args.template == "direct"}
 
 
 def score_sets(batch, answer_ids, swap_of, readouts):
@@ -382,7 +379,7 @@ def run_batch(model, tokenizer, ctx, batch, args, decode, scoring):
     stop_ids = problems.stop_token_ids(tokenizer)
     out = decoding.generate_and_score(
         model, rows["input_ids"], rows["attention_mask"], args.max_new_tokens if decode else 0,
-        patch, stop_ids, score=sets, prefill=rows, **(_decode_options(args.template) if decode else {}))
+        patch, stop_ids, score=sets, prefill=rows, **_decode_options(args, decode))
     results = []
     for b, job in enumerate(batch):
         result = {"job": job, "patch_size": float(sizes[b])}
@@ -667,6 +664,7 @@ def build_parser():
     parser = runs.make_parser(__doc__)
     common.add_common_args(parser, "exp_a")
     problems.add_pairs_args(parser)
+    decoding.add_decode_args(parser)
     parser.add_argument("--layer", type=int, nargs="+", default=None,
                         help=f"decoder layer(s) to patch; default {DEFAULT_LAYER} (Qwen2.5-3B's)")
     parser.add_argument("--depth", type=float, nargs="+", default=None, metavar="F",

@@ -579,18 +579,24 @@ def plot_figures(out_dir, figures_dir, tables, template):
     runs.save_figure(fig, runs.figure_path(where, "logprob_shift"))
 
 
-def summarize(out_dir, figures_dir=Path("figures")):
-    """Rebuild every table, SUMMARY.md, patching_table.md and the figures from a run's CSVs."""
+def load_run(out_dir):
+    """(rows, random null or None, variance or None, config) of a run folder, from its files."""
     out_dir = Path(out_dir)
     if not (out_dir / "rows.csv").is_file():
         raise runs.UsageError(f"{out_dir} has no rows.csv; run the experiment first or pass the "
                               f"folder of a finished run")
     config = json.loads((out_dir / "config.json").read_text(encoding="utf-8")) \
         if (out_dir / "config.json").is_file() else {}
+    optional = [load_table(out_dir / name) if (out_dir / name).is_file() else None
+                for name in ("random_scores.csv", "variance.csv")]
+    return load_table(out_dir / "rows.csv"), *optional, config
+
+
+def summarize(out_dir, figures_dir=Path("figures")):
+    """Rebuild every table, SUMMARY.md, patching_table.md and the figures from a run's CSVs."""
+    out_dir = Path(out_dir)
+    rows, null, variance, config = load_run(out_dir)
     args = config.get("args", {})
-    rows = load_table(out_dir / "rows.csv")
-    null = load_table(out_dir / "random_scores.csv") if (out_dir / "random_scores.csv").is_file() else None
-    variance = load_table(out_dir / "variance.csv") if (out_dir / "variance.csv").is_file() else None
     tables = compute_tables(rows, null, args.get("keep_threshold", 0.2))
     names = measure_names(args.get("template", "direct"))
     for name, frame in zip(("metrics", "controls", "null_draws", "tests", "verdicts"), tables):
@@ -600,6 +606,43 @@ def summarize(out_dir, figures_dir=Path("figures")):
     write_summary(out_dir, rows, tables, checks, variance, config)
     plot_figures(out_dir, figures_dir, tables, args.get("template", "direct"))
     return tables[4]
+
+
+def summary_lines(out_dir):
+    """SUMMARY.md's check on the measure and its verdict paragraph per configuration (report.py)."""
+    rows, null, variance, config = load_run(out_dir)
+    args = config.get("args", {})
+    template = args.get("template", "direct")
+    _, controls, _, tests, verdicts = compute_tables(rows, null, args.get("keep_threshold", 0.2))
+    lines = checks_markdown(measure_checks(rows), template)
+    for config_key, frame in rows.groupby(CONFIG, sort=True):
+        c, t = (select_config(f, config_key) for f in (controls, tests))
+        v = select_config(verdicts, config_key).iloc[0]
+        lines.append("Layer {} · k {} · positions {} · source {}: ".format(*config_key)
+                     + verdict_paragraph(frame, c, t, v, variance, template))
+    return lines
+
+
+def headline(out_dir):
+    """report.py's cross-model cell: Z's answer-change rate against the random band and its rank
+    p, and Z's shift of log p(reference) against the random draws', per configuration."""
+    rows, null, _, config = load_run(out_dir)
+    _, controls, _, tests, verdicts = compute_tables(
+        rows, null, config.get("args", {}).get("keep_threshold", 0.2))
+    cells = []
+    for config_key, frame in rows.groupby(CONFIG, sort=True):
+        c, t = (select_config(f, config_key) for f in (controls, tests))
+        change, shift = _test(t, "z", "answer_change"), _test(t, "z", "dlogp_ref")
+        z = condition_rates(frame, "z")["answer_change"]
+        cell = (f"Z changed {100 * z['value']:.0f}% of answers (random "
+                f"{_band(c, 'rand_z', 'answer_change')}"
+                + (f", p {change['p_above']:.2f}" if change is not None else "") + ")")
+        if shift is not None:
+            cell += (f", Δlog p(ref) {shift['value']:+.2f} (random {shift['min']:+.2f} to "
+                     f"{shift['max']:+.2f}, p {shift['p_two_sided']:.2f})")
+        verdict = select_config(verdicts, config_key).iloc[0]["verdict"]
+        cells.append(f"{cell}; {verdict}")
+    return "; ".join(cells)
 
 
 def parse_args(argv=None):

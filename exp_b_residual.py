@@ -335,21 +335,36 @@ def plot_residual_ratio(out_dir, path):
 
 # ----------------------------------------------------------------------------------------------
 
-def print_summary(per_layer, asym):
+def summary_lines(out_dir):
+    """The run's findings as sentences, from its CSVs (printed at the end of a run; report.py's
+    paragraph)."""
+    per_layer, asym = _read_tables(out_dir)
     both = per_layer[per_layer["lang"] == "all"]
     top, low = both.loc[both["R_over_chance"].idxmax()], both.loc[both["R_over_chance"].idxmin()]
-    print(f"R chance {both['R_chance'].iloc[0]:.4f}; max R/chance {top['R_over_chance']:.2f} at "
-          f"{int(top['from_layer'])}->{int(top['to_layer'])}, min {low['R_over_chance']:.2f} at "
-          f"{int(low['from_layer'])}->{int(low['to_layer'])}")
+    lines = [f"R (the share of a layer's update that lies in Z) at chance is "
+             f"{both['R_chance'].iloc[0]:.4f}; the largest R/chance is {top['R_over_chance']:.2f} "
+             f"at {int(top['from_layer'])}->{int(top['to_layer'])}, the smallest "
+             f"{low['R_over_chance']:.2f} at {int(low['from_layer'])}->{int(low['to_layer'])}."]
     for kind, name in (("uniform", "uniform"), ("matched", "covariance-matched")):
         above = both[both[rank_column(kind, "R")] == 0]
         below = both[both[rank_column(kind, "R")] == 1]
-        print(f"transitions with R above every {name} random subspace: {len(above)} of "
-              f"{len(both)}, below every one: {len(below)}")
+        lines.append(f"Transitions with R above every {name} random subspace: {len(above)} of "
+                     f"{len(both)}; below every one: {len(below)}.")
     big = asym.loc[asym["diff_mean"].abs().idxmax()]
-    print(f"largest |R_zh - R_en| = {big['diff_mean']:+.4f} at {int(big['from_layer'])}->"
-          f"{int(big['to_layer'])} (Wilcoxon p = {big['wilcoxon_p']:.2g}; random subspaces with "
-          f"a difference at least as large: {big['frac_random_absdiff_ge']:.0%})")
+    lines.append(f"The largest |R_zh - R_en| is {big['diff_mean']:+.4f} at "
+                 f"{int(big['from_layer'])}->{int(big['to_layer'])} (Wilcoxon p = "
+                 f"{big['wilcoxon_p']:.2g}; random subspaces with a difference at least as "
+                 f"large: {big['frac_random_absdiff_ge']:.0%}).")
+    return lines
+
+
+def headline(out_dir):
+    """report.py's cross-model cell: the largest R against chance."""
+    per_layer, _ = _read_tables(out_dir)
+    both = per_layer[per_layer["lang"] == "all"]
+    top = both.loc[both["R_over_chance"].idxmax()]
+    return (f"max R/chance {top['R_over_chance']:.2f} at {int(top['from_layer'])}->"
+            f"{int(top['to_layer'])} (chance R {top['R_chance']:.3f})")
 
 
 def run_record(args, config, basis_layer, pairs):
@@ -389,7 +404,7 @@ def main(args):
     runs.write_json(out_dir / "config.json", runs.run_config(
         args, model, **record, tokens=common.number_token_counts(tokenizer, texts),
         variance_share_of_basis_layer_states=shares))
-    print_summary(tables["per_layer"], tables["asymmetry"])
+    print("\n".join(summary_lines(out_dir)))
     path = plot_residual_ratio(out_dir, runs.figure_path(args, "residual_ratio"))
     print(f"wrote {out_dir} and {path}")
     return tables

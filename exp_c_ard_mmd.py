@@ -457,9 +457,7 @@ def main(args):
         tokens=common.number_token_counts(tokenizer, texts),
         layer_info={unit["layer"]: unit["layer_info"] for unit in units}))
     exp_c_figures.plot_all(args, out)
-    sel = summary[summary.selected]
-    print(sel[["layer", "objective", "start", "lambda", "z_size", "retrieval_test_init",
-               "retrieval_test_final", "overlap", "overlap_expected", "overlap_p"]].to_string())
+    print("\n".join(exp_c_figures.summary_lines(out)))
     print(f"results in {out}")
     return summary
 

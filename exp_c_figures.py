@@ -196,13 +196,17 @@ def plot_traces(out, path, basis_layer):
     save_figure(fig, path)
 
 
-def plot_all(args, out):
-    """Every figure of the run in `out`, to figure_path(args, name)."""
-    out = Path(out)
+def _require(out):
     for name in FILES:
         if not (out / name).is_file():
             raise UsageError(f"{out / name} does not exist; run exp_c_ard_mmd.py without --replot "
                              f"first, or pass the --out folder of a finished run")
+
+
+def plot_all(args, out):
+    """Every figure of the run in `out`, to figure_path(args, name)."""
+    out = Path(out)
+    _require(out)
     basis_layer = json.loads((out / "config.json").read_text(encoding="utf-8"))["basis_layer"]
     paths = [figure_path(args, name) for name in ("z_size", "spectrum", "overlap", "traces")]
     plot_z_size(out, paths[0])
@@ -210,3 +214,40 @@ def plot_all(args, out):
     plot_overlap(out, paths[2])
     plot_traces(out, paths[3], basis_layer)
     return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# The findings in words (printed at the end of a run; report.py's paragraph)
+
+def _selected(out):
+    import pandas as pd
+    s = pd.read_csv(Path(out) / "summary.csv").rename(columns={"lambda": "lam"})
+    return s[s["selected"]].sort_values(["objective", "layer", "start"])
+
+
+def summary_lines(out):
+    """Per (objective, layer, start) the selected fit: lambda, |Z|, its overlap with the SVD mask's
+    top-k coordinates against chance, and test retrieval before and after the fit."""
+    _require(Path(out))
+    config = json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))
+    d = len(np.load(Path(out) / "lengthscales.npz")["z_energy"])
+    lines = [f"Fits on {config.get('n_pairs')} pairs (d = {d}); lambda selected per layer by "
+             f"validation retrieval cross-entropy; overlap = |Z ∩ top-{config['args']['k']} "
+             f"coordinates of the SVD mask at layer {config.get('basis_layer')}|."]
+    for r in _selected(out).itertuples():
+        lines.append(f"{r.objective}, layer {r.layer}, {r.start} start: lambda {r.lam:g}, "
+                     f"|Z| = {r.z_size}, overlap {r.overlap} (chance {r.overlap_expected:.1f}, "
+                     f"p = {r.overlap_p:.2g}); test retrieval {r.retrieval_test_init:.0%} -> "
+                     f"{r.retrieval_test_final:.0%} (chance {r.retrieval_chance_test:.0%}).")
+    return lines
+
+
+def headline(out):
+    """report.py's cross-model cell: |Z| and SVD overlap at the basis layer (the warm start's
+    where there is one)."""
+    config = json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))
+    s = _selected(out)
+    s = s[s["layer"] == config.get("basis_layer")]
+    s = s[s["start"] == "warm"] if (s["start"] == "warm").any() else s
+    return "; ".join(f"{r.objective}: |Z| {r.z_size}, overlap {r.overlap} (chance "
+                     f"{r.overlap_expected:.1f})" for r in s.itertuples()) or "no fit at the basis layer"

@@ -366,10 +366,30 @@ def save_tables(out_dir, rows, svs, nulls, extra_columns):
         table.to_csv(Path(out_dir) / f"{name}.csv", index=False)
 
 
-def print_metrics(rows):
-    cols = ["k", "map", "in_sample_r2", "loo_r2", "kfold_r2", "null_lo", "null_hi", "p_null",
-            "retrieval_loo", "orthogonality_error"]
-    print(pd.DataFrame(rows)[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+def summary_lines(out_dir):
+    """The run's findings as sentences, from metrics.csv (printed at the end of a run;
+    report.py's paragraph): per k and map, held-out R^2 against the shuffled-pair null."""
+    _require(out_dir, ["metrics.csv"])
+    table = pd.read_csv(Path(out_dir) / "metrics.csv")
+    lines = [f"Basis: {_basis_name(table)}, layer {int(table['layer'].iloc[0])}, "
+             f"{int(table['n_pairs'].iloc[0])} pairs, {_pooling_note(table)}; held-out R^2 by "
+             f"{int(table['n_folds'].iloc[0])}-fold cross-validation, against "
+             f"{int(table['n_shuffles'].iloc[0])} fits on shuffled pairs (95% band)."]
+    for k, group in table.groupby("k"):
+        parts = [f"{r.map} {r.kfold_r2:.3f} (null {r.null_lo:.3f} to {r.null_hi:.3f}, p = "
+                 f"{r.p_null:.3f}; retrieval {r.retrieval_loo:.0%})" for r in group.itertuples()]
+        lines.append(f"k = {k}: " + "; ".join(parts) + f"; retrieval at chance "
+                     f"{group.retrieval_chance.iloc[0]:.1%}.")
+    return lines
+
+
+def headline(out_dir):
+    """report.py's cross-model cell: the best map's held-out R^2 against its null, per k."""
+    table = pd.read_csv(Path(out_dir) / "metrics.csv")
+    table = table[table["map"] != "identity"]
+    best = table.loc[table.groupby("k")["kfold_r2"].idxmax()]
+    return "; ".join(f"k {r.k}: {r.map} {r.kfold_r2:.2f} (null <= {r.null_hi:.2f})"
+                     for r in best.itertuples())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,7 +444,7 @@ def main(args):
     runs.write_json(out_dir / "config.json", runs.run_config(
         args, model, **record, tokens=common.number_token_counts(tokenizer, texts),
         blas_threads_limited_to_1=blas_limited))
-    print_metrics(rows)
+    print("\n".join(summary_lines(out_dir)))
     paths = plot_all(args)
     print(f"wrote {out_dir} and {', '.join(map(str, paths))}")
     return rows

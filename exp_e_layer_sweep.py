@@ -479,7 +479,8 @@ def decode_rows(model, tokenizer, state, template, layer, conditions, problem_in
         patch.to(next(model.parameters()).device)
         result = decoding.generate_and_score(
             model, ids, mask, args.max_new_tokens, patch, stop_ids=(),
-            score=[[state.answers[u] for u, _, _ in chunk], [state.answers[j] for j in src]])
+            score=[[state.answers[u] for u, _, _ in chunk], [state.answers[j] for j in src]],
+            engine=args.decode)
         for b, (u, pairing, c) in enumerate(chunk):
             text = problems.decode_response(tokenizer, result["tokens"][b])
             records.append(decode_record(pairs, u, src[b], pairing, conditions, c, text,
@@ -655,6 +656,7 @@ def build_parser():
     parser = runs.make_parser(__doc__)
     common.add_common_args(parser, "exp_e")
     problems.add_pairs_args(parser)
+    decoding.add_decode_args(parser)
     parser.add_argument("--layers", type=int, nargs="*", default=None,
                         help="layers to patch (default: every layer 0..L-1)")
     parser.add_argument("--basis-layer", type=int, default=32,

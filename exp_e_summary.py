@@ -141,15 +141,70 @@ def replot(args):
                  f"DAS: {title}", runs.figure_path(args, "das"))
 
 
-def print_summary(out):
-    per_layer = runs.load_csv(out / "per_layer.csv")
-    swap = per_layer[per_layer.pairing == "swap"].pivot(index="layer", columns="condition",
-                                                       values="transfer")
-    print(f"wrote {out}; transfer fraction (swap source) per layer:")
-    print(swap.round(3).to_string())
+def _swap(out):
+    per_layer = runs.load_csv(Path(out) / "per_layer.csv")
+    return per_layer[per_layer.pairing == "swap"]
+
+
+def _at(swap, layer, condition):
+    return swap[(swap.layer == layer) & (swap.condition == condition)].iloc[0]
+
+
+def summary_lines(out):
+    """The run's findings as sentences, from its CSVs (printed at the end of a run; report.py's
+    paragraph): where full interchange transfers most, Z against the random band there and at the
+    basis layer, and DAS on held-out problems."""
+    out = Path(out)
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    swap, basis = _swap(out), config["basis_layer"]
+    full = swap[swap.condition == "full"].sort_values("transfer").iloc[-1]
+    lines = [f"{config.get('n_pairs')} swap pairs, {config['args'].get('n_random')} random draws of "
+             f"k = {config['args'].get('k')}; transfer = the share of the logit difference "
+             f"(own minus source answer) moved to the source's, last position patched. Full "
+             f"interchange transfers most at layer {int(full.layer)} ({full.transfer:.2f}; first "
+             f"digit {full.transfer_first:.2f})."]
+    for layer, where in ((int(full.layer), "there"), (basis, f"at the basis layer {basis}")):
+        z, rand = _at(swap, layer, "z_basis"), _at(swap, layer, "random")
+        lines.append(f"Z {where}: {z.transfer:+.3f} (random band {rand.transfer_lo:+.3f} to "
+                     f"{rand.transfer_hi:+.3f}, rank p = {z.transfer_p:.2f}); full "
+                     f"{_at(swap, layer, 'full').transfer:.3f}.")
+    best_z = swap[swap.condition == "z_basis"].sort_values("transfer").iloc[-1]
+    lines.append(f"Z's largest transfer at any layer: {best_z.transfer:+.3f} at layer "
+                 f"{int(best_z.layer)} (rank p = {best_z.transfer_p:.2f}).")
     if (out / "das.csv").is_file():
-        table = runs.load_csv(out / "das.csv")
-        print("DAS on held-out problems (swap source):")
-        print(table[table.pairing == "swap"][["k", "layer", "condition", "n", "transfer",
-                                              "transfer_pooled", "dlogp_src"]].round(3)
-              .to_string(index=False))
+        das = runs.load_csv(out / "das.csv")
+        das = das[das.pairing == "swap"]
+        for k, group in das.groupby("k"):
+            t = dict(zip(group.condition, group.transfer))
+            lines.append(f"DAS at layer {int(group.layer.iloc[0])}, k = {k}, held-out: transfer "
+                         f"{t.get('das', float('nan')):.3f} (full {t.get('full', float('nan')):.3f}, "
+                         f"Z {t.get('z_basis', float('nan')):+.3f}, random "
+                         f"{t.get('random', float('nan')):+.3f})" + _angles(out, k) + ".")
+    return lines
+
+
+def _angles(out, k):
+    """', median principal angle to Z ... vs random ...' for DAS of dimension k, or ''."""
+    if not (out / "das_angles.csv").is_file():
+        return ""
+    a = runs.load_csv(out / "das_angles.csv")
+    a = a[a.k == k]
+    z, rand = a[a.versus == "z_basis"], a[a.versus == "random"]
+    if not len(z) or not len(rand):
+        return ""
+    return (f"; median principal angle DAS-Z {z.median_angle.iloc[0]:.1f}° (random "
+            f"{rand.median_angle.min():.1f}-{rand.median_angle.max():.1f}°)")
+
+
+def headline(out):
+    """report.py's cross-model cells: the best full-interchange and Z transfer layers."""
+    swap = _swap(out)
+    full = swap[swap.condition == "full"].sort_values("transfer").iloc[-1]
+    z = swap[swap.condition == "z_basis"].sort_values("transfer").iloc[-1]
+    return (f"full: layer {int(full.layer)} ({full.transfer:.2f}); Z: layer {int(z.layer)} "
+            f"({z.transfer:+.3f}, p {z.transfer_p:.2f})")
+
+
+def print_summary(out):
+    print(f"wrote {out}")
+    print("\n".join(summary_lines(out)))
