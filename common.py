@@ -212,7 +212,7 @@ def check_k(model_or_config, k, allow_full=True):
 
 
 # ----------------------------------------------------------------------------------------------
-# The Z basis (NOTES section 1)
+# The Z basis (as Phase 2 built it: per-head kernels W_Q^T W_K, then the SVD of their stack)
 
 def head_projections(model, layer, fold_norm=False):
     """Per query head h, (W_Q^h, W_K^g(h)): two float32 tensors (H, d_head, d) on the CPU.
@@ -375,7 +375,7 @@ class SubspacePatch:
     prompt_mask: optional (B, T) bool aligned the same way, the prompt positions patched (None:
     all; False positions keep their state exactly: `last:m` sources, leaving the sink alone);
     patch_generated: (B,) bool, whether generated positions are patched too (scope "all").
-    site: "output" patches decoder layer `layer`'s output (NOTES 1: "the hidden state at layer
+    site: "output" patches decoder layer `layer`'s output (Phase 2's "the hidden state at layer
     l"); "input" patches its input, the state its W_Q and W_K read (= layer l-1's output, the
     embeddings for l = 0). `stream` is the residual-stream index either way (-1: embeddings).
     """

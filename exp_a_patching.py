@@ -702,9 +702,7 @@ def build_parser():
     parser.add_argument("--fold-norm", action="store_true",
                         help="fold the layer's input RMSNorm gain into W_Q, W_K before the SVD "
                              "(default: raw weights, as Phase 2 built Z)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="a smoke run: --limit 4 --n-random 2 --n-random-logprob 4 --k 8 "
-                             "--depth 0.5 unless given")
+    runs.add_smoke_arg(parser, SMOKE)
     parser.add_argument("--summarize", type=Path, default=None, metavar="DIR",
                         help="only rebuild the summary and figures of a finished run from its CSVs")
     parser.set_defaults(batch_size=None)  # resolved in validate(): 256 on a GPU, 64 on a CPU
@@ -712,17 +710,9 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """The flags, with --smoke's values filled in where the command does not give them."""
-    import sys
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    if args.smoke:
-        given = {a.split("=")[0] for a in argv}
-        for name, value in SMOKE.items():
-            if f"--{name.replace('_', '-')}" not in given and not (
-                    name == "depth" and "--layer" in given):
-                setattr(args, name, value)
-    return args
+    """The flags, with --smoke's values filled in where the command leaves them at the default."""
+    parser = build_parser()
+    return runs.apply_smoke(parser, parser.parse_args(argv), SMOKE, unless={"depth": "layer"})
 
 
 if __name__ == "__main__":

@@ -127,17 +127,9 @@ def parse_args(argv=None):
                    help="share of problems held out to select lambda")
     p.add_argument("--test-frac", type=float, default=TEST_FRAC,
                    help="share of problems held out to report retrieval")
-    p.add_argument("--smoke", action="store_true",
-                   help="smoke-run preset for flags left at their default: " + ", ".join(
-                       f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                       for k, v in SMOKE.items()))
+    runs.add_smoke_arg(p, SMOKE)
     common.add_activation_args(p)
-    args = p.parse_args(argv)
-    if args.smoke:
-        for key, value in SMOKE.items():
-            if getattr(args, key) == p.get_default(key):
-                setattr(args, key, value)
-    return args
+    return runs.apply_smoke(p, p.parse_args(argv), SMOKE, unless={"layer_depths": "layers"})
 
 
 # ----------------------------------------------------------------------------------------------

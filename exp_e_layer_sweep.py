@@ -1,8 +1,8 @@
 """Experiment E: where does the answer live? A layer sweep of position-aligned interchange, and a
-learned subspace (DAS) as the upper bound for Z (issue 10).
+learned subspace (DAS) as the upper bound for Z.
 
     python exp_e_layer_sweep.py --model Qwen/Qwen2.5-3B --prompts-en mgsm_en.tsv --prompts-zh mgsm_zh.tsv
-    python exp_e_layer_sweep.py --model tiny-random --limit 8 --n-random 3 --das-steps 4 --out results/smoke/exp_e
+    python exp_e_layer_sweep.py --model tiny-random --smoke               # smoke run, seconds
     python exp_e_layer_sweep.py --replot --out results/exp_e      # redraw the figures from the CSVs
 
 Prompts use the `direct` template: the English prompt ends with "The answer is " (last token the
@@ -648,8 +648,15 @@ def main(args):
     exp_e_summary.print_summary(out)
 
 
+# --smoke: flags left at their default take these values (seconds on --model tiny-random)
+SMOKE = dict(limit=6, depth=0.5, k=8, n_random=3, decode_limit=2, decode_random=1, das_k=[4],
+             das_steps=4, das_eval_every=2, max_new_tokens=4)
+
+
 def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    return runs.apply_smoke(parser, parser.parse_args(argv), SMOKE,
+                            unless={"depth": "basis_layer"})
 
 
 def build_parser():
@@ -702,6 +709,7 @@ def build_parser():
                              "from the train split)")
     parser.add_argument("--replot", action="store_true",
                         help="only redraw the figures from the CSVs in --out (no model)")
+    runs.add_smoke_arg(parser, SMOKE)
     parser.set_defaults(batch_size=None)  # resolved in main(): 512 on a GPU, 64 on a CPU
     return parser
 

@@ -240,6 +240,29 @@ def make_parser(doc):
     return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
 
 
+def add_smoke_arg(parser, preset):
+    """--smoke: a run of seconds on --model tiny-random; `preset` (dest -> value) fills the flags
+    the command leaves at their default (apply_smoke)."""
+    def flag(name, value):
+        shown = " ".join(map(str, value)) if isinstance(value, list) else value
+        return f"--{name.replace('_', '-')} {shown}"
+    parser.add_argument("--smoke", action="store_true",
+                        help="smoke-run preset for the flags left at their default: "
+                             + ", ".join(flag(k, v) for k, v in preset.items()))
+
+
+def apply_smoke(parser, args, preset, unless=None):
+    """args with --smoke's preset in every flag still at its default; `unless` (dest -> dest):
+    a preset entry is skipped where the other flag was given (--depth when --layer is)."""
+    if args.smoke:
+        for name, value in preset.items():
+            other = (unless or {}).get(name)
+            if getattr(args, name) == parser.get_default(name) and not (
+                    other and getattr(args, other) != parser.get_default(other)):
+                setattr(args, name, value)
+    return args
+
+
 def write_csv(frame, path, append=False):
     """Write (or append to) a CSV that load_csv reads back exactly. Every string is quoted:
     pandas leaves a lone carriage return unquoted, which splits a generated text over two lines."""

@@ -141,7 +141,7 @@ def test_plan_objective_collapses():
 
 
 def test_plan_objective_at_small_lambda_keeps_noise_not_the_shared_coordinates():
-    """NOTES 4: where the penalty is too weak to empty Z, the survivors are coordinates whose
+    """The plan's objective: where the penalty is too weak to empty Z, the survivors are coordinates whose
     unbiased MMD^2 went negative by chance, not the planted shared ones."""
     log_l, trace, log_l_ref = _plan_fit(0.1)
     survivors = set(np.flatnonzero((log_l < log_l_ref).numpy()))

@@ -12,7 +12,7 @@ from helpers import TEXTS, has_hooks, make_patch
 
 
 def per_head_z_basis(model, layer, k):
-    """Direct, loop-per-head computation of NOTES section 1, written independently of common."""
+    """Direct, loop-per-head computation of Phase 2's Z, written independently of common."""
     config = model.config
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     d_head = config.hidden_size // n_heads

@@ -364,3 +364,21 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, extra
 def test_every_flag_has_a_help_text():
     for action in ee.build_parser()._actions:
         assert action.help, action.option_strings
+
+
+def test_readme_smoke_command_runs_end_to_end(tmp_path, monkeypatch):
+    """`python exp_e_layer_sweep.py --model tiny-random --smoke`, exactly as the README shows."""
+    monkeypatch.chdir(tmp_path)  # the default --out and --figures are relative
+    args = ee.parse_args(["--model", "tiny-random", "--smoke"])
+    assert (args.limit, args.k, args.das_k, args.depth) == (6, 8, [4], 0.5)
+    ee.main(args)
+    out = tmp_path / "results" / "exp_e"
+    for name in ["per_layer.csv", "draws.csv", "decode.csv", "das.csv", "config.json"]:
+        assert (out / name).is_file(), name
+    assert json.loads((out / "config.json").read_text())["basis_layer"] == 2  # 0.5 x 4 layers
+    assert (tmp_path / "figures" / "exp_e" / "layer_sweep.png").is_file()
+
+
+def test_smoke_preset_leaves_given_flags_alone():
+    args = ee.parse_args(["--model", "tiny-random", "--smoke", "--basis-layer", "1", "--k", "6"])
+    assert (args.basis_layer, args.depth, args.k, args.limit) == (1, None, 6, 6)

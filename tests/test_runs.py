@@ -90,7 +90,8 @@ def test_two_runs_with_the_same_basename_get_different_figure_folders(tmp_path):
 
 
 def test_config_holds_no_absolute_path_of_this_machine(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["exp_a_patching.py", "--model", str(Path.home() / "m"),
+    # as if this file were the script run from the command line (run_config names its caller)
+    monkeypatch.setattr(sys, "argv", [__file__, "--model", str(Path.home() / "m"),
                                       "--out", str(runs.REPO / "results" / "x")])
     args = argparse.Namespace(model=str(Path.home() / "m"), out=runs.REPO / "results" / "x",
                               prompts_en=Path("/data/elsewhere/mgsm_en.tsv"))
@@ -99,7 +100,14 @@ def test_config_holds_no_absolute_path_of_this_machine(tmp_path, monkeypatch):
     assert str(runs.REPO) not in text and str(Path.home()) + "/" not in text
     assert config["args"]["model"] == "~/m" and config["args"]["out"] == "results/x"
     assert config["args"]["prompts_en"] == "<outside>/mgsm_en.tsv"
-    assert config["command"] == "exp_a_patching.py --model ~/m --out results/x"
+    assert config["command"] == "test_runs.py --model ~/m --out results/x"
+    assert config["script"] == "test_runs.py"
+
+
+def test_config_of_a_main_called_from_python_has_no_command(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["pytest", "-q"])
+    config = runs.run_config(argparse.Namespace(out=Path("results/x")))
+    assert config["script"] == "test_runs.py" and config["command"] is None
 
 
 @pytest.mark.parametrize("n_layers, layer", [(24, 21), (28, 25), (36, 32)])
