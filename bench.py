@@ -13,7 +13,7 @@ Parts (in this order; --parts picks, --pairs sizes A, the sample, B, C and D):
   step    one batch (512 rows x 150-token prompt on the GPU): the per-step decode time of the fast
           and eager engines and of model.generate, from (t(1 + n tokens) - t(1 token)) / n
   b, c, d Experiments B, C (10 layers x 3 lambdas x 2 starts) and D
-  e       the layer sweep, once exp_e_layer_sweep.py exists (SWEEP_FLAGS sizes it)
+  e       the layer sweep (SWEEP_FLAGS sizes it)
 Every part runs the scripts' own main() (A, B, C, D, the sweep) on the random model, handed to them
 in place of loading one (`serving`), writing into a temporary folder: the time a user waits.
 Each part prints its row and appends it to --out (results/bench.csv) the moment it ends, with the
@@ -57,7 +57,7 @@ SHAPES = {
                  d_ks=[4, 8]),
 }
 PARTS = ["a", "single", "step", "b", "c", "d", "e"]
-# The layer sweep's sizing flags per shape, for when exp_e_layer_sweep.py exists (issue 10); flags
+# The layer sweep's sizing flags per shape; flags
 # its parser does not know are left out (and named in the row's note).
 SWEEP_FLAGS = {"qwen2.5-3b": [], "tiny": [["--n-random", "2"], ["--basis-layer", "2"], ["--das-steps", "4"]]}
 COLUMNS = ["run", "shape", "device", "dtype", "engine", "part", "status", "seconds",
@@ -347,12 +347,8 @@ def part_d(ctx, workdir):
 
 
 def part_e(ctx, workdir):
-    """The layer sweep (issue 10), once exp_e_layer_sweep.py exists: its main() with --limit and
-    SWEEP_FLAGS for the shape."""
-    try:
-        import exp_e_layer_sweep as E
-    except ImportError:
-        return dict(status="skipped", note="exp_e_layer_sweep.py does not exist yet")
+    """The layer sweep: its main() with --limit and SWEEP_FLAGS for the shape."""
+    import exp_e_layer_sweep as E
     pairs = max(ctx["pairs"], 8)  # DAS's train / validation / test split needs 2 problems each
     seconds, _, left_out = run_script(E, [], [["--limit", str(pairs)]] +
                                       SWEEP_FLAGS[ctx["shape"]], ctx, workdir)

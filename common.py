@@ -1,5 +1,6 @@
-"""Everything the Phase 3 experiments share: model loading, the Z basis, hooks and patching,
-pooling, prompt I/O, generation, and answer / language parsing.
+"""What the Phase 3 experiments share about the model: loading it, the Z basis, hooks and subspace
+patching, and activation extraction (pooled means, token clouds, the on-disk cache). Prompts and
+answers live in problems.py, decoding in decoding.py, run bookkeeping in runs.py.
 
 Conventions used throughout:
 - Layers are 0-indexed `model.model.layers[l]`; "hidden state at layer l" is the output of decoder

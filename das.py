@@ -1,11 +1,11 @@
 """Distributed alignment search (DAS): learn a k-dimensional subspace of one layer's residual stream
-by interchange training, the upper bound a k-dimensional Z is judged against (issue 10, item 3).
+by interchange training, the upper bound a k-dimensional Z is judged against.
 
 The intervention is pyvene's LowRankRotatedSpaceIntervention written out: an orthonormal (k, d)
 basis V kept orthonormal by torch.nn.utils.parametrizations.orthogonal (what pyvene uses inside),
 and h <- h + V^T V (s - h) at the patched positions. It runs inside interchange.py's suffix-only
 engine (only the last positions and the answer tokens, only the layers above), which pyvene's
-IntervenableModel cannot do: it reruns the whole base prompt every step (see notes/README-exp-e.md).
+IntervenableModel cannot do: it reruns the whole base prompt every step (see the README's Experiment E section).
 
     learned = LearnedSubspace(d, k, seed)
     basis, history = train_subspace(learned, loss_fn, val_fn, steps, lr, eval_every)

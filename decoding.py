@@ -27,7 +27,7 @@ from fast_decode import advance, new_stop_state
 from runs import UsageError
 
 ENGINES = ("auto", "eager", "fast")
-# Measured on this project's 2-core CPU (notes/README-performance.md; one thread, the two step
+# Measured on this project's 2-core CPU (README, Performance; one thread, the two step
 # kinds alternated from the same state): the fast step took 1/1.8 to 1/2.5 of the eager step's
 # time on the tiny model (batch 8 and 64) and the same time on Qwen2.5-Coder-0.5B (batch 8 and 32,
 # where the matrix products dominate). bench.py --parts step prints both for any machine.

@@ -19,16 +19,17 @@ D_ii' = MMD^2_u(zh_i, en_i') over N training problems.
     that.
   contrastive (default):
     L(l) = sum_i [D_ii/tau + log sum_i' exp(-D_ii'/tau)] + sum_i [D_ii/tau + log sum_i' exp(-D_i'i/tau)]
-           + lambda * l_ref^2 * sum_j w_j
+           + 2N * lambda * mean_j (l_ref / l_j)^2      (= (2N/d) lambda l_ref^2 sum_j w_j)
     Each bracket is a cross-entropy: zh_i must find en_i among all problems, and back. A constant
     kernel (all l_j -> infinity, or any l_j -> 0) gives every D = 0 and L = 2 N log N, chance, so
     the empty Z is not a minimum whenever some coordinate separates problems: near that limit
     switching on coordinate j alone changes L by
-        w_j [lambda l_ref^2 - (2/tau)(sum_{i,i'} a_j(i,i')/N - sum_i a_j(i,i))]
+        w_j [(2N/d) lambda l_ref^2 - (2/tau)(sum_{i,i'} a_j(i,i')/N - sum_i a_j(i,i))]
     (a_j the unbiased squared mean difference in coordinate j). A coordinate that differs by
     language only shifts every D_ii' alike, which the softmax ignores, and pays the penalty. The
-    penalty is scaled by l_ref^2, so it is lambda * d at the isotropic start, comparable with the
-    data term; --lambdas spans "no effect" (0) to "collapse" (|Z| = 0).
+    penalty is in the data term's units: 2N * lambda at the isotropic start, so lambda is the
+    retrieval cross-entropy (nats per query) that switching every coordinate on must buy;
+    --lambdas spans "no effect" (0) to "collapse" (|Z| = 0).
 
 Z. |Z| = #{j : l_j < l_ref}, l_ref the cold start's lengthscale (median pairwise distance of the
 layer's standardised training tokens): a coordinate is in Z when the fit weighs it more than the
@@ -106,8 +107,8 @@ def parse_args(argv=None):
     p.add_argument("--start", nargs="+", choices=["warm", "cold"], default=["warm", "cold"],
                    help="warm: lengthscales from the SVD mask (plan C.4); cold: all l_ref")
     p.add_argument("--lambdas", type=float, nargs="+", default=LAMBDAS,
-                   help="sparsity weights: contrastive lambda * l_ref^2 * sum w_j; plan "
-                        "lambda * sum 1/l_j")
+                   help="sparsity weights: contrastive 2N * lambda * mean_j (l_ref/l_j)^2; "
+                        "plan lambda * sum_j 1/l_j")
     p.add_argument("--steps", type=int, default=STEPS, help="Adam steps per fit, at most")
     p.add_argument("--min-steps", type=int, default=MIN_STEPS,
                    help="no plateau stop before this many steps")
@@ -416,7 +417,7 @@ def run_record(args, config, layers, basis_layer, pairs, splits):
         n_pairs=len(pairs), splits={k: [pairs[i]["id"] for i in v] for k, v in splits.items()},
         drop_first=not args.keep_first_token, drop_numbers=args.drop_numbers,
         standardisation=f"{args.standardise} (per layer, pooled zh+en tokens of training problems)",
-        penalty="contrastive: lambda * l_ref^2 * sum_j 1/l_j^2; plan: lambda * sum_j 1/l_j",
+        penalty="contrastive: 2N * lambda * mean_j (l_ref / l_j)^2; plan: lambda * sum_j 1/l_j",
         z_definition="|Z| = #{j : l_j < l_ref}, l_ref = median pairwise distance of standardised "
                      "training tokens (the cold start); z_size_rel: w_j >= 0.1 max w",
         selection="lambda per (layer, objective, start): lowest validation cross-entropy of the "

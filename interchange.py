@@ -1,5 +1,6 @@
 """Position-aligned interchange at the last prompt positions (`last:m`), computed only where it can
-change anything (issue 10, "Speed"). Used by the layer sweep and DAS (exp_e_layer_sweep.py, das.py).
+change anything (the clean run's KV cache serves every earlier position). Used by the layer sweep
+and DAS (exp_e_layer_sweep.py, das.py).
 
 A `last:m` patch at layer l replaces, within a subspace, the states of a prompt's last m positions
 at l by a source's states (e.g. another prompt's last m positions, aligned from the end). Under

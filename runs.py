@@ -81,17 +81,21 @@ def _args_dict(args):
 
 
 def portable(value):
-    """A flag's value as config.json stores it: paths as strings, and no absolute path of this
-    machine (inside the repository: relative to it; under the home folder: ~/...; elsewhere:
-    <outside>/name), so committed results can be traced but name no machine's folders."""
+    """A flag's value as config.json stores it: paths as strings, and no path of this machine
+    outside the repository (inside it: relative to it; under the home folder: ~/...; elsewhere,
+    absolute or ../-relative: <outside>/name), so committed results can be traced but name no
+    machine's folders."""
     if isinstance(value, (list, tuple)):
         return [portable(v) for v in value]
     if not isinstance(value, (str, Path)):
         return value
     text = str(value)
     if not text.startswith("/"):
-        return text
-    path = Path(text)
+        if not text.startswith("..") or (Path.cwd() / text).resolve().is_relative_to(REPO):
+            return text  # as typed (a relative path inside the repository, a hub id, a name)
+        path = (Path.cwd() / text).resolve()
+    else:
+        path = Path(text)
     if path.is_relative_to(REPO):
         return str(path.relative_to(REPO)) or "."
     if path.is_relative_to(Path.home()):

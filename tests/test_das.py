@@ -108,7 +108,7 @@ def test_interchange_loss_trains_only_the_subspace(tiny):
 
 def test_same_intervention_as_pyvene_when_installed(tiny):
     """Cross-check against pyvene's LowRankRotatedSpaceIntervention (skipped where pyvene is not
-    installed: it is not a requirement, see notes/README-exp-e.md)."""
+    installed: it is not a requirement, see the README's Experiment E section)."""
     pv = pytest.importorskip("pyvene")
     model, tok = tiny
     layer, k = 2, 4
