@@ -48,3 +48,19 @@ TINY_RUN_FLAGS = {
     "exp_e_layer_sweep.py": ["--limit", "6", "--basis-layer", "2", "--k", "8", "--n-random", "3",
                              "--decode-limit", "2", "--das-k", "4", "--das-steps", "4"],
 }
+
+
+# The smoke commands the README shows, exactly (tests/test_readme.py holds the README to them; the
+# experiments' tests run each one end to end).
+SMOKE_COMMANDS = {
+    "A": "python exp_a_patching.py --model tiny-random --smoke",
+    "B": "python exp_b_residual.py --model tiny-random",
+    "C": "python exp_c_ard_mmd.py --model tiny-random --smoke",
+    "D": "python exp_d_bridge.py --model tiny-random",
+    "E": "python exp_e_layer_sweep.py --model tiny-random --smoke",
+}
+
+
+def smoke_argv(name):
+    """The flags of the README's smoke command of experiment `name` (after `python script.py`)."""
+    return SMOKE_COMMANDS[name].split()[2:]

@@ -12,13 +12,8 @@ import runs
 import exp_b_residual as B
 import exp_c_ard_mmd as C
 import exp_d_bridge as D
+from helpers import SMOKE_COMMANDS
 
-# The smoke commands the README shows, exactly.
-SMOKE_COMMANDS = {
-    "B": "python exp_b_residual.py --model tiny-random",
-    "C": "python exp_c_ard_mmd.py --model tiny-random --smoke",
-    "D": "python exp_d_bridge.py --model tiny-random",
-}
 SCRIPTS = {"B": B, "C": C, "D": D}
 LAYER_FLAG = {"B": "--basis-layer", "C": "--basis-layer", "D": "--layer"}
 OUTPUTS = {"B": ["per_prompt.csv", "per_layer.csv", "asymmetry.csv", "random_draws.csv"],

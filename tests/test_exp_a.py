@@ -17,8 +17,9 @@ import problems
 import runs
 import exp_a_patching as A
 import exp_a_summary as S
+from helpers import smoke_argv
 
-SMOKE = ["--model", "tiny-random", "--smoke"]
+SMOKE = smoke_argv("A")  # the README's smoke command
 
 
 FAST = ["--limit", "2", "--max-new-tokens", "4"]  # for tests that run the script several times

@@ -13,6 +13,7 @@ import decoding
 import exp_e_layer_sweep as ee
 import interchange
 import runs
+from helpers import smoke_argv
 
 TEXTS = ["Question: Tom buys 3 apples for 4 dollars each. The answer is ",
          "A train goes 60 km. The answer is ",
@@ -369,7 +370,7 @@ def test_every_flag_has_a_help_text():
 def test_readme_smoke_command_runs_end_to_end(tmp_path, monkeypatch):
     """`python exp_e_layer_sweep.py --model tiny-random --smoke`, exactly as the README shows."""
     monkeypatch.chdir(tmp_path)  # the default --out and --figures are relative
-    args = ee.parse_args(["--model", "tiny-random", "--smoke"])
+    args = ee.parse_args(smoke_argv("E"))
     assert (args.limit, args.k, args.das_k, args.depth) == (6, 8, [4], 0.5)
     ee.main(args)
     out = tmp_path / "results" / "exp_e"
