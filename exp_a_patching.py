@@ -229,6 +229,22 @@ class LayerContext:
     bases: dict
     ot_sources: dict
     cov: np.ndarray
+    device: dict = None  # the same sources and bases on the model's device (device_tables)
+
+
+def device_tables(ctx, device):
+    """What make_patch gathers from, on the model's device, so that a batch's patch is built
+    there in a few indexed copies instead of on the host and copied over each batch: means (2N, d)
+    (Chinese, then English question means), per k a (bases, k, d) stack of Z and the random draws
+    with the row of each basis key, the Chinese prompts' token states and the OT sources."""
+    stacks = {}
+    for k in sorted({k for _, k, _ in ctx.bases}):
+        keys = sorted(key for key in ctx.bases if key[1] == k)
+        stacks[k] = (torch.stack([ctx.bases[key] for key in keys]).to(device),
+                     {key: row for row, key in enumerate(keys)})
+    return dict(means=torch.cat([ctx.zh_means, ctx.en_means]).float().to(device), stacks=stacks,
+                zh_tokens=[t.to(device) for t in ctx.zh_tokens],
+                ot=({key: v.float().to(device) for key, v in ctx.ot_sources.items()}))
 
 
 def prepare_layer(model, tokenizer, pairs, template, layer, args, swap_of):
@@ -261,8 +277,10 @@ def prepare_layer(model, tokenizer, pairs, template, layer, args, swap_of):
         for i in range(len(pairs)):
             for j in (i, swap_of[i]):
                 ot_sources[(i, j)] = ot_source(en_tokens[i], zh_tokens[j], scale)[0]
-    return LayerContext(layer, stream, prefill, en_means, en_tokens, zh_means, zh_tokens, bases,
-                        ot_sources, cov)
+    ctx = LayerContext(layer, stream, prefill, en_means, en_tokens, zh_means, zh_tokens, bases,
+                       ot_sources, cov)
+    ctx.device = device_tables(ctx, prefill["hidden"].device)
+    return ctx
 
 
 def variance_rows(ctx, args):
@@ -288,47 +306,61 @@ def variance_rows(ctx, args):
 # Patches
 
 def make_patch(batch, ctx, rows, args):
-    """A SubspacePatch for a batch of Jobs. rows: decoding.select_prefill of the batch's problems
-    (prompts left-padded to a common width T; rows["hidden"] (B, T, d) are their own states)."""
-    mask = rows["attention_mask"].bool().cpu()
+    """A SubspacePatch for a batch of Jobs, built on the device of rows["hidden"] from
+    ctx.device. rows: decoding.select_prefill of the batch's problems (prompts left-padded to a
+    common width T; rows["hidden"] (B, T, d) are their own states)."""
+    tables, hidden = ctx.device, rows["hidden"]
+    device = hidden.device
+    mask = rows["attention_mask"].bool().to(device)
     B, T = mask.shape
-    d = ctx.en_means.shape[1]
-    k_max = max([1] + [j.k for j in batch if j.condition not in ("none", "noop", "full")])
-    basis = torch.zeros(B, k_max, d)
-    complement = torch.tensor([j.condition in COMPLEMENT for j in batch])
-    patch_generated = torch.tensor([j.positions == "all" and j.condition not in ("none", "noop")
-                                    for j in batch])
-    source_mean = torch.zeros(B, d)
-    per_token = any(j.condition == "noop" or j.source == "ot" or last_positions(j.source)
-                    for j in batch)
-    source_tokens = torch.zeros(B, T, d) if per_token else None
-    prompt_mask = mask.clone()
-    if args.skip_first:  # the first real token of each left-padded row: the attention sink
-        prompt_mask[torch.arange(B), mask.float().argmax(1)] = False
-    for b, job in enumerate(batch):
-        if job.condition in ("z", "zperp", "en"):
-            basis[b, :job.k] = ctx.bases[("z", job.k, -1)]
-        elif job.condition in RANDOM_CONDITIONS:
-            basis[b, :job.k] = ctx.bases[("rand", job.k, job.draw)]
-        mean = ctx.en_means[job.problem] if job.condition == "en" else ctx.zh_means[job.source_problem]
-        source_mean[b] = mean
-        m = last_positions(job.source)
-        if m and job.condition not in ("none", "noop"):
-            prompt_mask[b, :T - m] = False
-        if source_tokens is None:
-            continue
-        if job.condition == "noop":
-            source_tokens[b] = rows["hidden"][b].float().cpu()
-        elif job.condition in ("none", "en") or job.source == "mean":
-            source_tokens[b] = mean
-        elif job.source == "ot":
-            tokens = ctx.ot_sources[(job.problem, job.source_problem)]
-            source_tokens[b, T - len(tokens):] = tokens
-        else:
-            source_tokens[b, T - m:] = ctx.zh_tokens[job.source_problem][-m:]
+    n, d = ctx.zh_means.shape
+    subspace = [b for b, j in enumerate(batch) if j.condition not in ("none", "noop", "full")]
+    basis = torch.zeros(B, max([1] + [batch[b].k for b in subspace]), d, device=device)
+    for k in sorted({batch[b].k for b in subspace}):
+        at = [b for b in subspace if batch[b].k == k]
+        stack, row = tables["stacks"][k]
+        basis[at, :k] = stack[[row[("rand", k, batch[b].draw) if batch[b].condition in
+                                    RANDOM_CONDITIONS else ("z", k, -1)] for b in at]]
+    flags = lambda values: torch.tensor(values, device=device)  # noqa: E731
+    complement = flags([j.condition in COMPLEMENT for j in batch])
+    patch_generated = flags([j.positions == "all" and j.condition not in ("none", "noop")
+                             for j in batch])
+    source_mean = tables["means"][[n + j.problem if j.condition == "en" else j.source_problem
+                                   for j in batch]]
+    # last:m rows patch only their last m positions; --skip-first leaves each row's first real
+    # token (the attention sink) alone
+    first = flags([T - last_positions(j.source) if last_positions(j.source) and j.condition not in
+                   ("none", "noop") else 0 for j in batch])
+    prompt_mask = mask & (torch.arange(T, device=device)[None] >= first[:, None])
+    if args.skip_first:
+        prompt_mask[torch.arange(B, device=device), mask.float().argmax(1)] = False
     return common.SubspacePatch(layer=ctx.layer, basis=basis, complement=complement,
                                 source_mean=source_mean, patch_generated=patch_generated,
-                                source_tokens=source_tokens, prompt_mask=prompt_mask, site=args.site)
+                                source_tokens=source_tokens(batch, tables, hidden, source_mean),
+                                prompt_mask=prompt_mask, site=args.site)
+
+
+def source_tokens(batch, tables, hidden, source_mean):
+    """(B, T, d) per-position sources on hidden's device, or None when every row's source is its
+    mean: a row's own states (noop), its OT source or its last m Chinese states right-aligned,
+    else its mean at every position."""
+    per_token = [b for b, j in enumerate(batch) if j.condition == "noop" or (
+        j.condition not in ("none", "en") and j.source != "mean")]
+    if not per_token:
+        return None
+    B, T, d = hidden.shape
+    tokens = source_mean[:, None, :].expand(B, T, d).clone()
+    for b in per_token:
+        job = batch[b]
+        if job.condition == "noop":
+            tokens[b] = hidden[b].float()
+        elif job.source == "ot":
+            ot = tables["ot"][(job.problem, job.source_problem)]
+            tokens[b, T - len(ot):] = ot
+        else:
+            m = last_positions(job.source)
+            tokens[b, T - m:] = tables["zh_tokens"][job.source_problem][-m:]
+    return tokens
 
 
 def patch_sizes(patch, hidden, attention_mask):

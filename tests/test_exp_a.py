@@ -93,6 +93,7 @@ def test_own_prompt_as_source_leaves_logits_unchanged(tiny, source):
     ctx.zh_tokens, ctx.zh_means = ctx.en_tokens, ctx.en_means  # the source is the row's own prompt
     scale = A.robust_scale(ctx.en_tokens)
     ctx.ot_sources = {(i, i): A.ot_source(ctx.en_tokens[i], ctx.en_tokens[i], scale)[0] for i in range(4)}
+    ctx.device = A.device_tables(ctx, "cpu")  # make_patch gathers from these
     none = [A.job_key(i, 2, "none", 0, "-", "-", i, -1) for i in range(4)]
     base = _logits(model, ctx, none, args)
     conditions = ["noop"] if source == "mean" else ["z", "zperp", "full", "rand_z"]
@@ -106,6 +107,7 @@ def test_last_source_patches_only_the_last_positions_and_k_d_equals_full(tiny):
     model, tok, args, pairs, template, swap_of, ctx = _setup(tiny, ["--source", "last:2"])
     d = common.hidden_size(model)
     ctx.bases[("rand", d, 0)] = common.random_basis(d, d, 0)  # a k = d subspace: all of R^d
+    ctx.device = A.device_tables(ctx, "cpu")
     jobs = [A.job_key(i, 2, "rand_z", d, "prompt", "last:2", swap_of[i], 0) for i in range(4)]
     full = [A.job_key(i, 2, "full", 4, "prompt", "last:2", swap_of[i], -1) for i in range(4)]
     torch.testing.assert_close(_logits(model, ctx, jobs, args), _logits(model, ctx, full, args),
