@@ -341,8 +341,8 @@ def summary_lines(out_dir):
     per_layer, asym = _read_tables(out_dir)
     both = per_layer[per_layer["lang"] == "all"]
     top, low = both.loc[both["R_over_chance"].idxmax()], both.loc[both["R_over_chance"].idxmin()]
-    lines = [f"R (the share of a layer's update that lies in Z) at chance is "
-             f"{both['R_chance'].iloc[0]:.4f}; the largest R/chance is {top['R_over_chance']:.2f} "
+    lines = [f"R = |P_Z u| / |P_Z⊥ u| of each layer's update u is {both['R_chance'].iloc[0]:.4f} "
+             f"at chance; the largest R/chance is {top['R_over_chance']:.2f} "
              f"at {int(top['from_layer'])}->{int(top['to_layer'])}, the smallest "
              f"{low['R_over_chance']:.2f} at {int(low['from_layer'])}->{int(low['to_layer'])}."]
     for kind, name in (("uniform", "uniform"), ("matched", "covariance-matched")):
