@@ -141,8 +141,15 @@ def replot(args):
                  f"DAS: {title}", runs.figure_path(args, "das"))
 
 
-def _swap(out):
+def swap_rows(out):
+    """per_layer.csv's swap rows of a finished sweep (a UsageError while layers are missing)."""
+    config = json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))
     per_layer = runs.load_csv(Path(out) / "per_layer.csv")
+    layers = config["args"].get("layers") or range(config["model"]["num_layers"])
+    missing = sorted(set(layers) - set(per_layer.layer))
+    if missing:
+        raise runs.UsageError(f"{out}: the sweep has not reached layers {missing} yet; "
+                              f"continue it with --resume")
     return per_layer[per_layer.pairing == "swap"]
 
 
@@ -156,7 +163,7 @@ def summary_lines(out):
     basis layer, and DAS on held-out problems."""
     out = Path(out)
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    swap, basis = _swap(out), config["basis_layer"]
+    swap, basis = swap_rows(out), config["basis_layer"]
     full = swap[swap.condition == "full"].sort_values("transfer").iloc[-1]
     lines = [f"{config.get('n_pairs')} swap pairs, {config['args'].get('n_random')} random draws of "
              f"k = {config['args'].get('k')}; transfer = the share of the logit difference "
@@ -198,7 +205,7 @@ def _angles(out, k):
 
 def headline(out):
     """report.py's cross-model cells: the best full-interchange and Z transfer layers."""
-    swap = _swap(out)
+    swap = swap_rows(out)
     full = swap[swap.condition == "full"].sort_values("transfer").iloc[-1]
     z = swap[swap.condition == "z_basis"].sort_values("transfer").iloc[-1]
     return (f"full: layer {int(full.layer)} ({full.transfer:.2f}); Z: layer {int(z.layer)} "

@@ -126,17 +126,18 @@ def plot_sweeps(found, path):
     layer with the random band, one colour per model. Returns the path, or None without runs."""
     sweeps = []
     for run in found:
-        if run["script"] == "exp_e_layer_sweep.py" and (run["path"] / "per_layer.csv").is_file():
-            sweeps.append(run)
+        if run["script"] == "exp_e_layer_sweep.py":
+            try:
+                sweeps.append((run, exp_e_summary.swap_rows(run["path"])))
+            except UNFINISHED:
+                continue
     if not sweeps:
         return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for colour, run in zip(plt.cm.tab10.colors, sweeps):
-        table = runs.load_csv(run["path"] / "per_layer.csv")
-        swap = table[table.pairing == "swap"]
+    for colour, (run, swap) in zip(plt.cm.tab10.colors, sweeps):
         label = f"{run['model']} ({run['path'].name})"
         for condition, style in (("full", "-"), ("z_basis", "--")):
             part = swap[swap.condition == condition].sort_values("depth")

@@ -6,6 +6,7 @@ import importlib
 import pytest
 
 import report
+import runs
 from helpers import TINY_RUN_FLAGS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,9 +58,16 @@ def test_an_unfinished_run_is_reported_as_such(results, tmp_path):
     import shutil
     shutil.copytree(results / "results", tmp_path / "results")
     (tmp_path / "results" / "example-tiny" / "exp_b" / "per_layer.csv").unlink()
+    sweep = tmp_path / "results" / "example-tiny" / "exp_e" / "per_layer.csv"
+    per_layer = runs.load_csv(sweep)
+    assert 3 in set(per_layer.layer)
+    runs.write_csv(per_layer[per_layer.layer != 3], sweep)  # a sweep stopped before its last layer
     build(tmp_path)
     text = (tmp_path / "results" / "REPORT.md").read_text(encoding="utf-8")
-    assert "No results: the run has not finished" in text and "not finished" in text
+    for name in ("exp_b", "exp_e"):
+        section = text.split(f"(`example-tiny/{name}`)")[1].split("###")[0]
+        assert "No results: the run has not finished" in section, name
+    assert "| not finished" in text and not (tmp_path / "figures" / report.SWEEP_FIGURE).exists()
 
 
 def test_empty_folder_names_every_experiment_without_results(tmp_path):
