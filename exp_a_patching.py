@@ -44,6 +44,7 @@ import exp_a_summary as summary
 import problems
 import runs
 import stats
+import transport
 
 CONDITIONS = ["none", "noop", "z", "zperp", "full", "en"]
 RANDOM_CONDITIONS = ["rand_z", "rand_zperp"]
@@ -110,26 +111,6 @@ def null_jobs(n_problems, layer, args, swap_of):
                     range(draws)) for j in (i, swap_of[i])]
 
 
-def derangement(answers, seed):
-    """A seeded permutation j(i) != i (list of N indices, N >= 2) that avoids j with the same
-    answer as i where it can."""
-    rng = np.random.default_rng(seed)
-    n = len(answers)
-    best, best_clashes = None, None
-    for _ in range(2000):
-        perm = rng.permutation(n)
-        if np.any(perm == np.arange(n)):
-            continue
-        clashes = sum(problems.answers_equal(answers[i], answers[j]) for i, j in enumerate(perm))
-        if best is None or clashes < best_clashes:
-            best, best_clashes = perm, clashes
-        if clashes == 0:
-            break
-    if best is None:  # only reachable for tiny n by bad luck: a cyclic shift is a derangement
-        best = np.roll(np.arange(n), 1)
-    return [int(j) for j in best]
-
-
 def last_positions(source):
     """m for a last / last:m source, else None."""
     return (int(source.split(":")[1]) if ":" in source else 1) if source.startswith("last") else None
@@ -137,36 +118,6 @@ def last_positions(source):
 
 # ----------------------------------------------------------------------------------------------
 # One layer's states, sources and bases
-
-def ot_source(en_states, zh_states, scale=None):
-    """Per-English-token source from an exact OT plan (uniform marginals, squared Euclidean cost).
-
-    en_states: (T_en, d), zh_states: (T_zh, d). Coordinates are divided by `scale` (d,) for the
-    cost only, so a few huge coordinates do not decide the alignment.
-    Returns (source (T_en, d) float32, plan (T_en, T_zh) float64): source[t] is the barycentric
-    image sum_s plan[t, s] zh[s] / sum_s plan[t, s].
-    """
-    import ot
-    en, zh = en_states.float().cpu(), zh_states.float().cpu()
-    if scale is not None:
-        scale = scale.float().cpu()
-        en_cost, zh_cost = en / scale, zh / scale
-    else:
-        en_cost, zh_cost = en, zh
-    cost = ot.dist(en_cost.double().numpy(), zh_cost.double().numpy(), "sqeuclidean")
-    plan = ot.emd(np.full(len(en), 1.0 / len(en)), np.full(len(zh), 1.0 / len(zh)), cost)
-    weights = torch.from_numpy(plan / plan.sum(1, keepdims=True)).float()
-    return weights @ zh, plan
-
-
-def robust_scale(states):
-    """Per-coordinate IQR over all tokens of `states` (list of (T, d)), floored to avoid zeros."""
-    pooled = torch.cat(states).float()
-    subsample = torch.randperm(len(pooled), generator=torch.Generator().manual_seed(0))[:20000]
-    q = torch.quantile(pooled[subsample], torch.tensor([0.25, 0.75]), 0)  # quantile caps its input
-    iqr = q[1] - q[0]
-    return iqr.clamp(min=1e-3 * float(iqr.median()) + 1e-8)
-
 
 @torch.no_grad()
 def capture_prompt_states(model, tokenizer, texts, spans, stream, batch_size):
@@ -273,10 +224,10 @@ def prepare_layer(model, tokenizer, pairs, template, layer, args, swap_of):
                        stats.covariance_sqrt(cov) if args.random_kind == "matched" else None)
     ot_sources = {}
     if "ot" in args.source:
-        scale = robust_scale(en_tokens + zh_tokens)
+        scale = transport.robust_scale(en_tokens + zh_tokens)
         for i in range(len(pairs)):
             for j in (i, swap_of[i]):
-                ot_sources[(i, j)] = ot_source(en_tokens[i], zh_tokens[j], scale)[0]
+                ot_sources[(i, j)] = transport.ot_source(en_tokens[i], zh_tokens[j], scale)[0]
     ctx = LayerContext(layer, stream, prefill, en_means, en_tokens, zh_means, zh_tokens, bases,
                        ot_sources, cov)
     ctx.device = device_tables(ctx, prefill["hidden"].device)
@@ -663,7 +614,7 @@ def main(args):
             out.rmdir()  # nothing is left behind by a refused command
         raise runs.UsageError(f"--source last:M: M is longer than the shortest prompt "
                               f"({shortest} tokens); pass a smaller M")
-    swap_of = derangement([p["answer"] for p in pairs], args.seed)
+    swap_of = problems.derangement([p["answer"] for p in pairs], args.seed)
     if not args.resume:  # a resumed run keeps the config.json it was started with
         runs.write_json(out / "config.json", runs.run_config(
             args, model, template=template, n_pairs=len(pairs), layers_resolved=dict(

@@ -48,7 +48,6 @@ import interchange
 import problems
 import runs
 import stats
-from exp_a_patching import derangement  # the seeded swap-partner derangement of Experiment A
 
 FIXED = ["none", "full", "z_basis", "z_layer"]
 MEASURES = ["dlogp_own", "dlogp_src", "transfer", "transfer_pooled", "transfer_first",
@@ -86,7 +85,7 @@ def swap_partners(pairs, split, seed):
     partner = [None] * len(pairs)
     for offset, name in enumerate(("train", "validation", "test")):
         members = [i for i, s in enumerate(split) if s == name]
-        perm = derangement([pairs[i]["answer"] for i in members], seed + offset)
+        perm = problems.derangement([pairs[i]["answer"] for i in members], seed + offset)
         for i, j in zip(members, perm):
             partner[i] = members[j]
     return partner

@@ -1,10 +1,13 @@
-"""The problems: prompts.json and MGSM readers, templates, the reference answer's tokens, and
-parsing of the model's answer and language. Imports only runs.py.
+"""The problems: prompts.json and MGSM readers, templates, the reference answer's tokens,
+parsing of the model's answer and language, and the seeded swap partners (a derangement).
+Imports only runs.py.
 """
 import json
 import math
 import re
 from pathlib import Path
+
+import numpy as np
 
 from runs import REPO, UsageError
 
@@ -343,3 +346,21 @@ def load_pairs(args):
     return pairs
 
 
+def derangement(answers, seed):
+    """A seeded permutation j(i) != i (list of N indices, N >= 2) that avoids j with the same
+    answer as i where it can."""
+    rng = np.random.default_rng(seed)
+    n = len(answers)
+    best, best_clashes = None, None
+    for _ in range(2000):
+        perm = rng.permutation(n)
+        if np.any(perm == np.arange(n)):
+            continue
+        clashes = sum(answers_equal(answers[i], answers[j]) for i, j in enumerate(perm))
+        if best is None or clashes < best_clashes:
+            best, best_clashes = perm, clashes
+        if clashes == 0:
+            break
+    if best is None:  # only reachable for tiny n by bad luck: a cyclic shift is a derangement
+        best = np.roll(np.arange(n), 1)
+    return [int(j) for j in best]

@@ -15,6 +15,7 @@ import common
 import decoding
 import problems
 import runs
+import transport
 import exp_a_patching as A
 import exp_a_summary as S
 from helpers import smoke_argv
@@ -43,7 +44,7 @@ def _setup(tiny, extra=()):
     args = A.parse_args(["--model", "tiny-random", "--layer", "2", "--k", "4", "--limit", "4",
                          "--n-random", "1", "--n-random-logprob", "1"] + list(extra))
     pairs, template = A.validate(args)
-    swap_of = A.derangement([p["answer"] for p in pairs], 0)
+    swap_of = problems.derangement([p["answer"] for p in pairs], 0)
     ctx = A.prepare_layer(model, tok, pairs, template, 2, args, swap_of)
     return model, tok, args, pairs, template, swap_of, ctx
 
@@ -57,22 +58,22 @@ def _by_job(results):
 
 def test_derangement_has_no_fixed_points_and_avoids_equal_answers():
     answers = [1, 2, 3, 4, 5, 5, 7, 8, 9, 10]
-    perm = A.derangement(answers, seed=3)
+    perm = problems.derangement(answers, seed=3)
     assert sorted(perm) == list(range(10))
     assert all(j != i for i, j in enumerate(perm))
     assert all(answers[i] != answers[j] for i, j in enumerate(perm))
-    assert perm == A.derangement(answers, seed=3) and perm != A.derangement(answers, seed=4)
-    assert A.derangement([7, 7], seed=0) == [1, 0]
+    assert perm == problems.derangement(answers, seed=3) and perm != problems.derangement(answers, seed=4)
+    assert problems.derangement([7, 7], seed=0) == [1, 0]
 
 
 def test_ot_plan_marginals_and_identity():
     gen = torch.Generator().manual_seed(0)
     en, zh = torch.randn(7, 16, generator=gen), torch.randn(11, 16, generator=gen)
-    source, plan = A.ot_source(en, zh, scale=torch.rand(16, generator=gen) + 0.5)
+    source, plan = transport.ot_source(en, zh, scale=torch.rand(16, generator=gen) + 0.5)
     assert source.shape == (7, 16)
     np.testing.assert_allclose(plan.sum(1), np.full(7, 1 / 7), atol=1e-12)
     np.testing.assert_allclose(plan.sum(0), np.full(11, 1 / 11), atol=1e-12)
-    same_source, same_plan = A.ot_source(en, en)
+    same_source, same_plan = transport.ot_source(en, en)
     np.testing.assert_allclose(same_plan, np.eye(7) / 7, atol=1e-12)
     assert torch.equal(same_source, en)
 
@@ -91,8 +92,8 @@ def test_own_prompt_as_source_leaves_logits_unchanged(tiny, source):
     mean's place is not a no-op, so mean is checked through noop) gives the unpatched logits."""
     model, tok, args, pairs, template, swap_of, ctx = _setup(tiny, ["--source", source])
     ctx.zh_tokens, ctx.zh_means = ctx.en_tokens, ctx.en_means  # the source is the row's own prompt
-    scale = A.robust_scale(ctx.en_tokens)
-    ctx.ot_sources = {(i, i): A.ot_source(ctx.en_tokens[i], ctx.en_tokens[i], scale)[0] for i in range(4)}
+    scale = transport.robust_scale(ctx.en_tokens)
+    ctx.ot_sources = {(i, i): transport.ot_source(ctx.en_tokens[i], ctx.en_tokens[i], scale)[0] for i in range(4)}
     ctx.device = A.device_tables(ctx, "cpu")  # make_patch gathers from these
     none = [A.job_key(i, 2, "none", 0, "-", "-", i, -1) for i in range(4)]
     base = _logits(model, ctx, none, args)
