@@ -298,7 +298,9 @@ def part_step(ctx, workdir):
                 compute_limit_s=B * 2 * ctx["parameters"] / (ctx["tflops"] * 1e12),
                 fraction_of_limit=B * 2 * ctx["parameters"] / (ctx["tflops"] * 1e12) / fast,
                 note=f"{T}-token prompts; limit and fraction per step; fast engine "
-                     f"{'with' if device.startswith('cuda') else 'without'} CUDA graphs")
+                     f"{'with' if device.startswith('cuda') else 'without'} CUDA graphs"
+                     + ("; a per-step time came out <= 0: the machine's load swamped the "
+                        "difference, rerun it idle" if min(fast, eager, reference) <= 0 else ""))
 
 
 def per_step_seconds(decode, n, device, repeats=2):

@@ -1,6 +1,8 @@
 """bench.py on the tiny shape: each part prints and appends its row the moment it ends, a failing
 part becomes a row and the next part runs, the CSV keeps one schema. Speed itself is bench.py's
 output, never a test assertion (timings fail on a loaded machine)."""
+import math
+
 import pytest
 
 import bench
@@ -43,9 +45,11 @@ def test_step_and_single_parts_report_their_ratios(tmp_path):
     single, step = rows
     assert single["status"] == step["status"] == "ok"
     assert single["decodes"] > 0 and single["batched_speedup"] > 0 and single["batch_size"] == 1
+    # timings, not behaviour: present and finite (a loaded machine can make a difference of two
+    # wall-clock times negative, which the row's note then says)
     for key in ("step_ms", "eager_step_ms", "generate_step_ms", "speedup_vs_generate",
                 "fraction_of_limit"):
-        assert step[key] > 0, key
+        assert math.isfinite(step[key]), key
 
 
 def test_a_failing_part_is_a_row_and_the_next_part_runs(tmp_path, monkeypatch):
