@@ -400,12 +400,20 @@ def verdict_paragraph(frame, controls, tests, v, variance, template):
         text.append(f"Writing the English prompt's own question mean into Z (en) changed "
                     f"{_pct(r['en']['answer_change'])} answers and shifted {what} by "
                     f"{_f(r['en']['dlogp_ref'])} nats (Z: {_f(r['z']['dlogp_ref'])}): what a mean "
-                    f"does without any Chinese content.")
+                    f"does without any Chinese content"
+                    + (" — as many answers as Z changed, so Z's answer changes here need no "
+                       "Chinese content." if r["en"]["answer_change"]["count"] >=
+                       r["z"]["answer_change"]["count"] > 0 else "."))
     sizes = ", ".join(f"{LABEL[c]} {_f(r[c]['patch_size'], 1, False)}" for c in ("z", "zperp", "full", "en")
                       if c in r)
     rand = controls[controls.condition.isin(["rand_z", "rand_zperp"])].groupby("condition").patch_size.mean()
     text.append(f"Mean patch size |P_S(s − h)| over the patched positions: {sizes}"
                 + "".join(f", {LABEL[c]} {s:.1f} (mean over draws)" for c, s in rand.items()) + ".")
+    largest = controls[controls.condition == "rand_z"].patch_size.max()
+    if r["z"]["patch_size"] > largest:
+        text.append(f"Z's patch moves the state further than every random draw's (largest "
+                    f"{largest:.1f}): part of any Z effect over the random band may be the size "
+                    f"of the patch, not its direction.")
     text.append(variance_sentence(variance, frame.layer.iloc[0], frame.k.iloc[0]))
     failed = v["failed"].replace("_", " ") if v["failed"] else "none"
     text.append(f"**Verdict: {v['verdict']}** (criteria not met: {failed}).")
