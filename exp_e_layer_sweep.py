@@ -13,7 +13,7 @@ from the end; `last` source), from the same problem (pairing `same`) or from a s
 different answer (`swap`), within a subspace:
   none      nothing (the no-op, computed in the same batches: the noise floor)
   full      everything (h <- s)
-  z_basis   Z of --basis-layer (default 32; or --depth F), k dims
+  z_basis   Z of --basis-layer (or --depth F; default: layer 32 of 36 at the same depth), k dims
   z_layer   Z of the patched layer l itself
   random    --n-random random k-dim subspaces (the same draws at every layer)
 Per layer and condition: mean shift of log p(own answer) and of log p(source answer), and over
@@ -571,12 +571,10 @@ def run_das(model, tokenizer, state, template, args, out, split, layer):
 
 def validate(args):
     """Every check that needs no weights, before anything is loaded or written. Resolves
-    --depth into --basis-layer and the default --layers (all)."""
+    --basis-layer (or --depth, as B, C and D do) and the default --layers (all)."""
     common.check_runtime(args.device, args.dtype)
     config = common.load_model_config(args.model)
-    if args.depth is not None:
-        args.basis_layer = common.depth_to_layer(config, args.depth)
-    common.check_layer(config, args.basis_layer, flag="--basis-layer")
+    args.basis_layer = common.resolve_layer(config, args.basis_layer, args.depth, "--basis-layer")
     n_layers = common.num_layers(config)
     args.layers = sorted(set(args.layers)) if args.layers else list(range(n_layers))
     for layer in args.layers:
@@ -665,10 +663,7 @@ def build_parser():
     decoding.add_decode_args(parser)
     parser.add_argument("--layers", type=int, nargs="*", default=None,
                         help="layers to patch (default: every layer 0..L-1)")
-    parser.add_argument("--basis-layer", type=int, default=32,
-                        help="layer whose Z is the fixed basis (z_basis)")
-    parser.add_argument("--depth", type=float, default=None,
-                        help="basis layer as a fraction of depth instead (0.889: 32 of 36, 21 of 24)")
+    common.add_layer_args(parser, "--basis-layer", "layer whose Z is the fixed basis (z_basis)")
     parser.add_argument("--k", type=int, default=50, help="dimension of Z and the random subspaces")
     parser.add_argument("--n-random", type=int, default=50,
                         help="random k-dim subspaces per layer (the band and the rank test)")

@@ -241,12 +241,12 @@ def write_prompts(path, n=8):
     return path
 
 
-def cli(tmp_path, *extra):
+def cli(tmp_path, *extra, layer=("--basis-layer", "2")):
     prompts = tmp_path / "prompts.json"
     if not prompts.exists():
         write_prompts(prompts)
     return ee.parse_args(["--model", common.TINY_MODEL, "--device", "cpu", "--prompts",
-                          str(prompts), "--basis-layer", "2", "--k", "4", "--n-random", "3",
+                          str(prompts), *layer, "--k", "4", "--n-random", "3",
                           "--decode-limit", "2", "--decode-random", "1", "--das-k", "4",
                           "--das-steps", "2", "--das-eval-every", "1", "--max-new-tokens", "4",
                           "--out", str(tmp_path / "exp_e"), "--figures", str(tmp_path / "fig"),
@@ -345,7 +345,7 @@ def _argv(args):
 
 @pytest.mark.parametrize("extra,message", [
     (["--basis-layer", "9"], "--basis-layer"),
-    (["--depth", "1.5"], "--depth"),
+    (["--depth", "1.5"], "pass --basis-layer or --depth, not both"),
     (["--k", "64"], "k=64"),
     (["--layers", "0", "7"], "--layers"),
     (["--last-m", "0"], "--last-m"),
@@ -360,6 +360,18 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, extra
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "exp_e").exists() and not (tmp_path / "fig").exists()
+
+
+@pytest.mark.parametrize("depth,message", [("1.5", "--depth 1.5 is not a fraction"),
+                                           ("0", "--depth 0.0 is not a fraction")])
+def test_depth_alone_resolves_like_the_other_scripts(tmp_path, capsys, depth, message):
+    """--depth without --basis-layer: common.resolve_layer, the same rule and messages as B-D."""
+    with pytest.raises(SystemExit) as exit_info:
+        runs.run_cli(ee.main, cli(tmp_path, "--depth", depth, layer=()))
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    args = cli(tmp_path, layer=())
+    ee.validate(args)
+    assert args.basis_layer == 3  # no flag: the plan's layer 32 of 36 at this depth, 3 of 4
 
 
 def test_every_flag_has_a_help_text():
