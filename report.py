@@ -82,17 +82,16 @@ def run_section(run, results, report_dir, figures):
 
 def _layer(config):
     """'layer L of N (depth F)' of a run's patched or basis layer."""
-    c = config
-    layer = (c.get("layers_resolved", {}).get("layer") or c.get("basis_layer") or c.get("layer")
-             or c.get("args", {}).get("layer"))
+    layer = (config.get("layers_resolved", {}).get("layer") or config.get("basis_layer")
+             or config.get("layer") or config.get("args", {}).get("layer"))
     layer = layer[0] if isinstance(layer, list) else layer
-    n = c.get("model", {}).get("num_layers") or c.get("n_layers")
-    depth = c.get("args", {}).get("depth")
+    n = config.get("model", {}).get("num_layers") or config.get("n_layers")
+    depth = config.get("args", {}).get("depth")
     depth = depth[0] if isinstance(depth, list) else depth
     return f"layer {layer} of {n}" + (f" (F = {depth})" if depth is not None else "")
 
 
-def cross_model_table(found, results):
+def cross_model_table(found):
     """One row per run name (exp_a, exp_c_drop_numbers, ...), one column per model."""
     models = sorted({r["model"] for r in found})
     names = sorted({r["path"].name for r in found},
@@ -173,7 +172,7 @@ def build_report(results, out, figures):
                   + ". Run the experiment's script with an --out below this folder.", ""]
     if found:
         lines += ["## Across models, at the depth-matched layer", ""]
-        lines += cross_model_table(found, results) + [""]
+        lines += cross_model_table(found) + [""]
         figure = plot_sweeps(found, Path(figures) / SWEEP_FIGURE)
         if figure:
             lines += [f"![layer sweeps by depth]({_rel(figure, out.parent)})", ""]
