@@ -36,9 +36,7 @@ import pandas as pd
 import torch
 
 import common
-import decoding
-import problems
-import runs
+from zcausal import decoding, problems, runs
 
 # Qwen/Qwen2.5-3B's config.json, the fields that decide the shape and the cost.
 QWEN25_3B = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,

@@ -1,6 +1,7 @@
 """What the Phase 3 experiments share about the model: loading it, the Z basis, hooks and subspace
 patching, and activation extraction (pooled means, token clouds, the on-disk cache). Prompts and
-answers live in problems.py, decoding in decoding.py, run bookkeeping in runs.py.
+answers live in zcausal/problems.py, decoding in zcausal/decoding.py, run bookkeeping in
+zcausal/runs.py.
 
 Conventions used throughout:
 - Layers are 0-indexed `model.model.layers[l]`; "hidden state at layer l" is the output of decoder
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from runs import UsageError
+from zcausal.runs import UsageError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-3B"
 TINY_MODEL = "tiny-random"  # a small random Qwen2 built in-process: offline smoke runs and tests
@@ -75,7 +76,7 @@ def tiny_config(vocab_size=600):
         bos_token_id=0, initializer_range=0.2)  # large init: well-separated logits, no argmax ties
 
 
-def _resolve_device(device):
+def resolve_device(device):
     if device:
         return torch.device("cuda" if device == "gpu" else device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,7 +87,7 @@ def check_runtime(device, dtype):
     CUDA asked for where there is none is a UsageError; float16 on a CPU only warns (it is
     emulated there, and slower than float32)."""
     try:
-        resolved = _resolve_device(device)
+        resolved = resolve_device(device)
     except RuntimeError:
         raise UsageError(f"--device {device}: unknown device; pass cpu or cuda") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
@@ -141,7 +142,7 @@ def load_model(name_or_path=DEFAULT_MODEL, dtype=None, device=None, seed=0):
     dtype: None picks bfloat16 on CUDA and float32 on CPU.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
-    device = _resolve_device(device)
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if name_or_path == TINY_MODEL:
         tokenizer = tiny_tokenizer()
@@ -332,7 +333,7 @@ def capture_layer_outputs(model, input_ids, attention_mask, layers, cache=None):
         with _hooks(model, [(l, grab(l)) for l in layers if l >= 0]):
             model(input_ids=input_ids, attention_mask=attention_mask,
                   position_ids=position_ids_from_mask(attention_mask), use_cache=cache is not None,
-                  **({_cache_kwarg(model): cache} if cache is not None else {}))
+                  **({cache_kwarg(model): cache} if cache is not None else {}))
     except _StopForward:
         pass
     finally:
@@ -461,7 +462,7 @@ def tokenize_left_padded(tokenizer, texts, spans=None, device="cpu"):
     return ids.to(device), mask.to(device), span_mask.to(device)
 
 
-def _new_cache(model):
+def new_cache(model):
     from transformers import DynamicCache
     try:
         return DynamicCache(config=model.config)
@@ -477,7 +478,7 @@ def _cache_kwarg_of(model_class):
                 "past_key_values")
 
 
-def _cache_kwarg(model):
+def cache_kwarg(model):
     """transformers 5 calls the KV cache argument `cache`; 4.x calls it `past_key_values`. An
     unknown name would be swallowed by **kwargs and silently disable the cache, so look it up."""
     return _cache_kwarg_of(type(model))

@@ -3,7 +3,7 @@
     python exp_a_patching.py --layer 32 --k 50                         # Qwen2.5-3B, every control
     python exp_a_patching.py --depth 0.889 --k 20 50 --source mean last  # the same depth on any model
     python exp_a_patching.py --model tiny-random --smoke               # smoke run, seconds, offline
-    python exp_a_summary.py results/exp_a                              # SUMMARY.md, figures: no model
+    python exp_a_patching.py --summarize results/exp_a                 # SUMMARY.md, figures: no model
 
 For every problem, the English prompt runs greedily under each condition, with the residual stream
 at layer --layer patched at the prompt positions as h <- h + P_S (s - h) (common.SubspacePatch):
@@ -24,7 +24,7 @@ Templates (--template): direct (default) ends the prompt right before the answer
 the output is the answer and logp_ref is log p(its digits) right after the prompt; cot lets the
 model calculate first and scores the answer after teacher-forcing the unpatched run's own text up
 to its "The answer is" (logp_readout). ld = log p(own answer) - log p(swap partner's answer).
-Statistics and the verdict: exp_a_summary.py (from the CSVs this script writes).
+Statistics and the verdict: zcausal/summaries/exp_a.py (from the CSVs this script writes).
 """
 import json
 import math
@@ -39,12 +39,9 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-import decoding
-import exp_a_summary as summary
-import problems
-import runs
-import stats
-import transport
+from zcausal import decoding
+from zcausal.summaries import exp_a as summary
+from zcausal import problems, runs, stats, transport
 
 CONDITIONS = ["none", "noop", "z", "zperp", "full", "en"]
 RANDOM_CONDITIONS = ["rand_z", "rand_zperp"]

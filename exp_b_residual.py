@@ -30,10 +30,9 @@ import pandas as pd
 import torch
 
 import common
-import problems
-import runs
-import stats
-from runs import UsageError
+from zcausal import problems, runs, stats
+from zcausal.runs import UsageError
+from zcausal.summaries import exp_b as summary
 
 DEFAULTS = dict(k=50, n_random=20, band=(2.5, 97.5))
 
@@ -156,16 +155,6 @@ def compute_random_draws(rand_ratios, n, seeds, kind):
     return pd.concat(frames, ignore_index=True)
 
 
-# Column prefixes of the two random-subspace bands: Haar-uniform and covariance-matched draws.
-KINDS = {"uniform": "rand", "matched": "matched"}
-
-
-def rank_column(kind, what):
-    """frac_random_R_ge (uniform draws), frac_matched_R_ge, ...: the share of draws of `kind` at
-    least as large as Z in `what` (R, absdiff), i.e. Z's empirical rank among them."""
-    return f"frac_{'random' if kind == 'uniform' else KINDS[kind]}_{what}_ge"
-
-
 def compute_per_layer(per_prompt, draws, k, d, band=DEFAULTS["band"]):
     """Per transition and language group (zh, en, all): means of R and energy, chance values, and
     for each kind of random subspace the band (percentiles `band` of the per-draw means) and the
@@ -179,7 +168,7 @@ def compute_per_layer(per_prompt, draws, k, d, band=DEFAULTS["band"]):
     table["energy_chance"] = k / d
     table["R_over_chance"] = table["R_mean"] / table["R_chance"]
     table["energy_over_chance"] = table["energy_mean"] / table["energy_chance"]
-    for kind, prefix in KINDS.items():
+    for kind, prefix in summary.KINDS.items():
         rand = draws[draws["kind"] == kind].groupby(["from_layer", "lang"])
         columns = {f"{prefix}_{name}_{stat}": value for name in ("R", "energy") for stat, value in (
             ("mean", rand[f"{name}_mean"].mean()),
@@ -191,7 +180,7 @@ def compute_per_layer(per_prompt, draws, k, d, band=DEFAULTS["band"]):
             table[["from_layer", "lang", "R_mean"]], on=["from_layer", "lang"], suffixes=("", "_z"))
         frac = (merged["R_mean"] >= merged["R_mean_z"]).groupby(
             [merged["from_layer"], merged["lang"]]).mean()
-        table = table.merge(frac.rename(rank_column(kind, "R")).reset_index(),
+        table = table.merge(frac.rename(summary.rank_column(kind, "R")).reset_index(),
                             on=["from_layer", "lang"], how="left")
     return table.sort_values(["lang", "from_layer"], key=_lang_order).reset_index(drop=True)
 
@@ -217,7 +206,7 @@ def compute_asymmetry(per_prompt, draws, band=DEFAULTS["band"]):
                      "diff_mean": d.mean(), "diff_sem": d.std(ddof=1) / np.sqrt(len(d))
                      if len(d) > 1 else np.nan, "wilcoxon_p": p})
     table = pd.DataFrame(rows)
-    for kind, prefix in KINDS.items():
+    for kind, prefix in summary.KINDS.items():
         rand = draws[(draws["lang"] != "all") & (draws["kind"] == kind)].pivot_table(
             index=["from_layer", "draw"], columns="lang", values="R_mean")
         rand_diff = (rand["zh"] - rand["en"]).rename("rand")
@@ -229,7 +218,7 @@ def compute_asymmetry(per_prompt, draws, band=DEFAULTS["band"]):
         # question is whether Z's difference is larger than a random subspace's
         merged = rand_diff.reset_index().merge(table[["from_layer", "diff_mean"]], on="from_layer")
         exceeds = merged["rand"].abs() >= merged["diff_mean"].abs()
-        table[rank_column(kind, "absdiff")] = table["from_layer"].map(
+        table[summary.rank_column(kind, "absdiff")] = table["from_layer"].map(
             exceeds.groupby(merged["from_layer"]).mean())
     return table
 
@@ -243,7 +232,7 @@ def compute_all(pooled, pairs, basis, k, d, n_random, seed, basis_layer):
     cov = stats.covariance(torch.as_tensor(pooled)[:, basis_layer + 1].double().numpy())
     cov_sqrt = stats.covariance_sqrt(cov)
     draws, shares = [], {"z": stats.variance_share(basis.double().numpy(), cov)}
-    for kind in KINDS:
+    for kind in summary.KINDS:
         bases, seeds = (random_bases(d, k, n_random, seed) if kind == "uniform"
                         else matched_bases(cov_sqrt, k, n_random, seed))
         draws.append(compute_random_draws(compute_ratios(updates, bases), len(pairs), seeds, kind))
@@ -265,106 +254,7 @@ def save_tables(out_dir, tables, extra_columns):
         table.to_csv(Path(out_dir) / f"{name}.csv", index=False)
 
 
-def _layer_ticks(ax, from_layers):
-    """One tick per transition, labelled by the layer it starts from (emb = the embeddings)."""
-    labels = ["emb" if l == -1 else str(l) for l in from_layers]
-    ax.set_xticks(from_layers, labels, fontsize=7 if len(from_layers) > 30 else 8)
-
-
-def _read_tables(out_dir):
-    out_dir = Path(out_dir)
-    for name in ("per_layer.csv", "asymmetry.csv"):
-        if not (out_dir / name).is_file():
-            raise UsageError(f"{out_dir / name} does not exist; run exp_b_residual.py without "
-                             f"--replot first, or pass the --out folder of an earlier run")
-    return pd.read_csv(out_dir / "per_layer.csv"), pd.read_csv(out_dir / "asymmetry.csv")
-
-
-def plot_residual_ratio(out_dir, path):
-    """Two panels from per_layer.csv and asymmetry.csv only: R per transition (zh, en, chance line,
-    random band) and R_zh - R_en with its random band."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    table, asym = _read_tables(out_dir)
-    first = table.iloc[0]
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(12.5, 7.5), sharex=True,
-                                  gridspec_kw={"height_ratios": [3, 2]})
-    both = table[table["lang"] == "all"]
-    x = both["from_layer"].to_numpy()
-    ax.fill_between(x, both["rand_R_lo"], both["rand_R_hi"], color="0.8", alpha=0.8,
-                    label=f"uniform random {int(first['k'])}-dim subspaces (2.5-97.5%)")
-    if "matched_R_lo" in both:
-        ax.fill_between(x, both["matched_R_lo"], both["matched_R_hi"], color="tab:orange",
-                        alpha=0.25, label=f"random subspaces drawn with the covariance of layer "
-                                          f"{int(first['basis_layer'])}'s states (2.5-97.5%)")
-    ax.axhline(first["R_chance"], color="k", ls="--", lw=1,
-               label=f"chance sqrt(k/(d-k)) = {first['R_chance']:.3f}")
-    for lang, color in (("zh", "tab:red"), ("en", "tab:blue")):
-        rows = table[table["lang"] == lang]
-        ax.errorbar(rows["from_layer"], rows["R_mean"], yerr=rows["R_sem"], color=color,
-                    marker="o", ms=3, capsize=2, label=f"R, {lang} prompts (mean ± sem)")
-    basis_in = int(first["basis_layer"]) - 1  # the update that produces the basis layer's output
-    for a in (ax, ax2):
-        a.axvline(basis_in, color="tab:green", ls=":", lw=1.2,
-                  label=f"update into the basis layer ({basis_in} -> {basis_in + 1})"
-                  if a is ax else None)
-        a.grid(axis="y", alpha=0.3)
-    ax.set_ylabel("R = ||P_Z u|| / ||P_Zperp u||")
-    pooled = ("first token kept" if not bool(first["drop_first"]) else "first token dropped") + (
-        ", numbers dropped" if bool(first.get("drop_numbers", False)) else "")
-    ax.set_title(f"Residual updates u against Z of layer {int(first['basis_layer'])} "
-                 f"(k={int(first['k'])}, d={int(first['d'])}, N={int(asym['n_pairs'].iloc[0])} "
-                 f"pairs; {pooled})", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax2.fill_between(asym["from_layer"], asym["rand_diff_lo"], asym["rand_diff_hi"], color="0.8",
-                     alpha=0.8, label="uniform random subspaces (2.5-97.5%)")
-    if "matched_diff_lo" in asym:
-        ax2.fill_between(asym["from_layer"], asym["matched_diff_lo"], asym["matched_diff_hi"],
-                         color="tab:orange", alpha=0.25, label="covariance-matched (2.5-97.5%)")
-    ax2.axhline(0, color="k", lw=0.8)
-    ax2.errorbar(asym["from_layer"], asym["diff_mean"], yerr=asym["diff_sem"], color="tab:purple",
-                 marker="o", ms=3, capsize=2, label="R_zh - R_en (paired mean ± sem)")
-    ax2.set_ylabel("R_zh - R_en")
-    ax2.set_xlabel("transition l -> l+1, plotted at l (emb: embeddings -> layer 0)")
-    ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    _layer_ticks(ax2, x)
-    runs.save_figure(fig, path, dpi=130)
-    return path
-
-
 # ----------------------------------------------------------------------------------------------
-
-def summary_lines(out_dir):
-    """The run's findings as sentences, from its CSVs (printed at the end of a run; report.py's
-    paragraph)."""
-    per_layer, asym = _read_tables(out_dir)
-    both = per_layer[per_layer["lang"] == "all"]
-    top, low = both.loc[both["R_over_chance"].idxmax()], both.loc[both["R_over_chance"].idxmin()]
-    lines = [f"R = |P_Z u| / |P_Z⊥ u| of each layer's update u is {both['R_chance'].iloc[0]:.4f} "
-             f"at chance; the largest R/chance is {top['R_over_chance']:.2f} "
-             f"at {int(top['from_layer'])}->{int(top['to_layer'])}, the smallest "
-             f"{low['R_over_chance']:.2f} at {int(low['from_layer'])}->{int(low['to_layer'])}."]
-    for kind, name in (("uniform", "uniform"), ("matched", "covariance-matched")):
-        above = both[both[rank_column(kind, "R")] == 0]
-        below = both[both[rank_column(kind, "R")] == 1]
-        lines.append(f"Transitions with R above every {name} random subspace: {len(above)} of "
-                     f"{len(both)}; below every one: {len(below)}.")
-    big = asym.loc[asym["diff_mean"].abs().idxmax()]
-    lines.append(f"The largest |R_zh - R_en| is {big['diff_mean']:+.4f} at "
-                 f"{int(big['from_layer'])}->{int(big['to_layer'])} (Wilcoxon p = "
-                 f"{big['wilcoxon_p']:.2g}; random subspaces with a difference at least as "
-                 f"large: {big['frac_random_absdiff_ge']:.0%}).")
-    return lines
-
-
-def headline(out_dir):
-    """report.py's cross-model cell: the largest R against chance."""
-    per_layer, _ = _read_tables(out_dir)
-    both = per_layer[per_layer["lang"] == "all"]
-    top = both.loc[both["R_over_chance"].idxmax()]
-    return (f"max R/chance {top['R_over_chance']:.2f} at {int(top['from_layer'])}->"
-            f"{int(top['to_layer'])} (chance R {top['R_chance']:.3f})")
 
 
 def run_record(args, config, basis_layer, pairs):
@@ -383,7 +273,7 @@ def run_record(args, config, basis_layer, pairs):
 
 def main(args):
     if args.replot:
-        return plot_residual_ratio(args.out, runs.figure_path(args, "residual_ratio"))
+        return summary.plot_residual_ratio(args.out, runs.figure_path(args, "residual_ratio"))
     config, basis_layer = validate(args)
     pairs = problems.load_pairs(args)
     out_dir = runs.prepare_out_dir(args.out, args.overwrite, args.resume, args, args.figures)
@@ -404,8 +294,8 @@ def main(args):
     runs.write_json(out_dir / "config.json", runs.run_config(
         args, model, **record, tokens=common.number_token_counts(tokenizer, texts),
         variance_share_of_basis_layer_states=shares))
-    print("\n".join(summary_lines(out_dir)))
-    path = plot_residual_ratio(out_dir, runs.figure_path(args, "residual_ratio"))
+    print("\n".join(summary.summary_lines(out_dir)))
+    path = summary.plot_residual_ratio(out_dir, runs.figure_path(args, "residual_ratio"))
     print(f"wrote {out_dir} and {path}")
     return tables
 

@@ -63,12 +63,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import ard_mmd
-import exp_c_figures
+from zcausal import ard_mmd
+from zcausal.summaries import exp_c as summary
 import common
-import problems
-import runs
-from runs import UsageError
+from zcausal import problems, runs
+from zcausal.runs import UsageError
 
 # Defaults (the plan's C.5 where it gives one), in one place.
 PLAN_LAYERS = [10, 15, 20, 25, 28, 30, 32, 33, 34, 35]  # numbered of 36
@@ -370,14 +369,14 @@ def compute_all(zh, en, layers, splits, z_energy, args, device, out=None):
     return [load_unit(unit_path(out, layer, obj)) for layer in layers for obj in args.objective]
 
 
-def mark_selected(summary):
+def mark_selected(fits):
     """selected = lowest validation cross-entropy per (layer, objective, start), a continuous
     score (validation retrieval accuracy saturates); ties go to the larger lambda."""
-    summary["selected"] = False
-    for _, group in summary.groupby(["layer", "objective", "start"]):
+    fits["selected"] = False
+    for _, group in fits.groupby(["layer", "objective", "start"]):
         best = group.sort_values(["ce_val_final", "lambda"], ascending=[True, False]).index[0]
-        summary.loc[best, "selected"] = True
-    return summary
+        fits.loc[best, "selected"] = True
+    return fits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,8 +384,8 @@ def mark_selected(summary):
 
 def save_results(out, units, layers, z_energy, args):
     import pandas as pd
-    summary = mark_selected(pd.DataFrame([row for unit in units for row in unit["rows"]]))
-    summary.to_csv(out / "summary.csv", index=False, float_format="%.6g")
+    fits = mark_selected(pd.DataFrame([row for unit in units for row in unit["rows"]]))
+    fits.to_csv(out / "summary.csv", index=False, float_format="%.6g")
     pd.DataFrame([row for unit in units for row in unit["traces"]]).to_csv(
         out / "traces.csv", index=False, float_format="%.6g")
     shape = (len(layers), len(args.objective), len(args.start), len(args.lambdas), len(z_energy))
@@ -402,7 +401,7 @@ def save_results(out, units, layers, z_energy, args):
                         objectives=np.array(args.objective), starts=np.array(args.start),
                         lambdas=np.array(args.lambdas), z_energy=z_energy.numpy(),
                         log10_l_ref=np.array([math.log10(l_ref[layer]) for layer in layers]))
-    return summary
+    return fits
 
 
 def run_record(args, config, layers, basis_layer, pairs, splits):
@@ -428,7 +427,7 @@ def run_record(args, config, layers, basis_layer, pairs, splits):
 
 def main(args):
     if args.replot:
-        return exp_c_figures.plot_all(args, Path(args.out))
+        return summary.plot_all(args, Path(args.out))
     config, layers, basis_layer = validate(args)
     pairs = problems.load_pairs(args)
     splits = split_problems(len(pairs), args.val_frac, args.test_frac, args.seed)
@@ -442,17 +441,17 @@ def main(args):
     z_energy = compute_z_energy(model, basis_layer, args.k, args.fold_norm)
     zh, en, n_shared = load_clouds(model, tokenizer, pairs, layers, args)
     units = compute_all(zh, en, layers, splits, z_energy, args, device, out=out)
-    summary = save_results(out, units, layers, z_energy, args)
+    fits = save_results(out, units, layers, z_energy, args)
     texts = [p["zh"] for p in pairs] + [p["en"] for p in pairs]
     runs.write_json(out / "config.json", runs.run_config(
         args, model, **record, fit_seconds=sum(unit["seconds"] for unit in units),
         fit_device=str(device), pairs_with_shared_prefix=n_shared,
         tokens=common.number_token_counts(tokenizer, texts),
         layer_info={unit["layer"]: unit["layer_info"] for unit in units}))
-    exp_c_figures.plot_all(args, out)
-    print("\n".join(exp_c_figures.summary_lines(out)))
+    summary.plot_all(args, out)
+    print("\n".join(summary.summary_lines(out)))
     print(f"results in {out}")
-    return summary
+    return fits
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ split, steps chosen on validation, everything reported on the held-out test spli
 Outputs in --out: clean.csv, per_layer.csv, draws.csv, per_problem.csv, decode.csv,
 decode_summary.csv, das.csv, das_angles.csv, das_training.csv, das_decode.csv, das_basis_k*.npy,
 config.json; figures layer_sweep.png and das.png under --figures (runs.figure_path), drawn by
-exp_e_summary.py from the CSVs.
+zcausal/summaries/exp_e.py from the CSVs.
 """
 import json
 import time
@@ -41,13 +41,9 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-import das
-import decoding
-import exp_e_summary
-import interchange
-import problems
-import runs
-import stats
+from zcausal import das, decoding
+from zcausal.summaries import exp_e as summary
+from zcausal import interchange, problems, runs, stats
 
 FIXED = ["none", "full", "z_basis", "z_layer"]
 MEASURES = ["dlogp_own", "dlogp_src", "transfer", "transfer_pooled", "transfer_first",
@@ -306,7 +302,7 @@ def aggregate(measured):
     with a transfer: transfer (mean of per-pair fractions, the issue's definition),
     transfer_pooled (mean shift / mean span: each pair weighted by its span) and transfer_first
     (mean of the first-token fractions); n_transfer pairs."""
-    def summary(group):
+    def means(group):
         valid = group.transfer.notna()
         pooled = (group.ld_shift[valid].mean() / group.ld_span[valid].mean()) if valid.any() \
             else np.nan
@@ -316,7 +312,7 @@ def aggregate(measured):
                           "transfer_first": group.transfer_first.mean(),
                           "dlang_own": group.dlang_own.mean(),
                           "patch_share": group.patch_share.mean()})
-    return measured.groupby(["pairing", "condition"]).apply(summary, include_groups=False).reset_index()
+    return measured.groupby(["pairing", "condition"]).apply(means, include_groups=False).reset_index()
 
 
 def summarise_conditions(agg, conditions, extra):
@@ -325,7 +321,7 @@ def summarise_conditions(agg, conditions, extra):
     draws (stats.rank_test) on every measure. extra: columns added to every row."""
     agg = agg.assign(name=[conditions.names[c] for c in agg.condition],
                      draw=[conditions.draws[c] for c in agg.condition])
-    summary, draws = [], agg[agg.name == "random"].drop(columns=["condition", "name"])
+    table, draws = [], agg[agg.name == "random"].drop(columns=["condition", "name"])
     for pairing, group in agg.groupby("pairing"):
         rand = group[group.name == "random"]
         for _, row in group[group.name != "random"].iterrows():
@@ -337,7 +333,7 @@ def summarise_conditions(agg, conditions, extra):
                     test = stats.rank_test(row[m], rand[m])
                     record[f"{m}_p"] = test.get("p_two_sided", np.nan)
                     record[f"{m}_rank"] = test.get("rank", np.nan)
-            summary.append(record)
+            table.append(record)
         if len(rand):
             record = dict(extra, pairing=pairing, condition="random", n=int(rand.n.iloc[0]),
                           n_transfer=int(rand.n_transfer.iloc[0]),
@@ -345,9 +341,9 @@ def summarise_conditions(agg, conditions, extra):
             for m in MEASURES:
                 record[f"{m}_lo"], record[f"{m}_hi"] = np.nanpercentile(rand[m], [2.5, 97.5]) \
                     if rand[m].notna().any() else (np.nan, np.nan)
-            summary.append(record)
+            table.append(record)
     draws = draws.assign(**extra)
-    return pd.DataFrame(summary), draws[list(extra) + ["pairing", "draw", "n", "n_transfer"]
+    return pd.DataFrame(table), draws[list(extra) + ["pairing", "draw", "n", "n_transfer"]
                                         + MEASURES]
 
 
@@ -425,15 +421,15 @@ def run_sweep(model, state, args, out, split):
         measured = row_measures(run_rows(model, state, layer, conditions, batches), state.clean,
                                 args.min_span)
         extra = {"layer": layer, "depth": layer / L}
-        summary, draws = summarise_conditions(aggregate(measured), conditions, extra)
+        table, draws = summarise_conditions(aggregate(measured), conditions, extra)
         noop = measured[measured.condition == 0][["dlogp_own", "dlogp_src"]].abs().to_numpy()
-        summary["noop_max_abs"] = float(noop.max())
-        summary["seconds"] = time.perf_counter() - started  # this layer's rows, Z's SVD included
-        summary["tflop"] = layer_flops(model.config, batches, layer) / 1e12
+        table["noop_max_abs"] = float(noop.max())
+        table["seconds"] = time.perf_counter() - started  # this layer's rows, Z's SVD included
+        table["tflop"] = layer_flops(model.config, batches, layer) / 1e12
         runs.write_csv(per_problem_rows(measured, state, conditions, split, extra),
                        out / "per_problem.csv", append=True)
         runs.write_csv(draws, out / "draws.csv", append=True)
-        runs.write_csv(summary, out / "per_layer.csv", append=True)  # last: marks the layer done
+        runs.write_csv(table, out / "per_layer.csv", append=True)  # last: marks the layer done
 
 
 def peak_layer(out, split_of, exclude="test"):
@@ -524,7 +520,7 @@ def run_decode_checks(model, tokenizer, state, template, args, out, layers):
                             on=["pairing", "condition", "problem_id"])
         runs.write_csv(frame, out / "decode.csv", append=True)
     frame = runs.load_csv(out / "decode.csv")
-    runs.write_csv(exp_e_summary.decode_summary(frame, ["layer", "pairing", "condition"]),
+    runs.write_csv(summary.decode_summary(frame, ["layer", "pairing", "condition"]),
                    out / "decode_summary.csv")  # replot rebuilds it too
 
 
@@ -551,7 +547,7 @@ def run_das(model, tokenizer, state, template, args, out, split, layer):
         batches = make_batches(state, test, len(conditions.names), args.batch_size, dtype)
         measured = row_measures(run_rows(model, state, layer, conditions, batches), state.clean,
                                 args.min_span)
-        summary, _ = summarise_conditions(aggregate(measured), conditions, {"k": k, "layer": layer})
+        held_out, _ = summarise_conditions(aggregate(measured), conditions, {"k": k, "layer": layer})
         random_bases = [b for b, name in zip(conditions.bases, conditions.names) if name == "random"]
         angles = das.das_angles(basis, [("z_basis", -1, z_fixed), ("z_layer", -1, z_here)],
                             random_bases, k)
@@ -561,9 +557,9 @@ def run_das(model, tokenizer, state, template, args, out, split, layer):
         runs.write_csv(history.assign(k=k, layer=layer), out / "das_training.csv", append=True)
         runs.write_csv(angles, out / "das_angles.csv", append=True)
         runs.write_csv(decoded.assign(k=k), out / "das_decode.csv", append=True)
-        runs.write_csv(summary, out / "das.csv", append=True)  # last: marks k done
+        runs.write_csv(held_out, out / "das.csv", append=True)  # last: marks k done
     decoded = runs.load_csv(out / "das_decode.csv")
-    runs.write_csv(exp_e_summary.decode_summary(decoded, ["k", "layer", "pairing", "condition"]),
+    runs.write_csv(summary.decode_summary(decoded, ["k", "layer", "pairing", "condition"]),
                    out / "das_decode_summary.csv")
 
 
@@ -609,10 +605,10 @@ def validate(args):
 
 def main(args):
     if args.replot:
-        return exp_e_summary.replot(args)
+        return summary.replot(args)
     pairs, template = validate(args)
     if args.batch_size is None:  # rows are a few tokens each: large batches pay on a GPU
-        on_gpu = common._resolve_device(args.device).type == "cuda"
+        on_gpu = common.resolve_device(args.device).type == "cuda"
         args.batch_size = 512 if on_gpu else 64
     out = runs.prepare_out_dir(args.out, args.overwrite, args.resume, args, args.figures)
     runs.set_seed(args.seed)
@@ -641,8 +637,8 @@ def main(args):
         runs.write_json(out / "config.json", dict(config, das_layer=das_layer,
                                                   decode_layers=decode_layers))
         run_das(model, tokenizer, state, template, args, out, split, das_layer)
-    exp_e_summary.replot(args)
-    exp_e_summary.print_summary(out)
+    summary.replot(args)
+    summary.print_summary(out)
 
 
 # --smoke: flags left at their default take these values (seconds on --model tiny-random)

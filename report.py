@@ -15,21 +15,17 @@ import json
 import os
 from pathlib import Path
 
-import exp_a_summary
-import exp_b_residual
-import exp_c_figures
-import exp_d_bridge
-import exp_e_summary
-import runs
-from runs import UsageError
+from zcausal.summaries import exp_a, exp_b, exp_c, exp_d, exp_e
+from zcausal import runs
+from zcausal.runs import UsageError
 
 # script -> (experiment letter, title, module with summary_lines(out) and headline(out))
 EXPERIMENTS = {
-    "exp_a_patching.py": ("A", "activation patching of Z", exp_a_summary),
-    "exp_b_residual.py": ("B", "residual-stream share of Z", exp_b_residual),
-    "exp_c_ard_mmd.py": ("C", "ARD-MMD search for a shared subspace", exp_c_figures),
-    "exp_d_bridge.py": ("D", "a linear bridge from en to zh in Z", exp_d_bridge),
-    "exp_e_layer_sweep.py": ("E", "layer sweep and DAS", exp_e_summary),
+    "exp_a_patching.py": ("A", "activation patching of Z", exp_a),
+    "exp_b_residual.py": ("B", "residual-stream share of Z", exp_b),
+    "exp_c_ard_mmd.py": ("C", "ARD-MMD search for a shared subspace", exp_c),
+    "exp_d_bridge.py": ("D", "a linear bridge from en to zh in Z", exp_d),
+    "exp_e_layer_sweep.py": ("E", "layer sweep and DAS", exp_e),
 }
 SWEEP_FIGURE = "report_sweep_by_depth.png"
 # what reading a run folder that is still being written (or was interrupted) raises
@@ -127,7 +123,7 @@ def plot_sweeps(found, path):
     for run in found:
         if run["script"] == "exp_e_layer_sweep.py":
             try:
-                sweeps.append((run, exp_e_summary.swap_rows(run["path"])))
+                sweeps.append((run, exp_e.swap_rows(run["path"])))
             except UNFINISHED:
                 continue
     if not sweeps:

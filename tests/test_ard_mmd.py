@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import ard_mmd as A
+from zcausal import ard_mmd as A
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster

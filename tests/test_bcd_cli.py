@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import common
-import runs
+from zcausal import runs
 import exp_b_residual as B
 import exp_c_ard_mmd as C
 import exp_d_bridge as D

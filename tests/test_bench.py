@@ -6,7 +6,7 @@ import math
 import pytest
 
 import bench
-import runs
+from zcausal import runs
 
 
 def _args(tmp_path, *extra):

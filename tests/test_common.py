@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import common
-import problems
-import runs
+from zcausal import problems, runs
 from helpers import TEXTS, has_hooks, make_patch
 
 

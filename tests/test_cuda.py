@@ -11,9 +11,7 @@ import pytest
 import torch
 
 import common
-import decoding
-import fast_decode
-import runs
+from zcausal import decoding, fast_decode, runs
 from helpers import MIXED, TINY_RUN_FLAGS, conditions
 
 pytestmark = [pytest.mark.cuda,

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 import common
-import das
-import interchange
+from zcausal import das, interchange
 
 
 def test_learned_subspace_starts_at_a_seeded_random_orthonormal_basis():

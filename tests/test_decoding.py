@@ -8,9 +8,7 @@ import pytest
 import torch
 
 import common
-import decoding
-import problems
-import runs
+from zcausal import decoding, problems, runs
 from helpers import MIXED, TEXTS, conditions, has_hooks, make_patch
 
 ENGINES = ["eager", "fast"]

@@ -12,12 +12,9 @@ import pytest
 import torch
 
 import common
-import decoding
-import problems
-import runs
-import transport
+from zcausal import decoding, problems, runs, transport
 import exp_a_patching as A
-import exp_a_summary as S
+from zcausal.summaries import exp_a as S
 from helpers import smoke_argv
 
 SMOKE = smoke_argv("A")  # the README's smoke command

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import common
-import problems
-import runs
+from zcausal import problems, runs
 import exp_b_residual as eb
 
 EN = ["Tom has {a} apples and buys {b} more. How many apples does he have?",

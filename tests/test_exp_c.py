@@ -8,10 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-import ard_mmd as A
+from zcausal import ard_mmd as A
 import common
-import problems
-import runs
+from zcausal import problems, runs
 import exp_c_ard_mmd as C
 import synthetic_numbers
 

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 import common
-import problems
-import runs
+from zcausal import problems, runs
 import exp_d_bridge as ed
+from zcausal.summaries import exp_d as exp_d_summary
 import synthetic_numbers
 
 FITTED = ("lstsq", "ridge", "procrustes")
@@ -63,7 +63,7 @@ def test_independent_pairs_give_no_held_out_fit():
     assert rows["identity"]["kfold_r2"] == pytest.approx(-1, abs=0.3)
 
 
-@pytest.mark.parametrize("name", ed.MAPS)
+@pytest.mark.parametrize("name", exp_d_summary.MAPS)
 def test_leave_one_out_uses_no_held_out_data(name):
     """The held-out row's own target never affects its prediction, and its input enters only
     through X_i @ W with W (and the centring) from the other rows."""
@@ -201,11 +201,11 @@ def test_main_end_to_end(tiny, tmp_path, capsys, monkeypatch):
     rows = ed.main(cli(tmp_path, "--n-shuffles", "20"))
     out = tmp_path / "exp_d"
     m = pd.read_csv(out / "metrics.csv")
-    assert len(rows) == len(m) == 2 * len(ed.MAPS)
+    assert len(rows) == len(m) == 2 * len(exp_d_summary.MAPS)
     assert set(m["k"]) == {4, 8} and (m["n_pairs"] == 12).all() and not m["in_sample_exact"].any()
     assert ((m["null_lo"] <= m["null_hi"]) & np.isclose(m["retrieval_chance"], 1 / 12)).all()
-    assert len(pd.read_csv(out / "null.csv")) == 2 * len(ed.MAPS) * 20
-    assert len(pd.read_csv(out / "singular_values.csv")) == (4 + 8) * len(ed.MAPS)
+    assert len(pd.read_csv(out / "null.csv")) == 2 * len(exp_d_summary.MAPS) * 20
+    assert len(pd.read_csv(out / "singular_values.csv")) == (4 + 8) * len(exp_d_summary.MAPS)
     config = json.loads((out / "config.json").read_text())
     assert (config["layer"], config["k"], config["drop_first"], config["n_pairs"]) == \
         (2, [4, 8], True, 12)

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import common
-import decoding
+from zcausal import decoding
 import exp_e_layer_sweep as ee
-import interchange
-import runs
+from zcausal import interchange, runs
 from helpers import smoke_argv
 
 TEXTS = ["Question: Tom buys 3 apples for 4 dollars each. The answer is ",
@@ -214,7 +213,7 @@ def test_answer_tokens_on_the_real_qwen_tokenizer():
     if not path.is_dir():
         pytest.skip("real Qwen tokenizer not available")
     from transformers import AutoTokenizer
-    import problems
+    from zcausal import problems
     tok = AutoTokenizer.from_pretrained(path)
     template = problems.load_prompts()["templates"]["direct"]
     for lang, tail in (("en", " "), ("zh", "是")):

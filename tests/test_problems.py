@@ -2,7 +2,7 @@
 import pytest
 
 import common
-import problems
+from zcausal import problems
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 run end to end by its experiment's tests), and its test command is the one .ci/run runs."""
 import re
 
-import runs
+from zcausal import runs
 from helpers import SMOKE_COMMANDS
 
 

@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 import report
-import runs
+from zcausal import runs
 from helpers import TINY_RUN_FLAGS
 
 pytestmark = pytest.mark.usefixtures("one_thread")

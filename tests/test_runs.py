@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-import runs
+from zcausal import runs
 
 
 def _exit_of(fn, capsys):

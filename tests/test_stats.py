@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import common
-import stats
+from zcausal import stats
 
 
 def test_wilson_interval_against_hand_computed_values():

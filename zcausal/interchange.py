@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 import common
+from zcausal.decoding import layer_kv
 
 
 @dataclass
@@ -59,7 +60,6 @@ def encode_prefixes(model, ids, m, batch_size=16):
     ids: list of U token-id lists, each at least m long (an empty prefix is allowed). Returns
     Prefixes on the model's device.
     """
-    from decoding import _layer_kv
     device = next(model.parameters()).device
     n_layers = common.num_layers(model)
     if any(len(x) < m for x in ids):
@@ -81,13 +81,13 @@ def encode_prefixes(model, ids, m, batch_size=16):
                 batch[b, local - n:] = torch.tensor(ids[u][:n])
                 local_mask[b, local - n:] = 1
         batch, local_mask = batch.to(device), local_mask.to(device)
-        cache = common._new_cache(model)
+        cache = common.new_cache(model)
         common.capture_layer_outputs(model, batch, local_mask, [n_layers - 1], cache)
         index = torch.tensor(rows, device=device)
         mask[index, width - local:] = local_mask
         keep = local_mask.bool()[:, None, :, None]
         for layer in range(n_layers):
-            for slot, tensor in enumerate(_layer_kv(cache, layer)):
+            for slot, tensor in enumerate(layer_kv(cache, layer)):
                 if kv[layer] is None:
                     shape = (len(ids), tensor.shape[1], width, tensor.shape[3])
                     kv[layer] = [torch.zeros(shape, dtype=tensor.dtype, device=device),
@@ -227,7 +227,7 @@ def run_layers(model, prefixes, block, hidden, start, mask=None, capture=False, 
         module = common.decoder_layers(model)[layer]
         out = module(hidden, attention_mask=mask, position_ids=block.position,
                      position_embeddings=rotary, use_cache=True,
-                     **{common._cache_kwarg(module): cache})
+                     **{common.cache_kwarg(module): cache})
         hidden = out[0] if isinstance(out, tuple) else out
         if capture:
             captured[layer] = hidden

@@ -20,11 +20,11 @@ from contextlib import contextmanager
 
 import torch
 
-import fast_decode
-from common import (TINY_MODEL, _cache_kwarg, _new_cache, capture_layer_outputs, decoder_layers,
+from zcausal import fast_decode
+from common import (TINY_MODEL, cache_kwarg, new_cache, capture_layer_outputs, decoder_layers,
                     layer_output_hook, num_layers, position_ids_from_mask, tiny_tokenizer)
-from fast_decode import advance, new_stop_state
-from runs import UsageError
+from zcausal.fast_decode import advance, new_stop_state
+from zcausal.runs import UsageError
 
 ENGINES = ("auto", "eager", "fast")
 # Measured on this project's 2-core CPU (README, Performance; one thread, the two step
@@ -52,7 +52,7 @@ def _forward(model, input_ids, attention_mask, position_ids, cache, patch, phase
         patch.phase = phase
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=True, logits_to_keep=1 if last_only else 0,
-                **{_cache_kwarg(model): cache})
+                **{cache_kwarg(model): cache})
     return out.logits.float()
 
 
@@ -77,7 +77,7 @@ def _score(model, cache, first_logits, attention_mask, position, continuations, 
     return (logp * cont_mask).sum(1).cpu()
 
 
-def _layer_kv(cache, layer):
+def layer_kv(cache, layer):
     """(keys, values) of one layer of a DynamicCache: (B, H_kv, T, d_head) each."""
     if hasattr(cache, "layers"):
         return cache.layers[layer].keys, cache.layers[layer].values
@@ -95,10 +95,10 @@ def shared_prefill(model, input_ids, attention_mask, layer):
     """
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    cache = _new_cache(model)
+    cache = new_cache(model)
     hidden = capture_layer_outputs(model, input_ids, attention_mask, [layer], cache)[layer]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "layer": layer,
-            "hidden": hidden, "kv": [_layer_kv(cache, l) for l in range(layer + 1)]}
+            "hidden": hidden, "kv": [layer_kv(cache, l) for l in range(layer + 1)]}
 
 
 def select_prefill(prefill, rows):
@@ -138,7 +138,7 @@ def _forward_from_prefill(model, prefill, cache, patch):
     for l in range(layer + 1, num_layers(model)):
         block = decoder_layers(model)[l]
         out = block(hidden, attention_mask=mask, position_ids=position, position_embeddings=rotary,
-                    use_cache=True, **{_cache_kwarg(block): cache})
+                    use_cache=True, **{cache_kwarg(block): cache})
         hidden = out[0] if isinstance(out, tuple) else out
     return model.lm_head(model.model.norm(hidden[:, -1:])).float()
 
@@ -146,7 +146,7 @@ def _forward_from_prefill(model, prefill, cache, patch):
 def _prompt_pass(model, input_ids, attention_mask, position, patch, score, prefill):
     """The prompt forward (patched, phase "prompt") and the teacher-forced scores. Returns
     (DynamicCache of the prompt, last-position logits (B, V) float32, list of (B,) scores)."""
-    cache = _new_cache(model)
+    cache = new_cache(model)
     if prefill is None:
         logits = _forward(model, input_ids, attention_mask, position, cache, patch, "prompt", True)
     else:  # same result, without recomputing the layers below the patch

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runs import REPO, UsageError
+from zcausal.runs import REPO, UsageError
 
 DEFAULT_PROMPTS = REPO / "prompts.json"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent  # the repository root (this file is zcausal/runs.py)
 
 
 class UsageError(Exception):

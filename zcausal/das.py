@@ -22,8 +22,7 @@ import pandas as pd
 import torch
 
 import common
-import interchange
-import problems
+from zcausal import interchange, problems
 
 
 class LearnedSubspace(torch.nn.Module):

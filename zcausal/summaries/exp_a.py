@@ -1,6 +1,6 @@
 """Experiment A's statistics, verdict, SUMMARY.md and figures, from a run's CSVs alone (no model).
 
-    python exp_a_summary.py results/exp_a            # or: python exp_a_patching.py --summarize DIR
+    python exp_a_patching.py --summarize results/exp_a     # what calls summarize()
 
 Reads rows.csv (one row per problem x configuration x condition x draw x pair), random_scores.csv
 (the teacher-forced random null), variance.csv and config.json, and writes metrics.csv,
@@ -15,9 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import problems
-import runs
-import stats
+from zcausal import problems, runs, stats
 
 CONFIG = ["layer", "k", "positions", "source"]
 FIXED = ["none", "noop", "z", "zperp", "full", "en"]
@@ -450,7 +448,7 @@ def write_summary(out_dir, rows, tables, checks, variance, config):
             f", skip first position: {args.get('skip_first')}, random subspaces: "
             f"`{args.get('random_kind')}`, command `{config.get('command')}`, git "
             f"{config.get('git_commit')}. Every number and sentence here is generated from the CSVs "
-            f"in this folder; rebuild with `python exp_a_summary.py <this folder>`.", "",
+            f"in this folder; rebuild with `python exp_a_patching.py --summarize <this folder>`.", "",
             "## Checks on the measure", ""] + checks_markdown(checks, template) + [
             "", "## Overview", "",
             "| layer | k | positions | source | Z answers changed | random Z | rank p | noop | "
@@ -651,15 +649,3 @@ def headline(out_dir):
         verdict = select_config(verdicts, config_key).iloc[0]["verdict"]
         cells.append(f"{cell}; {verdict}")
     return "; ".join(cells)
-
-
-def parse_args(argv=None):
-    parser = runs.make_parser(__doc__)
-    parser.add_argument("out", type=Path, help="folder of a finished (or resumed) exp_a run")
-    parser.add_argument("--figures", type=Path, default=Path("figures"),
-                        help="root folder for PNGs (the run's --out path mirrored under it)")
-    return parser.parse_args(argv)
-
-
-if __name__ == "__main__":
-    runs.run_cli(lambda a: summarize(a.out, a.figures), parse_args())

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-import runs
-import stats
+from zcausal import runs, stats
 
 
 def decode_summary(frame, keys):

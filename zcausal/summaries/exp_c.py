@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runs import UsageError, figure_path, save_figure
+from zcausal.runs import UsageError, figure_path, save_figure
 
 FILES = ("summary.csv", "traces.csv", "lengthscales.npz", "config.json")
 
