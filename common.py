@@ -433,6 +433,47 @@ def patch_subspace(hidden, basis, complement, source):
 # ----------------------------------------------------------------------------------------------
 # Tokenising, decoding and scoring
 
+class LanguageClasses:
+    """The vocabulary split by script, for language_margin: latin and cjk (V,) bool tensors
+    (problems.language_token_classes) and the id of the lone space token, which Qwen writes before
+    some Chinese units ("60 个" is 6, 0, " ", "个") and which belongs to neither language."""
+
+    def __init__(self, tokenizer):
+        import numpy as np
+        from zcausal.problems import language_token_classes
+        latin, cjk = language_token_classes(tokenizer)
+        self.latin, self.cjk = torch.from_numpy(np.asarray(latin)), torch.from_numpy(np.asarray(cjk))
+        space = tokenizer(" ", add_special_tokens=False)["input_ids"]
+        self.space_id = space[0] if len(space) == 1 else None
+
+    def to(self, device):
+        self.latin, self.cjk = self.latin.to(device), self.cjk.to(device)
+        return self
+
+
+def language_margin(logp_next, logp_after_space, classes):
+    """log P(the next word is Latin) - log P(it is Chinese) after an answer: (B,) float32.
+
+    logp_next: (B, V) log-probabilities right after the answer's last token; logp_after_space:
+    (B, V) after the answer and a lone space (None where the tokenizer has no such token). A word
+    comes either now or after a space, so P(class) = p_next(class) + p_next(space) p_space(class):
+    a margin that does not depend on which unit word the model would write, or on whether it puts
+    a space token first. Positive: English; negative: Chinese.
+    """
+    latin, cjk = classes.latin.to(logp_next.device), classes.cjk.to(logp_next.device)
+    logp_next = logp_next.float()
+
+    def mass(mask):
+        now = torch.logsumexp(logp_next[:, mask], -1)
+        if logp_after_space is None or classes.space_id is None:
+            return now
+        later = logp_next[:, classes.space_id] + torch.logsumexp(
+            logp_after_space.float()[:, mask], -1)
+        return torch.logaddexp(now, later)
+
+    return mass(latin) - mass(cjk)
+
+
 def position_ids_from_mask(attention_mask):
     """Positions that ignore left padding, so a padded row sees the same RoPE angles as alone."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

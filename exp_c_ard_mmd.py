@@ -63,10 +63,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zcausal import ard_mmd
+from zcausal import ard_mmd, problems, runs
 from zcausal.summaries import exp_c as summary
 import common
-from zcausal import problems, runs
 from zcausal.runs import UsageError
 
 # Defaults (the plan's C.5 where it gives one), in one place.

@@ -8,9 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from zcausal import ard_mmd as A
+from zcausal import ard_mmd as A, problems, runs
 import common
-from zcausal import problems, runs
 import exp_c_ard_mmd as C
 import synthetic_numbers
 

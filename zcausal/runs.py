@@ -268,12 +268,15 @@ def apply_smoke(parser, args, preset, unless=None):
 
 
 def write_csv(frame, path, append=False):
-    """Write (or append to) a CSV that load_csv reads back exactly. Every string is quoted:
+    """Write (or append to) a CSV (gzipped when the name ends in .gz) that load_csv reads back
+    exactly. Every string is quoted:
     pandas leaves a lone carriage return unquoted, which splits a generated text over two lines."""
     import csv
     path = Path(path)
+    # .gz: gzip with a fixed timestamp, so the same rows give the same bytes (appends add members)
+    compression = {"method": "gzip", "mtime": 0} if path.suffix == ".gz" else None
     frame.to_csv(path, mode="a" if append else "w", header=not (append and path.exists()),
-                 index=False, quoting=csv.QUOTE_NONNUMERIC)
+                 index=False, quoting=csv.QUOTE_NONNUMERIC, compression=compression)
 
 
 def load_csv(path):
