@@ -24,8 +24,8 @@ def is_missing(value):
 
 
 def num(value, digits=2, signed=False):
-    """`value` to `digits` significant digits (more where rounding would reach a round 1, so
-    0.998 is not written as 1), plain notation down to 0.001 (5.2e-39 below); 'not measured' for
+    """`value` to `digits` significant digits (more where rounding would reach 1 from below, so
+    an R^2 of 0.998 is not written as 1), plain notation down to 0.001 (5.2e-39 below); 'not measured' for
     None or nan."""
     if is_missing(value):
         return NOT_MEASURED
@@ -39,7 +39,7 @@ def num(value, digits=2, signed=False):
         return f"{sign}{value:.{digits - 1}e}"
     decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
     text = f"{value:.{decimals}f}"
-    while abs(float(text)) == 1 and abs(value) != 1 and decimals < 6:
+    while abs(float(text)) == 1 and abs(value) < 1 and decimals < 6:
         decimals += 1
         text = f"{value:.{decimals}f}"
     return sign + text
