@@ -263,9 +263,10 @@ def primary_sentence(r):
             f"not above the shuffled-pairs null (p = {num(r['p_null'])}): no linear map found")
     if v.startswith("not tested"):
         return f"{what}: held-out R^2 {num(r['kfold_r2'])}, {null}; Z against random bases {v}."
-    meaning = {"Z above random": "Z carries more of the map than random subspaces of its size",
-               "Z = random": "random subspaces of its size carry the map as well as Z",
-               "Z below random": "random subspaces of its size carry more of the map than Z"}[v]
+    meaning = {"Z above random": "in Z, en predicts zh better than in random subspaces of its "
+                                 "size",
+               "Z = random": "random subspaces of its size predict zh from en as well as Z",
+               "Z below random": "random subspaces of its size predict zh from en better than Z"}[v]
     return (f"{what}: held-out R^2 {num(r['kfold_r2'])}, {null}; it ranks "
             f"{ordinal(r['random_rank'])} of {int(r['n_random']) + 1} among random bases "
             f"({interval(r['random_mean'], r['random_lo'], r['random_hi'])}; one-sided p = "
