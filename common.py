@@ -179,12 +179,14 @@ def hidden_size(model_or_config):
     return config.hidden_size
 
 
-def check_layer(model_or_config, layer, flag="--layer"):
-    """`layer` must be a decoder layer of the model; the error names the script's own `flag`."""
+def check_layer(model_or_config, layer, flag="--layer", alternative="--depth F"):
+    """`layer` must be a decoder layer of the model; the error names the script's own `flag` and
+    the flag that can replace it there (`alternative`; None where the script has none)."""
     n = num_layers(model_or_config)
     if not (isinstance(layer, int) and 0 <= layer < n):
+        instead = f" (or {alternative})" if alternative else ""
         raise UsageError(f"layer {layer} does not exist: this model has layers 0..{n - 1}; "
-                         f"pass {flag} between 0 and {n - 1} (or --depth F)")
+                         f"pass {flag} between 0 and {n - 1}{instead}")
     return layer
 
 
@@ -202,12 +204,13 @@ def depth_to_layer(model_or_config, fraction, flag="--depth"):
     return layer
 
 
-def check_k(model_or_config, k, allow_full=True):
-    """1 <= k <= d (k < d when a complement must exist: Z-perp of a k = d subspace is empty)."""
+def check_k(model_or_config, k, allow_full=True, why="k = d would leave Z-perp empty"):
+    """1 <= k <= d (k < d where k = d means nothing: Z-perp of a k = d subspace is empty; `why`
+    says so in the script's own terms)."""
     d = hidden_size(model_or_config)
     top = d if allow_full else d - 1
     if not (isinstance(k, int) and 1 <= k <= top):
-        why = "" if allow_full else " (k = d would leave Z-perp empty)"
+        why = "" if allow_full else f" ({why})"
         raise UsageError(f"k={k} is out of range: the hidden size is {d}{why}; pass --k between 1 "
                          f"and {top}")
     return k
