@@ -204,15 +204,16 @@ def depth_to_layer(model_or_config, fraction, flag="--depth"):
     return layer
 
 
-def check_k(model_or_config, k, allow_full=True, why="k = d would leave Z-perp empty"):
+def check_k(model_or_config, k, allow_full=True, why="k = d would leave Z-perp empty",
+            flag="--k"):
     """1 <= k <= d (k < d where k = d means nothing: Z-perp of a k = d subspace is empty; `why`
-    says so in the script's own terms)."""
+    says so in the script's own terms); the error names the flag given (`flag`)."""
     d = hidden_size(model_or_config)
     top = d if allow_full else d - 1
     if not (isinstance(k, int) and 1 <= k <= top):
         why = "" if allow_full else f" ({why})"
-        raise UsageError(f"k={k} is out of range: the hidden size is {d}{why}; pass --k between 1 "
-                         f"and {top}")
+        raise UsageError(f"k={k} is out of range: the hidden size is {d}{why}; pass {flag} "
+                         f"between 1 and {top}")
     return k
 
 

@@ -1,34 +1,35 @@
 """Experiment E: where does the answer live? A layer sweep of position-aligned interchange, and a
-learned subspace (DAS) as the upper bound for Z.
+learned subspace (DAS) beside Z.
 
-    python exp_e_layer_sweep.py --model Qwen/Qwen2.5-3B --prompts-en mgsm_en.tsv --prompts-zh mgsm_zh.tsv
+    python exp_e_layer_sweep.py --model Qwen/Qwen2.5-3B                    # the bank, every layer
     python exp_e_layer_sweep.py --model tiny-random --smoke               # smoke run, seconds
-    python exp_e_layer_sweep.py --replot --out results/exp_e      # redraw the figures from the CSVs
+    python exp_e_layer_sweep.py --replot --out results/exp_e      # every table and figure again
 
-Prompts use the `direct` template: the English prompt ends with "The answer is " (last token the
-lone space), the Chinese with "答案是", so each prompt's last position predicts the answer's first
-digit, and the answer's tokens are its digits. At every layer l = 0..L-1 (teacher-forced only),
-the English prompt's last --last-m positions take the Chinese prompt's last m positions (aligned
-from the end; `last` source), from the same problem (pairing `same`) or from a swap partner with a
-different answer (`swap`), within a subspace:
+Problems: the bank's first 300 pairs by default (--prompts, --limit), kept where the unpatched
+model answers them (--solved); swap partners differ in their first digit. The `direct` template
+ends on the same space token in both languages (refused otherwise unless --allow-unaligned), so
+each prompt's last position predicts the answer's first digit. At every layer l of --layers and
+every k of --k (teacher-forced only), the English prompt's last --last-m positions take the
+Chinese prompt's last m positions (aligned from the end), from the same problem (pairing `same`)
+or from the swap partner (`swap`), within a subspace:
   none      nothing (the no-op, computed in the same batches: the noise floor)
   full      everything (h <- s)
   z_basis   Z of --basis-layer (or --depth F; default: layer 32 of 36 at the same depth), k dims
   z_layer   Z of the patched layer l itself
   random    --n-random random k-dim subspaces (the same draws at every layer)
-Per layer and condition: mean shift of log p(own answer) and of log p(source answer), and over
-swap pairs the transfer fraction (ld_patched - ld_clean) / (ld_target - ld_clean), where
-ld = log p(own answer) - log p(source answer) (all answer tokens, teacher-forced) and ld_target is
-that difference on the unpatched English prompt of the source problem; plus the language margin
-log p(".\\n\\n") - log p("。\\n\\n") after the answer. Z is read against the random draws
-(stats.rank_test). Decoded spot checks at --decode-layers; then DAS at --das-layer (default: the
-layer where full interchange transfers most on train + validation problems), trained on the train
-split, steps chosen on validation, everything reported on the held-out test split.
+Every row is written (per_problem.csv, random_rows.csv.gz); the tables, the declared primary test
+and the Holm-corrected secondary ones are built from those rows alone
+(zcausal/summaries/exp_e_tables.py: measures top1_src / top1_own / neither, the p_share shift,
+disruption, pooled shifts, the language margin after the answer). Decoded spot checks at
+--decode-layers; then DAS at --das-layer, trained on the train split, steps chosen on validation,
+reported on the held-out test split with bootstrap intervals beside full interchange and Z.
 
-Outputs in --out: clean.csv, per_layer.csv, draws.csv, per_problem.csv, decode.csv,
-decode_summary.csv, das.csv, das_angles.csv, das_training.csv, das_decode.csv, das_basis_k*.npy,
-config.json; figures layer_sweep.png and das.png under --figures (runs.figure_path), drawn by
-zcausal/summaries/exp_e.py from the CSVs.
+Outputs in --out: per-row clean.csv, per_problem.csv, random_rows.csv.gz, timing.csv, solved.csv,
+decode.csv, das_per_problem.csv, das_random_rows.csv.gz, das_training.csv, das_angles.csv,
+das_decode.csv, das_basis_k*.npy; tables per_layer.csv, draws.csv, das.csv, tests.csv,
+decode_summary.csv, das_decode_summary.csv; config.json (with the primary test); figures
+layer_sweep.png (layer_sweep_k<k>.png for the other k) and das.png under --figures
+(runs.figure_path), drawn by zcausal/summaries/exp_e_figures.py from the tables.
 """
 import json
 import time
@@ -41,13 +42,12 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import answered, das, decoding, interchange, problems, runs, stats
+from zcausal import answered, das, decoding, interchange, problems, runs
 from zcausal.summaries import exp_e as summary
+from zcausal.summaries import exp_e_tables as tables
 
 FIXED = ["none", "full", "z_basis", "z_layer"]
 BANK_PAIRS = 300  # with --prompts bank and no --limit: the first 300 pairs are tried
-MEASURES = ["dlogp_own", "dlogp_src", "transfer", "transfer_pooled", "transfer_first",
-            "dlang_own", "patch_share"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,101 +279,25 @@ def run_rows(model, state, layer, conditions, batches):
     return pd.concat(frames, ignore_index=True)
 
 
-def row_measures(rows, clean, min_span=1.0):
-    """Per-row shifts against the clean run and, for swap rows, the transfer fraction.
-
-    dlogp_own, dlogp_src, dlang_own: patched minus clean. ld_shift = ld - ld_clean and ld_span =
-    ld_target - ld_clean; transfer = ld_shift / ld_span where |ld_span| >= min_span nats, else NaN
-    (a pair whose answers the model tells apart on neither prompt has no transfer to measure, and
-    its ratio is noise). first_shift, first_span, transfer_first: the same for the first token."""
-    c = clean.iloc[rows.problem.to_numpy()].reset_index(drop=True)
-    same = (rows.pairing == "same").to_numpy()
-    out = rows.copy()
-    out["dlogp_own"] = rows.logp_own - c.logp_own
-    out["dlogp_src"] = rows.logp_src - np.where(same, c.logp_own, c.logp_src)
-    out["dlang_own"] = rows.lang_own - c.lang_own
-    for prefix, ld, ld_clean, ld_target in (
-            ("ld", rows.logp_own - rows.logp_src, c.ld_clean, c.ld_target),
-            ("first", rows.first_own - rows.first_src, c.ld_first_clean, c.ld_first_target)):
-        shift = np.where(same, np.nan, ld - ld_clean)
-        span = np.where(same, np.nan, ld_target - ld_clean)
-        ok = np.abs(span) >= min_span
-        out[f"{prefix}_shift"], out[f"{prefix}_span"] = shift, np.where(ok, span, np.nan)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out["transfer" if prefix == "ld" else "transfer_first"] = np.where(ok, shift / span,
-                                                                             np.nan)
-    return out
-
-
-def aggregate(measured):
-    """Means per (pairing, condition index): dlogp_own, dlogp_src, dlang_own; over the swap pairs
-    with a transfer: transfer (mean of per-pair fractions, the issue's definition),
-    transfer_pooled (mean shift / mean span: each pair weighted by its span) and transfer_first
-    (mean of the first-token fractions); n_transfer pairs."""
-    def means(group):
-        valid = group.transfer.notna()
-        pooled = (group.ld_shift[valid].mean() / group.ld_span[valid].mean()) if valid.any() \
-            else np.nan
-        return pd.Series({"n": len(group), "n_transfer": int(valid.sum()),
-                          "dlogp_own": group.dlogp_own.mean(), "dlogp_src": group.dlogp_src.mean(),
-                          "transfer": group.transfer.mean(), "transfer_pooled": pooled,
-                          "transfer_first": group.transfer_first.mean(),
-                          "dlang_own": group.dlang_own.mean(),
-                          "patch_share": group.patch_share.mean()})
-    return measured.groupby(["pairing", "condition"]).apply(means, include_groups=False).reset_index()
-
-
-def summarise_conditions(agg, conditions, extra):
-    """per_layer-style rows (named conditions, and `random` as the draws' mean with a 2.5-97.5%
-    band) plus the draws; named non-trivial conditions get a two-sided rank test against the
-    draws (stats.rank_test) on every measure. extra: columns added to every row."""
-    agg = agg.assign(name=[conditions.names[c] for c in agg.condition],
-                     draw=[conditions.draws[c] for c in agg.condition])
-    table, draws = [], agg[agg.name == "random"].drop(columns=["condition", "name"])
-    for pairing, group in agg.groupby("pairing"):
-        rand = group[group.name == "random"]
-        for _, row in group[group.name != "random"].iterrows():
-            record = dict(extra, pairing=pairing, condition=row["name"], n=int(row.n),
-                          n_transfer=int(row.n_transfer),
-                          **{m: row[m] for m in MEASURES})
-            if row["name"] not in ("none", "full") and len(rand):
-                for m in MEASURES:
-                    test = stats.rank_test(row[m], rand[m])
-                    record[f"{m}_p"] = test.get("p_two_sided", np.nan)
-                    record[f"{m}_rank"] = test.get("rank", np.nan)
-            table.append(record)
-        if len(rand):
-            record = dict(extra, pairing=pairing, condition="random", n=int(rand.n.iloc[0]),
-                          n_transfer=int(rand.n_transfer.iloc[0]),
-                          **{m: rand[m].mean() for m in MEASURES})
-            for m in MEASURES:
-                record[f"{m}_lo"], record[f"{m}_hi"] = np.nanpercentile(rand[m], [2.5, 97.5]) \
-                    if rand[m].notna().any() else (np.nan, np.nan)
-            table.append(record)
-    draws = draws.assign(**extra)
-    return pd.DataFrame(table), draws[list(extra) + ["pairing", "draw", "n", "n_transfer"]
-                                        + MEASURES]
-
-
 # ----------------------------------------------------------------------------------------------
 # The sweep
 
-def done_values(path, column, **match):
-    """Values of `column` already in a CSV (rows matching `match`), for --resume."""
+def done_values(path, columns):
+    """The (tuples of) values of `columns` already in a CSV, for --resume."""
     if not Path(path).is_file():
         return set()
     frame = runs.load_csv(path)
-    for key, value in match.items():
-        frame = frame[frame[key] == value]
-    return set(frame[column].tolist())
+    return set(zip(*(frame[c].tolist() for c in columns)))
 
 
-def keep_rows(path, column, keep):
-    """Rewrite a CSV keeping only rows whose `column` is in `keep`: on --resume, the rows an
-    interrupted step appended before its marking file was written are dropped, not duplicated."""
+def keep_rows(path, columns, keep):
+    """Rewrite a CSV keeping only rows whose `columns` values are in `keep`: on --resume, the
+    rows an interrupted step appended before its marking file was written are dropped, not
+    duplicated."""
     if Path(path).is_file():
         frame = runs.load_csv(path)
-        runs.write_csv(frame[frame[column].isin(keep)], path)
+        mask = [values in keep for values in zip(*(frame[c].tolist() for c in columns))]
+        runs.write_csv(frame[mask], path)
 
 
 def per_problem_rows(measured, state, conditions, split, extra):
@@ -420,43 +344,34 @@ def layer_flops(config, batches, layer):
 
 
 def run_sweep(model, state, args, out, split):
-    """Every layer of args.layers not in per_layer.csv yet: patched rows, measures, and three
-    CSVs appended per layer (a crash loses at most the layer under way)."""
+    """Every (k, layer) of args.k x args.layers not in per_layer.csv yet: the patched rows with
+    their measures appended to the per-row files, the layer's time to timing.csv, then every
+    table rebuilt from the rows (exp_e_tables.write_tables; per_layer.csv, written last, marks
+    the layer done, so a crash loses at most the layer under way)."""
     d, L = common.hidden_size(model), common.num_layers(model)
-    z_fixed = common.z_basis(model, args.basis_layer, args.k, fold_norm=args.fold_norm)
     dtype = next(model.parameters()).dtype
     batches = make_batches(state, range(len(state.pairs)), len(FIXED) + args.n_random,
                            args.batch_size, dtype)
-    done = done_values(out / "per_layer.csv", "layer")
-    for name in ("per_problem.csv", "random_rows.csv.gz", "draws.csv"):
-        keep_rows(out / name, "layer", done)
-    for layer in tqdm([l for l in args.layers if l not in done], desc="layers", unit="layer"):
+    done = done_values(out / "per_layer.csv", ["k", "layer"])
+    for name in ("per_problem.csv", "random_rows.csv.gz", "timing.csv"):
+        keep_rows(out / name, ["k", "layer"], done)
+    todo = [(k, layer) for k in args.k for layer in args.layers if (k, layer) not in done]
+    z_fixed = {}
+    for k, layer in tqdm(todo, desc="layers", unit="layer"):
         started = time.perf_counter()
-        z_here = common.z_basis(model, layer, args.k, fold_norm=args.fold_norm)
-        conditions = make_conditions(d, args.k, [("z_basis", z_fixed), ("z_layer", z_here)],
+        if k not in z_fixed:
+            z_fixed[k] = common.z_basis(model, args.basis_layer, k, fold_norm=args.fold_norm)
+        z_here = common.z_basis(model, layer, k, fold_norm=args.fold_norm)
+        conditions = make_conditions(d, k, [("z_basis", z_fixed[k]), ("z_layer", z_here)],
                                      args.n_random, args.seed)
-        measured = row_measures(run_rows(model, state, layer, conditions, batches), state.clean,
-                                args.min_span)
-        extra = {"layer": layer, "depth": layer / L, "k": args.k}
-        table, draws = summarise_conditions(aggregate(measured), conditions, extra)
-        noop = measured[measured.condition == 0][["dlogp_own", "dlogp_src"]].abs().to_numpy()
-        table["noop_max_abs"] = float(noop.max())
-        table["seconds"] = time.perf_counter() - started  # this layer's rows, Z's SVD included
-        table["tflop"] = layer_flops(model.config, batches, layer) / 1e12
-        write_rows(per_problem_rows(measured, state, conditions, split, extra), out)
-        runs.write_csv(draws, out / "draws.csv", append=True)
-        runs.write_csv(table, out / "per_layer.csv", append=True)  # last: marks the layer done
-
-
-def peak_layer(out, split_of, exclude="test"):
-    """The layer where full interchange transfers most (pooled over swap pairs outside `exclude`),
-    from per_problem.csv: the default --das-layer and decode layer."""
-    frame = runs.load_csv(out / "per_problem.csv")
-    frame = frame[(frame.condition == "full") & (frame.pairing == "swap")
-                  & (frame.split != exclude) & frame.transfer.notna()]
-    pooled = frame.groupby("layer").apply(lambda g: g.ld_shift.sum() / g.ld_span.sum(),
-                                          include_groups=False)
-    return int(pooled.idxmax())
+        rows = per_problem_rows(run_rows(model, state, layer, conditions, batches), state,
+                                conditions, split, {"k": k, "layer": layer, "depth": layer / L})
+        write_rows(tables.row_measures(rows, state.clean, args.min_span), out)
+        runs.write_csv(pd.DataFrame([dict(  # this layer's rows, Z's SVD included
+            k=k, layer=layer, seconds=time.perf_counter() - started,
+            tflop=layer_flops(model.config, batches, layer) / 1e12)]), out / "timing.csv",
+            append=True)
+        tables.write_tables(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,22 +431,24 @@ def decode_record(pairs, u, j, pairing, conditions, c, text, logp_own, layer):
 
 
 def run_decode_checks(model, tokenizer, state, template, args, out, layers):
-    """Decoded spot checks at `layers` (first --decode-limit problems), each layer written as it
-    finishes; the teacher-forced log p of the fast engine is joined for the named conditions."""
-    d = common.hidden_size(model)
-    z_fixed = common.z_basis(model, args.basis_layer, args.k, fold_norm=args.fold_norm)
+    """Decoded spot checks at `layers` (first --decode-limit problems) at the primary k, each
+    layer written as it finishes; the teacher-forced log p of the fast engine is joined for the
+    named conditions."""
+    d, k = common.hidden_size(model), tables.primary_k(args.k)
+    z_fixed = common.z_basis(model, args.basis_layer, k, fold_norm=args.fold_norm)
     problem_index = list(range(min(args.decode_limit, len(state.pairs))))
     if not problem_index or not layers:
         return
-    done = done_values(out / "decode.csv", "layer")
+    done = {layer for layer, in done_values(out / "decode.csv", ["layer"])}
     for layer in [l for l in layers if l not in done]:
-        z_here = common.z_basis(model, layer, args.k, fold_norm=args.fold_norm)
-        conditions = make_conditions(d, args.k, [("z_basis", z_fixed), ("z_layer", z_here)],
+        z_here = common.z_basis(model, layer, k, fold_norm=args.fold_norm)
+        conditions = make_conditions(d, k, [("z_basis", z_fixed), ("z_layer", z_here)],
                                      args.decode_random, args.seed)
         frame = decode_rows(model, tokenizer, state, template, layer, conditions, problem_index,
-                            args)
+                            args).assign(k=k)
         fast = runs.load_csv(out / "per_problem.csv")
-        fast = fast[fast.layer == layer][["pairing", "condition", "problem_id", "logp_own"]]
+        fast = fast[(fast.layer == layer) & (fast.k == k)][["pairing", "condition", "problem_id",
+                                                            "logp_own"]]
         frame = frame.merge(fast.rename(columns={"logp_own": "logp_own_fast"}), how="left",
                             on=["pairing", "condition", "problem_id"])
         runs.write_csv(frame, out / "decode.csv", append=True)
@@ -544,39 +461,39 @@ def run_decode_checks(model, tokenizer, state, template, args, out, layers):
 # DAS: learn the subspace on train, choose steps on validation, report on test
 
 def run_das(model, tokenizer, state, template, args, out, split, layer):
-    """For every --das-k not done yet: train, then on the test split the transfer of DAS, Z (basis
-    layer and this layer), full and the random band; principal angles; decoded outputs."""
+    """For every --das-k not done yet: train (progress as plain lines), then on the test split
+    the rows of DAS, Z (basis layer and this layer), full and the random draws; principal
+    angles; decoded outputs; das.csv rebuilt from the rows (exp_e_tables.write_tables) last, as
+    the marker of a finished k."""
     d = common.hidden_size(model)
     test = [i for i, s in enumerate(split) if s == "test"]
     dtype = next(model.parameters()).dtype
-    done = done_values(out / "das.csv", "k")
+    done = done_values(out / "das.csv", ["k"])
     for name in ("das_training.csv", "das_angles.csv", "das_decode.csv", "das_per_problem.csv",
                  "das_random_rows.csv.gz"):
-        keep_rows(out / name, "k", done)
-    for k in [k for k in args.das_k if k not in done]:
+        keep_rows(out / name, ["k"], done)
+    for k in [k for k in args.das_k if (k,) not in done]:
         basis, history = das.train_das(model, state, layer, k, split, args,
-                                   log=lambda h: tqdm.write(f"DAS k={k} {h}"))
+                                       log=lambda entry: tqdm.write(das.progress_line(k, entry)))
         np.save(out / f"das_basis_k{k}.npy", basis.numpy())
         z_fixed = common.z_basis(model, args.basis_layer, k, fold_norm=args.fold_norm)
         z_here = common.z_basis(model, layer, k, fold_norm=args.fold_norm)
         conditions = make_conditions(d, k, [("das", basis), ("z_basis", z_fixed),
                                             ("z_layer", z_here)], args.n_random, args.seed)
         batches = make_batches(state, test, len(conditions.names), args.batch_size, dtype)
-        measured = row_measures(run_rows(model, state, layer, conditions, batches), state.clean,
-                                args.min_span)
-        held_out, _ = summarise_conditions(aggregate(measured), conditions, {"k": k, "layer": layer})
+        rows = per_problem_rows(run_rows(model, state, layer, conditions, batches), state,
+                                conditions, split, {"k": k, "layer": layer})
         random_bases = [b for b, name in zip(conditions.bases, conditions.names) if name == "random"]
         angles = das.das_angles(basis, [("z_basis", -1, z_fixed), ("z_layer", -1, z_here)],
-                            random_bases, k)
+                                random_bases, k)
         decoded = decode_rows(model, tokenizer, state, template, layer,
                               make_conditions(d, k, [("das", basis), ("z_basis", z_fixed)], 0,
                                               args.seed), test, args)
-        write_rows(per_problem_rows(measured, state, conditions, split, {"k": k, "layer": layer}),
-                   out, prefix="das_")
+        write_rows(tables.row_measures(rows, state.clean, args.min_span), out, prefix="das_")
         runs.write_csv(history.assign(k=k, layer=layer), out / "das_training.csv", append=True)
         runs.write_csv(angles, out / "das_angles.csv", append=True)
         runs.write_csv(decoded.assign(k=k), out / "das_decode.csv", append=True)
-        runs.write_csv(held_out, out / "das.csv", append=True)  # last: marks k done
+        tables.write_tables(out)  # das.csv: marks k done
     decoded = runs.load_csv(out / "das_decode.csv")
     runs.write_csv(summary.decode_summary(decoded, ["k", "layer", "pairing", "condition"]),
                    out / "das_decode_summary.csv")
@@ -592,12 +509,15 @@ def validate(args):
     args.basis_layer = common.resolve_layer(config, args.basis_layer, args.depth, "--basis-layer")
     n_layers = common.num_layers(config)
     args.layers = sorted(set(args.layers)) if args.layers else list(range(n_layers))
-    for layer in args.layers:
-        common.check_layer(config, layer, flag="--layers")
-    for layer in (args.decode_layers or []) + ([args.das_layer] if args.das_layer is not None else []):
-        common.check_layer(config, layer, flag="--decode-layers / --das-layer")
-    for k in [args.k] + list(args.das_k):
-        common.check_k(config, k, allow_full=False)
+    for flag, layers in (("--layers", args.layers), ("--decode-layers", args.decode_layers or []),
+                         ("--das-layer", [] if args.das_layer is None else [args.das_layer])):
+        for layer in layers:
+            common.check_layer(config, layer, flag=flag, alternative=None)
+    args.k = list(dict.fromkeys(args.k))  # one sweep per k, in the order given
+    for flag, ks in (("--k", args.k), ("--das-k", args.das_k)):
+        for k in ks:
+            common.check_k(config, k, allow_full=False, flag=flag,
+                           why="a k = d subspace is the whole state: that is `full`")
     counts = dict(n_random=0, decode_random=0, decode_limit=0, last_m=1, das_steps=1,
                   das_batch=1, das_eval_every=1, das_partners=1, max_new_tokens=1)
     for name, low in counts.items():
@@ -674,6 +594,8 @@ def main(args):
     if not args.resume:
         runs.write_json(out / "config.json", runs.run_config(
             args, model, template=template, n_pairs=len(pairs), basis_layer=args.basis_layer,
+            primary_test=tables.primary_description(args.k, args.basis_layer),
+            secondary_tests=tables.SECONDARY_DESCRIPTION,
             splits={s: [p["id"] for p, name in zip(pairs, split) if name == s]
                     for s in ("train", "validation", "test")},
             swap_source={p["id"]: pairs[j]["id"] for p, j in zip(pairs, partner)},
@@ -683,7 +605,7 @@ def main(args):
     state = prepare(model, tokenizer, pairs, template, partner, args.last_m, args.batch_size)
     runs.write_csv(state.clean.assign(split=split), out / "clean.csv")
     run_sweep(model, state, args, out, split)
-    peak = peak_layer(out, split)
+    peak = tables.peak_layer(out)
     decode_layers = args.decode_layers if args.decode_layers is not None else sorted(
         {args.basis_layer, peak} & set(args.layers))
     run_decode_checks(model, tokenizer, state, template, args, out, decode_layers)
@@ -693,12 +615,11 @@ def main(args):
         runs.write_json(out / "config.json", dict(config, das_layer=das_layer,
                                                   decode_layers=decode_layers))
         run_das(model, tokenizer, state, template, args, out, split, das_layer)
-    summary.replot(args)
-    summary.print_summary(out)
+    summary.replot(args)  # every table and figure once more, what it wrote and the summary
 
 
 # --smoke: flags left at their default take these values (seconds on --model tiny-random)
-SMOKE = dict(limit=6, solved="off", min_pairs=6, depth=0.5, k=8, n_random=3, decode_limit=2,
+SMOKE = dict(limit=6, solved="off", min_pairs=6, depth=0.5, k=[8], n_random=3, decode_limit=2,
              decode_random=1, das_k=[4],
              das_steps=4, das_eval_every=2, max_new_tokens=4)
 
@@ -724,15 +645,19 @@ def build_parser():
     parser.add_argument("--layers", type=int, nargs="*", default=None,
                         help="layers to patch (default: every layer 0..L-1)")
     common.add_layer_args(parser, "--basis-layer", "layer whose Z is the fixed basis (z_basis)")
-    parser.add_argument("--k", type=int, default=50, help="dimension of Z and the random subspaces")
+    parser.add_argument("--k", type=int, nargs="+", default=[50],
+                        help="dimensions of Z and the random subspaces: one sweep per k (a k "
+                             "column in every table; the primary test at k = 50, else the "
+                             "largest)")
     parser.add_argument("--n-random", type=int, default=50,
                         help="random k-dim subspaces per layer (the band and the rank test)")
     parser.add_argument("--last-m", type=int, default=1,
                         help="positions interchanged: the English prompt's last m take the "
                              "Chinese prompt's last m, aligned from the end")
     parser.add_argument("--min-span", type=float, default=1.0,
-                        help="a swap pair enters the transfer fraction only when |ld_target - "
-                             "ld_clean| is at least this many nats (else its ratio is noise)")
+                        help="a swap pair enters the old mean-of-ratios `transfer` column (kept "
+                             "for comparison, not in the summary) only when |ld_target - "
+                             "ld_clean| is at least this many nats")
     parser.add_argument("--fold-norm", action="store_true",
                         help="fold the layer's input RMSNorm gain into W_Q, W_K before Z's SVD")
     parser.add_argument("--split", type=float, nargs=3, default=[0.5, 0.25, 0.25],
@@ -741,7 +666,7 @@ def build_parser():
                              "(seeded; swap partners stay within a split)")
     parser.add_argument("--decode-layers", type=int, nargs="*", default=None,
                         help="layers of the decoded spot checks (default: the basis layer and "
-                             "the layer where full interchange transfers most)")
+                             "the default --das-layer)")
     parser.add_argument("--decode-limit", type=int, default=16,
                         help="problems decoded at each decode layer (the first N)")
     parser.add_argument("--decode-random", type=int, default=3,
@@ -751,8 +676,8 @@ def build_parser():
     parser.add_argument("--das-k", type=int, nargs="*", default=[20, 50],
                         help="dimensions of the learned subspaces (none: skip DAS)")
     parser.add_argument("--das-layer", type=int, default=None,
-                        help="layer of DAS (default: where full interchange transfers most on "
-                             "train + validation problems)")
+                        help="layer of DAS (default: the lowest layer where full interchange's "
+                             "top1_src is largest on train + validation problems)")
     parser.add_argument("--das-steps", type=int, default=200, help="Adam steps of DAS training")
     parser.add_argument("--das-lr", type=float, default=1e-2, help="Adam learning rate of DAS")
     parser.add_argument("--das-batch", type=int, default=32, help="interchange pairs per DAS step")
@@ -762,7 +687,8 @@ def build_parser():
                         help="source problems per training problem (its swap partner and more "
                              "from the train split)")
     parser.add_argument("--replot", action="store_true",
-                        help="only redraw the figures from the CSVs in --out (no model)")
+                        help="only rebuild every table, figure and the summary of the run in "
+                             "--out from its per-row CSVs (no model); prints what it wrote")
     runs.add_smoke_arg(parser, SMOKE)
     parser.set_defaults(batch_size=None)  # resolved in main(): 512 on a GPU, 64 on a CPU
     return parser

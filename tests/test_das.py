@@ -134,3 +134,13 @@ def test_same_intervention_as_pyvene_when_installed(tiny):
     logp = torch.log_softmax(patched.logits[0, -1].float(), -1)[int(base[0, -1])]
     assert float(ours["logp"][0, 0]) == pytest.approx(float(logp), abs=1e-4)
 
+
+
+def test_progress_lines_are_plain_sentences_without_nan():
+    """DAS progress as readable lines: no dict, no training loss before the first step."""
+    first = das.progress_line(20, {"step": 0, "train_loss": np.nan, "val": 3.2149})
+    later = das.progress_line(20, {"step": 20, "train_loss": 2.951, "val": 2.8})
+    assert first == "DAS k = 20, step 0: validation loss 3.21"
+    assert later == ("DAS k = 20, step 20: training loss 2.95 (mean since the last evaluation), "
+                     "validation loss 2.8")
+    assert "nan" not in first + later and "{" not in first + later

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import common
-from zcausal import decoding, interchange, runs
+from zcausal import decoding, interchange, runs, stats
+from zcausal.summaries import exp_e as summary
+from zcausal.summaries import exp_e_tables as tables
 import exp_e_layer_sweep as ee
 from helpers import smoke_argv
 
@@ -143,7 +145,8 @@ def equal_length_pairs(tok):
 
 def test_transfer_is_zero_for_a_noop_and_one_when_the_patched_run_is_the_target_run(tiny):
     """Full replacement of every prompt position at the embeddings by the partner prompt's
-    embeddings makes the patched run the partner's unpatched run: ld_patched = ld_target."""
+    embeddings makes the patched run the partner's unpatched run: ld_patched = ld_target, and
+    the patched first-digit scores are the partner's clean ones."""
     model, tok = tiny
     pairs = equal_length_pairs(tok)
     template = {"en": "{question}", "zh": "{question}"}
@@ -151,41 +154,121 @@ def test_transfer_is_zero_for_a_noop_and_one_when_the_patched_run_is_the_target_
     state = ee.prepare(model, tok, pairs, template, [1, 0], T, 4)
     conditions = ee.make_conditions(common.hidden_size(model), 4, [], 0, 0)
     batches = ee.make_batches(state, [0, 1], 2, 8, torch.float32)
-    measured = ee.row_measures(ee.run_rows(model, state, -1, conditions, batches), state.clean,
-                               min_span=0.1)
+    rows = ee.per_problem_rows(ee.run_rows(model, state, -1, conditions, batches), state,
+                               conditions, ["train", "train"], {"k": 4, "layer": -1})
+    measured = tables.row_measures(rows, state.clean, min_span=0.1)
     swap = measured[measured.pairing == "swap"].set_index("condition")
     assert np.all(np.abs(state.clean.ld_target - state.clean.ld_clean) >= 0.1)
-    assert np.allclose(swap.loc[1, "transfer"], 1, atol=1e-4)  # full
-    assert np.allclose(swap.loc[0, "transfer"], 0, atol=1e-5)  # none
-    first = swap.transfer_first.notna()
-    assert np.allclose(swap[first].transfer_first, swap[first].index == 1, atol=1e-4)
-    same_full = measured[(measured.pairing == "same") & (measured.condition == 1)]
+    assert np.allclose(swap.loc["full", "transfer"], 1, atol=1e-4)
+    assert np.allclose(swap.loc["none", "transfer"], 0, atol=1e-5)
+    assert np.allclose(swap.loc["full", "ld_shift"], swap.loc["full", "ld_span"], atol=1e-4)
+    assert np.allclose(swap.loc["none", "p_share_shift"], 0, atol=1e-6)
+    assert not swap.loc["none", "low_mass"].any()
+    same_full = measured[(measured.pairing == "same") & (measured.condition == "full")]
     assert np.allclose(same_full.dlogp_own, 0, atol=1e-5)  # own states in: nothing moves
 
 
-def test_row_measures_against_hand_computation():
+def hand_rows():
+    """Two problems (answers 12 and 47, partners of each other) and one of answer 15 whose
+    partner (answer 12) shares its first digit; clean and patched first-digit log-probs chosen
+    by hand."""
     import pandas as pd
-    clean = pd.DataFrame({"logp_own": [-1.0, -2.0], "logp_src": [-5.0, -4.0], "ld_clean": [4.0, 2.0],
-                          "ld_target": [-3.0, 1.5], "lang_own": [2.0, 1.0],
-                          "ld_first_clean": [1.0, 1.0], "ld_first_target": [-1.0, -3.0]})
-    rows = pd.DataFrame({"problem": [0, 0, 1], "pairing": ["same", "swap", "swap"],
-                         "condition": [0, 0, 0], "logp_own": [-1.5, -2.0, -2.0],
-                         "logp_src": [-1.5, -3.0, -4.0], "first_own": [-0.5, -1.0, -1.0],
-                         "first_src": [-0.5, -1.0, -3.0], "lang_own": [2.0, 1.0, 1.0],
-                         "lang_src": [2.0, 1.0, 1.0], "patch_share": [0.0, 0.0, 0.0]})
-    m = ee.row_measures(rows, clean, min_span=1.0)
-    assert m.dlogp_own.tolist() == [-0.5, -1.0, 0.0]
-    assert m.dlogp_src.tolist() == [-0.5, 2.0, 0.0]  # same: the source's answer is the own one
-    assert np.isnan(m.transfer[0]) and np.isnan(m.transfer_first[0])
+    ln = np.log
+    clean = pd.DataFrame({
+        "problem_id": ["a", "b", "c"], "answer": [12, 47, 15], "source_answer": [47, 12, 12],
+        "logp_own": [-1.0, -2.0, -1.0], "logp_src": [-5.0, -4.0, -3.0],
+        "ld_clean": [4.0, 2.0, 2.0], "ld_target": [-3.0, 1.5, 0.0],
+        "first_own": [ln(0.6), ln(0.5), ln(0.5)], "first_src": [ln(0.2), ln(0.1), ln(0.3)],
+        "ld_first_clean": [ln(3), ln(5), ln(5 / 3)], "ld_first_target": [-1.0, -3.0, 0.0],
+        "lang_own": [2.0, 1.0, 1.0]})
+    rows = pd.DataFrame({
+        "k": 4, "layer": 2, "draw": -1, "condition": "z_basis",
+        "problem_id": ["a", "a", "b", "c"], "pairing": ["same", "swap", "swap", "swap"],
+        "logp_own": [-1.5, -2.0, -2.0, -1.0], "logp_src": [-1.5, -3.0, -4.0, -3.0],
+        # a/swap: p_own 0.2, p_src 0.6 (share 0.75, mass 0.8 of 0.8); b/swap: 0.1, 0.1 (mass
+        # 0.2 of 0.6: below half); a/same: p_own 0.2 of 0.6 (below half)
+        "first_own": [ln(0.2), ln(0.2), ln(0.1), ln(0.5)],
+        "first_src": [ln(0.2), ln(0.6), ln(0.1), ln(0.3)],
+        "lang_own": [2.0, 1.0, 0.5, 1.0], "lang_src": 0.0, "top1": 0,
+        "top1_own": [False, False, False, True], "top1_src": [False, True, False, False],
+        "patch_share": 0.5})
+    return clean, rows
+
+
+def test_row_measures_and_group_table_against_hand_computation():
+    clean, rows = hand_rows()
+    m = tables.row_measures(rows, clean, min_span=1.0)
+    assert m.in_set.tolist() == [True, True, True, False]  # c's partner shares its first digit
+    assert m.dlogp_own.tolist() == [-0.5, -1.0, 0.0, 0.0]
+    assert m.dlogp_src.tolist() == [-0.5, 2.0, 0.0, 0.0]  # same: the source's answer is the own
+    assert m.p_share.iloc[1] == pytest.approx(0.75) and m.p_share_clean.iloc[1] == pytest.approx(0.25)
+    assert m.p_share.iloc[2] == pytest.approx(0.5) and np.isnan(m.p_share.iloc[0])
+    assert m.low_mass.tolist() == [True, False, True, False]
+    assert m.neither.tolist() == [True, False, True, False]
     assert m.transfer[1] == pytest.approx((1 - 4) / (-3 - 4))
-    assert np.isnan(m.transfer[2])  # |ld_target - ld_clean| = 0.5 < min_span: no transfer
-    assert m.transfer_first[1] == pytest.approx((0 - 1) / (-1 - 1))
-    assert m.transfer_first[2] == pytest.approx((2 - 1) / (-3 - 1))
-    agg = ee.aggregate(m).set_index("pairing")
-    assert agg.loc["swap", "n_transfer"] == 1
-    assert agg.loc["swap", "transfer_pooled"] == pytest.approx(3 / 7)
-    everything = ee.aggregate(ee.row_measures(rows, clean, min_span=0)).set_index("pairing")
-    assert everything.loc["swap", "transfer_pooled"] == pytest.approx(np.mean([-3, 0]) / np.mean([-7, -0.5]))
+    assert np.isnan(m.transfer[2])  # |span| 0.5 < --min-span: out of the old mean of ratios
+    g = tables.group_table(m).set_index("pairing")
+    swap, same = g.loc["swap"], g.loc["same"]
+    assert (swap.n_rows, swap.n_pairs, swap.n_transfer) == (3, 2, 1)
+    assert (swap.top1_src, swap.top1_own, swap.neither) == (0.5, 0, 0.5)
+    assert swap.p_share_shift == pytest.approx(np.mean([0.75 - 0.25, 0.5 - 1 / 6]))
+    assert swap.low_mass == 0.5 and not swap.disrupts  # half the pairs is not most of them
+    # pooled: mean shift / mean span over the same two pairs, no span threshold
+    assert swap.transfer_pooled == pytest.approx(np.mean([-3, 0]) / np.mean([-7, -0.5]))
+    assert np.isnan(same.top1_src) and same.low_mass == 1 and same.disrupts
+    ci = tables.with_intervals(g.reset_index()).set_index("pairing").loc["swap"]
+    assert (ci.top1_src_ci_lo, ci.top1_src_ci_hi) == pytest.approx(stats.wilson_interval(1, 2))
+
+
+def test_a_disrupting_condition_is_said_as_disruption_never_as_transfer():
+    clean, rows = hand_rows()
+    rows = rows.assign(condition="full", first_own=np.log(0.01), first_src=np.log(0.01),
+                       top1_src=[False, True, True, True])
+    per_layer = tables.group_table(tables.row_measures(rows, clean))
+    assert per_layer.set_index("pairing").loc["swap", "disrupts"]
+    text = summary.disruption_sentence(per_layer, 4)
+    assert text.startswith("Disrupts") and "full at layers 2" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# The tests: family-wise over layers, the profile sentence
+
+def test_best_layer_test_keeps_its_false_positive_rate_when_z_is_one_more_draw():
+    """Z one more of 20 exchangeable subspaces, each with the same effect at every layer plus
+    noise (layers strongly correlated): the family-wise test rejects about 5% of the time,
+    while "Z above every draw at some layer" rejects far more often."""
+    rng = np.random.default_rng(0)
+    sims, m, n_layers = 3000, 19, 12
+    family, naive = [], []
+    for _ in range(sims):
+        values = rng.normal(size=(m + 1, 1)) + 0.7 * rng.normal(size=(m + 1, n_layers)) \
+            + np.linspace(0, 2, n_layers)  # a layer profile shared by every subspace
+        z, draws = values[0], values[1:]
+        family.append(tables.best_layer_test(z, draws)["p_above"] <= 0.05)
+        naive.append(np.any(z > draws.max(0)))
+    assert 0.035 < np.mean(family) < 0.065
+    assert np.mean(naive) > 0.15
+    discrete = np.round(values * 2) / 2  # ties count against Z: never above the level
+    assert tables.best_layer_test(discrete[0], discrete[1:])["p_above"] >= 1 / 20
+
+
+def test_best_layer_test_without_draws_is_not_tested():
+    assert tables.best_layer_test(np.array([0.1, 0.2]), np.empty((0, 2))) == {}
+
+
+def test_profile_sentence_says_where_full_interchange_moves_the_first_digit():
+    import pandas as pd
+    values = [0.0] * 13 + [0.2, 0.6, 0.9] + [1.0] * 8
+    per_layer = pd.DataFrame({"k": 50, "layer": range(24), "pairing": "swap", "condition": "full",
+                              "top1_src": values, "n_pairs": 44,
+                              "top1_src_ci_lo": 0.0, "top1_src_ci_hi": 1.0})
+    text = summary.profile_sentence(per_layer, 50)
+    assert text.startswith("Full interchange transfers most at layer 16")
+    assert "at most 0.20 at layers 0-13" in text and "at least half from layer 14 (0.60)" in text
+    assert "0.90 to 1 at layers 15-23" in text and "of 44 pairs" in text
+    one = summary.profile_sentence(per_layer.assign(n_pairs=1), 50)
+    assert "of 1 pair;" in one and "1 pairs" not in one
+    assert summary.layer_list([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,17 +333,19 @@ def cli(tmp_path, *extra, layer=("--basis-layer", "2")):
     if not prompts.exists():
         write_prompts(prompts)
     return ee.parse_args(["--model", common.TINY_MODEL, "--device", "cpu", "--prompts",
-                          str(prompts), "--solved", "off", "--min-pairs", "6", *layer, "--k", "4",
-                          "--n-random", "3",
+                          str(prompts), "--solved", "off", "--min-pairs", "6", *layer,
+                          "--k", "4", "6", "--n-random", "3",
                           "--decode-limit", "2", "--decode-random", "1", "--das-k", "4",
                           "--das-steps", "2", "--das-eval-every", "1", "--max-new-tokens", "4",
                           "--out", str(tmp_path / "exp_e"), "--figures", str(tmp_path / "fig"),
                           *extra])
 
 
-OUTPUTS = ["clean.csv", "per_layer.csv", "draws.csv", "per_problem.csv", "decode.csv",
-           "decode_summary.csv", "das.csv", "das_angles.csv", "das_training.csv",
+OUTPUTS = ["clean.csv", "per_layer.csv", "draws.csv", "per_problem.csv", "random_rows.csv.gz",
+           "timing.csv", "tests.csv", "decode.csv", "decode_summary.csv", "das.csv",
+           "das_per_problem.csv", "das_random_rows.csv.gz", "das_angles.csv", "das_training.csv",
            "das_decode.csv", "das_decode_summary.csv", "das_basis_k4.npy", "config.json"]
+TABLES = ["per_layer.csv", "draws.csv", "das.csv", "tests.csv"]
 
 
 @pytest.fixture(scope="module")
@@ -277,48 +362,141 @@ def test_sweep_writes_every_output_and_the_figures(finished_run):
     for name in OUTPUTS:
         assert (out / name).is_file(), name
     figures = runs.figure_dir(out, tmp_path / "fig")
-    assert (figures / "layer_sweep.png").is_file() and (figures / "das.png").is_file()
+    for name in ("layer_sweep.png", "layer_sweep_k4.png", "das.png"):  # k 6: the primary k
+        assert (figures / name).is_file(), name
     per_layer = runs.load_csv(out / "per_layer.csv")
     assert sorted(per_layer.layer.unique()) == [0, 1, 2, 3]
+    assert sorted(per_layer.k.unique()) == [4, 6]
+    assert set(runs.load_csv(out / "per_problem.csv").k) == {4, 6}
     assert set(per_layer.condition) == {"none", "full", "z_basis", "z_layer", "random"}
     assert per_layer.noop_max_abs.max() < 1e-4  # the no-op rows reproduce the clean run
     share = per_layer.groupby("condition").patch_share
     assert np.allclose(share.min()["full"], 1) and np.allclose(share.max()["full"], 1)
     assert share.max()["none"] == 0 and 0 < share.mean()["random"] < 1
-    layer2 = per_layer[(per_layer.layer == 2) & (per_layer.pairing == "swap")].set_index("condition")
-    assert layer2.loc["z_basis", "transfer"] == pytest.approx(layer2.loc["z_layer", "transfer"])
-    assert layer2.loc["random", "transfer_lo"] <= layer2.loc["random", "transfer"] <= \
-        layer2.loc["random", "transfer_hi"]
+    layer2 = per_layer[(per_layer.layer == 2) & (per_layer.pairing == "swap")
+                       & (per_layer.k == 6)].set_index("condition")
+    for measure in ("top1_src", "p_share_shift", "transfer_pooled", "dlang_own"):
+        assert layer2.loc["z_basis", measure] == pytest.approx(layer2.loc["z_layer", measure])
+        assert layer2.loc["random", f"{measure}_lo"] <= layer2.loc["random", measure] <= \
+            layer2.loc["random", f"{measure}_hi"]
+    assert (per_layer.n_pairs <= per_layer.n_rows).all()
+    assert (per_layer[per_layer.pairing == "same"].n_pairs == 8).all()
     draws = runs.load_csv(out / "draws.csv")
-    assert len(draws) == 4 * 2 * 3  # layers x pairings x draws
+    assert len(draws) == 2 * 4 * 2 * 3  # k x layers x pairings x draws
     decode = runs.load_csv(out / "decode_summary.csv")
     assert decode.fast_vs_full_max_abs.max() < 1e-3  # the engine agrees with generate_and_score
     config = json.loads((out / "config.json").read_text())
     assert sum(len(v) for v in config["splits"].values()) == 8
     assert config["das_layer"] in range(4) and config["basis_layer"] == 2
+    assert "k = 6" in config["primary_test"] and "top1_src" in config["primary_test"]
     assert "/tmp" not in json.dumps(config["args"])
     angles = runs.load_csv(out / "das_angles.csv")
     assert set(angles.versus) == {"z_basis", "z_layer", "random"}
     assert np.load(out / "das_basis_k4.npy").shape == (4, 64)
 
 
-def test_replot_redraws_the_figures_from_the_csvs_alone(finished_run, monkeypatch):
-    tmp_path, _ = finished_run
-    figures = runs.figure_dir(tmp_path / "exp_e", tmp_path / "fig")
-    for name in ("layer_sweep.png", "das.png"):
-        (figures / name).unlink()
-    tables = {name: runs.load_csv(tmp_path / "exp_e" / name)
-              for name in ("decode_summary.csv", "das_decode_summary.csv")}
-    for name in tables:
-        (tmp_path / "exp_e" / name).unlink()
+def copy_run(finished_run, tmp_path):
+    """A copy of the finished run's folder (tests below change files in it)."""
+    import shutil
+    shutil.copytree(finished_run[0] / "exp_e", tmp_path / "exp_e")
+    return tmp_path / "exp_e"
+
+
+def replot(out, figures):
+    return ee.main(ee.parse_args(["--replot", "--out", str(out), "--figures", str(figures)]))
+
+
+def test_replot_reproduces_every_table_the_run_wrote(finished_run, tmp_path, monkeypatch,
+                                                     capsys):
+    out = copy_run(finished_run, tmp_path)
+    before = {name: (out / name).read_bytes()
+              for name in TABLES + ["decode_summary.csv", "das_decode_summary.csv"]}
+    for name in before:
+        (out / name).unlink()
     monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("replot loaded a model"))
-    ee.main(ee.parse_args(["--replot", "--out", str(tmp_path / "exp_e"),
-                           "--figures", str(tmp_path / "fig")]))
-    assert (figures / "layer_sweep.png").is_file() and (figures / "das.png").is_file()
-    for name, before in tables.items():
-        after = runs.load_csv(tmp_path / "exp_e" / name)
-        assert after.drop(columns="fast_vs_full_max_abs", errors="ignore").equals(
-            before.drop(columns="fast_vs_full_max_abs", errors="ignore"))
+    replot(out, tmp_path / "fig")
+    printed = capsys.readouterr().out
+    for name, data in before.items():
+        if name == "decode_summary.csv":  # its fast-vs-full column is the run's, not the rows'
+            continue
+        assert (out / name).read_bytes() == data, name
+        assert f"wrote {out / name}" in printed
+    figures = runs.figure_dir(out, tmp_path / "fig")
+    for name in ("layer_sweep.png", "layer_sweep_k4.png", "das.png"):
+        assert (figures / name).is_file() and f"wrote {figures / name}" in printed
+    assert "Primary test (declared)" in printed  # the summary of a finished sweep
+
+
+def test_replot_of_a_folder_without_a_run_writes_nothing(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        runs.run_cli(ee.main, ee.parse_args(["--replot", "--out", str(tmp_path / "empty"),
+                                             "--figures", str(tmp_path / "fig")]))
+    assert exit_info.value.code == 2 and "--out" in capsys.readouterr().err
+    assert not any((tmp_path / "empty").iterdir()) and not (tmp_path / "fig").exists()
+
+
+def test_tests_csv_holds_the_primary_test_and_holm_adjusted_secondary_tests(finished_run):
+    out = finished_run[0] / "exp_e"
+    tests = runs.load_csv(out / "tests.csv")
+    primary = tests[tests.family == "primary"]
+    assert list(primary.measure) == ["top1_src", "p_share_shift", "top1_src and p_share_shift"]
+    assert set(primary.k) == {6} and set(primary.layer) == {2}
+    assert primary.p.iloc[2] == max(primary.p.iloc[:2])  # intersection-union
+    secondary = tests[tests.family == "secondary"]
+    assert (secondary.p_holm >= secondary.p - 1e-12).all() and primary.p_holm.isna().all()
+    assert set(secondary.condition) == {"z_basis", "z_layer", "das"}
+    best = secondary[secondary.scope.str.startswith("best of")]
+    assert len(best) == 2 * 2 * 2 and best.at_layer.between(0, 3).all()  # k x condition x measure
+    per_layer = runs.load_csv(out / "per_layer.csv")
+    z = per_layer[(per_layer.condition == "z_basis") & (per_layer.pairing == "swap")
+                  & (per_layer.k == 6)]
+    row = best[(best.condition == "z_basis") & (best.k == 6) & (best.measure == "p_share_shift")]
+    assert row.value.iloc[0] == pytest.approx(z.p_share_shift.max())
+
+
+def test_headline_is_a_dict_read_from_the_primary_test(finished_run):
+    head = summary.headline(finished_run[0] / "exp_e")
+    assert set(head) == {"verdict", "value", "lead"}
+    assert head["verdict"] in ("Z = random", "Z transfers", "Z disrupts")
+    assert head["value"].startswith("top1_src ") and " vs random " in head["value"]
+    assert head["lead"][0].startswith("Full interchange") and 1 <= len(head["lead"]) <= 3
+    text = " ".join(summary.summary_lines(finished_run[0] / "exp_e"))
+    assert "nan" not in text and " 1 pairs" not in text
+
+
+def test_das_rows_have_bootstrap_intervals_and_say_a_small_test_split(finished_run):
+    out = finished_run[0] / "exp_e"
+    das_table = runs.load_csv(out / "das.csv")
+    swap = das_table[das_table.pairing == "swap"].set_index("condition")
+    assert set(swap.index) == {"none", "full", "das", "z_basis", "z_layer", "random"}
+    assert swap.too_small.all() and "too small" in swap.loc["das", "note"]
+    for name in ("full", "das", "z_basis"):
+        lo, hi = swap.loc[name, ["top1_src_boot_lo", "top1_src_boot_hi"]]
+        assert lo <= swap.loc[name, "top1_src"] <= hi
+    assert swap.loc["das", "das_minus_full_p_share_shift"] == pytest.approx(
+        swap.loc["das", "p_share_shift"] - swap.loc["full", "p_share_shift"])
+    line = next(l for l in summary.summary_lines(out) if l.startswith("DAS at layer"))
+    assert "too small for this reading" in line and "bootstrap 95% intervals" in line
+
+
+def test_no_random_draws_are_said_as_not_tested(finished_run, tmp_path):
+    """--n-random 0: the tables, the figures and every sentence without a band or a test."""
+    out = copy_run(finished_run, tmp_path)
+    for prefix in ("", "das_"):
+        rows = runs.load_csv(out / f"{prefix}random_rows.csv.gz")
+        runs.write_csv(rows.iloc[:0], out / f"{prefix}random_rows.csv.gz")
+    config = json.loads((out / "config.json").read_text())
+    config["args"]["n_random"] = 0
+    runs.write_json(out / "config.json", config)
+    replot(out, tmp_path / "fig")
+    assert (runs.figure_dir(out, tmp_path / "fig") / "layer_sweep.png").is_file()
+    lines = summary.summary_lines(out)
+    text = " ".join(lines)
+    assert summary.NOT_TESTED in lines[0] and "Z ranks" not in text and "nan" not in text
+    assert summary.headline(out)["verdict"] == summary.NOT_TESTED
+    tests = runs.load_csv(out / "tests.csv")
+    assert (tests.draws == 0).all() and not tests.significant.astype(bool).any()
 
 
 def test_resume_finishes_an_interrupted_run_without_duplicates(finished_run, tmp_path):
@@ -334,16 +512,18 @@ def test_resume_finishes_an_interrupted_run_without_duplicates(finished_run, tmp
                              for a in _argv(args)] + ["--resume"])
     ee.main(resumed)
     assert len(runs.load_csv(out / "per_layer.csv")) == len(per_layer)
-    assert len(runs.load_csv(out / "draws.csv")) == 4 * 2 * 3
+    assert len(runs.load_csv(out / "draws.csv")) == 2 * 4 * 2 * 3
     problems_rows = runs.load_csv(out / "per_problem.csv")
-    assert not problems_rows.duplicated(["layer", "pairing", "condition", "problem_id"]).any()
+    assert not problems_rows.duplicated(["k", "layer", "pairing", "condition", "problem_id"]).any()
+    assert len(runs.load_csv(out / "timing.csv")) == 2 * 4
     assert len(runs.load_csv(out / "das_training.csv")) == 3  # steps 0, 1, 2 once
 
 
 def _argv(args):
     """The command line of a parsed namespace as cli() built it."""
     return ["--model", args.model, "--device", "cpu", "--prompts", str(args.prompts),
-            "--solved", "off", "--min-pairs", "6", "--basis-layer", "2", "--k", "4", "--n-random", "3", "--decode-limit", "2",
+            "--solved", "off", "--min-pairs", "6", "--basis-layer", "2", "--k", "4", "6",
+            "--n-random", "3", "--decode-limit", "2",
             "--decode-random", "1", "--das-k", "4", "--das-steps", "2", "--das-eval-every", "1",
             "--max-new-tokens", "4", "--out", str(args.out), "--figures", str(args.figures)]
 
@@ -352,7 +532,11 @@ def _argv(args):
     (["--basis-layer", "9"], "--basis-layer"),
     (["--depth", "1.5"], "pass --basis-layer or --depth, not both"),
     (["--k", "64"], "k=64"),
-    (["--layers", "0", "7"], "--layers"),
+    (["--layers", "0", "7"], "pass --layers between 0 and 3"),
+    (["--das-layer", "99"], "pass --das-layer between 0 and 3"),
+    (["--decode-layers", "1", "99"], "pass --decode-layers between 0 and 3"),
+    (["--das-k", "100"], "pass --das-k between 1 and 63"),
+    (["--k", "4", "0"], "pass --k between 1 and 63"),
     (["--last-m", "0"], "--last-m"),
     (["--split", "0.5", "0.5", "0.5"], "--split"),
     (["--limit", "4"], "at least 2 problems"),
@@ -364,6 +548,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, extra
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+    assert "(or --depth" not in err or "--basis-layer" in extra  # only where --depth replaces it
+    assert "/" not in err.split("pass ")[-1].split()[0]  # one flag named, the one given
     assert not (tmp_path / "exp_e").exists() and not (tmp_path / "fig").exists()
 
 
@@ -388,7 +574,7 @@ def test_readme_smoke_command_runs_end_to_end(tmp_path, monkeypatch):
     """`python exp_e_layer_sweep.py --model tiny-random --smoke`, exactly as the README shows."""
     monkeypatch.chdir(tmp_path)  # the default --out and --figures are relative
     args = ee.parse_args(smoke_argv("E"))
-    assert (args.limit, args.k, args.das_k, args.depth) == (6, 8, [4], 0.5)
+    assert (args.limit, args.k, args.das_k, args.depth) == (6, [8], [4], 0.5)
     ee.main(args)
     out = tmp_path / "results" / "exp_e"
     for name in ["per_layer.csv", "draws.csv", "decode.csv", "das.csv", "config.json"]:
@@ -399,4 +585,4 @@ def test_readme_smoke_command_runs_end_to_end(tmp_path, monkeypatch):
 
 def test_smoke_preset_leaves_given_flags_alone():
     args = ee.parse_args(["--model", "tiny-random", "--smoke", "--basis-layer", "1", "--k", "6"])
-    assert (args.basis_layer, args.depth, args.k, args.limit) == (1, None, 6, 6)
+    assert (args.basis_layer, args.depth, args.k, args.limit) == (1, None, [6], 6)

@@ -75,6 +75,16 @@ def train_subspace(learned, loss_fn, val_fn, steps, lr=1e-2, eval_every=20, log=
     return best, history
 
 
+def progress_line(k, entry):
+    """One readable line of DAS training for an entry of train_subspace's history: 'DAS k = 20,
+    step 0: validation loss 3.21' (no training loss before the first step), later 'DAS k = 20,
+    step 20: training loss 2.95 (mean since the last evaluation), validation loss 2.80'."""
+    train = entry.get("train_loss")
+    trained = "" if train is None or np.isnan(train) else \
+        f"training loss {train:.3g} (mean since the last evaluation), "
+    return f"DAS k = {k}, step {entry['step']}: {trained}validation loss {entry['val']:.3g}"
+
+
 def principal_angles(a, b):
     """Principal angles in degrees, ascending, between the row spaces of a (k1, d) and b (k2, d)."""
     from scipy.linalg import subspace_angles

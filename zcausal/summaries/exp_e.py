@@ -1,15 +1,325 @@
-"""Experiment E's tables and figures from its CSVs alone (no model): decoded-outcome rates, the
-layer-sweep figure, the DAS figure, --replot (all of these again) and the printed summary.
+"""Experiment E's findings in words from its tables (summary_lines, headline for report.py), the
+decoded-outcome tables and --replot (every table, figure and the summary again, no model). The
+tables and the declared tests are built in exp_e_tables.py, the figures in exp_e_figures.py.
 
     python exp_e_layer_sweep.py --replot --out results/exp_e     # what calls replot()
 """
-import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from zcausal import runs, stats
+from zcausal.summaries.exp_e_tables import (
+    ALPHA, MIN_TEST_PAIRS, NAMED, NOT_TESTED, PRIMARY_MEASURES, _swap, build_tables,
+    primary_description, primary_k, read_config)
+from zcausal.summaries.text import NOT_MEASURED, interval, num, plural
 
+
+# ----------------------------------------------------------------------------------------------
+# The findings in words (printed at the end of a run; report.py's paragraph and headline)
+
+def read_tables(out):
+    """config.json and the tables of a finished sweep: SimpleNamespace-like dict with config,
+    per_layer, draws, tests and das (None without DAS). A UsageError while layers are missing or
+    when the tables predate these measures (rebuild them with --replot)."""
+    out = Path(out)
+    config = read_config(out)
+    per_layer = runs.load_csv(out / "per_layer.csv") if (out / "per_layer.csv").is_file() \
+        else None
+    if per_layer is None or "top1_src" not in per_layer or not (out / "tests.csv").is_file():
+        raise runs.UsageError(f"{out}: no tables of this version; rebuild them with "
+                              f"exp_e_layer_sweep.py --replot --out {out}")
+    layers = config["args"].get("layers") or range(config["model"]["num_layers"])
+    ks = config["args"].get("k")
+    ks = ks if isinstance(ks, list) else [ks]
+    have = set(zip(per_layer.k, per_layer.layer))
+    missing = sorted({layer for k in ks for layer in layers if (k, layer) not in have})
+    if missing:
+        raise runs.UsageError(f"{out}: the sweep has not reached layers {missing} yet; "
+                              f"continue it with --resume")
+    das = runs.load_csv(out / "das.csv") if (out / "das.csv").is_file() else None
+    return dict(config=config, per_layer=per_layer, draws=runs.load_csv(out / "draws.csv"),
+                tests=runs.load_csv(out / "tests.csv"), das=das)
+
+
+def swap_rows(out, k=None):
+    """per_layer.csv's swap rows of a finished sweep at one k (default: the primary k)."""
+    per_layer = read_tables(out)["per_layer"]
+    k = primary_k(per_layer.k.unique()) if k is None else k
+    return per_layer[(per_layer.pairing == "swap") & (per_layer.k == k)]
+
+
+def layer_list(layers):
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    layers, parts = sorted(int(x) for x in layers), []
+    for layer in layers:
+        if parts and layer == parts[-1][1] + 1:
+            parts[-1][1] = layer
+        else:
+            parts.append([layer, layer])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts)
+
+
+def _rate(row, name="top1_src"):
+    """'0.42 [0.31, 0.55]' for a named row (its Wilson interval)."""
+    return interval(row[name], row.get(f"{name}_ci_lo"), row.get(f"{name}_ci_hi"))
+
+
+def _band(table, k, layer, measure, signed=False):
+    """'random 0.01 [0, 0.05]' (the draws' mean and 2.5-97.5% band) or the NOT_TESTED words."""
+    row = _swap(table, "random", k=k, layer=layer)
+    if not len(row):
+        return f"random: {NOT_TESTED}"
+    row = row.iloc[0]
+    return f"random {interval(row[measure], row[measure + '_lo'], row[measure + '_hi'], signed=signed)}"
+
+
+def profile_sentence(per_layer, k):
+    """Full interchange's top1_src over the layers in one sentence (where it is largest, how
+    low it stays before it first reaches half the pairs, how high it stays at the top)."""
+    full = _swap(per_layer, "full", k=k).sort_values("layer")
+    if not len(full):
+        return "Full interchange: not measured (no swap pair with different first digits)."
+    best = full.loc[full.top1_src.idxmax()]
+    text = (f"Full interchange transfers most at layer {int(best.layer)}: the patched argmax is "
+            f"the source's first digit (top1_src) on {_rate(best)} of "
+            f"{plural(best.n_pairs, 'pair')}")
+    half = full[full.top1_src >= 0.5]
+    if not len(half):
+        return text + "; it never reaches half of them."
+    first = int(half.layer.iloc[0])
+    low, parts = full[full.layer < first], []
+    if len(low):
+        parts.append(f"at most {num(low.top1_src.max())} at layers {layer_list(low.layer)}")
+    tail = full[full.layer >= first]
+    high = tail[::-1].top1_src.lt(0.8).cumsum().eq(0)[::-1]  # the top layers all >= 0.8
+    parts.append(f"at least half from layer {first} ({num(full.set_index('layer').top1_src[first])})")
+    if high.any():
+        top = tail[high]
+        low_top, high_top = num(top.top1_src.min()), num(top.top1_src.max())
+        span = low_top if low_top == high_top else f"{low_top} to {high_top}"
+        parts.append(f"{span} at layers {layer_list(top.layer)}")
+    return text + "; " + ", ".join(parts) + "."
+
+
+def disruption_sentence(per_layer, k):
+    rows = _swap(per_layer, k=k)
+    rows = rows[rows.condition.isin(NAMED) & rows.disrupts.astype(bool)]
+    what = ("p_own + p_src below half its clean value on most pairs: read as disruption, never "
+            "as transfer")
+    if not len(rows):
+        return f"No named condition disrupts at any layer ({what})."
+    parts = [f"{c} at layers {layer_list(g.layer)}" for c, g in rows.groupby("condition", sort=False)]
+    return f"Disrupts ({what}): " + "; ".join(parts) + "."
+
+
+def _test(tests, **match):
+    rows = tests
+    for key, value in match.items():
+        rows = rows[rows[key] == value]
+    return rows.iloc[0] if len(rows) else None
+
+
+def _ranked(test):
+    """'Z ranks 3rd of 20, one-sided p = 0.15' from a tests.csv row."""
+    if test is None or not test.draws:
+        return NOT_TESTED
+    side = "one-sided" if test.direction.startswith("above") else "two-sided"
+    return (f"Z ranks {int(test.rank_from_top)} of {int(test.draws) + 1} from the top, {side} "
+            f"p = {num(test.p)}")
+
+
+def primary_verdict(tables):
+    """(verdict, the z_basis row at the basis layer or None, the primary tests.csv rows)."""
+    tests, per_layer, config = tables["tests"], tables["per_layer"], tables["config"]
+    k, basis = primary_k(per_layer.k.unique()), int(config["basis_layer"])
+    z = _swap(per_layer, "z_basis", k=k, layer=basis)
+    primary = tests[tests.family == "primary"]
+    if not len(z) or np.isnan(z.top1_src.iloc[0]):
+        return NOT_MEASURED, None, primary
+    z = z.iloc[0]
+    combined = primary.iloc[-1]
+    if bool(z.disrupts):
+        return "Z disrupts", z, primary
+    if not combined.draws:
+        return NOT_TESTED, z, primary
+    return ("Z transfers" if combined.p <= ALPHA else "Z = random"), z, primary
+
+
+def primary_sentence(tables):
+    verdict, z, primary = primary_verdict(tables)
+    per_layer, config = tables["per_layer"], tables["config"]
+    k, basis = primary_k(per_layer.k.unique()), int(config["basis_layer"])
+    head = f"Primary test (declared): {primary_description(per_layer.k.unique(), basis)}."
+    if z is None:
+        return f"{head} Not measured: layer {basis} was not swept or has no swap pair."
+    top1, share = (_test(primary, measure=m) for m in PRIMARY_MEASURES)
+    return (f"{head} Z: top1_src {_rate(z)} of {plural(z.n_pairs, 'pair')} "
+            f"({_band(per_layer, k, basis, 'top1_src')}; {_ranked(top1)}); p_share shift "
+            f"{num(z.p_share_shift, signed=True)} ({_band(per_layer, k, basis, 'p_share_shift', True)}; "
+            f"{_ranked(share)}): {verdict}.")
+
+
+def best_layer_sentence(tests, k):
+    rows = tests[(tests.family == "secondary") & (tests.scope.str.startswith("best of"))
+                 & (tests.k == k)]
+    if not len(rows):
+        return None
+    parts = []
+    for condition, group in rows.groupby("condition", sort=False):
+        pieces = []
+        for _, t in group.iterrows():
+            where = f" at layer {int(t.at_layer)}" if not np.isnan(t.at_layer) else ""
+            tested = (f"family-wise p = {num(t.p)}, Holm {num(t.p_holm)}" if t.draws
+                      else NOT_TESTED)
+            pieces.append(f"{t.measure} {num(t.value, signed=t.measure != 'top1_src')}{where} "
+                          f"({tested})")
+        parts.append(f"{condition}: " + ", ".join(pieces))
+    return (f"At any layer (k = {k}; Z's largest value over the layers against each random "
+            f"draw's largest, the same draws at every layer): " + "; ".join(parts) + ".")
+
+
+def language_sentence(tables, k):
+    per_layer, basis = tables["per_layer"], int(tables["config"]["basis_layer"])
+    z = _swap(per_layer, "z_basis", k=k, layer=basis)
+    full = _swap(per_layer, "full", k=k)
+    if not len(z) or not len(full):
+        return None
+    test = _test(tables["tests"], measure="dlang_own", k=k, scope="at the basis layer")
+    tested = (f"two-sided p = {num(test.p)}, Holm {num(test.p_holm)}" if test is not None
+              and test.draws else NOT_TESTED)
+    big = full.loc[full.dlang_own.abs().idxmax()]
+    return (f"Language margin after the answer (dlang_own, nats, swap pairs): Z at layer {basis} "
+            f"{num(z.dlang_own.iloc[0], signed=True)} ({_band(per_layer, k, basis, 'dlang_own', True)}; "
+            f"{tested}); full interchange moves it most at layer {int(big.layer)} "
+            f"({num(big.dlang_own, signed=True)}).")
+
+
+def _boot(row, measure, signed=False):
+    return interval(row[measure], row.get(f"{measure}_boot_lo"), row.get(f"{measure}_boot_hi"),
+                    signed=signed)
+
+
+def das_sentences(tables, out):
+    """Per DAS k: held-out top1_src and p_share shift of DAS beside full, Z and the random band
+    on the same test pairs (bootstrap intervals), the too-small note, the caveat where DAS
+    exceeds full replacement, and the principal angles."""
+    das, config = tables["das"], tables["config"]
+    if das is None:
+        return []
+    basis, splits, lines = int(config["basis_layer"]), config.get("splits", {}), []
+    for k, group in _swap(das).groupby("k"):
+        rows = {c: g.iloc[0] for c, g in group.groupby("condition")}
+        if "das" not in rows:
+            continue
+        d, layer = rows["das"], int(rows["das"].layer)
+        trained = (f"trained on {plural(len(splits['train']), 'problem')}, steps chosen on "
+                   f"{len(splits['validation'])}, " if {"train", "validation"} <= set(splits) else "")
+        parts = []
+        for m, label in (("top1_src", "top1_src"), ("p_share_shift", "p_share shift")):
+            signed = m != "top1_src"
+            named = [f"{name} {_boot(rows[c], m, signed)}" for c, name in
+                     (("das", "DAS"), ("full", "full"), ("z_basis", f"Z of layer {basis}"),
+                      ("z_layer", f"Z of layer {layer}")) if c in rows]
+            band = (f"random {interval(rows['random'][m], rows['random'][m + '_lo'], rows['random'][m + '_hi'], signed=signed)}"
+                    if "random" in rows else f"random: {NOT_TESTED}")
+            parts.append(f"{label} " + ", ".join(named + [band]))
+        line = (f"DAS at layer {layer}, k = {k} ({trained}held out: "
+                f"{plural(d.n_pairs, 'test pair')}; bootstrap 95% intervals over the test "
+                f"problems): " + "; ".join(parts) + _angles(out, k) + ".")
+        if bool(d.too_small):
+            line += (f" The test split holds {plural(d.n_pairs, 'pair')}: too small for this "
+                     f"reading (fewer than {MIN_TEST_PAIRS}).")
+        above = [m for m in PRIMARY_MEASURES if "full" in rows and d[m] > rows["full"][m]]
+        if above:
+            m = above[0]
+            line += (f" DAS exceeds full replacement ({m} {interval(d[f'das_minus_full_{m}'], d.get(f'das_minus_full_{m}_lo'), d.get(f'das_minus_full_{m}_hi'), signed=True)} "
+                     f"on the same pairs): a learned subspace can use directions the source's "
+                     f"state does not carry in the form the model reads (Makelov et al. 2024), "
+                     f"so it is not an upper bound for Z.")
+        lines.append(line)
+    return lines
+
+
+def _angles(out, k):
+    """'; median principal angle DAS-Z ... (random ...)' for DAS of dimension k, or ''."""
+    if not (Path(out) / "das_angles.csv").is_file():
+        return ""
+    a = runs.load_csv(Path(out) / "das_angles.csv")
+    a = a[a.k == k]
+    z, rand = a[a.versus == "z_basis"], a[a.versus == "random"]
+    if not len(z):
+        return ""
+    versus = (f" (random {num(rand.median_angle.min(), 3)}-{num(rand.median_angle.max(), 3)}°)"
+              if len(rand) else "")
+    return f"; median principal angle DAS-Z {num(z.median_angle.iloc[0], 3)}°{versus}"
+
+
+def secondary_sentence(tests):
+    rows = tests[tests.family == "secondary"]
+    tested = rows[rows.draws > 0]
+    if not len(tested):
+        return f"Secondary tests: {NOT_TESTED}."
+    hits = tested[tested.significant.astype(bool)]
+    head = (f"Secondary tests (tests.csv, Holm-adjusted over {plural(len(tested), 'test')}): ")
+    if not len(hits):
+        return head + f"none at or below {ALPHA}."
+    return head + "; ".join(f"{t.condition} {t.measure} {t.scope} at k = {int(t.k)} (Holm p = "
+                            f"{num(t.p_holm)})" for _, t in hits.iterrows()) + f" at or below {ALPHA}."
+
+
+def pairs_sentence(config, per_layer, k):
+    solved = config.get("solved") or {}
+    kept = (f"{solved['kept']} of {plural(solved['tried'], 'pair')} kept (--solved "
+            f"{solved.get('mode')}: correct in English {solved.get('correct_en')}, in Chinese "
+            f"{solved.get('correct_zh')}, both {solved.get('correct_both')})" if solved
+            else f"{plural(config.get('n_pairs'), 'pair')}")
+    row = _swap(per_layer, "full", k=k).iloc[0]
+    n_random = int(config["args"].get("n_random") or 0)
+    draws = (f"{plural(n_random, 'random draw')} of k = {k} (the same at every layer; random: "
+             f"their mean [2.5%, 97.5% of draws])" if n_random else f"random draws: {NOT_TESTED}")
+    return (f"{kept}; {int(row.n_pairs)} of the {plural(row.n_rows, 'swap pair')} have partners "
+            f"with a different first digit, and every swap measure below is over those "
+            f"{int(row.n_pairs)}; the last position interchanged; {draws}.")
+
+
+def summary_lines(out):
+    """The run's findings as sentences, from its CSVs (printed at the end of a run and by
+    --replot; report.py's paragraph)."""
+    tables = read_tables(out)
+    per_layer, tests = tables["per_layer"], tables["tests"]
+    ks = sorted(int(k) for k in per_layer.k.unique())
+    pk = primary_k(ks)
+    lines = [pairs_sentence(tables["config"], per_layer, pk), profile_sentence(per_layer, pk),
+             disruption_sentence(per_layer, pk), primary_sentence(tables)]
+    for k in ks:
+        lines += [s for s in (best_layer_sentence(tests, k), language_sentence(tables, k)) if s]
+    return lines + das_sentences(tables, out) + [secondary_sentence(tests)]
+
+
+def headline(out):
+    """report.py's cells: dict(verdict, value, lead) from the declared primary test."""
+    tables = read_tables(out)
+    per_layer, basis = tables["per_layer"], int(tables["config"]["basis_layer"])
+    k = primary_k(per_layer.k.unique())
+    verdict, z, primary = primary_verdict(tables)
+    lead = [profile_sentence(per_layer, k)]
+    if z is None:
+        return dict(verdict=verdict, value=f"{NOT_MEASURED} (layer {basis} not swept)", lead=lead)
+    test = _test(primary, measure="top1_src")
+    p = f", p = {num(test.p)}" if test is not None and test.draws else ""
+    value = (f"top1_src {_rate(z)} of {plural(z.n_pairs, 'pair')} at layer {basis} vs "
+             f"{_band(per_layer, k, basis, 'top1_src')}{p}")
+    lead.append(f"Z (k = {k}) patched at its basis layer {basis} gives the source's first digit "
+                f"on {_rate(z)} of the pairs ({_band(per_layer, k, basis, 'top1_src')}) and "
+                f"shifts p_share by {num(z.p_share_shift, signed=True)} "
+                f"({_band(per_layer, k, basis, 'p_share_shift', True)}): {verdict}.")
+    return dict(verdict=verdict, value=value, lead=lead)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoded outcomes and --replot
 
 def decode_summary(frame, keys):
     """Outcome and language rates (with Wilson 95% intervals for transferred and kept) per group."""
@@ -31,186 +341,29 @@ def decode_summary(frame, keys):
     return pd.DataFrame(rows)
 
 
-STYLE = {"none": dict(color="0.5", ls=":", label="none (no-op)"),
-         "full": dict(color="k", label="full"),
-         "z_basis": dict(color="tab:blue", label="Z of the basis layer"),
-         "z_layer": dict(color="tab:orange", label="Z of the patched layer"),
-         "das": dict(color="tab:red", label="DAS"),
-         "random": dict(color="tab:green", ls="--", label="random (mean; band: 2.5-97.5% of draws)")}
-
-
-def plot_sweep(per_layer, n_layers, basis_layer, k, title, path):
-    """Transfer (all digits and first digit), log-prob and language-margin shifts against layer,
-    random band shaded. Shifts in nats on a symmetric-log axis, so that Z and the random band stay
-    readable beside full replacement's shifts of several nats."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    panels = [("swap", "transfer", "transfer fraction of ld, all digits (swap source)"),
-              ("swap", "transfer_first", "transfer fraction, first digit only (swap source)"),
-              ("swap", "dlogp_src", "Δ log p(source's answer), swap source"),
-              ("swap", "dlogp_own", "Δ log p(own answer), swap source"),
-              ("same", "dlogp_own", "Δ log p(own answer), same-problem source"),
-              ("swap", "dlang_own", "Δ language margin after the answer (en - zh full stop), swap")]
-    fig, axes = plt.subplots(3, 2, figsize=(12, 10), sharex=True)
-    for ax, (pairing, measure, label) in zip(axes.flat, panels):
-        frame = per_layer[per_layer.pairing == pairing].sort_values("layer")
-        for condition, style in STYLE.items():
-            rows = frame[frame.condition == condition]
-            if not len(rows) or measure not in rows:
-                continue
-            ax.plot(rows.layer, rows[measure], marker=".", lw=1.2, **style)
-            if condition == "random" and f"{measure}_lo" in rows:
-                ax.fill_between(rows.layer, rows[f"{measure}_lo"], rows[f"{measure}_hi"],
-                                color=style["color"], alpha=0.2, lw=0)
-        if not measure.startswith("transfer"):
-            ax.set_yscale("symlog", linthresh=0.1)
-        ax.axvline(basis_layer, color="tab:blue", lw=0.8, ls="-.")
-        ax.axhline(0, color="0.8", lw=0.6)
-        ax.set_title(label, fontsize=9)
-        top = ax.secondary_xaxis("top", functions=(lambda x: x / n_layers, lambda f: f * n_layers))
-        top.tick_params(labelsize=7)
-    for ax in axes[-1]:
-        ax.set_xlabel("patched layer l (top axis: l / L)")
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"{title}\nlast-position interchange, k = {k}; dash-dot: basis layer "
-                 f"{basis_layer}; shifts in nats (symmetric log scale)", fontsize=10)
-    runs.save_figure(fig, path)
-
-
-def plot_das(table, angles, title, path):
-    """Per k: held-out transfer of full, DAS, Z and the random band; overlap of DAS with Z and
-    with the random draws against chance."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    ks = sorted(table.k.unique())
-    fig, axes = plt.subplots(2, len(ks), figsize=(5 * len(ks), 7), squeeze=False)
-    for col, k in enumerate(ks):
-        frame = table[(table.k == k) & (table.pairing == "swap")].set_index("condition")
-        names = [n for n in ("full", "das", "z_basis", "z_layer", "random") if n in frame.index]
-        values = [frame.loc[n, "transfer"] for n in names]
-        ax = axes[0, col]
-        ax.bar(range(len(names)), values, color=[STYLE[n]["color"] for n in names])
-        if "random" in frame.index:
-            r = frame.loc["random"]
-            ax.errorbar(names.index("random"), r.transfer, yerr=[[r.transfer - r.transfer_lo],
-                        [r.transfer_hi - r.transfer]], color="k", capsize=4)
-        ax.set_xticks(range(len(names)), names, fontsize=8)
-        ax.axhline(0, color="0.6", lw=0.6)
-        ax.set_title(f"k = {k}: transfer on {int(frame.n_transfer.iloc[0])} held-out swap pairs "
-                     f"(layer {int(frame.layer.iloc[0])})", fontsize=9)
-        ax = axes[1, col]
-        a = angles[angles.k == k]
-        rand = a[a.versus == "random"]
-        ax.bar([0, 1], [a[a.versus == v].overlap.iloc[0] for v in ("z_basis", "z_layer")],
-               color=[STYLE["z_basis"]["color"], STYLE["z_layer"]["color"]])
-        if len(rand):
-            ax.bar([2], [rand.overlap.mean()], color=STYLE["random"]["color"],
-                   yerr=[[rand.overlap.mean() - rand.overlap.min()],
-                         [rand.overlap.max() - rand.overlap.mean()]], capsize=4)
-        ax.axhline(a.chance_overlap.iloc[0], color="0.4", ls=":", lw=1, label="chance k/d")
-        ax.set_xticks([0, 1, 2], ["DAS vs Z(basis)", "DAS vs Z(layer)", "DAS vs random"], fontsize=8)
-        ax.set_title("overlap ||V_DAS V^T||²/k (mean cos² of principal angles)", fontsize=9)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    runs.save_figure(fig, path)
-
-
 def replot(args):
-    """Rebuild the decoded-outcome tables and redraw every figure of the run in --out from its
-    CSVs and config.json (no model)."""
+    """Rebuild every table (build_tables), the decoded-outcome tables and every figure of the
+    run in --out from its per-row CSVs and config.json (no model); print what was written and,
+    for a finished sweep, the summary. Nothing is written for a folder without a run."""
+    from zcausal.summaries import exp_e_figures
     out = Path(args.out)
-    if not (out / "per_layer.csv").is_file():
-        raise runs.UsageError(f"{out} has no per_layer.csv: pass the --out folder of a sweep run")
+    tables = build_tables(out)  # a UsageError before anything is written
+    written = []
+    for name in ("draws.csv", "tests.csv", "das.csv", "per_layer.csv"):
+        if name in tables:
+            runs.write_csv(tables[name], out / name)
+            written.append(out / name)
     for rows, table, keys in (("decode.csv", "decode_summary.csv", ["layer", "pairing", "condition"]),
                               ("das_decode.csv", "das_decode_summary.csv",
                                ["k", "layer", "pairing", "condition"])):
-        if (out / rows).is_file():
-            runs.write_csv(decode_summary(runs.load_csv(out / rows), keys), out / table)
-    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    model = config.get("model", {})
-    name = Path(str(model.get("name_or_path"))).name
-    title = (f"{name} ({model.get('dtype')}, {model.get('device_name')}), "
-             f"{config.get('n_pairs')} pairs, {config['args'].get('n_random')} random draws")
-    plot_sweep(runs.load_csv(out / "per_layer.csv"), model["num_layers"], config["basis_layer"],
-               config["args"]["k"], title, runs.figure_path(args, "layer_sweep"))
-    if (out / "das.csv").is_file() and (out / "das_angles.csv").is_file():
-        plot_das(runs.load_csv(out / "das.csv"), runs.load_csv(out / "das_angles.csv"),
-                 f"DAS: {title}", runs.figure_path(args, "das"))
-
-
-def swap_rows(out):
-    """per_layer.csv's swap rows of a finished sweep (a UsageError while layers are missing)."""
-    config = json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))
-    per_layer = runs.load_csv(Path(out) / "per_layer.csv")
-    layers = config["args"].get("layers") or range(config["model"]["num_layers"])
-    missing = sorted(set(layers) - set(per_layer.layer))
-    if missing:
-        raise runs.UsageError(f"{out}: the sweep has not reached layers {missing} yet; "
-                              f"continue it with --resume")
-    return per_layer[per_layer.pairing == "swap"]
-
-
-def _at(swap, layer, condition):
-    return swap[(swap.layer == layer) & (swap.condition == condition)].iloc[0]
-
-
-def summary_lines(out):
-    """The run's findings as sentences, from its CSVs (printed at the end of a run; report.py's
-    paragraph): where full interchange transfers most, Z against the random band there and at the
-    basis layer, and DAS on held-out problems."""
-    out = Path(out)
-    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    swap, basis = swap_rows(out), config["basis_layer"]
-    full = swap[swap.condition == "full"].sort_values("transfer").iloc[-1]
-    lines = [f"{config.get('n_pairs')} swap pairs, {config['args'].get('n_random')} random draws of "
-             f"k = {config['args'].get('k')}; transfer = the share of the logit difference "
-             f"(own minus source answer) moved to the source's, last position patched. Full "
-             f"interchange transfers most at layer {int(full.layer)} ({full.transfer:.2f}; first "
-             f"digit {full.transfer_first:.2f})."]
-    for layer, where in ((int(full.layer), "there"), (basis, f"at the basis layer {basis}")):
-        z, rand = _at(swap, layer, "z_basis"), _at(swap, layer, "random")
-        lines.append(f"Z {where}: {z.transfer:+.3f} (random band {rand.transfer_lo:+.3f} to "
-                     f"{rand.transfer_hi:+.3f}, rank p = {z.transfer_p:.2f}); full "
-                     f"{_at(swap, layer, 'full').transfer:.3f}.")
-    best_z = swap[swap.condition == "z_basis"].sort_values("transfer").iloc[-1]
-    lines.append(f"Z's largest transfer at any layer: {best_z.transfer:+.3f} at layer "
-                 f"{int(best_z.layer)} (rank p = {best_z.transfer_p:.2f}).")
-    if (out / "das.csv").is_file():
-        das = runs.load_csv(out / "das.csv")
-        das = das[das.pairing == "swap"]
-        for k, group in das.groupby("k"):
-            t = dict(zip(group.condition, group.transfer))
-            lines.append(f"DAS at layer {int(group.layer.iloc[0])}, k = {k}, held-out: transfer "
-                         f"{t.get('das', float('nan')):.3f} (full {t.get('full', float('nan')):.3f}, "
-                         f"Z {t.get('z_basis', float('nan')):+.3f}, random "
-                         f"{t.get('random', float('nan')):+.3f})" + _angles(out, k) + ".")
-    return lines
-
-
-def _angles(out, k):
-    """', median principal angle to Z ... vs random ...' for DAS of dimension k, or ''."""
-    if not (out / "das_angles.csv").is_file():
-        return ""
-    a = runs.load_csv(out / "das_angles.csv")
-    a = a[a.k == k]
-    z, rand = a[a.versus == "z_basis"], a[a.versus == "random"]
-    if not len(z) or not len(rand):
-        return ""
-    return (f"; median principal angle DAS-Z {z.median_angle.iloc[0]:.1f}° (random "
-            f"{rand.median_angle.min():.1f}-{rand.median_angle.max():.1f}°)")
-
-
-def headline(out):
-    """report.py's cross-model cells: the best full-interchange and Z transfer layers."""
-    swap = swap_rows(out)
-    full = swap[swap.condition == "full"].sort_values("transfer").iloc[-1]
-    z = swap[swap.condition == "z_basis"].sort_values("transfer").iloc[-1]
-    return (f"full: layer {int(full.layer)} ({full.transfer:.2f}); Z: layer {int(z.layer)} "
-            f"({z.transfer:+.3f}, p {z.transfer_p:.2f})")
-
-
-def print_summary(out):
-    print(f"wrote {out}")
-    print("\n".join(summary_lines(out)))
+        if (out / rows).is_file() and len(frame := runs.load_csv(out / rows)):
+            runs.write_csv(decode_summary(frame, keys), out / table)
+            written.append(out / table)
+    written += exp_e_figures.plot_all(args, read_config(out), tables)
+    for path in written:
+        print(f"wrote {path}")
+    try:
+        print("\n".join(summary_lines(out)))
+    except runs.UsageError as err:
+        print(f"no summary yet: {err}")
+    return written
