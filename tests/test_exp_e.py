@@ -269,6 +269,8 @@ def test_profile_sentence_says_where_full_interchange_moves_the_first_digit():
     one = summary.profile_sentence(per_layer.assign(n_pairs=1), 50)
     assert "of 1 pair;" in one and "1 pairs" not in one
     assert summary.layer_list([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+    never = summary.profile_sentence(per_layer.assign(top1_src=0.0), 50)
+    assert never.startswith("Full interchange never makes") and "transfers most" not in never
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ from zcausal.summaries.exp_e_tables import (
     primary_description, primary_k, read_config)
 from zcausal.summaries.text import NOT_MEASURED, interval, num, plural
 
+LABELS = {"top1_src": "top1_src", "p_share_shift": "p_share shift",
+          "dlang_own": "language margin shift"}
+
 
 # ----------------------------------------------------------------------------------------------
 # The findings in words (printed at the end of a run; report.py's paragraph and headline)
@@ -82,6 +85,9 @@ def profile_sentence(per_layer, k):
     if not len(full):
         return "Full interchange: not measured (no swap pair with different first digits)."
     best = full.loc[full.top1_src.idxmax()]
+    if best.top1_src == 0:
+        return (f"Full interchange never makes the source's first digit the argmax (top1_src 0 "
+                f"of {plural(best.n_pairs, 'pair')} at layers {layer_list(full.layer)}).")
     text = (f"Full interchange transfers most at layer {int(best.layer)}: the patched argmax is "
             f"the source's first digit (top1_src) on {_rate(best)} of "
             f"{plural(best.n_pairs, 'pair')}")
@@ -173,7 +179,7 @@ def best_layer_sentence(tests, k):
             where = f" at layer {int(t.at_layer)}" if not np.isnan(t.at_layer) else ""
             tested = (f"family-wise p = {num(t.p)}, Holm {num(t.p_holm)}" if t.draws
                       else NOT_TESTED)
-            pieces.append(f"{t.measure} {num(t.value, signed=t.measure != 'top1_src')}{where} "
+            pieces.append(f"{LABELS[t.measure]} {num(t.value, signed=t.measure != 'top1_src')}{where} "
                           f"({tested})")
         parts.append(f"{condition}: " + ", ".join(pieces))
     return (f"At any layer (k = {k}; Z's largest value over the layers against each random "
@@ -233,11 +239,16 @@ def das_sentences(tables, out):
                      f"reading (fewer than {MIN_TEST_PAIRS}).")
         above = [m for m in PRIMARY_MEASURES if "full" in rows and d[m] > rows["full"][m]]
         if above:
-            m = above[0]
-            line += (f" DAS exceeds full replacement ({m} {interval(d[f'das_minus_full_{m}'], d.get(f'das_minus_full_{m}_lo'), d.get(f'das_minus_full_{m}_hi'), signed=True)} "
-                     f"on the same pairs): a learned subspace can use directions the source's "
-                     f"state does not carry in the form the model reads (Makelov et al. 2024), "
-                     f"so it is not an upper bound for Z.")
+            diffs = []
+            for m in above:
+                low, high = d.get(f"das_minus_full_{m}_lo"), d.get(f"das_minus_full_{m}_hi")
+                zero = "; the interval includes 0" if low is not None and low <= 0 <= high else ""
+                diffs.append(f"{LABELS[m]} by {interval(d[f'das_minus_full_{m}'], low, high, signed=True)}"
+                             f"{zero}")
+            line += (f" DAS exceeds full replacement on the same pairs ({'; '.join(diffs)}): a "
+                     f"learned subspace can use directions the source's state does not carry in "
+                     f"the form the model reads (Makelov et al. 2024), so it is not an upper "
+                     f"bound for Z.")
         lines.append(line)
     return lines
 
@@ -265,7 +276,7 @@ def secondary_sentence(tests):
     head = (f"Secondary tests (tests.csv, Holm-adjusted over {plural(len(tested), 'test')}): ")
     if not len(hits):
         return head + f"none at or below {ALPHA}."
-    return head + "; ".join(f"{t.condition} {t.measure} {t.scope} at k = {int(t.k)} (Holm p = "
+    return head + "; ".join(f"{t.condition} {LABELS[t.measure]} {t.scope} at k = {int(t.k)} (Holm p = "
                             f"{num(t.p_holm)})" for _, t in hits.iterrows()) + f" at or below {ALPHA}."
 
 

@@ -111,7 +111,7 @@ def plot_das(table, angles, title, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ks = sorted(table.k.unique())
-    fig, axes = plt.subplots(3, len(ks), figsize=(5 * len(ks), 10), squeeze=False)
+    fig, axes = plt.subplots(3, len(ks), figsize=(max(7, 5 * len(ks)), 10), squeeze=False)
     for col, k in enumerate(ks):
         frame = table[(table.k == k) & (table.pairing == "swap")].set_index("condition")
         names = [n for n in ("full", "das", "z_basis", "z_layer", "random") if n in frame.index]
@@ -130,6 +130,8 @@ def plot_das(table, angles, title, path):
             ax.set_xticks(range(len(names)), names, fontsize=8)
             ax.axhline(0, color="0.6", lw=0.6)
             ax.set_ylabel(ylabel, fontsize=8)
+            if measure == "top1_src":
+                ax.set_ylim(-0.03, 1.05)
             small = " (too small)" if bool(frame.too_small.iloc[0]) else ""
             ax.set_title(f"k = {k}, layer {int(frame.layer.iloc[0])}: "
                          f"{int(frame.n_pairs.iloc[0])} held-out swap pairs{small}", fontsize=9)
@@ -150,8 +152,8 @@ def plot_das(table, angles, title, path):
         ax.set_title("overlap (mean cos² of principal angles)", fontsize=9)
         ax.legend(fontsize=7, loc="upper right")
         _plain(ax, False)
-    fig.suptitle(title + "\nbars: bootstrap 95% intervals over test problems; random: "
-                 "2.5-97.5% of draws", fontsize=10)
+    fig.suptitle(title + "\nbars: bootstrap 95% intervals over the test problems;\nrandom: "
+                 "2.5-97.5% of the draws", fontsize=10)
     return runs.save_figure(fig, path)
 
 
