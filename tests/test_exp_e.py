@@ -482,23 +482,21 @@ def test_das_rows_have_bootstrap_intervals_and_say_a_small_test_split(finished_r
     assert "too small for this reading" in line and "bootstrap 95% intervals" in line
 
 
-def test_no_random_draws_are_said_as_not_tested(finished_run, tmp_path):
-    """--n-random 0: the tables, the figures and every sentence without a band or a test."""
-    out = copy_run(finished_run, tmp_path)
-    for prefix in ("", "das_"):
-        rows = runs.load_csv(out / f"{prefix}random_rows.csv.gz")
-        runs.write_csv(rows.iloc[:0], out / f"{prefix}random_rows.csv.gz")
-    config = json.loads((out / "config.json").read_text())
-    config["args"]["n_random"] = 0
-    runs.write_json(out / "config.json", config)
-    replot(out, tmp_path / "fig")
-    assert (runs.figure_dir(out, tmp_path / "fig") / "layer_sweep.png").is_file()
+def test_no_random_draws_are_said_as_not_tested(tmp_path):
+    """--n-random 0: the run, its tables, figures and every sentence without a band or a test."""
+    ee.main(cli(tmp_path, "--n-random", "0", "--decode-random", "0", "--k", "4",
+                "--layers", "1", "2"))
+    out = tmp_path / "exp_e"
+    figures = runs.figure_dir(out, tmp_path / "fig")
+    assert (figures / "layer_sweep.png").is_file() and (figures / "das.png").is_file()
     lines = summary.summary_lines(out)
     text = " ".join(lines)
     assert summary.NOT_TESTED in lines[0] and "Z ranks" not in text and "nan" not in text
+    assert "against random draws: not tested (no random draws)." in text
     assert summary.headline(out)["verdict"] == summary.NOT_TESTED
     tests = runs.load_csv(out / "tests.csv")
     assert (tests.draws == 0).all() and not tests.significant.astype(bool).any()
+    assert "random" not in set(runs.load_csv(out / "per_layer.csv").condition)
 
 
 def test_resume_finishes_an_interrupted_run_without_duplicates(finished_run, tmp_path):

@@ -161,9 +161,12 @@ def primary_sentence(tables):
     if z is None:
         return f"{head} Not measured: layer {basis} was not swept or has no swap pair."
     top1, share = (_test(primary, measure=m) for m in PRIMARY_MEASURES)
-    return (f"{head} Z: top1_src {_rate(z)} of {plural(z.n_pairs, 'pair')} "
-            f"({_band(per_layer, k, basis, 'top1_src')}; {_ranked(top1)}); p_share shift "
-            f"{num(z.p_share_shift, signed=True)} ({_band(per_layer, k, basis, 'p_share_shift', True)}; "
+    z_text = (f"Z: top1_src {_rate(z)} of {plural(z.n_pairs, 'pair')}",
+              f"p_share shift {num(z.p_share_shift, signed=True)}")
+    if not top1.draws:
+        return f"{head} {z_text[0]}, {z_text[1]}; against random draws: {verdict}."
+    return (f"{head} {z_text[0]} ({_band(per_layer, k, basis, 'top1_src')}; {_ranked(top1)}); "
+            f"{z_text[1]} ({_band(per_layer, k, basis, 'p_share_shift', True)}; "
             f"{_ranked(share)}): {verdict}.")
 
 
@@ -172,18 +175,18 @@ def best_layer_sentence(tests, k):
                  & (tests.k == k)]
     if not len(rows):
         return None
-    parts = []
+    parts, tested = [], bool(rows.draws.max())
     for condition, group in rows.groupby("condition", sort=False):
         pieces = []
         for _, t in group.iterrows():
-            where = f" at layer {int(t.at_layer)}" if not np.isnan(t.at_layer) else ""
-            tested = (f"family-wise p = {num(t.p)}, Holm {num(t.p_holm)}" if t.draws
-                      else NOT_TESTED)
-            pieces.append(f"{LABELS[t.measure]} {num(t.value, signed=t.measure != 'top1_src')}{where} "
-                          f"({tested})")
+            p = f" (family-wise p = {num(t.p)}, Holm {num(t.p_holm)})" if tested else ""
+            pieces.append(f"{LABELS[t.measure]} {num(t.value, signed=t.measure != 'top1_src')} "
+                          f"at layer {int(t.at_layer)}{p}")
         parts.append(f"{condition}: " + ", ".join(pieces))
-    return (f"At any layer (k = {k}; Z's largest value over the layers against each random "
-            f"draw's largest, the same draws at every layer): " + "; ".join(parts) + ".")
+    how = ("Z's largest value over the layers against each random draw's largest, the same "
+           "draws at every layer" if tested else f"Z's largest value over the layers; against "
+                                                 f"random draws {NOT_TESTED}")
+    return f"At any layer (k = {k}; {how}): " + "; ".join(parts) + "."
 
 
 def language_sentence(tables, k):
@@ -193,13 +196,13 @@ def language_sentence(tables, k):
     if not len(z) or not len(full):
         return None
     test = _test(tables["tests"], measure="dlang_own", k=k, scope="at the basis layer")
-    tested = (f"two-sided p = {num(test.p)}, Holm {num(test.p_holm)}" if test is not None
-              and test.draws else NOT_TESTED)
+    versus = (f" ({_band(per_layer, k, basis, 'dlang_own', True)}; two-sided p = "
+              f"{num(test.p)}, Holm {num(test.p_holm)})" if test is not None and test.draws
+              else f" (against random draws {NOT_TESTED})")
     big = full.loc[full.dlang_own.abs().idxmax()]
     return (f"Language margin after the answer (dlang_own, nats, swap pairs): Z at layer {basis} "
-            f"{num(z.dlang_own.iloc[0], signed=True)} ({_band(per_layer, k, basis, 'dlang_own', True)}; "
-            f"{tested}); full interchange moves it most at layer {int(big.layer)} "
-            f"({num(big.dlang_own, signed=True)}).")
+            f"{num(z.dlang_own.iloc[0], signed=True)}{versus}; full interchange moves it most "
+            f"at layer {int(big.layer)} ({num(big.dlang_own, signed=True)}).")
 
 
 def _boot(row, measure, signed=False):

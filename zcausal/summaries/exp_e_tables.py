@@ -338,7 +338,7 @@ def _best_layer(per_layer, draws, condition, k, measure):
     wide = (mine.pivot_table(index="draw", columns="layer", values=measure, dropna=False)
             .reindex(columns=z.index).to_numpy(float) if len(mine) else np.empty((0, len(z))))
     test = best_layer_test(z.to_numpy(), wide)
-    at = int(z.index[test["at"]]) if test else np.nan
+    at = int(z.index[int(np.nanargmax(z.to_numpy()))]) if z.notna().any() else np.nan
     n = int(_swap(per_layer, condition, k=k).n_pairs.max()) if len(z) else 0
     return _test_row("secondary", condition, k, f"best of {plural(len(z), 'layer')} "
                      f"(family-wise)", -1, measure, "above", test.get("value", z.max()), test,
