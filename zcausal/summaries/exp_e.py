@@ -69,13 +69,16 @@ def _rate(row, name="top1_src"):
     return interval(row[name], row.get(f"{name}_ci_lo"), row.get(f"{name}_ci_hi"))
 
 
+def _band_of(row, measure, signed=False):
+    """'random 0.01 [0, 0.05]' from a `random` row (the draws' mean and 2.5-97.5% band)."""
+    return "random " + interval(row[measure], row[measure + "_lo"], row[measure + "_hi"],
+                                signed=signed)
+
+
 def _band(table, k, layer, measure, signed=False):
-    """'random 0.01 [0, 0.05]' (the draws' mean and 2.5-97.5% band) or the NOT_TESTED words."""
+    """_band_of the `random` row of (k, layer), swap pairs, or the NOT_TESTED words."""
     row = _swap(table, "random", k=k, layer=layer)
-    if not len(row):
-        return f"random: {NOT_TESTED}"
-    row = row.iloc[0]
-    return f"random {interval(row[measure], row[measure + '_lo'], row[measure + '_hi'], signed=signed)}"
+    return _band_of(row.iloc[0], measure, signed) if len(row) else f"random: {NOT_TESTED}"
 
 
 def profile_sentence(per_layer, k):
@@ -100,7 +103,8 @@ def profile_sentence(per_layer, k):
         parts.append(f"at most {num(low.top1_src.max())} at layers {layer_list(low.layer)}")
     tail = full[full.layer >= first]
     high = tail[::-1].top1_src.lt(0.8).cumsum().eq(0)[::-1]  # the top layers all >= 0.8
-    parts.append(f"at least half from layer {first} ({num(full.set_index('layer').top1_src[first])})")
+    at_first = full.set_index("layer").top1_src[first]
+    parts.append(f"at least half from layer {first} ({num(at_first)})")
     if high.any():
         top = tail[high]
         low_top, high_top = num(top.top1_src.min()), num(top.top1_src.max())
@@ -116,7 +120,8 @@ def disruption_sentence(per_layer, k):
             "as transfer")
     if not len(rows):
         return f"No named condition disrupts at any layer ({what})."
-    parts = [f"{c} at layers {layer_list(g.layer)}" for c, g in rows.groupby("condition", sort=False)]
+    parts = [f"{c} at layers {layer_list(g.layer)}"
+             for c, g in rows.groupby("condition", sort=False)]
     return f"Disrupts ({what}): " + "; ".join(parts) + "."
 
 
@@ -180,8 +185,8 @@ def best_layer_sentence(tests, k):
         pieces = []
         for _, t in group.iterrows():
             p = f" (family-wise p = {num(t.p)}, Holm {num(t.p_holm)})" if tested else ""
-            pieces.append(f"{LABELS[t.measure]} {num(t.value, signed=t.measure != 'top1_src')} "
-                          f"at layer {int(t.at_layer)}{p}")
+            value = num(t.value, signed=t.measure != "top1_src")
+            pieces.append(f"{LABELS[t.measure]} {value} at layer {int(t.at_layer)}{p}")
         parts.append(f"{condition}: " + ", ".join(pieces))
     how = ("Z's largest value over the layers against each random draw's largest, the same "
            "draws at every layer" if tested else f"Z's largest value over the layers; against "
@@ -210,6 +215,38 @@ def _boot(row, measure, signed=False):
                     signed=signed)
 
 
+def _das_measures(rows, basis, layer):
+    """'top1_src DAS 0.85 [0.7, 1], full ..., random ...; p_share shift ...' on the test pairs."""
+    parts = []
+    for m in PRIMARY_MEASURES:
+        signed = m != "top1_src"
+        named = [f"{name} {_boot(rows[c], m, signed)}" for c, name in
+                 (("das", "DAS"), ("full", "full"), ("z_basis", f"Z of layer {basis}"),
+                  ("z_layer", f"Z of layer {layer}")) if c in rows]
+        band = _band_of(rows["random"], m, signed) if "random" in rows else \
+            f"random: {NOT_TESTED}"
+        parts.append(f"{LABELS[m]} " + ", ".join(named + [band]))
+    return "; ".join(parts)
+
+
+def _das_above_full(rows):
+    """The caveat where DAS's value is above full replacement's on the same pairs, or ''."""
+    d = rows["das"]
+    diffs = []
+    for m in PRIMARY_MEASURES:
+        if "full" not in rows or not d[m] > rows["full"][m]:
+            continue
+        low, high = d.get(f"das_minus_full_{m}_lo"), d.get(f"das_minus_full_{m}_hi")
+        zero = "; the interval includes 0" if low is not None and low <= 0 <= high else ""
+        diffs.append(f"{LABELS[m]} by {interval(d[f'das_minus_full_{m}'], low, high, signed=True)}"
+                     f"{zero}")
+    if not diffs:
+        return ""
+    return (f" DAS exceeds full replacement on the same pairs ({'; '.join(diffs)}): a learned "
+            f"subspace can use directions the source's state does not carry in the form the "
+            f"model reads (Makelov et al. 2024), so it is not an upper bound for Z.")
+
+
 def das_sentences(tables, out):
     """Per DAS k: held-out top1_src and p_share shift of DAS beside full, Z and the random band
     on the same test pairs (bootstrap intervals), the too-small note, the caveat where DAS
@@ -224,35 +261,15 @@ def das_sentences(tables, out):
             continue
         d, layer = rows["das"], int(rows["das"].layer)
         trained = (f"trained on {plural(len(splits['train']), 'problem')}, steps chosen on "
-                   f"{len(splits['validation'])}, " if {"train", "validation"} <= set(splits) else "")
-        parts = []
-        for m, label in (("top1_src", "top1_src"), ("p_share_shift", "p_share shift")):
-            signed = m != "top1_src"
-            named = [f"{name} {_boot(rows[c], m, signed)}" for c, name in
-                     (("das", "DAS"), ("full", "full"), ("z_basis", f"Z of layer {basis}"),
-                      ("z_layer", f"Z of layer {layer}")) if c in rows]
-            band = (f"random {interval(rows['random'][m], rows['random'][m + '_lo'], rows['random'][m + '_hi'], signed=signed)}"
-                    if "random" in rows else f"random: {NOT_TESTED}")
-            parts.append(f"{label} " + ", ".join(named + [band]))
+                   f"{len(splits['validation'])}, " if {"train", "validation"} <= set(splits)
+                   else "")
         line = (f"DAS at layer {layer}, k = {k} ({trained}held out: "
                 f"{plural(d.n_pairs, 'test pair')}; bootstrap 95% intervals over the test "
-                f"problems): " + "; ".join(parts) + _angles(out, k) + ".")
+                f"problems): {_das_measures(rows, basis, layer)}{_angles(out, k)}.")
         if bool(d.too_small):
             line += (f" The test split holds {plural(d.n_pairs, 'pair')}: too small for this "
                      f"reading (fewer than {MIN_TEST_PAIRS}).")
-        above = [m for m in PRIMARY_MEASURES if "full" in rows and d[m] > rows["full"][m]]
-        if above:
-            diffs = []
-            for m in above:
-                low, high = d.get(f"das_minus_full_{m}_lo"), d.get(f"das_minus_full_{m}_hi")
-                zero = "; the interval includes 0" if low is not None and low <= 0 <= high else ""
-                diffs.append(f"{LABELS[m]} by {interval(d[f'das_minus_full_{m}'], low, high, signed=True)}"
-                             f"{zero}")
-            line += (f" DAS exceeds full replacement on the same pairs ({'; '.join(diffs)}): a "
-                     f"learned subspace can use directions the source's state does not carry in "
-                     f"the form the model reads (Makelov et al. 2024), so it is not an upper "
-                     f"bound for Z.")
-        lines.append(line)
+        lines.append(line + _das_above_full(rows))
     return lines
 
 
@@ -279,8 +296,9 @@ def secondary_sentence(tests):
     head = (f"Secondary tests (tests.csv, Holm-adjusted over {plural(len(tested), 'test')}): ")
     if not len(hits):
         return head + f"none at or below {ALPHA}."
-    return head + "; ".join(f"{t.condition} {LABELS[t.measure]} {t.scope} at k = {int(t.k)} (Holm p = "
-                            f"{num(t.p_holm)})" for _, t in hits.iterrows()) + f" at or below {ALPHA}."
+    found = [f"{t.condition} {LABELS[t.measure]} {t.scope} at k = {int(t.k)} (Holm p = "
+             f"{num(t.p_holm)})" for _, t in hits.iterrows()]
+    return head + "; ".join(found) + f" at or below {ALPHA}."
 
 
 def pairs_sentence(config, per_layer, k):
@@ -367,7 +385,8 @@ def replot(args):
         if name in tables:
             runs.write_csv(tables[name], out / name)
             written.append(out / name)
-    for rows, table, keys in (("decode.csv", "decode_summary.csv", ["layer", "pairing", "condition"]),
+    for rows, table, keys in (("decode.csv", "decode_summary.csv",
+                               ["layer", "pairing", "condition"]),
                               ("das_decode.csv", "das_decode_summary.csv",
                                ["k", "layer", "pairing", "condition"])):
         if (out / rows).is_file() and len(frame := runs.load_csv(out / rows)):

@@ -14,7 +14,8 @@ STYLE = {"none": dict(color="0.5", ls=":", label="none (no-op)"),
          "z_basis": dict(color="tab:blue", label="Z of the basis layer"),
          "z_layer": dict(color="tab:orange", label="Z of the patched layer"),
          "das": dict(color="tab:red", label="DAS"),
-         "random": dict(color="tab:green", ls="--", label="random (mean; band: 2.5-97.5% of draws)")}
+         "random": dict(color="tab:green", ls="--",
+                        label="random (mean; band: 2.5-97.5% of draws)")}
 
 # (pairing, measure, title, y label, symmetric-log axis)
 PANELS = [("swap", "top1_src", "argmax = the source's first digit (top1_src), swap",
