@@ -43,7 +43,8 @@ def read_tables(out):
                               f"continue it with --resume")
     das = runs.load_csv(out / "das.csv") if (out / "das.csv").is_file() else None
     return dict(config=config, per_layer=per_layer, draws=runs.load_csv(out / "draws.csv"),
-                tests=runs.load_csv(out / "tests.csv"), das=das)
+                tests=runs.load_csv(out / "tests.csv"), das=das,
+                clean=runs.load_csv(out / "clean.csv"))
 
 
 def swap_rows(out, k=None):
@@ -301,7 +302,7 @@ def secondary_sentence(tests):
     return head + "; ".join(found) + f" at or below {ALPHA}."
 
 
-def pairs_sentence(config, per_layer, k):
+def pairs_sentence(config, per_layer, k, clean):
     solved = config.get("solved") or {}
     kept = (f"{solved['kept']} of {plural(solved['tried'], 'pair')} kept (--solved "
             f"{solved.get('mode')}: correct in English {solved.get('correct_en')}, in Chinese "
@@ -311,7 +312,9 @@ def pairs_sentence(config, per_layer, k):
     n_random = int(config["args"].get("n_random") or 0)
     draws = (f"{plural(n_random, 'random draw')} of k = {k} (the same at every layer; random: "
              f"their mean [2.5%, 97.5% of draws])" if n_random else f"random draws: {NOT_TESTED}")
-    return (f"{kept}; {int(row.n_pairs)} of the {plural(row.n_rows, 'swap pair')} have partners "
+    own = int(clean.top1_own.astype(bool).sum())
+    return (f"{kept}; unpatched, the last position's argmax is the own first digit on {own} of "
+            f"them; {int(row.n_pairs)} of the {plural(row.n_rows, 'swap pair')} have partners "
             f"with a different first digit, and every swap measure below is over those "
             f"{int(row.n_pairs)}; the last position interchanged; {draws}.")
 
@@ -323,7 +326,8 @@ def summary_lines(out):
     per_layer, tests = tables["per_layer"], tables["tests"]
     ks = sorted(int(k) for k in per_layer.k.unique())
     pk = primary_k(ks)
-    lines = [pairs_sentence(tables["config"], per_layer, pk), profile_sentence(per_layer, pk),
+    lines = [pairs_sentence(tables["config"], per_layer, pk, tables["clean"]),
+             profile_sentence(per_layer, pk),
              disruption_sentence(per_layer, pk), primary_sentence(tables)]
     for k in ks:
         lines += [s for s in (best_layer_sentence(tests, k), language_sentence(tables, k)) if s]
