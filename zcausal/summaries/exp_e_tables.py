@@ -148,6 +148,8 @@ def group_table(measured):
     table = table.reset_index()
     table.loc[table.pairing == "same", "top1_src"] = np.nan
     table["disrupts"] = table.low_mass > 0.5
+    table.insert(table.columns.get_loc("n_pairs") + 1, "pair_set", np.where(
+        table.pairing == "swap", "swap pairs whose first digits differ", "every pair"))
     return table
 
 
@@ -190,7 +192,7 @@ def band_rows(draws, keys=("k", "layer", "pairing")):
     records = []
     for key, g in (draws.groupby(list(keys)) if len(draws) else []):
         record = dict(zip(keys, key), condition="random", draw=-1, n_rows=int(g.n_rows.iloc[0]),
-                      n_pairs=int(g.n_pairs.iloc[0]), n_draws=len(g),
+                      n_pairs=int(g.n_pairs.iloc[0]), pair_set=g.pair_set.iloc[0], n_draws=len(g),
                       draws_disrupting=int(g.disrupts.sum()), disrupts=g.disrupts.mean() > 0.5)
         for m in MEASURES:
             values = g[m].dropna()
@@ -276,6 +278,7 @@ def das_tables(measured, config):
     the DAS draws' rows (for tests.csv)."""
     table, draws = condition_tables(measured)
     table = bootstrap_columns(measured, table, config.get("args", {}).get("seed", 0))
+    table["pair_set"] = "test split: " + table.pair_set.astype(str)
     table["too_small"] = table.n_pairs < MIN_TEST_PAIRS
     table["note"] = [f"test split of {plural(n, 'pair')}: too small (fewer than "
                      f"{MIN_TEST_PAIRS})" if small else "" for n, small in
