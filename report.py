@@ -113,7 +113,7 @@ def _headline(run):
         cell = module.headline(run["path"])
     except UNFINISHED:
         return "not finished"
-    return f"{cell} [{_layer(run['config'])}]".replace("|", "\\|")
+    return (f"{cell['verdict']}: {cell['value']} [{_layer(run['config'])}]").replace("|", "\\|")
 
 
 def plot_sweeps(found, path):

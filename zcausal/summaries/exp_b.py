@@ -112,9 +112,22 @@ def summary_lines(out_dir):
 
 
 def headline(out_dir):
-    """report.py's cross-model cell: the largest R against chance."""
+    """report.py's row and lead (dict(verdict, value, lead)): the transition with the largest
+    R/chance, its R with a 95% interval against the covariance-matched random band, and how many
+    transitions lie above every matched draw."""
     per_layer, _ = _read_tables(out_dir)
     both = per_layer[per_layer["lang"] == "all"]
     top = both.loc[both["R_over_chance"].idxmax()]
-    return (f"max R/chance {top['R_over_chance']:.2f} at {int(top['from_layer'])}->"
-            f"{int(top['to_layer'])} (chance R {top['R_chance']:.3f})")
+    above = int((both[rank_column("matched", "R")] == 0).sum())
+    half = 1.96 * top["R_sem"]
+    where = f"{int(top['from_layer'])}->{int(top['to_layer'])}"
+    value = (f"R {runs.interval(top['R_mean'], top['R_mean'] - half, top['R_mean'] + half)} at "
+             f"{where}, matched random [{runs.number(top['matched_R_lo'])}, "
+             f"{runs.number(top['matched_R_hi'])}]")
+    verdict = (f"above matched random at {above} of {len(both)}" if above else "no enrichment")
+    lead = [f"Z's share of the residual updates peaks at {where}, "
+            f"{runs.number(top['R_over_chance'])} times its chance value "
+            f"{runs.number(top['R_chance'])}.",
+            f"Against random subspaces matched to the updates' covariance, {above} of {len(both)} "
+            f"transitions have R above every draw."]
+    return dict(verdict=verdict, value=value, lead=lead)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from zcausal import runs
 from zcausal.runs import UsageError, figure_path, save_figure
 
 FILES = ("summary.csv", "traces.csv", "lengthscales.npz", "config.json")
@@ -243,11 +244,23 @@ def summary_lines(out):
 
 
 def headline(out):
-    """report.py's cross-model cell: |Z| and SVD overlap at the basis layer (the warm start's
-    where there is one)."""
+    """report.py's row and lead (dict(verdict, value, lead)): |Z| and its overlap with the SVD
+    mask at the basis layer (the warm start's where there is one) against chance, per objective."""
     config = json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))
     s = _selected(out)
     s = s[s["layer"] == config.get("basis_layer")]
     s = s[s["start"] == "warm"] if (s["start"] == "warm").any() else s
-    return "; ".join(f"{r.objective}: |Z| {r.z_size}, overlap {r.overlap} (chance "
-                     f"{r.overlap_expected:.1f})" for r in s.itertuples()) or "no fit at the basis layer"
+    if not len(s):
+        return dict(verdict="not measured", value="no fit at the basis layer",
+                    lead=[f"No fit at the basis layer {config.get('basis_layer')}."])
+    words = ["overlap above chance" if r.overlap_p < 0.05 else "no overlap beyond chance"
+             for r in s.itertuples()]
+    value = "; ".join(f"{r.objective}: overlap {r.overlap} of |Z| {r.z_size}, chance "
+                      f"{runs.number(r.overlap_expected)} (p {runs.number(float(r.overlap_p))})"
+                      for r in s.itertuples())
+    lead = [f"{r.objective.capitalize()} objective at layer {r.layer}: |Z| = {r.z_size}, "
+            f"{r.overlap} of them among the SVD mask's top coordinates (chance "
+            f"{runs.number(r.overlap_expected)}); test retrieval "
+            f"{runs.number(r.retrieval_test_final)} (chance {runs.number(r.retrieval_chance_test)})."
+            for r in s.itertuples()]
+    return dict(verdict=" / ".join(dict.fromkeys(words)), value=value, lead=lead[:3])

@@ -151,9 +151,18 @@ def summary_lines(out_dir):
 
 
 def headline(out_dir):
-    """report.py's cross-model cell: the best map's held-out R^2 against its null, per k."""
+    """report.py's row and lead (dict(verdict, value, lead)): per k the best fitted map's held-out
+    R^2 against its shuffled-pair null band."""
     table = pd.read_csv(Path(out_dir) / "metrics.csv")
     table = table[table["map"] != "identity"]
     best = table.loc[table.groupby("k")["kfold_r2"].idxmax()]
-    return "; ".join(f"k {r.k}: {r.map} {r.kfold_r2:.2f} (null <= {r.null_hi:.2f})"
-                     for r in best.itertuples())
+    above = [r.kfold_r2 > r.null_hi for r in best.itertuples()]
+    verdict = ("bridge above null" if all(above) else "no bridge" if not any(above)
+               else "bridge at some k")
+    value = "; ".join(f"held-out R² {runs.number(r.kfold_r2)} ({r.map}, k {r.k}), shuffled null "
+                      f"[{runs.number(r.null_lo)}, {runs.number(r.null_hi)}]"
+                      for r in best.itertuples())
+    lead = [f"k = {r.k}: the {r.map} map predicts held-out zh states from en with R² "
+            f"{runs.number(r.kfold_r2)}; maps fitted on shuffled pairs reach at most "
+            f"{runs.number(r.null_hi)}." for r in best.itertuples()]
+    return dict(verdict=verdict, value=value, lead=lead[:3])
