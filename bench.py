@@ -3,6 +3,7 @@
     python bench.py                                  # Qwen2.5-3B's shape, bf16, on the GPU: every part
     python bench.py --parts step a                   # the decode step and A's gold grid only
     python bench.py --shape tiny --parts a --pairs 4 # a small shape on the CPU, in seconds
+    python bench.py --out results/bench.csv          # append to the committed table of timings
 
 Parts (in this order; --parts picks, --pairs sizes A, the sample, B, C and D):
   a       Experiment A's gold grid (2 layers x k {20, 50} x positions {prompt, all} x source
@@ -16,9 +17,11 @@ Parts (in this order; --parts picks, --pairs sizes A, the sample, B, C and D):
   e       the layer sweep (SWEEP_FLAGS sizes it)
 Every part runs the scripts' own main() (A, B, C, D, the sweep) on the random model, handed to them
 in place of loading one (`serving`), writing into a temporary folder: the time a user waits.
-Each part prints its row and appends it to --out (results/bench.csv) the moment it ends, with the
-device name, peak memory, and its fraction of the compute limit: model tokens x 2 x parameters /
-the device's matmul rate, which bench measures first (one large product in the model's dtype).
+Each part prints its row and appends it to --out the moment it ends, with the device name, peak
+memory, and its fraction of the compute limit: model tokens x 2 x parameters / the device's matmul
+rate, which bench measures first (one large product in the model's dtype). The default --out,
+results/bench/bench.csv, is git-ignored (a user's timings never modify a tracked file); the
+committed rows are results/bench.csv, appended to only when --out names it.
 A part that fails prints its error, writes a row saying so, and the next part runs.
 """
 import contextlib
@@ -186,7 +189,7 @@ def run_script(module, argv, optional, ctx, workdir):
     --figures under workdir. Returns (seconds, out folder, flags left out)."""
     out = Path(workdir) / module.__name__
     base = ["--model", ctx["model"].name_or_path_for_results, "--device", ctx["device"],
-            "--dtype", ctx["dtype_name"], "--out", str(out), "--figures", str(out / "figures")]
+            "--dtype", ctx["dtype_name"], "--out", str(out)]  # figures: <out>/figures
     argv, left_out = accepted(module.parse_args, base + argv, optional)
     args = module.parse_args(argv)
     with serving(ctx["model"], ctx["tokenizer"], module), Timer(ctx["device"]) as t:
@@ -463,8 +466,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None, help="cpu or cuda; None: cuda if available")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="None: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--out", type=Path, default=runs.REPO / "results" / "bench.csv",
-                        help="CSV the rows are appended to, one per part as it ends")
+    parser.add_argument("--out", type=Path, default=Path("results") / "bench" / "bench.csv",
+                        help="CSV the rows are appended to, one per part as it ends (the "
+                             "committed rows: results/bench.csv)")
     return parser.parse_args(argv)
 
 

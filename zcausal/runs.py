@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent  # the repository root (this file is zcausal/runs.py)
+DEFAULT_FIGURES = Path("figures")  # every script's --figures default, relative to the working folder
 
 
 class UsageError(Exception):
@@ -206,16 +207,18 @@ def save_figure(fig, path, dpi=120):
 
 
 def figure_dir(out, figures_root):
-    """Where a run's figures go: its --out path mirrored under the figures root, so that
-    --out results/r1/exp_a and --out results/r2/exp_a never share a file. The mirrored part is the
-    path below the innermost folder called results (or below the working folder, or the whole
-    path otherwise); report.py finds a run's figures with the same rule."""
-    out = Path(out).resolve()
-    results = [parent for parent in out.parents if parent.name == "results"]
-    for base in results[:1] + [Path.cwd().resolve()]:
-        if out.is_relative_to(base) and out != base:
-            return Path(figures_root) / out.relative_to(base)
-    return Path(figures_root) / Path(*out.parts[1:])
+    """Where a run's figures go. A run inside the folder that holds the figures root (the
+    checkout, for the default --figures figures) mirrors its --out path under the root, from below
+    the innermost folder called results: results/r1/exp_a -> figures/r1/exp_a, so two runs never
+    share a file. A run anywhere else keeps its figures beside its files, in <out>/figures: a run
+    outside the checkout never writes into it. report.py finds a run's figures with this rule."""
+    out, root = Path(out).resolve(), Path(figures_root)
+    base = root.resolve().parent
+    if not out.is_relative_to(base) or out == base:
+        return out / "figures"
+    below = out.relative_to(base)
+    results = [i for i, part in enumerate(below.parts[:-1]) if part == "results"]
+    return root / Path(*below.parts[results[-1] + 1:]) if results else root / below
 
 
 def figure_path(args, name):
