@@ -28,10 +28,11 @@ def _raise_terminated(signum, frame):
     raise _Terminated
 
 
-def run_cli(main, args):
+def run_cli(main, args, continue_with="the same command with --resume"):
     """Run `main(args)` as a command: a UsageError becomes one line on stderr and exit status 2;
-    Ctrl-C (exit 130) and SIGTERM (exit 143) end with one line saying how to continue. Finished
-    work is whatever the script already wrote to disk (scripts write as they go)."""
+    Ctrl-C (exit 130) and SIGTERM (exit 143) end with one line saying how to continue (rerun
+    `continue_with`). Finished work is whatever the script already wrote to disk (scripts write as
+    they go)."""
     import signal
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
@@ -43,8 +44,8 @@ def run_cli(main, args):
         code = 130 if isinstance(err, KeyboardInterrupt) else 143
         out = getattr(args, "out", None)
         where = f" in {out}" if out is not None else ""
-        print(f"interrupted: finished work is kept{where}; rerun the same command with --resume "
-              f"to continue", file=sys.stderr)
+        print(f"interrupted: finished work is kept{where}; rerun {continue_with} to continue",
+              file=sys.stderr)
         sys.exit(code)
     finally:
         signal.signal(signal.SIGTERM, previous)
