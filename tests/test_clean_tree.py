@@ -2,7 +2,8 @@
 commands, `python report.py`, `python bench.py --shape tiny --parts a --pairs 4` and the tiny study
 (`python study.py --model tiny-random`, which also shows that the chain runs and ends with its
 report) leave `git status --porcelain` empty. One interpreter runs them all (runpy, each as its
-own __main__ with its own sys.argv), so torch is imported once."""
+own __main__ with its own sys.argv), so torch is imported once, on one thread (tiny tensors)."""
+import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,6 @@ import pytest
 from zcausal import runs
 from helpers import SMOKE_COMMANDS
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 COMMANDS = list(SMOKE_COMMANDS.values()) + [
     "python report.py",
     "python bench.py --shape tiny --parts a --pairs 4 --device cpu",
@@ -43,6 +43,7 @@ def clone(tmp_path_factory):
 
 def test_user_runs_leave_a_fresh_clone_clean(clone):
     result = subprocess.run([sys.executable, "-c", RUNNER, *COMMANDS], cwd=clone,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     assert git("status", "--porcelain", "--untracked-files=all", cwd=clone) == ""
