@@ -24,6 +24,8 @@ import bench
 import report
 from zcausal import problems, runs
 
+# what an interrupted study says to do (runs.run_cli)
+CONTINUE = "the same command (the study resumes itself)"
 # letter -> the experiment's script (module name), run in this order
 EXPERIMENTS = {"A": "exp_a_patching", "B": "exp_b_residual", "C": "exp_c_ard_mmd",
                "D": "exp_d_bridge", "E": "exp_e_layer_sweep"}
@@ -152,4 +154,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    runs.run_cli(main, parse_args(), continue_with="the same command (the study resumes itself)")
+    runs.run_cli(main, parse_args(), CONTINUE)
