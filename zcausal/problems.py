@@ -56,8 +56,9 @@ def load_prompts(path=DEFAULT_PROMPTS):
             if field == "answer" and (not isinstance(pair[field], kind)
                                       or isinstance(pair[field], bool)):
                 raise UsageError(f"prompts file {path}: pair {pair.get('id', i)!r} has answer "
-                                 f"{pair[field]!r}, not a number; write it as a JSON number "
-                                 f"(42 or 2.5, no quotes or units)")
+                                 f"{pair[field]!r} of the wrong type "
+                                 f"({type(pair[field]).__name__}, not a number); write it as a "
+                                 f"JSON number (42 or 2.5, no quotes or units)")
             if not isinstance(pair[field], kind) or isinstance(pair[field], bool):
                 raise UsageError(f"prompts file {path}: pair {i} field \"{field}\" has the wrong "
                                  f"type ({type(pair[field]).__name__})")
