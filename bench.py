@@ -363,7 +363,9 @@ def part_e(ctx, workdir):
     """The layer sweep: its main() with --limit and SWEEP_FLAGS for the shape."""
     import exp_e_layer_sweep as E
     pairs = max(ctx["pairs"], 8)  # DAS's train / validation / test split needs 2 problems each
-    seconds, _, left_out = run_script(E, [], [["--limit", str(pairs)]] +
+    # random weights answer nothing: time every pair (--solved off), as the study's kept pairs
+    seconds, _, left_out = run_script(E, [], [["--limit", str(pairs)], ["--solved", "off"],
+                                              ["--min-pairs", str(pairs)]] +
                                       SWEEP_FLAGS[ctx["shape"]], ctx, workdir)
     return dict(seconds=seconds, pairs=pairs, note=_note(left_out))
 

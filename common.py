@@ -179,12 +179,14 @@ def hidden_size(model_or_config):
     return config.hidden_size
 
 
-def check_layer(model_or_config, layer, flag="--layer"):
-    """`layer` must be a decoder layer of the model; the error names the script's own `flag`."""
+def check_layer(model_or_config, layer, flag="--layer", alternative="--depth F"):
+    """`layer` must be a decoder layer of the model; the error names the script's own `flag` and
+    the flag that can replace it there (`alternative`; None where the script has none)."""
     n = num_layers(model_or_config)
     if not (isinstance(layer, int) and 0 <= layer < n):
+        instead = f" (or {alternative})" if alternative else ""
         raise UsageError(f"layer {layer} does not exist: this model has layers 0..{n - 1}; "
-                         f"pass {flag} between 0 and {n - 1} (or --depth F)")
+                         f"pass {flag} between 0 and {n - 1}{instead}")
     return layer
 
 
@@ -202,12 +204,13 @@ def depth_to_layer(model_or_config, fraction, flag="--depth"):
     return layer
 
 
-def check_k(model_or_config, k, allow_full=True):
-    """1 <= k <= d (k < d when a complement must exist: Z-perp of a k = d subspace is empty)."""
+def check_k(model_or_config, k, allow_full=True, why="k = d would leave Z-perp empty"):
+    """1 <= k <= d (k < d where k = d means nothing: Z-perp of a k = d subspace is empty; `why`
+    says so in the script's own terms)."""
     d = hidden_size(model_or_config)
     top = d if allow_full else d - 1
     if not (isinstance(k, int) and 1 <= k <= top):
-        why = "" if allow_full else " (k = d would leave Z-perp empty)"
+        why = "" if allow_full else f" ({why})"
         raise UsageError(f"k={k} is out of range: the hidden size is {d}{why}; pass --k between 1 "
                          f"and {top}")
     return k
@@ -432,6 +435,47 @@ def patch_subspace(hidden, basis, complement, source):
 
 # ----------------------------------------------------------------------------------------------
 # Tokenising, decoding and scoring
+
+class LanguageClasses:
+    """The vocabulary split by script, for language_margin: latin and cjk (V,) bool tensors
+    (problems.language_token_classes) and the id of the lone space token, which Qwen writes before
+    some Chinese units ("60 个" is 6, 0, " ", "个") and which belongs to neither language."""
+
+    def __init__(self, tokenizer):
+        import numpy as np
+        from zcausal.problems import language_token_classes
+        latin, cjk = language_token_classes(tokenizer)
+        self.latin, self.cjk = torch.from_numpy(np.asarray(latin)), torch.from_numpy(np.asarray(cjk))
+        space = tokenizer(" ", add_special_tokens=False)["input_ids"]
+        self.space_id = space[0] if len(space) == 1 else None
+
+    def to(self, device):
+        self.latin, self.cjk = self.latin.to(device), self.cjk.to(device)
+        return self
+
+
+def language_margin(logp_next, logp_after_space, classes):
+    """log P(the next word is Latin) - log P(it is Chinese) after an answer: (B,) float32.
+
+    logp_next: (B, V) log-probabilities right after the answer's last token; logp_after_space:
+    (B, V) after the answer and a lone space (None where the tokenizer has no such token). A word
+    comes either now or after a space, so P(class) = p_next(class) + p_next(space) p_space(class):
+    a margin that does not depend on which unit word the model would write, or on whether it puts
+    a space token first. Positive: English; negative: Chinese.
+    """
+    latin, cjk = classes.latin.to(logp_next.device), classes.cjk.to(logp_next.device)
+    logp_next = logp_next.float()
+
+    def mass(mask):
+        now = torch.logsumexp(logp_next[:, mask], -1)
+        if logp_after_space is None or classes.space_id is None:
+            return now
+        later = logp_next[:, classes.space_id] + torch.logsumexp(
+            logp_after_space.float()[:, mask], -1)
+        return torch.logaddexp(now, later)
+
+    return mass(latin) - mass(cjk)
+
 
 def position_ids_from_mask(attention_mask):
     """Positions that ignore left padding, so a padded row sees the same RoPE angles as alone."""

@@ -39,9 +39,8 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import decoding
+from zcausal import decoding, problems, runs, stats, transport
 from zcausal.summaries import exp_a as summary
-from zcausal import problems, runs, stats, transport
 
 CONDITIONS = ["none", "noop", "z", "zperp", "full", "en"]
 RANDOM_CONDITIONS = ["rand_z", "rand_zperp"]

@@ -1,7 +1,7 @@
 """Experiment B: how much of each layer's residual update lies in Z (plan B.1-B.4).
 
     python exp_b_residual.py --model Qwen/Qwen2.5-3B --depth 0.889 --k 50    # layer 32 of 36
-    python exp_b_residual.py --model tiny-random                           # smoke run, seconds
+    python exp_b_residual.py --model tiny-random --smoke                   # smoke run, seconds
 
 For every transition l -> l+1 (and embeddings -> layer 0) and every bare question text (en and zh),
 the mean-pooled update u = mean_t h_{l+1}[t] - mean_t h_l[t] (the mean of the update is the
@@ -17,11 +17,14 @@ uniform (Haar) ones, and ones drawn with the covariance of the basis layer's poo
 subspace read by attention may: residual updates are far from isotropic, so "more than a uniform
 random subspace" can mean no more than "along the stream's main directions".
 The first token (attention sink) is left out of the means unless --keep-first-token; the tokens of
-numbers too with --drop-numbers.
+numbers too with --drop-numbers. --k takes one or several dimensions (every table has a k column);
+--n-random 0 leaves the random bands out ("not tested"). The primary test (zcausal/summaries/
+exp_b.py): Z's R on the update into the basis layer, both languages, at k = 50 (else the largest
+--k), ranked among the covariance-matched draws, one-sided.
 
 Outputs under --out: per_prompt.csv, per_layer.csv, asymmetry.csv (R_zh - R_en, plan B.4),
 random_draws.csv, config.json; figure residual_ratio.png under --figures (the --out path mirrored).
-Redraw the figure from the CSVs alone with --replot.
+Redraw the figure from the CSVs alone with --replot (it prints what it wrote).
 """
 from pathlib import Path
 
@@ -34,7 +37,9 @@ from zcausal import problems, runs, stats
 from zcausal.runs import UsageError
 from zcausal.summaries import exp_b as summary
 
-DEFAULTS = dict(k=50, n_random=20, band=(2.5, 97.5))
+DEFAULTS = dict(k=[50], n_random=20, band=(2.5, 97.5))
+# --smoke: flags left at their default take these values (a run of seconds on --model tiny-random)
+SMOKE = dict(limit=8, k=[4, 8], n_random=5)
 
 
 def parse_args(argv=None):
@@ -43,11 +48,13 @@ def parse_args(argv=None):
     problems.add_pairs_args(parser)
     common.add_layer_args(parser, "--basis-layer",
                           "layer whose Z basis is used for every transition")
-    parser.add_argument("--k", type=int, default=DEFAULTS["k"], help="Z dimension")
+    parser.add_argument("--k", type=int, nargs="+", default=DEFAULTS["k"],
+                        help="Z dimensions (one or several)")
     parser.add_argument("--n-random", type=int, default=DEFAULTS["n_random"],
-                        help="random k-dim subspaces for the chance band")
+                        help="random k-dim subspaces of each kind for the chance bands (0: none)")
+    runs.add_smoke_arg(parser, SMOKE)
     common.add_activation_args(parser)
-    return parser.parse_args(argv)
+    return runs.apply_smoke(parser, parser.parse_args(argv), SMOKE)
 
 
 def validate(args):
@@ -56,9 +63,13 @@ def validate(args):
     common.check_runtime(args.device, args.dtype)
     config = common.load_model_config(args.model)
     basis_layer = common.resolve_layer(config, args.basis_layer, args.depth, "--basis-layer")
-    common.check_k(config, args.k, allow_full=False)
-    if args.n_random < 1:
-        raise UsageError(f"--n-random {args.n_random} must be at least 1 (default 20)")
+    for k in args.k:
+        common.check_k(config, k, allow_full=False)
+    if len(set(args.k)) < len(args.k):
+        raise UsageError(f"--k {' '.join(map(str, args.k))}: each k once")
+    if args.n_random < 0:
+        raise UsageError(f"--n-random {args.n_random} must be at least 0 (default 20; 0: no "
+                         f"random bands)")
     return config, basis_layer
 
 
@@ -169,6 +180,12 @@ def compute_per_layer(per_prompt, draws, k, d, band=DEFAULTS["band"]):
     table["R_over_chance"] = table["R_mean"] / table["R_chance"]
     table["energy_over_chance"] = table["energy_mean"] / table["energy_chance"]
     for kind, prefix in summary.KINDS.items():
+        if not (draws["kind"] == kind).any():  # --n-random 0: no band, not tested
+            for name in ("R", "energy"):
+                for stat in ("mean", "lo", "hi"):
+                    table[f"{prefix}_{name}_{stat}"] = np.nan
+            table[summary.rank_column(kind, "R")] = np.nan
+            continue
         rand = draws[draws["kind"] == kind].groupby(["from_layer", "lang"])
         columns = {f"{prefix}_{name}_{stat}": value for name in ("R", "energy") for stat, value in (
             ("mean", rand[f"{name}_mean"].mean()),
@@ -207,6 +224,11 @@ def compute_asymmetry(per_prompt, draws, band=DEFAULTS["band"]):
                      if len(d) > 1 else np.nan, "wilcoxon_p": p})
     table = pd.DataFrame(rows)
     for kind, prefix in summary.KINDS.items():
+        if not (draws["kind"] == kind).any():  # --n-random 0: no band, not tested
+            for stat in ("mean", "lo", "hi"):
+                table[f"{prefix}_diff_{stat}"] = np.nan
+            table[summary.rank_column(kind, "absdiff")] = np.nan
+            continue
         rand = draws[(draws["lang"] != "all") & (draws["kind"] == kind)].pivot_table(
             index=["from_layer", "draw"], columns="lang", values="R_mean")
         rand_diff = (rand["zh"] - rand["en"]).rename("rand")
@@ -223,24 +245,32 @@ def compute_asymmetry(per_prompt, draws, band=DEFAULTS["band"]):
     return table
 
 
+DRAW_COLUMNS = ["kind", "draw", "seed", "from_layer", "to_layer", "lang", "R_mean", "energy_mean"]
+
+
 def compute_all(pooled, pairs, basis, k, d, n_random, seed, basis_layer):
     """pooled: (2N, L+1, d), zh texts then en texts, column j the output of layer j - 1. Returns
-    the four tables and the variance shares (of the basis layer's pooled outputs) of Z and of
-    the two kinds of random subspace."""
+    the four tables of this k (each with a k column) and the variance shares (of the basis
+    layer's pooled outputs) of Z and of the two kinds of random subspace (NaN without draws)."""
     updates = compute_updates(pooled)
     per_prompt = compute_per_prompt(compute_ratios(updates, basis), pairs)
     cov = stats.covariance(torch.as_tensor(pooled)[:, basis_layer + 1].double().numpy())
     cov_sqrt = stats.covariance_sqrt(cov)
     draws, shares = [], {"z": stats.variance_share(basis.double().numpy(), cov)}
     for kind in summary.KINDS:
+        if n_random == 0:
+            shares[kind] = float("nan")
+            continue
         bases, seeds = (random_bases(d, k, n_random, seed) if kind == "uniform"
                         else matched_bases(cov_sqrt, k, n_random, seed))
         draws.append(compute_random_draws(compute_ratios(updates, bases), len(pairs), seeds, kind))
         shares[kind] = float(np.mean([stats.variance_share(b.double().numpy(), cov)
                                       for b in bases]))
-    draws = pd.concat(draws, ignore_index=True)
-    return {"per_prompt": per_prompt, "per_layer": compute_per_layer(per_prompt, draws, k, d),
-            "asymmetry": compute_asymmetry(per_prompt, draws), "random_draws": draws}, shares
+    # an empty frame in the concat would turn every column into objects
+    draws = pd.concat(draws, ignore_index=True) if draws else pd.DataFrame(columns=DRAW_COLUMNS)
+    tables = {"per_prompt": per_prompt, "per_layer": compute_per_layer(per_prompt, draws, k, d),
+              "asymmetry": compute_asymmetry(per_prompt, draws), "random_draws": draws}
+    return {name: table.assign(k=k) for name, table in tables.items()}, shares
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,18 +292,23 @@ def run_record(args, config, basis_layer, pairs):
     interrupted run can be resumed, and again at the end with the model's details)."""
     n_layers, d = common.num_layers(config), common.hidden_size(config)
     return dict(basis_layer=basis_layer, depth=args.depth,
-                basis_layer_fraction=round(basis_layer / n_layers, 4), k=args.k, d=d,
+                basis_layer_fraction=round(basis_layer / n_layers, 4), k=list(args.k), d=d,
                 n_layers=n_layers, drop_first=not args.keep_first_token,
                 drop_numbers=args.drop_numbers, n_pairs=len(pairs), n_texts=2 * len(pairs),
                 n_random=args.n_random, random_seeds=random_seeds(args.seed, args.n_random),
                 band_percentiles=list(DEFAULTS["band"]),
                 texts="bare questions, zh and en, no template",
-                R_chance=float(np.sqrt(args.k / (d - args.k))), energy_chance=args.k / d)
+                R_chance={k: float(np.sqrt(k / (d - k))) for k in args.k},
+                energy_chance={k: k / d for k in args.k},
+                primary_test=summary.primary_description(args.k))
 
 
 def main(args):
     if args.replot:
-        return summary.plot_residual_ratio(args.out, runs.figure_path(args, "residual_ratio"))
+        paths = [summary.plot_all(args)]
+        print("\n".join(summary.summary_lines(args.out)))
+        print(f"wrote {', '.join(map(str, paths))}")
+        return paths
     config, basis_layer = validate(args)
     pairs = problems.load_pairs(args)
     out_dir = runs.prepare_out_dir(args.out, args.overwrite, args.resume, args, args.figures)
@@ -281,21 +316,26 @@ def main(args):
     runs.write_json(out_dir / "config.json", runs.run_config(args, **record))
     runs.set_seed(args.seed)
     model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
-    basis = common.z_basis(model, basis_layer, args.k, fold_norm=args.fold_norm)
     texts = [p["zh"] for p in pairs] + [p["en"] for p in pairs]
     pooled = common.extract_activations(
         model, tokenizer, texts, list(range(-1, record["n_layers"])), pool="mean",
         drop_first=record["drop_first"], drop_numbers=args.drop_numbers,
         batch_size=args.batch_size, cache_dir=args.cache_dir)
-    tables, shares = compute_all(pooled, pairs, basis, args.k, record["d"], args.n_random,
-                                 args.seed, basis_layer)
+    tables, shares = {}, {}
+    for k in args.k:
+        basis = common.z_basis(model, basis_layer, k, fold_norm=args.fold_norm)
+        tables_k, shares[k] = compute_all(pooled, pairs, basis, k, record["d"], args.n_random,
+                                          args.seed, basis_layer)
+        for name, table in tables_k.items():
+            tables[name] = pd.concat([tables[name], table], ignore_index=True) \
+                if name in tables else table
     save_tables(out_dir, tables, {key: record[key] for key in
-                                  ("basis_layer", "k", "d", "drop_first", "drop_numbers")})
+                                  ("basis_layer", "d", "drop_first", "drop_numbers")})
     runs.write_json(out_dir / "config.json", runs.run_config(
         args, model, **record, tokens=common.number_token_counts(tokenizer, texts),
         variance_share_of_basis_layer_states=shares))
     print("\n".join(summary.summary_lines(out_dir)))
-    path = summary.plot_residual_ratio(out_dir, runs.figure_path(args, "residual_ratio"))
+    path = summary.plot_all(args)
     print(f"wrote {out_dir} and {path}")
     return tables
 

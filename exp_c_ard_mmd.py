@@ -51,9 +51,18 @@ elementwise, so batching is exact) and are written to fits/ under --out as soon 
 --resume skips the finished ones and the final files are built from fits/, so a resumed run ends
 with the same summary.csv, traces.csv and lengthscales.npz as an uninterrupted one.
 
-Outputs (--out): summary.csv (one row per fit), traces.csv (loss and |Z| every --log-every steps),
-lengthscales.npz (log10 l per fit, diag(P_Z), log10 l_ref), fits/, config.json; figures z_size,
-spectrum, overlap and traces (.png) under --figures, the --out path mirrored. --replot redraws them.
+Overlap with the SVD mask. ARD's Z (a = |Z| coordinates) against the b = |Z| coordinates with the
+largest diag(P_Z) out of d, read against a random selection of a coordinates: its overlap is
+hypergeometric (expected a b / d; overlap.csv gives the 95% range and the one-sided p of an overlap
+at least as large, enrichment, and at most as small, depletion). The primary test is the
+contrastive cold start at the basis layer (zcausal/summaries/exp_c.py); the others are
+Holm-corrected.
+
+Outputs (--out): summary.csv (one row per fit), overlap.csv (one row per selected fit: the overlap
+against chance), traces.csv (loss and |Z| every --log-every steps), lengthscales.npz (log10 l per
+fit, diag(P_Z), log10 l_ref), fits/, config.json; figures z_size, spectrum, overlap and traces
+(.png) under --figures, the --out path mirrored. --replot rebuilds overlap.csv and the figures
+from these files and prints what it wrote.
 """
 import json
 import math
@@ -63,10 +72,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zcausal import ard_mmd
+from zcausal import ard_mmd, problems, runs
 from zcausal.summaries import exp_c as summary
 import common
-from zcausal import problems, runs
 from zcausal.runs import UsageError
 
 # Defaults (the plan's C.5 where it gives one), in one place.
@@ -141,7 +149,9 @@ def resolve_layers(args, config):
     if args.layers is not None and args.layer_depths is not None:
         raise UsageError("pass --layers or --layer-depths, not both")
     if args.layers is not None:
-        layers = [common.check_layer(config, layer, flag="--layers") for layer in args.layers]
+        layers = [common.check_layer(config, layer, flag="--layers",
+                                     alternative="fractions of depth with --layer-depths")
+                  for layer in args.layers]
     elif args.layer_depths is not None:
         layers = [common.depth_to_layer(config, f, flag="--layer-depths")
                   for f in args.layer_depths]
@@ -156,7 +166,8 @@ def validate(args):
     common.check_runtime(args.device, args.dtype)
     config = common.load_model_config(args.model)
     layers, basis_layer = resolve_layers(args, config)
-    common.check_k(config, args.k)
+    common.check_k(config, args.k, allow_full=False,
+                   why="k = d puts every coordinate in the SVD mask: diag(P_Z) is 1 everywhere")
     if args.steps < 1 or args.min_steps < 0 or args.log_every < 1:
         raise UsageError("--steps and --log-every must be at least 1 and --min-steps at least 0")
     if args.lr <= 0 or args.tau <= 0 or args.warm_eps <= 0:
@@ -427,7 +438,10 @@ def run_record(args, config, layers, basis_layer, pairs, splits):
 
 def main(args):
     if args.replot:
-        return summary.plot_all(args, Path(args.out))
+        paths = summary.plot_all(args, Path(args.out))
+        print("\n".join(summary.summary_lines(args.out)))
+        print(f"wrote {', '.join(map(str, paths))}")
+        return paths
     config, layers, basis_layer = validate(args)
     pairs = problems.load_pairs(args)
     splits = split_problems(len(pairs), args.val_frac, args.test_frac, args.seed)
@@ -448,9 +462,9 @@ def main(args):
         fit_device=str(device), pairs_with_shared_prefix=n_shared,
         tokens=common.number_token_counts(tokenizer, texts),
         layer_info={unit["layer"]: unit["layer_info"] for unit in units}))
-    summary.plot_all(args, out)
+    paths = summary.plot_all(args, out)
     print("\n".join(summary.summary_lines(out)))
-    print(f"results in {out}")
+    print(f"wrote {out} and {', '.join(map(str, paths[1:]))}")
     return fits
 
 

@@ -2,7 +2,7 @@
 
     python exp_d_bridge.py --model Qwen/Qwen2.5-3B --depth 0.889 --k 20 50 \
         --prompts-en mgsm_en.tsv --prompts-zh mgsm_zh.tsv       # layer 32 of 36, MGSM's 250 pairs
-    python exp_d_bridge.py --model tiny-random                 # smoke run, seconds
+    python exp_d_bridge.py --model tiny-random --smoke         # smoke run, seconds
 
 Paired Z coordinates of the mean-pooled bare questions at --layer (by default the plan's layer 32 of
 36 at the same fraction of this model's depth): Z_lang = pooled_lang @ V_Z.T (N x k; the first
@@ -16,13 +16,19 @@ Z_zh ~ Z_en W + b:
 Fitted maps centre X and Y with the training rows' means (the intercept b). For each: in-sample R^2,
 held-out R^2 by leave-one-out and 10-fold, a shuffled-pairs null of the 10-fold R^2, top-1 retrieval
 of the mapped vectors among the true Z_zh (chance 1/N), ||W^T W - I||_F / k and the singular values.
+Is Z special? --n-random Haar-random k-dim bases (default 20) are fitted in the same run on the same
+folds, and Z's 10-fold R^2 is ranked among theirs per map and k (stats.rank_test: Z as one more
+draw; one-sided p = (1 + #{draws >= Z}) / (M + 1), at least 1 / (M + 1)). The primary test is
+least squares (the plan's map) at k = 50 (the plan's k; the largest --k where 50 is not run); the
+other maps and k are Holm-corrected. --n-random 0 leaves the comparison out ("not tested").
 R^2 = 1 - ||Y - Yhat||_F^2 / ||Y - mean(Y)||_F^2, with the mean over all N rows. With N <= k + 1
 least squares interpolates (in-sample R^2 = 1 whatever the data): only held-out numbers mean
 anything, and they need N well above k (MGSM's 250 pairs for k = 50).
 
-Outputs under --out: metrics.csv, singular_values.csv, null.csv, config.json; figures
-singular_values.png and heldout_r2.png under --figures (the --out path mirrored). --replot redraws
-them from the CSVs alone.
+Outputs under --out: metrics.csv (one row per k and map; random_* columns: Z among the random
+bases), singular_values.csv, null.csv, random_draws.csv (the 10-fold R^2 of every random basis),
+config.json; figures singular_values.png and heldout_r2.png (with the random band) under --figures
+(the --out path mirrored). --replot redraws them from the CSVs alone and prints what it wrote.
 """
 from pathlib import Path
 
@@ -30,11 +36,13 @@ import numpy as np
 import pandas as pd
 
 import common
-from zcausal import problems, runs
+from zcausal import problems, runs, stats
 from zcausal.runs import UsageError
 from zcausal.summaries import exp_d as summary
 
-DEFAULTS = dict(k=[20, 50], n_shuffles=100, n_folds=10, band=(2.5, 97.5))
+DEFAULTS = dict(k=[20, 50], n_shuffles=100, n_folds=10, n_random=20, band=(2.5, 97.5))
+# --smoke: flags left at their default take these values (a run of seconds on --model tiny-random)
+SMOKE = dict(limit=24, k=[4, 8], n_shuffles=20, n_folds=5)
 RIDGE_GRID = np.logspace(-4, 3, 15)  # times the mean eigenvalue of the training Xc^T Xc
 
 
@@ -48,11 +56,11 @@ def parse_args(argv=None):
                         help="shuffled-pairs null draws")
     parser.add_argument("--n-folds", type=int, default=DEFAULTS["n_folds"],
                         help="folds for the k-fold held-out R^2")
-    parser.add_argument("--basis", choices=["z", "random"], default="z",
-                        help="z: the layer's Z basis; random: a Haar-random k-dim subspace seeded "
-                             "by --seed, the control for whether Z is special")
+    parser.add_argument("--n-random", type=int, default=DEFAULTS["n_random"],
+                        help="Haar-random k-dim bases fitted beside Z, per k (0: no comparison)")
+    runs.add_smoke_arg(parser, SMOKE)
     common.add_activation_args(parser)
-    return parser.parse_args(argv)
+    return runs.apply_smoke(parser, parser.parse_args(argv), SMOKE)
 
 
 def validate(args):
@@ -62,7 +70,13 @@ def validate(args):
     config = common.load_model_config(args.model)
     layer = common.resolve_layer(config, args.layer, args.depth, "--layer")
     for k in args.k:
-        common.check_k(config, k)
+        common.check_k(config, k, allow_full=False,
+                       why="k = d makes Z the whole space, where any basis is a rotation of Z")
+    if len(set(args.k)) < len(args.k):
+        raise UsageError(f"--k {' '.join(map(str, args.k))}: each k once")
+    if args.n_random < 0:
+        raise UsageError(f"--n-random {args.n_random} must be at least 0 (default 20; 0: no "
+                         f"random bases)")
     if args.n_shuffles < 1:
         raise UsageError(f"--n-shuffles {args.n_shuffles} must be at least 1 (default 100)")
     if args.n_folds < 2:
@@ -213,16 +227,69 @@ def compute_bridge(X, Y, n_shuffles, n_folds, seed):
     return rows, svs, nulls
 
 
-def make_basis(args, model, layer, k):
-    """(k, d) float32 numpy: Z of `layer`, or a seeded random subspace with --basis random."""
-    if args.basis == "random":
-        return common.random_basis(common.hidden_size(model), k, seed=args.seed).numpy()
-    return common.z_basis(model, layer, k, fold_norm=args.fold_norm).numpy()
-
-
 def z_coordinates(pooled, basis):
     """pooled (N, d), basis (k, d) -> (N, k) float64 coordinates in Z."""
     return np.asarray(pooled, np.float64) @ np.asarray(basis, np.float64).T
+
+
+# ----------------------------------------------------------------------------------------------
+# Random bases: is Z special?
+
+def random_seed(seed, k, draw):
+    """The seed of random basis `draw` at dimension k (the rule of A and E)."""
+    return int(seed) * 1000003 + k * 1009 + draw
+
+
+def basis_r2(zh, en, basis, folds):
+    """Held-out R^2 of each map in span(basis) on `folds`: zh, en (N, d) pooled states, basis
+    (k, d) -> {map: R^2}."""
+    Y, X = z_coordinates(zh, basis), z_coordinates(en, basis)
+    return {name: r2(Y, heldout_predictions(name, X, Y, folds)) for name in summary.MAPS}
+
+
+def compute_random_draws(zh, en, k, n_random, folds, seed):
+    """The same held-out fits in n_random Haar-random k-dim bases (common.random_basis, seeded by
+    random_seed): one row per draw and map (k, map, draw, seed, kfold_r2)."""
+    rows = []
+    for draw in range(n_random):
+        s = random_seed(seed, k, draw)
+        basis = common.random_basis(zh.shape[1], k, s).numpy()
+        rows += [{"k": k, "map": name, "draw": draw, "seed": s, "kfold_r2": value}
+                 for name, value in basis_r2(zh, en, basis, folds).items()]
+    return rows
+
+
+RANDOM_COLUMNS = ("mean", "lo", "hi", "max", "rank", "p_above", "p_below", "p_two_sided")
+
+
+def random_columns(value, draws, band=DEFAULTS["band"]):
+    """Z's held-out R^2 `value` among the random bases' (`draws`): their band, Z's place from the
+    top (random_rank 1: no draw at least as high; ties count against Z) and the rank test's
+    p-values (stats.rank_test); NaN columns without draws."""
+    test = stats.rank_test(value, draws)
+    if not test:
+        return {"n_random": 0, **{f"random_{c}": np.nan for c in RANDOM_COLUMNS}}
+    draws = np.asarray(draws, float)
+    return {"n_random": test["draws"], "random_mean": test["mean"],
+            "random_lo": np.percentile(draws, band[0]), "random_hi": np.percentile(draws, band[1]),
+            "random_max": test["max"], "random_rank": 1 + test["at_or_above"],
+            "random_p_above": test["p_above"], "random_p_below": test["p_below"],
+            "random_p_two_sided": test["p_two_sided"]}
+
+
+def compute_k(zh, en, basis, n_shuffles, n_folds, n_random, seed):
+    """Everything for one k: Z's maps (compute_bridge) with the random bases' columns, and the
+    random draws' rows: (metrics rows, singular-value rows, null rows, draw rows). zh, en (N, d)
+    pooled states of the same problems; basis (k, d), Z. Z and every random basis are fitted on
+    the same folds."""
+    Y, X = z_coordinates(zh, basis), z_coordinates(en, basis)
+    rows, svs, nulls = compute_bridge(X, Y, n_shuffles, n_folds, seed)
+    folds = kfold_indices(len(X), n_folds, seed)  # compute_bridge's folds
+    draws = compute_random_draws(zh, en, len(basis), n_random, folds, seed)
+    for row in rows:
+        row.update(random_columns(row["kfold_r2"],
+                                  [d["kfold_r2"] for d in draws if d["map"] == row["map"]]))
+    return rows, svs, nulls, draws
 
 
 def exactness_warning(n, k):
@@ -238,9 +305,14 @@ def exactness_warning(n, k):
 # Save and plot
 
 
-def save_tables(out_dir, rows, svs, nulls, extra_columns):
-    for name, records in (("metrics", rows), ("singular_values", svs), ("null", nulls)):
-        table = pd.DataFrame(records)
+DRAW_COLUMNS = ["k", "map", "draw", "seed", "kfold_r2"]
+
+
+def save_tables(out_dir, tables, extra_columns):
+    """tables: name -> list of row dicts (random_draws may be empty: its header is still
+    written)."""
+    for name, records in tables.items():
+        table = pd.DataFrame(records, columns=DRAW_COLUMNS if name == "random_draws" else None)
         for col, value in extra_columns.items():
             table[col] = value
         table.to_csv(Path(out_dir) / f"{name}.csv", index=False)
@@ -255,7 +327,10 @@ def run_record(args, config, layer, pairs):
     return dict(layer=layer, depth=args.depth,
                 layer_fraction=round(layer / common.num_layers(config), 4), k=list(args.k),
                 drop_first=not args.keep_first_token, drop_numbers=args.drop_numbers, n_pairs=n,
-                basis=args.basis, maps=list(summary.MAPS), n_shuffles=args.n_shuffles,
+                maps=list(summary.MAPS), n_shuffles=args.n_shuffles, n_random=args.n_random,
+                random_basis="Haar (common.random_basis), seed * 1000003 + k * 1009 + draw, "
+                             "fitted on the same folds as Z",
+                primary_test=summary.primary_description(args.k),
                 n_folds=args.n_folds, ridge_grid_times_mean_eigenvalue=RIDGE_GRID.tolist(),
                 null_band_percentiles=list(DEFAULTS["band"]), direction="Z_zh ~ Z_en W + b",
                 texts="bare questions, no template",
@@ -264,7 +339,10 @@ def run_record(args, config, layer, pairs):
 
 def main(args):
     if args.replot:
-        return summary.plot_all(args)
+        paths = summary.plot_all(args)
+        print("\n".join(summary.summary_lines(args.out)))
+        print(f"wrote {', '.join(map(str, paths))}")
+        return paths
     config, layer = validate(args)
     pairs = problems.load_pairs(args)
     if len(pairs) < 3:
@@ -284,24 +362,25 @@ def main(args):
         drop_numbers=args.drop_numbers, batch_size=args.batch_size,
         cache_dir=args.cache_dir)[:, layers.index(layer)].numpy()
     n = len(pairs)
-    rows, svs, nulls = [], [], []
+    tables = {"metrics": [], "singular_values": [], "null": [], "random_draws": []}
     for k in args.k:
-        basis = make_basis(args, model, layer, k)
-        Y, X = z_coordinates(pooled[:n], basis), z_coordinates(pooled[n:], basis)  # zh, en
         warning = exactness_warning(n, k)
         if warning:
             print(f"warning (k={k}): {warning}")
-        r, s, nl = compute_bridge(X, Y, args.n_shuffles, args.n_folds, args.seed)
-        rows, svs, nulls = rows + r, svs + s, nulls + nl
-    save_tables(out_dir, rows, svs, nulls, {key: record[key] for key in
-                                            ("layer", "drop_first", "drop_numbers", "basis")})
+        basis = common.z_basis(model, layer, k, fold_norm=args.fold_norm).numpy()
+        for name, part in zip(tables, compute_k(pooled[:n], pooled[n:], basis, args.n_shuffles,
+                                                args.n_folds, args.n_random, args.seed)):
+            tables[name] += part  # pooled: zh rows first, then en
+    tables["metrics"] = summary.mark_primary(pd.DataFrame(tables["metrics"])).to_dict("records")
+    save_tables(out_dir, tables, {key: record[key] for key in
+                                  ("layer", "drop_first", "drop_numbers")})
     runs.write_json(out_dir / "config.json", runs.run_config(
         args, model, **record, tokens=common.number_token_counts(tokenizer, texts),
         blas_threads_limited_to_1=blas_limited))
     print("\n".join(summary.summary_lines(out_dir)))
     paths = summary.plot_all(args)
     print(f"wrote {out_dir} and {', '.join(map(str, paths))}")
-    return rows
+    return tables["metrics"]
 
 
 if __name__ == "__main__":

@@ -41,14 +41,13 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import das, decoding
+from zcausal import answered, das, decoding, interchange, problems, runs, stats
 from zcausal.summaries import exp_e as summary
-from zcausal import interchange, problems, runs, stats
 
 FIXED = ["none", "full", "z_basis", "z_layer"]
+BANK_PAIRS = 300  # with --prompts bank and no --limit: the first 300 pairs are tried
 MEASURES = ["dlogp_own", "dlogp_src", "transfer", "transfer_pooled", "transfer_first",
             "dlang_own", "patch_share"]
-EN_MARK, ZH_MARK = ".\n\n", "。\n\n"  # what follows the answer in the template's examples
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,11 +76,13 @@ def make_splits(n, fractions, seed):
 
 def swap_partners(pairs, split, seed):
     """Swap partner of every problem: a seeded derangement within its split (so no test problem's
-    states ever reach training) that avoids equal answers where it can. List of N indices."""
+    states ever reach training) that avoids a partner with the same first digit where it can (so
+    the source's first digit differs from the run's own). List of N indices."""
     partner = [None] * len(pairs)
     for offset, name in enumerate(("train", "validation", "test")):
         members = [i for i, s in enumerate(split) if s == name]
-        perm = problems.derangement([pairs[i]["answer"] for i in members], seed + offset)
+        perm = problems.derangement([pairs[i]["answer"] for i in members], seed + offset,
+                                    key=problems.first_digit)
         for i, j in zip(members, perm):
             partner[i] = members[j]
     return partner
@@ -91,11 +92,6 @@ def answer_ids(tokenizer, answer):
     """The answer's tokens right after a `direct` prompt: its digits (Qwen writes each digit as
     its own token; the English prompt already ends with the space)."""
     return tokenizer(problems.format_number(answer), add_special_tokens=False)["input_ids"]
-
-
-def language_markers(tokenizer):
-    """(en_id, zh_id): the first tokens of ".\\n\\n" and "。\\n\\n"."""
-    return tuple(tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in (EN_MARK, ZH_MARK))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +104,7 @@ def prepare(model, tokenizer, pairs, template, partner, m, batch_size):
     prompt with segments [own answer, partner's answer, answer of the problem whose partner it
     is]), hidden (L + 1, N, Q, d): the canonical block's clean states, index 0 the embeddings
     and l + 1 the output of layer l; zh_last (L + 1, N, m, d): the Chinese prompts' last m states;
-    clean: per-problem clean scores; markers.
+    clean: per-problem clean scores; languages (common.LanguageClasses).
     """
     n = len(pairs)
     batch_size = min(batch_size, 64)  # whole prompts with every layer's states: keep batches small
@@ -118,21 +114,22 @@ def prepare(model, tokenizer, pairs, template, partner, m, batch_size):
     en = [problems.format_prompt(template["en"], p["en"])[0] for p in pairs]
     zh = [problems.format_prompt(template["zh"], p["zh"])[0] for p in pairs]
     answers = [answer_ids(tokenizer, p["answer"]) for p in pairs]
-    conts = [[answers[i], answers[partner[i]], answers[inverse[i]]] for i in range(n)]
+    languages = common.LanguageClasses(tokenizer).to(next(model.parameters()).device)
+    conts = [[interchange.with_probe(answers[x], languages) for x in (i, partner[i], inverse[i])]
+             for i in range(n)]
     prefixes = interchange.encode_prefixes(model, interchange.prompt_ids(tokenizer, en), m,
                                            batch_size)
     canonical = interchange.build_block(prefixes, list(range(n)), conts)
-    markers = language_markers(tokenizer)
-    hidden, scores = clean_states(model, prefixes, canonical, batch_size, markers)
+    hidden, scores = clean_states(model, prefixes, canonical, batch_size, languages)
     state = SimpleNamespace(pairs=pairs, partner=partner, inverse=inverse, answers=answers,
                             conts=conts, prefixes=prefixes, canonical=canonical, hidden=hidden,
                             zh_last=last_states(model, tokenizer, zh, m, batch_size),
-                            markers=markers, m=m)
-    state.clean = clean_frame(pairs, partner, inverse, scores)
+                            languages=languages, m=m)
+    state.clean = clean_frame(pairs, partner, inverse, scores, answers)
     return state
 
 
-def clean_states(model, prefixes, canonical, batch_size, markers):
+def clean_states(model, prefixes, canonical, batch_size, languages):
     """The canonical block's states at every layer (L + 1, N, Q, d) and its clean scores."""
     n_layers = common.num_layers(model)
     n, width = canonical.ids.shape
@@ -147,7 +144,7 @@ def clean_states(model, prefixes, canonical, batch_size, markers):
         hidden[0, index] = emb
         for layer, states in captured.items():
             hidden[layer + 1, index] = states
-        parts.append(interchange.score(model, final, block, markers))
+        parts.append(interchange.score(model, final, block, languages))
     scores = {key: torch.cat([p[key] for p in parts]).cpu() for key in parts[0]}
     return hidden, scores
 
@@ -165,13 +162,16 @@ def last_states(model, tokenizer, texts, m, batch_size):
     return torch.cat(out, 1)
 
 
-def clean_frame(pairs, partner, inverse, scores):
+def clean_frame(pairs, partner, inverse, scores, answers):
     """Per problem: clean scores. logp_src is log p(partner's answer | own prompt); ld_target =
     log p(own answer | partner's prompt) - log p(partner's answer | partner's prompt); the
-    first_* and ld_first_* columns are the same for the answers' first tokens alone."""
+    first_* and ld_first_* columns are the same for the answers' first tokens alone; top1 is the
+    argmax at the last prompt position, top1_own / top1_src whether it is the own / the partner's
+    first digit."""
     logp, lang, greedy = scores["logp"].double().numpy(), scores["lang"].double().numpy(), \
         scores["greedy"].numpy()
-    first = scores["logp_first"].double().numpy()
+    first, top1 = scores["logp_first"].double().numpy(), scores["top1"].numpy()
+    first_ids = [a[0] for a in answers]
     rows = []
     for i, p in enumerate(pairs):
         j = partner[i]
@@ -181,7 +181,9 @@ def clean_frame(pairs, partner, inverse, scores):
                          ld_target=logp[j, 2] - logp[j, 0], first_own=first[i, 0],
                          first_src=first[i, 1], ld_first_clean=first[i, 0] - first[i, 1],
                          ld_first_target=first[j, 2] - first[j, 0],
-                         greedy_correct=bool(greedy[i, 0]),
+                         greedy_correct=bool(greedy[i, 0]), top1=int(top1[i]),
+                         top1_own=int(top1[i]) == first_ids[i],
+                         top1_src=int(top1[i]) == first_ids[j],
                          lang_own=lang[i, 0], lang_src=lang[i, 1]))
     return pd.DataFrame(rows)
 
@@ -240,7 +242,9 @@ def make_batches(state, problem_index, n_conditions, batch_size, dtype):
 @torch.no_grad()
 def run_rows(model, state, layer, conditions, batches):
     """Scores of every row with the `last` source patched at `layer`: a frame with problem,
-    pairing, condition index, logp_own, logp_src, first_own, first_src, lang_own, lang_src, and
+    pairing, condition index, logp_own, logp_src, first_own, first_src, lang_own, lang_src, top1
+    (the argmax at the patched last position) with top1_own / top1_src (it is the own / the
+    source's first digit; for `same` rows the source is the own problem), and
     patch_share = |P_S (s - h)| / |s - h| at the patched positions (how much of the difference
     between source and run the subspace carries: 1 for full, 0 for none)."""
     device = state.hidden.device
@@ -256,8 +260,11 @@ def run_rows(model, state, layer, conditions, batches):
         share = ((patch(suffix).float() - suffix).norm(dim=-1)
                  / (source.float() - suffix).norm(dim=-1).clamp(min=1e-12)).mean(1)
         out = interchange.patched_scores(model, state.prefixes, batch.block, layer, hidden, patch,
-                                         state.markers, batch.mask)
+                                         state.languages, batch.mask)
         src = 0 if batch.pairing == "same" else 1
+        top1 = out["top1"].cpu().numpy()
+        own_first = np.array([state.answers[u][0] for u in batch.problems])
+        src_first = np.array([state.answers[int(j)][0] for j in batch.source.cpu()])
         frames.append(pd.DataFrame({
             "problem": batch.problems, "pairing": batch.pairing,
             "condition": batch.condition.cpu().numpy(),
@@ -267,6 +274,7 @@ def run_rows(model, state, layer, conditions, batches):
             "first_src": out["logp_first"][:, src].double().cpu().numpy(),
             "lang_own": out["lang"][:, 0].double().cpu().numpy(),
             "lang_src": out["lang"][:, src].double().cpu().numpy(),
+            "top1": top1, "top1_own": top1 == own_first, "top1_src": top1 == src_first,
             "patch_share": share.double().cpu().numpy()}))
     return pd.concat(frames, ignore_index=True)
 
@@ -369,11 +377,12 @@ def keep_rows(path, column, keep):
 
 
 def per_problem_rows(measured, state, conditions, split, extra):
-    """The named (non-random) conditions' rows, one per problem, pairing and condition."""
-    named = [c for c, name in enumerate(conditions.names) if name != "random"]
-    frame = measured[measured.condition.isin(named)].copy()
+    """Every row of one layer (named conditions and random draws), with ids, split and draw: the
+    raw scores and measures that every table and figure of the run is rebuilt from."""
+    frame = measured.copy()
     pairs = state.pairs
     frame.insert(0, "condition_name", [conditions.names[c] for c in frame.condition])
+    frame.insert(1, "draw", [conditions.draws[c] for c in frame.condition])
     frame["problem_id"] = [pairs[u]["id"] for u in frame.problem]
     frame["source_id"] = [pairs[u if p == "same" else state.partner[u]]["id"]
                           for u, p in zip(frame.problem, frame.pairing)]
@@ -382,6 +391,14 @@ def per_problem_rows(measured, state, conditions, split, extra):
     for key, value in reversed(list(extra.items())):
         frame.insert(0, key, value)
     return frame
+
+
+def write_rows(frame, out, prefix=""):
+    """The named conditions' rows to <prefix>per_problem.csv, the random draws' to
+    <prefix>random_rows.csv.gz (compressed: 19+ draws x pairs x layers rows)."""
+    random = frame.condition == "random"
+    runs.write_csv(frame[~random], out / f"{prefix}per_problem.csv", append=True)
+    runs.write_csv(frame[random], out / f"{prefix}random_rows.csv.gz", append=True)
 
 
 def query_flops(config, rows, width, prefix, n_layers_run, scored):
@@ -411,7 +428,7 @@ def run_sweep(model, state, args, out, split):
     batches = make_batches(state, range(len(state.pairs)), len(FIXED) + args.n_random,
                            args.batch_size, dtype)
     done = done_values(out / "per_layer.csv", "layer")
-    for name in ("per_problem.csv", "draws.csv"):
+    for name in ("per_problem.csv", "random_rows.csv.gz", "draws.csv"):
         keep_rows(out / name, "layer", done)
     for layer in tqdm([l for l in args.layers if l not in done], desc="layers", unit="layer"):
         started = time.perf_counter()
@@ -420,14 +437,13 @@ def run_sweep(model, state, args, out, split):
                                      args.n_random, args.seed)
         measured = row_measures(run_rows(model, state, layer, conditions, batches), state.clean,
                                 args.min_span)
-        extra = {"layer": layer, "depth": layer / L}
+        extra = {"layer": layer, "depth": layer / L, "k": args.k}
         table, draws = summarise_conditions(aggregate(measured), conditions, extra)
         noop = measured[measured.condition == 0][["dlogp_own", "dlogp_src"]].abs().to_numpy()
         table["noop_max_abs"] = float(noop.max())
         table["seconds"] = time.perf_counter() - started  # this layer's rows, Z's SVD included
         table["tflop"] = layer_flops(model.config, batches, layer) / 1e12
-        runs.write_csv(per_problem_rows(measured, state, conditions, split, extra),
-                       out / "per_problem.csv", append=True)
+        write_rows(per_problem_rows(measured, state, conditions, split, extra), out)
         runs.write_csv(draws, out / "draws.csv", append=True)
         runs.write_csv(table, out / "per_layer.csv", append=True)  # last: marks the layer done
 
@@ -534,7 +550,8 @@ def run_das(model, tokenizer, state, template, args, out, split, layer):
     test = [i for i, s in enumerate(split) if s == "test"]
     dtype = next(model.parameters()).dtype
     done = done_values(out / "das.csv", "k")
-    for name in ("das_training.csv", "das_angles.csv", "das_decode.csv"):
+    for name in ("das_training.csv", "das_angles.csv", "das_decode.csv", "das_per_problem.csv",
+                 "das_random_rows.csv.gz"):
         keep_rows(out / name, "k", done)
     for k in [k for k in args.das_k if k not in done]:
         basis, history = das.train_das(model, state, layer, k, split, args,
@@ -554,6 +571,8 @@ def run_das(model, tokenizer, state, template, args, out, split, layer):
         decoded = decode_rows(model, tokenizer, state, template, layer,
                               make_conditions(d, k, [("das", basis), ("z_basis", z_fixed)], 0,
                                               args.seed), test, args)
+        write_rows(per_problem_rows(measured, state, conditions, split, {"k": k, "layer": layer}),
+                   out, prefix="das_")
         runs.write_csv(history.assign(k=k, layer=layer), out / "das_training.csv", append=True)
         runs.write_csv(angles, out / "das_angles.csv", append=True)
         runs.write_csv(decoded.assign(k=k), out / "das_decode.csv", append=True)
@@ -597,10 +616,34 @@ def validate(args):
     if len(args.split) != 3 or min(args.split) <= 0 or abs(sum(args.split) - 1) > 1e-6:
         raise runs.UsageError(f"--split {' '.join(map(str, args.split))}: pass three positive "
                               f"fractions (train validation test) that sum to 1")
-    pairs = problems.load_pairs(args)
+    pairs = problems.load_pairs(args, bank_limit=BANK_PAIRS)
     split_sizes(len(pairs), args.split)
-    template = problems.get_template(problems.load_prompts(args.prompts)["templates"], "direct")
+    template = problems.get_template(problems.load_templates(args), "direct")
     return pairs, template
+
+
+def select_pairs(model, tokenizer, pairs, template, args):
+    """The pairs the sweep measures: those the unpatched model answers as --solved asks
+    (answered.py), their prompts aligned (both languages end on the token before the first digit,
+    unless --allow-unaligned), at least --min-pairs of them. Returns (kept pairs, the answer
+    table, the selection record for config.json); a UsageError when too few are kept."""
+    table = answered.answer_table(model, tokenizer, pairs, template, "direct", args.batch_size,
+                                  args.decode)
+    keep = answered.kept_mask(table, args.solved)
+    record = answered.solved_record(table, args.solved)
+    answered.require_kept(record, max(args.min_pairs, 6), "the sweep (--min-pairs, and 2 pairs "
+                                                          "per split)")
+    kept = [p for p, k in zip(pairs, keep) if k]
+    unaligned = problems.aligned_ends(tokenizer, template, kept)
+    record["unaligned"] = len(unaligned)
+    if unaligned and not args.allow_unaligned:
+        pid, why = unaligned[0]
+        raise runs.UsageError(
+            f"{len(unaligned)} of {len(kept)} pairs are not position-aligned with the direct "
+            f"template (first: {pid}: {why}); a last-position interchange would swap the token "
+            f"itself: make both templates in prompts.json end with the space before the answer, "
+            f"or pass --allow-unaligned")
+    return kept, table.assign(kept=keep), record
 
 
 def main(args):
@@ -610,10 +653,22 @@ def main(args):
     if args.batch_size is None:  # rows are a few tokens each: large batches pay on a GPU
         on_gpu = common.resolve_device(args.device).type == "cuda"
         args.batch_size = 512 if on_gpu else 64
+    fresh = not Path(args.out).exists()
     out = runs.prepare_out_dir(args.out, args.overwrite, args.resume, args, args.figures)
     runs.set_seed(args.seed)
     model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
     model.requires_grad_(False)
+    tried = len(pairs)
+    try:
+        pairs, answers, solved = select_pairs(model, tokenizer, pairs, template, args)
+    except runs.UsageError:
+        if fresh and not any(out.iterdir()):
+            out.rmdir()  # a refused run leaves nothing behind
+        raise
+    print(f"{solved['kept']} of {tried} pairs kept (--solved {args.solved}: correct in English "
+          f"{solved['correct_en']}, in Chinese {solved['correct_zh']}, both "
+          f"{solved['correct_both']})")
+    runs.write_csv(answers, out / "solved.csv")
     split = make_splits(len(pairs), args.split, args.seed)
     partner = swap_partners(pairs, split, args.seed)
     if not args.resume:
@@ -622,8 +677,9 @@ def main(args):
             splits={s: [p["id"] for p, name in zip(pairs, split) if name == s]
                     for s in ("train", "validation", "test")},
             swap_source={p["id"]: pairs[j]["id"] for p, j in zip(pairs, partner)},
-            random_basis_seeds="seed * 1000003 + k * 1009 + draw",
-            language_markers=[EN_MARK, ZH_MARK]))
+            random_basis_seeds="seed * 1000003 + k * 1009 + draw", solved=solved,
+            language_margin="log P(Latin word) - log P(Chinese word) after the answer, a lone "
+                            "space marginalised (common.language_margin)"))
     state = prepare(model, tokenizer, pairs, template, partner, args.last_m, args.batch_size)
     runs.write_csv(state.clean.assign(split=split), out / "clean.csv")
     run_sweep(model, state, args, out, split)
@@ -642,7 +698,8 @@ def main(args):
 
 
 # --smoke: flags left at their default take these values (seconds on --model tiny-random)
-SMOKE = dict(limit=6, depth=0.5, k=8, n_random=3, decode_limit=2, decode_random=1, das_k=[4],
+SMOKE = dict(limit=6, solved="off", min_pairs=6, depth=0.5, k=8, n_random=3, decode_limit=2,
+             decode_random=1, das_k=[4],
              das_steps=4, das_eval_every=2, max_new_tokens=4)
 
 
@@ -655,7 +712,14 @@ def parse_args(argv=None):
 def build_parser():
     parser = runs.make_parser(__doc__)
     common.add_common_args(parser, "exp_e")
-    problems.add_pairs_args(parser)
+    problems.add_pairs_args(parser, default=problems.BANK)
+    answered.add_solved_arg(parser)
+    parser.add_argument("--min-pairs", type=int, default=20,
+                        help="stop before the sweep when fewer pairs are kept (below 20 a rate's "
+                             "95%% interval is wider than 0.4)")
+    parser.add_argument("--allow-unaligned", action="store_true",
+                        help="run even when the English and Chinese prompts end on different "
+                             "tokens (a last-position interchange then swaps the token itself)")
     decoding.add_decode_args(parser)
     parser.add_argument("--layers", type=int, nargs="*", default=None,
                         help="layers to patch (default: every layer 0..L-1)")

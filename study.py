@@ -46,7 +46,8 @@ def plan(args):
             argv, _ = bench.accepted(module.parse_args, argv, [["--smoke"]])
         script_args = module.parse_args(argv)
         steps.append(dict(letter=letter, module=module, out=out, argv=argv, args=script_args,
-                          resume=resume, pairs=len(problems.load_pairs(script_args))))
+                          resume=resume, pairs=len(problems.load_pairs(
+                              script_args, bank_limit=getattr(module, "BANK_PAIRS", None)))))
     return steps
 
 

@@ -45,7 +45,7 @@ TINY_RUN_FLAGS = {
                          "--min-steps", "0", "--limit", "12", "--cache-dir", "none"],
     "exp_d_bridge.py": ["--layer", "2", "--k", "4", "--limit", "12", "--n-shuffles", "10",
                         "--n-folds", "3", "--cache-dir", "none"],
-    "exp_e_layer_sweep.py": ["--limit", "6", "--basis-layer", "2", "--k", "8", "--n-random", "3",
+    "exp_e_layer_sweep.py": ["--limit", "6", "--solved", "off", "--min-pairs", "6", "--basis-layer", "2", "--k", "8", "--n-random", "3",
                              "--decode-limit", "2", "--das-k", "4", "--das-steps", "4"],
 }
 

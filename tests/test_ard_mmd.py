@@ -159,8 +159,28 @@ def test_overlap_against_the_hypergeometric_null():
     hit = A.compute_overlap(in_z, z_energy)
     assert hit["overlap"] == 10 and hit["overlap_expected"] == pytest.approx(1.0)
     assert hit["overlap_p"] < 1e-10 and hit["energy_share"] == 1.0 and hit["energy_chance"] == 0.1
+    assert hit["overlap_p_depletion"] == 1.0 and (hit["overlap_lo"], hit["overlap_hi"]) == (0, 3)
     miss = A.compute_overlap(np.roll(in_z, 50), z_energy)
     assert miss["overlap"] == 0 and miss["overlap_p"] == 1.0 and miss["energy_share"] == 0.0
+    # overlap 0 is what a random selection of 10 of 100 gives a third of the time: no depletion
+    assert miss["overlap_p_depletion"] == pytest.approx(0.330, abs=0.001)
+
+
+@pytest.mark.parametrize("d,a,b", [(9, 3, 4), (8, 4, 4), (10, 2, 6)])
+def test_overlap_chance_matches_every_random_selection_enumerated(d, a, b):
+    """Against all C(d, a) selections of a coordinates and a fixed set of b: the expected overlap,
+    P(overlap >= x) (enrichment), P(overlap <= x) (depletion) and the 95% range are exact."""
+    import itertools
+    fixed = set(range(b))
+    overlaps = np.array([len(fixed & set(pick)) for pick in itertools.combinations(range(d), a)])
+    for x in range(min(a, b) + 1):
+        chance = A.overlap_chance(d, a, b, x)
+        assert chance["overlap_expected"] == pytest.approx(overlaps.mean())
+        assert chance["p_enrichment"] == pytest.approx(np.mean(overlaps >= x))
+        assert chance["p_depletion"] == pytest.approx(np.mean(overlaps <= x))
+    lo, hi = A.overlap_chance(d, a, b, 0)["overlap_lo"], A.overlap_chance(d, a, b, 0)["overlap_hi"]
+    assert np.mean(overlaps < lo) <= 0.025 and np.mean(overlaps > hi) <= 0.025
+    assert np.mean(overlaps <= lo) > 0.025 and np.mean(overlaps >= hi) > 0.025  # the tightest
 
 
 GRADED = (2.0, 1.5, 1.0, 0.7, 0.5, 0.3)  # problem coordinates from strong to weak

@@ -113,10 +113,45 @@ def test_bad_input_is_one_line_exit_2_and_creates_nothing(name, extra, message, 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_b_refuses_k_equal_to_d(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("name,why", [("B", "Z-perp"), ("C", "every coordinate in the SVD mask"),
+                                      ("D", "Z the whole space")])
+def test_k_equal_to_d_is_refused_with_the_scripts_own_reason(name, why, tmp_path, monkeypatch,
+                                                             capsys):
     monkeypatch.chdir(tmp_path)
-    code, err = exit_of("B", smoke_args("B", "--k", "64"), capsys)
-    assert code == 2 and "Z-perp" in err and "pass --k between 1 and 63" in err
+    code, err = exit_of(name, smoke_args(name, "--k", "64"), capsys)
+    assert code == 2 and why in err and "pass --k between 1 and 63" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["B", "C", "D"])
+def test_smoke_presets_the_flags_left_at_their_default(name):
+    script = SCRIPTS[name]
+    args = script.parse_args(["--model", "tiny-random", "--smoke"])
+    for flag, value in script.SMOKE.items():
+        assert getattr(args, flag) == value, flag
+    assert script.parse_args(["--model", "tiny-random", "--smoke", "--limit", "9"]).limit == 9
+
+
+@pytest.mark.parametrize("name", ["B", "D"])
+def test_smoke_runs_and_replot_says_what_it_wrote(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    SCRIPTS[name].main(SCRIPTS[name].parse_args(["--model", "tiny-random", "--smoke",
+                                                 "--cache-dir", "none"]))
+    capsys.readouterr()
+    paths = SCRIPTS[name].main(SCRIPTS[name].parse_args(["--model", "tiny-random", "--replot"]))
+    printed = capsys.readouterr().out
+    for figure in FIGURES[name]:
+        assert f"figures/exp_{name.lower()}/{figure}.png" in printed
+    assert printed.splitlines()[-1].startswith("wrote") and len(paths) == len(FIGURES[name])
+
+
+@pytest.mark.parametrize("name", ["B", "C", "D"])
+def test_replot_of_a_missing_run_is_one_line_and_writes_nothing(name, tmp_path, monkeypatch,
+                                                                 capsys):
+    monkeypatch.chdir(tmp_path)
+    code, err = exit_of(name, SCRIPTS[name].parse_args(["--model", "tiny-random", "--replot",
+                                                        "--out", "nowhere"]), capsys)
+    assert code == 2 and "does not exist" in err and "\n" not in err
     assert list(tmp_path.iterdir()) == []
 
 

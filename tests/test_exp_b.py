@@ -10,6 +10,7 @@ import torch
 import common
 from zcausal import problems, runs
 import exp_b_residual as eb
+from zcausal.summaries import exp_b as summary
 
 EN = ["Tom has {a} apples and buys {b} more. How many apples does he have?",
       "A train goes {a} km per hour for {b} hours. How far does it go?"]
@@ -218,7 +219,7 @@ def test_a_text_left_without_tokens_is_a_usage_error(tiny):
 # The script
 
 @pytest.mark.parametrize("extra", [["--basis-layer", "4"], ["--basis-layer", "-1"], ["--k", "0"],
-                                   ["--k", "64"], ["--n-random", "0"],
+                                   ["--k", "64"], ["--k", "4", "4"], ["--n-random", "-1"],
                                    ["--prompts", "MISSING.json"]])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra):
     args = cli(tmp_path, *extra)
@@ -233,7 +234,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra):
         assert not (tmp_path / name).exists()
 
 
-def test_main_end_to_end(tiny, tmp_path, monkeypatch):
+def test_main_end_to_end(tiny, tmp_path, monkeypatch, capsys):
     args = cli(tmp_path, "--n-random", "20")
     tables = eb.main(args)
     out = tmp_path / "exp_b"
@@ -243,7 +244,7 @@ def test_main_end_to_end(tiny, tmp_path, monkeypatch):
     assert figure.read_bytes()[:4] == b"\x89PNG"
     config = json.loads((out / "config.json").read_text())
     assert (config["basis_layer"], config["k"], config["drop_first"], config["n_pairs"],
-            config["d"], config["n_random"]) == (2, 4, True, 6, 64, 20)
+            config["d"], config["n_random"]) == (2, [4], True, 6, 64, 20)
 
     per_layer = pd.read_csv(out / "per_layer.csv")
     assert len(per_layer) == 4 * 3 and set(per_layer["lang"]) == {"zh", "en", "all"}
@@ -253,7 +254,7 @@ def test_main_end_to_end(tiny, tmp_path, monkeypatch):
         assert (per_layer[f"{prefix}_R_lo"] <= per_layer[f"{prefix}_R_hi"]).all()
     draws = pd.read_csv(out / "random_draws.csv")
     assert draws.groupby("kind")["draw"].nunique().to_dict() == {"matched": 20, "uniform": 20}
-    shares = config["variance_share_of_basis_layer_states"]
+    shares = config["variance_share_of_basis_layer_states"]["4"]  # per k
     assert shares["matched"] > shares["uniform"] and set(shares) == {"z", "uniform", "matched"}
     row = per_layer[(per_layer["lang"] == "all") & (per_layer["from_layer"] == 2)].iloc[0]
     matched = draws[(draws["kind"] == "matched") & (draws["lang"] == "all")
@@ -285,11 +286,23 @@ def test_main_end_to_end(tiny, tmp_path, monkeypatch):
     assert row["frac_random_absdiff_ge"] == pytest.approx(
         np.mean(np.abs(rand_diff) >= abs(row["diff_mean"])))
 
-    # --replot redraws from the CSVs without loading a model
+    # the primary test: Z's R into the basis layer among the matched draws, as random_draws.csv has it
+    row, test, verdict, _ = summary.primary_test(per_layer, draws, config, 4)
+    assert (row["from_layer"], row["to_layer"]) == (1, 2)
+    mine = draws[(draws["kind"] == "matched") & (draws["lang"] == "all")
+                 & (draws["from_layer"] == 1)]["R_mean"]
+    assert test["p_above"] == pytest.approx((1 + (mine >= row["R_mean"]).sum()) / 21)
+    head = summary.headline(out)
+    assert set(head) == {"verdict", "value", "lead"} and head["verdict"] == verdict
+    assert verdict in {"Z above random", "Z = random", "Z below random"}
+    assert 1 <= len(head["lead"]) <= 3 and "nan" not in " ".join(summary.summary_lines(out))
+
+    # --replot redraws from the CSVs without loading a model, and says what it wrote
     figure.unlink()
     monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    capsys.readouterr()
     eb.main(cli(tmp_path, "--replot"))
-    assert figure.is_file()
+    assert figure.is_file() and f"wrote {figure}" in capsys.readouterr().out
     assert tables["per_layer"].shape[0] == 12
 
 
@@ -309,3 +322,36 @@ def test_existing_results_are_not_overwritten(tiny, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         runs.run_cli(eb.main, cli(tmp_path))
     assert exit_info.value.code == 2
+
+
+def test_several_k_and_no_random_draws(tiny, tmp_path, monkeypatch, capsys):
+    """--k 4 8 writes a k column and a paragraph per k; --n-random 0 leaves the bands out and the
+    summaries say not tested (no random draws) instead of failing."""
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: tiny)
+    tables = eb.main(cli(tmp_path, "--k", "4", "8", "--n-random", "0"))
+    out = tmp_path / "exp_b"
+    per_layer = pd.read_csv(out / "per_layer.csv")
+    assert sorted(per_layer["k"].unique()) == [4, 8] and len(per_layer) == 2 * 4 * 3
+    assert per_layer["rand_R_lo"].isna().all() and per_layer["frac_matched_R_ge"].isna().all()
+    assert pd.read_csv(out / "random_draws.csv").empty
+    assert set(pd.read_csv(out / "asymmetry.csv")["k"]) == {4, 8}
+    assert np.allclose(per_layer.groupby("k")["R_chance"].first(), np.sqrt([4 / 60, 8 / 56]))
+    r4 = tables["per_prompt"].query("k == 4")["R"].to_numpy()
+    assert not np.allclose(r4, tables["per_prompt"].query("k == 8")["R"].to_numpy())
+    text = " ".join(summary.summary_lines(out))
+    assert "k = 4 (d = 64)" in text and "k = 8 (d = 64)" in text
+    assert text.count("not tested (no random draws)") >= 3 and "nan" not in text
+    assert "k = 8): R " in text  # the primary test at the largest k (50 was not run)
+    head = summary.headline(out)
+    assert head["verdict"] == "not tested (no random draws)" and "nan" not in head["value"]
+    assert (runs.figure_dir(out, tmp_path / "fig") / "residual_ratio.png").is_file()
+
+
+def test_the_largest_difference_is_said_as_a_magnitude_with_its_direction():
+    asym = pd.DataFrame({"from_layer": [0, 1], "to_layer": [1, 2], "n_pairs": [1, 1],
+                         "diff_mean": [0.1, -0.2503], "wilcoxon_p": [np.nan, np.nan],
+                         "frac_random_absdiff_ge": [0.5, 0.25]})
+    text = summary._asymmetry_sentence(asym, 20)
+    assert text.startswith("The largest |R_zh - R_en| is 0.25 (R_zh < R_en) at 1->2")
+    assert "paired over 1 pair;" in text and "Wilcoxon p not measured" in text
+    assert "at least as large: 5 of 20" in text and "-0.25" not in text

@@ -8,9 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from zcausal import ard_mmd as A
 import common
-from zcausal import problems, runs
+from zcausal import ard_mmd as A, problems, runs, stats
 import exp_c_ard_mmd as C
 import synthetic_numbers
 
@@ -107,12 +106,13 @@ def _argv(tmp_path, prompts_file, *extra):
 
 
 @pytest.mark.parametrize("bad,message", [
-    (["--layers", "1", "9"], "pass --layers between 0 and 3"),
+    (["--layers", "1", "9"], "pass --layers between 0 and 3 (or fractions of depth with "
+                             "--layer-depths)"),
     (["--basis-layer", "4"], "pass --basis-layer between 0 and 3"),
     (["--layer-depths", "0.5", "1.0"], "--layer-depths 1.0 is not a fraction"),
     (["--depth", "0"], "--depth 0.0 is not a fraction"),
     (["--layers", "1", "--layer-depths", "0.5"], "not both"),
-    (["--k", "0"], "pass --k between 1 and 64"), (["--k", "65"], "pass --k between 1 and 64"),
+    (["--k", "0"], "pass --k between 1 and 63"), (["--k", "64"], "every coordinate in the SVD mask"),
     (["--lambdas", "0.1", "0.1"], "distinct"), (["--device", "cuda"], "no CUDA device")])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, prompts_file, bad, message, capsys):
     if bad[0] == "--device" and torch.cuda.is_available():
@@ -122,6 +122,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, prompts_file, bad, messa
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and message in err
+    assert bad[0] != "--layers" or "--depth" not in err  # C's --layers has no --depth beside it
     assert not any((tmp_path / name).exists() for name in ("out", "fig", "cache"))
 
 
@@ -129,7 +130,7 @@ FAST = ["--layers", "1", "3", "--steps", "10", "--min-steps", "0", "--lambdas", 
         "--basis-layer", "2", "--k", "8"]
 
 
-def test_main_end_to_end(tmp_path, prompts_file, monkeypatch):
+def test_main_end_to_end(tmp_path, prompts_file, monkeypatch, capsys):
     args = C.parse_args(_argv(tmp_path, prompts_file, *FAST, "--objective", "contrastive", "plan"))
     summary = C.main(args)
     out = tmp_path / "out"
@@ -150,6 +151,10 @@ def test_main_end_to_end(tmp_path, prompts_file, monkeypatch):
     figures = runs.figure_dir(out, tmp_path / "fig")
     for name in ("z_size", "spectrum", "overlap", "traces"):
         assert (figures / f"{name}.png").stat().st_size > 10_000
+    overlap = runs.load_csv(out / "overlap.csv")
+    assert len(overlap) == summary["selected"].sum() and overlap["primary"].sum() == 1
+    assert set(overlap.columns) >= {"overlap_expected", "overlap_lo", "overlap_hi",
+                                    "p_enrichment", "p_depletion", "p_enrichment_holm", "verdict"}
     assert summary["retrieval_test_final"].between(0, 1).all()
     # the contrastive penalty at the cold start is lambda * 2N (N training problems)
     cold = summary[(summary.objective == "contrastive") & (summary.start == "cold")
@@ -162,8 +167,13 @@ def test_main_end_to_end(tmp_path, prompts_file, monkeypatch):
     for name in ("z_size", "traces"):
         (figures / f"{name}.png").unlink()
     monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    (out / "overlap.csv").unlink()
+    capsys.readouterr()
     C.main(C.parse_args(_argv(tmp_path, prompts_file, "--replot")))
     assert (figures / "z_size.png").is_file() and (figures / "traces.png").is_file()
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "overlap.csv" in printed and "z_size.png" in printed
+    assert runs.load_csv(out / "overlap.csv").equals(overlap)
 
 
 def test_an_interrupted_run_resumes_to_the_same_results(tmp_path, prompts_file, monkeypatch,
@@ -202,3 +212,78 @@ def test_an_interrupted_run_resumes_to_the_same_results(tmp_path, prompts_file, 
         assert (out / name).read_text() == (whole / name).read_text(), name
     for key, value in np.load(whole / "lengthscales.npz").items():
         np.testing.assert_array_equal(np.load(out / "lengthscales.npz")[key], value)
+
+
+# ----------------------------------------------------------------------------------------------
+# The overlap against chance and the sentences, on a run folder written by hand
+
+def fake_run(tmp_path, rows, d=100, basis_layer=5, k=10):
+    """The files summary_lines and headline read, with the given selected fits."""
+    base = {"objective": "contrastive", "selected": True, "energy_share": 0.1,
+            "energy_chance": 0.1, "retrieval_test_init": 0.5, "retrieval_test_final": 0.8,
+            "retrieval_chance_test": 0.1}
+    pd.DataFrame([{**base, **row} for row in rows]).to_csv(tmp_path / "summary.csv", index=False)
+    (tmp_path / "traces.csv").write_text("layer\n")
+    np.savez(tmp_path / "lengthscales.npz", z_energy=np.ones(d))
+    runs.write_json(tmp_path / "config.json", {"basis_layer": basis_layer, "n_pairs": 1,
+                                               "args": {"k": k}})
+    return tmp_path
+
+
+ROWS = [dict(layer=5, start="cold", z_size=10, overlap=0, **{"lambda": 0.0}),
+        dict(layer=5, start="warm", z_size=9, overlap=3, **{"lambda": 0.0}),    # raw p 0.033
+        dict(layer=3, start="cold", z_size=12, overlap=4, **{"lambda": 0.0})]   # raw p 0.036
+
+
+def test_primary_is_the_cold_start_at_the_basis_layer_and_the_rest_are_holm_corrected(tmp_path):
+    from zcausal.summaries import exp_c as S
+    table = S.overlap_table(fake_run(tmp_path, ROWS)).set_index(["layer", "start"])
+    assert table["primary"].tolist() == [False, True, False]  # sorted: layer 3 first
+    assert table.loc[(5, "cold"), "verdict"] == "no enrichment"  # 0 of 10, chance 1
+    assert table.loc[(5, "cold"), "p_depletion"] == pytest.approx(0.330, abs=0.001)
+    assert np.isnan(table.loc[(5, "cold"), "p_enrichment_holm"])
+    others = [(3, "cold"), (5, "warm")]
+    raw = table.loc[others, "p_enrichment"]
+    assert (raw < 0.05).all()  # each alone would pass; Holm over the two does not
+    np.testing.assert_allclose(table.loc[others, "p_enrichment_holm"], stats.holm(raw))
+    assert (table.loc[others, "p_enrichment_holm"] > 0.05).all()
+    assert (table.loc[others, "verdict"] == "no enrichment").all()
+    # the primary is read at its raw p: 6 of 10 where 1 is expected
+    rows = [dict(ROWS[0], overlap=6)] + ROWS[1:]
+    table = S.overlap_table(fake_run(tmp_path, rows)).set_index(["layer", "start"])
+    assert table.loc[(5, "cold"), "verdict"] == "enrichment"
+
+
+def test_sentences_say_no_enrichment_the_coordinate_count_and_lambda_zero(tmp_path):
+    from zcausal.summaries import exp_c as S
+    out = fake_run(tmp_path, ROWS)
+    text = " ".join(S.summary_lines(out))
+    assert "overlap 0 with the top 10 (chance 1 [0, 3]" in text
+    assert "no enrichment" in text and "do not overlap" not in text and "top-50" not in text
+    assert "1 pair (d = 100)" in text and "nan" not in text
+    assert "lambda = 0 was selected in all 3 selected fits" in text
+    assert "the sparsity penalty never helped held-out retrieval" in text
+    head = S.headline(out)
+    assert set(head) == {"verdict", "value", "lead"} and head["verdict"] == "no enrichment"
+    assert head["value"] == "overlap 0 of 10 vs chance 1 [0, 3] (P(≥ 0) = 1)"
+    assert 1 <= len(head["lead"]) <= 3 and "lambda = 0 won in all 3" in head["lead"][-1]
+
+    some = [dict(r, **{"lambda": 0.1 if i else 0.0}) for i, r in enumerate(ROWS)]
+    text = " ".join(S.summary_lines(fake_run(tmp_path, some)))
+    assert "lambda = 0 was selected in 1 of 3 selected fits." in text
+    assert "never helped" not in text
+
+
+def test_an_empty_z_is_not_measured_and_an_unfinished_run_is_a_usage_error(tmp_path):
+    from zcausal.summaries import exp_c as S
+    out = fake_run(tmp_path, [dict(layer=5, start="cold", z_size=0, overlap=0,
+                                   **{"lambda": 10.0})])
+    assert S.headline(out)["verdict"] == "not measured (ARD's Z is empty)"
+    assert "overlap not measured (ARD's Z is empty)" in " ".join(S.summary_lines(out))
+    (out / "summary.csv").unlink()
+    with pytest.raises(runs.UsageError, match="summary.csv"):
+        S.headline(out)
+
+
+def test_holm_by_hand():
+    np.testing.assert_allclose(stats.holm([0.01, 0.04, 0.03, np.nan]), [0.03, 0.06, 0.06, np.nan])

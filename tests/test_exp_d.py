@@ -178,6 +178,7 @@ def cli(tmp_path, *extra, n=12):
 
 
 @pytest.mark.parametrize("extra", [["--layer", "4"], ["--k", "0"], ["--k", "4", "65"],
+                                   ["--k", "4", "64"], ["--k", "4", "4"], ["--n-random", "-1"],
                                    ["--n-shuffles", "0"], ["--prompts-zh", "MISSING"],
                                    ["--limit", "2"], ["--prompts-en", "SHORT"],
                                    ["--depth", "1.5"], ["--depth", "0.5"]])
@@ -205,6 +206,17 @@ def test_main_end_to_end(tiny, tmp_path, capsys, monkeypatch):
     assert set(m["k"]) == {4, 8} and (m["n_pairs"] == 12).all() and not m["in_sample_exact"].any()
     assert ((m["null_lo"] <= m["null_hi"]) & np.isclose(m["retrieval_chance"], 1 / 12)).all()
     assert len(pd.read_csv(out / "null.csv")) == 2 * len(exp_d_summary.MAPS) * 20
+    # Z among the random bases: the saved rank and p follow from random_draws.csv
+    draws = pd.read_csv(out / "random_draws.csv")
+    assert len(draws) == 2 * len(exp_d_summary.MAPS) * 20 and (m["n_random"] == 20).all()
+    row = m[(m["k"] == 8) & (m["map"] == "ridge")].iloc[0]
+    mine = draws[(draws["k"] == 8) & (draws["map"] == "ridge")]["kfold_r2"]
+    assert row["random_rank"] == 1 + (mine >= row["kfold_r2"] - 1e-12).sum()
+    assert row["random_p_above"] == pytest.approx(row["random_rank"] / 21)
+    assert m["primary"].sum() == 1 and m[m["primary"]][["map", "k"]].values.tolist() == \
+        [["lstsq", 8]]  # the plan's k = 50 was not run: the largest k
+    assert m[m["primary"]]["random_p_above_holm"].isna().all()
+    assert m[~m["primary"]]["random_p_above_holm"].notna().all()
     assert len(pd.read_csv(out / "singular_values.csv")) == (4 + 8) * len(exp_d_summary.MAPS)
     config = json.loads((out / "config.json").read_text())
     assert (config["layer"], config["k"], config["drop_first"], config["n_pairs"]) == \
@@ -226,21 +238,11 @@ def test_main_end_to_end(tiny, tmp_path, capsys, monkeypatch):
     for name in ("singular_values", "heldout_r2"):
         (runs.figure_dir(tmp_path / "exp_d", tmp_path / "fig") / f"{name}.png").unlink()
     monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    capsys.readouterr()
     ed.main(cli(tmp_path, "--replot"))
     assert (runs.figure_dir(tmp_path / "exp_d", tmp_path / "fig") / "heldout_r2.png").is_file()
-
-
-def test_random_basis_control_uses_a_random_subspace(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "load_model", lambda *a, **k: tiny)
-    model, _ = tiny
-    args = cli(tmp_path, "--basis", "random", "--k", "4", "--n-shuffles", "5")
-    assert not np.allclose(ed.make_basis(args, model, 2, 4), common.z_basis(model, 2, 4).numpy())
-    np.testing.assert_allclose(ed.make_basis(args, model, 2, 4),
-                               common.random_basis(64, 4, seed=0).numpy())
-    ed.main(args)
-    m = pd.read_csv(tmp_path / "exp_d" / "metrics.csv")
-    assert (m["basis"] == "random").all()
-    assert json.loads((tmp_path / "exp_d" / "config.json").read_text())["basis"] == "random"
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "heldout_r2.png" in printed and "Primary test" in printed
 
 
 def test_main_flags_an_exact_fit_when_n_is_at_most_k(tiny, tmp_path, capsys, monkeypatch):
@@ -250,3 +252,70 @@ def test_main_flags_an_exact_fit_when_n_is_at_most_k(tiny, tmp_path, capsys, mon
     m = pd.read_csv(tmp_path / "exp_d" / "metrics.csv").set_index("map")
     assert m.loc["lstsq", "in_sample_exact"] and m.loc["lstsq", "in_sample_r2"] == \
         pytest.approx(1.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Z among random bases
+
+def planted_in_z(n=80, d=24, k=4, seed=0):
+    """Pooled states where Z (the first k axes) carries a rotation from en to zh and every other
+    direction of zh is independent noise: zh, en (n, d) and Z (k, d)."""
+    rng = np.random.default_rng(seed)
+    en = rng.normal(size=(n, d))
+    Q, _ = np.linalg.qr(rng.normal(size=(k, k)))
+    zh = rng.normal(size=(n, d))
+    zh[:, :k] = en[:, :k] @ Q + 0.05 * rng.normal(size=(n, k))
+    return zh, en, np.eye(d)[:k]
+
+
+def test_a_map_planted_in_z_ranks_z_first_among_random_bases():
+    zh, en, z = planted_in_z()
+    rows, _, _, draws = ed.compute_k(zh, en, z, n_shuffles=5, n_folds=5, n_random=20, seed=0)
+    assert len(draws) == 20 * len(exp_d_summary.MAPS)
+    rows = {r["map"]: r for r in rows}
+    for name in FITTED:
+        r = rows[name]
+        assert r["kfold_r2"] > 0.9 and r["random_hi"] < 0.5, name
+        assert r["random_rank"] == 1 and r["random_p_above"] == pytest.approx(1 / 21)
+        assert r["random_p_two_sided"] == pytest.approx(2 / 21)
+    table = exp_d_summary.mark_primary(pd.DataFrame(list(rows.values())))
+    primary = table[table["primary"]].iloc[0]
+    assert exp_d_summary.verdict(primary) == "Z above random"
+    assert "ranks 1st of 21 among random bases" in exp_d_summary.primary_sentence(primary)
+
+
+def test_z_as_one_more_random_basis_gets_no_small_p():
+    """Z is a random subspace too, not among the draws: its p-values must look like draws from a
+    uniform distribution, not cluster near the floor 1/21."""
+    rng = np.random.default_rng(0)
+    d, k, n = 16, 3, 60
+    en = rng.normal(size=(n, d))
+    zh = en @ (rng.normal(size=(d, d)) / np.sqrt(d)) + 0.5 * rng.normal(size=(n, d))
+    p = []
+    for rep in range(10):
+        folds = ed.kfold_indices(n, 5, rep)
+        z = ed.basis_r2(zh, en, common.random_basis(d, k, 10_000 + rep).numpy(), folds)["lstsq"]
+        draws = [r["kfold_r2"] for r in ed.compute_random_draws(zh, en, k, 20, folds, rep)
+                 if r["map"] == "lstsq"]
+        p.append(ed.random_columns(z, draws)["random_p_above"])
+    assert np.median(p) > 0.2 and sum(v <= 0.1 for v in p) <= 3, p
+
+
+def test_no_random_draws_is_not_tested(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: tiny)
+    ed.main(cli(tmp_path, "--k", "4", "--n-random", "0", "--n-shuffles", "5"))
+    out = tmp_path / "exp_d"
+    m = pd.read_csv(out / "metrics.csv")
+    assert (m["n_random"] == 0).all() and m["random_p_above"].isna().all()
+    assert pd.read_csv(out / "random_draws.csv").empty
+    text = " ".join(exp_d_summary.summary_lines(out))
+    assert "not tested (no random draws)" in text and "nan" not in text
+    head = exp_d_summary.headline(out)
+    assert set(head) == {"verdict", "value", "lead"}
+    assert head["verdict"] == "not tested (no random draws)" and 1 <= len(head["lead"]) <= 3
+    assert (runs.figure_dir(out, tmp_path / "fig") / "heldout_r2.png").is_file()
+
+
+def test_headline_of_an_unfinished_run_is_a_usage_error(tmp_path):
+    with pytest.raises(runs.UsageError, match="metrics.csv"):
+        exp_d_summary.headline(tmp_path)

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import common
-from zcausal import decoding
+from zcausal import decoding, interchange, runs
 import exp_e_layer_sweep as ee
-from zcausal import interchange, runs
 from helpers import smoke_argv
 
 TEXTS = ["Question: Tom buys 3 apples for 4 dollars each. The answer is ",
@@ -216,14 +215,20 @@ def test_answer_tokens_on_the_real_qwen_tokenizer():
     from zcausal import problems
     tok = AutoTokenizer.from_pretrained(path)
     template = problems.load_prompts()["templates"]["direct"]
-    for lang, tail in (("en", " "), ("zh", "是")):
+    for lang in ("en", "zh"):
         prompt = problems.format_prompt(template[lang], "Q?")[0]
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        assert tok.decode(ids[-1:]) == tail
+        assert tok.decode(ids[-1:]) == " "  # the same last token in both languages
         digits = ee.answer_ids(tok, 605)
         assert [tok.decode([i]) for i in digits] == ["6", "0", "5"]
         assert tok(prompt + "605", add_special_tokens=False)["input_ids"] == ids + digits
-    assert [tok.decode([i]) for i in ee.language_markers(tok)] == [".\n\n", "。\n\n"]
+    from zcausal import bank
+    assert problems.aligned_ends(tok, template, bank.generate_bank(1)[:200]) == []
+    classes = common.LanguageClasses(tok)
+    for word, latin in ((" eggs", True), (" minutes", True), (" 颗", False), ("个", False)):
+        first = tok(word, add_special_tokens=False)["input_ids"][0]
+        assert (bool(classes.latin[first]), bool(classes.cjk[first])) == (latin, not latin), word
+    assert tok.decode([classes.space_id]) == " "  # "60 个": 6, 0, " ", 个
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,7 +240,7 @@ def write_prompts(path, n=8):
     pairs = [{"id": f"p{i}", "category": "t", "en": en.format(a=i + 2, b=3 * i + 1),
               "zh": zh.format(a=i + 2, b=3 * i + 1), "answer": 4 * i + 3} for i in range(n)]
     data = {"templates": {"direct": {"en": "Question: {question}\nAnswer: The answer is ",
-                                     "zh": "问题：{question}\n答案：答案是"}}, "pairs": pairs}
+                                     "zh": "问题：{question}\n答案：答案是 "}}, "pairs": pairs}
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     return path
 
@@ -245,7 +250,8 @@ def cli(tmp_path, *extra, layer=("--basis-layer", "2")):
     if not prompts.exists():
         write_prompts(prompts)
     return ee.parse_args(["--model", common.TINY_MODEL, "--device", "cpu", "--prompts",
-                          str(prompts), *layer, "--k", "4", "--n-random", "3",
+                          str(prompts), "--solved", "off", "--min-pairs", "6", *layer, "--k", "4",
+                          "--n-random", "3",
                           "--decode-limit", "2", "--decode-random", "1", "--das-k", "4",
                           "--das-steps", "2", "--das-eval-every", "1", "--max-new-tokens", "4",
                           "--out", str(tmp_path / "exp_e"), "--figures", str(tmp_path / "fig"),
@@ -337,7 +343,7 @@ def test_resume_finishes_an_interrupted_run_without_duplicates(finished_run, tmp
 def _argv(args):
     """The command line of a parsed namespace as cli() built it."""
     return ["--model", args.model, "--device", "cpu", "--prompts", str(args.prompts),
-            "--basis-layer", "2", "--k", "4", "--n-random", "3", "--decode-limit", "2",
+            "--solved", "off", "--min-pairs", "6", "--basis-layer", "2", "--k", "4", "--n-random", "3", "--decode-limit", "2",
             "--decode-random", "1", "--das-k", "4", "--das-steps", "2", "--das-eval-every", "1",
             "--max-new-tokens", "4", "--out", str(args.out), "--figures", str(args.figures)]
 

@@ -53,7 +53,7 @@ def test_report_scans_first_then_details_and_rebuilds_to_the_same_bytes(results,
         assert f"### {letter}: {title}" in text
     b = text.split("(`tiny/exp_b`)", 1)[1].split("### ")[0]
     assert b.index("](../../figures/tiny/exp_b/residual_ratio.png)") < b.index("\n- ") < \
-        b.index("Full summary: R = ")
+        b.index("Full summary: ")
     assert "Unpatched, the model answered" in text  # A's own verdict paragraph
     assert "Full interchange transfers most at layer" in text  # E's
     assert "the flags are config.json's args" in text  # main() called from Python: no command

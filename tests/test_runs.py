@@ -159,9 +159,3 @@ def test_cache_dir_none_means_off():
     assert common.cache_dir_arg("none") is None and common.cache_dir_arg("None") is None
     assert common.cache_dir_arg("x/y") == Path("x/y")
 
-
-def test_numbers_are_written_alike():
-    assert [runs.number(v) for v in (0.047, 0.42, 1.75, 12.3, 123.4, 3)] == [
-        "0.047", "0.42", "1.75", "12.3", "123", "3"]
-    assert runs.number(0.2, signed=True) == "+0.20" and runs.number(float("nan")) == "not measured"
-    assert runs.interval(0.42, 0.31, 0.551) == "0.42 [0.31, 0.55]"

@@ -212,21 +212,40 @@ def evaluate_retrieval(zh, en, log_l, tau=TAU):
     return ((zh_to_en + en_to_zh) / 2).cpu().numpy(), contrastive_ce(dist, tau).cpu().numpy()
 
 
-def compute_overlap(in_z, z_energy):
-    """ARD's Z (bool (d,)) against the SVD mask's top-|Z| coordinates by diag(P_Z).
+def overlap_chance(d, a, b, overlap, band=(0.025, 0.975)):
+    """The overlap of two selections of a and b coordinates out of d against chance: for a random
+    selection of a coordinates its overlap with a fixed b is X ~ Hypergeom(d, b, a).
 
-    overlap: coordinates in both; overlap_expected: |Z|^2 / d, the hypergeometric mean for a random
-    selection of |Z| coordinates; overlap_p: P(X >= overlap), X ~ Hypergeom(d, |Z|, |Z|);
-    energy_share: sum of diag(P_Z) over Z / k; energy_chance: |Z| / d, its expected value for a
-    random selection."""
+    Returns expected (a b / d), lo and hi (the `band` quantiles of X: 95% of random selections
+    overlap within [lo, hi]), p_enrichment = P(X >= overlap) and p_depletion = P(X <= overlap),
+    each one-sided. A large p_enrichment says "no enrichment", not "no overlap": with a b / d
+    below 1, overlap 0 is what a random selection gives most of the time."""
     from scipy.stats import hypergeom
+    dist = hypergeom(int(d), int(b), int(a))
+    return {"overlap_expected": a * b / d, "overlap_lo": int(dist.ppf(band[0])),
+            "overlap_hi": int(dist.ppf(band[1])),
+            "p_enrichment": float(min(1.0, dist.sf(overlap - 1))),
+            "p_depletion": float(min(1.0, dist.cdf(overlap)))}
+
+
+def compute_overlap(in_z, z_energy):
+    """ARD's Z (bool (d,)) against the SVD mask's top-|Z| coordinates by diag(P_Z): as many
+    coordinates as ARD's Z holds, so a = b = |Z| (overlap_chance).
+
+    overlap: coordinates in both; overlap_expected: |Z|^2 / d; overlap_lo, overlap_hi: the 95%
+    range of a random selection's overlap; overlap_p: P(X >= overlap) (enrichment) and
+    overlap_p_depletion: P(X <= overlap), X ~ Hypergeom(d, |Z|, |Z|); energy_share: sum of
+    diag(P_Z) over Z / k; energy_chance: |Z| / d, its expected value for a random selection."""
     in_z, z_energy = np.asarray(in_z, bool), np.asarray(z_energy, float)
     d, m = len(in_z), int(in_z.sum())
     if m == 0:
-        return {"overlap": 0, "overlap_expected": 0.0, "overlap_p": 1.0, "energy_share": 0.0,
+        return {"overlap": 0, "overlap_expected": 0.0, "overlap_lo": 0, "overlap_hi": 0,
+                "overlap_p": 1.0, "overlap_p_depletion": 1.0, "energy_share": 0.0,
                 "energy_chance": 0.0}
     top = np.argsort(-z_energy, kind="stable")[:m]
     overlap = int(in_z[top].sum())
-    return {"overlap": overlap, "overlap_expected": m * m / d,
-            "overlap_p": float(hypergeom.sf(overlap - 1, d, m, m)),
+    chance = overlap_chance(d, m, m, overlap)
+    return {"overlap": overlap, "overlap_expected": chance["overlap_expected"],
+            "overlap_lo": chance["overlap_lo"], "overlap_hi": chance["overlap_hi"],
+            "overlap_p": chance["p_enrichment"], "overlap_p_depletion": chance["p_depletion"],
             "energy_share": float(z_energy[in_z].sum() / z_energy.sum()), "energy_chance": m / d}

@@ -239,44 +239,56 @@ def embed(model, block):
     return model.model.embed_tokens(block.ids)
 
 
-def score(model, hidden, block, markers=None):
+def with_probe(continuation, languages):
+    """A continuation (token ids) with the lone-space probe appended when `languages`
+    (common.LanguageClasses) has one: score() reads the language margin after it."""
+    if languages is None or languages.space_id is None:
+        return list(continuation)
+    return list(continuation) + [languages.space_id]
+
+
+def score(model, hidden, block, languages=None):
     """Teacher-forced scores of every segment from the last layer's output `hidden` (B, Q, d).
 
     Returns dict: logp (B, R) float32, summed log p of each continuation's tokens; logp_first
     (B, R), log p of its first token alone (what the last prompt position predicts); greedy (B, R)
-    bool, every token the argmax; with markers = (en_id, zh_id), lang (B, R) float32, log p(en_id)
-    - log p(zh_id) at the position after the continuation's last token (the output's language:
-    what follows the answer, e.g. ".\\n\\n" against "。\\n\\n").
+    bool, every token the argmax; top1 (B,) long, the argmax token at the last prompt position
+    (the first answer token the run would write). With `languages` (common.LanguageClasses; each
+    segment then ends with the probe of with_probe, which is not scored): lang (B, R) float32, the
+    language margin after the continuation (common.language_margin: log P(Latin word) - log
+    P(Chinese word) next, a lone space marginalised).
     """
     m = block.m
+    probe = int(languages is not None and languages.space_id is not None)
     normed = model.model.norm(hidden[:, m - 1:])
     logits = model.lm_head(normed).float()  # (B, Q - m + 1, V): column c predicts token c + 1
-    logz = torch.logsumexp(logits, -1)
+    logprobs = torch.log_softmax(logits, -1)
     B = hidden.shape[0]
-    arange = torch.arange(B, device=hidden.device)[:, None]
+    arange = torch.arange(B, device=hidden.device)
     logp, first, greedy, lang = [], [], [], []
     for r, targets in enumerate(block.targets):
         w = targets.shape[1]
         t = torch.arange(w, device=hidden.device)[None]
         pred = torch.where(t == 0, 0, block.seg_start[r] - m + t)  # logits column of token t
-        valid = t < block.seg_len[:, r:r + 1]
-        picked = logits[arange, pred, targets] - logz[arange, pred]
+        n_scored = block.seg_len[:, r:r + 1] - probe
+        valid = t < n_scored
+        picked = logprobs[arange[:, None], pred, targets]
         logp.append((picked * valid).sum(1))
         first.append(picked[:, 0])
-        best = logits[arange, pred].argmax(-1) == targets
+        best = logits[arange[:, None], pred].argmax(-1) == targets
         greedy.append((best | ~valid).all(1))
-        if markers is not None:
-            after = block.seg_start[r] - m + block.seg_len[:, r]  # read after the last token
-            last = logits[torch.arange(B, device=hidden.device), after]
-            lang.append(last[:, markers[0]] - last[:, markers[1]])  # log-ratio: logz cancels
+        if languages is not None:
+            after = block.seg_start[r] - m + n_scored[:, 0]  # what follows the continuation
+            after_space = logprobs[arange, after + 1] if probe else None
+            lang.append(common.language_margin(logprobs[arange, after], after_space, languages))
     out = {"logp": torch.stack(logp, 1), "logp_first": torch.stack(first, 1),
-           "greedy": torch.stack(greedy, 1)}
-    if markers is not None:
+           "greedy": torch.stack(greedy, 1), "top1": logits[:, 0].argmax(-1)}
+    if languages is not None:
         out["lang"] = torch.stack(lang, 1)
     return out
 
 
-def patched_scores(model, prefixes, block, layer, hidden, patch, markers=None, mask=None):
+def patched_scores(model, prefixes, block, layer, hidden, patch, languages=None, mask=None):
     """Scores of the query block when the suffix's output of decoder `layer` (-1: embeddings) is
     replaced by patch(suffix_states (B, m, d)) -> (B, m, d). hidden: the clean query states at
     that layer (B, Q, d). Differentiable (for DAS) unless called under torch.no_grad()."""
@@ -284,7 +296,7 @@ def patched_scores(model, prefixes, block, layer, hidden, patch, markers=None, m
     suffix = patch(hidden[:, :m])
     hidden = torch.cat([suffix.to(hidden.dtype), hidden[:, m:]], 1)
     final = run_layers(model, prefixes, block, hidden, layer + 1, mask)
-    return score(model, final, block, markers)
+    return score(model, final, block, languages)
 
 
 def subspace_patch(basis, complement, source):

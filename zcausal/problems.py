@@ -1,6 +1,6 @@
-"""The problems: prompts.json and MGSM readers, templates, the reference answer's tokens,
-parsing of the model's answer and language, and the seeded swap partners (a derangement).
-Imports only runs.py.
+"""The problems: prompts.json, MGSM and the generated bank (zcausal/bank.py), templates and their
+token alignment, the reference answer's tokens, parsing of the model's answer and language, and
+the seeded swap partners (a derangement). Imports only runs.py and bank.py.
 """
 import json
 import math
@@ -112,9 +112,9 @@ def stop_token_ids(tokenizer):
 def answer_continuation(tokenizer, answer, lang, template="cot"):
     """Token ids of the reference answer as the model would write it right after the template.
 
-    direct: the answer's digits alone, in both languages: the English prompt ends with the lone
-    space token of "The answer is " and the Chinese one with "答案是", so the prompt's last position
-    predicts the first digit (Qwen writes " 60" as " ", "6", "0"). cot: " N" after "Answer:" in
+    direct: the answer's digits alone, in both languages: the prompts end with the lone space token
+    of "The answer is " and "答案是 " (Qwen writes " 60" as " ", "6", "0"), so the prompt's last
+    position, the same token in both languages, predicts the first digit (aligned_ends). cot: " N" after "Answer:" in
     English, "N" after "答案：" (where the model starts a calculation: not an answer position).
     """
     text = ("" if template == "direct" or lang != "en" else " ") + format_number(answer)
@@ -345,24 +345,46 @@ def read_mgsm(path_en, path_zh):
     return pairs
 
 
-def add_pairs_args(parser):
-    parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS,
-                        help="prompts.json-style file (default: prompts.json)")
+BANK = "bank"  # --prompts bank: the generated problem bank (zcausal/bank.py)
+
+
+def prompts_arg(value):
+    """--prompts: the word `bank` or a prompts.json-style file."""
+    return BANK if value == BANK else Path(value)
+
+
+def add_pairs_args(parser, default=DEFAULT_PROMPTS):
+    """--prompts (a file or `bank`), --bank-steps, --prompts-en/--prompts-zh (MGSM), --limit.
+    default: the script's default problems (DEFAULT_PROMPTS or BANK)."""
+    shown = BANK if default == BANK else "prompts.json"
+    parser.add_argument("--prompts", type=prompts_arg, default=default,
+                        help=f"`bank` (the generated parallel problems: one- or two-step, 2-3 digit "
+                             f"answers, see zcausal/bank.py) or a prompts.json-style FILE "
+                             f"(default: {shown})")
+    parser.add_argument("--bank-steps", type=int, choices=[1, 2], default=1,
+                        help="with --prompts bank: one-step or two-step problems")
     parser.add_argument("--prompts-en", type=Path, default=None,
                         help="MGSM-style English TSV (with --prompts-zh; replaces --prompts)")
     parser.add_argument("--prompts-zh", type=Path, default=None,
                         help="MGSM-style Chinese TSV, row i the same problem as --prompts-en's")
-    parser.add_argument("--limit", type=int, default=None, help="use the first N pairs")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="use the first N pairs (default: all of a file; of the bank, the "
+                             "number the script states in its description)")
     return parser
 
 
-
-def load_pairs(args):
-    """The zh/en pairs the flags name (prompts.json or MGSM), cut to --limit."""
+def load_pairs(args, bank_limit=None):
+    """The zh/en pairs the flags name (the bank, a prompts file or MGSM), cut to --limit; with the
+    bank and no --limit, to the script's `bank_limit` (None: all of it)."""
     if (args.prompts_en is None) != (args.prompts_zh is None):
         raise UsageError("pass both --prompts-en and --prompts-zh, or neither")
     if args.prompts_en is not None:
         pairs = read_mgsm(args.prompts_en, args.prompts_zh)
+    elif args.prompts == BANK:
+        from zcausal.bank import generate_bank
+        pairs = generate_bank(steps=getattr(args, "bank_steps", 1))
+        if args.limit is None and bank_limit is not None:
+            pairs = pairs[:bank_limit]
     else:
         pairs = load_prompts(args.prompts)["pairs"]
     if args.limit is not None:
@@ -373,17 +395,99 @@ def load_pairs(args):
     return pairs
 
 
-def derangement(answers, seed):
-    """A seeded permutation j(i) != i (list of N indices, N >= 2) that avoids j with the same
-    answer as i where it can."""
+def load_templates(args):
+    """The named templates: from --prompts when it is a file, else from prompts.json (the bank
+    and MGSM carry questions only)."""
+    source = args.prompts if isinstance(args.prompts, Path) and args.prompts_en is None \
+        else DEFAULT_PROMPTS
+    return load_prompts(source)["templates"]
+
+
+def first_digit(answer):
+    """The answer's first digit as a string ("7" for 75 and for 7.5): the token the direct
+    template's last position predicts, and what a swap partner must not share."""
+    return format_number(abs(float(answer)))[0]
+
+
+def aligned_ends(tokenizer, template, pairs):
+    """Problems whose English and Chinese direct prompts do not end on the same token, or whose
+    answer's first digit is not the token right after the prompt: [(id, reason)], empty when
+    every pair is aligned. Position-aligned interchange at the last position needs both: the same
+    token on both sides, and that token predicting the first digit (NOTES.md, sections 9-10)."""
+    bad = []
+    for pair in pairs:
+        last = {}
+        for lang in ("en", "zh"):
+            text = format_prompt(template[lang], pair[lang])[0]
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            full = tokenizer(text + format_number(pair["answer"]),
+                             add_special_tokens=False)["input_ids"]
+            if full[:len(ids)] != ids or tokenizer.decode(full[len(ids):len(ids) + 1]) != \
+                    first_digit(pair["answer"]):
+                bad.append((pair["id"], f"in {lang} the answer's first digit is not the token "
+                                        f"after the prompt"))
+            last[lang] = ids[-1]
+        if last["en"] != last["zh"]:
+            bad.append((pair["id"], f"the prompts end on different tokens "
+                                    f"({tokenizer.decode([last['en']])!r} in en, "
+                                    f"{tokenizer.decode([last['zh']])!r} in zh)"))
+    return bad
+
+
+def _byte_decoder():
+    """GPT-2's byte-level alphabet reversed: the character a byte-level BPE token uses for each
+    byte -> the byte (Qwen2's tokenizer, and the tests' tiny one, are byte-level)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = list(printable), 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def token_bytes(tokenizer):
+    """The raw bytes of every vocabulary entry: list of bytes, indexed by token id."""
+    table = _byte_decoder()
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return [bytes(table[ch] for ch in tok) if tok and all(ch in table for ch in tok)
+            else (tok or "").encode("utf-8") for tok in tokens]
+
+
+# UTF-8 lead bytes of the three-byte characters U+3000..U+9FFF (CJK punctuation, kana and the
+# unified ideographs): a byte-level token that holds one is the start of Chinese text even when it
+# holds only part of a character (Qwen writes " 颗" as " " + its first byte, then two more).
+_CJK_LEAD = range(0xE3, 0xEA)
+
+
+def language_token_classes(tokenizer):
+    """(latin, cjk): bool arrays over the vocabulary. latin: the token holds an ASCII letter and no
+    byte of a multi-byte character; cjk: it holds a CJK character or the lead byte of one. The
+    language margin of a next-token distribution, log sum p(latin) - log sum p(cjk), is positive
+    when the model goes on in English and negative in Chinese, whatever word it would write."""
+    raw = token_bytes(tokenizer)
+    latin = np.array([any(65 <= c <= 90 or 97 <= c <= 122 for c in b) and max(b, default=0) < 128
+                      for b in raw])
+    cjk = np.array([any(c in _CJK_LEAD for c in b) for b in raw])
+    return latin, cjk
+
+
+def derangement(answers, seed, key=None):
+    """A seeded permutation j(i) != i (list of N indices, N >= 2) that avoids pairing i with a j of
+    the same key(answer) where it can: by default the same answer; with key=first_digit, the same
+    first digit (then the source's first digit always differs from the run's own)."""
     rng = np.random.default_rng(seed)
     n = len(answers)
+    keys = [key(a) if key is not None else float(a) for a in answers]
+    same = (lambda a, b: a == b) if key is not None else answers_equal
     best, best_clashes = None, None
     for _ in range(2000):
         perm = rng.permutation(n)
         if np.any(perm == np.arange(n)):
             continue
-        clashes = sum(answers_equal(answers[i], answers[j]) for i, j in enumerate(perm))
+        clashes = sum(same(keys[i], keys[j]) for i, j in enumerate(perm))
         if best is None or clashes < best_clashes:
             best, best_clashes = perm, clashes
         if clashes == 0:

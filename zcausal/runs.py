@@ -271,41 +271,16 @@ def apply_smoke(parser, args, preset, unless=None):
     return args
 
 
-def number(value, signed=False, decimals=None):
-    """A number as every output text writes it: 2-3 significant digits (0.047, 0.42, 1.75, 12.3,
-    123), "+" before positives when `signed`; `decimals` forces the places after the point."""
-    import math
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "not measured"
-    if decimals is None and isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return f"{'+' if signed and value > 0 else ''}{value}"  # a count
-    if decimals is None:
-        decimals = _decimals(value)
-    return f"{value:{'+' if signed else ''}.{decimals}f}"
-
-
-def _decimals(value):
-    import math
-    if value == 0 or not math.isfinite(value):
-        return 2
-    e = math.floor(math.log10(abs(value)))
-    return max(0, 2 - e) if e >= 0 else max(2, 1 - e)
-
-
-def interval(value, low, high, signed=False):
-    """ "0.42 [0.31, 0.55]": a value and its interval (or null band), at the value's places."""
-    decimals = _decimals(value) if value == value and value is not None else 2
-    return (f"{number(value, signed, decimals)} [{number(low, signed, decimals)}, "
-            f"{number(high, signed, decimals)}]")
-
-
 def write_csv(frame, path, append=False):
-    """Write (or append to) a CSV that load_csv reads back exactly. Every string is quoted:
+    """Write (or append to) a CSV (gzipped when the name ends in .gz) that load_csv reads back
+    exactly. Every string is quoted:
     pandas leaves a lone carriage return unquoted, which splits a generated text over two lines."""
     import csv
     path = Path(path)
+    # .gz: gzip with a fixed timestamp, so the same rows give the same bytes (appends add members)
+    compression = {"method": "gzip", "mtime": 0} if path.suffix == ".gz" else None
     frame.to_csv(path, mode="a" if append else "w", header=not (append and path.exists()),
-                 index=False, quoting=csv.QUOTE_NONNUMERIC)
+                 index=False, quoting=csv.QUOTE_NONNUMERIC, compression=compression)
 
 
 def load_csv(path):

@@ -1,6 +1,7 @@
-"""Statistics shared by Experiment A, the layer sweep (E) and report.py: Wilson intervals, exact
-McNemar, the rank test that treats Z as one more random draw, and the random subspaces that test
-draws Z against (variance-matched draws and variance shares). Numpy only; imports no project code.
+"""Statistics shared by the experiments and report.py: Wilson intervals, exact McNemar, the rank
+test that treats Z as one more random draw, Holm's correction for secondary tests, and the random
+subspaces that test draws Z against (variance-matched draws and variance shares). Numpy only;
+imports no project code.
 """
 import math
 
@@ -50,6 +51,22 @@ def rank_test(value, draws, tol=1e-12):
                 min=float(draws.min()), max=float(draws.max()),
                 rank=1 + int((draws < value - tol).sum()), at_or_above=above, at_or_below=below,
                 p_above=p_above, p_below=p_below, p_two_sided=min(1.0, 2 * min(p_above, p_below)))
+
+
+def holm(pvalues):
+    """Holm's step-down adjusted p-values (same order as `pvalues`; NaN stays NaN): the i-th
+    smallest of m p-values becomes max_{j <= i} min(1, (m - j + 1) p_(j)). Rejecting where the
+    adjusted p < a keeps the family-wise error rate at a."""
+    p = np.asarray(pvalues, float)
+    adjusted = np.full(p.shape, np.nan)
+    finite = np.flatnonzero(~np.isnan(p))
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m = len(order)
+    running = 0.0
+    for i, index in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p[index]))
+        adjusted[index] = running
+    return adjusted
 
 
 def rate(count, n):

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from zcausal import problems, runs, stats
+from zcausal.summaries import text
 
 CONFIG = ["layer", "k", "positions", "source"]
 FIXED = ["none", "noop", "z", "zperp", "full", "en"]
@@ -642,15 +643,15 @@ def headline(out_dir):
         z = condition_rates(frame, "z")["answer_change"]
         draws = c[c.condition == "rand_z"]["answer_change"].dropna()
         where = "layer {}, k {}, positions {}, source {}".format(*config_key)
-        value = (f"{runs.interval(z['value'], z['ci_low'], z['ci_high'])} answers changed by Z"
-                 + (f", random {runs.number(draws.min(), decimals=2)}-"
-                    f"{runs.number(draws.max(), decimals=2)}" if len(draws) else "")
-                 + (f" (rank p {runs.number(change['p_above'])})" if change is not None else ""))
+        value = (f"{text.interval(z['value'], z['ci_low'], z['ci_high'])} answers changed by Z"
+                 + (f", random [{text.num(draws.min())}, {text.num(draws.max())}]"
+                    if len(draws) else "")
+                 + (f" (rank {text.p_value(change['p_above'])})" if change is not None else ""))
         v = select_config(verdicts, config_key).iloc[0]
         words.append(v["verdict"])
         values.append(value + (f" [{where}]" if rows.groupby(CONFIG).ngroups > 1 else ""))
-        lead.append(f"{where}: Z changed {z['count']} of {z['n']} answer"
-                    f"{'s' if z['n'] != 1 else ''}; verdict {v['verdict']}"
+        lead.append(f"{where}: Z changed {z['count']} of {text.plural(z['n'], 'answer')}; "
+                    f"verdict {v['verdict']}"
                     + (f" (criteria not met: {v['failed'].replace('_', ' ')})." if v["failed"]
                        else "."))
     return dict(verdict=" / ".join(dict.fromkeys(words)), value="; ".join(values), lead=lead[:3])

@@ -2,22 +2,47 @@
 summary_lines and headline (report.py), and the column names of the random bands.
 
     python exp_b_residual.py --replot --out results/exp_b      # redraws from the CSVs
+
+Primary test (declared here): Z's mean R over both languages on the update into the basis layer
+(the transition basis_layer - 1 -> basis_layer, the one the figure marks) at k = 50 (the plan's k;
+the largest k where 50 was not run), ranked among the covariance-matched random subspaces
+(stats.rank_test, one-sided: does Z hold more of the update than subspaces drawn with the stream's
+covariance). The counts over all transitions are descriptive, read against their expected value
+if Z were one more draw.
 """
+import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from zcausal import runs
+from zcausal import runs, stats
 from zcausal.runs import UsageError
+from zcausal.summaries.text import interval, num, ordinal, p_value, plural
 
 # Column prefixes of the two random-subspace bands: Haar-uniform and covariance-matched draws.
 KINDS = {"uniform": "rand", "matched": "matched"}
+KIND_NAMES = {"uniform": "uniform", "matched": "covariance-matched"}
+PRIMARY_KIND, PRIMARY_K = "matched", 50
+ALPHA = 0.05
+NOT_TESTED = "not tested (no random draws)"
 
 
 def rank_column(kind, what):
     """frac_random_R_ge (uniform draws), frac_matched_R_ge, ...: the share of draws of `kind` at
     least as large as Z in `what` (R, absdiff), i.e. Z's empirical rank among them."""
     return f"frac_{'random' if kind == 'uniform' else KINDS[kind]}_{what}_ge"
+
+
+def primary_k(ks):
+    """The k of the primary test: the plan's PRIMARY_K where it was run, else the largest."""
+    ks = sorted(int(k) for k in ks)
+    return PRIMARY_K if PRIMARY_K in ks else ks[-1]
+
+
+def primary_description(ks):
+    return (f"R on the update into the basis layer, both languages, k = {primary_k(ks)}, against "
+            f"the {KIND_NAMES[PRIMARY_KIND]} random subspaces (rank test, one-sided)")
 
 
 def _layer_ticks(ax, from_layers):
@@ -27,29 +52,34 @@ def _layer_ticks(ax, from_layers):
 
 
 def _read_tables(out_dir):
+    """per_layer.csv, asymmetry.csv, random_draws.csv (empty where absent) and config.json."""
     out_dir = Path(out_dir)
-    for name in ("per_layer.csv", "asymmetry.csv"):
+    for name in ("per_layer.csv", "asymmetry.csv", "config.json"):
         if not (out_dir / name).is_file():
             raise UsageError(f"{out_dir / name} does not exist; run exp_b_residual.py without "
                              f"--replot first, or pass the --out folder of an earlier run")
-    return pd.read_csv(out_dir / "per_layer.csv"), pd.read_csv(out_dir / "asymmetry.csv")
+    draws_path = out_dir / "random_draws.csv"
+    draws = pd.read_csv(draws_path) if draws_path.is_file() else pd.DataFrame(
+        columns=["kind", "draw", "from_layer", "lang", "R_mean", "k"])
+    config = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
+    return (pd.read_csv(out_dir / "per_layer.csv"), pd.read_csv(out_dir / "asymmetry.csv"),
+            draws, config)
 
 
-def plot_residual_ratio(out_dir, path):
-    """Two panels from per_layer.csv and asymmetry.csv only: R per transition (zh, en, chance line,
-    random band) and R_zh - R_en with its random band."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    table, asym = _read_tables(out_dir)
+def _has_band(table, column):
+    return column in table and table[column].notna().any()
+
+
+def _plot_k(ax, ax2, table, asym):
+    """R per transition (zh, en, chance line, random bands) and R_zh - R_en with its bands, for
+    the rows of one k."""
     first = table.iloc[0]
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(12.5, 7.5), sharex=True,
-                                  gridspec_kw={"height_ratios": [3, 2]})
     both = table[table["lang"] == "all"]
     x = both["from_layer"].to_numpy()
-    ax.fill_between(x, both["rand_R_lo"], both["rand_R_hi"], color="0.8", alpha=0.8,
-                    label=f"uniform random {int(first['k'])}-dim subspaces (2.5-97.5%)")
-    if "matched_R_lo" in both:
+    if _has_band(both, "rand_R_lo"):
+        ax.fill_between(x, both["rand_R_lo"], both["rand_R_hi"], color="0.8", alpha=0.8,
+                        label=f"uniform random {int(first['k'])}-dim subspaces (2.5-97.5%)")
+    if _has_band(both, "matched_R_lo"):
         ax.fill_between(x, both["matched_R_lo"], both["matched_R_hi"], color="tab:orange",
                         alpha=0.25, label=f"random subspaces drawn with the covariance of layer "
                                           f"{int(first['basis_layer'])}'s states (2.5-97.5%)")
@@ -68,13 +98,15 @@ def plot_residual_ratio(out_dir, path):
     ax.set_ylabel("R = ||P_Z u|| / ||P_Zperp u||")
     pooled = ("first token kept" if not bool(first["drop_first"]) else "first token dropped") + (
         ", numbers dropped" if bool(first.get("drop_numbers", False)) else "")
+    bands = "" if _has_band(both, "rand_R_lo") else "; random subspaces not tested"
     ax.set_title(f"Residual updates u against Z of layer {int(first['basis_layer'])} "
                  f"(k={int(first['k'])}, d={int(first['d'])}, N={int(asym['n_pairs'].iloc[0])} "
-                 f"pairs; {pooled})", fontsize=10)
+                 f"pairs; {pooled}{bands})", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax2.fill_between(asym["from_layer"], asym["rand_diff_lo"], asym["rand_diff_hi"], color="0.8",
-                     alpha=0.8, label="uniform random subspaces (2.5-97.5%)")
-    if "matched_diff_lo" in asym:
+    if _has_band(asym, "rand_diff_lo"):
+        ax2.fill_between(asym["from_layer"], asym["rand_diff_lo"], asym["rand_diff_hi"],
+                         color="0.8", alpha=0.8, label="uniform random subspaces (2.5-97.5%)")
+    if _has_band(asym, "matched_diff_lo"):
         ax2.fill_between(asym["from_layer"], asym["matched_diff_lo"], asym["matched_diff_hi"],
                          color="tab:orange", alpha=0.25, label="covariance-matched (2.5-97.5%)")
     ax2.axhline(0, color="k", lw=0.8)
@@ -83,51 +115,144 @@ def plot_residual_ratio(out_dir, path):
     ax2.set_ylabel("R_zh - R_en")
     ax2.set_xlabel("transition l -> l+1, plotted at l (emb: embeddings -> layer 0)")
     ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    _layer_ticks(ax2, x)
+    for a in (ax, ax2):
+        _layer_ticks(a, x)
+        a.set_xlim(x.min() - 0.5, x.max() + 0.5)
+
+
+def plot_residual_ratio(out_dir, path):
+    """Two panels per k (one k under the other), from per_layer.csv and asymmetry.csv only."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    table, asym, _, _ = _read_tables(out_dir)
+    ks = sorted(table["k"].unique())
+    fig, axes = plt.subplots(2 * len(ks), 1, figsize=(12.5, 7.5 * len(ks)), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 2] * len(ks)})
+    for i, k in enumerate(ks):
+        _plot_k(axes[2 * i][0], axes[2 * i + 1][0], table[table["k"] == k],
+                asym[asym["k"] == k])
     runs.save_figure(fig, path, dpi=130)
     return path
 
 
-def summary_lines(out_dir):
-    """The run's findings as sentences, from its CSVs (printed at the end of a run; report.py's
-    paragraph)."""
-    per_layer, asym = _read_tables(out_dir)
-    both = per_layer[per_layer["lang"] == "all"]
-    top, low = both.loc[both["R_over_chance"].idxmax()], both.loc[both["R_over_chance"].idxmin()]
-    lines = [f"R = |P_Z u| / |P_Z⊥ u| of each layer's update u is {both['R_chance'].iloc[0]:.4f} "
-             f"at chance; the largest R/chance is {top['R_over_chance']:.2f} "
-             f"at {int(top['from_layer'])}->{int(top['to_layer'])}, the smallest "
-             f"{low['R_over_chance']:.2f} at {int(low['from_layer'])}->{int(low['to_layer'])}."]
-    for kind, name in (("uniform", "uniform"), ("matched", "covariance-matched")):
-        above = both[both[rank_column(kind, "R")] == 0]
-        below = both[both[rank_column(kind, "R")] == 1]
-        lines.append(f"Transitions with R above every {name} random subspace: {len(above)} of "
-                     f"{len(both)}; below every one: {len(below)}.")
+def plot_all(args):
+    """residual_ratio.png of the run in args.out (nothing written when its CSVs are missing)."""
+    _read_tables(args.out)
+    return plot_residual_ratio(args.out, runs.figure_path(args, "residual_ratio"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The findings in words (printed at the end of a run; report.py's paragraph and headline)
+
+def primary_test(per_layer, draws, config, k):
+    """Z's R (both languages) on the update into the basis layer at this k, with the rank test
+    among the PRIMARY_KIND draws (an empty test without draws) and the verdict."""
+    basis_layer = int(config["basis_layer"])
+    row = per_layer[(per_layer["lang"] == "all") & (per_layer["k"] == k)
+                    & (per_layer["to_layer"] == basis_layer)].iloc[0]
+    mine = draws[(draws["kind"] == PRIMARY_KIND) & (draws["lang"] == "all")
+                 & (draws["from_layer"] == row["from_layer"])]
+    if "k" in mine:
+        mine = mine[mine["k"] == k]
+    test = stats.rank_test(row["R_mean"], mine["R_mean"])
+    if not test:
+        verdict = NOT_TESTED
+    elif test["p_above"] < ALPHA:
+        verdict = "Z above random"
+    else:
+        verdict = "Z below random" if test["p_below"] < ALPHA else "Z = random"
+    prefix = KINDS[PRIMARY_KIND]
+    return row, test, verdict, (row.get(f"{prefix}_R_mean"), row.get(f"{prefix}_R_lo"),
+                                row.get(f"{prefix}_R_hi"))
+
+
+def _transition(row):
+    return f"{int(row['from_layer'])}->{int(row['to_layer'])}".replace("-1->", "emb->")
+
+
+def _band_counts(both, n_random):
+    """'R is above every one of the 20 uniform random subspaces at 17 of 24 transitions ...'."""
+    if not n_random:
+        return f"Against random subspaces: {NOT_TESTED}."
+    n = len(both)
+    parts = []
+    for kind in KINDS:
+        frac = both[rank_column(kind, "R")]
+        parts.append(f"above every one of the {plural(n_random, KIND_NAMES[kind] + ' draw')} at "
+                     f"{int((frac == 0).sum())} and below every one at {int((frac == 1).sum())}")
+    return (f"Of the {plural(n, 'transition')}, R is " + "; ".join(parts) + f" (about "
+            f"{num(n / (n_random + 1))} each if Z were one more random draw).")
+
+
+def _asymmetry_sentence(asym, n_random):
     big = asym.loc[asym["diff_mean"].abs().idxmax()]
-    lines.append(f"The largest |R_zh - R_en| is {big['diff_mean']:+.4f} at "
-                 f"{int(big['from_layer'])}->{int(big['to_layer'])} (Wilcoxon p = "
-                 f"{big['wilcoxon_p']:.2g}; random subspaces with a difference at least as "
-                 f"large: {big['frac_random_absdiff_ge']:.0%}).")
+    larger = "R_zh > R_en" if big["diff_mean"] > 0 else "R_zh < R_en"
+    wilcoxon = ("Wilcoxon p not measured (no nonzero paired difference)" if np.isnan(
+        big["wilcoxon_p"]) else f"Wilcoxon {p_value(big['wilcoxon_p'])}, uncorrected")
+    if n_random:
+        count = int(round(big["frac_random_absdiff_ge"] * n_random))
+        versus = (f"uniform random subspaces with a difference at least as large: {count} of "
+                  f"{n_random}")
+    else:
+        versus = f"against random subspaces {NOT_TESTED}"
+    return (f"The largest |R_zh - R_en| is {num(abs(big['diff_mean']))} ({larger}) at "
+            f"{_transition(big)} (paired over {plural(big['n_pairs'], 'pair')}; {wilcoxon}; "
+            f"{versus}).")
+
+
+def _primary_sentence(per_layer, draws, config, k):
+    row, test, verdict, band = primary_test(per_layer, draws, config, k)
+    what = (f"Primary test (the update into the basis layer, {_transition(row)}, both languages, "
+            f"k = {k}): R {num(row['R_mean'])}")
+    if not test:
+        return f"{what} (chance {num(row['R_chance'])}); against random subspaces {NOT_TESTED}."
+    return (f"{what} against {KIND_NAMES[PRIMARY_KIND]} random subspaces {interval(*band)}: Z "
+            f"ranks {ordinal(1 + test['at_or_above'])} of {test['draws'] + 1} (one-sided p = "
+            f"{num(test['p_above'])}; below: {num(test['p_below'])}): {verdict}.")
+
+
+def summary_lines(out_dir):
+    """The run's findings as sentences, from its CSVs, per k (printed at the end of a run;
+    report.py's paragraph)."""
+    per_layer, asym, draws, config = _read_tables(out_dir)
+    n_random = int(config.get("n_random", 0))
+    lines = []
+    for k in sorted(per_layer["k"].unique()):
+        both = per_layer[(per_layer["lang"] == "all") & (per_layer["k"] == k)]
+        top = both.loc[both["R_over_chance"].idxmax()]
+        low = both.loc[both["R_over_chance"].idxmin()]
+        lines += [f"k = {k} (d = {int(both['d'].iloc[0])}): R = |P_Z u| / |P_Z⊥ u| of each "
+                  f"layer's update u is {num(both['R_chance'].iloc[0], 3)} at chance "
+                  f"(sqrt(k/(d-k))); the largest R/chance is {num(top['R_over_chance'], 3)} at "
+                  f"{_transition(top)}, the smallest {num(low['R_over_chance'], 3)} at "
+                  f"{_transition(low)}.",
+                  _band_counts(both, n_random),
+                  _asymmetry_sentence(asym[asym["k"] == k], n_random)]
+    lines.append(_primary_sentence(per_layer, draws, config,
+                                   primary_k(per_layer["k"].unique())))
     return lines
 
 
 def headline(out_dir):
-    """report.py's row and lead (dict(verdict, value, lead)): the transition with the largest
-    R/chance, its R with a 95% interval against the covariance-matched random band, and how many
-    transitions lie above every matched draw."""
-    per_layer, _ = _read_tables(out_dir)
-    both = per_layer[per_layer["lang"] == "all"]
-    top = both.loc[both["R_over_chance"].idxmax()]
-    above = int((both[rank_column("matched", "R")] == 0).sum())
-    half = 1.96 * top["R_sem"]
-    where = f"{int(top['from_layer'])}->{int(top['to_layer'])}"
-    value = (f"R {runs.interval(top['R_mean'], top['R_mean'] - half, top['R_mean'] + half)} at "
-             f"{where}, matched random [{runs.number(top['matched_R_lo'])}, "
-             f"{runs.number(top['matched_R_hi'])}]")
-    verdict = (f"above matched random at {above} of {len(both)}" if above else "no enrichment")
-    lead = [f"Z's share of the residual updates peaks at {where}, "
-            f"{runs.number(top['R_over_chance'])} times its chance value "
-            f"{runs.number(top['R_chance'])}.",
-            f"Against random subspaces matched to the updates' covariance, {above} of {len(both)} "
-            f"transitions have R above every draw."]
-    return dict(verdict=verdict, value=value, lead=lead)
+    """report.py's cells: dict(verdict, value, lead) from the declared primary test."""
+    per_layer, _, draws, config = _read_tables(out_dir)
+    k = primary_k(per_layer["k"].unique())
+    row, test, verdict, band = primary_test(per_layer, draws, config, k)
+    if test:
+        value = (f"R {num(row['R_mean'])} vs {KIND_NAMES[PRIMARY_KIND]} random "
+                 f"{interval(*band)} (rank {1 + test['at_or_above']} of {test['draws'] + 1}, "
+                 f"p = {num(test['p_above'])})")
+        versus = (f", against {interval(*band)} for random subspaces drawn with the stream's "
+                  f"covariance: {verdict}")
+    else:
+        value, versus = f"R {num(row['R_mean'])} (chance {num(row['R_chance'])})", ""
+    lead = [f"On the update into the basis layer ({_transition(row)}), Z (k = {k}) holds R = "
+            f"{num(row['R_mean'])} of it, chance {num(row['R_chance'])}{versus}."]
+    both = per_layer[(per_layer["lang"] == "all") & (per_layer["k"] == k)]
+    if test:
+        above = int((both[rank_column("uniform", "R")] == 0).sum())
+        lead.append(f"R is above every uniform random subspace at {above} of "
+                    f"{plural(len(both), 'transition')}, above every covariance-matched one at "
+                    f"{int((both[rank_column('matched', 'R')] == 0).sum())}.")
+    return {"verdict": verdict, "value": value, "lead": lead}

@@ -3,17 +3,27 @@ lengthscales.npz, config.json), never from a model: `exp_c_ard_mmd.py --replot` 
 
 z_size: |Z| by layer at the selected lambda, and |Z| against lambda at every layer (from no
 effect to collapse); spectrum: the lengthscales at the basis layer; overlap: ARD's Z against the
-SVD mask's top coordinates; traces: loss and |Z| over the Adam steps at the basis layer.
+SVD mask's top coordinates with the band of random selections; traces: loss and |Z| over the Adam
+steps at the basis layer. overlap.csv (written beside summary.csv by the run and by --replot): the
+overlap of each selected fit against its hypergeometric chance distribution.
+
+Primary test (declared here, the rest Holm-corrected): the overlap of the contrastive objective's
+cold-start fit at the basis layer (the cold start never saw the SVD mask; the warm start began
+from it, so its overlap is not independent of the mask) with as many top coordinates of diag(P_Z),
+one-sided for enrichment.
 """
 import json
 from pathlib import Path
 
 import numpy as np
 
-from zcausal import runs
-from zcausal.runs import UsageError, figure_path, save_figure
+from zcausal import ard_mmd, stats
+from zcausal.runs import UsageError, figure_path, save_figure, write_csv
+from zcausal.summaries.text import num, plural
 
 FILES = ("summary.csv", "traces.csv", "lengthscales.npz", "config.json")
+PRIMARY = {"objective": "contrastive", "start": "cold"}  # each the first choice, else what ran
+ALPHA = 0.05
 
 
 def _pyplot():
@@ -128,32 +138,39 @@ def plot_spectrum(out, path, basis_layer):
 
 
 def plot_overlap(out, path):
-    """ARD Z vs the SVD mask's top-|Z| coordinates (count and P_Z energy share) against chance."""
-    import pandas as pd
+    """ARD Z vs the SVD mask's top-|Z| coordinates against chance (left: the count in both, a bar
+    for 95% of random selections of |Z| coordinates, a dash at the expected count, a star where
+    the fit's own test finds enrichment: the primary's raw p, the others' Holm p) and the share of
+    diag(P_Z) on ARD's Z (right). Fits of one layer are set side by side."""
     plt = _pyplot()
-    s = pd.read_csv(out / "summary.csv")
-    s = s[s.selected]
-    layers = sorted(s["layer"].unique())
+    table = overlap_table(out)
+    layers = sorted(table["layer"].unique())
+    groups = list(table.groupby(["objective", "start"]))
+    spacing = min(np.diff(layers)) if len(layers) > 1 else 1
     fig, (ax_o, ax_e) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for i, ((obj, start), g) in enumerate(s.groupby(["objective", "start"])):
+    for i, ((obj, start), g) in enumerate(groups):
         color = plt.cm.tab10(i)
-        size = g["z_size"].clip(lower=1)
-        ax_o.plot(g["layer"], g["overlap"] / size, "o-", color=color, label=f"{obj}, {start}")
-        ax_o.plot(g["layer"], g["overlap_expected"] / size, ":", color=color)
-        sig = g[g["overlap_p"] < 0.05]
-        ax_o.plot(sig["layer"], sig["overlap"] / sig["z_size"].clip(lower=1), "*", ms=12,
-                  color=color)
+        x = g["layer"] + spacing * 0.12 * (i - (len(groups) - 1) / 2)
+        ax_o.vlines(x, g["overlap_lo"], g["overlap_hi"], color=color, lw=7, alpha=0.25)
+        ax_o.plot(x, g["overlap_expected"], "_", color=color, ms=12, mew=2)
+        ax_o.plot(x, g["overlap"], "o-", color=color, label=f"{obj}, {start}")
+        sig = g["verdict"] == "enrichment"
+        ax_o.plot(x[sig], g["overlap"][sig], "*", ms=14, color=color)
         ax_e.plot(g["layer"], g["energy_share"], "o-", color=color, label=f"{obj}, {start}")
         ax_e.plot(g["layer"], g["energy_chance"], ":", color=color)
-    ax_o.set(xlabel="layer", ylabel="overlap / |Z|", ylim=(-0.04, 1.04),
-             title="ARD Z ∩ SVD top-|Z| (dotted: random; ★ hypergeom. p<0.05)")
-    ax_e.set(xlabel="layer", ylabel="share of diag(P_Z) on ARD's Z", ylim=(-0.04, 1.04),
+    top = max(1, table[["overlap", "overlap_hi"]].to_numpy().max())
+    ax_o.set(xlabel="layer", ylabel="coordinates in both", ylim=(-0.3, top + 0.8),
+             title="ARD's Z ∩ as many top coordinates of diag(P_Z)\n(bar: 95% of random "
+                   "selections, dash: expected; ★ enrichment)")
+    ax_o.yaxis.get_major_locator().set_params(integer=True)
+    share_top = min(1.0, 1.5 * table[["energy_share", "energy_chance"]].to_numpy().max()) + 0.01
+    ax_e.set(xlabel="layer", ylabel="share of diag(P_Z) on ARD's Z", ylim=(0, share_top),
              title="P_Z energy on ARD's Z (dotted: random, |Z|/d)")
     for ax in (ax_o, ax_e):
         ax.set_xticks(layers, [str(layer) for layer in layers])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Selected λ per layer; SVD mask of the basis layer (the warm start used it)")
+    fig.suptitle("Selected λ per layer; SVD mask of the basis layer (the warm start began from it)")
     save_figure(fig, path)
 
 
@@ -205,20 +222,26 @@ def _require(out):
 
 
 def plot_all(args, out):
-    """Every figure of the run in `out`, to figure_path(args, name)."""
+    """overlap.csv and every figure of the run in `out` (figures to figure_path(args, name));
+    returns the paths written."""
     out = Path(out)
     _require(out)
-    basis_layer = json.loads((out / "config.json").read_text(encoding="utf-8"))["basis_layer"]
-    paths = [figure_path(args, name) for name in ("z_size", "spectrum", "overlap", "traces")]
-    plot_z_size(out, paths[0])
-    plot_spectrum(out, paths[1], basis_layer)
-    plot_overlap(out, paths[2])
-    plot_traces(out, paths[3], basis_layer)
+    basis_layer = _config(out)["basis_layer"]
+    paths = [save_overlap_table(out)]
+    paths += [figure_path(args, name) for name in ("z_size", "spectrum", "overlap", "traces")]
+    plot_z_size(out, paths[1])
+    plot_spectrum(out, paths[2], basis_layer)
+    plot_overlap(out, paths[3])
+    plot_traces(out, paths[4], basis_layer)
     return paths
 
 
 # ----------------------------------------------------------------------------------------------
-# The findings in words (printed at the end of a run; report.py's paragraph)
+# The overlap against chance, and the findings in words (printed at the end of a run; report.py)
+
+def _config(out):
+    return json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))
+
 
 def _selected(out):
     import pandas as pd
@@ -226,41 +249,160 @@ def _selected(out):
     return s[s["selected"]].sort_values(["objective", "layer", "start"])
 
 
+def _primary_index(table, basis_layer):
+    """The row of the declared primary test: PRIMARY's objective and start where they ran (else
+    the first that did), at the basis layer (else the fitted layer nearest to it)."""
+    for key, preferred in PRIMARY.items():
+        choice = preferred if (table[key] == preferred).any() else sorted(table[key])[0]
+        table = table[table[key] == choice]
+    distance = (table["layer"] - basis_layer).abs()
+    return table.loc[distance == distance.min()].sort_values("layer").index[0]
+
+
+def _verdict(row, d, p_enrichment, p_depletion):
+    if row["z_size"] == 0:
+        return "not measured (ARD's Z is empty)"
+    if row["z_size"] >= d:
+        return "not measured (ARD's Z holds every coordinate)"
+    if p_enrichment < ALPHA:
+        return "enrichment"
+    return "depletion" if p_depletion < ALPHA else "no enrichment"
+
+
+def overlap_table(out):
+    """One row per selected fit: ARD's |Z| (a) against the b = |Z| coordinates with the largest
+    diag(P_Z) out of d (as summary.csv's overlap counts them), the hypergeometric chance of a
+    random selection (ard_mmd.overlap_chance: expected, 95% range, one-sided p of an overlap at
+    least as large and at most as small), `primary` for the declared primary test, Holm-adjusted
+    p over the other rows, and the verdict each row's test gives (raw p for the primary, Holm p
+    for the others). Rebuilt from summary.csv and lengthscales.npz alone."""
+    import pandas as pd
+    out = Path(out)
+    d = len(np.load(out / "lengthscales.npz")["z_energy"])
+    rows = []
+    for r in _selected(out).itertuples(index=False):
+        a = int(r.z_size)
+        chance = ard_mmd.overlap_chance(d, a, a, int(r.overlap))
+        rows.append({"layer": r.layer, "objective": r.objective, "start": r.start,
+                     "lambda": r.lam, "d": d, "z_size": a, "top_coordinates": a,
+                     "overlap": int(r.overlap), **chance, "energy_share": r.energy_share,
+                     "energy_chance": r.energy_chance,
+                     "retrieval_test_init": r.retrieval_test_init,
+                     "retrieval_test_final": r.retrieval_test_final,
+                     "retrieval_chance_test": r.retrieval_chance_test})
+    table = pd.DataFrame(rows)
+    table["primary"] = False
+    table.loc[_primary_index(table, _config(out)["basis_layer"]), "primary"] = True
+    for side in ("enrichment", "depletion"):
+        holm = np.full(len(table), np.nan)
+        others = ~table["primary"].to_numpy()
+        holm[others] = stats.holm(table.loc[others, f"p_{side}"])
+        table[f"p_{side}_holm"] = holm
+    table["verdict"] = [
+        _verdict(r, d, *((r.p_enrichment, r.p_depletion) if r.primary else
+                         (r.p_enrichment_holm, r.p_depletion_holm)))
+        for _, r in table.iterrows()]
+    return table
+
+
+def save_overlap_table(out):
+    path = Path(out) / "overlap.csv"
+    write_csv(overlap_table(out), path)
+    return path
+
+
+def _overlap_words(r):
+    """'2 with the top 18 (chance 0.36 [0, 2]; P(>= 2) = 0.048, P(<= 2) = 0.99' (no bracket)."""
+    return (f"{r.overlap} with the top {r.top_coordinates} (chance "
+            f"{num(r.overlap_expected)} [{r.overlap_lo}, {r.overlap_hi}]; P(≥ {r.overlap}) = "
+            f"{num(r.p_enrichment)}, P(≤ {r.overlap}) = {num(r.p_depletion)}")
+
+
+def _fit_sentence(r):
+    test = "the primary test" if r.primary else (
+        f"Holm-adjusted {num(r.p_enrichment_holm)} and {num(r.p_depletion_holm)}")
+    overlap = (r.verdict if r.verdict.startswith("not measured") else
+               f"{_overlap_words(r)}; {test}): {r.verdict}")
+    return (f"{r.objective}, layer {r.layer}, {r.start} start: lambda {r['lambda']:g}, |Z| = "
+            f"{r.z_size}; overlap {overlap}; test retrieval "
+            f"{r.retrieval_test_init:.0%} before the fit, {r.retrieval_test_final:.0%} after "
+            f"(chance {r.retrieval_chance_test:.0%}).")
+
+
+def lambda_sentence(selected, short=False):
+    """What the selected lambdas say: lambda = 0 everywhere means the sparsity penalty never
+    lowered the validation cross-entropy (ties go to the larger lambda, so 0 won outright)."""
+    n, zero = len(selected), int((selected["lam"] == 0).sum())
+    if n == 0 or zero == 0:
+        return None
+    if zero < n:
+        return f"lambda = 0 was selected in {zero} of {plural(n, 'selected fit')}."
+    where = {1: "the only selected fit", 2: "both selected fits"}.get(n, f"all {n} selected fits")
+    if short:
+        return f"lambda = 0 won in {where}: the sparsity penalty never helped held-out retrieval."
+    return (f"lambda = 0 was selected in {where} (ties go to the larger lambda, so 0 won "
+            f"outright): the sparsity penalty never helped held-out retrieval, and |Z| is what "
+            f"the unpenalised fit leaves below l_ref, not a size the penalty chose.")
+
+
 def summary_lines(out):
-    """Per (objective, layer, start) the selected fit: lambda, |Z|, its overlap with the SVD mask's
-    top-k coordinates against chance, and test retrieval before and after the fit."""
-    _require(Path(out))
-    config = json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))
-    d = len(np.load(Path(out) / "lengthscales.npz")["z_energy"])
-    lines = [f"Fits on {config.get('n_pairs')} pairs (d = {d}); lambda selected per layer by "
-             f"validation retrieval cross-entropy; overlap = |Z ∩ top-{config['args']['k']} "
-             f"coordinates of the SVD mask at layer {config.get('basis_layer')}|."]
-    for r in _selected(out).itertuples():
-        lines.append(f"{r.objective}, layer {r.layer}, {r.start} start: lambda {r.lam:g}, "
-                     f"|Z| = {r.z_size}, overlap {r.overlap} (chance {r.overlap_expected:.1f}, "
-                     f"p = {r.overlap_p:.2g}); test retrieval {r.retrieval_test_init:.0%} -> "
-                     f"{r.retrieval_test_final:.0%} (chance {r.retrieval_chance_test:.0%}).")
+    """Per (objective, layer, start) the selected fit: lambda, |Z|, its overlap with as many top
+    coordinates of the SVD mask against chance, and test retrieval; the lambda = 0 sentence; the
+    primary test."""
+    out = Path(out)
+    _require(out)
+    config = _config(out)
+    table = overlap_table(out)
+    d = int(table["d"].iloc[0]) if len(table) else len(np.load(out / "lengthscales.npz")["z_energy"])
+    lines = [f"Fits on {plural(config.get('n_pairs'), 'pair')} (d = {d}); lambda selected per "
+             f"(layer, objective, start) by validation retrieval cross-entropy. Overlap: ARD's Z "
+             f"(|Z| coordinates) against the |Z| coordinates with the largest diag(P_Z) of the "
+             f"rank-{config['args']['k']} SVD mask at layer {config.get('basis_layer')}, read "
+             f"against a random selection of |Z| coordinates (hypergeometric: expected |Z|^2/d, "
+             f"95% range, one-sided P of an overlap at least as large and at most as small)."]
+    lines += [_fit_sentence(r) for _, r in table.iterrows()]
+    lam = lambda_sentence(_selected(out))
+    lines += [lam] if lam else []
+    lines.append(primary_sentence(table.loc[table["primary"]].iloc[0], config))
     return lines
 
 
+def primary_sentence(r, config):
+    where = (f"at the basis layer {r.layer}" if r.layer == config.get("basis_layer") else
+             f"at layer {r.layer}, the fitted layer nearest the basis layer "
+             f"{config.get('basis_layer')}")
+    if r.verdict.startswith("not measured"):
+        return f"Primary test ({r.objective}, {r.start} start, {where}): overlap {r.verdict}."
+    caveat = ("" if r.start == "cold" else " (the warm start began from the SVD mask, so this "
+              "overlap is not independent of it)")
+    meaning = {"no enrichment": f"no more than a random selection of {r.z_size} coordinates "
+                                f"would share",
+               "enrichment": "more than a random selection would share",
+               "depletion": "fewer than a random selection would share"}[r.verdict]
+    return (f"Primary test ({r.objective}, {r.start} start, {where}){caveat}: overlap "
+            f"{_overlap_words(r)}): {r.verdict}, {meaning} with the SVD mask's top "
+            f"coordinates.")
+
+
 def headline(out):
-    """report.py's row and lead (dict(verdict, value, lead)): |Z| and its overlap with the SVD
-    mask at the basis layer (the warm start's where there is one) against chance, per objective."""
-    config = json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))
-    s = _selected(out)
-    s = s[s["layer"] == config.get("basis_layer")]
-    s = s[s["start"] == "warm"] if (s["start"] == "warm").any() else s
-    if not len(s):
-        return dict(verdict="not measured", value="no fit at the basis layer",
-                    lead=[f"No fit at the basis layer {config.get('basis_layer')}."])
-    words = ["overlap above chance" if r.overlap_p < 0.05 else "no overlap beyond chance"
-             for r in s.itertuples()]
-    value = "; ".join(f"{r.objective}: overlap {r.overlap} of |Z| {r.z_size}, chance "
-                      f"{runs.number(r.overlap_expected)} (p {runs.number(float(r.overlap_p))})"
-                      for r in s.itertuples())
-    lead = [f"{r.objective.capitalize()} objective at layer {r.layer}: |Z| = {r.z_size}, "
-            f"{r.overlap} of them among the SVD mask's top coordinates (chance "
-            f"{runs.number(r.overlap_expected)}); test retrieval "
-            f"{runs.number(r.retrieval_test_final)} (chance {runs.number(r.retrieval_chance_test)})."
-            for r in s.itertuples()]
-    return dict(verdict=" / ".join(dict.fromkeys(words)), value=value, lead=lead[:3])
+    """report.py's cells: dict(verdict, value, lead) from the declared primary test."""
+    out = Path(out)
+    _require(out)
+    table = overlap_table(out)
+    r = table.loc[table["primary"]].iloc[0]
+    fit = f"ARD-MMD's Z at layer {r.layer} ({r.objective}, {r.start} start)"
+    if r.verdict.startswith("not measured"):
+        value = f"|Z| = {r.z_size} of d = {r.d}"
+        lead = [f"{fit} holds {plural(r.z_size, 'coordinate')}: its overlap with the SVD mask "
+                f"is {r.verdict}."]
+    else:
+        value = (f"overlap {r.overlap} of {r.z_size} vs chance {num(r.overlap_expected)} "
+                 f"[{r.overlap_lo}, {r.overlap_hi}] (P(≥ {r.overlap}) = {num(r.p_enrichment)})")
+        lead = [f"{fit} holds {plural(r.z_size, 'coordinate')} and shares {r.overlap} with the "
+                f"SVD mask's top {r.top_coordinates}, where a random selection shares "
+                f"{num(r.overlap_expected)} [{r.overlap_lo}, {r.overlap_hi}]: {r.verdict}."]
+    lead.append(f"Same-problem retrieval across languages on held-out problems: "
+                f"{r.retrieval_test_final:.0%} (chance {r.retrieval_chance_test:.0%}).")
+    lam = lambda_sentence(_selected(out), short=True)
+    lead += [lam] if lam else []
+    return {"verdict": r.verdict, "value": value, "lead": lead}

@@ -1,17 +1,27 @@
 """Experiment D's figures and sentences from its CSVs alone (no model): singular values, held-out
-R^2 against the null and the random basis, summary_lines and headline (report.py).
+R^2 against the shuffled-pairs null and the random bases, summary_lines and headline (report.py).
 
     python exp_d_bridge.py --replot --out results/exp_d        # redraws from the CSVs
+
+Primary test (declared here, the rest Holm-corrected): least squares (the plan's map) at k = 50
+(the plan's k; the largest k where 50 was not run), Z's 10-fold held-out R^2 ranked among the
+random bases' (one-sided: does Z carry more of the map than random subspaces of its size).
 """
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from zcausal import runs
+from zcausal import runs, stats
 from zcausal.runs import UsageError
+from zcausal.summaries.text import interval, num, ordinal, plural
 
 MAPS = ("lstsq", "ridge", "procrustes", "identity", "mean_shift")
+PRIMARY_MAP, PRIMARY_K, PRIMARY_STAT = "lstsq", 50, "10-fold held-out R^2"
+ALPHA = 0.05
+RANDOM_COLUMNS = [f"random_{c}" for c in ("mean", "lo", "hi", "max", "rank", "p_above",
+                                          "p_below", "p_two_sided")]
+
 
 def _require(out_dir, names):
     for name in names:
@@ -76,27 +86,40 @@ def _pooling_note(table):
 
 def plot_heldout_r2(out_dir, path):
     """One panel per k: held-out R^2 per map (10-fold filled, leave-one-out open, in-sample x) with
-    the shuffled-pairs null band; and a panel of leave-one-out top-1 retrieval against chance.
-    Maps are rows, so no legend repeats them; from metrics.csv only."""
-    _require(out_dir, ["metrics.csv"])
+    the shuffled-pairs null band, the random bases' band and draws, and Z's place among them
+    ("1st/21"); and a panel of leave-one-out top-1 retrieval against chance. Maps are rows, so no
+    legend repeats them; from metrics.csv and random_draws.csv only."""
     plt = _pyplot()
-    m = pd.read_csv(Path(out_dir) / "metrics.csv")
+    m = _metrics(out_dir)
     ks = sorted(m["k"].unique())
     rows_y = np.arange(len(MAPS))[::-1]
     fig, axes = plt.subplots(1, len(ks) + 1, figsize=(4.2 * (len(ks) + 1), 3.8), sharey=True)
+    draws = _random_draws(out_dir)
     values = m[["in_sample_r2", "loo_r2", "kfold_r2", "null_lo", "null_hi"]].to_numpy()
+    values = np.concatenate([values.ravel(), draws["kfold_r2"].to_numpy()])
     left = min(-0.1, np.nanmin(values)) - 0.1
     for ax, k in zip(axes, ks):
         rows = m[m["k"] == k].set_index("map").loc[list(MAPS)]
-        ax.barh(rows_y, rows["null_hi"] - rows["null_lo"], left=rows["null_lo"], height=0.5,
-                color="0.8", label="shuffled-pairs null (2.5-97.5%)")
-        ax.plot(rows["null_hi"], rows_y, "|", color="0.45", ms=14, mew=1.5,
+        ax.barh(rows_y + 0.1, rows["null_hi"] - rows["null_lo"], left=rows["null_lo"],
+                height=0.35, color="0.8", label="shuffled-pairs null (2.5-97.5%)")
+        ax.plot(rows["null_hi"], rows_y + 0.1, "|", color="0.45", ms=10, mew=1.5,
                 label="null, 97.5% point")
-        ax.plot(rows["kfold_r2"], rows_y + 0.12, "o", color="tab:blue",
-                label=f"{int(m['n_folds'].iloc[0])}-fold held out")
-        ax.plot(rows["loo_r2"], rows_y - 0.12, "o", mfc="none", color="tab:blue",
-                label="leave-one-out")
-        ax.plot(rows["in_sample_r2"], rows_y, "x", color="tab:red", label="in sample")
+        if rows["n_random"].max() > 0:
+            ax.barh(rows_y - 0.28, rows["random_hi"] - rows["random_lo"], left=rows["random_lo"],
+                    height=0.2, color="tab:orange", alpha=0.35,
+                    label=f"{int(rows['n_random'].max())} random k-dim bases (2.5-97.5%)")
+            mine = draws[draws["k"] == k]
+            ax.plot(mine["kfold_r2"], [rows_y[MAPS.index(name)] - 0.28 for name in mine["map"]],
+                    ".", color="tab:orange", ms=3, label="random bases, each (10-fold)")
+            for y, (_, r) in zip(rows_y, rows.iterrows()):
+                ax.annotate(f"Z {ordinal(r['random_rank'])}/{int(r['n_random']) + 1}",
+                            (r["kfold_r2"], y + 0.1), xytext=(5, 4), textcoords="offset points",
+                            fontsize=7, color="tab:blue")
+        ax.plot(rows["kfold_r2"], rows_y + 0.1, "o", color="tab:blue",
+                label=f"Z, {int(m['n_folds'].iloc[0])}-fold held out")
+        ax.plot(rows["loo_r2"], rows_y - 0.08, "o", mfc="none", color="tab:blue",
+                label="Z, leave-one-out")
+        ax.plot(rows["in_sample_r2"], rows_y + 0.1, "x", color="tab:red", label="Z, in sample")
         ax.axvline(0, color="k", lw=0.8)
         ax.set_xlim(left, 1.05)
         ax.set_title(f"k = {k}", fontsize=10)
@@ -128,41 +151,144 @@ def plot_heldout_r2(out_dir, path):
     return path
 
 
+def _random_draws(out_dir):
+    """random_draws.csv (an empty table for runs without random bases)."""
+    path = Path(out_dir) / "random_draws.csv"
+    return (pd.read_csv(path) if path.is_file() else
+            pd.DataFrame(columns=["k", "map", "draw", "seed", "kfold_r2"]))
+
+
 def plot_all(args):
+    """Both figures of the run in args.out; returns their paths (nothing is written when the run's
+    CSVs are missing)."""
+    _require(args.out, ["metrics.csv", "singular_values.csv"])
     return [plot_singular_values(args.out, runs.figure_path(args, "singular_values")),
             plot_heldout_r2(args.out, runs.figure_path(args, "heldout_r2"))]
 
 
-def summary_lines(out_dir):
-    """The run's findings as sentences, from metrics.csv (printed at the end of a run;
-    report.py's paragraph): per k and map, held-out R^2 against the shuffled-pair null."""
+# ----------------------------------------------------------------------------------------------
+# The primary test, and the findings in words (printed at the end of a run; report.py)
+
+def primary_k(ks):
+    """The k of the primary test: the plan's PRIMARY_K where it was run, else the largest."""
+    ks = sorted(int(k) for k in ks)
+    return PRIMARY_K if PRIMARY_K in ks else ks[-1]
+
+
+def primary_description(ks):
+    return (f"{PRIMARY_MAP} at k = {primary_k(ks)}: Z's {PRIMARY_STAT} against the random bases', "
+            f"one-sided (rank test); the other maps and k Holm-corrected")
+
+
+def mark_primary(table):
+    """metrics rows + `primary` (the declared test's row) and random_p_above_holm /
+    random_p_below_holm: Holm-adjusted over the other rows (NaN on the primary and without
+    random draws)."""
+    table = table.copy()
+    table["primary"] = (table["map"] == PRIMARY_MAP) & (table["k"] == primary_k(table["k"]))
+    others = ~table["primary"].to_numpy()
+    for side in ("above", "below"):
+        column = f"random_p_{side}"
+        holm = np.full(len(table), np.nan)
+        if column in table:
+            holm[others] = stats.holm(table.loc[others, column])
+        table[f"{column}_holm"] = holm
+    return table
+
+
+def _metrics(out_dir):
+    """metrics.csv with the primary marked (runs before the random bases have none: their
+    random columns are NaN, read as not tested)."""
     _require(out_dir, ["metrics.csv"])
     table = pd.read_csv(Path(out_dir) / "metrics.csv")
-    lines = [f"Basis: {_basis_name(table)}, layer {int(table['layer'].iloc[0])}, "
-             f"{int(table['n_pairs'].iloc[0])} pairs, {_pooling_note(table)}; held-out R^2 by "
-             f"{int(table['n_folds'].iloc[0])}-fold cross-validation, against "
-             f"{int(table['n_shuffles'].iloc[0])} fits on shuffled pairs (95% band)."]
+    if "n_random" not in table:
+        table["n_random"] = 0
+        for column in RANDOM_COLUMNS:
+            table[column] = np.nan
+    return table if "primary" in table else mark_primary(table)
+
+
+def verdict(row):
+    """Z against the random bases from the row's own test: the primary at its raw one-sided p,
+    the others at their Holm-adjusted p."""
+    if not row["n_random"] or np.isnan(row["random_p_above"]):
+        return "not tested (no random draws)"
+    holm = "" if row["primary"] else "_holm"
+    if row[f"random_p_above{holm}"] < ALPHA:
+        return "Z above random"
+    return "Z below random" if row[f"random_p_below{holm}"] < ALPHA else "Z = random"
+
+
+def _random_words(r):
+    """'random bases 0.50 [0.45, 0.56]; Z 3rd of 21, p = 0.14' (plus Holm for secondaries)."""
+    if not r["n_random"] or np.isnan(r["random_p_above"]):
+        return "random bases not tested"
+    holm = "" if r["primary"] else f", Holm {num(r['random_p_above_holm'])}"
+    return (f"random bases {interval(r['random_mean'], r['random_lo'], r['random_hi'])}, Z "
+            f"{ordinal(r['random_rank'])} of {int(r['n_random']) + 1} (p = "
+            f"{num(r['random_p_above'])}{holm})")
+
+
+def _map_words(r):
+    null = f"shuffled pairs [{num(r['null_lo'])}, {num(r['null_hi'])}], p = {num(r['p_null'])}"
+    random = f"; {_random_words(r)}" if r["n_random"] else ""  # the first line says not tested
+    return f"{r['map']} {num(r['kfold_r2'])} ({null}{random}; retrieval {r['retrieval_loo']:.0%})"
+
+
+def summary_lines(out_dir):
+    """The run's findings as sentences, from metrics.csv: per k and map, held-out R^2 against the
+    shuffled-pairs null and Z's rank among the random bases; then the primary test."""
+    table = _metrics(out_dir)
+    first = table.iloc[0]
+    m = int(table["n_random"].max())
+    against = (f" and among {plural(m, 'Haar-random k-dim basis', 'Haar-random k-dim bases')} "
+               f"fitted on the same folds (Z's place from the top of {m + 1}; one-sided p, at "
+               f"least 1/{m + 1} = {num(1 / (m + 1))})" if m else
+               "; Z against random bases: not tested (no random draws)")
+    lines = [f"Basis: {_basis_name(table)}, layer {int(first['layer'])}, "
+             f"{plural(first['n_pairs'], 'pair')}, {_pooling_note(table)}; held-out R^2 by "
+             f"{int(first['n_folds'])}-fold cross-validation, against "
+             f"{plural(first['n_shuffles'], 'fit')} on shuffled pairs (95% band){against}."]
     for k, group in table.groupby("k"):
-        parts = [f"{r.map} {r.kfold_r2:.3f} (null {r.null_lo:.3f} to {r.null_hi:.3f}, p = "
-                 f"{r.p_null:.3f}; retrieval {r.retrieval_loo:.0%})" for r in group.itertuples()]
-        lines.append(f"k = {k}: " + "; ".join(parts) + f"; retrieval at chance "
-                     f"{group.retrieval_chance.iloc[0]:.1%}.")
+        lines.append(f"k = {k}: " + "; ".join(_map_words(r) for _, r in group.iterrows())
+                     + f"; retrieval at chance {group['retrieval_chance'].iloc[0]:.1%}.")
+    lines.append(primary_sentence(table.loc[table["primary"]].iloc[0]))
     return lines
 
 
+def primary_sentence(r):
+    what = f"Primary test ({r['map']}, the plan's map, at k = {int(r['k'])})"
+    v = verdict(r)
+    null = (f"above the shuffled-pairs null (p = {num(r['p_null'])})" if r["p_null"] < ALPHA else
+            f"not above the shuffled-pairs null (p = {num(r['p_null'])}): no linear map found")
+    if v.startswith("not tested"):
+        return f"{what}: held-out R^2 {num(r['kfold_r2'])}, {null}; Z against random bases {v}."
+    meaning = {"Z above random": "in Z, en predicts zh better than in random subspaces of its "
+                                 "size",
+               "Z = random": "random subspaces of its size predict zh from en as well as Z",
+               "Z below random": "random subspaces of its size predict zh from en better than Z"}[v]
+    return (f"{what}: held-out R^2 {num(r['kfold_r2'])}, {null}; it ranks "
+            f"{ordinal(r['random_rank'])} of {int(r['n_random']) + 1} among random bases "
+            f"({interval(r['random_mean'], r['random_lo'], r['random_hi'])}; one-sided p = "
+            f"{num(r['random_p_above'])}, two-sided {num(r['random_p_two_sided'])}): {v}: "
+            f"{meaning}.")
+
+
 def headline(out_dir):
-    """report.py's row and lead (dict(verdict, value, lead)): per k the best fitted map's held-out
-    R^2 against its shuffled-pair null band."""
-    table = pd.read_csv(Path(out_dir) / "metrics.csv")
-    table = table[table["map"] != "identity"]
-    best = table.loc[table.groupby("k")["kfold_r2"].idxmax()]
-    above = [r.kfold_r2 > r.null_hi for r in best.itertuples()]
-    verdict = ("bridge above null" if all(above) else "no bridge" if not any(above)
-               else "bridge at some k")
-    value = "; ".join(f"held-out R² {runs.number(r.kfold_r2)} ({r.map}, k {r.k}), shuffled null "
-                      f"[{runs.number(r.null_lo)}, {runs.number(r.null_hi)}]"
-                      for r in best.itertuples())
-    lead = [f"k = {r.k}: the {r.map} map predicts held-out zh states from en with R² "
-            f"{runs.number(r.kfold_r2)}; maps fitted on shuffled pairs reach at most "
-            f"{runs.number(r.null_hi)}." for r in best.itertuples()]
-    return dict(verdict=verdict, value=value, lead=lead[:3])
+    """report.py's cells: dict(verdict, value, lead) from the declared primary test."""
+    table = _metrics(out_dir)
+    r = table.loc[table["primary"]].iloc[0]
+    v = verdict(r)
+    value = f"R^2 {num(r['kfold_r2'])}"
+    value += (" (random bases not tested)" if v.startswith("not tested") else
+              f" vs random bases {interval(r['random_mean'], r['random_lo'], r['random_hi'])} "
+              f"(rank {int(r['random_rank'])} of {int(r['n_random']) + 1}, p = "
+              f"{num(r['random_p_above'])})")
+    lead = [f"Held-out R^2 of zh predicted from en by {r['map']} in Z (k = {int(r['k'])}, layer "
+            f"{int(r['layer'])}, {plural(r['n_pairs'], 'pair')}): {num(r['kfold_r2'])}; shuffled "
+            f"pairs give [{num(r['null_lo'])}, {num(r['null_hi'])}]."]
+    if not v.startswith("not tested"):
+        lead.append(f"Among {int(r['n_random'])} random bases of the same size Z ranks "
+                    f"{ordinal(r['random_rank'])} (one-sided p = {num(r['random_p_above'])}): "
+                    f"{v}.")
+    return {"verdict": v, "value": value, "lead": lead}

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from zcausal import runs, stats
+from zcausal.summaries import text
 
 
 def decode_summary(frame, keys):
@@ -211,14 +212,15 @@ def headline(out):
     z, rand = _at(swap, basis, "z_basis"), _at(swap, basis, "random")
     verdict = ("not tested (no random draws)" if not z.transfer_p == z.transfer_p else
                "Z above random" if z.transfer_p < 0.05 else "Z = random")
-    value = (f"transfer {runs.number(z.transfer, signed=True)} by Z at layer {basis}, random "
-             f"[{runs.number(rand.transfer_lo, signed=True)}, "
-             f"{runs.number(rand.transfer_hi, signed=True)}] (rank p {runs.number(z.transfer_p)})")
+    value = (f"transfer {text.num(z.transfer, signed=True)} by Z at layer {basis}, random "
+             f"[{text.num(rand.transfer_lo, signed=True)}, "
+             f"{text.num(rand.transfer_hi, signed=True)}] (rank {text.p_value(z.transfer_p)})")
     lead = [f"Replacing the whole last-position state moves the answer most at layer "
-            f"{int(full.layer)} (transfer {runs.number(full.transfer)}).",
-            f"Z alone at the basis layer {basis} transfers {runs.number(z.transfer, signed=True)} "
-            f"(rank p {runs.number(z.transfer_p)} among {config['args'].get('n_random')} random "
-            f"subspaces of the same size)."]
+            f"{int(full.layer)} (transfer {text.num(full.transfer)}).",
+            f"Z alone at the basis layer {basis} transfers {text.num(z.transfer, signed=True)} "
+            f"(rank {text.p_value(z.transfer_p)} among "
+            f"{text.plural(config['args'].get('n_random') or 0, 'random subspace')} of the same "
+            f"size)."]
     return dict(verdict=verdict, value=value, lead=lead)
 
 
