@@ -2,17 +2,18 @@
 report of their folder.
 
     python study.py --model Qwen/Qwen2.5-3B --out results/qwen2.5-3b   # on a GPU: the study
-    python study.py --model tiny-random                                # every script's --smoke, a minute on a CPU
+    python study.py --model tiny-random                                # every script's --smoke: seconds on a CPU
 
 Each experiment is its own script's parse_args and main, run in this process, into <out>/exp_a ...
 <out>/exp_e. A folder that already holds a run (its config.json) is continued with --resume, so a
 study cut short continues where it stopped when the same command is run again; a run that had
 finished is rechecked and summarised again. On --model tiny-random every script that has --smoke
 gets it (its preset of seconds). Before anything runs the study prints what it will run, with an
-estimated time per experiment from bench.py's cost model (bench.estimate: the newest bench.py row
-of that part, scaled by pairs, parameters and the device's matmul rate; for E without such a row,
-a lower bound from its FLOP count, bench.sweep_flops); then one line as each experiment starts
-and ends. At the end it writes the report of --out (report.py --results OUT:
+estimated time per experiment from bench.py's cost model (bench.estimate: a bench.py row of that
+part measured on the same kind of device with a model of similar size, scaled by pairs, parameters
+and the device's matmul rate, or "not estimated" and the bench command that gives one; for E
+without such a row, the compute limit of its FLOP count, bench.sweep_flops); then one line as each
+experiment starts and ends. At the end it writes the report of --out (report.py --results OUT:
 <out>/report/REPORT.md) and prints its table.
 """
 import importlib
