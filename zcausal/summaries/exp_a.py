@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from zcausal import problems, runs, stats
+from zcausal.summaries import text
 
 CONFIG = ["layer", "k", "positions", "source"]
 FIXED = ["none", "noop", "z", "zperp", "full", "en"]
@@ -630,22 +631,27 @@ def summary_lines(out_dir):
 
 
 def headline(out_dir):
-    """report.py's cross-model cell: Z's answer-change rate against the random band and its rank
-    p, and Z's shift of log p(reference) against the random draws', per configuration."""
+    """report.py's row and lead (dict(verdict, value, lead)): per configuration, Z's answer-change
+    rate with its Wilson interval against the random draws' range and rank p, and the verdict."""
     rows, null, _, config = load_run(out_dir)
     _, controls, _, tests, verdicts = compute_tables(
         rows, null, config.get("args", {}).get("keep_threshold", 0.2))
-    cells = []
+    words, values, lead = [], [], []
     for config_key, frame in rows.groupby(CONFIG, sort=True):
         c, t = (select_config(f, config_key) for f in (controls, tests))
-        change, shift = _test(t, "z", "answer_change"), _test(t, "z", "dlogp_ref")
+        change = _test(t, "z", "answer_change")
         z = condition_rates(frame, "z")["answer_change"]
-        cell = (f"Z changed {100 * z['value']:.0f}% of answers (random "
-                f"{_band(c, 'rand_z', 'answer_change')}"
-                + (f", p {change['p_above']:.2f}" if change is not None else "") + ")")
-        if shift is not None:
-            cell += (f", Δlog p(ref) {shift['value']:+.2f} (random {shift['min']:+.2f} to "
-                     f"{shift['max']:+.2f}, p {shift['p_two_sided']:.2f})")
-        verdict = select_config(verdicts, config_key).iloc[0]["verdict"]
-        cells.append(f"{cell}; {verdict}")
-    return "; ".join(cells)
+        draws = c[c.condition == "rand_z"]["answer_change"].dropna()
+        where = "layer {}, k {}, positions {}, source {}".format(*config_key)
+        value = (f"{text.interval(z['value'], z['ci_low'], z['ci_high'])} answers changed by Z"
+                 + (f", random [{text.num(draws.min())}, {text.num(draws.max())}]"
+                    if len(draws) else "")
+                 + (f" (rank {text.p_value(change['p_above'])})" if change is not None else ""))
+        v = select_config(verdicts, config_key).iloc[0]
+        words.append(v["verdict"])
+        values.append(value + (f" [{where}]" if rows.groupby(CONFIG).ngroups > 1 else ""))
+        lead.append(f"{where}: Z changed {z['count']} of {text.plural(z['n'], 'answer')}; "
+                    f"verdict {v['verdict']}"
+                    + (f" (criteria not met: {v['failed'].replace('_', ' ')})." if v["failed"]
+                       else "."))
+    return dict(verdict=" / ".join(dict.fromkeys(words)), value="; ".join(values), lead=lead[:3])
