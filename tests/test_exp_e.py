@@ -264,7 +264,9 @@ def test_profile_sentence_says_where_full_interchange_moves_the_first_digit():
                               "top1_src_ci_lo": 0.0, "top1_src_ci_hi": 1.0})
     text = summary.profile_sentence(per_layer, 50)
     assert text.startswith("Full interchange transfers most at layer 16")
-    assert "at most 0.20 at layers 0-13" in text and "at least half from layer 14 (0.60)" in text
+    assert "0 at layers 0-12, at most 0.20 at layers 13;" not in text
+    assert "; 0 at layers 0-12, at most 0.20 at layers 13, at least half from layer 14 (0.60)" \
+        in text
     assert "0.90 to 1 at layers 15-23" in text and "of 44 pairs" in text
     one = summary.profile_sentence(per_layer.assign(n_pairs=1), 50)
     assert "of 1 pair;" in one and "1 pairs" not in one
@@ -460,7 +462,7 @@ def test_tests_csv_holds_the_primary_test_and_holm_adjusted_secondary_tests(fini
 def test_headline_is_a_dict_read_from_the_primary_test(finished_run):
     head = summary.headline(finished_run[0] / "exp_e")
     assert set(head) == {"verdict", "value", "lead"}
-    assert head["verdict"] in ("Z = random", "Z transfers", "Z disrupts")
+    assert head["verdict"] in ("Z = random", "Z transfers", "Z below random", "Z disrupts")
     assert head["value"].startswith("top1_src ") and " vs random " in head["value"]
     assert head["lead"][0].startswith("Full interchange") and 1 <= len(head["lead"]) <= 3
     text = " ".join(summary.summary_lines(finished_run[0] / "exp_e"))

@@ -100,8 +100,12 @@ def profile_sentence(per_layer, k):
         return text + "; it never reaches half of them."
     first = int(half.layer.iloc[0])
     low, parts = full[full.layer < first], []
-    if len(low):
-        parts.append(f"at most {num(low.top1_src.max())} at layers {layer_list(low.layer)}")
+    zero = low[low.top1_src.cumsum() == 0]  # the first layers, where it is exactly 0
+    if len(zero):
+        parts.append(f"0 at layers {layer_list(zero.layer)}")
+    rest = low[~low.layer.isin(zero.layer)]
+    if len(rest):
+        parts.append(f"at most {num(rest.top1_src.max())} at layers {layer_list(rest.layer)}")
     tail = full[full.layer >= first]
     high = tail[::-1].top1_src.lt(0.8).cumsum().eq(0)[::-1]  # the top layers all >= 0.8
     at_first = full.set_index("layer").top1_src[first]
@@ -156,7 +160,9 @@ def primary_verdict(tables):
         return "Z disrupts", z, primary
     if not combined.draws:
         return NOT_TESTED, z, primary
-    return ("Z transfers" if combined.p <= ALPHA else "Z = random"), z, primary
+    if combined.p <= ALPHA:
+        return "Z transfers", z, primary
+    return ("Z below random" if combined.p_below <= ALPHA else "Z = random"), z, primary
 
 
 def primary_sentence(tables):
@@ -171,9 +177,11 @@ def primary_sentence(tables):
               f"p_share shift {num(z.p_share_shift, signed=True)}")
     if not top1.draws:
         return f"{head} {z_text[0]}, {z_text[1]}; against random draws: {verdict}."
+    size = (f" Z's patch carries {num(z.patch_share)} of |s - h| at the patched position "
+            f"({_band(per_layer, k, basis, 'patch_share')}).")
     return (f"{head} {z_text[0]} ({_band(per_layer, k, basis, 'top1_src')}; {_ranked(top1)}); "
             f"{z_text[1]} ({_band(per_layer, k, basis, 'p_share_shift', True)}; "
-            f"{_ranked(share)}): {verdict}.")
+            f"{_ranked(share)}): {verdict}.{size}")
 
 
 def best_layer_sentence(tests, k):

@@ -26,7 +26,8 @@ Primary test (declared; config.json records it at the start of a run): Z of the 
 (z_basis) at the basis layer, swap pairs, k = 50 (the largest k where 50 was not run): top1_src
 and p_share_shift each ranked among the random draws (stats.rank_test, one-sided: above), and Z
 "transfers" only if both p <= 0.05 (an intersection-union test: no correction needed), unless Z
-disrupts there. Secondary tests, Holm-adjusted together in tests.csv: the best layer of z_basis
+disrupts there; "Z below random" where both p_below <= 0.05 (the lower tail: a label is then
+wrong with probability at most 0.1 under the null), else "Z = random". Secondary tests, Holm-adjusted together in tests.csv: the best layer of z_basis
 and z_layer (family-wise: Z's largest value over the layers against each draw's largest over the
 same layers), z_basis at the basis layer at the other k, the language margin there (two-sided),
 and DAS against its random draws on the held-out pairs. Per-layer rank p-values in per_layer.csv
@@ -80,7 +81,9 @@ def primary_description(ks, basis_layer):
     return (f"Z of layer {basis_layer} (z_basis) patched at layer {basis_layer}, k = "
             f"{primary_k(ks)}, swap pairs whose first digits differ: its top1_src and its "
             f"p_share shift each ranked among the random draws (one-sided, towards transfer); Z "
-            f"transfers only if both p <= {ALPHA} (intersection-union) and Z does not disrupt")
+            f"transfers only if both p <= {ALPHA} (intersection-union) and Z does not disrupt; "
+            f"'Z below random' where both are below the draws at the same level (the lower "
+            f"tail), else 'Z = random'")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,11 +321,13 @@ def _test_row(family, condition, k, scope, layer, measure, direction, value, tes
               disrupts=np.nan, at_layer=np.nan):
     """A tests.csv row; rank_from_top 1 means above every draw (ties count against Z)."""
     p = test.get("p_above" if direction == "above" else "p_two_sided", np.nan)
+    p_below = test.get("p_below", np.nan) if direction == "above" else np.nan
     return dict(family=family, condition=condition, k=int(k), scope=scope, layer=layer,
                 at_layer=at_layer, measure=measure, direction=direction, value=value,
                 n_pairs=n_pairs, disrupts=disrupts, draws=test.get("draws", 0),
                 random_mean=test.get("mean", np.nan), random_max=test.get("max", np.nan),
-                rank_from_top=1 + test["at_or_above"] if test else np.nan, p=p)
+                rank_from_top=1 + test["at_or_above"] if test else np.nan, p=p,
+                p_below=p_below)
 
 
 def _at_layer(per_layer, draws, condition, k, layer, measure, family, direction="above"):
@@ -356,10 +361,11 @@ def tests_table(per_layer, draws, das=None, das_draws=None, config=None):
     pk = primary_k(ks)
     rows = [_at_layer(per_layer, draws, "z_basis", pk, basis, m, "primary")
             for m in PRIMARY_MEASURES]
-    both = [r["p"] for r in rows]
+    both, below = [r["p"] for r in rows], [r["p_below"] for r in rows]
     rows.append(dict(rows[0], measure=" and ".join(PRIMARY_MEASURES), direction="above (both)",
                      value=np.nan, random_mean=np.nan, random_max=np.nan, rank_from_top=np.nan,
-                     p=np.nan if np.isnan(both).any() else max(both)))
+                     p=np.nan if np.isnan(both).any() else max(both),
+                     p_below=np.nan if np.isnan(below).any() else max(below)))
     for k in ks:
         rows += [_best_layer(per_layer, draws, c, k, m) for c in ("z_basis", "z_layer")
                  for m in PRIMARY_MEASURES]
