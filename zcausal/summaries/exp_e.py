@@ -275,6 +275,9 @@ def das_sentences(tables, out):
         line = (f"DAS at layer {layer}, k = {k} ({trained}held out: "
                 f"{plural(d.n_pairs, 'test pair')}; bootstrap 95% intervals over the test "
                 f"problems): {_das_measures(rows, basis, layer)}{_angles(out, k)}.")
+        line += (f" DAS leaves p_own + p_src below half its clean value on {num(d.low_mass)} "
+                 f"of the pairs" + (": it disrupts, and is read as disruption, not transfer."
+                                    if bool(d.disrupts) else "."))
         if bool(d.too_small):
             line += (f" The test split holds {plural(d.n_pairs, 'pair')}: too small for this "
                      f"reading (fewer than {MIN_TEST_PAIRS}).")
