@@ -306,6 +306,12 @@ def secondary_sentence(tests):
         return f"Secondary tests: {NOT_TESTED}."
     hits = tested[tested.significant.astype(bool)]
     head = (f"Secondary tests (tests.csv, Holm-adjusted over {plural(len(tested), 'test')}): ")
+    floor = 1 / (tested.draws.min() + 1)  # the smallest rank p these draws allow
+    if not len(hits) and floor * len(tested) > ALPHA:
+        return head + (f"none at or below {ALPHA}, nor could any be: with "
+                       f"{plural(tested.draws.min(), 'random draw')} the smallest rank p is "
+                       f"{num(floor)}, {num(min(1, floor * len(tested)))} after Holm over "
+                       f"{len(tested)}; more draws are needed for these.")
     if not len(hits):
         return head + f"none at or below {ALPHA}."
     found = [f"{t.condition} {LABELS[t.measure]} {t.scope} at k = {int(t.k)} (Holm p = "

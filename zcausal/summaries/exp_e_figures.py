@@ -146,12 +146,11 @@ def plot_das(table, angles, title, path):
             ax.bar([2], [rand.overlap.mean()], color=STYLE["random"]["color"],
                    yerr=[[rand.overlap.mean() - rand.overlap.min()],
                          [rand.overlap.max() - rand.overlap.mean()]], capsize=4)
-        ax.axhline(a.chance_overlap.iloc[0], color="0.4", ls=":", lw=1, label="chance k/d")
+        ax.axhline(a.chance_overlap.iloc[0], color="0.4", ls=":", lw=1)
         ax.set_xticks([0, 1, 2], ["DAS vs Z(basis)", "DAS vs Z(layer)", "DAS vs random"],
                       fontsize=8)
         ax.set_ylabel("||V_DAS V^T||² / k", fontsize=8)
-        ax.set_title("overlap (mean cos² of principal angles)", fontsize=9)
-        ax.legend(fontsize=7, loc="upper right")
+        ax.set_title("overlap (mean cos² of principal angles); dotted: chance k/d", fontsize=9)
         _plain(ax, False)
     fig.suptitle(title + "\nbars: bootstrap 95% intervals over the test problems;\nrandom: "
                  "2.5-97.5% of the draws", fontsize=10)

@@ -348,9 +348,10 @@ def _best_layer(per_layer, draws, condition, k, measure):
     test = best_layer_test(z.to_numpy(), wide)
     at = int(z.index[int(np.nanargmax(z.to_numpy()))]) if z.notna().any() else np.nan
     n = int(_swap(per_layer, condition, k=k).n_pairs.max()) if len(z) else 0
-    return _test_row("secondary", condition, k, f"best of {plural(len(z), 'layer')} "
-                     f"(family-wise)", -1, measure, "above", test.get("value", z.max()), test,
-                     n, at_layer=at)
+    row = _test_row("secondary", condition, k, f"best of {plural(len(z), 'layer')} "
+                    f"(family-wise)", -1, measure, "above", test.get("value", z.max()), test,
+                    n, at_layer=at)
+    return dict(row, p_below=np.nan)  # a maximum has no lower tail to read
 
 
 def tests_table(per_layer, draws, das=None, das_draws=None, config=None):
