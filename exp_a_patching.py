@@ -363,6 +363,8 @@ def table_rows(rows, decodes, scores, pairs, swap_of, first_ids):
 def null_table(jobs, decodes, scores, pairs, swap_of, first_ids):
     """random_scores.csv: per problem and scored random draw, the scored measures (no decoding)."""
     records = []
+    columns = ["problem_id", "layer", "k", "positions", "source", "condition", "draw", "pair",
+               *SCORED, "ld", "top1_own", "top1_src", "p_share"]
     for job in jobs:
         s = score_of(job, decodes, scores)
         records.append(dict(problem_id=pairs[job.problem]["id"], layer=job.layer, k=job.k,
@@ -370,7 +372,7 @@ def null_table(jobs, decodes, scores, pairs, swap_of, first_ids):
                             draw=job.draw, pair="same" if job.source_problem == job.problem else "swap",
                             **s, ld=s["logp_ref"] - s["logp_swap"],
                             **first_digit_fields(s, job.problem, swap_of[job.problem], first_ids)))
-    return pd.DataFrame(records)
+    return pd.DataFrame(records, columns=columns)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,8 +435,8 @@ def select_pairs(model, tokenizer, pairs, template, args, out):
         table = table.assign(kept=answered.kept_mask(table, args.solved))
     record = answered.solved_record(table, args.solved)
     answered.require_kept(record, args.min_pairs,
-                          f"A's statistics (--min-pairs; the language criteria need "
-                          f"{MIN_PAIRS} English baselines)")
+                          f"the run (--min-pairs; the language criteria need {MIN_PAIRS} "
+                          f"English baselines)")
     runs.write_csv(table, path)
     kept = [p for p, keep in zip(pairs, table.kept.astype(bool)) if keep]
     print(f"{record['kept']} of {record['tried']} pairs kept (--solved {args.solved}: correct in "
@@ -513,9 +515,9 @@ def main(args):
                                      decodes, scores, earlier, languages)
         rows, null, variance, earlier = rows + r, null + n, variance + v, earlier | decoded
     write_outputs(out, rows, null, variance, decodes, scores, pairs, swap_of, tokenizer, args)
-    result = summary.summarize(out, args.figures)
+    verdicts, _ = summary.summarize(out, args.figures)
     print(f"wrote {out}/SUMMARY.md")
-    return result
+    return verdicts
 
 
 def source_arg(value):
