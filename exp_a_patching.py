@@ -165,7 +165,7 @@ def run_batch(model, tokenizer, ctx, batch, args, decode, scoring):
     out = decoding.generate_and_score(
         model, rows["input_ids"], rows["attention_mask"], args.max_new_tokens if decode else 0,
         patch, stop_ids, score=sets, prefill=rows, digits=tokenizer,
-        languages=ctx.languages if sets else None, **_decode_options(args, decode))
+        languages=ctx.languages, margin_sets=[0], **_decode_options(args, decode))
     direct = args.template == "direct"
     results = []
     for b, job in enumerate(batch):

@@ -157,7 +157,8 @@ def _forward_from_prefill(model, prefill, cache, patch):
 
 
 def _prompt_pass(model, input_ids, attention_mask, position, patch, score, prefill, languages):
-    """The prompt forward (patched, phase "prompt") and the teacher-forced scores. Returns
+    """The prompt forward (patched, phase "prompt") and the teacher-forced scores; languages: per
+    score set, common.LanguageClasses (read the language margin after it) or None. Returns
     (DynamicCache of the prompt, last-position logits (B, V) float32, list of _score's triples)."""
     cache = new_cache(model)
     if prefill is None:
@@ -165,7 +166,7 @@ def _prompt_pass(model, input_ids, attention_mask, position, patch, score, prefi
     else:  # same result, without recomputing the layers below the patch
         logits = _forward_from_prefill(model, prefill, cache, patch)
     scores = [_score(model, copy.deepcopy(cache), logits, attention_mask, position, continuations,
-                     patch, languages) for continuations in score]
+                     patch, classes) for continuations, classes in zip(score, languages)]
     return cache, logits[:, -1], scores
 
 
@@ -175,8 +176,9 @@ def _scored(result, scores, logits):
     the last prompt position (the first token greedy decoding writes)."""
     result["scores"] = [logp for logp, _, _ in scores]
     result["first_scores"] = [first for _, first, _ in scores]
-    if scores and scores[0][2] is not None:
-        result["margins"] = [margin for _, _, margin in scores]
+    if any(margin is not None for _, _, margin in scores):
+        result["margins"] = [torch.full_like(logp, float("nan")) if margin is None else margin
+                             for logp, _, margin in scores]
     result["top1"] = logits.argmax(-1).cpu()
     return result
 
@@ -383,7 +385,7 @@ def _batches(attention_mask, batch_size):
 def generate_and_score(model, input_ids, attention_mask, max_new_tokens, patch=None, stop_ids=(),
                        score=(), return_logits=False, prefill=None, *, engine="auto",
                        stop_when_number_ends=False, digits=None, batch_size=None,
-                       languages=None):
+                       languages=None, margin_sets=None):
     """Greedy decoding of a left-padded batch with a KV cache, under an optional SubspacePatch,
     plus teacher-forced scores of continuations from the same prefill.
 
@@ -396,7 +398,8 @@ def generate_and_score(model, input_ids, attention_mask, max_new_tokens, patch=N
     scores and first_scores, one (B,) float32 tensor per set: summed log-probs, and log p of the
     first token alone; with `languages` (common.LanguageClasses) margins, one (B,) float32 per set:
     the language margin after the continuation (common.language_margin, a lone-space probe fed
-    after it and not scored); top1 (B,) long, the argmax at the last prompt position; steps, the
+    after it and not scored), on the sets margin_sets names (None: every set; NaN on the others,
+    which then cost no extra token); top1 (B,) long, the argmax at the last prompt position; steps, the
     decode forwards run (most over the batches); logits (B, max_new_tokens, V) float32 with
     return_logits (zeros after a row's end). The batch stops early when every row has finished.
     prefill: optional select_prefill(...) of these very prompts (input_ids and attention_mask must
@@ -417,6 +420,8 @@ def generate_and_score(model, input_ids, attention_mask, max_new_tokens, patch=N
     tables = _end_tables(model, stop_when_number_ends, digits, model.lm_head.out_features)
     if languages is not None:
         languages = languages.to(device)
+    languages = [languages if margin_sets is None or i in margin_sets else None
+                 for i in range(len(score))]
     run = _fast_batch if engine == "fast" else _eager_batch
     B = input_ids.shape[0]
     if batch_size is None or B <= batch_size:

@@ -536,10 +536,12 @@ def scored_sentence(tests, name, condition, metric, what, unit=" nats"):
     t = _get(tests, f"{condition} {metric} vs random")
     if t is None:
         return ""
+    side = {"above": "one-sided, above the draws", "below": "one-sided, below the draws"}.get(
+        t["alternative"], "two-sided")
     return (f"{name} shifted {what} by {num(t['value'], signed=True)}{unit}; "
             f"{plural(t['draws'], 'random draw')} ({t['null']}): mean {num(t['mean'], signed=True)}, "
-            f"range {num(t['min'], signed=True)} to {num(t['max'], signed=True)}, rank "
-            f"{_p_text(t)} ({t['alternative']}).")
+            f"range {num(t['min'], signed=True)} to {num(t['max'], signed=True)}, rank test "
+            f"({side}) {_p_text(t)}.")
 
 
 def first_digit_sentence(frame, controls, tests):
@@ -637,9 +639,11 @@ def variance_sentence(variance, layer, k):
             f"position 0 left out); " + " and ".join(parts) + ".") if len(z) else ""
 
 
-def _average(value, n, of):
+def _average(value, n, noun, qualifier=""):
     """'+1.2 on the 40 English baselines' / 'not measured (no Chinese baseline)'."""
-    return f"{num(value, signed=True)} on the {plural(n, of)}" if n else f"{NOT_MEASURED} (no {of})"
+    if not n:
+        return f"{NOT_MEASURED} (no {noun}{qualifier})"
+    return f"{num(value, signed=True)} on the {plural(n, noun)}{qualifier}"
 
 
 def checks_markdown(checks, template):
@@ -647,8 +651,8 @@ def checks_markdown(checks, template):
     groups = checks["n_correct"] and checks["n_missed"]
     higher = checks["logp_ref_correct"] > checks["logp_ref_missed"]
     lines = [f"Scored {at}. Unpatched, log p(reference) averages "
-             f"{_average(checks['logp_ref_correct'], checks['n_correct'], 'problem answered correctly')}"
-             f" and {_average(checks['logp_ref_missed'], checks['n_missed'], 'problem missed')} ("
+             f"{_average(checks['logp_ref_correct'], checks['n_correct'], 'problem', ' answered correctly')}"
+             f" and {_average(checks['logp_ref_missed'], checks['n_missed'], 'problem', ' missed')} ("
              + ("cannot be compared: one of the groups is empty" if not groups else
                 "higher where the model knows the answer, as a measure of it must be" if higher else
                 "NOT higher where the model knows the answer: read the scored numbers with suspicion")
