@@ -16,7 +16,7 @@ import torch
 import common
 from zcausal import decoding, patching as P, problems, runs, transport
 import exp_a_patching as A
-from zcausal.summaries import exp_a as S
+from zcausal.summaries import exp_a as S, exp_a_text
 from helpers import smoke_argv
 
 SMOKE = smoke_argv("A")  # the README's smoke command
@@ -457,7 +457,8 @@ def test_verdict_when_en_explains_zs_effect_is_not_partial():
     assert "Z alone 0, en alone 0" in v.z_changes_answers_reason
     frame = _synthetic(40, z=20, zp_lang=20, rand=2, en_same_as_z=True)
     tables = S.compute_tables(frame)
-    paragraph = S.verdict_paragraph(frame, tables[1], tables[3], tables[4].iloc[0], None, "direct")
+    paragraph = exp_a_text.verdict_paragraph(frame, tables[1], tables[3], tables[4].iloc[0], None,
+                                             "direct")
     assert "explained by the en control" in paragraph and "Verdict: null" in paragraph
     # en changes fewer answers but lowers log p(reference) as much: still explained by en.
     weaker = _synthetic(40, z=20, zp_lang=20, rand=2, en=0)

@@ -5,10 +5,11 @@ headline, from a run's CSVs alone (no model).
 
 Reads rows.csv (one row per problem x configuration x condition x draw x pair), random_scores.csv
 (the teacher-forced random null), variance.csv and config.json, and writes metrics.csv,
-controls.csv, null_draws.csv, tests.csv, verdicts.csv, measure_checks.csv, SUMMARY.md,
-patching_table.md and three figures (exp_a_figures.py). Every Z number is read against random
-subspaces of the same size (Z as one more draw: stats.rank_test), the noop patch decoded in the same
-batches, and the `en` control (the English prompt's own mean written into Z).
+controls.csv, null_draws.csv, tests.csv, verdicts.csv, measure_checks.csv, SUMMARY.md and
+patching_table.md (their sentences: exp_a_text.py) and three figures (exp_a_figures.py). Every Z
+number is read against random subspaces of the same size (Z as one more draw: stats.rank_test),
+the noop patch decoded in the same batches, and the `en` control (the English prompt's own mean
+written into Z).
 
 The primary test, declared in config.json before the run (primary_config): at the basis layer (the
 plan's layer 32 of 36 at this model's depth), k 50, mean source, prompt positions, Z changes more
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from zcausal import problems, runs, stats
+from zcausal import runs, stats
 from zcausal.summaries.text import NOT_MEASURED, interval, num, p_value, plural
 
 CONFIG = ["layer", "k", "positions", "source"]
@@ -123,7 +124,7 @@ def primary_description(primary):
             "Z⊥ keeps answers".format(*primary))
 
 
-def _primary(rows, config):
+def primary_of(rows, config):
     """The run's primary configuration, from config.json (older runs: computed from rows)."""
     declared = config.get("primary_test")
     if declared:
@@ -137,7 +138,7 @@ def _primary(rows, config):
 # ----------------------------------------------------------------------------------------------
 # Per condition and draw
 
-def _part(frame, condition, draw, pair):
+def rows_of(frame, condition, draw, pair):
     return frame[(frame.condition == condition) & (frame.draw == draw) & (frame.pair == pair)]
 
 
@@ -157,7 +158,7 @@ def condition_rates(frame, condition, draw=-1):
     change over the problems (same-problem source), language change over the problems whose
     unpatched output is English, transfer, top1_src and top1_own over the swap pairs, truncated.
     Means: the scored shifts dlogp_ref, dld_same, dlang_ref (same) and dld_swap, dp_share (swap)."""
-    same, swap = _part(frame, condition, draw, "same"), _part(frame, condition, draw, "swap")
+    same, swap = rows_of(frame, condition, draw, "same"), rows_of(frame, condition, draw, "swap")
     english = same[same.baseline_language == "en"]
     return dict(answer_change=_count(same.answer_changed),
                 language_change=_count(english.language_changed),
@@ -190,7 +191,7 @@ def metrics_table(frame):
     """metrics.csv rows of one configuration: each fixed condition's rates with Wilson 95%
     intervals (n: the pair set's size), the baseline's accuracy and language, the scored means."""
     out = []
-    none = _part(frame, "none", -1, "same")
+    none = rows_of(frame, "none", -1, "same")
     for name in ("en", "zh", "none", "mixed"):
         out.append(dict(condition="none", metric=f"baseline_{name}",
                         **stats.rate((none.baseline_language == name).sum(), len(none))))
@@ -262,8 +263,8 @@ def rank_tests(controls, draws):
 
 def _paired(frame, first, second, column, lower=False):
     """Per problem (same-problem rows), the two conditions side by side on `column`."""
-    a = _part(frame, first, -1, "same").set_index("problem_id")[column]
-    b = _part(frame, second, -1, "same").set_index("problem_id")[column].reindex(a.index)
+    a = rows_of(frame, first, -1, "same").set_index("problem_id")[column]
+    b = rows_of(frame, second, -1, "same").set_index("problem_id")[column].reindex(a.index)
     if lower:  # the exact sign test: first < second against second < first
         return (a < b).to_numpy(), (b < a).to_numpy()
     return a.astype(bool).to_numpy(), b.astype(bool).to_numpy()
@@ -333,14 +334,14 @@ def mark_primary(tests, primary):
 # ----------------------------------------------------------------------------------------------
 # The verdict
 
-def _rate(r, of):
+def rate_text(r, of):
     """'4 of 44 kept problems (0.091 [0.036, 0.21])': count, pair set and n, rate with interval."""
     if not r["n"]:
         return f"{NOT_MEASURED} (no {of})"
     return f"{r['count']} of {plural(r['n'], of)} ({interval(r['value'], r['ci_low'], r['ci_high'])})"
 
 
-def _get(tests, name):
+def get_test(tests, name):
     t = tests[tests.test == name] if len(tests) else tests
     return t.iloc[0] if len(t) else None
 
@@ -355,7 +356,7 @@ def _used_p(t):
     return t["p"] if _raw(t) else t.get("p_holm", t["p"])
 
 
-def _p_text(t):
+def p_text(t):
     if t is None or pd.isna(t["p"]):
         return NOT_MEASURED
     holm = "" if _raw(t) or pd.isna(t.get("p_holm", math.nan)) else \
@@ -368,7 +369,7 @@ def explained_by(z, noop, tests):
     test fails), for a Z that changed at least one answer."""
     if not z["count"]:
         return []
-    rank, en, shift = (_get(tests, name) for name in COMPONENTS)
+    rank, en, shift = (get_test(tests, name) for name in COMPONENTS)
     out = [name for name, t in (("random", rank), ("en", en)) if t is not None and t["p"] > ALPHA]
     if shift is not None and shift["p"] > ALPHA and "en" not in out:
         out.append("en")
@@ -379,25 +380,25 @@ def z_changes(rates, tests):
     """(passes, reason) for "Z changes answers" (the intersection-union test, see the module
     docstring): its p (raw at the primary configuration, else Holm) and the noop floor."""
     z, noop = rates["z"]["answer_change"], rates["noop"]["answer_change"]
-    t = _get(tests, "z changes answers")
-    rank, en, shift = (_get(tests, name) for name in COMPONENTS)
-    parts = [f"Z changed the answer on {_rate(z, 'kept problem')}"]
+    t = get_test(tests, "z changes answers")
+    rank, en, shift = (get_test(tests, name) for name in COMPONENTS)
+    parts = [f"Z changed the answer on {rate_text(z, 'kept problem')}"]
     parts.append(f"random Z: {NO_DRAWS}" if rank is None else
                  f"{plural(rank['draws'], 'random draw')} of its size {num(rank['min'])} to "
-                 f"{num(rank['max'])} (mean {num(rank['mean'])}), rank {_p_text(rank)}")
+                 f"{num(rank['max'])} (mean {num(rank['mean'])}), rank {p_text(rank)}")
     if en is None:
         parts.append("en: not run (source not mean)")
     else:
         parts.append(f"en changed {int(rates['en']['answer_change']['count'])}; Z alone "
-                     f"{int(en['b'])}, en alone {int(en['c'])}, one-sided McNemar {_p_text(en)}; "
+                     f"{int(en['b'])}, en alone {int(en['c'])}, one-sided McNemar {p_text(en)}; "
                      f"log p(reference) lower under Z than under en on {int(shift['b'])} problems, "
-                     f"higher on {int(shift['c'])}, sign test {_p_text(shift)}")
+                     f"higher on {int(shift['c'])}, sign test {p_text(shift)}")
     parts.append(f"noop {num(noop['value'])}, Z's lower bound {'above' if z['ci_low'] > noop['value'] else 'not above'} it")
     if t is None or pd.isna(t["p"]):
         return False, "; ".join(parts) + ": not tested (" + (
             "no random draws" if rank is None else "no en control") + ")"
     ok = bool(_used_p(t) <= ALPHA and z["ci_low"] > noop["value"])
-    return ok, "; ".join(parts) + f": {'passes' if ok else 'fails'} ({_p_text(t)})"
+    return ok, "; ".join(parts) + f": {'passes' if ok else 'fails'} ({p_text(t)})"
 
 
 def zperp_changes_language(rates, tests):
@@ -405,12 +406,12 @@ def zperp_changes_language(rates, tests):
     if r["n"] < MIN_ENGLISH:
         return None, (f"Z⊥ changes language: not measured ({plural(r['n'], 'English baseline')}, "
                       f"{MIN_ENGLISH} needed)")
-    t = _get(tests, "zperp language_change vs random")
+    t = get_test(tests, "zperp language_change vs random")
     if t is None:
         return False, f"Z⊥ changes language: {NO_DRAWS}"
     ok = bool(_used_p(t) <= ALPHA and r["ci_low"] > noop["value"])
-    return ok, (f"Z⊥ changed the language on {_rate(r, 'English baseline')}; random Z⊥ "
-                f"{num(t['min'])} to {num(t['max'])}, rank {_p_text(t)}; noop "
+    return ok, (f"Z⊥ changed the language on {rate_text(r, 'English baseline')}; random Z⊥ "
+                f"{num(t['min'])} to {num(t['max'])}, rank {p_text(t)}; noop "
                 f"{num(noop['value'])}: {'passes' if ok else 'fails'}")
 
 
@@ -422,7 +423,7 @@ def keeps(r, threshold, what, name, minimum=1):
         return None, (f"{name} keeps {what}: not measured ({plural(r['n'], of)}, {minimum} "
                       f"needed)")
     ok = r["ci_high"] <= threshold
-    return bool(ok), (f"{name} changed {what} on {_rate(r, of)}: upper bound "
+    return bool(ok), (f"{name} changed {what} on {rate_text(r, of)}: upper bound "
                       f"{'at most' if ok else 'above'} {num(threshold)}")
 
 
@@ -443,7 +444,7 @@ def verdict(frame, tests, keep_threshold):
         word = "double dissociation"
     else:
         word = "partial" if passed["z_changes_answers"] else "null"
-    plan = _get(tests, "z vs zperp answers")
+    plan = get_test(tests, "z vs zperp answers")
     explain = explained_by(rates["z"]["answer_change"], rates["noop"]["answer_change"], tests)
     return dict(verdict=word, primary=bool(tests.primary.any()) if len(tests) else False,
                 failed=", ".join(n for n, ok in passed.items() if ok is not True), **passed,
@@ -479,7 +480,7 @@ def compute_tables(rows, null=None, keep_threshold=0.2, primary=None):
     """metrics, controls, null_draws, tests and verdicts frames for every configuration; primary:
     the declared (layer, k, positions, source) (None: primary_config of the rows' first layer)."""
     check_complete(rows)
-    primary = primary or _primary(rows, {})
+    primary = primary or primary_of(rows, {})
     draws_all = null_draws(rows, null)
     metrics, controls, tests, frames = [], [], [], {}
     for config, frame in rows.groupby(CONFIG, sort=True):
@@ -499,10 +500,7 @@ def compute_tables(rows, null=None, keep_threshold=0.2, primary=None):
             pd.DataFrame(verdicts))
 
 
-# ----------------------------------------------------------------------------------------------
-# Sentences (every one generated from the tables)
-
-def _band(controls, condition, column):
+def band_text(controls, condition, column):
     draws = controls[controls.condition == condition][column].dropna()
     return (f"{num(draws.min())} to {num(draws.max())} (mean {num(draws.mean())}, "
             f"{plural(len(draws), 'draw')})" if len(draws) else NO_DRAWS)
@@ -516,256 +514,6 @@ def selection_sentence(config):
     return (f"Problems: {plural(s['tried'], 'pair')} tried, {s['kept']} kept by --solved "
             f"{s['mode']} (answered correctly unpatched: {s['correct_en']} in English, "
             f"{s['correct_zh']} in Chinese, {s['correct_both']} in both).")
-
-
-def baseline_sentence(frame, template):
-    none = _part(frame, "none", -1, "same")
-    counts = {lang: int((none.baseline_language == lang).sum()) for lang in ("en", "zh", "mixed", "none")}
-    n_en = counts["en"]
-    example = none[none.baseline_language == "en"].output.head(1).tolist()
-    return (f"Unpatched, the model answered {_rate(stats.rate(none.correct.sum(), len(none)), 'kept problem')} "
-            f"correctly ({int(none.truncated.sum())} truncated); its outputs were English on "
-            f"{n_en}, Chinese on {counts['zh']}, mixed on {counts['mixed']}, without words on "
-            f"{counts['none']}" + (f" (e.g. {example[0].strip()!r})" if example else "")
-            + (f"; the language criteria are over the {plural(n_en, 'English baseline')}." if
-               n_en >= MIN_ENGLISH else f"; the language criteria need {MIN_ENGLISH} English "
-               f"baselines and are not measured here."))
-
-
-def scored_sentence(tests, name, condition, metric, what, unit=" nats"):
-    t = _get(tests, f"{condition} {metric} vs random")
-    if t is None:
-        return ""
-    side = {"above": "one-sided, above the draws", "below": "one-sided, below the draws"}.get(
-        t["alternative"], "two-sided")
-    return (f"{name} shifted {what} by {num(t['value'], signed=True)}{unit}; "
-            f"{plural(t['draws'], 'random draw')} ({t['null']}): mean {num(t['mean'], signed=True)}, "
-            f"range {num(t['min'], signed=True)} to {num(t['max'], signed=True)}, rank test "
-            f"({side}) {_p_text(t)}.")
-
-
-def first_digit_sentence(frame, controls, tests):
-    """top1_src / top1_own with intervals over the swap pairs, and the pooled p_share shift."""
-    r = {c: condition_rates(frame, c) for c in ("z", "zperp", "full")}
-    z = r["z"]
-    if not z["top1_src"]["n"]:
-        return "The first-digit measures (top1, p_share) are not measured with the cot template."
-    t = _get(tests, "z top1_src vs random")
-    neither = z["top1_src"]["n"] - z["top1_src"]["count"] - z["top1_own"]["count"]
-    text = (f"With another problem's Chinese prompt as the source, the first-digit argmax became "
-            f"the source's first digit under Z on {_rate(z['top1_src'], 'swap pair')}, stayed "
-            f"the problem's own on {z['top1_own']['count']} and was neither on {neither}; under "
-            f"full replacement the source's on {_rate(r['full']['top1_src'], 'swap pair')}, under "
-            f"Z⊥ on {r['zperp']['top1_src']['count']}; random Z "
-            + (f"{num(t['min'])} to {num(t['max'])}, rank {_p_text(t)}" if t is not None else NO_DRAWS)
-            + f". p_share = p_src / (p_src + p_own) over the two first digits moved by "
-            f"{num(z['dp_share'], signed=True)} under Z and {num(r['full']['dp_share'], signed=True)} "
-            f"under full replacement (mean shift over the {plural(z['n_swap'], 'swap pair')}).")
-    return text
-
-
-def verdict_paragraph(frame, controls, tests, v, variance, template):
-    """A paragraph generated from the numbers only: baseline, noise floor, the primary test and
-    which control explains Z's effect, the other criteria, the first-digit and scored measures,
-    the en control, patch size and variance."""
-    r = {c: condition_rates(frame, c) for c in FIXED if (frame.condition == c).any()}
-    text = [baseline_sentence(frame, template)]
-    noop = r["noop"]
-    drift = _part(frame, "noop", -1, "same").dlogp_ref.abs().max()
-    text.append(f"The noop patch (each row's own states, through the same code path and batches) "
-                f"changed {_rate(noop['answer_change'], 'kept problem')} and moved log p(reference) "
-                f"by at most {num(drift)} nats: the noise floor.")
-    head = "Primary test" if v["primary"] else "Z changes answers (secondary)"
-    text.append(f"{head}: {v['z_changes_answers_reason']}.")
-    if v["explained_by"]:
-        names = {"random": "random subspaces of Z's size", "en": "the en control (a mean "
-                 "written into Z without Chinese content)", "noop": "the noop patch"}
-        text.append("Z's answer changes are explained by " + " and ".join(
-            names[c] for c in v["explained_by"].split(", ")) + ", which change as many answers "
-                    "or shift log p(reference) as much.")
-    plan = _get(tests, "z vs zperp answers")
-    if plan is not None:
-        text.append(f"The plan's partial criterion, Z changes answers more than Z⊥ (Z alone "
-                    f"{int(plan['b'])}, Z⊥ alone {int(plan['c'])}, one-sided McNemar {_p_text(plan)}): "
-                    f"{'met' if v['plan_partial'] else 'not met'}.")
-    text += [v[f"{name}_reason"] + "." for name in
-             ("z_keeps_language", "zperp_changes_language", "zperp_keeps_answers")]
-    text.append(first_digit_sentence(frame, controls, tests))
-    if r["z"]["transfer"]["n"]:
-        text.append(f"Decoded, the output took the source problem's answer on "
-                    f"{_rate(r['z']['transfer'], 'swap pair')} under Z, "
-                    f"{r['zperp']['transfer']['count']} under Z⊥, {r['full']['transfer']['count']} "
-                    f"under full replacement, random Z {_band(controls, 'rand_z', 'transfer')}.")
-    what = "log p(reference) at the readout" if template == "cot" else "log p(reference)"
-    text += [scored_sentence(tests, "Z", "z", "dlogp_ref", what + " (same-problem source)"),
-             scored_sentence(tests, "Z", "z", "dld_swap", "ld (own minus source answer, swap source)"),
-             scored_sentence(tests, "Z", "z", "dlang_ref", "the language margin after the answer"),
-             scored_sentence(tests, "Z⊥", "zperp", "dlang_ref", "the language margin")]
-    if "en" in r:
-        text.append(f"Writing the English prompt's own question mean into Z (en) changed "
-                    f"{_rate(r['en']['answer_change'], 'kept problem')} and shifted {what} by "
-                    f"{num(r['en']['dlogp_ref'], signed=True)} nats (Z: "
-                    f"{num(r['z']['dlogp_ref'], signed=True)}).")
-    text.append(patch_size_sentence(r, controls))
-    text.append(variance_sentence(variance, frame.layer.iloc[0], frame.k.iloc[0]))
-    failed = v["failed"].replace("_", " ") if v["failed"] else "none"
-    text.append(f"**Verdict: {v['verdict']}** (criteria not met: {failed}).")
-    return " ".join(t for t in text if t)
-
-
-def patch_size_sentence(r, controls):
-    sizes = ", ".join(f"{LABEL[c]} {num(r[c]['patch_size'])}" for c in ("z", "zperp", "full", "en")
-                      if c in r)
-    rand = controls[controls.condition == "rand_z"].patch_size
-    text = f"Mean patch size |P_S(s − h)| over the patched positions: {sizes}" + (
-        f", random Z {num(rand.mean())} (mean over {plural(len(rand), 'draw')})." if len(rand) else ".")
-    if len(rand) and r["z"]["patch_size"] > rand.max():
-        text += (f" Z's patch moves the state further than every random draw's (largest "
-                 f"{num(rand.max())}): part of any Z effect over the random band may be the size "
-                 f"of the patch, not its direction.")
-    return text
-
-
-def variance_sentence(variance, layer, k):
-    if variance is None or not len(variance):
-        return ""
-    v = variance[(variance.layer == layer) & (variance.k == k)]
-    z = v[v.basis == "z"].share
-    parts = [f"{kind} random {k}-dim subspaces {num(100 * v[v.basis == kind].share.mean())}% "
-             f"(range {num(100 * v[v.basis == kind].share.min())}-"
-             f"{num(100 * v[v.basis == kind].share.max())}%)"
-             for kind in ("uniform", "matched") if (v.basis == kind).any()]
-    return (f"Z holds {num(100 * z.iloc[0])}% of the layer's activation variance (prompt tokens, "
-            f"position 0 left out); " + " and ".join(parts) + ".") if len(z) else ""
-
-
-def _average(value, n, noun, qualifier=""):
-    """'+1.2 on the 40 English baselines' / 'not measured (no Chinese baseline)'."""
-    if not n:
-        return f"{NOT_MEASURED} (no {noun}{qualifier})"
-    return f"{num(value, signed=True)} on the {plural(n, noun)}{qualifier}"
-
-
-def checks_markdown(checks, template):
-    at = "at the unpatched run's own 'The answer is'" if template == "cot" else "right after the prompt"
-    groups = checks["n_correct"] and checks["n_missed"]
-    higher = checks["logp_ref_correct"] > checks["logp_ref_missed"]
-    lines = [f"Scored {at}. Unpatched, log p(reference) averages "
-             f"{_average(checks['logp_ref_correct'], checks['n_correct'], 'problem', ' answered correctly')}"
-             f" and {_average(checks['logp_ref_missed'], checks['n_missed'], 'problem', ' missed')} ("
-             + ("cannot be compared: one of the groups is empty" if not groups else
-                "higher where the model knows the answer, as a measure of it must be" if higher else
-                "NOT higher where the model knows the answer: read the scored numbers with suspicion")
-             + "). The language margin log P(Latin word) − log P(Chinese word) after the "
-             f"reference answer averages "
-             f"{_average(checks['lang_ref_english'], checks['n_english'], 'English baseline')}"
-             + (f" (positive on {checks['lang_ref_english_positive']})" if checks["n_english"] else "")
-             + f" and {_average(checks['lang_ref_chinese'], checks['n_chinese'], 'Chinese baseline')}."]
-    if checks["n_unscored"]:
-        lines.append(f"{checks['n_unscored']} of {checks['n']} unpatched outputs have no "
-                     f"'The answer is': their rows are not scored and left out of the means.")
-    return lines
-
-
-# ----------------------------------------------------------------------------------------------
-# SUMMARY.md and the patching table
-
-def _cell(text, width=60):
-    text = " ".join(str(text).split()).replace("|", "\\|")
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
-def render_patching_table(frame):
-    """The plan's table for one configuration (same-problem source), as markdown lines."""
-    lines = ["| problem | original (en) | Z-patched (en←zh) | Z⊥-patched (en←zh) | full-patched |",
-             "|---|---|---|---|---|"]
-    cells = {c: _part(frame, c, -1, "same").set_index("problem_id")
-             for c in ("none", "z", "zperp", "full")}
-    for pid in cells["none"].index:
-        row = [pid]
-        for c in ("none", "z", "zperp", "full"):
-            r = cells[c].loc[pid]
-            answer = "truncated" if r.truncated else "no number" if pd.isna(r.answer) else \
-                problems.format_number(r.answer)
-            row.append(f"{_cell(r.output)} **[{answer}, {r.language}]**")
-        lines.append("| " + " | ".join(row) + " |")
-    return lines
-
-
-def conditions_markdown(frame):
-    """One line per fixed condition: rates with intervals, truncation, scored shifts, patch size."""
-    lines = ["| condition | answers changed (kept problems) | language changed (English baselines) "
-             "| top1 = source digit (swap pairs) | transferred (swap pairs) | truncated | Δ log p(ref) "
-             "| Δ ld (same) | Δ ld (swap) | Δ p_share (swap) | Δ language margin | patch size |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in FIXED:
-        if not (frame.condition == c).any():
-            continue
-        r = condition_rates(frame, c)
-        cells = [_rate(r[m], "row") if r[m]["n"] else NOT_MEASURED for m in
-                 ("answer_change", "language_change", "top1_src", "transfer")]
-        cells += [f"{r['truncated']['count']} of {r['truncated']['n']}"]
-        cells += [num(r[m], signed=True) for m in ("dlogp_ref", "dld_same", "dld_swap", "dp_share",
-                                                  "dlang_ref")] + [num(r["patch_size"])]
-        lines.append(f"| {LABEL[c]} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def tests_markdown(tests):
-    lines = ["| test | null | alternative | value | draws or pairs | null range | p | Holm p |",
-             "|---|---|---|---|---|---|---|---|"]
-    for t in tests.itertuples():
-        spread = (f"{num(t.min)} to {num(t.max)}" if not pd.isna(getattr(t, "min", math.nan))
-                  else f"{int(t.b)} vs {int(t.c)}" if not pd.isna(getattr(t, "b", math.nan)) else "")
-        size = t.draws if not pd.isna(getattr(t, "draws", math.nan)) else getattr(t, "n", math.nan)
-        lines.append(f"| {t.test}{' (primary)' if t.primary else ''} | {t.null} | "
-                     f"{t.alternative} | {'' if pd.isna(t.value) else num(t.value)} | "
-                     f"{'' if pd.isna(size) else int(size)} | {spread} | {num(t.p)} | "
-                     f"{'' if pd.isna(t.p_holm) else num(t.p_holm)} |")
-    return lines
-
-
-def write_summary(out_dir, rows, tables, checks, variance, config):
-    """SUMMARY.md and patching_table.md, both generated from the CSV frames."""
-    metrics, controls, draws, tests, verdicts = tables
-    args, model = config.get("args", {}), config.get("model", {})
-    template = args.get("template", "direct")
-    primary = _primary(rows, config)
-    head = ["# Experiment A: activation patching of Z", "",
-            f"Model `{model.get('name_or_path')}` ({model.get('dtype')}, {model.get('device_name')}), "
-            f"{plural(rows.problem_id.nunique(), 'problem')}, template `{template}`, site "
-            f"`{args.get('site')}`, skip first position: {args.get('skip_first')}, random "
-            f"subspaces: `{args.get('random_kind')}`, command `{config.get('command')}`, git "
-            f"{config.get('git_commit')}. {selection_sentence(config)} Every number and sentence "
-            f"here is generated from the CSVs in this folder; rebuild with `python "
-            f"exp_a_patching.py --replot --out <this folder>`.", "",
-            f"Declared primary test (config.json): {primary_description(primary)}. Every other "
-            f"test is secondary, its p Holm-adjusted over tests.csv.", "",
-            "## Checks on the measure", ""] + checks_markdown(checks, template) + [
-            "", "## Overview", "",
-            "| layer | k | positions | source | Z answers changed | random Z | en | p (Z changes "
-            "answers) | Z top1 = source digit | Z language changed | verdict |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
-    body, table = [], ["# Experiment A: the plan's patching tables", ""]
-    for config_key, frame in rows.groupby(CONFIG, sort=True):
-        c, t = (select_config(f, config_key) for f in (controls, tests))
-        v = select_config(verdicts, config_key).iloc[0]
-        r = {name: condition_rates(frame, name) for name in ("z", "en") if (frame.condition == name).any()}
-        head.append("| {} | {} | {} | {} | ".format(*config_key) + " | ".join([
-            _rate(r["z"]["answer_change"], "problem"), _band(c, "rand_z", "answer_change"),
-            _rate(r["en"]["answer_change"], "problem") if "en" in r else "not run",
-            _p_text(_get(t, "z changes answers")), _rate(r["z"]["top1_src"], "swap pair"),
-            _rate(r["z"]["language_change"], "English baseline"),
-            v["verdict"] + (" (primary)" if v["primary"] else "")]) + " |")
-        name = "layer {} · k {} · positions {} · source {}".format(*config_key)
-        body += [f"## {name}", "", verdict_paragraph(frame, c, t, v, variance, template), "",
-                 "### Conditions (95% Wilson intervals; scored shifts in nats)", ""]
-        body += conditions_markdown(frame) + ["", "### Tests", ""] + tests_markdown(t)
-        body += ["", "### Patching table (same-problem source; [answer, language])", ""]
-        body += render_patching_table(frame) + [""]
-        table += [f"## {name}", ""] + render_patching_table(frame) + [""]
-    Path(out_dir, "SUMMARY.md").write_text("\n".join(head + [""] + body), encoding="utf-8")
-    Path(out_dir, "patching_table.md").write_text("\n".join(table), encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -787,14 +535,14 @@ def load_run(out_dir):
 def _tables(out_dir):
     rows, null, variance, config = load_run(out_dir)
     tables = compute_tables(rows, null, config.get("args", {}).get("keep_threshold", 0.2),
-                            _primary(rows, config))
+                            primary_of(rows, config))
     return rows, variance, config, tables
 
 
 def summarize(out_dir, figures_dir=Path("figures")):
     """Rebuild every table, SUMMARY.md, patching_table.md and the figures from a run's CSVs.
     Returns the verdicts frame and the paths written."""
-    from zcausal.summaries import exp_a_figures
+    from zcausal.summaries import exp_a_figures, exp_a_text
     out_dir = Path(out_dir)
     rows, variance, config, tables = _tables(out_dir)
     names = measure_names(config.get("args", {}).get("template", "direct"))
@@ -804,7 +552,7 @@ def summarize(out_dir, figures_dir=Path("figures")):
         written.append(out_dir / f"{name}.csv")
     checks = measure_checks(rows)
     runs.write_csv(pd.DataFrame([checks]).rename(columns=names), out_dir / "measure_checks.csv")
-    write_summary(out_dir, rows, tables, checks, variance, config)
+    exp_a_text.write_summary(out_dir, rows, tables, checks, variance, config)
     written += [out_dir / n for n in ("measure_checks.csv", "SUMMARY.md", "patching_table.md")]
     written += exp_a_figures.plot_figures(out_dir, figures_dir, tables,
                                           config.get("args", {}).get("template", "direct"))
@@ -824,6 +572,7 @@ def replot(args):
 def summary_lines(out_dir):
     """The selection, the check on the measure and the verdict paragraph per configuration
     (report.py)."""
+    from zcausal.summaries.exp_a_text import checks_markdown, verdict_paragraph
     rows, variance, config, (_, controls, _, tests, verdicts) = _tables(out_dir)
     template = config.get("args", {}).get("template", "direct")
     lines = [selection_sentence(config)] if config.get("solved") else []
@@ -839,7 +588,7 @@ def summary_lines(out_dir):
 def headline(out_dir):
     """report.py's row and lead: dict(verdict, value, lead) from the declared primary test."""
     rows, _, config, (_, controls, _, tests, verdicts) = _tables(out_dir)
-    primary = _primary(rows, config)
+    primary = primary_of(rows, config)
     frame = select_config(rows, primary)
     if not len(frame):
         return dict(verdict=NOT_MEASURED, value="the declared primary configuration (layer {}, "
@@ -850,14 +599,14 @@ def headline(out_dir):
     en = condition_rates(frame, "en")["answer_change"] if (frame.condition == "en").any() else None
     a = z["answer_change"]
     value = (f"{interval(a['value'], a['ci_low'], a['ci_high'])} of answers changed by Z vs "
-             f"random {_band(c, 'rand_z', 'answer_change')}"
+             f"random {band_text(c, 'rand_z', 'answer_change')}"
              + (f" and en {num(en['value'])}" if en is not None else "")
-             + f" ({_p_text(_get(t, 'z changes answers'))}, {plural(a['n'], 'kept problem')})")
+             + f" ({p_text(get_test(t, 'z changes answers'))}, {plural(a['n'], 'kept problem')})")
     lead = [s for s in [selection_sentence(config)] if s]
     lead.append("At layer {}, k {} (positions {}, source {}), Z changed ".format(*primary)
-                + f"{_rate(a, 'kept problem')}" + (f", en {en['count']}" if en is not None else "")
+                + f"{rate_text(a, 'kept problem')}" + (f", en {en['count']}" if en is not None else "")
                 + (f"; explained by {v['explained_by']}" if v["explained_by"] else "")
-                + f"; the first digit went to the source's under Z on {_rate(z['top1_src'], 'swap pair')}.")
+                + f"; the first digit went to the source's under Z on {rate_text(z['top1_src'], 'swap pair')}.")
     lead.append(f"Verdict: {v['verdict']}" + (f" (criteria not met: {v['failed'].replace('_', ' ')})"
                                               if v["failed"] else "") + ".")
     return dict(verdict=v["verdict"], value=value, lead=lead[:3])
