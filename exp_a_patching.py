@@ -1,6 +1,6 @@
 """Experiment A: activation patching of Z at a layer, English run <- Chinese source.
 
-    python exp_a_patching.py --k 20 50                             # the plan's layer 32 of 36 at this depth
+    python exp_a_patching.py --k 20 50                             # the plan's layer at this depth
     python exp_a_patching.py --depth 0.889 --k 20 50 --source mean last  # the same depth, named
     python exp_a_patching.py --model tiny-random --smoke           # smoke run, seconds, offline
     python exp_a_patching.py --replot --out results/exp_a          # SUMMARY.md, figures: no model
@@ -57,7 +57,8 @@ from zcausal.summaries import exp_a as summary
 
 CONDITIONS = ["none", "noop", "z", "zperp", "full", "en"]
 SWAPPED = {"z", "zperp", "full", "rand_z", "rand_zperp"}  # conditions also run with a swap source
-MAX_NEW_TOKENS = {"direct": 10, "cot": 100}  # direct: 5 digits, a space, a character in 3 bytes, 1 more
+# direct: 5 digits, a space, a character split over 3 bytes, and one more
+MAX_NEW_TOKENS = {"direct": 10, "cot": 100}
 SMOKE = {"limit": 4, "solved": "off", "min_pairs": 2, "n_random": 2, "n_random_logprob": 4,
          "k": [8], "depth": [0.5]}
 BANK_PAIRS = 200  # --prompts bank without --limit: the bank's first 200 pairs are tried
@@ -318,7 +319,8 @@ def first_digit_fields(s, own, partner, first_ids):
     (p_partner + p_own) over the two first digits."""
     if math.isnan(s["top1"]):
         return dict(top1_own=None, top1_src=None, p_share=math.nan)
-    return dict(top1_own=int(s["top1"]) == first_ids[own], top1_src=int(s["top1"]) == first_ids[partner],
+    top1 = int(s["top1"])
+    return dict(top1_own=top1 == first_ids[own], top1_src=top1 == first_ids[partner],
                 p_share=1 / (1 + math.exp(s["first_ref"] - s["first_swap"])))
 
 
@@ -369,7 +371,8 @@ def null_table(jobs, decodes, scores, pairs, swap_of, first_ids):
         s = score_of(job, decodes, scores)
         records.append(dict(problem_id=pairs[job.problem]["id"], layer=job.layer, k=job.k,
                             positions=job.positions, source=job.source, condition=job.condition,
-                            draw=job.draw, pair="same" if job.source_problem == job.problem else "swap",
+                            draw=job.draw,
+                            pair="same" if job.source_problem == job.problem else "swap",
                             **s, ld=s["logp_ref"] - s["logp_swap"],
                             **first_digit_fields(s, job.problem, swap_of[job.problem], first_ids)))
     return pd.DataFrame(records, columns=columns)
@@ -492,7 +495,8 @@ def main(args):
         return summary.replot(args)
     tried, template = validate(args)
     out, model, tokenizer, pairs, solved = start_run(args, tried, template)
-    swap_of = problems.derangement([p["answer"] for p in pairs], args.seed, key=problems.first_digit)
+    swap_of = problems.derangement([p["answer"] for p in pairs], args.seed,
+                                   key=problems.first_digit)
     if not args.resume:  # a resumed run keeps the config.json it was started with
         primary = summary.primary_config(args.layer, args.k, args.positions, args.source,
                                          common.plan_layer_at_depth(model))

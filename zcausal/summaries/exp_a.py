@@ -195,7 +195,8 @@ def metrics_table(frame):
     for name in ("en", "zh", "none", "mixed"):
         out.append(dict(condition="none", metric=f"baseline_{name}",
                         **stats.rate((none.baseline_language == name).sum(), len(none))))
-    out.append(dict(condition="none", metric="correct", **stats.rate(none.correct.sum(), len(none))))
+    out.append(dict(condition="none", metric="correct",
+                    **stats.rate(none.correct.sum(), len(none))))
     for condition in FIXED:
         if not (frame.condition == condition).any():
             continue
@@ -248,7 +249,8 @@ def rank_tests(controls, draws):
             continue
         for metric in DECODED_METRICS + SCORED_METRICS:
             scored = metric in SCORED_METRICS and len(draws)
-            null = draws[draws.condition == rand] if scored else controls[controls.condition == rand]
+            null = (draws if scored else controls)
+            null = null[null.condition == rand]
             value = float(own[metric].iloc[0])
             result = stats.rank_test(value, null[metric].to_numpy(float)) if metric in null else {}
             if result:
@@ -338,7 +340,8 @@ def rate_text(r, of):
     """'4 of 44 kept problems (0.091 [0.036, 0.21])': count, pair set and n, rate with interval."""
     if not r["n"]:
         return f"{NOT_MEASURED} (no {of})"
-    return f"{r['count']} of {plural(r['n'], of)} ({interval(r['value'], r['ci_low'], r['ci_high'])})"
+    return (f"{r['count']} of {plural(r['n'], of)} "
+            f"({interval(r['value'], r['ci_low'], r['ci_high'])})")
 
 
 def get_test(tests, name):
@@ -393,7 +396,8 @@ def z_changes(rates, tests):
                      f"{int(en['b'])}, en alone {int(en['c'])}, one-sided McNemar {p_text(en)}; "
                      f"log p(reference) lower under Z than under en on {int(shift['b'])} problems, "
                      f"higher on {int(shift['c'])}, sign test {p_text(shift)}")
-    parts.append(f"noop {num(noop['value'])}, Z's lower bound {'above' if z['ci_low'] > noop['value'] else 'not above'} it")
+    above = "above" if z["ci_low"] > noop["value"] else "not above"
+    parts.append(f"noop {num(noop['value'])}, Z's lower bound {above} it")
     if t is None or pd.isna(t["p"]):
         return False, "; ".join(parts) + ": not tested (" + (
             "no random draws" if rank is None else "no en control") + ")"
@@ -604,9 +608,10 @@ def headline(out_dir):
              + f" ({p_text(get_test(t, 'z changes answers'))}, {plural(a['n'], 'kept problem')})")
     lead = [s for s in [selection_sentence(config)] if s]
     lead.append("At layer {}, k {} (positions {}, source {}), Z changed ".format(*primary)
-                + f"{rate_text(a, 'kept problem')}" + (f", en {en['count']}" if en is not None else "")
+                + rate_text(a, "kept problem") + (f", en {en['count']}" if en is not None else "")
                 + (f"; explained by {v['explained_by']}" if v["explained_by"] else "")
-                + f"; the first digit went to the source's under Z on {rate_text(z['top1_src'], 'swap pair')}.")
-    lead.append(f"Verdict: {v['verdict']}" + (f" (criteria not met: {v['failed'].replace('_', ' ')})"
-                                              if v["failed"] else "") + ".")
+                + "; the first digit went to the source's under Z on "
+                + rate_text(z["top1_src"], "swap pair") + ".")
+    failed = f" (criteria not met: {v['failed'].replace('_', ' ')})" if v["failed"] else ""
+    lead.append(f"Verdict: {v['verdict']}{failed}.")
     return dict(verdict=v["verdict"], value=value, lead=lead[:3])

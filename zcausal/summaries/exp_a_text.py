@@ -15,12 +15,16 @@ from zcausal.summaries.exp_a import (CONFIG, FIXED, LABEL, MIN_ENGLISH, NO_DRAWS
 from zcausal.summaries.text import NOT_MEASURED, num, plural
 
 
-def baseline_sentence(frame, template):
+def baseline_sentence(frame):
+    """Accuracy and output languages of the unpatched rows (the language of the words after the
+    number), and whether the language criteria have their 20 English baselines."""
     none = rows_of(frame, "none", -1, "same")
-    counts = {lang: int((none.baseline_language == lang).sum()) for lang in ("en", "zh", "mixed", "none")}
+    counts = {lang: int((none.baseline_language == lang).sum())
+              for lang in ("en", "zh", "mixed", "none")}
     n_en = counts["en"]
     example = none[none.baseline_language == "en"].output.head(1).tolist()
-    return (f"Unpatched, the model answered {rate_text(stats.rate(none.correct.sum(), len(none)), 'kept problem')} "
+    correct = rate_text(stats.rate(none.correct.sum(), len(none)), "kept problem")
+    return (f"Unpatched, the model answered {correct} "
             f"correctly ({int(none.truncated.sum())} truncated); its outputs were English on "
             f"{n_en}, Chinese on {counts['zh']}, mixed on {counts['mixed']}, without words on "
             f"{counts['none']}" + (f" (e.g. {example[0].strip()!r})" if example else "")
@@ -33,11 +37,13 @@ def scored_sentence(tests, name, condition, metric, what, value, unit=" nats"):
     """Z's (Z-perp's) scored shift, read against the scored random draws of its size."""
     t = get_test(tests, f"{condition} {metric} vs random")
     if t is None:
-        return f"{name} shifted {what} by {num(value, signed=True)}{unit}; random subspaces {NO_DRAWS}."
+        return (f"{name} shifted {what} by {num(value, signed=True)}{unit}; random subspaces "
+                f"{NO_DRAWS}.")
     side = {"above": "one-sided, above the draws", "below": "one-sided, below the draws"}.get(
         t["alternative"], "two-sided")
     return (f"{name} shifted {what} by {num(t['value'], signed=True)}{unit}; "
-            f"{plural(t['draws'], 'random draw')} ({t['null']}): mean {num(t['mean'], signed=True)}, "
+            f"{plural(t['draws'], 'random draw')} ({t['null']}): "
+            f"mean {num(t['mean'], signed=True)}, "
             f"range {num(t['min'], signed=True)} to {num(t['max'], signed=True)}, rank test "
             f"({side}) {p_text(t)}.")
 
@@ -53,12 +59,13 @@ def first_digit_sentence(frame, controls, tests):
     text = (f"With another problem's Chinese prompt as the source, the first-digit argmax became "
             f"the source's first digit under Z on {rate_text(z['top1_src'], 'swap pair')}, stayed "
             f"the problem's own on {z['top1_own']['count']} and was neither on {neither}; under "
-            f"full replacement the source's on {rate_text(r['full']['top1_src'], 'swap pair')}, under "
-            f"Z⊥ on {r['zperp']['top1_src']['count']}; random Z "
-            + (f"{num(t['min'])} to {num(t['max'])}, rank {p_text(t)}" if t is not None else NO_DRAWS)
+            f"full replacement the source's on {rate_text(r['full']['top1_src'], 'swap pair')}, "
+            f"under Z⊥ on {r['zperp']['top1_src']['count']}; random Z "
+            + (f"{num(t['min'])} to {num(t['max'])}, rank {p_text(t)}" if t is not None
+               else NO_DRAWS)
             + f". p_share = p_src / (p_src + p_own) over the two first digits moved by "
-            f"{num(z['dp_share'], signed=True)} under Z and {num(r['full']['dp_share'], signed=True)} "
-            f"under full replacement (mean shift over the {plural(z['n_swap'], 'swap pair')}).")
+            f"{num(z['dp_share'], signed=True)} under Z and "
+            f"{num(r['full']['dp_share'], signed=True)} under full replacement (mean shift over the {plural(z['n_swap'], 'swap pair')}).")
     return text
 
 
@@ -67,12 +74,12 @@ def verdict_paragraph(frame, controls, tests, v, variance, template):
     which control explains Z's effect, the other criteria, the first-digit and scored measures,
     the en control, patch size and variance."""
     r = {c: condition_rates(frame, c) for c in FIXED if (frame.condition == c).any()}
-    text = [baseline_sentence(frame, template)]
+    text = [baseline_sentence(frame)]
     noop = r["noop"]
     drift = rows_of(frame, "noop", -1, "same").dlogp_ref.abs().max()
     text.append(f"The noop patch (each row's own states, through the same code path and batches) "
-                f"changed {rate_text(noop['answer_change'], 'kept problem')} and moved log p(reference) "
-                f"by at most {num(drift)} nats: the noise floor.")
+                f"changed {rate_text(noop['answer_change'], 'kept problem')} and moved log "
+                f"p(reference) by at most {num(drift)} nats: the noise floor.")
     head = "Primary test" if v["primary"] else "Z changes answers (secondary)"
     text.append(f"{head}: {v['z_changes_answers_reason']}.")
     if v["explained_by"]:
@@ -84,7 +91,8 @@ def verdict_paragraph(frame, controls, tests, v, variance, template):
     plan = get_test(tests, "z vs zperp answers")
     if plan is not None:
         text.append(f"The plan's partial criterion, Z changes answers more than Z⊥ (Z alone "
-                    f"{int(plan['b'])}, Z⊥ alone {int(plan['c'])}, one-sided McNemar {p_text(plan)}): "
+                    f"{int(plan['b'])}, Z⊥ alone {int(plan['c'])}, one-sided McNemar "
+                    f"{p_text(plan)}): "
                     f"{'met' if v['plan_partial'] else 'not met'}.")
     text += [v[f"{name}_reason"] + "." for name in
              ("z_keeps_language", "zperp_changes_language", "zperp_keeps_answers")]
@@ -92,8 +100,9 @@ def verdict_paragraph(frame, controls, tests, v, variance, template):
     if r["z"]["transfer"]["n"]:
         text.append(f"Decoded, the output took the source problem's answer on "
                     f"{rate_text(r['z']['transfer'], 'swap pair')} under Z, "
-                    f"{r['zperp']['transfer']['count']} under Z⊥, {r['full']['transfer']['count']} "
-                    f"under full replacement, random Z {band_text(controls, 'rand_z', 'transfer')}.")
+                    f"{r['zperp']['transfer']['count']} under Z⊥, "
+                    f"{r['full']['transfer']['count']} under full replacement, random Z "
+                    f"{band_text(controls, 'rand_z', 'transfer')}.")
     what = "log p(reference) at the readout" if template == "cot" else "log p(reference)"
     for name, c, metric, said in (
             ("Z", "z", "dlogp_ref", what + " (same-problem source)"),
@@ -118,7 +127,8 @@ def patch_size_sentence(r, controls):
                       if c in r)
     rand = controls[controls.condition == "rand_z"].patch_size
     text = f"Mean patch size |P_S(s − h)| over the patched positions: {sizes}" + (
-        f", random Z {num(rand.mean())} (mean over {plural(len(rand), 'draw')})." if len(rand) else ".")
+        f", random Z {num(rand.mean())} (mean over {plural(len(rand), 'draw')})." if len(rand)
+        else ".")
     if len(rand) and r["z"]["patch_size"] > rand.max():
         text += (f" Z's patch moves the state further than every random draw's (largest "
                  f"{num(rand.max())}): part of any Z effect over the random band may be the size "
@@ -147,12 +157,14 @@ def _average(value, n, noun, qualifier=""):
 
 
 def checks_markdown(checks, template):
-    at = "at the unpatched run's own 'The answer is'" if template == "cot" else "right after the prompt"
+    at = ("at the unpatched run's own 'The answer is'" if template == "cot"
+          else "right after the prompt")
     groups = checks["n_correct"] and checks["n_missed"]
     higher = checks["logp_ref_correct"] > checks["logp_ref_missed"]
     lines = [f"Scored {at}. Unpatched, log p(reference) averages "
-             f"{_average(checks['logp_ref_correct'], checks['n_correct'], 'problem', ' answered correctly')}"
-             f" and {_average(checks['logp_ref_missed'], checks['n_missed'], 'problem', ' missed')} ("
+             + _average(checks["logp_ref_correct"], checks["n_correct"], "problem",
+                        " answered correctly")
+             + f" and {_average(checks['logp_ref_missed'], checks['n_missed'], 'problem', ' missed')} ("
              + ("cannot be compared: one of the groups is empty" if not groups else
                 "higher where the model knows the answer, as a measure of it must be" if higher else
                 "NOT higher where the model knows the answer: read the scored numbers with suspicion")
@@ -250,7 +262,8 @@ def write_summary(out_dir, rows, tables, checks, variance, config):
     for config_key, frame in rows.groupby(CONFIG, sort=True):
         c, t = (select_config(f, config_key) for f in (controls, tests))
         v = select_config(verdicts, config_key).iloc[0]
-        r = {name: condition_rates(frame, name) for name in ("z", "en") if (frame.condition == name).any()}
+        r = {name: condition_rates(frame, name) for name in ("z", "en")
+             if (frame.condition == name).any()}
         head.append("| {} | {} | {} | {} | ".format(*config_key) + " | ".join([
             rate_text(r["z"]["answer_change"], "problem"), band_text(c, "rand_z", "answer_change"),
             rate_text(r["en"]["answer_change"], "problem") if "en" in r else "not run",
