@@ -16,8 +16,11 @@ plan's layer 32 of 36 at this model's depth), k 50, mean source, prompt position
 answers than random subspaces of its size (rank test), more than `en` on the same problems (exact
 McNemar on the problems where they differ) and lowers log p(reference) more than `en` (exact sign
 test), all one-sided: an intersection-union test whose p-value is the largest of the three, with the
-Wilson lower bound of Z's rate above the noop rate. Every other test in tests.csv is secondary and
-Holm-adjusted (p_holm); the label "partial" rests on the primary test only.
+Wilson lower bound of Z's rate above the noop rate. The label "partial" rests on the primary test
+only; "double dissociation" is the conjunction of it and, at the same configuration, Z keeps
+language, Z-perp changes language and Z-perp keeps answers (each at its raw level: a conjunction
+needs no correction). Every other test in tests.csv is secondary and Holm-adjusted (p_holm). The
+language criteria are "not measured" with fewer than 20 English baselines.
 """
 import json
 import math
