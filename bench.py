@@ -3,6 +3,7 @@
     python bench.py                                  # Qwen2.5-3B's shape, bf16, on the GPU: every part
     python bench.py --parts step a                   # the decode step and A's gold grid only
     python bench.py --shape tiny --parts a --pairs 4 # a small shape on the CPU, in seconds
+    python bench.py --out results/bench.csv          # append to the committed table of timings
 
 Parts (in this order; --parts picks, --pairs sizes A, the sample, B, C and D):
   a       Experiment A's gold grid (2 layers x k {20, 50} x positions {prompt, all} x source
@@ -16,9 +17,11 @@ Parts (in this order; --parts picks, --pairs sizes A, the sample, B, C and D):
   e       the layer sweep (SWEEP_FLAGS sizes it)
 Every part runs the scripts' own main() (A, B, C, D, the sweep) on the random model, handed to them
 in place of loading one (`serving`), writing into a temporary folder: the time a user waits.
-Each part prints its row and appends it to --out (results/bench.csv) the moment it ends, with the
-device name, peak memory, and its fraction of the compute limit: model tokens x 2 x parameters /
-the device's matmul rate, which bench measures first (one large product in the model's dtype).
+Each part prints its row and appends it to --out the moment it ends, with the device name, peak
+memory, and its fraction of the compute limit: model tokens x 2 x parameters / the device's matmul
+rate, which bench measures first (one large product in the model's dtype). The default --out,
+results/bench/bench.csv, is git-ignored (a user's timings never modify a tracked file); the
+committed rows are results/bench.csv, appended to only when --out names it.
 A part that fails prints its error, writes a row saying so, and the next part runs.
 """
 import contextlib
@@ -65,21 +68,31 @@ COLUMNS = ["run", "shape", "device", "dtype", "engine", "part", "status", "secon
            "generate_step_ms", "speedup_vs_generate", "peak_memory_gb", "matmul_tflops", "note"]
 
 
+def shape_config(shape, tokenizer=None):
+    """The Qwen2Config of a bench shape (the tiny one sized to the tiny tokenizer)."""
+    from transformers import Qwen2Config
+    if shape == "tiny":
+        return common.tiny_config(len(tokenizer or common.tiny_tokenizer()))
+    return Qwen2Config(**QWEN25_3B, eos_token_id=0, pad_token_id=0, bos_token_id=0)
+
+
 def build_model(shape, device, dtype):
     """A random-weight Qwen2ForCausalLM of the shape, built directly on the device."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
     tokenizer = common.tiny_tokenizer()
-    if shape == "tiny":
-        config = common.tiny_config(len(tokenizer))
-    else:
-        config = Qwen2Config(**QWEN25_3B, eos_token_id=0, pad_token_id=0, bos_token_id=0)
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen2ForCausalLM(config)
+        model = Qwen2ForCausalLM(shape_config(shape, tokenizer))
     model.to(dtype).eval()
     model.name_or_path_for_results = f"random-{shape}"
     model.tokenizer_for_decoding = tokenizer  # decoding's digit table (stop_when_number_ends)
     return model, tokenizer
+
+
+def device_name(device):
+    """The name a bench row records for the device: the GPU's, or CPU (arch, threads)."""
+    return (torch.cuda.get_device_name(device) if str(device).startswith("cuda")
+            else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
 
 
 class PartError(Exception):
@@ -186,7 +199,7 @@ def run_script(module, argv, optional, ctx, workdir):
     --figures under workdir. Returns (seconds, out folder, flags left out)."""
     out = Path(workdir) / module.__name__
     base = ["--model", ctx["model"].name_or_path_for_results, "--device", ctx["device"],
-            "--dtype", ctx["dtype_name"], "--out", str(out), "--figures", str(out / "figures")]
+            "--dtype", ctx["dtype_name"], "--out", str(out)]  # figures: <out>/figures
     argv, left_out = accepted(module.parse_args, base + argv, optional)
     args = module.parse_args(argv)
     with serving(ctx["model"], ctx["tokenizer"], module), Timer(ctx["device"]) as t:
@@ -377,6 +390,68 @@ def _note(left_out, text=""):
 
 
 # ----------------------------------------------------------------------------------------------
+# The cost model: what a part took here, scaled to another model, device and number of pairs
+
+# The tables of measured rows: the user's own first (this machine), then the committed ones.
+COST_TABLES = [Path("results") / "bench" / "bench.csv", runs.REPO / "results" / "bench.csv"]
+
+
+def parameter_count(config):
+    """Parameters of a model of `config` (counted on the meta device: no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def cost_rows(tables=None):
+    """The finished rows (status ok, with pairs) of the bench tables that exist, newest first."""
+    frames = [runs.load_csv(t) for t in (tables or COST_TABLES) if Path(t).is_file()]
+    frames = [f for f in frames if f.columns.tolist() == COLUMNS]
+    if not frames:
+        return pd.DataFrame(columns=COLUMNS)
+    rows = pd.concat(frames, ignore_index=True)
+    rows = rows[(rows.status == "ok") & rows.pairs.notna() & (rows.seconds > 0)]
+    return rows.sort_values("run", ascending=False, kind="stable")
+
+
+def estimate(part, rows, parameters, pairs, tflops, device):
+    """(seconds, basis) for `part` on `pairs` pairs of a model with `parameters` on a device of
+    matmul rate `tflops`: a row of the part measured on the same kind of device (CPU or GPU; this
+    very device first, then the newest) with a model within 10x of the parameters, scaled by pairs,
+    parameters and matmul rate; (None, reason) without one. Scaling across device kinds or model
+    sizes misleads (a GPU row of the 3B shape spends most of its time off the matmul units, a tiny
+    row on overheads). The row's grid is bench's, not necessarily the experiment's defaults: read
+    the result as an order of magnitude."""
+    name = device_name(device)
+    sizes = {shape: parameter_count(shape_config(shape)) for shape in SHAPES}
+    mine = rows[(rows.part == part) & (rows.device.str.startswith("CPU") == name.startswith("CPU"))]
+    mine = mine[[0.1 <= sizes.get(shape, 0) / parameters <= 10 for shape in mine["shape"]]]
+    if not len(mine):
+        return None, (f"no bench row of part {part} for a model of this size on a "
+                      f"{'CPU' if name.startswith('CPU') else 'GPU'}: python bench.py --parts {part}"
+                      f" --out results/bench/bench.csv here gives one")
+    here = mine[mine.device == name]
+    row = (here if len(here) else mine).iloc[0]
+    seconds = (row["seconds"] * pairs / row["pairs"] * parameters / sizes[row["shape"]]
+               * row["matmul_tflops"] / tflops)
+    return float(seconds), (f"bench part {part} on {row['device']} ({row['run']}): "
+                            f"{row['seconds']:.3g} s for {int(row['pairs'])} pairs of "
+                            f"random-{row['shape']}, scaled")
+
+
+def sweep_flops(config, pairs, n_conditions, last_m, prompt_tokens, answer_tokens=3):
+    """FLOPs of E's layer sweep (exp_e_layer_sweep.query_flops at every layer, both pairings:
+    `same` rows score one answer, `swap` rows two), the prompts cached once: a lower bound of its
+    time at the device's matmul rate (DAS and the decoded checks left out)."""
+    import exp_e_layer_sweep as E
+    L, rows = config.num_hidden_layers, pairs * n_conditions
+    return sum(E.query_flops(config, rows, last_m + segments * answer_tokens, prompt_tokens,
+                             L - 1 - layer, segments * answer_tokens + 1)
+               for layer in range(L) for segments in (1, 2))
+
+
+# ----------------------------------------------------------------------------------------------
 
 def record(row, out):
     """Print the row and append it to the CSV at once (flushed), so a run cut short keeps it."""
@@ -420,19 +495,17 @@ def setup(args):
     data = problems.load_prompts(problems.DEFAULT_PROMPTS)
     if not 2 <= pairs <= len(data["pairs"]):
         raise runs.UsageError(f"--pairs {pairs}: pass 2 to {len(data['pairs'])} (prompts.json)")
-    device_name = (torch.cuda.get_device_name(device) if device.startswith("cuda")
-                   else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
     with Timer(device) as build:
         model, tokenizer = build_model(args.shape, device, dtype)
     ctx = dict(run=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), shape=args.shape,
-               spec=spec, device=device, device_name=device_name,
+               spec=spec, device=device, device_name=device_name(device),
                dtype_name=str(dtype).replace("torch.", ""), model=model, tokenizer=tokenizer,
                pairs=pairs, pair_data=data["pairs"][:pairs], engine=args.engine,
                engine_used=decoding.resolve_engine(args.engine, model),
                parameters=sum(p.numel() for p in model.parameters()),
                new_tokens=args.new_tokens or direct_new_tokens(data["pairs"][:pairs]))
     ctx["tflops"] = matmul_tflops(device, dtype)
-    print(f"[bench] {device_name}, {ctx['dtype_name']}, shape {args.shape}: "
+    print(f"[bench] {ctx['device_name']}, {ctx['dtype_name']}, shape {args.shape}: "
           f"{ctx['parameters'] / 1e9:.3f} B parameters built in {build.seconds:.1f} s; "
           f"matmul {ctx['tflops']:.3g} TFLOP/s; decode engine {ctx['engine_used']}; "
           f"{pairs} pairs; A decodes {ctx['new_tokens']} new tokens "
@@ -468,8 +541,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None, help="cpu or cuda; None: cuda if available")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="None: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--out", type=Path, default=runs.REPO / "results" / "bench.csv",
-                        help="CSV the rows are appended to, one per part as it ends")
+    parser.add_argument("--out", type=Path, default=Path("results") / "bench" / "bench.csv",
+                        help="CSV the rows are appended to, one per part as it ends (the "
+                             "committed rows: results/bench.csv)")
     return parser.parse_args(argv)
 
 

@@ -1,15 +1,21 @@
-"""Build results/REPORT.md from whatever runs exist under a results folder, without a model.
+"""A report of the runs under a results folder, rebuilt from their CSVs without a model.
 
-    python report.py                                  # results/ -> results/REPORT.md
-    python report.py --results results --out results/REPORT.md --figures figures
+    python report.py                           # your runs under results/ -> results/report/REPORT.md
+    python report.py --results results/qwen2.5-3b   # one study -> results/qwen2.5-3b/report/REPORT.md
+    python report.py --examples                # the committed report: results/example-*/ ->
+                                               #   results/REPORT.md, figures/report_sweep_by_depth.png
 
-A run is any folder with a config.json whose command is one of the experiment scripts. Runs are
-grouped by the model that made them. For each model and experiment the report gives the findings
-in words (the same sentences the experiment prints at the end of its run, generated from its CSVs
-by that experiment's own summary_lines), its figures, the command and config.json; then a table
-across models at the depth-matched layers (each experiment's headline); and one figure that puts
-every model's layer sweep (Experiment E) on a shared depth axis. Nothing in it depends on the
-time it was built: rebuilding gives identical bytes.
+A run is any folder with a config.json whose command is one of the experiment scripts. The report
+opens with one table, a row per run: its experiment, model, verdict and the one number behind the
+verdict with its interval (each experiment's headline); then one figure that puts every model's
+layer sweep (Experiment E) on a shared depth axis; then a section per model and run, led by the
+run's figures and a few short sentences, with the experiment's full generated paragraph (the
+sentences it prints at the end of its run), its command and its config.json below.
+
+User runs never modify a tracked file: without --examples the report and its sweep figure go to
+results/report/ (git-ignored), and the committed worked examples (the folders example-* directly
+under --results) are left out. Nothing in a report depends on the time it was built: rebuilding
+gives identical bytes.
 """
 import json
 import os
@@ -28,14 +34,23 @@ EXPERIMENTS = {
     "exp_e_layer_sweep.py": ("E", "layer sweep and DAS", exp_e),
 }
 SWEEP_FIGURE = "report_sweep_by_depth.png"
+EXAMPLES = "example-*"  # the committed worked examples, first-level folders of results/
+# The committed report (--examples): its runs, its file and its figure root.
+COMMITTED = dict(results=runs.REPO / "results", out=runs.REPO / "results" / "REPORT.md",
+                 figures=runs.REPO / "figures")
 # what reading a run folder that is still being written (or was interrupted) raises
 UNFINISHED = (UsageError, FileNotFoundError, KeyError, IndexError, ValueError)
 
 
-def find_runs(results):
-    """Every run folder under `results` (sorted): dicts with path, script, model, config."""
+def find_runs(results, examples=False):
+    """Every run folder under `results` (sorted): dicts with path, script, model, config. The
+    first-level folders named example-* are the committed worked examples: `examples` True keeps
+    only them, False leaves them out."""
     found = []
     for config_path in sorted(Path(results).rglob("config.json")):
+        top = config_path.relative_to(results).parts[0]
+        if Path(top).match(EXAMPLES) != examples:
+            continue
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
@@ -46,74 +61,73 @@ def find_runs(results):
                              config.get("args", {}).get("model"))).name
             found.append(dict(path=config_path.parent, script=script, model=model,
                               config=config))
-    return found
+    return sorted(found, key=lambda r: (r["model"], EXPERIMENTS[r["script"]][0], r["path"].name,
+                                        str(r["path"])))
 
 
 def _rel(path, start):
     return Path(os.path.relpath(Path(path).resolve(), Path(start).resolve())).as_posix()
 
 
-def run_section(run, results, report_dir, figures):
-    """Markdown lines for one run: findings, figures, command, config.json."""
-    letter, title, module = EXPERIMENTS[run["script"]]
-    path, config = run["path"], run["config"]
-    lines = [f"### {letter}: {title} (`{_rel(path, results)}`)", ""]
+def _cell(text):
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def headline(run):
+    """The run's headline dict, or one saying it has not finished (verdict "not finished")."""
     try:
-        lines += [" ".join(module.summary_lines(path)), ""]
+        return EXPERIMENTS[run["script"]][2].headline(run["path"])
     except UNFINISHED:
-        lines += ["No results: the run has not finished (its folder holds too little to "
-                  "summarise; rerun the command below with --resume).", ""]
-    folder = runs.figure_dir(path, figures)
-    for png in sorted(folder.glob("*.png")):
-        lines.append(f"![{letter} {png.stem}]({_rel(png, report_dir)})")
-    command = (["```", f"python {config['command']}", "```"] if config.get("command") else
-               ["(started from Python, not as a command: the flags are config.json's args)"])
-    lines += [""] + command + ["",
-              f"Configuration: [{_rel(path / 'config.json', report_dir)}]"
-              f"({_rel(path / 'config.json', report_dir)}); model "
-              f"{config.get('model', {}).get('dtype', '?')} on "
-              f"{config.get('model', {}).get('device_name', '?')}.", ""]
-    return lines
+        return dict(verdict="not finished", value="not measured (the run has not finished)",
+                    lead=[])
 
 
 def _layer(config):
-    """'layer L of N (depth F)' of a run's patched or basis layer."""
+    """'L of N' of a run's patched or basis layer."""
     layer = (config.get("layers_resolved", {}).get("layer") or config.get("basis_layer")
              or config.get("layer") or config.get("args", {}).get("layer"))
     layer = layer[0] if isinstance(layer, list) else layer
     n = config.get("model", {}).get("num_layers") or config.get("n_layers")
-    depth = config.get("args", {}).get("depth")
-    depth = depth[0] if isinstance(depth, list) else depth
-    return f"layer {layer} of {n}" + (f" (F = {depth})" if depth is not None else "")
+    return f"{layer} of {n}"
 
 
-def cross_model_table(found):
-    """One row per run name (exp_a, exp_c_drop_numbers, ...), one column per model."""
-    models = sorted({r["model"] for r in found})
-    names = sorted({r["path"].name for r in found},
-                   key=lambda n: (EXPERIMENTS[_script_of(found, n)][0], n))
-    lines = ["| run | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
-    for name in names:
-        cells = []
-        for model in models:
-            run = next((r for r in found if r["model"] == model and r["path"].name == name), None)
-            cells.append(_headline(run) if run else "-")
-        letter = EXPERIMENTS[_script_of(found, name)][0]
-        lines.append(f"| {letter}: `{name}` | " + " | ".join(cells) + " |")
+def scan_table(found, results):
+    """One row per run: experiment, run folder, model, layer, verdict and the number behind it."""
+    lines = ["| experiment | run | model | layer | verdict | the number behind it |",
+             "|---|---|---|---|---|---|"]
+    for run in sorted(found, key=lambda r: (EXPERIMENTS[r["script"]][0], r["path"].name,
+                                            r["model"])):
+        cell = headline(run)
+        letter = EXPERIMENTS[run["script"]][0]
+        lines.append(f"| {letter} | `{_rel(run['path'], results)}` | {run['model']} | "
+                     f"{_layer(run['config'])} | **{_cell(cell['verdict'])}** | "
+                     f"{_cell(cell['value'])} |")
     return lines
 
 
-def _script_of(found, name):
-    return next(r["script"] for r in found if r["path"].name == name)
-
-
-def _headline(run):
-    module = EXPERIMENTS[run["script"]][2]
+def run_section(run, results, report_dir, figures):
+    """Markdown lines for one run: figures, lead sentences, the full paragraph, command, config."""
+    letter, title, module = EXPERIMENTS[run["script"]]
+    path, config = run["path"], run["config"]
+    lines = [f"### {letter}: {title} (`{_rel(path, results)}`)", ""]
+    folder = runs.figure_dir(path, figures)
+    pngs = [f"![{letter} {png.stem}]({_rel(png, report_dir)})"
+            for png in sorted(folder.glob("*.png"))]
+    lines += pngs + ([""] if pngs else [])
     try:
-        cell = module.headline(run["path"])
+        cell, paragraph = module.headline(path), " ".join(module.summary_lines(path))
+        lines += [f"**{cell['verdict']}**: {cell['value']}.", ""] + \
+            [f"- {sentence}" for sentence in cell["lead"]] + ["", "Full summary: " + paragraph, ""]
     except UNFINISHED:
-        return "not finished"
-    return f"{cell} [{_layer(run['config'])}]".replace("|", "\\|")
+        lines += ["No results: the run has not finished (its folder holds too little to "
+                  "summarise; rerun the command below with --resume).", ""]
+    command = (["```", f"python {config['command']}", "```"] if config.get("command") else
+               ["(started from Python, not as a command: the flags are config.json's args)"])
+    config_link = _rel(path / "config.json", report_dir)
+    lines += command + ["", f"Configuration: [{config_link}]({config_link}); model "
+                        f"{config.get('model', {}).get('dtype', '?')} on "
+                        f"{config.get('model', {}).get('device_name', '?')}.", ""]
+    return lines
 
 
 def plot_sweeps(found, path):
@@ -153,30 +167,33 @@ def plot_sweeps(found, path):
     return runs.save_figure(fig, path)
 
 
-def build_report(results, out, figures):
-    """The report's text (also written to `out`)."""
+def build_report(results, out, figures, sweep_figure=None, examples=False):
+    """The report's text, written to `out`; the sweep figure to `sweep_figure` (default: beside
+    `out`). `figures`: the root the runs' --figures named (runs.figure_dir finds their PNGs)."""
     results, out = Path(results), Path(out)
-    found = find_runs(results)
-    lines = ["# Report: every run under `" + runs.portable(results) + "`", "",
-             "Generated by `python report.py` from the CSVs and config.json of each run (no "
-             "model); rebuilding gives the same bytes. Each paragraph is the experiment's own "
-             "summary of its numbers.", ""]
+    sweep_figure = Path(sweep_figure) if sweep_figure else out.parent / SWEEP_FIGURE
+    found = find_runs(results, examples)
+    what = "the committed worked examples" if examples else "every run"
+    lines = [f"# Report: {what} under `{runs.portable(results)}`", "",
+             "Generated by `python report.py" + (" --examples" if examples else "") + "` from the "
+             "CSVs and config.json of each run (no model); rebuilding gives the same bytes. Each "
+             "section opens with the run's figures and its headline; the experiment's full "
+             "summary of its numbers follows.", ""]
     missing = [f"{letter} ({title})" for script, (letter, title, _) in EXPERIMENTS.items()
                if not any(r["script"] == script for r in found)]
     if missing:
         lines += [f"No results under `{runs.portable(results)}` for: " + ", ".join(missing)
-                  + ". Run the experiment's script with an --out below this folder.", ""]
+                  + ". Run the experiment's script with an --out below this folder"
+                  + ("" if examples else " (the committed worked examples: "
+                     "`python report.py --examples`)") + ".", ""]
     if found:
-        lines += ["## Across models, at the depth-matched layer", ""]
-        lines += cross_model_table(found) + [""]
-        figure = plot_sweeps(found, Path(figures) / SWEEP_FIGURE)
+        lines += ["## At a glance", ""] + scan_table(found, results) + [""]
+        figure = plot_sweeps(found, sweep_figure)
         if figure:
             lines += [f"![layer sweeps by depth]({_rel(figure, out.parent)})", ""]
     for model in sorted({r["model"] for r in found}):
         lines += [f"## {model}", ""]
-        runs_of_model = sorted((r for r in found if r["model"] == model),
-                               key=lambda r: (EXPERIMENTS[r["script"]][0], r["path"].name))
-        for run in runs_of_model:
+        for run in (r for r in found if r["model"] == model):
             lines += run_section(run, results, out.parent, figures)
     text = "\n".join(lines).rstrip() + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -184,23 +201,47 @@ def build_report(results, out, figures):
     return text
 
 
+def resolve(args):
+    """(results, out, figures, sweep figure) of the command: --examples names the committed paths
+    and takes no --results / --out; otherwise --out defaults to <results>/report/REPORT.md."""
+    if args.examples:
+        given = [flag for flag, value in (("--results", args.results), ("--out", args.out))
+                 if value is not None]
+        if given:
+            raise UsageError(f"--examples builds the committed report (results/example-*/ -> "
+                             f"results/REPORT.md); drop {' and '.join(given)}")
+        return (COMMITTED["results"], COMMITTED["out"], COMMITTED["figures"],
+                COMMITTED["figures"] / SWEEP_FIGURE)
+    results = Path(args.results or "results")
+    if not results.is_dir():
+        raise UsageError(f"--results {results}: no such folder; pass the folder that holds the "
+                         f"runs (default results/)")
+    out = Path(args.out) if args.out else results / "report" / "REPORT.md"
+    if out.resolve() == COMMITTED["out"]:
+        raise UsageError(f"--out {out} is the committed report; build it with --examples")
+    return results, out, args.figures, None
+
+
 def main(args):
-    if not Path(args.results).is_dir():
-        raise UsageError(f"--results {args.results}: no such folder; pass the folder that holds "
-                         f"the runs (default results/)")
-    text = build_report(args.results, args.out, args.figures)
-    print(f"wrote {args.out} ({len(text.splitlines())} lines)")
+    results, out, figures, sweep = resolve(args)
+    text = build_report(results, out, figures, sweep, examples=args.examples)
+    print(f"wrote {out} ({len(text.splitlines())} lines)")
+    return out
 
 
 def build_parser():
     parser = runs.make_parser(__doc__)
-    parser.add_argument("--results", type=Path, default=runs.REPO / "results",
-                        help="folder searched (recursively) for runs")
-    parser.add_argument("--out", type=Path, default=runs.REPO / "results" / "REPORT.md",
-                        help="the report file")
-    parser.add_argument("--figures", type=Path, default=runs.REPO / "figures",
-                        help="figures root the runs wrote to (their --figures); the depth "
-                             "figure goes there too")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="folder searched (recursively) for runs (default: results/)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the report file (default: <results>/report/REPORT.md, its sweep "
+                             "figure beside it)")
+    parser.add_argument("--figures", type=Path, default=runs.DEFAULT_FIGURES,
+                        help="figures root the runs wrote to (their --figures)")
+    parser.add_argument("--examples", action="store_true",
+                        help="build the committed report from the committed runs results/"
+                             "example-*/ into results/REPORT.md and figures/"
+                             f"{SWEEP_FIGURE}")
     return parser
 
 

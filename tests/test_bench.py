@@ -70,3 +70,21 @@ def test_a_csv_of_another_schema_is_refused(tmp_path):
         bench.main(bench.parse_args(["--shape", "tiny", "--pairs", "1", "--out",
                                      str(tmp_path / "new.csv")]))
     assert not (tmp_path / "new.csv").exists()
+
+
+def test_the_cost_model_scales_a_row_of_the_same_kind_of_device_and_size():
+    import pandas as pd
+    size = bench.parameter_count(bench.shape_config("qwen2.5-3b"))
+    row = {c: None for c in bench.COLUMNS}
+    rows = pd.DataFrame([dict(row, run="2", part="b", status="ok", shape="qwen2.5-3b",
+                              device=bench.device_name("cpu"), seconds=10.0, pairs=40,
+                              matmul_tflops=1.0),
+                         dict(row, run="3", part="b", status="ok", shape="qwen2.5-3b",
+                              device="NVIDIA H200", seconds=1.0, pairs=40, matmul_tflops=700.0)])
+    # twice the pairs, twice the parameters, a device twice as fast: 10 s x 2 x 2 / 2
+    seconds, basis = bench.estimate("b", rows, 2 * size, 80, 2.0, "cpu")
+    assert seconds == pytest.approx(20.0) and "on CPU" in basis
+    # no row of a model within 10x of the size on this kind of device: no number, and how to get one
+    seconds, basis = bench.estimate("b", rows, size / 100, 80, 2.0, "cpu")
+    assert seconds is None and "python bench.py --parts b" in basis
+    assert bench.estimate("e", rows, size, 80, 2.0, "cpu")[0] is None

@@ -85,8 +85,14 @@ def test_two_runs_with_the_same_basename_get_different_figure_folders(tmp_path):
     a = runs.figure_dir(tmp_path / "r1" / "exp_a", tmp_path / "fig")
     b = runs.figure_dir(tmp_path / "r2" / "exp_a", tmp_path / "fig")
     assert a != b and a.parent.parent != a
-    inside = runs.figure_dir(runs.REPO / "results" / "example-m" / "exp_a", "figures")
-    assert inside == Path("figures") / "example-m" / "exp_a"
+    inside = runs.figure_dir(runs.REPO / "results" / "example-m" / "exp_a", runs.REPO / "figures")
+    assert inside == runs.REPO / "figures" / "example-m" / "exp_a"
+
+
+def test_a_run_outside_the_checkout_keeps_its_figures_beside_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(runs.REPO)  # the default --figures: the checkout's figures/
+    assert runs.figure_dir("results/r1/exp_a", runs.DEFAULT_FIGURES) == Path("figures/r1/exp_a")
+    assert runs.figure_dir(tmp_path / "r1", runs.DEFAULT_FIGURES) == tmp_path / "r1" / "figures"
 
 
 def test_config_holds_no_absolute_path_of_this_machine(tmp_path, monkeypatch):
@@ -152,3 +158,4 @@ def test_unknown_device_is_a_usage_error_and_float16_on_cpu_warns():
 def test_cache_dir_none_means_off():
     assert common.cache_dir_arg("none") is None and common.cache_dir_arg("None") is None
     assert common.cache_dir_arg("x/y") == Path("x/y")
+

@@ -27,7 +27,11 @@ def load_prompts(path=DEFAULT_PROMPTS):
     if not path.is_file():
         raise UsageError(f"prompts file {path} does not exist; pass --prompts FILE")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise UsageError(f"prompts file {path} is empty; pass a prompts.json-style file "
+                             f"(see prompts.json)")
+        data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UsageError(f"prompts file {path} is not valid JSON ({err}); fix the file") from None
     if not isinstance(data, dict) or not isinstance(data.get("pairs"), list):
@@ -49,6 +53,12 @@ def load_prompts(path=DEFAULT_PROMPTS):
         for field, kind in _PAIR_FIELDS.items():
             if field not in pair:
                 raise UsageError(f"prompts file {path}: pair {i} has no \"{field}\"; add it")
+            if field == "answer" and (not isinstance(pair[field], kind)
+                                      or isinstance(pair[field], bool)):
+                raise UsageError(f"prompts file {path}: pair {pair.get('id', i)!r} has answer "
+                                 f"{pair[field]!r} of the wrong type "
+                                 f"({type(pair[field]).__name__}, not a number); write it as a "
+                                 f"JSON number (42 or 2.5, no quotes or units)")
             if not isinstance(pair[field], kind) or isinstance(pair[field], bool):
                 raise UsageError(f"prompts file {path}: pair {i} field \"{field}\" has the wrong "
                                  f"type ({type(pair[field]).__name__})")
@@ -369,17 +379,34 @@ def read_mgsm(path_en, path_zh):
         if bad:
             raise UsageError(f"MGSM file {path}: row {bad[0]} does not have two tab-separated "
                              f"columns (question, answer)")
+        if not rows[lang]:
+            raise UsageError(f"MGSM file {path} is empty; pass --prompts-{lang} the {lang} "
+                             f"file of an MGSM release (question TAB answer per line)")
+    # The script of the questions tells the languages apart: the share of CJK characters among
+    # CJK characters and Latin letters (MGSM: 0.0 in English, 0.99 in Chinese).
+    share = {lang: len(_CJK.findall(text)) / max(1, len(_CJK.findall(text))
+                                                  + len(_LATIN.findall(text)))
+             for lang, text in ((lang, " ".join(r[0] for r in rows[lang])) for lang in rows)}
+    if share["en"] >= 0.5 > share["zh"]:
+        raise UsageError(f"--prompts-en {path_en} holds Chinese questions and --prompts-zh "
+                         f"{path_zh} English ones (CJK share {share['en']:.2f} vs "
+                         f"{share['zh']:.2f}): the files are swapped; pass them the other way round")
+    for lang, wrong in (("en", share["en"] >= 0.5), ("zh", share["zh"] < 0.5)):
+        if wrong:
+            raise UsageError(f"--prompts-{lang} {(path_en, path_zh)[lang == 'zh']}: the questions "
+                             f"are not {'English' if lang == 'en' else 'Chinese'} (CJK share "
+                             f"{share[lang]:.2f}); pass the {lang} file of an MGSM release")
     if len(rows["en"]) != len(rows["zh"]):
         raise UsageError(f"MGSM files have different lengths ({len(rows['en'])} en, "
                          f"{len(rows['zh'])} zh); pass the two files of one release")
-    if not rows["en"]:
-        raise UsageError("MGSM files are empty")
     pairs = []
     for i, ((q_en, a_en), (q_zh, a_zh)) in enumerate(zip(rows["en"], rows["zh"])):
         try:
             answer_en, answer_zh = _to_number(a_en.strip()), _to_number(a_zh.strip())
         except ValueError:
-            raise UsageError(f"MGSM row {i}: answer {a_en!r} / {a_zh!r} is not a number") from None
+            raise UsageError(f"MGSM row {i} (mgsm-{i:03d}): answer {a_en!r} / {a_zh!r} is not a "
+                             f"number; write the second column as a number (42 or 2.5, no "
+                             f"units)") from None
         if answer_en != answer_zh:
             raise UsageError(f"MGSM row {i}: the en and zh answers differ ({a_en} vs {a_zh}); "
                              f"the files are not aligned")

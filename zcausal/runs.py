@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent  # the repository root (this file is zcausal/runs.py)
+DEFAULT_FIGURES = Path("figures")  # every script's --figures default, relative to the working folder
 
 
 class UsageError(Exception):
@@ -27,10 +28,11 @@ def _raise_terminated(signum, frame):
     raise _Terminated
 
 
-def run_cli(main, args):
+def run_cli(main, args, continue_with="the same command with --resume"):
     """Run `main(args)` as a command: a UsageError becomes one line on stderr and exit status 2;
-    Ctrl-C (exit 130) and SIGTERM (exit 143) end with one line saying how to continue. Finished
-    work is whatever the script already wrote to disk (scripts write as they go)."""
+    Ctrl-C (exit 130) and SIGTERM (exit 143) end with one line saying how to continue (rerun
+    `continue_with`). Finished work is whatever the script already wrote to disk (scripts write as
+    they go)."""
     import signal
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
@@ -42,8 +44,8 @@ def run_cli(main, args):
         code = 130 if isinstance(err, KeyboardInterrupt) else 143
         out = getattr(args, "out", None)
         where = f" in {out}" if out is not None else ""
-        print(f"interrupted: finished work is kept{where}; rerun the same command with --resume "
-              f"to continue", file=sys.stderr)
+        print(f"interrupted: finished work is kept{where}; rerun {continue_with} to continue",
+              file=sys.stderr)
         sys.exit(code)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -206,16 +208,18 @@ def save_figure(fig, path, dpi=120):
 
 
 def figure_dir(out, figures_root):
-    """Where a run's figures go: its --out path mirrored under the figures root, so that
-    --out results/r1/exp_a and --out results/r2/exp_a never share a file. The mirrored part is the
-    path below the innermost folder called results (or below the working folder, or the whole
-    path otherwise); report.py finds a run's figures with the same rule."""
-    out = Path(out).resolve()
-    results = [parent for parent in out.parents if parent.name == "results"]
-    for base in results[:1] + [Path.cwd().resolve()]:
-        if out.is_relative_to(base) and out != base:
-            return Path(figures_root) / out.relative_to(base)
-    return Path(figures_root) / Path(*out.parts[1:])
+    """Where a run's figures go. A run inside the folder that holds the figures root (the
+    checkout, for the default --figures figures) mirrors its --out path under the root, from below
+    the innermost folder called results: results/r1/exp_a -> figures/r1/exp_a, so two runs never
+    share a file. A run anywhere else keeps its figures beside its files, in <out>/figures: a run
+    outside the checkout never writes into it. report.py finds a run's figures with this rule."""
+    out, root = Path(out).resolve(), Path(figures_root)
+    base = root.resolve().parent
+    if not out.is_relative_to(base) or out == base:
+        return out / "figures"
+    below = out.relative_to(base)
+    results = [i for i, part in enumerate(below.parts[:-1]) if part == "results"]
+    return root / Path(*below.parts[results[-1] + 1:]) if results else root / below
 
 
 def figure_path(args, name):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from zcausal import runs, stats
+from zcausal.summaries import text
 
 
 def decode_summary(frame, keys):
@@ -203,12 +204,24 @@ def _angles(out, k):
 
 
 def headline(out):
-    """report.py's cross-model cells: the best full-interchange and Z transfer layers."""
-    swap = swap_rows(out)
+    """report.py's row and lead (dict(verdict, value, lead)): Z's transfer at the basis layer
+    against the random band and its rank p; full interchange's best layer in the lead."""
+    config = json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))
+    swap, basis = swap_rows(out), config["basis_layer"]
     full = swap[swap.condition == "full"].sort_values("transfer").iloc[-1]
-    z = swap[swap.condition == "z_basis"].sort_values("transfer").iloc[-1]
-    return (f"full: layer {int(full.layer)} ({full.transfer:.2f}); Z: layer {int(z.layer)} "
-            f"({z.transfer:+.3f}, p {z.transfer_p:.2f})")
+    z, rand = _at(swap, basis, "z_basis"), _at(swap, basis, "random")
+    verdict = ("not tested (no random draws)" if not z.transfer_p == z.transfer_p else
+               "Z above random" if z.transfer_p < 0.05 else "Z = random")
+    value = (f"transfer {text.num(z.transfer, signed=True)} by Z at layer {basis}, random "
+             f"[{text.num(rand.transfer_lo, signed=True)}, "
+             f"{text.num(rand.transfer_hi, signed=True)}] (rank {text.p_value(z.transfer_p)})")
+    lead = [f"Replacing the whole last-position state moves the answer most at layer "
+            f"{int(full.layer)} (transfer {text.num(full.transfer)}).",
+            f"Z alone at the basis layer {basis} transfers {text.num(z.transfer, signed=True)} "
+            f"(rank {text.p_value(z.transfer_p)} among "
+            f"{text.plural(config['args'].get('n_random') or 0, 'random subspace')} of the same "
+            f"size)."]
+    return dict(verdict=verdict, value=value, lead=lead)
 
 
 def print_summary(out):
