@@ -536,7 +536,12 @@ def load_run(out_dir):
         if (out_dir / "config.json").is_file() else {}
     optional = [load_table(out_dir / name) if (out_dir / name).is_file() else None
                 for name in ("random_scores.csv", "variance.csv")]
-    return load_table(out_dir / "rows.csv"), *optional, config
+    rows = load_table(out_dir / "rows.csv")
+    missing = sorted({"lang_ref", "top1_src", "p_share"} - set(rows.columns))
+    if missing:
+        raise runs.UsageError(f"{out_dir}/rows.csv was written by an older exp_a_patching.py (no "
+                              f"{', '.join(missing)}); rerun the experiment (--overwrite)")
+    return rows, *optional, config
 
 
 def _tables(out_dir):
