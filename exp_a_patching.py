@@ -116,12 +116,15 @@ def build_rows(n_problems, layer, args, swap_of):
 
 
 def null_jobs(n_problems, layer, args, swap_of):
-    """The scored random null: rand_z / rand_zperp under draws 0..M-1 (M = the larger of
-    --n-random and --n-random-logprob; the first --n-random are the decoded draws), both pairs."""
-    draws = max(args.n_random, args.n_random_logprob)
-    return [job_key(i, layer, c, k, positions, source, j, d) for i, k, positions, source, c, d in
-            product(range(n_problems), args.k, args.positions, args.source, RANDOM_CONDITIONS,
-                    range(draws)) for j in (i, swap_of[i])]
+    """The scored random null, both pairs: rand_z under draws 0..M-1 (M = the larger of --n-random
+    and --n-random-logprob; the first --n-random are the decoded draws), rand_zperp under its
+    --n-random decoded draws only. Z is the hypothesis and its rank tests need the many draws; Z-perp
+    is the plan's control, and scoring it M times would double the run for secondary tests."""
+    draws = {"rand_z": max(args.n_random, args.n_random_logprob), "rand_zperp": args.n_random}
+    return [job_key(i, layer, c, k, positions, source, j, d)
+            for i, k, positions, source, c in product(range(n_problems), args.k, args.positions,
+                                                      args.source, RANDOM_CONDITIONS)
+            for d in range(draws[c]) for j in (i, swap_of[i])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,9 +573,9 @@ def build_parser():
                         help="random k-dim subspaces decoded per (layer, k): 19 is the fewest for "
                              "a rank-test p of 0.05")
     parser.add_argument("--n-random-logprob", type=int, default=200, metavar="M",
-                        help="random subspaces scored by teacher forcing (no decoding) for the "
-                             "rank tests of the log-prob measures; the first --n-random are the "
-                             "decoded draws")
+                        help="random Z subspaces scored by teacher forcing (no decoding) for "
+                             "the rank tests of Z's scored measures; the first --n-random are the "
+                             "decoded draws (random Z-perp is scored on its decoded draws only)")
     parser.add_argument("--random-kind", choices=["uniform", "matched"], default="uniform",
                         help="uniform (Haar) random subspaces, or drawn with the activations' "
                              "covariance at the layer (as much variance as the data give them)")

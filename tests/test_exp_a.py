@@ -308,7 +308,9 @@ def test_smoke_outputs(smoke):
     variance = S.load_table(out / "variance.csv")
     assert set(variance.basis) == {"z", "uniform", "matched"} and variance.share.between(0, 1).all()
     null = S.load_table(out / "random_scores.csv")
-    assert len(null) == 4 * 2 * 4 * 2  # problems x random conditions x 4 scored draws x pairs
+    # problems x (random Z: 4 scored draws + random Z-perp: its 2 decoded draws) x pairs
+    assert len(null) == 4 * (4 + 2) * 2
+    assert set(null[null.condition == "rand_zperp"].draw) == {0, 1}
     decoded = rows[(rows.condition == "rand_z") & (rows.draw == 0) & (rows.pair == "same")]
     merged = decoded.merge(null[(null.condition == "rand_z") & (null.draw == 0) & (null.pair == "same")],
                            on=["problem_id", "k"])
@@ -317,7 +319,9 @@ def test_smoke_outputs(smoke):
     tests = S.load_table(out / "tests.csv")
     assert {"answer_change", "transfer", "dlogp_ref", "dld_swap", "top1_src", "dp_share",
             "dlang_ref"} <= set(tests.metric)
-    assert (tests[tests.null == "scored draws"].draws == 4).all()
+    scored = tests[tests.null == "scored draws"]
+    assert (scored[scored.condition == "z"].draws == 4).all()  # Z: every scored draw
+    assert (scored[scored.condition == "zperp"].draws == 2).all()  # Z-perp: its decoded draws
     assert tests.primary.sum() == 1 and tests[tests.primary].test.iloc[0] == "z changes answers"
     secondary = tests[~tests.primary & (tests.part_of == "")]
     assert secondary.p_holm.notna().all() and (secondary.p_holm >= secondary.p - 1e-12).all()
