@@ -239,7 +239,10 @@ def _a_grid(ctx, workdir, layers, ks, positions, sources, n_random, pairs, batch
     argv = ["--layer", *map(str, layers), "--k", *map(str, ks), "--positions", *positions,
             "--source", *sources, "--n-random", str(n_random), "--limit", str(pairs),
             "--max-new-tokens", str(ctx["new_tokens"]), "--batch-size", str(batch_size)]
-    optional = [["--template", "direct"], ["--decode", ctx["engine"]], ["--n-random-logprob", "0"]]
+    # random weights answer nothing: every pair of prompts.json (whose answers new_tokens fits) kept
+    optional = [["--template", "direct"], ["--decode", ctx["engine"]], ["--n-random-logprob", "0"],
+                ["--prompts", str(problems.DEFAULT_PROMPTS)], ["--solved", "off"],
+                ["--min-pairs", "2"]]
     with timing_decodes(ctx["device"]) as decode, Timer(ctx["device"]) as wall:
         try:
             seconds, out, left_out = run_script(A, argv, optional, ctx, workdir)

@@ -1,9 +1,16 @@
 """Experiment A: activation patching of Z at a layer, English run <- Chinese source.
 
-    python exp_a_patching.py --layer 32 --k 50                         # Qwen2.5-3B, every control
-    python exp_a_patching.py --depth 0.889 --k 20 50 --source mean last  # the same depth on any model
-    python exp_a_patching.py --model tiny-random --smoke               # smoke run, seconds, offline
-    python exp_a_patching.py --summarize results/exp_a                 # SUMMARY.md, figures: no model
+    python exp_a_patching.py --k 20 50                             # the plan's layer at this depth
+    python exp_a_patching.py --depth 0.889 --k 20 50 --source mean last  # the same depth, named
+    python exp_a_patching.py --model tiny-random --smoke           # smoke run, seconds, offline
+    python exp_a_patching.py --replot --out results/exp_a          # SUMMARY.md, figures: no model
+
+Problems: the generated bank's first 200 pairs by default (--prompts bank, --limit; or a
+prompts.json-style file, or MGSM), templates from prompts.json. The unpatched model first answers
+every pair in both languages with the run's template, and only the pairs --solved keeps (default
+both: correct in both) are measured (solved.csv; tried / kept per language in config.json and the
+summary); fewer than --min-pairs kept stops the run with one line before the long part. Swap
+partners are drawn among the kept pairs with a different first digit.
 
 For every problem, the English prompt runs greedily under each condition, with the residual stream
 at layer --layer patched at the prompt positions as h <- h + P_S (s - h) (common.SubspacePatch):
@@ -18,37 +25,47 @@ Sources s (--source): mean = the Chinese prompt's mean over its question tokens;
 position, the barycentric image of an exact OT plan between the two token clouds; last / last:m =
 the Chinese prompt's final m states written into the English prompt's final m positions (with the
 direct template the last one predicts the answer's first digit). Each condition runs with the same
-problem's Chinese prompt (pair "same") and with another problem's, whose answer differs ("swap").
+problem's Chinese prompt (pair "same") and with another problem's, whose first digit differs
+("swap").
 
-Templates (--template): direct (default) ends the prompt right before the answer's first digit, so
-the output is the answer and logp_ref is log p(its digits) right after the prompt; cot lets the
-model calculate first and scores the answer after teacher-forcing the unpatched run's own text up
-to its "The answer is" (logp_readout). ld = log p(own answer) - log p(swap partner's answer).
-Statistics and the verdict: zcausal/summaries/exp_a.py (from the CSVs this script writes).
+Templates (--template): direct (default) ends the prompt right before the answer's first digit and
+states the unit in its examples, so a row is decoded to the unit word ("386 minutes" / "386 分")
+and its language shows; logp_ref is log p(the answer's digits) right after the prompt. cot lets
+the model calculate first and scores the answer after teacher-forcing the unpatched run's own text
+up to its "The answer is" (logp_readout). Every row also records ld = log p(own answer) - log
+p(swap partner's answer); first_ref / first_swap, log p of the two first digits, whose share
+p_share = p_src / (p_src + p_own) and whose argmax (top1_own / top1_src) say where the first digit
+goes; and lang_ref, the language margin log P(Latin word) - log P(Chinese word) right after the
+reference answer (common.language_margin). Statistics, the declared primary test and the verdict:
+zcausal/summaries/exp_a.py (from the CSVs this script writes).
 """
 import json
 import math
-from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import decoding, problems, runs, stats, transport
+from zcausal import answered, decoding, problems, runs
+from zcausal.patching import (RANDOM_CONDITIONS, last_positions, make_patch, patch_sizes,
+                              prepare_layer, prompt_texts, variance_rows)
 from zcausal.summaries import exp_a as summary
 
 CONDITIONS = ["none", "noop", "z", "zperp", "full", "en"]
-RANDOM_CONDITIONS = ["rand_z", "rand_zperp"]
 SWAPPED = {"z", "zperp", "full", "rand_z", "rand_zperp"}  # conditions also run with a swap source
-COMPLEMENT = {"zperp", "full", "rand_zperp", "noop"}  # P_S = I - V^T V (noop, full: V = 0)
-MAX_NEW_TOKENS = {"direct": 10, "cot": 100}  # direct: the digits of a 7-digit answer and one more
-SMOKE = {"limit": 4, "n_random": 2, "n_random_logprob": 4, "k": [8], "depth": [0.5]}
-DEFAULT_LAYER = 32
+# direct: 5 digits, a space, a character split over 3 bytes, and one more
+MAX_NEW_TOKENS = {"direct": 10, "cot": 100}
+SMOKE = {"limit": 4, "solved": "off", "min_pairs": 2, "n_random": 2, "n_random_logprob": 4,
+         "k": [8], "depth": [0.5]}
+BANK_PAIRS = 200  # --prompts bank without --limit: the bank's first 200 pairs are tried
+# The language criteria need 20 English baselines (below 20 a rate's 95% interval is wider than
+# 0.4), so a run needs at least 20 kept pairs; 20 is also where an exact one-sided McNemar test can
+# pass with a quarter of the problems changed.
+MIN_PAIRS = 20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,233 +116,24 @@ def build_rows(n_problems, layer, args, swap_of):
 
 
 def null_jobs(n_problems, layer, args, swap_of):
-    """The scored random null: rand_z / rand_zperp under draws 0..M-1 (M = the larger of
-    --n-random and --n-random-logprob; the first --n-random are the decoded draws), both pairs."""
-    draws = max(args.n_random, args.n_random_logprob)
-    return [job_key(i, layer, c, k, positions, source, j, d) for i, k, positions, source, c, d in
-            product(range(n_problems), args.k, args.positions, args.source, RANDOM_CONDITIONS,
-                    range(draws)) for j in (i, swap_of[i])]
-
-
-def last_positions(source):
-    """m for a last / last:m source, else None."""
-    return (int(source.split(":")[1]) if ":" in source else 1) if source.startswith("last") else None
-
-
-# ----------------------------------------------------------------------------------------------
-# One layer's states, sources and bases
-
-@torch.no_grad()
-def capture_prompt_states(model, tokenizer, texts, spans, stream, batch_size):
-    """Unpatched states at residual stream `stream` (-1: embeddings) for each prompt: (list of
-    (T_i, d) float32 CPU tensors over real tokens, (N, d) float32 means over the question span)."""
-    device = next(model.parameters()).device
-    tokens, means = [None] * len(texts), [None] * len(texts)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    for start in range(0, len(texts), batch_size):
-        rows = order[start:start + batch_size]
-        ids, mask, span_mask = common.tokenize_left_padded(
-            tokenizer, [texts[i] for i in rows], [spans[i] for i in rows], device=device)
-        hidden = common.capture_layer_outputs(model, ids, mask, [stream])[stream]
-        pooled = common.mean_pool(hidden, span_mask)
-        for b, i in enumerate(rows):
-            tokens[i] = hidden[b][mask[b].bool()].float().cpu()
-            means[i] = pooled[b].cpu()
-    return tokens, torch.stack(means)
-
-
-def prompt_texts(pairs, template, lang):
-    """Templated prompts and the character span of each question inside them."""
-    filled = [problems.format_prompt(template[lang], p[lang]) for p in pairs]
-    return [t for t, _ in filled], [s for _, s in filled]
-
-
-def basis_seed(seed, k, draw):
-    """Seed of random draw `draw` of size k: the same draws at every layer and in every run."""
-    return seed * 1_000_003 + k * 1_009 + draw
-
-
-def make_bases(model, layer, ks, n_draws, seed, fold_norm=False, kind="uniform", cov_sqrt=None):
-    """Z of `layer` and the random bases: dict ("z", k, -1) / ("rand", k, draw) -> float32 (k, d).
-    kind "matched" draws with the activations' covariance (needs cov_sqrt, see stats)."""
-    d = common.hidden_size(model)
-    bases = {}
-    for k in ks:
-        bases[("z", k, -1)] = common.z_basis(model, layer, k, fold_norm=fold_norm)
-        for draw in range(n_draws):
-            if kind == "matched":
-                v = stats.matched_random_basis(cov_sqrt, k, basis_seed(seed, k, draw))
-                bases[("rand", k, draw)] = torch.from_numpy(v).float()
-            else:
-                bases[("rand", k, draw)] = common.random_basis(d, k, basis_seed(seed, k, draw))
-    return bases
-
-
-@dataclass
-class LayerContext:
-    """What every batch of one layer needs: the layer, the residual stream patched (the layer's
-    output, or its input with --site input), the English prefill at that stream, the question
-    means of both languages (N, d), the token states (lists of (T_i, d)), bases and OT sources."""
-    layer: int
-    stream: int
-    prefill: dict
-    en_means: torch.Tensor
-    en_tokens: list
-    zh_means: torch.Tensor
-    zh_tokens: list
-    bases: dict
-    ot_sources: dict
-    cov: np.ndarray
-    device: dict = None  # the same sources and bases on the model's device (device_tables)
-
-
-def device_tables(ctx, device):
-    """What make_patch gathers from, on the model's device, so that a batch's patch is built
-    there in a few indexed copies instead of on the host and copied over each batch: means (2N, d)
-    (Chinese, then English question means), per k a (bases, k, d) stack of Z and the random draws
-    with the row of each basis key, the Chinese prompts' token states and the OT sources."""
-    stacks = {}
-    for k in sorted({k for _, k, _ in ctx.bases}):
-        keys = sorted(key for key in ctx.bases if key[1] == k)
-        stacks[k] = (torch.stack([ctx.bases[key] for key in keys]).to(device),
-                     {key: row for row, key in enumerate(keys)})
-    return dict(means=torch.cat([ctx.zh_means, ctx.en_means]).float().to(device), stacks=stacks,
-                zh_tokens=[t.to(device) for t in ctx.zh_tokens],
-                ot=({key: v.float().to(device) for key, v in ctx.ot_sources.items()}))
-
-
-def prepare_layer(model, tokenizer, pairs, template, layer, args, swap_of):
-    """States, sources and bases of one layer (see LayerContext); the English prompts run through
-    layers 0..stream once (decoding.shared_prefill)."""
-    stream = layer if args.site == "output" else layer - 1
-    tqdm.write(f"layer {layer}: English prompts through layers 0..{stream} (shared prefill), "
-               f"Chinese prompt states")
-    en_texts, en_spans = prompt_texts(pairs, template, "en")
-    ids, mask, span_mask = common.tokenize_left_padded(tokenizer, en_texts, en_spans)
-    prefill = decoding.shared_prefill(model, ids, mask, stream)
-    real = prefill["attention_mask"].bool()
-    en_tokens = [prefill["hidden"][i][real[i]].float().cpu() for i in range(len(pairs))]
-    en_means = common.mean_pool(prefill["hidden"], span_mask).cpu()
-    zh_texts, zh_spans = prompt_texts(pairs, template, "zh")
-    zh_tokens, zh_means = capture_prompt_states(model, tokenizer, zh_texts, zh_spans, stream,
-                                                args.batch_size)
-    # Position 0 (the sink) is left out of the covariance, whose norm would dominate it; at most
-    # 32768 tokens (seeded) keep it cheap for MGSM-sized runs.
-    states = torch.cat([t[1:] for t in en_tokens + zh_tokens])
-    keep = torch.randperm(len(states), generator=torch.Generator().manual_seed(0))[:32768]
-    cov = stats.covariance(states[keep.sort().values].numpy())
-    draws = max(args.n_random, args.n_random_logprob)
-    tqdm.write(f"layer {layer}: Z and {draws} {args.random_kind} random bases per k")
-    bases = make_bases(model, layer, args.k, draws, args.seed, args.fold_norm, args.random_kind,
-                       stats.covariance_sqrt(cov) if args.random_kind == "matched" else None)
-    ot_sources = {}
-    if "ot" in args.source:
-        scale = transport.robust_scale(en_tokens + zh_tokens)
-        for i in range(len(pairs)):
-            for j in (i, swap_of[i]):
-                ot_sources[(i, j)] = transport.ot_source(en_tokens[i], zh_tokens[j], scale)[0]
-    ctx = LayerContext(layer, stream, prefill, en_means, en_tokens, zh_means, zh_tokens, bases,
-                       ot_sources, cov)
-    ctx.device = device_tables(ctx, prefill["hidden"].device)
-    return ctx
-
-
-def variance_rows(ctx, args):
-    """Share of the layer's activation variance in Z and in both kinds of random subspace (the
-    uniform draws of the run's seeds, and variance-matched draws), one dict per basis."""
-    d = ctx.cov.shape[0]
-    cov_sqrt = stats.covariance_sqrt(ctx.cov)
-    out = []
-    for k in args.k:
-        share = lambda v: stats.variance_share(np.asarray(v, np.float64), ctx.cov)  # noqa: E731
-        out.append(dict(layer=ctx.layer, k=k, basis="z", draw=-1,
-                        share=share(ctx.bases[("z", k, -1)])))
-        for draw in range(max(args.n_random, 1)):
-            seed = basis_seed(args.seed, k, draw)
-            out.append(dict(layer=ctx.layer, k=k, basis="uniform", draw=draw,
-                            share=share(common.random_basis(d, k, seed))))
-            out.append(dict(layer=ctx.layer, k=k, basis="matched", draw=draw,
-                            share=share(stats.matched_random_basis(cov_sqrt, k, seed))))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Patches
-
-def make_patch(batch, ctx, rows, args):
-    """A SubspacePatch for a batch of Jobs, built on the device of rows["hidden"] from
-    ctx.device. rows: decoding.select_prefill of the batch's problems (prompts left-padded to a
-    common width T; rows["hidden"] (B, T, d) are their own states)."""
-    tables, hidden = ctx.device, rows["hidden"]
-    device = hidden.device
-    mask = rows["attention_mask"].bool().to(device)
-    B, T = mask.shape
-    n, d = ctx.zh_means.shape
-    subspace = [b for b, j in enumerate(batch) if j.condition not in ("none", "noop", "full")]
-    basis = torch.zeros(B, max([1] + [batch[b].k for b in subspace]), d, device=device)
-    for k in sorted({batch[b].k for b in subspace}):
-        at = [b for b in subspace if batch[b].k == k]
-        stack, row = tables["stacks"][k]
-        basis[at, :k] = stack[[row[("rand", k, batch[b].draw) if batch[b].condition in
-                                    RANDOM_CONDITIONS else ("z", k, -1)] for b in at]]
-    flags = lambda values: torch.tensor(values, device=device)  # noqa: E731
-    complement = flags([j.condition in COMPLEMENT for j in batch])
-    patch_generated = flags([j.positions == "all" and j.condition not in ("none", "noop")
-                             for j in batch])
-    source_mean = tables["means"][[n + j.problem if j.condition == "en" else j.source_problem
-                                   for j in batch]]
-    # last:m rows patch only their last m positions; --skip-first leaves each row's first real
-    # token (the attention sink) alone
-    first = flags([T - last_positions(j.source) if last_positions(j.source) and j.condition not in
-                   ("none", "noop") else 0 for j in batch])
-    prompt_mask = mask & (torch.arange(T, device=device)[None] >= first[:, None])
-    if args.skip_first:
-        prompt_mask[torch.arange(B, device=device), mask.float().argmax(1)] = False
-    return common.SubspacePatch(layer=ctx.layer, basis=basis, complement=complement,
-                                source_mean=source_mean, patch_generated=patch_generated,
-                                source_tokens=source_tokens(batch, tables, hidden, source_mean),
-                                prompt_mask=prompt_mask, site=args.site)
-
-
-def source_tokens(batch, tables, hidden, source_mean):
-    """(B, T, d) per-position sources on hidden's device, or None when every row's source is its
-    mean: a row's own states (noop), its OT source or its last m Chinese states right-aligned,
-    else its mean at every position."""
-    per_token = [b for b, j in enumerate(batch) if j.condition == "noop" or (
-        j.condition not in ("none", "en") and j.source != "mean")]
-    if not per_token:
-        return None
-    B, T, d = hidden.shape
-    tokens = source_mean[:, None, :].expand(B, T, d).clone()
-    for b in per_token:
-        job = batch[b]
-        if job.condition == "noop":
-            tokens[b] = hidden[b].float()
-        elif job.source == "ot":
-            ot = tables["ot"][(job.problem, job.source_problem)]
-            tokens[b, T - len(ot):] = ot
-        else:
-            m = last_positions(job.source)
-            tokens[b, T - m:] = tables["zh_tokens"][job.source_problem][-m:]
-    return tokens
-
-
-def patch_sizes(patch, hidden, attention_mask):
-    """Mean over the patched real prompt positions of |P_S (s - h)|: (B,) float32 on the CPU."""
-    patch.phase = "prompt"
-    moved = patch(hidden)
-    moved = (moved.float() - hidden.float()).norm(dim=-1) if moved is not None else \
-        torch.zeros(hidden.shape[:2], device=hidden.device)
-    where = attention_mask.bool() & patch.prompt_mask.to(hidden.device)
-    return ((moved * where).sum(1) / where.sum(1).clamp(min=1)).cpu()
+    """The scored random null, both pairs: rand_z under draws 0..M-1 (M = the larger of --n-random
+    and --n-random-logprob; the first --n-random are the decoded draws), rand_zperp under its
+    --n-random decoded draws only. Z is the hypothesis and its rank tests need the many draws; Z-perp
+    is the plan's control, and scoring it M times would double the run for secondary tests."""
+    draws = {"rand_z": max(args.n_random, args.n_random_logprob), "rand_zperp": args.n_random}
+    return [job_key(i, layer, c, k, positions, source, j, d)
+            for i, k, positions, source, c in product(range(n_problems), args.k, args.positions,
+                                                      args.source, RANDOM_CONDITIONS)
+            for d in range(draws[c]) for j in (i, swap_of[i])]
 
 
 # ----------------------------------------------------------------------------------------------
 # Decoding and scoring
 
 def _decode_options(args, decode):
-    """Engine and stop rule of a batch: a direct row is done once its number ends (read_output
-    cuts at the same place either way, so the rows are the same with or without the stop)."""
+    """Engine and stop rule of a batch: a direct row is done once its answer ends, the number and
+    the first character of the word after it (problems.answer_end; read_output cuts at the same
+    place either way, so the rows are the same with or without the stop)."""
     return {"engine": args.decode, "stop_when_number_ends": decode and args.template == "direct"}
 
 
@@ -350,7 +158,10 @@ def score_sets(batch, answer_ids, swap_of, readouts):
 
 def run_batch(model, tokenizer, ctx, batch, args, decode, scoring):
     """Decode (decode=True) and/or score (scoring: (answer_ids, swap_of, readouts) or None) one
-    batch of Jobs under their patches. One result dict per job."""
+    batch of Jobs under their patches. One result dict per job: the decode's fields, patch_size,
+    and the scores: logp_ref / logp_swap (own / swap partner's answer), lang_ref (the language
+    margin after the own answer) and, direct template only, first_ref / first_swap (log p of the
+    two first digits right after the prompt) and top1 (the argmax there)."""
     rows = decoding.select_prefill(ctx.prefill, [j.problem for j in batch])
     patch = make_patch(batch, ctx, rows, args).to(rows["input_ids"].device)
     sizes = patch_sizes(patch, rows["hidden"], rows["attention_mask"])
@@ -358,7 +169,9 @@ def run_batch(model, tokenizer, ctx, batch, args, decode, scoring):
     stop_ids = problems.stop_token_ids(tokenizer)
     out = decoding.generate_and_score(
         model, rows["input_ids"], rows["attention_mask"], args.max_new_tokens if decode else 0,
-        patch, stop_ids, score=sets, prefill=rows, **_decode_options(args, decode))
+        patch, stop_ids, score=sets, prefill=rows, digits=tokenizer,
+        languages=ctx.languages, margin_sets=[0], **_decode_options(args, decode))
+    direct = args.template == "direct"
     results = []
     for b, job in enumerate(batch):
         result = {"job": job, "patch_size": float(sizes[b])}
@@ -370,8 +183,11 @@ def run_batch(model, tokenizer, ctx, batch, args, decode, scoring):
         if sets:
             s = [float(x[b]) for x in out["scores"]]
             ref, swap = (s[0], s[1]) if len(s) == 2 else (s[0] - s[2], s[1] - s[2])
-            result.update(logp_ref=ref if valid[b] else math.nan,
-                          logp_swap=swap if valid[b] else math.nan)
+            first = [float(x[b]) for x in out["first_scores"]] if direct else [math.nan] * 2
+            result.update({name: value if valid[b] else math.nan for name, value in dict(
+                logp_ref=ref, logp_swap=swap, lang_ref=float(out["margins"][0][b]),
+                first_ref=first[0], first_swap=first[1],
+                top1=int(out["top1"][b]) if direct else math.nan).items()})
         results.append(result)
     return results
 
@@ -470,11 +286,11 @@ def readout_prefixes(tokenizer, pairs, decodes):
 
 
 def run_layer(model, tokenizer, pairs, template, layer, args, swap_of, decodes, scores,
-              earlier=frozenset()):
+              earlier=frozenset(), languages=None):
     """Decode and score every job of one layer not in the stores yet (decodes, scores: Store or
     dict-like with .add); `earlier`: jobs that belong to layers already run (the none rows).
     Returns (the layer's table rows, its scored null jobs, its variance rows)."""
-    ctx = prepare_layer(model, tokenizer, pairs, template, layer, args, swap_of)
+    ctx = prepare_layer(model, tokenizer, pairs, template, layer, args, swap_of, languages)
     rows = build_rows(len(pairs), layer, args, swap_of)
     decoded = sorted({r["job"] for r in rows} - set(earlier))
     null = sorted(set(null_jobs(len(pairs), layer, args, swap_of)))
@@ -492,22 +308,38 @@ def run_layer(model, tokenizer, pairs, template, layer, args, swap_of, decodes, 
 # ----------------------------------------------------------------------------------------------
 # Tables
 
+SCORED = ("logp_ref", "logp_swap", "first_ref", "first_swap", "top1", "lang_ref")
+
+
 def score_of(job, decodes, scores):
-    """(logp_ref, logp_swap) of a job: from the scoring pass, else from its decode (direct)."""
+    """The SCORED fields of a job, floats: from the scoring pass, else from its decode (direct)."""
     r = scores[job] if job in scores else decodes[job]
-    return float(r["logp_ref"]), float(r["logp_swap"])
+    return {name: float(r[name]) for name in SCORED}
 
 
-def table_rows(rows, decodes, scores, pairs):
-    """The rows.csv frame: each row with its decode, scores and comparisons to the none row."""
+def first_digit_fields(s, own, partner, first_ids):
+    """top1_own / top1_src (the argmax at the last prompt position is the own / the swap
+    partner's first digit; None without a top1, the cot template) and p_share = p_partner /
+    (p_partner + p_own) over the two first digits."""
+    if math.isnan(s["top1"]):
+        return dict(top1_own=None, top1_src=None, p_share=math.nan)
+    top1 = int(s["top1"])
+    return dict(top1_own=top1 == first_ids[own], top1_src=top1 == first_ids[partner],
+                p_share=1 / (1 + math.exp(s["first_ref"] - s["first_swap"])))
+
+
+def table_rows(rows, decodes, scores, pairs, swap_of, first_ids):
+    """The rows.csv frame: each row with its decode, scores and comparisons to the none row (the
+    d* columns: patched minus unpatched). first_ids: each problem's first answer token."""
     records = []
     for r in rows:
         g = decodes[r["job"]]
         none_job = job_key(r["problem"], -1, "none", 0, "-", "-", r["problem"], -1)
         none = decodes[none_job]
-        ref, swap = score_of(r["job"], decodes, scores)
-        none_ref, none_swap = score_of(none_job, decodes, scores)
+        s, s0 = score_of(r["job"], decodes, scores), score_of(none_job, decodes, scores)
         own, src = pairs[r["problem"]], pairs[r["source_problem"]]
+        digits = first_digit_fields(s, r["problem"], swap_of[r["problem"]], first_ids)
+        digits0 = first_digit_fields(s0, r["problem"], swap_of[r["problem"]], first_ids)
         unchanged = (g["answer"] is None and none["answer"] is None) or problems.answers_equal(
             g["answer"], none["answer"])
         if bool(g["truncated"]):
@@ -516,6 +348,7 @@ def table_rows(rows, decodes, scores, pairs):
             outcome = "transferred"
         else:
             outcome = "kept" if unchanged else "broken"
+        ref, swap, ld0 = s["logp_ref"], s["logp_swap"], s0["logp_ref"] - s0["logp_swap"]
         records.append(dict(
             problem_id=own["id"], category=own["category"], layer=r["layer"], k=r["k"],
             positions=r["positions"], source=r["source"], condition=r["condition"],
@@ -525,44 +358,56 @@ def table_rows(rows, decodes, scores, pairs):
             truncated=bool(g["truncated"]), answer_changed=not unchanged,
             baseline_language=none["language"], language=g["language"],
             language_changed=g["language"] != none["language"], outcome=outcome,
-            logp_ref=ref, logp_swap=swap, ld=ref - swap, dlogp_ref=ref - none_ref,
-            dlogp_swap=swap - none_swap, dld=(ref - swap) - (none_ref - none_swap),
-            patch_size=float(g["patch_size"])))
+            logp_ref=ref, logp_swap=swap, ld=ref - swap, dlogp_ref=ref - s0["logp_ref"],
+            dlogp_swap=swap - s0["logp_swap"], dld=(ref - swap) - ld0,
+            first_ref=s["first_ref"], first_swap=s["first_swap"], top1=s["top1"], **digits,
+            dp_share=digits["p_share"] - digits0["p_share"], lang_ref=s["lang_ref"],
+            dlang_ref=s["lang_ref"] - s0["lang_ref"], patch_size=float(g["patch_size"])))
     return pd.DataFrame(records)
 
 
-def null_table(jobs, decodes, scores, pairs):
-    """random_scores.csv: per problem and random draw, the scored measures (no decoding)."""
+def null_table(jobs, decodes, scores, pairs, swap_of, first_ids):
+    """random_scores.csv: per problem and scored random draw, the scored measures (no decoding)."""
     records = []
+    columns = ["problem_id", "layer", "k", "positions", "source", "condition", "draw", "pair",
+               *SCORED, "ld", "top1_own", "top1_src", "p_share"]
     for job in jobs:
-        ref, swap = score_of(job, decodes, scores)
+        s = score_of(job, decodes, scores)
         records.append(dict(problem_id=pairs[job.problem]["id"], layer=job.layer, k=job.k,
                             positions=job.positions, source=job.source, condition=job.condition,
-                            draw=job.draw, pair="same" if job.source_problem == job.problem else "swap",
-                            logp_ref=ref, logp_swap=swap, ld=ref - swap))
-    return pd.DataFrame(records)
+                            draw=job.draw,
+                            pair="same" if job.source_problem == job.problem else "swap",
+                            **s, ld=s["logp_ref"] - s["logp_swap"],
+                            **first_digit_fields(s, job.problem, swap_of[job.problem], first_ids)))
+    return pd.DataFrame(records, columns=columns)
 
 
 # ----------------------------------------------------------------------------------------------
 
 def resolve_layers(config, args):
-    """--layer or --depth (not both) to decoder layers; the default is layer 32."""
+    """--layer or --depth (not both) to decoder layers; the default is the plan's layer 32 of 36
+    at the same depth (common.plan_layer_at_depth: 32 on Qwen2.5-3B, 21 of 24, 25 of 28)."""
     if args.layer is not None and args.depth is not None:
         raise runs.UsageError("pass --layer or --depth, not both")
     if args.depth is not None:
         return [common.depth_to_layer(config, f) for f in args.depth]
-    layers = args.layer if args.layer is not None else [DEFAULT_LAYER]
-    return [common.check_layer(config, layer) for layer in layers]
+    if args.layer is None:
+        return [common.plan_layer_at_depth(config)]
+    return [common.check_layer(config, layer) for layer in args.layer]
 
 
 def validate(args):
     """Every check that needs no weights, before anything is loaded or written. Resolves --layer
-    (from --depth), --max-new-tokens (per template) and --batch-size in args."""
+    (from --depth), --max-new-tokens (per template) and --batch-size in args. Returns (the pairs
+    to try, the template)."""
     device = common.check_runtime(args.device, args.dtype)
     if min(args.n_random, args.n_random_logprob) < 0 or (args.batch_size or 1) < 1 \
             or (args.max_new_tokens or 1) < 1:
         raise runs.UsageError("--n-random and --n-random-logprob must be >= 0, --batch-size and "
                               "--max-new-tokens >= 1")
+    if args.min_pairs < 2:
+        raise runs.UsageError(f"--min-pairs {args.min_pairs}: pass at least 2 (a swap source is "
+                              f"another problem)")
     if not 0 < args.keep_threshold < 1:
         raise runs.UsageError(f"--keep-threshold {args.keep_threshold}: pass a rate in (0, 1)")
     if "all" in args.positions and any(s != "mean" and s != "ot" for s in args.source):
@@ -572,10 +417,11 @@ def validate(args):
     args.layer = resolve_layers(config, args)
     for k in args.k:
         common.check_k(config, k, allow_full=False)
-    pairs = problems.load_pairs(args)
+    pairs = problems.load_pairs(args, bank_limit=BANK_PAIRS)
     if len(pairs) < 2:
-        raise runs.UsageError("need at least 2 pairs (the swap source is another problem)")
-    template = problems.get_template(problems.load_prompts(args.prompts)["templates"], args.template)
+        raise runs.UsageError("need at least 2 pairs (the swap source is another problem); pass a "
+                              "larger --limit")
+    template = problems.get_template(problems.load_templates(args), args.template)
     if args.max_new_tokens is None:
         args.max_new_tokens = MAX_NEW_TOKENS[args.template]
     if args.batch_size is None:  # decoding is memory-bound: big batches on a GPU, small on a CPU
@@ -583,50 +429,103 @@ def validate(args):
     return pairs, template
 
 
-def write_outputs(out, rows, null, variance, decodes, scores, pairs, template_name):
+def select_pairs(model, tokenizer, pairs, template, args, out):
+    """The pairs the run measures: those the unpatched model answers as --solved asks (answered.py;
+    a resumed run reads its solved.csv), at least --min-pairs of them, else a UsageError before
+    anything is written. Returns (kept pairs, the selection record for config.json)."""
+    path = out / "solved.csv"
+    if args.resume and path.is_file():
+        table = runs.load_csv(path)
+    else:
+        table = answered.answer_table(model, tokenizer, pairs, template, args.template,
+                                      args.batch_size, args.decode)
+        table = table.assign(kept=answered.kept_mask(table, args.solved))
+    record = answered.solved_record(table, args.solved)
+    answered.require_kept(record, args.min_pairs,
+                          f"the run (--min-pairs; the language criteria need {MIN_PAIRS} "
+                          f"English baselines)")
+    runs.write_csv(table, path)
+    kept = [p for p, keep in zip(pairs, table.kept.astype(bool)) if keep]
+    print(f"{record['kept']} of {record['tried']} pairs kept (--solved {args.solved}: correct in "
+          f"English {record['correct_en']}, in Chinese {record['correct_zh']}, both "
+          f"{record['correct_both']})")
+    return kept, record
+
+
+def check_last_source(tokenizer, pairs, template, args):
+    """--source last:M needs M <= the shortest prompt, in either language."""
+    shortest = min(len(tokenizer(t, add_special_tokens=False)["input_ids"])
+                   for lang in ("en", "zh") for t in prompt_texts(pairs, template, lang)[0])
+    if max([0] + [last_positions(s) or 0 for s in args.source]) > shortest:
+        raise runs.UsageError(f"--source last:M: M is longer than the shortest prompt "
+                              f"({shortest} tokens); pass a smaller M")
+
+
+def write_outputs(out, rows, null, variance, decodes, scores, pairs, swap_of, tokenizer, args):
     """rows.csv, random_scores.csv and variance.csv (named for the template's measure), and the
     job stores rewritten in job order."""
-    names = summary.measure_names(template_name)
-    runs.write_csv(table_rows(rows, decodes, scores, pairs).rename(columns=names), out / "rows.csv")
-    runs.write_csv(null_table(null, decodes, scores, pairs).rename(columns=names),
-                   out / "random_scores.csv")
+    names = summary.measure_names(args.template)
+    first_ids = [problems.answer_continuation(tokenizer, p["answer"], "en", "direct")[0]
+                 for p in pairs]
+    runs.write_csv(table_rows(rows, decodes, scores, pairs, swap_of, first_ids).rename(
+        columns=names), out / "rows.csv")
+    runs.write_csv(null_table(null, decodes, scores, pairs, swap_of, first_ids).rename(
+        columns=names), out / "random_scores.csv")
     runs.write_csv(pd.DataFrame(variance), out / "variance.csv")
     decodes.rewrite_sorted()
     scores.rewrite_sorted()
 
 
-def main(args):
-    if args.summarize is not None:
-        return summary.summarize(args.summarize, args.figures)
-    pairs, template = validate(args)
+def start_run(args, pairs, template):
+    """The output folder, the model and the measured pairs; a refused run (too few pairs kept, a
+    last:M source too long) leaves nothing behind. Returns (out, model, tokenizer, kept, record)."""
+    fresh = not Path(args.out).exists() or not any(Path(args.out).iterdir())
     out = runs.prepare_out_dir(args.out, args.overwrite, args.resume, args, args.figures)
     args.out = out
     runs.set_seed(args.seed)
-    model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
-    shortest = min(len(tokenizer(t, add_special_tokens=False)["input_ids"])
-                   for lang in ("en", "zh") for t in prompt_texts(pairs, template, lang)[0])
-    if max([0] + [last_positions(s) or 0 for s in args.source]) > shortest:
-        if not args.resume and not any(out.iterdir()):
+    try:
+        model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
+        check_last_source(tokenizer, pairs, template, args)
+        kept, record = select_pairs(model, tokenizer, pairs, template, args, out)
+    except (runs.UsageError, KeyboardInterrupt):
+        if fresh and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # nothing is left behind by a refused command
-        raise runs.UsageError(f"--source last:M: M is longer than the shortest prompt "
-                              f"({shortest} tokens); pass a smaller M")
-    swap_of = problems.derangement([p["answer"] for p in pairs], args.seed)
+        raise
+    return out, model, tokenizer, kept, record
+
+
+def main(args):
+    if args.replot:
+        return summary.replot(args)
+    tried, template = validate(args)
+    out, model, tokenizer, pairs, solved = start_run(args, tried, template)
+    swap_of = problems.derangement([p["answer"] for p in pairs], args.seed,
+                                   key=problems.first_digit)
     if not args.resume:  # a resumed run keeps the config.json it was started with
+        primary = summary.primary_config(args.layer, args.k, args.positions, args.source,
+                                         common.plan_layer_at_depth(model))
         runs.write_json(out / "config.json", runs.run_config(
-            args, model, template=template, n_pairs=len(pairs), layers_resolved=dict(
-                depth=args.depth, layer=args.layer, num_layers=common.num_layers(model)),
+            args, model, template=template, n_pairs=len(pairs), solved=solved,
+            layers_resolved=dict(depth=args.depth, layer=args.layer,
+                                 num_layers=common.num_layers(model),
+                                 basis_layer=common.plan_layer_at_depth(model)),
+            primary_test=dict(zip(summary.CONFIG, primary),
+                              description=summary.primary_description(primary)),
             swap_source={p["id"]: pairs[j]["id"] for p, j in zip(pairs, swap_of)},
-            random_basis_seeds="seed * 1000003 + k * 1009 + draw"))
+            random_basis_seeds="seed * 1000003 + k * 1009 + draw",
+            language_margin="log P(Latin word) - log P(Chinese word) right after the reference "
+                            "answer, a lone space marginalised (common.language_margin)"))
+    languages = common.LanguageClasses(tokenizer)
     decodes, scores = Store(out / "generations.csv", pairs), Store(out / "scores.csv", pairs)
     rows, null, variance, earlier = [], [], [], set()
     for layer in args.layer:
         r, n, v, decoded = run_layer(model, tokenizer, pairs, template, layer, args, swap_of,
-                                     decodes, scores, earlier)
+                                     decodes, scores, earlier, languages)
         rows, null, variance, earlier = rows + r, null + n, variance + v, earlier | decoded
-    write_outputs(out, rows, null, variance, decodes, scores, pairs, args.template)
-    result = summary.summarize(out, args.figures)
+    write_outputs(out, rows, null, variance, decodes, scores, pairs, swap_of, tokenizer, args)
+    verdicts, _ = summary.summarize(out, args.figures)
     print(f"wrote {out}/SUMMARY.md")
-    return result
+    return verdicts
 
 
 def source_arg(value):
@@ -642,14 +541,21 @@ def source_arg(value):
 def build_parser():
     parser = runs.make_parser(__doc__)
     common.add_common_args(parser, "exp_a")
-    problems.add_pairs_args(parser)
+    problems.add_pairs_args(parser, default=problems.BANK)
+    answered.add_solved_arg(parser)
+    parser.add_argument("--min-pairs", type=int, default=MIN_PAIRS,
+                        help="stop before the long part when fewer pairs are kept: the language "
+                             f"criteria need {MIN_PAIRS} English baselines (below 20 a rate's 95%% "
+                             "interval is wider than 0.4)")
     decoding.add_decode_args(parser)
     parser.add_argument("--layer", type=int, nargs="+", default=None,
-                        help=f"decoder layer(s) to patch; default {DEFAULT_LAYER} (Qwen2.5-3B's)")
+                        help="decoder layer(s) to patch (default: the plan's layer 32 of 36 at the "
+                             "same fraction of this model's depth: 32 on Qwen2.5-3B, 21 of 24)")
     parser.add_argument("--depth", type=float, nargs="+", default=None, metavar="F",
                         help="instead of --layer: layer round(F x number of layers), the same "
                              "depth on any model (0.889: 32 of 36, 21 of 24, 25 of 28)")
-    parser.add_argument("--k", type=int, nargs="+", default=[50], help="dimension(s) of Z")
+    parser.add_argument("--k", type=int, nargs="+", default=[50],
+                        help="dimension(s) of Z, each 1..d-1 (the primary test is at k 50)")
     parser.add_argument("--template", choices=["direct", "cot"], default="direct",
                         help="direct: the prompt ends right before the answer's first digit; cot: "
                              "the model calculates first (scored at its 'The answer is')")
@@ -667,9 +573,9 @@ def build_parser():
                         help="random k-dim subspaces decoded per (layer, k): 19 is the fewest for "
                              "a rank-test p of 0.05")
     parser.add_argument("--n-random-logprob", type=int, default=200, metavar="M",
-                        help="random subspaces scored by teacher forcing (no decoding) for the "
-                             "rank tests of the log-prob measures; the first --n-random are the "
-                             "decoded draws")
+                        help="random Z subspaces scored by teacher forcing (no decoding) for "
+                             "the rank tests of Z's scored measures; the first --n-random are the "
+                             "decoded draws (random Z-perp is scored on its decoded draws only)")
     parser.add_argument("--random-kind", choices=["uniform", "matched"], default="uniform",
                         help="uniform (Haar) random subspaces, or drawn with the activations' "
                              "covariance at the layer (as much variance as the data give them)")
@@ -682,8 +588,9 @@ def build_parser():
                         help="fold the layer's input RMSNorm gain into W_Q, W_K before the SVD "
                              "(default: raw weights, as Phase 2 built Z)")
     runs.add_smoke_arg(parser, SMOKE)
-    parser.add_argument("--summarize", type=Path, default=None, metavar="DIR",
-                        help="only rebuild the summary and figures of a finished run from its CSVs")
+    parser.add_argument("--replot", action="store_true",
+                        help="only rebuild the summary, tables and figures of the finished run in "
+                             "--out from its CSVs (no model)")
     parser.set_defaults(batch_size=None)  # resolved in validate(): 256 on a GPU, 64 on a CPU
     return parser
 

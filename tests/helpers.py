@@ -38,7 +38,8 @@ def has_hooks(model):
 # the CUDA tests and the report's tests run the scripts with them.
 TINY_RUN_FLAGS = {
     "exp_a_patching.py": ["--layer", "2", "--k", "4", "--n-random", "1", "--limit", "3",
-                          "--n-random-logprob", "4", "--max-new-tokens", "4"],
+                          "--n-random-logprob", "4", "--max-new-tokens", "4", "--solved", "off",
+                          "--min-pairs", "2"],
     "exp_b_residual.py": ["--basis-layer", "2", "--k", "4", "--n-random", "2", "--limit", "4",
                           "--cache-dir", "none"],
     "exp_c_ard_mmd.py": ["--layers", "1", "3", "--basis-layer", "2", "--k", "8", "--steps", "10",

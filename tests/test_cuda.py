@@ -1,7 +1,7 @@
 """On a CUDA machine (skipped elsewhere): the tiny model in bfloat16 on the GPU. The fast engine
-agrees with the eager loop within what bf16 rounding alone moves, CUDA graphs change nothing, a
-patch on the GPU equals the CPU float32 patch within bf16 tolerance, and every script's tiny run
-completes with --device cuda."""
+agrees with the eager loop within what bf16 rounding alone moves, CUDA graphs change nothing (A's
+unit-word stop included), a patch on the GPU equals the CPU float32 patch within bf16 tolerance,
+and every script's tiny run completes with --device cuda."""
 import dataclasses
 import importlib.util
 import subprocess
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import common
-from zcausal import decoding, fast_decode, runs
+from zcausal import decoding, fast_decode, problems, runs
 from helpers import MIXED, TINY_RUN_FLAGS, conditions
 
 pytestmark = [pytest.mark.cuda,
@@ -77,6 +77,26 @@ def test_rows_that_all_stop_early_end_the_batch_on_the_gpu(gpu_and_cpu):
     stop = sorted(set(free["tokens"][:, 1].tolist()))  # every row ends at its first or second token
     out = _decode(gpu, tok, "fast", n=12, stop_ids=stop)
     assert (out["lengths"] <= 2).all() and out["steps"] <= decoding.CHECK_EVERY < 11
+
+
+def test_unit_word_stop_inside_the_cuda_graph(gpu_and_cpu, monkeypatch):
+    """A's stop rule (the number, then the first character after it that is not a space) runs
+    inside the captured step: on planted traits every row ends where problems.end_of_answer says
+    on the same engine's unstopped tokens, with and without CUDA graphs."""
+    from test_decoding import _planted_traits
+    (gpu, tok), (cpu, _) = gpu_and_cpu
+    traits = _planted_traits(gpu.lm_head.out_features, 0)
+    free = _decode(gpu, tok, "fast", _patch(cpu), n=12)
+    stopped = _decode(gpu, tok, "fast", _patch(cpu), n=12, stop_when_number_ends=True,
+                      digits=traits)
+    for row, length in zip(free["tokens"].tolist(), stopped["lengths"].tolist()):
+        end, _ = problems.end_of_answer(
+            [tuple(int(traits[name][t]) for name in problems.TRAITS) for t in row])
+        assert length == (end or 12)
+    monkeypatch.setattr(fast_decode, "USE_CUDA_GRAPHS", False)
+    plain = _decode(gpu, tok, "fast", _patch(cpu), n=12, stop_when_number_ends=True, digits=traits)
+    assert torch.equal(plain["tokens"], stopped["tokens"])
+    assert torch.equal(plain["lengths"], stopped["lengths"])
 
 
 def test_patch_on_gpu_equals_cpu_patch_within_bf16(gpu_and_cpu):

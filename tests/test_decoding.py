@@ -222,22 +222,69 @@ def test_digit_token_mask_marks_the_tokens_with_a_digit(tiny):
     for text in (" apples", "。", " The"):
         assert not any(table[i] for i in tok(text, add_special_tokens=False)["input_ids"])
     assert 0 < int(table.sum()) < len(tok) // 2
-    ids, mask = _ids(tok, MIXED * 2)  # a tokenizer, its table, or the model's own: the same rows
+    ids, mask = _ids(tok, MIXED * 2)  # a tokenizer or the model's own: the same rows
     a = decoding.generate_and_score(model, ids, mask, 8, stop_when_number_ends=True, digits=tok)
-    b = decoding.generate_and_score(model, ids, mask, 8, stop_when_number_ends=True, digits=table)
     c = decoding.generate_and_score(model, ids, mask, 8, stop_when_number_ends=True)
-    assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["tokens"], c["tokens"])
-    vocab = model.lm_head.out_features  # digits=None finds the model's own tokenizer's table
-    assert torch.equal(decoding._digits(model, True, None, vocab), table)
+    assert torch.equal(a["tokens"], c["tokens"])
+    vocab = model.lm_head.out_features  # digits=None finds the model's own tokenizer's tables
+    assert torch.equal(decoding._end_tables(model, True, None, vocab)["digit"], table)
     free = _first_tokens(model, ids, mask, 8)
-    for row, length in zip(free.tolist(), a["lengths"].tolist()):  # the rule, token by token
-        digit = [any(ch.isdigit() for ch in tok.decode([t])) for t in row]
-        ends = [i + 1 for i in range(1, 8) if any(digit[:i]) and not digit[i]]
-        assert length == (ends[0] if ends else 8)
+    for row, length in zip(free.tolist(), a["lengths"].tolist()):  # problems' rule, the same ends
+        end, _ = problems.answer_end(tok, row)
+        assert length == (end or 8)
     model.name_or_path_for_results = "no-such-model-folder"  # no tokenizer to be found
     with pytest.warns(UserWarning, match="digits=tokenizer"):
         d = decoding.generate_and_score(model, ids, mask, 8, stop_when_number_ends=True)
     assert torch.equal(d["tokens"], free) and (d["lengths"] == 8).all()
+
+
+def _planted_traits(vocab, seed):
+    """Random answer-end traits for every token id (problems.TRAITS): digits, blanks, lead bytes
+    that leave a character unfinished and continuation-only tokens, often enough that rows end at
+    every kind of step."""
+    gen = torch.Generator().manual_seed(seed)
+    draw = torch.rand(vocab, generator=gen)
+    only = (draw > 0.55) & (draw <= 0.75)
+    return {"digit": draw <= 0.35, "blank": (draw > 0.35) & (draw <= 0.45), "only_continuation": only,
+            "leading_continuation": torch.where(only, torch.randint(1, 3, (vocab,), generator=gen), 0),
+            "deficit": torch.where((draw > 0.45) & (draw <= 0.55),
+                                   torch.randint(1, 3, (vocab,), generator=gen), 0)}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_answer_end_rule_is_the_same_in_both_engines_and_in_problems(tiny, seed):
+    """The unit-word stop: after the number, the first token that is not blank and leaves no
+    character unfinished ends the row. On planted traits, both engines end every row where
+    problems.end_of_answer says, with the same tokens, and a batch ends once all rows have."""
+    model, tok = tiny
+    ids, mask = _ids(tok, MIXED)
+    traits = _planted_traits(model.lm_head.out_features, seed)
+    out = [decoding.generate_and_score(model, ids, mask, 12, conditions(model, 5), engine=e,
+                                       stop_when_number_ends=True, digits=traits,
+                                       return_logits=True) for e in ENGINES]
+    _assert_same(*out)
+    free = decoding.generate_and_score(model, ids, mask, 12, conditions(model, 5),
+                                       engine="eager")["tokens"]
+    lengths = out[0]["lengths"].tolist()
+    for row, length, kept in zip(free.tolist(), lengths, out[0]["tokens"].tolist()):
+        end, _ = problems.end_of_answer(
+            [tuple(int(traits[name][t]) for name in problems.TRAITS) for t in row])
+        assert length == (end or 12) and kept[:length] == row[:length]
+    assert min(lengths) < 12
+
+
+def test_answer_end_reads_the_unit_word_of_each_language(tiny):
+    """A direct answer ends at the unit word's first letter or character, a split character
+    completed first; the words after the number give the output's language."""
+    _, tok = tiny
+    stop = problems.stop_token_ids(tok)
+    for text, output, language in (("386 minutes.\n\nQuestion", "386 m", "en"),
+                                   ("81 颗纽扣。", "81 颗", "zh"), ("156 元", "156 元", "zh"),
+                                   ("60.\n\n", "60.", "none"), ("60 \n", "60 \n", "none")):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        read = problems.read_output(tok, ids + [tok.eos_token_id] * 3, stop, "direct", 20)
+        assert (read["output"], read["language"], read["answer"]) == (
+            output, language, problems.first_number(text)), text
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -278,22 +325,29 @@ def test_scopes_differ_only_from_first_generated_token(tiny):
     assert not torch.allclose(out["prompt"]["logits"][:, 1:], out["all"]["logits"][:, 1:], atol=1e-3)
 
 
-def test_continuation_logprob_matches_full_forward(tiny):
+def test_scores_first_tokens_top1_and_language_margin_match_a_full_forward(tiny):
+    """Summed log p of each continuation, log p of its first token, the argmax at the last prompt
+    position, and the language margin after it (the lone-space probe fed, not scored), all from
+    one forward over prompt + continuation + space with the patch as the decoding loop applies it."""
     model, tok = tiny
     ids, mask = _ids(tok, TEXTS)
     conts = _conts(tok, 3)
     patch = conditions(model, 3)
-    got = decoding.continuation_logprob(model, ids, mask, conts, patch)
+    languages = common.LanguageClasses(tok)
+    got = decoding.generate_and_score(model, ids, mask, 0, patch, score=[conts],
+                                      languages=languages)
+    plain = decoding.continuation_logprob(model, ids, mask, conts, patch)
+    torch.testing.assert_close(got["scores"][0], plain, atol=1e-5, rtol=0)
     for row, text in enumerate(TEXTS):
         prompt = tok(text, add_special_tokens=False)["input_ids"]
-        full = torch.tensor([prompt + conts[row]])
+        full = torch.tensor([prompt + conts[row] + [languages.space_id]])
         one = common.SubspacePatch(layer=2, basis=patch.basis[row:row + 1],
                                    complement=patch.complement[row:row + 1],
                                    source_mean=patch.source_mean[row:row + 1],
                                    patch_generated=patch.patch_generated[row:row + 1])
         # Manual reference: the prompt positions get the prompt patch, the answer positions get the
         # generated-position patch (or none), exactly as the decoding loop defines them.
-        n = len(prompt)
+        n, c = len(prompt), len(conts[row])
 
         def fn(hidden, one=one, n=n):
             one.phase = "prompt"
@@ -305,7 +359,11 @@ def test_continuation_logprob_matches_full_forward(tiny):
         with common.layer_output_hook(model, 2, fn), torch.no_grad():
             logp = torch.log_softmax(model(full).logits[0].float(), -1)
         want = sum(float(logp[n - 1 + j, t]) for j, t in enumerate(conts[row]))
-        assert abs(float(got[row]) - want) < 1e-3
+        assert abs(float(plain[row]) - want) < 1e-3
+        assert abs(float(got["first_scores"][0][row]) - float(logp[n - 1, conts[row][0]])) < 1e-3
+        assert int(got["top1"][row]) == int(logp[n - 1].argmax())
+        margin = common.language_margin(logp[None, n - 1 + c], logp[None, n + c], languages)
+        assert abs(float(got["margins"][0][row]) - float(margin[0])) < 1e-3
 
 
 def test_fast_engine_sees_weights_edited_in_place(tiny):

@@ -1,7 +1,9 @@
-"""Experiment A: sources, patches, scoring positions, the noise floor, the verdict, and the script
-end to end (smoke command, resume, bad input) on the tiny model."""
+"""Experiment A: sources, patches, scoring positions, the noise floor, the language measured on
+every row, the primary test and the verdict against en, and the script end to end (smoke command,
+resume, --replot, --n-random 0, too few kept pairs, bad input) on the tiny model."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,9 +14,9 @@ import pytest
 import torch
 
 import common
-from zcausal import decoding, problems, runs, transport
+from zcausal import decoding, patching as P, problems, runs, transport
 import exp_a_patching as A
-from zcausal.summaries import exp_a as S
+from zcausal.summaries import exp_a as S, exp_a_text
 from helpers import smoke_argv
 
 SMOKE = smoke_argv("A")  # the README's smoke command
@@ -61,6 +63,10 @@ def test_derangement_has_no_fixed_points_and_avoids_equal_answers():
     assert all(answers[i] != answers[j] for i, j in enumerate(perm))
     assert perm == problems.derangement(answers, seed=3) and perm != problems.derangement(answers, seed=4)
     assert problems.derangement([7, 7], seed=0) == [1, 0]
+    answers = [12, 15, 23, 29, 31, 38, 47, 41]  # swap partners with a different first digit
+    perm = problems.derangement(answers, 0, key=problems.first_digit)
+    assert all(problems.first_digit(answers[i]) != problems.first_digit(answers[j])
+               for i, j in enumerate(perm))
 
 
 def test_ot_plan_marginals_and_identity():
@@ -91,7 +97,7 @@ def test_own_prompt_as_source_leaves_logits_unchanged(tiny, source):
     ctx.zh_tokens, ctx.zh_means = ctx.en_tokens, ctx.en_means  # the source is the row's own prompt
     scale = transport.robust_scale(ctx.en_tokens)
     ctx.ot_sources = {(i, i): transport.ot_source(ctx.en_tokens[i], ctx.en_tokens[i], scale)[0] for i in range(4)}
-    ctx.device = A.device_tables(ctx, "cpu")  # make_patch gathers from these
+    ctx.device = P.device_tables(ctx, "cpu")  # make_patch gathers from these
     none = [A.job_key(i, 2, "none", 0, "-", "-", i, -1) for i in range(4)]
     base = _logits(model, ctx, none, args)
     conditions = ["noop"] if source == "mean" else ["z", "zperp", "full", "rand_z"]
@@ -105,7 +111,7 @@ def test_last_source_patches_only_the_last_positions_and_k_d_equals_full(tiny):
     model, tok, args, pairs, template, swap_of, ctx = _setup(tiny, ["--source", "last:2"])
     d = common.hidden_size(model)
     ctx.bases[("rand", d, 0)] = common.random_basis(d, d, 0)  # a k = d subspace: all of R^d
-    ctx.device = A.device_tables(ctx, "cpu")
+    ctx.device = P.device_tables(ctx, "cpu")
     jobs = [A.job_key(i, 2, "rand_z", d, "prompt", "last:2", swap_of[i], 0) for i in range(4)]
     full = [A.job_key(i, 2, "full", 4, "prompt", "last:2", swap_of[i], -1) for i in range(4)]
     torch.testing.assert_close(_logits(model, ctx, jobs, args), _logits(model, ctx, full, args),
@@ -233,8 +239,26 @@ def test_noop_rows_decode_exactly_like_none_rows_in_the_same_batches(tiny):
     for i in range(4):
         none = results[A.job_key(i, -1, "none", 0, "-", "-", i, -1)]
         noop = results[A.job_key(i, 2, "noop", 0, "-", "-", i, -1)]
-        for field in ("output", "tokens", "logp_ref", "logp_swap", "patch_size"):
+        for field in ("output", "tokens", "logp_ref", "logp_swap", "first_ref", "first_swap",
+                      "top1", "lang_ref", "patch_size"):
             assert noop[field] == none[field], field
+
+
+def test_every_direct_row_carries_its_language_and_first_digit_scores(tiny):
+    """Language measured on a direct-template row: the decoded output ends at the word after the
+    number, its language is that of that word, and the teacher-forced language margin after the
+    reference answer, the first digits' log p and the argmax are on every row."""
+    model, tok, args, pairs, template, swap_of, ctx = _setup(tiny)
+    answer_ids = A.answer_token_ids(tok, pairs)
+    jobs = [A.job_key(i, 2, c, 4, "prompt", "mean", i, -1) for i in range(4) for c in ("none", "z")]
+    results = A.run_batch(model, tok, ctx, jobs, args, True, (answer_ids, swap_of, None))
+    for r in results:
+        assert r["language"] == problems.classify_language(problems.after_number(r["output"]),
+                                                           truncate=False)
+        end, _ = problems.answer_end(tok, json.loads(r["tokens"]))
+        assert end in (None, len(json.loads(r["tokens"])))  # cut where the answer ends
+        assert all(np.isfinite(r[f]) for f in ("lang_ref", "first_ref", "first_swap", "top1"))
+        assert r["first_ref"] >= r["logp_ref"] - 1e-4  # the first digit is part of the answer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,39 +281,71 @@ def test_smoke_outputs(smoke):
     out, figures = smoke
     for name in ("rows.csv", "generations.csv", "scores.csv", "random_scores.csv", "variance.csv",
                  "metrics.csv", "controls.csv", "null_draws.csv", "tests.csv", "verdicts.csv",
-                 "measure_checks.csv", "SUMMARY.md", "patching_table.md", "config.json"):
+                 "measure_checks.csv", "SUMMARY.md", "patching_table.md", "config.json",
+                 "solved.csv"):
         assert (out / name).is_file(), name
     rows = S.load_table(out / "rows.csv")
     # 4 problems x (none, noop, en + 2 x (z, zperp, full) + 2 draws x 2 random x 2 pairs)
     assert len(rows) == 4 * (3 + 6 + 8)
     none, noop = (rows[rows.condition == c].reset_index(drop=True) for c in ("none", "noop"))
-    for column in ("output", "answer", "logp_ref", "logp_swap", "truncated"):
+    for column in ("output", "answer", "logp_ref", "logp_swap", "truncated", "lang_ref", "top1"):
         pd.testing.assert_series_equal(none[column], noop[column])
     assert (none.dlogp_ref == 0).all() and not none.answer_changed.any()
     np.testing.assert_allclose(rows.ld, rows.logp_ref - rows.logp_swap)
+    assert rows.lang_ref.notna().all() and rows.first_ref.notna().all()
+    np.testing.assert_allclose(rows.p_share, 1 / (1 + np.exp(rows.first_ref - rows.first_swap)))
+    swap = rows[rows.pair == "swap"]
+    assert not (swap.top1_own & swap.top1_src).any()  # the partner's first digit differs
     truncated = rows[rows.truncated]
     assert truncated.answer.isna().all() and (truncated.outcome == "truncated").all()
     config = json.loads((out / "config.json").read_text())
     assert config["args"]["depth"] == [0.5] and config["layers_resolved"]["layer"] == [2]
     assert config["args"]["layer"] == [2] and config["args"]["max_new_tokens"] == 10
+    assert config["args"]["prompts"] == "bank" and config["solved"]["tried"] == 4
+    assert config["solved"]["kept"] == 4 and config["solved"]["mode"] == "off"
+    assert config["primary_test"]["layer"] == 2 and config["primary_test"]["k"] == 8
+    assert "intersection-union" in config["primary_test"]["description"]
     variance = S.load_table(out / "variance.csv")
     assert set(variance.basis) == {"z", "uniform", "matched"} and variance.share.between(0, 1).all()
     null = S.load_table(out / "random_scores.csv")
-    assert len(null) == 4 * 2 * 4 * 2  # problems x random conditions x 4 scored draws x pairs
+    # problems x (random Z: 4 scored draws + random Z-perp: its 2 decoded draws) x pairs
+    assert len(null) == 4 * (4 + 2) * 2
+    assert set(null[null.condition == "rand_zperp"].draw) == {0, 1}
     decoded = rows[(rows.condition == "rand_z") & (rows.draw == 0) & (rows.pair == "same")]
     merged = decoded.merge(null[(null.condition == "rand_z") & (null.draw == 0) & (null.pair == "same")],
                            on=["problem_id", "k"])
-    np.testing.assert_allclose(merged.logp_ref_x, merged.logp_ref_y)
+    for column in ("logp_ref", "lang_ref", "p_share"):
+        np.testing.assert_allclose(merged[f"{column}_x"], merged[f"{column}_y"])
     tests = S.load_table(out / "tests.csv")
-    assert {"answer_change", "transfer", "dlogp_ref", "dld_swap"} <= set(tests.metric)
-    assert (tests[tests.null == "scored"].draws == 4).all()
+    assert {"answer_change", "transfer", "dlogp_ref", "dld_swap", "top1_src", "dp_share",
+            "dlang_ref"} <= set(tests.metric)
+    scored = tests[tests.null == "scored draws"]
+    assert (scored[scored.condition == "z"].draws == 4).all()  # Z: every scored draw
+    assert (scored[scored.condition == "zperp"].draws == 2).all()  # Z-perp: its decoded draws
+    assert tests.primary.sum() == 1 and tests[tests.primary].test.iloc[0] == "z changes answers"
+    secondary = tests[~tests.primary & (tests.part_of == "")]
+    assert secondary.p_holm.notna().all() and (secondary.p_holm >= secondary.p - 1e-12).all()
     summary = (out / "SUMMARY.md").read_text()
     assert "Verdict:" in summary and "not measured" in summary and "noise floor" in summary
+    assert "4 pairs tried, 4 kept" in summary and "Declared primary test" in summary
+    assert not re.search(r"\bnan\b", summary) and " - " not in summary
     for name in ("change_rates", "transfer_rates", "logprob_shift"):
         assert (runs.figure_dir(out, figures) / f"{name}.png").is_file()
 
 
-def test_summary_rebuilds_without_a_model_and_refuses_a_partial_rows_csv(smoke, tmp_path, monkeypatch):
+def test_headline_is_the_primary_tests_verdict_value_and_lead(smoke):
+    out, _ = smoke
+    cell = S.headline(out)
+    assert set(cell) == {"verdict", "value", "lead"}
+    verdicts = S.load_table(out / "verdicts.csv")
+    assert cell["verdict"] == verdicts[verdicts.primary].verdict.iloc[0]
+    assert "answers changed by Z vs random" in cell["value"] and "[" in cell["value"]
+    assert 1 <= len(cell["lead"]) <= 3 and all(isinstance(line, str) for line in cell["lead"])
+    assert "4 pairs tried, 4 kept" in cell["lead"][0]
+
+
+def test_replot_rebuilds_without_a_model_and_refuses_a_partial_rows_csv(smoke, tmp_path,
+                                                                        monkeypatch, capsys):
     out = tmp_path / "copy"
     shutil.copytree(smoke[0], out)
 
@@ -297,12 +353,18 @@ def test_summary_rebuilds_without_a_model_and_refuses_a_partial_rows_csv(smoke, 
         raise AssertionError("the summary must not need a model")
     monkeypatch.setattr(common, "load_model", no_model)
     before = (out / "SUMMARY.md").read_text()
-    S.summarize(out, tmp_path / "figures")
+    A.main(A.parse_args(["--replot", "--out", str(out), "--figures", str(tmp_path / "figures")]))
     assert (out / "SUMMARY.md").read_text() == before
+    printed = capsys.readouterr().out
+    assert f"wrote {out / 'SUMMARY.md'}" in printed and "change_rates.png" in printed
     rows = S.load_table(out / "rows.csv")
     runs.write_csv(rows.drop(index=5), out / "rows.csv")  # one row deleted
-    with pytest.raises(runs.UsageError, match="rows.csv is incomplete: 1 rows missing"):
+    with pytest.raises(runs.UsageError, match="rows.csv is incomplete: 1 row missing"):
         S.summarize(out, tmp_path / "figures")
+    empty = tmp_path / "empty"
+    with pytest.raises(runs.UsageError, match="has no rows.csv"):
+        A.main(A.parse_args(["--replot", "--out", str(empty), "--figures", str(tmp_path / "f2")]))
+    assert not empty.exists() and not (tmp_path / "f2").exists()
 
 
 def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
@@ -334,7 +396,7 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path, monk
     # pandas versions parse the last bit of a float differently from how it was written.
     for name in ("rows.csv", "generations.csv", "scores.csv", "random_scores.csv", "variance.csv",
                  "metrics.csv", "controls.csv", "null_draws.csv", "tests.csv", "verdicts.csv",
-                 "measure_checks.csv"):
+                 "measure_checks.csv", "solved.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(full / name), pd.read_csv(resumed / name),
                                       check_exact=False, rtol=1e-9, atol=1e-12, obj=name)
     assert (full / "patching_table.md").read_text() == (resumed / "patching_table.md").read_text()
@@ -343,57 +405,146 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path, monk
         assert len(list(runs.figure_dir(out, figures).glob("*.png"))) == 3
 
 
-def test_verdict_criteria():
-    def rows(n, z_changed, zp_changed, z_lang, zp_lang, rand_changed, noop_changed=0, draws=19):
-        records = []
-        for i in range(n):
-            def row(condition, draw=-1, changed=False, lang_changed=False):
-                return dict(problem_id=f"p{i}", layer=1, k=2, positions="prompt", source="mean",
-                            condition=condition, draw=draw, pair="same", answer_changed=changed,
-                            baseline_language="en", language_changed=lang_changed,
-                            truncated=False, outcome="kept", correct=True, logp_ref=-1.0, ld=1.0,
-                            dlogp_ref=0.0, dld=0.0, patch_size=1.0)
-            records += [row("none"), row("noop", changed=i < noop_changed), row("full"),
-                        row("z", changed=i < z_changed, lang_changed=i < z_lang),
-                        row("zperp", changed=i < zp_changed, lang_changed=i < zp_lang)]
-            records += [row("rand_z", d, changed=i < rand_changed) for d in range(draws)]
-            records += [row("rand_zperp", d) for d in range(draws)]
-        return pd.DataFrame(records)
+def _synthetic(n, z=0, zperp=0, en=0, z_lang=0, zp_lang=0, rand=0, noop=0, draws=19, english=None,
+               en_same_as_z=False):
+    """rows.csv-like rows of one configuration: the first `z` problems' answers changed by Z (and
+    their log p(reference) lowered by 1 nat), the first `en` (or, with en_same_as_z, the same
+    ones, lowered as much) by en, and so on; `english` problems with an English baseline."""
+    english = n if english is None else english
+    records = []
+    for i in range(n):
+        def row(condition, draw=-1, changed=False, lang=False, pair="same"):
+            return dict(problem_id=f"p{i}", layer=1, k=2, positions="prompt", source="mean",
+                        condition=condition, draw=draw, pair=pair, answer_changed=changed,
+                        baseline_language="en" if i < english else "zh", language_changed=lang,
+                        truncated=False, outcome="kept", correct=True, logp_ref=-1.0, ld=1.0,
+                        dlogp_ref=-1.0 if changed else 0.0, dld=0.0, patch_size=1.0,
+                        top1_src=False, top1_own=True, dp_share=0.0, dlang_ref=0.0,
+                        lang_ref=3.0, p_share=0.1, output="1 apple")
+        en_changed = i < z if en_same_as_z else i < en
+        records += [row("none"), row("noop", changed=i < noop), row("full"),
+                    row("z", changed=i < z, lang=i < z_lang), row("en", changed=en_changed),
+                    row("zperp", changed=i < zperp, lang=i < zp_lang)]
+        records += [row("rand_z", d, changed=i < rand) for d in range(draws)]
+        records += [row("rand_zperp", d) for d in range(draws)]
+    return pd.DataFrame(records)
 
-    def verdict(frame):
-        return S.compute_tables(frame)[4].iloc[0]
-    clean = verdict(rows(40, z_changed=20, zp_changed=0, z_lang=0, zp_lang=20, rand_changed=2))
-    assert clean.verdict == "double dissociation" and clean.failed == ""
+
+def _verdict(frame):
+    return S.compute_tables(frame)[4].iloc[0]
+
+
+def test_verdict_criteria():
+    clean = _verdict(_synthetic(40, z=20, zp_lang=20, rand=2))
+    assert clean.verdict == "double dissociation" and clean.failed == "" and clean.primary
+    assert clean.plan_partial and clean.explained_by == ""
     # Random subspaces of Z's size change as many answers: Z is not special.
-    same = verdict(rows(40, 20, 0, 0, 20, rand_changed=20))
-    assert same.verdict == "null" and not same.z_changes_answers
+    same = _verdict(_synthetic(40, z=20, zp_lang=20, rand=20))
+    assert same.verdict == "null" and not same.z_changes_answers and same.explained_by == "random"
     # The noop patch (batch noise) changes as many: the Wilson lower bound is not above it.
-    noisy = verdict(rows(40, 8, 0, 0, 20, rand_changed=2, noop_changed=8))
+    noisy = _verdict(_synthetic(40, z=8, zp_lang=20, rand=2, noop=8))
     assert not noisy.z_changes_answers and "not above" in noisy.z_changes_answers_reason
+    assert "noop" in noisy.explained_by
     # "Keeps answers" must not pass merely because N is small: 0 of 5 changed is not keeping.
-    small = verdict(rows(5, 5, 0, 0, 5, rand_changed=0))
-    assert not small.zperp_keeps_answers and small.verdict == "partial"
-    assert "zperp_keeps_answers" in small.failed
+    small = _verdict(_synthetic(5, z=5, zp_lang=5))
+    assert not small.zperp_keeps_answers and "zperp_keeps_answers" in small.failed
     # Too few draws for a p of 0.05: never "changes answers".
-    few = verdict(rows(40, 20, 0, 0, 20, rand_changed=2, draws=10))
+    few = _verdict(_synthetic(40, z=20, zp_lang=20, rand=2, draws=10))
     assert not few.z_changes_answers and few.verdict == "null"
+
+
+def test_verdict_when_en_explains_zs_effect_is_not_partial():
+    """The en control (the English prompt's own mean written into Z) changes the same answers and
+    lowers log p(reference) as much: Z beats random, but its effect needs no Chinese content."""
+    v = _verdict(_synthetic(40, z=20, zp_lang=20, rand=2, en_same_as_z=True))
+    assert v.verdict == "null" and not v.z_changes_answers and v.explained_by == "en"
+    assert "Z alone 0, en alone 0" in v.z_changes_answers_reason
+    frame = _synthetic(40, z=20, zp_lang=20, rand=2, en_same_as_z=True)
+    tables = S.compute_tables(frame)
+    paragraph = exp_a_text.verdict_paragraph(frame, tables[1], tables[3], tables[4].iloc[0], None,
+                                             "direct")
+    assert "explained by the en control" in paragraph and "Verdict: null" in paragraph
+    # en changes fewer answers but lowers log p(reference) as much: still explained by en.
+    weaker = _synthetic(40, z=20, zp_lang=20, rand=2, en=0)
+    weaker.loc[(weaker.condition == "en") & (weaker.problem_id.isin([f"p{i}" for i in range(20)])),
+               "dlogp_ref"] = -1.0
+    v = _verdict(weaker)
+    assert v.verdict == "null" and v.explained_by == "en"
+
+
+def test_language_criteria_need_twenty_english_baselines():
+    """19 English baselines: "Z keeps language" and "Z⊥ changes language" are not measured,
+    never passed, even where every other criterion passes; 20 suffice."""
+    v = _verdict(_synthetic(40, z=20, zp_lang=19, rand=2, english=19))
+    assert pd.isna(v.z_keeps_language) and pd.isna(v.zperp_changes_language)
+    assert v.verdict == "partial" and "not measured (19 English baselines, 20 needed)" in \
+        v.zperp_changes_language_reason
+    assert _verdict(_synthetic(40, z=20, zp_lang=20, rand=2, english=20)).verdict == \
+        "double dissociation"
+
+
+def test_secondary_configurations_are_holm_adjusted_and_never_carry_the_label():
+    """Two configurations: the primary (k 2 here) is read at its raw p, the other's "Z changes
+    answers" at its Holm-adjusted p."""
+    first = _synthetic(40, z=20, zp_lang=20, rand=2)
+    second = first.assign(k=3)
+    tables = S.compute_tables(pd.concat([first, second], ignore_index=True), primary=(1, 3, "prompt", "mean"))
+    tests, verdicts = tables[3], tables[4]
+    assert tests.primary.sum() == 1 and tests[tests.primary].k.iloc[0] == 3
+    other = tests[(tests.k == 2) & (tests.test == "z changes answers")].iloc[0]
+    assert other.p_holm >= other.p and not other.primary
+    assert list(verdicts.primary) == [False, True]
 
 
 def test_interchange_outcomes():
     pairs = [{"id": "a", "category": "c", "answer": 10}, {"id": "b", "category": "c", "answer": 20}]
     none = A.job_key(0, -1, "none", 0, "-", "-", 0, -1)
+    scores = dict(first_ref=-0.5, first_swap=-2.0, top1=5.0, lang_ref=2.0)
     base = dict(output="", language="en", truncated=False, patch_size=0.0, logp_ref=-1.0,
-                logp_swap=-5.0)
+                logp_swap=-5.0, **scores)
     decodes = {none: dict(base, answer=10.0)}
     for answer, truncated, expected in ((20.0, False, "transferred"), (10.0, False, "kept"),
                                         (33.0, False, "broken"), (None, True, "truncated")):
         key = A.job_key(0, 1, "z", 2, "prompt", "mean", 1, -1)
-        decodes[key] = dict(base, answer=answer, truncated=truncated, logp_ref=-2.0, logp_swap=-1.0)
+        decodes[key] = dict(base, answer=answer, truncated=truncated, logp_ref=-2.0, logp_swap=-1.0,
+                            first_ref=-3.0, first_swap=-1.0, top1=7.0, lang_ref=-1.0)
         row = dict(problem=0, layer=1, k=2, positions="prompt", source="mean", condition="z",
                    draw=-1, pair="swap", source_problem=1, job=key)
-        table = A.table_rows([row], decodes, {}, pairs)
-        assert table.outcome.iloc[0] == expected
-        assert table.dld.iloc[0] == pytest.approx((-2.0 + 1.0) - (-1.0 + 5.0))
+        table = A.table_rows([row], decodes, {}, pairs, [1, 0], [5, 7]).iloc[0]
+        assert table.outcome == expected
+        assert table.dld == pytest.approx((-2.0 + 1.0) - (-1.0 + 5.0))
+        assert table.top1_src and not table.top1_own and table.dlang_ref == pytest.approx(-3.0)
+        share, share0 = 1 / (1 + np.exp(-3.0 + 1.0)), 1 / (1 + np.exp(-0.5 + 2.0))
+        assert table.p_share == pytest.approx(share) and table.dp_share == pytest.approx(share - share0)
+
+
+def test_too_few_kept_pairs_stop_before_the_long_part_and_leave_nothing(tmp_path):
+    """The tiny random model answers nothing: with --solved both one line names the flags to
+    change, and neither the output folder nor a figure folder is left behind."""
+    out = tmp_path / "out"
+    argv = ["--model", "tiny-random", "--limit", "4", "--out", str(out), "--figures",
+            str(tmp_path / "f")]
+    with pytest.raises(runs.UsageError, match="only 0 of 4 pairs kept by --solved both.*"
+                                              "--min-pairs.*--solved en / any / off"):
+        A.main(A.parse_args(argv))
+    assert not out.exists() and not (tmp_path / "f").exists()
+    with pytest.raises(runs.UsageError, match="needs at least 5"):  # 4 kept, 5 asked for
+        A.main(A.parse_args(argv + ["--solved", "off", "--min-pairs", "5"]))
+    assert not out.exists()
+
+
+def test_default_layer_is_the_plans_layer_at_the_same_depth():
+    args = A.parse_args(["--model", "tiny-random", "--limit", "2"])
+    A.validate(args)
+    assert args.layer == [common.plan_layer_at_depth(common.load_model_config("tiny-random"))] == [3]
+
+
+def test_no_random_draws_is_summarised_as_not_tested(tmp_path):
+    out, _ = _run(tmp_path, FAST + ["--n-random", "0", "--n-random-logprob", "0"])
+    summary = (out / "SUMMARY.md").read_text()
+    assert "not tested (no random draws)" in summary and "Verdict: null" in summary
+    cell = S.headline(out)
+    assert cell["verdict"] == "null" and "not tested (no random draws)" in cell["value"]
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -401,12 +552,13 @@ def test_interchange_outcomes():
     (["--k", "0"], "--k between 1 and 63"), (["--k", "64"], "Z-perp empty"),
     (["--depth", "1.5"], "--depth 1.5 is not a fraction"),
     (["--depth", "0.5", "--layer", "2"], "--layer or --depth"),
-    (["--limit", "999"], "--limit between 1 and"),
+    (["--limit", "99999"], "--limit between 1 and"),
     (["--prompts", "/nonexistent/prompts.json"], "does not exist"),
     (["--device", "cuda"], "no CUDA device"), (["--source", "last:0"], None),
     (["--keep-threshold", "2"], "--keep-threshold"),
     (["--positions", "all", "--source", "last"], "--positions all"),
     (["--template", "nope"], None), ("empty", "no pairs"), ("duplicate", "duplicate id"),
+    (["--min-pairs", "1"], "--min-pairs 1"), (["--n-random", "-1"], "--n-random"),
     ("file_out", "is a file, not a folder"),
 ])
 def test_bad_input_errors_and_writes_nothing(tmp_path, extra, message):

@@ -32,15 +32,27 @@ def test_direct_prompt_ends_right_before_the_answers_first_digit(tok, lang):
         assert tok.decode([head[-1]]) == " "
 
 
-@pytest.mark.parametrize("text, end", [("60.", 3), (" 60\n", 4), ("x 7 y", 4), ("1656", None),
-                                       ("no digits", None)])
-def test_number_end(tok, text, end):
+@pytest.mark.parametrize("text, end", [("60.", 3), (" 60\n", 4), ("x 7 y", 5), ("1656", None),
+                                       ("no digits", None), ("60 eggs", 4), ("386 分钟", 5),
+                                       ("81 颗纽扣", 4), ("7 \n", 3)])
+def test_answer_end(tok, text, end):
+    """The number, then the first character after it that is not a space (a split character
+    completed first); None where the text stops before."""
     ids = _ids(tok, text)
-    got = problems.number_end(tok, ids)
+    got, number_ended = problems.answer_end(tok, ids)
     if end is None:
-        assert got is None
+        assert got is None and not number_ended
     else:
-        assert tok.decode(ids[:got]) == text[:end]
+        assert tok.decode(ids[:got]) == text[:end] and number_ended
+
+
+def test_token_traits_of_split_characters():
+    """Qwen writes " 颗" as " " + the lead byte (two bytes still owed), then one byte per token."""
+    lead, cont = " 颗".encode()[:2], " 颗".encode()[2:3]
+    assert problems.token_traits(lead, " \ufffd") == (False, False, False, 0, 2)
+    assert problems.token_traits(cont, "\ufffd") == (False, False, True, 1, 0)
+    assert problems.token_traits(b"  ", "  ")[1] and not problems.token_traits(b" \n", " \n")[1]
+    assert problems.token_traits(b"7", "7")[0]
 
 
 def test_read_output_direct_cuts_at_the_number_and_marks_truncation(tok):

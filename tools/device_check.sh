@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 13's GPU check, one script: the test suite (CUDA tests included), then bench.py on
-# Qwen2.5-3B's shape (random weights, bf16), printing as it goes. Run from the repository root on
+# The GPU check, one script: the test suite (CUDA tests included), a bf16 smoke run of every
+# script and of study.py, then bench.py on Qwen2.5-3B's shape (random weights, bf16), printing as
+# it goes. Run from the repository root on
 # the lent GPU machine (H100 or H200), after tools/fetch_wheels.sh here (POT travels as a wheel):
 #
 #   run(command="bash tools/device_check.sh", carry=[".whl"], timeout_s=600)
@@ -9,6 +10,7 @@
 # at BUDGET seconds (default 540) so the call ends inside its 600 s, and every step has its own
 # time limit and goes on after a failure. Logs and bench.csv land in $OUT (they come back).
 # Afterwards, here: append $OUT/bench.csv's rows to results/bench.csv (same columns).
+# The smoke runs and the study add about a minute.
 set -u
 OUT=${OUT:-/tmp/device-check}
 mkdir -p "$OUT"
@@ -56,14 +58,21 @@ $PY -c "import ot; print('POT', ot.__version__)" 2>&1 | tee -a "$OUT/env.log"
 # 1. The whole suite, CUDA tests included (about 2 minutes on an H100).
 step pytest 240 $PY -m pytest -q -rs -p no:cacheprovider --durations=15 tests
 
-# 2. bench.py, Qwen2.5-3B's shape in bf16; rows appended to $OUT/bench.csv as each part ends.
+# 2. Every script's smoke run and the whole study in bf16 on the device (tiny model: seconds each).
+for x in exp_a_patching exp_b_residual exp_c_ard_mmd exp_d_bridge exp_e_layer_sweep; do
+  step "smoke_$x" 60 $PY $x.py --model tiny-random --smoke --device $DEVICE --dtype bfloat16 \
+    --out "$OUT/smoke/$x"
+done
+step smoke_study 90 $PY study.py --model tiny-random --device $DEVICE --dtype bfloat16 --out "$OUT/study"
+
+# 3. bench.py, Qwen2.5-3B's shape in bf16; rows appended to $OUT/bench.csv as each part ends.
 #    a: A's gold grid (40 pairs, 5 new tokens: the direct template's need); step: the decode step
 #    at batch 512 beside model.generate. Then the sample and B, D; C and the sweep last.
 B="$PY bench.py --device $DEVICE --shape $SHAPE --out $OUT/bench.csv"
 step bench_a_step 200 $B --parts a step
 step bench_single_b_d 100 $B --parts single b d
 step bench_c_e 120 $B --parts c e
-# 3. If time is left: A's grid at 100 new tokens on 10 pairs (the issue's second A target, scaled).
+# 4. If time is left: A's grid at 100 new tokens on 10 pairs (the issue's second A target, scaled).
 step bench_a100 120 $B --parts a --pairs 10 --new-tokens 100
 
 log "done; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

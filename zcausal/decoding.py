@@ -20,7 +20,8 @@ from contextlib import contextmanager
 
 import torch
 
-from zcausal import fast_decode
+import common
+from zcausal import fast_decode, problems
 from common import (TINY_MODEL, cache_kwarg, new_cache, capture_layer_outputs, decoder_layers,
                     layer_output_hook, num_layers, position_ids_from_mask, tiny_tokenizer)
 from zcausal.fast_decode import advance, new_stop_state
@@ -56,25 +57,37 @@ def _forward(model, input_ids, attention_mask, position_ids, cache, patch, phase
     return out.logits.float()
 
 
-def _score(model, cache, first_logits, attention_mask, position, continuations, patch):
-    """Summed log-probs (B,) of continuations (B lists of ids) after a prefilled cache, teacher
-    forced; continuation positions count as generated positions for the patch."""
+def _score(model, cache, first_logits, attention_mask, position, continuations, patch,
+           languages=None):
+    """Teacher-forced scores of continuations (B lists of ids) after a prefilled cache; their
+    positions count as generated positions for the patch. Returns (logp (B,), summed log-probs;
+    first (B,), log p of each continuation's first token; margin (B,) or None). With `languages`
+    (common.LanguageClasses) the lone-space probe is fed after each continuation (not scored) and
+    margin is the language margin after it (common.language_margin, as interchange.score)."""
     device = first_logits.device
-    width = max(len(c) for c in continuations)
+    probe = [] if languages is None or languages.space_id is None else [languages.space_id]
+    width = max(len(c) for c in continuations) + len(probe)
     cont = torch.zeros((len(continuations), width), dtype=torch.long)
-    cont_mask = torch.zeros_like(cont, dtype=torch.bool)
+    n = torch.tensor([len(c) for c in continuations])
     for row, c in enumerate(continuations):
-        cont[row, :len(c)] = torch.tensor(c, dtype=torch.long)
-        cont_mask[row, :len(c)] = True
-    cont, cont_mask = cont.to(device), cont_mask.to(device)
+        cont[row, :len(c) + len(probe)] = torch.tensor(list(c) + probe, dtype=torch.long)
+    cont, n = cont.to(device), n.to(device)
+    fed = cont if languages is not None else cont[:, :-1]  # the margin reads past the answer
     logits = first_logits
-    if width > 1:  # right-padded continuations: padding comes after, so causal attention ignores it
-        mask = torch.cat([attention_mask, torch.ones_like(cont[:, :-1])], 1)
-        steps = position[:, -1:] + 1 + torch.arange(width - 1, device=device)
-        rest = _forward(model, cont[:, :-1], mask, steps, cache, patch, "generate", False)
-        logits = torch.cat([first_logits, rest], 1)
-    logp = torch.log_softmax(logits, -1).gather(-1, cont[..., None])[..., 0]
-    return (logp * cont_mask).sum(1).cpu()
+    if fed.shape[1]:  # right-padded continuations: padding comes after, so causal attention ignores it
+        mask = torch.cat([attention_mask, torch.ones_like(fed)], 1)
+        steps = position[:, -1:] + 1 + torch.arange(fed.shape[1], device=device)
+        rest = _forward(model, fed, mask, steps, cache, patch, "generate", False)
+        logits = torch.cat([first_logits, rest], 1)  # column j predicts continuation token j
+    logprobs = torch.log_softmax(logits, -1)
+    picked = logprobs[:, :width].gather(-1, cont[..., None])[..., 0]
+    logp = (picked * (torch.arange(width, device=device)[None] < n[:, None])).sum(1)
+    margin = None
+    if languages is not None:
+        rows = torch.arange(len(n), device=device)
+        after_space = logprobs[rows, n + 1] if probe else None
+        margin = common.language_margin(logprobs[rows, n], after_space, languages).cpu()
+    return logp.cpu(), picked[:, 0].cpu(), margin
 
 
 def layer_kv(cache, layer):
@@ -143,17 +156,31 @@ def _forward_from_prefill(model, prefill, cache, patch):
     return model.lm_head(model.model.norm(hidden[:, -1:])).float()
 
 
-def _prompt_pass(model, input_ids, attention_mask, position, patch, score, prefill):
-    """The prompt forward (patched, phase "prompt") and the teacher-forced scores. Returns
-    (DynamicCache of the prompt, last-position logits (B, V) float32, list of (B,) scores)."""
+def _prompt_pass(model, input_ids, attention_mask, position, patch, score, prefill, languages):
+    """The prompt forward (patched, phase "prompt") and the teacher-forced scores; languages: per
+    score set, common.LanguageClasses (read the language margin after it) or None. Returns
+    (DynamicCache of the prompt, last-position logits (B, V) float32, list of _score's triples)."""
     cache = new_cache(model)
     if prefill is None:
         logits = _forward(model, input_ids, attention_mask, position, cache, patch, "prompt", True)
     else:  # same result, without recomputing the layers below the patch
         logits = _forward_from_prefill(model, prefill, cache, patch)
     scores = [_score(model, copy.deepcopy(cache), logits, attention_mask, position, continuations,
-                     patch) for continuations in score]
+                     patch, classes) for continuations, classes in zip(score, languages)]
     return cache, logits[:, -1], scores
+
+
+def _scored(result, scores, logits):
+    """The score fields of a batch's result: scores, first_scores, margins (lists, one (B,)
+    float32 per continuation set; margins only with languages) and top1 (B,) long, the argmax at
+    the last prompt position (the first token greedy decoding writes)."""
+    result["scores"] = [logp for logp, _, _ in scores]
+    result["first_scores"] = [first for _, first, _ in scores]
+    if any(margin is not None for _, _, margin in scores):
+        result["margins"] = [torch.full_like(logp, float("nan")) if margin is None else margin
+                             for logp, _, margin in scores]
+    result["top1"] = logits.argmax(-1).cpu()
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,13 +193,16 @@ def digit_token_mask(tokenizer, size=None):
     """(size,) bool on the CPU: True for the token ids whose text (each decoded alone) holds a
     digit, the same test as problems' reading of a direct answer. size: the model's vocabulary
     (its logits' width; default len(tokenizer)); ids past the tokenizer's are False."""
+    return answer_end_tables(tokenizer, size)["digit"]
+
+
+def answer_end_tables(tokenizer, size=None):
+    """problems.answer_end_tables as (V,) CPU tensors: what stop_when_number_ends reads."""
     key = (id(tokenizer), size)
     if key not in _DIGIT_TABLES:
-        n = len(tokenizer)
-        texts = tokenizer.batch_decode([[i] for i in range(n)])
-        table = torch.zeros(max(size or n, n), dtype=torch.bool)
-        table[:n] = torch.tensor([any(c.isdigit() for c in text) for text in texts])
-        _DIGIT_TABLES[key] = (tokenizer, table[:size or n])  # the tokenizer kept: ids stay unique
+        tables = {name: torch.from_numpy(value)
+                  for name, value in problems.answer_end_tables(tokenizer, size).items()}
+        _DIGIT_TABLES[key] = (tokenizer, tables)  # the tokenizer kept: ids stay unique
     return _DIGIT_TABLES[key][1]
 
 
@@ -212,20 +242,25 @@ def _fill_id(model, stop_ids):
     return int(eos) if eos is not None else 0
 
 
-def _digits(model, stop_when_number_ends, digits, vocab):
-    """The (V,) digit table for stop_when_number_ends, or None (no stop at a number's end). Without
-    digits= the model's own tokenizer is used (_tokenizer_of); where none can be found the rows run
-    on with a warning (readers that cut at the number's end read the same answers, only later)."""
+def _end_tables(model, stop_when_number_ends, digits, vocab):
+    """The answer-end tables for stop_when_number_ends (answer_end_tables), or None (no stop at
+    the answer's end). digits: a tokenizer, a dict of (V,) trait tensors (problems.TRAITS), or a
+    (V,) bool tensor of digit tokens alone (a row then finishes at the first token without a digit
+    after one with a digit); None: the model's own
+    tokenizer (_tokenizer_of); where none can be found the rows run on with a warning (readers
+    that cut at the answer's end read the same answers, only later)."""
     if not stop_when_number_ends:
         return None
     if isinstance(digits, torch.Tensor):
-        return digits.bool().cpu()
+        return {"digit": digits.bool().cpu()}
+    if isinstance(digits, dict):
+        return {name: value.cpu() for name, value in digits.items()}
     tokenizer = digits if digits is not None else _tokenizer_of(model)
     if tokenizer is None:
         warnings.warn("stop_when_number_ends: no tokenizer known for this model, so rows do not "
-                      "stop where their number ends; pass digits=tokenizer", stacklevel=3)
+                      "stop where their answer ends; pass digits=tokenizer", stacklevel=3)
         return None
-    return digit_token_mask(tokenizer, vocab)
+    return answer_end_tables(tokenizer, vocab)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,17 +315,18 @@ def _finish(tokens, logits_seen, state, max_new_tokens, fill, steps):
 
 
 def _eager_batch(model, input_ids, attention_mask, max_new_tokens, patch, score, return_logits,
-                 prefill, stop_ids, digits):
+                 prefill, stop_ids, tables, languages):
     """Today's loop: the Hugging Face model with a DynamicCache, the patch as a forward hook, and
     a host check of finished rows every step."""
     position = position_ids_from_mask(attention_mask)
     fill = _fill_id(model, stop_ids)
     with _maybe_patch(model, patch):
         cache, logits, scores = _prompt_pass(model, input_ids, attention_mask, position, patch,
-                                             score, prefill)
-        state = new_stop_state(len(input_ids), logits.shape[-1], logits.device, stop_ids, digits,
+                                             score, prefill, languages)
+        first = logits
+        state = new_stop_state(len(input_ids), logits.shape[-1], logits.device, stop_ids, tables,
                                fill)
-        can_stop = bool(stop_ids) or digits is not None
+        can_stop = bool(stop_ids) or tables is not None
         tokens, logits_seen, steps = [], [] if return_logits else None, 0
         for step in range(max_new_tokens):
             if step:
@@ -304,26 +340,22 @@ def _eager_batch(model, input_ids, attention_mask, max_new_tokens, patch, score,
             tokens.append(advance(logits, state))
             if return_logits:
                 logits_seen.append(logits)
-    result = _finish(tokens, logits_seen, state, max_new_tokens, fill, steps)
-    result["scores"] = scores
-    return result
+    return _scored(_finish(tokens, logits_seen, state, max_new_tokens, fill, steps), scores, first)
 
 
 def _fast_batch(model, input_ids, attention_mask, max_new_tokens, patch, score, return_logits,
-                prefill, stop_ids, digits):
+                prefill, stop_ids, tables, languages):
     """The prompt pass and scores as eager; the decode steps on fast_decode's static KV cache."""
     position = position_ids_from_mask(attention_mask)
     fill = _fill_id(model, stop_ids)
     with _maybe_patch(model, patch):
         cache, logits, scores = _prompt_pass(model, input_ids, attention_mask, position, patch,
-                                             score, prefill)
+                                             score, prefill, languages)
     tokens, logits_seen, state, steps = fast_decode.decode(
-        model, cache, logits, attention_mask, position, max_new_tokens, patch, stop_ids, digits,
+        model, cache, logits, attention_mask, position, max_new_tokens, patch, stop_ids, tables,
         fill, return_logits, CHECK_EVERY)
     del cache
-    result = _finish(tokens, logits_seen, state, max_new_tokens, fill, steps)
-    result["scores"] = scores
-    return result
+    return _scored(_finish(tokens, logits_seen, state, max_new_tokens, fill, steps), scores, logits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,24 +384,30 @@ def _batches(attention_mask, batch_size):
 @torch.no_grad()
 def generate_and_score(model, input_ids, attention_mask, max_new_tokens, patch=None, stop_ids=(),
                        score=(), return_logits=False, prefill=None, *, engine="auto",
-                       stop_when_number_ends=False, digits=None, batch_size=None):
+                       stop_when_number_ends=False, digits=None, batch_size=None,
+                       languages=None, margin_sets=None):
     """Greedy decoding of a left-padded batch with a KV cache, under an optional SubspacePatch,
     plus teacher-forced scores of continuations from the same prefill.
 
     score: a list of continuation sets, each B lists of token ids (e.g. the reference answer).
     Returns dict: tokens (B, max_new_tokens) long on the CPU; once a row has finished (a token of
-    stop_ids, or with stop_when_number_ends the first token without a digit after one with a
-    digit) its later tokens are the fill id (its first stop id, else the model's EOS), so cutting
-    at the first stop token gives the row's text; lengths (B,) long, the tokens up to and
-    including the one that finished the row (max_new_tokens if it never did); scores, one (B,)
-    float32 tensor of summed log-probs per set; steps, the decode forwards run (most over the
-    batches); logits (B, max_new_tokens, V) float32 with return_logits (zeros after a row's end).
-    The batch stops early when every row has finished.
+    stop_ids, or with stop_when_number_ends where its answer ends: problems.answer_end, the number
+    and the first character after it) its later tokens are the fill id (its first stop id, else the
+    model's EOS), so cutting at the first stop token gives the row's text; lengths (B,) long, the
+    tokens up to and including the one that finished the row (max_new_tokens if it never did);
+    scores and first_scores, one (B,) float32 tensor per set: summed log-probs, and log p of the
+    first token alone; with `languages` (common.LanguageClasses) margins, one (B,) float32 per set:
+    the language margin after the continuation (common.language_margin, a lone-space probe fed
+    after it and not scored), on the sets margin_sets names (None: every set; NaN on the others,
+    which then cost no extra token); top1 (B,) long, the argmax at the last prompt position; steps, the
+    decode forwards run (most over the batches); logits (B, max_new_tokens, V) float32 with
+    return_logits (zeros after a row's end). The batch stops early when every row has finished.
     prefill: optional select_prefill(...) of these very prompts (input_ids and attention_mask must
     be its own); the patch, if any, must then be at stream prefill["layer"] (patch.stream).
     engine: "auto", "eager" or "fast" (module docstring); digits: with stop_when_number_ends, the
-    tokenizer or a (V,) bool tensor marking the token ids with a digit (digit_token_mask); None:
-    the model's own tokenizer (_tokenizer_of).
+    tokenizer, or a (V,) bool tensor marking the token ids with a digit alone (digit_token_mask:
+    the row then ends at the first token without a digit after its number); None: the model's own
+    tokenizer (_tokenizer_of).
     batch_size: decode at most this many rows at once, the rows sorted by prompt length into
     batches (less padding); results come back in the caller's order. None: one batch.
     """
@@ -379,12 +417,16 @@ def generate_and_score(model, input_ids, attention_mask, max_new_tokens, patch=N
     if patch is not None:
         patch = patch.to(device)
     stop_ids = sorted(set(int(i) for i in stop_ids))
-    digits = _digits(model, stop_when_number_ends, digits, model.lm_head.out_features)
+    tables = _end_tables(model, stop_when_number_ends, digits, model.lm_head.out_features)
+    if languages is not None:
+        languages = languages.to(device)
+    languages = [languages if margin_sets is None or i in margin_sets else None
+                 for i in range(len(score))]
     run = _fast_batch if engine == "fast" else _eager_batch
     B = input_ids.shape[0]
     if batch_size is None or B <= batch_size:
         return run(model, input_ids, attention_mask, max_new_tokens, patch, score, return_logits,
-                   prefill, stop_ids, digits)
+                   prefill, stop_ids, tables, languages)
     parts = []
     for rows in _batches(attention_mask, batch_size):
         index = torch.tensor(rows, device=device)
@@ -394,25 +436,28 @@ def generate_and_score(model, input_ids, attention_mask, max_new_tokens, patch=N
                      else (input_ids[index, -width:], attention_mask[index, -width:]))
         parts.append((rows, run(model, ids, mask, max_new_tokens, _select_patch(patch, index, width),
                                 [[c[r] for r in rows] for c in score], return_logits, sub_prefill,
-                                stop_ids, digits)))
+                                stop_ids, tables, languages)))
     return _merge(parts, B)
 
 
 def _merge(parts, B):
     """One result dict in the caller's row order from [(rows, result of those rows)]."""
     merged = {"steps": max(part["steps"] for _, part in parts)}
-    for name in ("tokens", "lengths", "logits"):
+    for name in ("tokens", "lengths", "logits", "top1"):
         if name in parts[0][1]:
             first = parts[0][1][name]
             merged[name] = first.new_zeros((B,) + tuple(first.shape[1:]))
             for rows, part in parts:
                 merged[name][rows] = part[name]
-    merged["scores"] = []
-    for s in range(len(parts[0][1]["scores"])):
-        scores = torch.zeros(B, dtype=torch.float32)
-        for rows, part in parts:
-            scores[rows] = part["scores"][s]
-        merged["scores"].append(scores)
+    for name in ("scores", "first_scores", "margins"):
+        if name not in parts[0][1]:
+            continue
+        merged[name] = []
+        for s in range(len(parts[0][1][name])):
+            values = torch.zeros(B, dtype=torch.float32)
+            for rows, part in parts:
+                values[rows] = part[name][s]
+            merged[name].append(values)
     return merged
 
 

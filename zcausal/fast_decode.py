@@ -36,33 +36,51 @@ MAX_GRAPHS = 16  # captured step shapes kept per model (each holds its own scrat
 # ----------------------------------------------------------------------------------------------
 # When a row is finished (the same tensor code in both engines)
 
-def new_stop_state(batch, vocab, device, stop_ids, digits, fill):
-    """Per-row finish bookkeeping on the device: done (B,) bool, seen_digit (B,) bool, length (B,)
-    long (tokens up to and including the one that finished the row), and the tables stop (V,) and
-    digit (V,) bool (digits None: all False, no stop by number end), fill () long."""
-    stop = torch.zeros(vocab, dtype=torch.bool)
-    stop[[i for i in stop_ids if 0 <= i < vocab]] = True
-    digit = torch.zeros(vocab, dtype=torch.bool)
-    if digits is not None:
-        digit[:min(vocab, len(digits))] = digits[:vocab]
-    zeros = torch.zeros(batch, dtype=torch.bool, device=device)
-    return {"done": zeros, "seen_digit": zeros.clone(),
-            "length": torch.zeros(batch, dtype=torch.long, device=device),
-            "stop": stop.to(device), "digit": digit.to(device),
-            "fill": torch.tensor(fill, dtype=torch.long, device=device)}
+TABLES = ("stop", "digit", "blank", "only_continuation", "leading_continuation", "deficit")
+COUNTERS = ("done", "seen_digit", "after_number", "owed", "length")
+
+
+def new_stop_state(batch, vocab, device, stop_ids, tables, fill):
+    """Per-row finish bookkeeping on the device. Counters (B,): done, seen_digit, after_number
+    (bool), owed (continuation bytes the last character still lacks) and length (tokens up to and
+    including the one that finished the row), long. Tables (V,): stop (bool) and the answer-end
+    traits (problems.TRAITS: digit, blank, only_continuation bool; leading_continuation, deficit
+    long) from `tables`, a dict of (V,) tensors (a missing trait is all False / 0; None: all of
+    them, so no row stops at its answer's end); fill () long."""
+    state = {"stop": torch.zeros(vocab, dtype=torch.bool)}
+    state["stop"][[i for i in stop_ids if 0 <= i < vocab]] = True
+    for name in TABLES[1:]:
+        kind = torch.long if name in ("leading_continuation", "deficit") else torch.bool
+        state[name] = torch.zeros(vocab, dtype=kind)
+        given = (tables or {}).get(name)
+        if given is not None:
+            state[name][:min(vocab, len(given))] = given[:vocab].to(kind)
+    state = {name: value.to(device) for name, value in state.items()}
+    for name in COUNTERS:
+        kind = torch.long if name in ("owed", "length") else torch.bool
+        state[name] = torch.zeros(batch, dtype=kind, device=device)
+    state["fill"] = torch.tensor(fill, dtype=torch.long, device=device)
+    return state
 
 
 def advance(logits, state):
     """The greedy token of each row from logits (B, V), the rows already finished given
-    state["fill"]; a row finishes on a stop token, or (where state["digit"] marks digit tokens)
-    on the first token without a digit after a token with one. Updates state in place with no host
-    synchronisation (it runs inside the CUDA graph). Returns the tokens (B,) long."""
+    state["fill"]; a row finishes on a stop token, or where its answer ends (problems.answer_end,
+    the same rule: after its number has ended, the first token that is not blank and leaves no
+    character unfinished; with only a digit table, the first token without a digit after one with
+    a digit). Updates state in place with no host synchronisation (it runs inside the CUDA
+    graph). Returns the tokens (B,) long."""
     token = torch.where(state["done"], state["fill"], logits.argmax(-1))
     has_digit = state["digit"][token]
-    finished = state["stop"][token] | (state["seen_digit"] & ~has_digit)
+    state["after_number"].logical_or_(state["seen_digit"] & ~has_digit)
+    state["seen_digit"].logical_or_(has_digit)
+    owed = torch.where(state["only_continuation"][token],
+                       (state["owed"] - state["leading_continuation"][token]).clamp(min=0),
+                       state["deficit"][token])
+    state["owed"].copy_(owed)
+    finished = state["stop"][token] | (state["after_number"] & ~state["blank"][token] & (owed == 0))
     state["length"].add_((~state["done"]).long())
     state["done"].logical_or_(finished)
-    state["seen_digit"].logical_or_(has_digit)
     return token
 
 
@@ -119,8 +137,9 @@ class _Shape:
             self.generated = torch.zeros(B, dtype=torch.bool, device=device)
         self.graph, self.logits = None, None
 
-    def load(self, cache_kv, attention_mask, position, patch, stop, digit, fill):
-        """Fill the buffers for a new batch: the prompt's keys and values, the mask, the patch."""
+    def load(self, cache_kv, attention_mask, position, patch, state):
+        """Fill the buffers for a new batch: the prompt's keys and values, the mask, the patch,
+        and the finish bookkeeping (the tables and counters of `state`, new_stop_state's)."""
         T_prompt = attention_mask.shape[1]
         for l, (keys, values) in enumerate(cache_kv):
             self.kv[0, l, :, :, :T_prompt].copy_(keys)
@@ -132,11 +151,8 @@ class _Shape:
         self.valid[:, :T_prompt].copy_(attention_mask.bool())
         self.pos.copy_(position[:, -1] + 1)
         self.slot.fill_(T_prompt)
-        for name in ("done", "seen_digit", "length"):
-            self.state[name].zero_()
-        self.state["stop"].copy_(stop)
-        self.state["digit"].copy_(digit)
-        self.state["fill"].fill_(fill)
+        for name in TABLES + COUNTERS + ("fill",):
+            self.state[name].copy_(state[name])
         if self.k is not None:
             self.basis.copy_(patch.basis)
             self.complement.copy_(patch.complement)
@@ -283,7 +299,7 @@ def _cache_kv(cache):
 
 
 def decode(model, cache, first_logits, attention_mask, position, max_new_tokens, patch, stop_ids,
-           digits, fill, return_logits, check_every):
+           tables, fill, return_logits, check_every):
     """Greedy tokens after a prompt pass: cache, the prompt's DynamicCache; first_logits (B, V), the
     last prompt position's logits; attention_mask and position (B, T_prompt) of the prompt.
     Returns (tokens: list of (B,) per generated token, logits: list of (B, V) float32 or None,
@@ -292,7 +308,7 @@ def decode(model, cache, first_logits, attention_mask, position, max_new_tokens,
     B, T_prompt = attention_mask.shape
     device, dtype = first_logits.device, next(model.parameters()).dtype
     vocab = first_logits.shape[-1]
-    state = new_stop_state(B, vocab, device, stop_ids, digits, fill)
+    state = new_stop_state(B, vocab, device, stop_ids, tables, fill)
     if max_new_tokens == 0:  # scores only
         return [], [] if return_logits else None, state, 0
     tokens, logits_seen = [advance(first_logits, state)], [first_logits] if return_logits else None
@@ -305,11 +321,9 @@ def decode(model, cache, first_logits, attention_mask, position, max_new_tokens,
     patched = patch is not None and bool(patch.patch_generated.any())
     k, stream = (patch.basis.shape[1], patch.stream) if patched else (None, None)
     shape = _decoder(model).shape(B, T, k, stream, dtype, device, use_graph)
-    shape.load(_cache_kv(cache), attention_mask, position, patch, state["stop"], state["digit"], fill)
-    for name in ("done", "seen_digit", "length"):
-        shape.state[name].copy_(state[name])
+    shape.load(_cache_kv(cache), attention_mask, position, patch, state)
     shape.tok.copy_(tokens[0])
-    can_stop = bool(stop_ids) or digits is not None
+    can_stop = bool(stop_ids) or tables is not None
     steps = 0
     for i in range(1, max_new_tokens):
         if can_stop and (i - 1) % check_every == 0 and bool(shape.state["done"].all()):

@@ -222,49 +222,122 @@ def has_final_answer(text):
     return any(re.search(p, response, flags=re.IGNORECASE) for p in _FINAL)
 
 
-def _token_texts(tokenizer, tokens):
-    return [tokenizer.decode([t]) for t in tokens]
+# ----------------------------------------------------------------------------------------------
+# Where a direct answer ends: its number, then the first character after it that is not a space
+# (the unit word's first letter or character, punctuation, a newline), so that a decoded output
+# shows its language ("386 minutes" / "386 分钟") a few tokens past the number. decoding's
+# stop_when_number_ends runs the same rule on the device (fast_decode.advance) from the tables of
+# answer_end_tables; read_output cuts a row with answer_end.
+
+TRAITS = ("digit", "blank", "only_continuation", "leading_continuation", "deficit")
 
 
-def number_end(tokenizer, tokens):
-    """Index just past the first token without a digit that follows a token with one: where a
-    direct-template answer ends (decoding's stop_when_number_ends rule). None if it never ends."""
-    seen_digit = False
-    for i, text in enumerate(_token_texts(tokenizer, tokens)):
-        has_digit = any(ch.isdigit() for ch in text)
-        if seen_digit and not has_digit:
-            return i + 1
-        seen_digit |= has_digit
-    return None
+def token_traits(raw, text):
+    """What the answer-end rule needs to know of one token, as a tuple in TRAITS order.
+
+    raw: its bytes; text: its decoded text. digit: the text holds a digit; blank: the token is
+    nothing but spaces; only_continuation / leading_continuation: it is made only of / starts with
+    that many UTF-8 continuation bytes (the rest of a character an earlier token began); deficit:
+    the continuation bytes its own last character still lacks (Qwen writes " 颗" as " " plus the
+    character's lead byte, then one token per remaining byte)."""
+    lead = 0
+    while lead < len(raw) and 0x80 <= raw[lead] < 0xC0:
+        lead += 1
+    deficit = 0
+    for i in range(len(raw) - 1, lead - 1, -1):  # the last lead byte and what follows it
+        if raw[i] < 0x80:
+            break
+        if raw[i] >= 0xC0:
+            need = 1 if raw[i] < 0xE0 else 2 if raw[i] < 0xF0 else 3
+            deficit = max(0, need - (len(raw) - 1 - i))
+            break
+    return (any(ch.isdigit() for ch in text), bool(raw) and all(b == 0x20 for b in raw),
+            bool(raw) and lead == len(raw), lead, deficit)
+
+
+def end_of_answer(traits):
+    """(end, number_ended) for a row's tokens given as token_traits tuples: end is the index just
+    past the token where the answer ends (None: not within them), number_ended whether a token
+    without a digit followed the first digit. The answer ends at the first token, after the number
+    has ended, that is not blank and leaves no character unfinished. fast_decode.advance is the
+    same rule in tensors."""
+    seen = after = False
+    owed = 0
+    for i, (digit, blank, only, lead, deficit) in enumerate(traits):
+        after = after or (seen and not digit)
+        seen = seen or digit
+        owed = max(owed - lead, 0) if only else deficit
+        if after and not blank and owed == 0:
+            return i + 1, True
+    return None, after
+
+
+def answer_end(tokenizer, tokens):
+    """end_of_answer of a direct-template row (generated ids)."""
+    return end_of_answer(token_traits(raw, tokenizer.decode([token]))
+                         for raw, token in zip(token_bytes(tokenizer, tokens), tokens))
+
+
+_END_TABLES = {}
+
+
+def answer_end_tables(tokenizer, size=None):
+    """The traits of every token id as numpy arrays (dict keyed by TRAITS; bool, or int for the two
+    byte counts), `size` long (the model's vocabulary; ids past the tokenizer's get no trait):
+    what decoding's stop rule reads on the device. Cached per tokenizer."""
+    key = (id(tokenizer), size)
+    if key not in _END_TABLES:
+        n = len(tokenizer)
+        texts = tokenizer.batch_decode([[i] for i in range(n)])
+        traits = np.array([token_traits(raw, text) for raw, text in
+                           zip(token_bytes(tokenizer), texts)], dtype=np.int64).reshape(n, 5)
+        width = max(size or n, n)
+        tables = {}
+        for column, name in enumerate(TRAITS):
+            table = np.zeros(width, dtype=np.int64)
+            table[:n] = traits[:, column]
+            tables[name] = table[:size or n].astype(bool if column < 3 else np.int64)
+        _END_TABLES[key] = (tokenizer, tables)  # the tokenizer kept: its id stays unique
+    return _END_TABLES[key][1]
+
+
+def after_number(text):
+    """The text after the first number (all of it when there is none): the words that show a
+    direct answer's language."""
+    found = re.search(_NUMBER, text)
+    return text[found.end():] if found else text
 
 
 def read_output(tokenizer, tokens, stop_ids, template, max_new_tokens):
     """Text, answer, language and truncation of one generated row (tokens: the ids generated,
     possibly padded after a stop token).
 
-    direct: the row ends at its first stop token or where its first number ends (number_end); the
-    answer is the first number. cot: the row ends at its first stop token; the answer is
-    extract_answer's. truncated: the row reached max_new_tokens before it ended and without a
-    final-answer phrase (direct: before its number ended); a truncated row gets no answer.
+    direct: the row ends at its first stop token or where its answer ends (answer_end: the number
+    and the first character after it, e.g. "386 minutes", "386 分"); the answer is the first
+    number, the language that of the text after it. cot: the row ends at its first stop token; the
+    answer is extract_answer's, the language that of the response. truncated: the row reached
+    max_new_tokens before it ended and without a final-answer phrase (direct: before its number
+    ended); a truncated row gets no answer.
     Returns dict(output, tokens (the ids kept), answer, language, truncated).
     """
     tokens = [int(t) for t in tokens]
     stop = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
     kept = tokens if stop is None else tokens[:stop]
     if template == "direct":
-        end = number_end(tokenizer, kept)
+        end, number_ended = answer_end(tokenizer, kept)
         kept = kept if end is None else kept[:end]
-        ended = stop is not None or end is not None
         text = tokenizer.decode(kept, skip_special_tokens=True)
-        truncated = not ended and len(tokens) >= max_new_tokens
+        truncated = stop is None and not number_ended and len(tokens) >= max_new_tokens
         answer = None if truncated else first_number(text)
+        language = classify_language(after_number(text), truncate=False)
     else:
         text = tokenizer.decode(kept, skip_special_tokens=True)
         ended = stop is not None or truncate_response(text) != text
         truncated = not ended and len(tokens) >= max_new_tokens and not has_final_answer(text)
         answer = None if truncated else extract_answer(text)
-    return {"output": text, "tokens": kept, "answer": answer,
-            "language": classify_language(text), "truncated": truncated}
+        language = classify_language(text)
+    return {"output": text, "tokens": kept, "answer": answer, "language": language,
+            "truncated": truncated}
 
 
 def readout_prefix(tokenizer, tokens):
@@ -448,12 +521,18 @@ def _byte_decoder():
     return {chr(c): b for b, c in zip(printable, chars)}
 
 
-def token_bytes(tokenizer):
-    """The raw bytes of every vocabulary entry: list of bytes, indexed by token id."""
-    table = _byte_decoder()
-    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+def token_bytes(tokenizer, ids=None):
+    """The raw bytes of vocabulary entries: list of bytes, one per id of `ids` (None: every id)."""
+    if not _BYTE_DECODER:
+        _BYTE_DECODER.update(_byte_decoder())
+    table = _BYTE_DECODER
+    ids = list(range(len(tokenizer))) if ids is None else [int(i) for i in ids]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
     return [bytes(table[ch] for ch in tok) if tok and all(ch in table for ch in tok)
             else (tok or "").encode("utf-8") for tok in tokens]
+
+
+_BYTE_DECODER = {}
 
 
 # UTF-8 lead bytes of the three-byte characters U+3000..U+9FFF (CJK punctuation, kana and the

@@ -20,13 +20,15 @@ def wilson_interval(count, n, z=1.959963984540054):
     return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
-def mcnemar_exact(first, second):
+def mcnemar_exact(first, second, alternative="two-sided"):
     """Exact McNemar test on paired booleans: (b, c, p) with b = first only, c = second only, and
-    the two-sided binomial p-value of b among the b + c discordant pairs (1.0 when none)."""
+    the binomial p-value of b among the b + c discordant pairs (1.0 when none): two-sided, or
+    alternative="greater" for "first is True more often than second" (one-sided; on booleans
+    x < y vs y < x it is the exact sign test)."""
     from scipy.stats import binomtest
     first, second = np.asarray(first, bool), np.asarray(second, bool)
     b, c = int((first & ~second).sum()), int((~first & second).sum())
-    p = binomtest(b, b + c, 0.5).pvalue if b + c else 1.0
+    p = binomtest(b, b + c, 0.5, alternative=alternative).pvalue if b + c else 1.0
     return b, c, float(p)
 
 

@@ -1,12 +1,26 @@
-"""Experiment A's statistics, verdict, SUMMARY.md and figures, from a run's CSVs alone (no model).
+"""Experiment A's statistics, the declared primary test, the verdict, SUMMARY.md and the report's
+headline, from a run's CSVs alone (no model).
 
-    python exp_a_patching.py --summarize results/exp_a     # what calls summarize()
+    python exp_a_patching.py --replot --out results/exp_a     # what calls replot() / summarize()
 
 Reads rows.csv (one row per problem x configuration x condition x draw x pair), random_scores.csv
 (the teacher-forced random null), variance.csv and config.json, and writes metrics.csv,
-controls.csv, null_draws.csv, tests.csv, verdicts.csv, measure_checks.csv, SUMMARY.md,
-patching_table.md and three figures. Every Z number is read against random subspaces of the same
-size (Z as one more draw: stats.rank_test) and against the noop patch decoded in the same batches.
+controls.csv, null_draws.csv, tests.csv, verdicts.csv, measure_checks.csv, SUMMARY.md and
+patching_table.md (their sentences: exp_a_text.py) and three figures (exp_a_figures.py). Every Z
+number is read against random subspaces of the same size (Z as one more draw: stats.rank_test),
+the noop patch decoded in the same batches, and the `en` control (the English prompt's own mean
+written into Z).
+
+The primary test, declared in config.json before the run (primary_config): at the basis layer (the
+plan's layer 32 of 36 at this model's depth), k 50, mean source, prompt positions, Z changes more
+answers than random subspaces of its size (rank test), more than `en` on the same problems (exact
+McNemar on the problems where they differ) and lowers log p(reference) more than `en` (exact sign
+test), all one-sided: an intersection-union test whose p-value is the largest of the three, with the
+Wilson lower bound of Z's rate above the noop rate. The label "partial" rests on the primary test
+only; "double dissociation" is the conjunction of it and, at the same configuration, Z keeps
+language, Z-perp changes language and Z-perp keeps answers (each at its raw level: a conjunction
+needs no correction). Every other test in tests.csv is secondary and Holm-adjusted (p_holm). The
+language criteria are "not measured" with fewer than 20 English baselines.
 """
 import json
 import math
@@ -15,21 +29,31 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from zcausal import problems, runs, stats
-from zcausal.summaries import text
+from zcausal import runs, stats
+from zcausal.summaries.text import NOT_MEASURED, interval, num, p_value, plural
 
 CONFIG = ["layer", "k", "positions", "source"]
 FIXED = ["none", "noop", "z", "zperp", "full", "en"]
 REQUIRED = ["none", "noop", "z", "zperp", "full"]
 PAIRED = [("z", "rand_z"), ("zperp", "rand_zperp")]
 DECODED_METRICS = ["answer_change", "language_change", "transfer"]
-SCORED_METRICS = ["dlogp_ref", "dld_same", "dld_swap"]
+RATE_METRICS = ["top1_src", "top1_own"]  # teacher-forced, but counts: rates with intervals
+SCORED_METRICS = ["dlogp_ref", "dld_same", "dld_swap", "dlang_ref", "dp_share"] + RATE_METRICS
 ALPHA = 0.05
+MIN_ENGLISH = 20  # the language criteria need this many English baselines, else "not measured"
+PRIMARY = dict(k=50, positions="prompt", source="mean")  # and the basis layer
+# The direction each rank test's hypothesis names (one-sided p); the others are two-sided.
+DIRECTION = {("z", "answer_change"): "above", ("zperp", "language_change"): "above",
+             ("z", "top1_src"): "above", ("z", "dp_share"): "above", ("z", "transfer"): "above",
+             ("z", "dlogp_ref"): "below", ("zperp", "dlang_ref"): "below"}
 TEXT = ["problem_id", "category", "positions", "source", "condition", "pair", "source_id",
         "output", "tokens", "language", "baseline_language", "outcome", "basis"]
 _READOUT_NAMES = {"logp_ref": "logp_readout", "logp_swap": "logp_readout_swap", "ld": "ld_readout",
                   "dlogp_ref": "dlogp_readout", "dlogp_swap": "dlogp_readout_swap",
                   "dld": "dld_readout"}
+LABEL = {"none": "none", "noop": "noop", "z": "Z", "zperp": "Z⊥", "full": "full",
+         "en": "en (Z ← English mean)", "rand_z": "random Z", "rand_zperp": "random Z⊥"}
+NO_DRAWS = "not tested (no random draws)"
 
 
 def measure_names(template):
@@ -75,14 +99,49 @@ def check_complete(rows):
                     first = first or f"problem {pid}, condition {key[0]}, draw {key[1]}, " \
                                      f"pair {key[2]}, configuration {config}"
     if missing:
-        raise runs.UsageError(f"rows.csv is incomplete: {missing} rows missing (first: {first}); "
-                              f"rerun the experiment with --resume to rebuild it")
+        raise runs.UsageError(f"rows.csv is incomplete: {plural(missing, 'row')} missing (first: "
+                              f"{first}); rerun the experiment with --resume to rebuild it")
+
+
+# ----------------------------------------------------------------------------------------------
+# The declared primary configuration
+
+def primary_config(layers, ks, positions, sources, basis_layer):
+    """(layer, k, positions, source) of the primary test: the basis layer, k 50, prompt
+    positions, mean source, each where the run has it (else its first layer, largest k, first
+    positions and source; the summary then says the declared configuration was not run)."""
+    return (basis_layer if basis_layer in layers else layers[0],
+            PRIMARY["k"] if PRIMARY["k"] in ks else max(ks),
+            PRIMARY["positions"] if PRIMARY["positions"] in positions else positions[0],
+            PRIMARY["source"] if PRIMARY["source"] in sources else sources[0])
+
+
+def primary_description(primary):
+    return ("Z at layer {} (the plan's layer 32 of 36 at this depth), k {}, positions {}, source "
+            "{} changes more answers than random subspaces of its size (rank test), more than en "
+            "on the same problems (exact McNemar) and lowers log p(reference) more than en (exact "
+            "sign test), each one-sided; p = the largest of the three (an intersection-union "
+            "test), with Z's Wilson lower bound above the noop rate. 'partial' rests on it alone; "
+            "'double dissociation' adds, at the same configuration, Z keeps language, Z⊥ changes "
+            "language (rank test at its raw p: the label is the conjunction of its criteria) and "
+            "Z⊥ keeps answers".format(*primary))
+
+
+def primary_of(rows, config):
+    """The run's primary configuration, from config.json (older runs: computed from rows)."""
+    declared = config.get("primary_test")
+    if declared:
+        return tuple(declared[c] for c in CONFIG)
+    keys = rows[CONFIG].drop_duplicates()
+    basis = config.get("layers_resolved", {}).get("basis_layer", int(keys.layer.min()))
+    return primary_config(sorted(keys.layer.unique()), list(keys.k.unique()),
+                          list(keys.positions.unique()), list(keys.source.unique()), basis)
 
 
 # ----------------------------------------------------------------------------------------------
 # Per condition and draw
 
-def _part(frame, condition, draw, pair):
+def rows_of(frame, condition, draw, pair):
     return frame[(frame.condition == condition) & (frame.draw == draw) & (frame.pair == pair)]
 
 
@@ -91,22 +150,29 @@ def _mean(values):
     return float(values.mean()) if len(values) else math.nan
 
 
+def _count(values):
+    """stats.rate of a boolean column, rows without a value (cot's top1) left out."""
+    values = values[values.notna()].astype(bool)
+    return stats.rate(int(values.sum()), len(values))
+
+
 def condition_rates(frame, condition, draw=-1):
-    """One condition (one random draw) of one configuration: the decoded rates (stats.rate dicts:
-    answer change over all problems, language change over the problems whose unpatched output is
-    English, transfer over the swap rows, truncated) and the scored means (NaN rows left out and
-    counted)."""
-    same, swap = _part(frame, condition, draw, "same"), _part(frame, condition, draw, "swap")
+    """One condition (one random draw) of one configuration. Rates (stats.rate dicts): answer
+    change over the problems (same-problem source), language change over the problems whose
+    unpatched output is English, transfer, top1_src and top1_own over the swap pairs, truncated.
+    Means: the scored shifts dlogp_ref, dld_same, dlang_ref (same) and dld_swap, dp_share (swap)."""
+    same, swap = rows_of(frame, condition, draw, "same"), rows_of(frame, condition, draw, "swap")
     english = same[same.baseline_language == "en"]
-    out = dict(answer_change=stats.rate(same.answer_changed.sum(), len(same)),
-               language_change=stats.rate(english.language_changed.sum(), len(english)),
-               transfer=stats.rate((swap.outcome == "transferred").sum(), len(swap)),
-               truncated=stats.rate(same.truncated.sum() + swap.truncated.sum(),
-                                    len(same) + len(swap)),
-               dlogp_ref=_mean(same.dlogp_ref), dld_same=_mean(same.dld),
-               dld_swap=_mean(swap.dld), patch_size=_mean(same.patch_size),
-               n_scored=int(same.dlogp_ref.notna().sum()))
-    return out
+    return dict(answer_change=_count(same.answer_changed),
+                language_change=_count(english.language_changed),
+                transfer=_count(swap.outcome == "transferred"),
+                top1_src=_count(swap.top1_src), top1_own=_count(swap.top1_own),
+                truncated=stats.rate(same.truncated.sum() + swap.truncated.sum(),
+                                     len(same) + len(swap)),
+                dlogp_ref=_mean(same.dlogp_ref), dld_same=_mean(same.dld),
+                dlang_ref=_mean(same.dlang_ref), dld_swap=_mean(swap.dld),
+                dp_share=_mean(swap.dp_share), patch_size=_mean(same.patch_size),
+                n_scored=int(same.dlogp_ref.notna().sum()), n_swap=len(swap))
 
 
 def controls_table(frame):
@@ -116,128 +182,282 @@ def controls_table(frame):
         for draw in sorted(frame[frame.condition == condition].draw.unique()):
             r = condition_rates(frame, condition, draw)
             out.append(dict(condition=condition, draw=int(draw), n=r["answer_change"]["n"],
-                            n_english=r["language_change"]["n"],
-                            **{m: r[m]["value"] for m in DECODED_METRICS},
+                            n_english=r["language_change"]["n"], n_swap=r["n_swap"],
+                            **{m: r[m]["value"] for m in DECODED_METRICS + RATE_METRICS},
                             truncated=r["truncated"]["count"],
-                            **{m: r[m] for m in SCORED_METRICS + ["patch_size", "n_scored"]}))
+                            **{m: r[m] for m in SCORED_METRICS + ["patch_size", "n_scored"]
+                               if m not in RATE_METRICS}))
     return out
 
 
 def metrics_table(frame):
     """metrics.csv rows of one configuration: each fixed condition's rates with Wilson 95%
-    intervals, the baseline's accuracy and language, and the scored means."""
+    intervals (n: the pair set's size), the baseline's accuracy and language, the scored means."""
     out = []
-    none = _part(frame, "none", -1, "same")
-    for name, count in (("correct", none.correct.sum()), ("english", (none.baseline_language == "en").sum())):
-        out.append(dict(condition="none", metric=name, **stats.rate(count, len(none))))
+    none = rows_of(frame, "none", -1, "same")
+    for name in ("en", "zh", "none", "mixed"):
+        out.append(dict(condition="none", metric=f"baseline_{name}",
+                        **stats.rate((none.baseline_language == name).sum(), len(none))))
+    out.append(dict(condition="none", metric="correct",
+                    **stats.rate(none.correct.sum(), len(none))))
     for condition in FIXED:
         if not (frame.condition == condition).any():
             continue
         r = condition_rates(frame, condition)
-        for metric in DECODED_METRICS + ["truncated"]:
+        for metric in DECODED_METRICS + RATE_METRICS + ["truncated"]:
             if r[metric]["n"]:
                 out.append(dict(condition=condition, metric=metric, **r[metric]))
-        for metric in SCORED_METRICS + ["patch_size"]:
-            out.append(dict(condition=condition, metric=metric, value=r[metric],
-                            n=r["n_scored"] if metric != "patch_size" else r["answer_change"]["n"]))
+        for metric in [m for m in SCORED_METRICS if m not in RATE_METRICS] + ["patch_size"]:
+            n = r["n_swap"] if metric in ("dld_swap", "dp_share") else r["answer_change"]["n"]
+            out.append(dict(condition=condition, metric=metric, value=r[metric], n=n))
     return out
 
 
 def null_draws(rows, null):
-    """Per configuration, random condition and scored draw: the mean shifts of log p(reference)
-    (same pair) and of ld (same and swap pairs) from the unpatched row (null_draws.csv)."""
+    """Per configuration, random condition and scored draw: the scored measures' shifts from the
+    unpatched row (dlogp_ref, dld_same, dlang_ref over the same-problem rows; dld_swap, dp_share
+    and the top1 rates over the swap rows): null_draws.csv."""
+    columns = CONFIG + ["condition", "draw"] + SCORED_METRICS
     if null is None or not len(null):
-        return pd.DataFrame(columns=CONFIG + ["condition", "draw"] + SCORED_METRICS)
+        return pd.DataFrame(columns=columns)
     none = rows[rows.condition == "none"].drop_duplicates("problem_id").set_index("problem_id")
-    null = null.assign(dlogp_ref=null.logp_ref - null.problem_id.map(none.logp_ref),
-                       dld=null.ld - null.problem_id.map(none.ld))
-    same = null[null.pair == "same"].groupby(CONFIG + ["condition", "draw"])
-    swap = null[null.pair == "swap"].groupby(CONFIG + ["condition", "draw"])
+    base = {c: null.problem_id.map(none[c]) for c in ("logp_ref", "ld", "lang_ref", "p_share")}
+    null = null.assign(dlogp_ref=null.logp_ref - base["logp_ref"], dld=null.ld - base["ld"],
+                       dlang_ref=null.lang_ref - base["lang_ref"],
+                       dp_share=null.p_share - base["p_share"])
+    keys = CONFIG + ["condition", "draw"]
+    same = null[null.pair == "same"].groupby(keys)
+    swap = null[null.pair == "swap"].groupby(keys)
+    top1 = {m: swap[m].apply(lambda v: _count(v)["value"]) for m in RATE_METRICS}
     out = pd.DataFrame({"dlogp_ref": same.dlogp_ref.mean(), "dld_same": same.dld.mean(),
-                        "dld_swap": swap.dld.mean()})
-    return out.reset_index()
+                        "dld_swap": swap.dld.mean(), "dlang_ref": same.dlang_ref.mean(),
+                        "dp_share": swap.dp_share.mean(), **top1})
+    return out.reset_index()[columns]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tests: rank tests against the random draws, paired tests against en and Z-perp, the primary
+
+def _p(result, alternative):
+    return result[{"above": "p_above", "below": "p_below", "two-sided": "p_two_sided"}[alternative]]
 
 
 def rank_tests(controls, draws):
-    """tests.csv rows of one configuration: Z's (Z-perp's) value of every metric among the random
-    draws of the same size (decoded draws for the decoded metrics, the scored null for the scored
-    ones, else the decoded draws), one- and two-sided."""
+    """Z's (Z-perp's) value of every metric among the random draws of its size (decoded draws for
+    the decoded metrics, the scored null for the scored ones), p in DIRECTION's sense."""
     out = []
     for condition, rand in PAIRED:
         own = controls[(controls.condition == condition) & (controls.draw == -1)]
         if not len(own):
             continue
         for metric in DECODED_METRICS + SCORED_METRICS:
-            null = draws[draws.condition == rand] if metric in SCORED_METRICS and len(draws) else \
-                controls[controls.condition == rand]
-            result = stats.rank_test(float(own[metric].iloc[0]), null[metric].to_numpy(float))
+            scored = metric in SCORED_METRICS and len(draws)
+            null = (draws if scored else controls)
+            null = null[null.condition == rand]
+            value = float(own[metric].iloc[0])
+            result = stats.rank_test(value, null[metric].to_numpy(float)) if metric in null else {}
             if result:
-                kind = "scored" if metric in SCORED_METRICS and len(draws) else "decoded"
-                out.append(dict(condition=condition, metric=metric, null=kind,
-                                value=float(own[metric].iloc[0]), **result))
+                alternative = DIRECTION.get((condition, metric), "two-sided")
+                out.append(dict(test=f"{condition} {metric} vs random", condition=condition,
+                                metric=metric, null="scored draws" if scored else "decoded draws",
+                                alternative=alternative, value=value, draws=result["draws"],
+                                mean=result["mean"], min=result["min"], max=result["max"],
+                                rank=result["rank"], p=_p(result, alternative)))
     return out
+
+
+def _paired(frame, first, second, column, lower=False):
+    """Per problem (same-problem rows), the two conditions side by side on `column`."""
+    a = rows_of(frame, first, -1, "same").set_index("problem_id")[column]
+    b = rows_of(frame, second, -1, "same").set_index("problem_id")[column].reindex(a.index)
+    if lower:  # the exact sign test: first < second against second < first
+        return (a < b).to_numpy(), (b < a).to_numpy()
+    return a.astype(bool).to_numpy(), b.astype(bool).to_numpy()
+
+
+def paired_tests(frame):
+    """Exact one-sided paired tests on the same problems: Z changes more answers than en, Z
+    lowers log p(reference) more than en (sign test), Z changes more answers than Z-perp (the
+    plan's partial criterion). b: problems where only the first condition does it, c: only the
+    second."""
+    out = []
+    for name, first, second, column, lower in (
+            ("z vs en answers", "z", "en", "answer_changed", False),
+            ("z vs en dlogp_ref", "z", "en", "dlogp_ref", True),
+            ("z vs zperp answers", "z", "zperp", "answer_changed", False)):
+        if not (frame.condition == second).any():
+            continue
+        x, y = _paired(frame, first, second, column, lower)
+        b, c, p = stats.mcnemar_exact(x, y, alternative="greater")
+        out.append(dict(test=name, condition=first, metric=column, null=second,
+                        alternative="greater", value=int(x.sum()), n=len(x), b=b, c=c, p=p))
+    return out
+
+
+COMPONENTS = ("z answer_change vs random", "z vs en answers", "z vs en dlogp_ref")
+
+
+def changes_answers_test(tests):
+    """The intersection-union row "z changes answers": p = the largest of COMPONENTS' p-values
+    (NaN when one is missing: no random draws, or no en control)."""
+    parts = tests[tests.test.isin(COMPONENTS)] if len(tests) else tests
+    p = float(parts.p.max()) if len(parts) == len(COMPONENTS) else math.nan
+    return dict(test="z changes answers", condition="z", metric="answer_change",
+                null="random, en", alternative="greater", p=p)
+
+
+def config_tests(frame, controls, draws):
+    """tests rows of one configuration (rank tests, paired tests, the z-changes-answers test)."""
+    tests = pd.DataFrame(rank_tests(controls, draws) + paired_tests(frame))
+    if not len(tests):
+        tests = pd.DataFrame(columns=["test", "p"])
+    tests["part_of"] = np.where(tests.test.isin(COMPONENTS), "z changes answers", "")
+    return pd.concat([tests, pd.DataFrame([dict(changes_answers_test(tests), part_of="")])],
+                     ignore_index=True)
+
+
+def mark_primary(tests, primary):
+    """tests + primary (the declared test's row) and p_holm: Holm-adjusted over every secondary
+    test (all rows but the primary, its components and the dissociation criterion at the primary
+    configuration; NaN there)."""
+    at = np.ones(len(tests), dtype=bool)
+    for column, value in zip(CONFIG, primary):
+        at &= (tests[column] == value).to_numpy()
+    tests["primary"] = at & (tests.test == "z changes answers").to_numpy()
+    # The label "double dissociation" is the conjunction of the primary and the dissociation
+    # criteria at the same configuration (an intersection-union test: each at its raw level).
+    dissociation = at & (tests.test == "zperp language_change vs random").to_numpy()
+    tests.loc[dissociation, "part_of"] = "double dissociation"
+    family = ~tests.primary.to_numpy() & ~(at & (tests.part_of != "").to_numpy())
+    holm = np.full(len(tests), np.nan)
+    if family.any():
+        holm[family] = stats.holm(tests.p.to_numpy(float)[family])
+    tests["p_holm"] = holm
+    return tests
 
 
 # ----------------------------------------------------------------------------------------------
 # The verdict
 
-def _pct(r):
-    return (f"{r['count']}/{r['n']} ({100 * r['value']:.0f}%, 95% CI "
-            f"{100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f}%)")
+def rate_text(r, of):
+    """'4 of 44 kept problems (0.091 [0.036, 0.21])': count, pair set and n, rate with interval."""
+    if not r["n"]:
+        return f"{NOT_MEASURED} (no {of})"
+    return (f"{r['count']} of {plural(r['n'], of)} "
+            f"({interval(r['value'], r['ci_low'], r['ci_high'])})")
 
 
-def _test(tests, condition, metric):
-    t = tests[(tests.condition == condition) & (tests.metric == metric)] if len(tests) else tests
+def get_test(tests, name):
+    t = tests[tests.test == name] if len(tests) else tests
     return t.iloc[0] if len(t) else None
 
 
-def changes(rates, noop, test, what, name):
-    """(passes, reason) for "<name> changes <what>": the rank test against random draws of its
-    size passes (one-sided p <= ALPHA) and the Wilson lower bound is above the noop rate."""
-    if rates["n"] == 0:
-        return None, f"{name} changes {what}: not measured (no English baseline output)"
-    if test is None:
-        return False, f"{name} changes {what}: not tested (no random draws)"
-    ranked = test["p_above"] <= ALPHA
-    floor = rates["ci_low"] > noop["value"]
-    reason = (f"{name} changed {what} on {_pct(rates)}; {int(test['draws'])} random draws: mean "
-              f"{100 * test['mean']:.0f}%, range {100 * test['min']:.0f}-{100 * test['max']:.0f}%, "
-              f"rank p = {test['p_above']:.3f} ({'passes' if ranked else 'fails'}); noop "
-              f"{100 * noop['value']:.0f}%, CI lower bound {'above' if floor else 'not above'} it")
-    return bool(ranked and floor), reason
+def _raw(t):
+    """Whether a test is read at its raw p: the primary and the criteria that join it in a label
+    (part_of); every other test is read at its Holm-adjusted p."""
+    return bool(t.get("primary", False)) or t.get("part_of", "") == "double dissociation"
 
 
-def keeps(rates, threshold, what, name):
+def _used_p(t):
+    return t["p"] if _raw(t) else t.get("p_holm", t["p"])
+
+
+def p_text(t):
+    if t is None or pd.isna(t["p"]):
+        return NOT_MEASURED
+    holm = "" if _raw(t) or pd.isna(t.get("p_holm", math.nan)) else \
+        f", Holm-adjusted {num(t['p_holm'])}"
+    return f"{p_value(t['p'])}{holm}"
+
+
+def explained_by(z, noop, tests):
+    """The controls that change (or shift) as much as Z: 'random', 'en', 'noop' (the ones whose
+    test fails), for a Z that changed at least one answer."""
+    if not z["count"]:
+        return []
+    rank, en, shift = (get_test(tests, name) for name in COMPONENTS)
+    out = [name for name, t in (("random", rank), ("en", en)) if t is not None and t["p"] > ALPHA]
+    if shift is not None and shift["p"] > ALPHA and "en" not in out:
+        out.append("en")
+    return out + (["noop"] if z["ci_low"] <= noop["value"] else [])
+
+
+def z_changes(rates, tests):
+    """(passes, reason) for "Z changes answers" (the intersection-union test, see the module
+    docstring): its p (raw at the primary configuration, else Holm) and the noop floor."""
+    z, noop = rates["z"]["answer_change"], rates["noop"]["answer_change"]
+    t = get_test(tests, "z changes answers")
+    rank, en, shift = (get_test(tests, name) for name in COMPONENTS)
+    parts = [f"Z changed the answer on {rate_text(z, 'kept problem')}"]
+    parts.append(f"random Z: {NO_DRAWS}" if rank is None else
+                 f"{plural(rank['draws'], 'random draw')} of its size {num(rank['min'])} to "
+                 f"{num(rank['max'])} (mean {num(rank['mean'])}), rank {p_text(rank)}")
+    if en is None:
+        parts.append("en: not run (source not mean)")
+    else:
+        parts.append(f"en changed {int(rates['en']['answer_change']['count'])}; Z alone "
+                     f"{int(en['b'])}, en alone {int(en['c'])}, one-sided McNemar {p_text(en)}; "
+                     f"log p(reference) lower under Z than under en on {int(shift['b'])} problems, "
+                     f"higher on {int(shift['c'])}, sign test {p_text(shift)}")
+    above = "above" if z["ci_low"] > noop["value"] else "not above"
+    parts.append(f"noop {num(noop['value'])}, Z's lower bound {above} it")
+    if t is None or pd.isna(t["p"]):
+        return False, "; ".join(parts) + ": not tested (" + (
+            "no random draws" if rank is None else "no en control") + ")"
+    ok = bool(_used_p(t) <= ALPHA and z["ci_low"] > noop["value"])
+    return ok, "; ".join(parts) + f": {'passes' if ok else 'fails'} ({p_text(t)})"
+
+
+def zperp_changes_language(rates, tests):
+    r, noop = rates["zperp"]["language_change"], rates["noop"]["language_change"]
+    if r["n"] < MIN_ENGLISH:
+        return None, (f"Z⊥ changes language: not measured ({plural(r['n'], 'English baseline')}, "
+                      f"{MIN_ENGLISH} needed)")
+    t = get_test(tests, "zperp language_change vs random")
+    if t is None:
+        return False, f"Z⊥ changes language: {NO_DRAWS}"
+    ok = bool(_used_p(t) <= ALPHA and r["ci_low"] > noop["value"])
+    return ok, (f"Z⊥ changed the language on {rate_text(r, 'English baseline')}; random Z⊥ "
+                f"{num(t['min'])} to {num(t['max'])}, rank {p_text(t)}; noop "
+                f"{num(noop['value'])}: {'passes' if ok else 'fails'}")
+
+
+def keeps(r, threshold, what, name, minimum=1):
     """(passes, reason) for "<name> keeps <what>": Wilson upper bound of the change rate <= the
-    threshold (absence of evidence is not evidence of keeping)."""
-    if rates["n"] == 0:
-        return None, f"{name} keeps {what}: not measured (no English baseline output)"
-    ok = rates["ci_high"] <= threshold
-    return bool(ok), (f"{name} changed {what} on {_pct(rates)}: upper bound "
-                      f"{'at most' if ok else 'above'} {100 * threshold:.0f}%")
+    threshold (absence of evidence is not evidence of keeping), on at least `minimum` problems."""
+    of = "English baseline" if what == "language" else "kept problem"
+    if r["n"] < minimum:
+        return None, (f"{name} keeps {what}: not measured ({plural(r['n'], of)}, {minimum} "
+                      f"needed)")
+    ok = r["ci_high"] <= threshold
+    return bool(ok), (f"{name} changed {what} on {rate_text(r, of)}: upper bound "
+                      f"{'at most' if ok else 'above'} {num(threshold)}")
 
 
 def verdict(frame, tests, keep_threshold):
-    """The plan's criteria, each read against random draws and the noop floor. Returns a dict:
-    the four criteria (True / False / None = not measurable), their reasons, the verdict."""
-    rates = {c: condition_rates(frame, c) for c in ("noop", "z", "zperp")}
-    c = {}
-    c["z_changes_answers"] = changes(rates["z"]["answer_change"], rates["noop"]["answer_change"],
-                                     _test(tests, "z", "answer_change"), "answers", "Z")
-    c["z_keeps_language"] = keeps(rates["z"]["language_change"], keep_threshold, "language", "Z")
-    c["zperp_changes_language"] = changes(
-        rates["zperp"]["language_change"], rates["noop"]["language_change"],
-        _test(tests, "zperp", "language_change"), "language", "Z⊥")
-    c["zperp_keeps_answers"] = keeps(rates["zperp"]["answer_change"], keep_threshold, "answers", "Z⊥")
+    """The plan's criteria, each read against its controls. Returns a dict: the four criteria
+    (True / False / None = not measured), the plan's partial criterion (Z changes answers more
+    than Z-perp), their reasons, the controls that explain Z's answer changes, the verdict."""
+    rates = {c: condition_rates(frame, c) for c in ("noop", "z", "zperp", "en")
+             if (frame.condition == c).any()}
+    c = {"z_changes_answers": z_changes(rates, tests),
+         "z_keeps_language": keeps(rates["z"]["language_change"], keep_threshold, "language", "Z",
+                                   MIN_ENGLISH),
+         "zperp_changes_language": zperp_changes_language(rates, tests),
+         "zperp_keeps_answers": keeps(rates["zperp"]["answer_change"], keep_threshold, "answers",
+                                      "Z⊥")}
     passed = {name: ok for name, (ok, _) in c.items()}
-    if all(passed.values()):
+    if all(ok is True for ok in passed.values()):
         word = "double dissociation"
-    elif passed["z_changes_answers"]:
-        word = "partial"
     else:
-        word = "null"
-    failed = [name for name, ok in passed.items() if ok is not True]
-    return dict(verdict=word, failed=", ".join(failed), **passed,
+        word = "partial" if passed["z_changes_answers"] else "null"
+    plan = get_test(tests, "z vs zperp answers")
+    explain = explained_by(rates["z"]["answer_change"], rates["noop"]["answer_change"], tests)
+    return dict(verdict=word, primary=bool(tests.primary.any()) if len(tests) else False,
+                failed=", ".join(n for n, ok in passed.items() if ok is not True), **passed,
+                plan_partial=bool(plan is not None and plan["p_holm"] <= ALPHA),
+                plan_partial_p=plan["p"] if plan is not None else math.nan,
+                explained_by=", ".join(explain),
                 **{f"{name}_reason": reason for name, (_, reason) in c.items()})
 
 
@@ -245,346 +465,66 @@ def verdict(frame, tests, keep_threshold):
 # Tables for every configuration
 
 def measure_checks(rows):
-    """Does the scored measure track knowing the answer? On the unpatched rows: mean logp_ref on
-    problems answered correctly and on those missed, and the share of correct ones with ld > 0."""
+    """Do the scored measures track what they claim? On the unpatched rows: mean logp_ref on
+    problems answered correctly and on those missed, the share of correct ones with ld > 0, and
+    the language margin on English and on Chinese baselines (large and positive on English ones)."""
     none = rows[rows.condition == "none"].drop_duplicates("problem_id")
     correct, missed = none[none.correct.astype(bool)], none[~none.correct.astype(bool)]
+    margin = {lang: none[none.baseline_language == lang].lang_ref for lang in ("en", "zh")}
     return dict(n=len(none), n_correct=len(correct), n_missed=len(missed),
                 n_unscored=int(none.logp_ref.isna().sum()),
                 logp_ref_correct=_mean(correct.logp_ref), logp_ref_missed=_mean(missed.logp_ref),
                 ld_positive_correct=int((correct.ld > 0).sum()),
                 ld_scored_correct=int(correct.ld.notna().sum()),
                 ld_positive_missed=int((missed.ld > 0).sum()),
-                ld_scored_missed=int(missed.ld.notna().sum()))
+                ld_scored_missed=int(missed.ld.notna().sum()),
+                n_english=len(margin["en"]), lang_ref_english=_mean(margin["en"]),
+                n_chinese=len(margin["zh"]), lang_ref_chinese=_mean(margin["zh"]),
+                lang_ref_english_positive=int((margin["en"] > 0).sum()))
 
 
-def compute_tables(rows, null=None, keep_threshold=0.2):
-    """metrics, controls, null_draws, tests and verdicts frames for every configuration."""
+def compute_tables(rows, null=None, keep_threshold=0.2, primary=None):
+    """metrics, controls, null_draws, tests and verdicts frames for every configuration; primary:
+    the declared (layer, k, positions, source) (None: primary_config of the rows' first layer)."""
     check_complete(rows)
+    primary = primary or primary_of(rows, {})
     draws_all = null_draws(rows, null)
-    metrics, controls, tests, verdicts = [], [], [], []
+    metrics, controls, tests, frames = [], [], [], {}
     for config, frame in rows.groupby(CONFIG, sort=True):
         keys = dict(zip(CONFIG, config))
         c = pd.DataFrame(controls_table(frame))
-        t = pd.DataFrame(rank_tests(c, select_config(draws_all, config)))
+        t = config_tests(frame, c, select_config(draws_all, config))
         metrics += [dict(keys, **r) for r in metrics_table(frame)]
         controls += [dict(keys, **r) for r in c.to_dict("records")]
-        tests += [dict(keys, **r) for r in t.to_dict("records")]
-        verdicts.append(dict(keys, **verdict(frame, t, keep_threshold)))
-    return (pd.DataFrame(metrics), pd.DataFrame(controls), draws_all, pd.DataFrame(tests),
+        tests.append(t.assign(**keys))
+        frames[config] = frame
+    tests = mark_primary(pd.concat(tests, ignore_index=True), primary)
+    tests = tests[CONFIG + [c for c in tests.columns if c not in CONFIG]]
+    verdicts = [dict(zip(CONFIG, config), **verdict(frame, select_config(tests, config),
+                                                    keep_threshold))
+                for config, frame in frames.items()]
+    return (pd.DataFrame(metrics), pd.DataFrame(controls), draws_all, tests,
             pd.DataFrame(verdicts))
 
 
-# ----------------------------------------------------------------------------------------------
-# SUMMARY.md (sentences generated from the numbers) and the patching table
-
-LABEL = {"none": "none", "noop": "noop", "z": "Z", "zperp": "Z⊥", "full": "full", "en": "en (Z ← English mean)",
-         "rand_z": "random Z", "rand_zperp": "random Z⊥"}
-
-
-def _f(value, digits=2, signed=True):
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-
-
-def _band(controls, condition, column):
+def band_text(controls, condition, column):
     draws = controls[controls.condition == condition][column].dropna()
-    return (f"{100 * draws.mean():.0f}% ({100 * draws.min():.0f}-{100 * draws.max():.0f}%)"
-            if len(draws) else "-")
+    return (f"{num(draws.min())} to {num(draws.max())} (mean {num(draws.mean())}, "
+            f"{plural(len(draws), 'draw')})" if len(draws) else NO_DRAWS)
 
 
-def _cell(text, width=60):
-    text = " ".join(str(text).split()).replace("|", "\\|")
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
-def render_patching_table(frame):
-    """The plan's table for one configuration (same-problem source), as markdown lines."""
-    lines = ["| problem | original (en) | Z-patched (en←zh) | Z⊥-patched (en←zh) | full-patched |",
-             "|---|---|---|---|---|"]
-    cells = {c: _part(frame, c, -1, "same").set_index("problem_id")
-             for c in ("none", "z", "zperp", "full")}
-    for pid in cells["none"].index:
-        row = [pid]
-        for c in ("none", "z", "zperp", "full"):
-            r = cells[c].loc[pid]
-            answer = "truncated" if r.truncated else "-" if pd.isna(r.answer) else \
-                problems.format_number(r.answer)
-            row.append(f"{_cell(r.output)} **[{answer}, {r.language}]**")
-        lines.append("| " + " | ".join(row) + " |")
-    return lines
-
-
-def conditions_markdown(frame):
-    """One line per fixed condition: rates with intervals, truncation, scored shifts, patch size."""
-    lines = ["| condition | answers changed | language changed (English baselines) | transferred "
-             "(swap source) | truncated | Δ log p(ref) | Δ ld (same) | Δ ld (swap) | patch size |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for c in FIXED:
-        if not (frame.condition == c).any():
-            continue
-        r = condition_rates(frame, c)
-        cells = [_pct(r[m]) if r[m]["n"] else "-" for m in DECODED_METRICS]
-        cells += [f"{r['truncated']['count']}/{r['truncated']['n']}"]
-        cells += [_f(r[m]) for m in SCORED_METRICS] + [_f(r["patch_size"], 1, False)]
-        lines.append(f"| {LABEL[c]} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def tests_markdown(tests):
-    lines = ["| condition | metric | null | value | draws | random mean | random range | rank | "
-             "p (above) | p (below) | p (two-sided) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for t in tests.itertuples():
-        lines.append(f"| {LABEL[t.condition]} | {t.metric} | {t.null} | {t.value:.3g} | {t.draws} | "
-                     f"{t.mean:.3g} | {t.min:.3g} to {t.max:.3g} | {t.rank} | {t.p_above:.3f} | "
-                     f"{t.p_below:.3f} | {t.p_two_sided:.3f} |")
-    return lines
-
-
-def variance_sentence(variance, layer, k):
-    if variance is None or not len(variance):
+def selection_sentence(config):
+    """Tried and kept pairs per language, from config.json's solved record."""
+    s = config.get("solved")
+    if not s:
         return ""
-    v = variance[(variance.layer == layer) & (variance.k == k)]
-    z = v[v.basis == "z"].share
-    parts = []
-    for kind in ("uniform", "matched"):
-        s = v[v.basis == kind].share
-        if len(s):
-            parts.append(f"{kind} random {k}-dim subspaces {100 * s.mean():.1f}% (range "
-                         f"{100 * s.min():.1f}-{100 * s.max():.1f}%)")
-    return (f"Z holds {100 * z.iloc[0]:.1f}% of the layer's activation variance (prompt tokens, "
-            f"position 0 left out); " + " and ".join(parts) + ".") if len(z) else ""
-
-
-def scored_sentence(tests, name, condition, metric, what):
-    t = _test(tests, condition, metric)
-    if t is None:
-        return ""
-    return (f"{name} shifted {what} by {t['value']:+.2f} nats; {int(t['draws'])} random draws "
-            f"({t['null']}): mean {t['mean']:+.2f}, range {t['min']:+.2f} to {t['max']:+.2f}, "
-            f"two-sided p = {t['p_two_sided']:.3f}.")
-
-
-def verdict_paragraph(frame, controls, tests, v, variance, template):
-    """A paragraph generated from the numbers only: baseline, noise floor, the four criteria with
-    the reason each passes or fails, transfer, the scored measures, patch size and variance."""
-    r = {c: condition_rates(frame, c) for c in FIXED if (frame.condition == c).any()}
-    none = _part(frame, "none", -1, "same")
-    n_en = int((none.baseline_language == "en").sum())
-    text = [f"Unpatched, the model answered {_pct(stats.rate(none.correct.sum(), len(none)))} "
-            f"correctly ({int(none.truncated.sum())} truncated); {n_en} of {len(none)} outputs were "
-            f"English, and the language rates are over those"
-            + (" (the direct template's outputs are numbers: language is not measured here; "
-               "use --template cot)." if n_en == 0 and template == "direct" else
-               " (direct template: the language is that of the words after the number, such as "
-               "' minutes', where the model writes any)." if template == "direct" else ".")]
-    noop = r["noop"]
-    drift = _part(frame, "noop", -1, "same").dlogp_ref.abs().max()
-    text.append(f"The noop patch (each row's own states, through the same code path and batches) "
-                f"changed {_pct(noop['answer_change'])} answers and moved log p(reference) by at "
-                f"most {drift:.1g} nats: the noise floor.")
-    text += [v[f"{name}_reason"] + "." for name in
-             ("z_changes_answers", "z_keeps_language", "zperp_changes_language", "zperp_keeps_answers")]
-    if r["z"]["transfer"]["n"]:
-        text.append(f"With another problem's Chinese prompt as the source, the output took that "
-                    f"problem's answer on {_pct(r['z']['transfer'])} under Z, "
-                    f"{_pct(r['zperp']['transfer'])} under Z⊥, {_pct(r['full']['transfer'])} under "
-                    f"full replacement, and {_band(controls, 'rand_z', 'transfer')} under random Z.")
-    what = "log p(reference) at the readout" if template == "cot" else "log p(reference)"
-    text += [scored_sentence(tests, "Z", "z", "dlogp_ref", what + " (same-problem source)"),
-             scored_sentence(tests, "Z", "z", "dld_swap", "ld (own minus source answer, swap source)"),
-             scored_sentence(tests, "Z⊥", "zperp", "dlogp_ref", what)]
-    if "en" in r:
-        text.append(f"Writing the English prompt's own question mean into Z (en) changed "
-                    f"{_pct(r['en']['answer_change'])} answers and shifted {what} by "
-                    f"{_f(r['en']['dlogp_ref'])} nats (Z: {_f(r['z']['dlogp_ref'])}): what a mean "
-                    f"does without any Chinese content"
-                    + (" — as many answers as Z changed, so Z's answer changes here need no "
-                       "Chinese content." if r["en"]["answer_change"]["count"] >=
-                       r["z"]["answer_change"]["count"] > 0 else "."))
-    sizes = ", ".join(f"{LABEL[c]} {_f(r[c]['patch_size'], 1, False)}" for c in ("z", "zperp", "full", "en")
-                      if c in r)
-    rand = controls[controls.condition.isin(["rand_z", "rand_zperp"])].groupby("condition").patch_size.mean()
-    text.append(f"Mean patch size |P_S(s − h)| over the patched positions: {sizes}"
-                + "".join(f", {LABEL[c]} {s:.1f} (mean over draws)" for c, s in rand.items()) + ".")
-    largest = controls[controls.condition == "rand_z"].patch_size.max()
-    if r["z"]["patch_size"] > largest:
-        text.append(f"Z's patch moves the state further than every random draw's (largest "
-                    f"{largest:.1f}): part of any Z effect over the random band may be the size "
-                    f"of the patch, not its direction.")
-    text.append(variance_sentence(variance, frame.layer.iloc[0], frame.k.iloc[0]))
-    failed = v["failed"].replace("_", " ") if v["failed"] else "none"
-    text.append(f"**Verdict: {v['verdict']}** (criteria not met: {failed}).")
-    return " ".join(t for t in text if t)
-
-
-def checks_markdown(checks, template):
-    at = "at the unpatched run's own 'The answer is'" if template == "cot" else "right after the prompt"
-    higher = checks["logp_ref_correct"] > checks["logp_ref_missed"]
-    lines = [f"Scored {at}. Unpatched, log p(reference) averages {_f(checks['logp_ref_correct'])} "
-             f"nats on the {checks['n_correct']} problems answered correctly and "
-             f"{_f(checks['logp_ref_missed'])} on the {checks['n_missed']} missed ("
-             + ("cannot be compared: one of the groups is empty" if not (
-                 checks["n_correct"] and checks["n_missed"]) else
-                "higher where the model knows the answer, as a measure of it must be" if higher else
-                "NOT higher where the model knows the answer: read the scored numbers with suspicion")
-             + f"); ld > 0 on {checks['ld_positive_correct']} of {checks['ld_scored_correct']} "
-             f"correctly answered problems and {checks['ld_positive_missed']} of "
-             f"{checks['ld_scored_missed']} missed ones."]
-    if checks["n_unscored"]:
-        lines.append(f"{checks['n_unscored']} of {checks['n']} unpatched outputs have no "
-                     f"'The answer is': their rows are not scored (NaN) and left out of the means.")
-    return lines
-
-
-def write_summary(out_dir, rows, tables, checks, variance, config):
-    """SUMMARY.md and patching_table.md, both generated from the CSV frames."""
-    metrics, controls, draws, tests, verdicts = tables
-    args, model = config.get("args", {}), config.get("model", {})
-    template = args.get("template", "direct")
-    head = ["# Experiment A: activation patching of Z", "",
-            f"Model `{model.get('name_or_path')}` ({model.get('dtype')}, {model.get('device_name')}), "
-            f"{rows.problem_id.nunique()} problems, template `{template}`, site `{args.get('site')}`"
-            f", skip first position: {args.get('skip_first')}, random subspaces: "
-            f"`{args.get('random_kind')}`, command `{config.get('command')}`, git "
-            f"{config.get('git_commit')}. Every number and sentence here is generated from the CSVs "
-            f"in this folder; rebuild with `python exp_a_patching.py --summarize <this folder>`.", "",
-            "## Checks on the measure", ""] + checks_markdown(checks, template) + [
-            "", "## Overview", "",
-            "| layer | k | positions | source | Z answers changed | random Z | rank p | noop | "
-            "Z⊥ answers changed | Z language changed | Z⊥ language changed | Z transferred | verdict |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    body, table = [], ["# Experiment A: the plan's patching tables", ""]
-    for config_key, frame in rows.groupby(CONFIG, sort=True):
-        c, t = (select_config(f, config_key) for f in (controls, tests))
-        v = select_config(verdicts, config_key).iloc[0]
-        r = {name: condition_rates(frame, name) for name in ("noop", "z", "zperp")}
-        test = _test(t, "z", "answer_change")
-        head.append("| {} | {} | {} | {} | ".format(*config_key) + " | ".join([
-            _pct(r["z"]["answer_change"]), _band(c, "rand_z", "answer_change"),
-            f"{test['p_above']:.3f}" if test is not None else "-",
-            f"{100 * r['noop']['answer_change']['value']:.0f}%", _pct(r["zperp"]["answer_change"]),
-            _pct(r["z"]["language_change"]) if r["z"]["language_change"]["n"] else "not measured",
-            _pct(r["zperp"]["language_change"]) if r["zperp"]["language_change"]["n"] else "not measured",
-            _pct(r["z"]["transfer"]), v["verdict"]]) + " |")
-        name = "layer {} · k {} · positions {} · source {}".format(*config_key)
-        body += [f"## {name}", "", verdict_paragraph(frame, c, t, v, variance, template), "",
-                 "### Conditions (95% Wilson intervals; scored shifts in nats)", ""]
-        body += conditions_markdown(frame) + ["", "### Rank tests against random subspaces", ""]
-        body += tests_markdown(t) + ["", "### Patching table (same-problem source; [answer, "
-                                          "language])", ""] + render_patching_table(frame) + [""]
-        table += [f"## {name}", ""] + render_patching_table(frame) + [""]
-    Path(out_dir, "SUMMARY.md").write_text("\n".join(head + [""] + body), encoding="utf-8")
-    Path(out_dir, "patching_table.md").write_text("\n".join(table), encoding="utf-8")
+    return (f"Problems: {plural(s['tried'], 'pair')} tried, {s['kept']} kept by --solved "
+            f"{s['mode']} (answered correctly unpatched: {s['correct_en']} in English, "
+            f"{s['correct_zh']} in Chinese, {s['correct_both']} in both).")
 
 
 # ----------------------------------------------------------------------------------------------
-# Figures (from the tables only)
-
-COLOURS = {"noop": "tab:gray", "z": "tab:blue", "zperp": "tab:orange", "full": "black",
-           "en": "tab:green"}
-
-
-def _bars(ax, configs, conditions, value, error=None, band=None, ylabel="", title=""):
-    """Grouped bars per configuration and condition; every value also gets a marker, so a bar of
-    height 0 is visible; band(config, condition) -> (min, max, mean) shades the random draws."""
-    width = 0.8 / len(conditions)
-    for j, cond in enumerate(conditions):
-        xs = np.arange(len(configs)) + (j - (len(conditions) - 1) / 2) * width
-        values = np.array([value(cfg, cond) for cfg in configs], float)
-        yerr = None
-        if error is not None:
-            lo_hi = np.array([error(cfg, cond) for cfg in configs], float)
-            yerr = np.abs(np.stack([values - lo_hi[:, 0], lo_hi[:, 1] - values]))
-        ax.bar(xs, np.nan_to_num(values), width * 0.85, color=COLOURS[cond], alpha=0.8,
-               label=LABEL[cond], yerr=yerr, capsize=2, error_kw=dict(lw=0.8))
-        ax.plot(xs, values, "o", color=COLOURS[cond], ms=6, mec="black", mew=0.6, zorder=3)
-        for x, cfg in zip(xs, configs):
-            b = band(cfg, cond) if band is not None else None
-            if b is not None:
-                ax.fill_between([x - width / 2, x + width / 2], b[0], b[1], color=COLOURS[cond],
-                                alpha=0.18, lw=0)
-                ax.plot([x - width / 2, x + width / 2], [b[2]] * 2, color=COLOURS[cond], ls=":", lw=1)
-    ax.set_xticks(np.arange(len(configs)),
-                  ["L{} k{}\n{} {}".format(*cfg) for cfg in configs], fontsize=7)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    ax.axhline(0, color="k", lw=0.5)
-    ax.margins(y=0.08)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
-
-
-def _say(ax, text):
-    ax.text(0.5, 0.9, text, transform=ax.transAxes, ha="center", va="top", fontsize=8,
-            bbox=dict(fc="white", ec="0.7"))
-
-
-def plot_figures(out_dir, figures_dir, tables, template):
-    """change_rates, transfer_rates and logprob_shift PNGs, from the tables alone."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from types import SimpleNamespace
-    metrics, controls, draws, tests, _ = tables
-    where = SimpleNamespace(out=Path(out_dir), figures=Path(figures_dir))
-    configs = sorted(set(map(tuple, controls[CONFIG].itertuples(index=False))))
-    m = metrics.set_index(CONFIG + ["condition", "metric"])
-
-    def value(metric):
-        return lambda cfg, c: m.value.get(cfg + (c, metric), np.nan)
-
-    def error(metric):
-        return lambda cfg, c: (m.ci_low.get(cfg + (c, metric), np.nan),
-                               m.ci_high.get(cfg + (c, metric), np.nan))
-
-    def band(frame, column):
-        def fn(cfg, c):
-            d = select_config(frame, cfg)
-            d = d[d.condition == {"z": "rand_z", "zperp": "rand_zperp"}.get(c, "")][column].dropna()
-            return (d.min(), d.max(), d.mean()) if len(d) else None
-        return fn
-
-    conds = ["noop", "z", "zperp", "full", "en"]
-    width = max(6, 1.8 * len(configs)) + 1.5  # room for the legend on the right
-    fig, axes = plt.subplots(2, 1, figsize=(width, 7))
-    _bars(axes[0], configs, conds, value("answer_change"), error("answer_change"),
-          band(controls, "answer_change"), "share of problems",
-          "answer changed vs no patch (same-problem source)\nerror bars: Wilson 95%; shaded: "
-          "random draws of Z's size (range; dotted: mean)")
-    _bars(axes[1], configs, conds, value("language_change"), error("language_change"),
-          band(controls, "language_change"), "share of English baselines",
-          "output language changed (problems whose unpatched output is English)")
-    if not metrics[metrics.metric == "language_change"].n.fillna(0).gt(0).any():
-        _say(axes[1], "no English baseline output: language not measured"
-             + (" (direct template: the outputs are numbers)" if template == "direct" else ""))
-    for ax in axes:
-        ax.set_ylim(-0.05, 1.05)
-    runs.save_figure(fig, runs.figure_path(where, "change_rates"))
-
-    fig, ax = plt.subplots(figsize=(width, 3.8))
-    _bars(ax, configs, ["z", "zperp", "full"], value("transfer"), error("transfer"),
-          band(controls, "transfer"), "share of swap rows",
-          "interchange: the output takes the source problem's answer")
-    ax.set_ylim(-0.05, 1.05)
-    if not (metrics[metrics.metric == "transfer"].value.fillna(0) > 0).any():
-        _say(ax, "no condition transferred any answer: every bar is 0")
-    runs.save_figure(fig, runs.figure_path(where, "transfer_rates"))
-
-    fig, axes = plt.subplots(2, 1, figsize=(width, 7))
-    null = draws if len(draws) else controls
-    what = "log p(reference) at the readout" if template == "cot" else "log p(reference answer)"
-    _bars(axes[0], configs, conds, value("dlogp_ref"), None, band(null, "dlogp_ref"),
-          "shift (nats)", f"shift in {what} vs no patch, same-problem source\nshaded: random "
-          f"draws of Z's size (range; dotted: mean)")
-    _bars(axes[1], configs, ["z", "zperp", "full"], value("dld_swap"), None, band(null, "dld_swap"),
-          "shift (nats)", "shift in ld = log p(own answer) − log p(source's answer), swap source\n"
-          "(negative: toward the source's answer)")
-    for ax, metric in zip(axes, ("dlogp_ref", "dld_swap")):
-        if not metrics[metrics.metric == metric].value.notna().any():
-            _say(ax, "no scored rows")
-    runs.save_figure(fig, runs.figure_path(where, "logprob_shift"))
-
+# Entry points: summarize / replot (the script), summary_lines / headline (report.py)
 
 def load_run(out_dir):
     """(rows, random null or None, variance or None, config) of a run folder, from its files."""
@@ -596,32 +536,59 @@ def load_run(out_dir):
         if (out_dir / "config.json").is_file() else {}
     optional = [load_table(out_dir / name) if (out_dir / name).is_file() else None
                 for name in ("random_scores.csv", "variance.csv")]
-    return load_table(out_dir / "rows.csv"), *optional, config
+    rows = load_table(out_dir / "rows.csv")
+    missing = sorted({"lang_ref", "top1_src", "p_share"} - set(rows.columns))
+    if missing:
+        raise runs.UsageError(f"{out_dir}/rows.csv was written by an older exp_a_patching.py (no "
+                              f"{', '.join(missing)}); rerun the experiment (--overwrite)")
+    return rows, *optional, config
+
+
+def _tables(out_dir):
+    rows, null, variance, config = load_run(out_dir)
+    tables = compute_tables(rows, null, config.get("args", {}).get("keep_threshold", 0.2),
+                            primary_of(rows, config))
+    return rows, variance, config, tables
 
 
 def summarize(out_dir, figures_dir=Path("figures")):
-    """Rebuild every table, SUMMARY.md, patching_table.md and the figures from a run's CSVs."""
+    """Rebuild every table, SUMMARY.md, patching_table.md and the figures from a run's CSVs.
+    Returns the verdicts frame and the paths written."""
+    from zcausal.summaries import exp_a_figures, exp_a_text
     out_dir = Path(out_dir)
-    rows, null, variance, config = load_run(out_dir)
-    args = config.get("args", {})
-    tables = compute_tables(rows, null, args.get("keep_threshold", 0.2))
-    names = measure_names(args.get("template", "direct"))
+    rows, variance, config, tables = _tables(out_dir)
+    names = measure_names(config.get("args", {}).get("template", "direct"))
+    written = []
     for name, frame in zip(("metrics", "controls", "null_draws", "tests", "verdicts"), tables):
         runs.write_csv(frame, out_dir / f"{name}.csv")
+        written.append(out_dir / f"{name}.csv")
     checks = measure_checks(rows)
     runs.write_csv(pd.DataFrame([checks]).rename(columns=names), out_dir / "measure_checks.csv")
-    write_summary(out_dir, rows, tables, checks, variance, config)
-    plot_figures(out_dir, figures_dir, tables, args.get("template", "direct"))
-    return tables[4]
+    exp_a_text.write_summary(out_dir, rows, tables, checks, variance, config)
+    written += [out_dir / n for n in ("measure_checks.csv", "SUMMARY.md", "patching_table.md")]
+    written += exp_a_figures.plot_figures(out_dir, figures_dir, tables,
+                                          config.get("args", {}).get("template", "direct"))
+    return tables[4], written
+
+
+def replot(args):
+    """--replot: every table, SUMMARY.md and figure of the run in --out, rebuilt from its CSVs
+    (no model), each path printed; a folder without a finished run is a UsageError, nothing
+    written."""
+    verdicts, written = summarize(args.out, args.figures)
+    for path in written:
+        print(f"wrote {path}")
+    return verdicts
 
 
 def summary_lines(out_dir):
-    """SUMMARY.md's check on the measure and its verdict paragraph per configuration (report.py)."""
-    rows, null, variance, config = load_run(out_dir)
-    args = config.get("args", {})
-    template = args.get("template", "direct")
-    _, controls, _, tests, verdicts = compute_tables(rows, null, args.get("keep_threshold", 0.2))
-    lines = checks_markdown(measure_checks(rows), template)
+    """The selection, the check on the measure and the verdict paragraph per configuration
+    (report.py)."""
+    from zcausal.summaries.exp_a_text import checks_markdown, verdict_paragraph
+    rows, variance, config, (_, controls, _, tests, verdicts) = _tables(out_dir)
+    template = config.get("args", {}).get("template", "direct")
+    lines = [selection_sentence(config)] if config.get("solved") else []
+    lines += checks_markdown(measure_checks(rows), template)
     for config_key, frame in rows.groupby(CONFIG, sort=True):
         c, t = (select_config(f, config_key) for f in (controls, tests))
         v = select_config(verdicts, config_key).iloc[0]
@@ -631,27 +598,28 @@ def summary_lines(out_dir):
 
 
 def headline(out_dir):
-    """report.py's row and lead (dict(verdict, value, lead)): per configuration, Z's answer-change
-    rate with its Wilson interval against the random draws' range and rank p, and the verdict."""
-    rows, null, _, config = load_run(out_dir)
-    _, controls, _, tests, verdicts = compute_tables(
-        rows, null, config.get("args", {}).get("keep_threshold", 0.2))
-    words, values, lead = [], [], []
-    for config_key, frame in rows.groupby(CONFIG, sort=True):
-        c, t = (select_config(f, config_key) for f in (controls, tests))
-        change = _test(t, "z", "answer_change")
-        z = condition_rates(frame, "z")["answer_change"]
-        draws = c[c.condition == "rand_z"]["answer_change"].dropna()
-        where = "layer {}, k {}, positions {}, source {}".format(*config_key)
-        value = (f"{text.interval(z['value'], z['ci_low'], z['ci_high'])} answers changed by Z"
-                 + (f", random [{text.num(draws.min())}, {text.num(draws.max())}]"
-                    if len(draws) else "")
-                 + (f" (rank {text.p_value(change['p_above'])})" if change is not None else ""))
-        v = select_config(verdicts, config_key).iloc[0]
-        words.append(v["verdict"])
-        values.append(value + (f" [{where}]" if rows.groupby(CONFIG).ngroups > 1 else ""))
-        lead.append(f"{where}: Z changed {z['count']} of {text.plural(z['n'], 'answer')}; "
-                    f"verdict {v['verdict']}"
-                    + (f" (criteria not met: {v['failed'].replace('_', ' ')})." if v["failed"]
-                       else "."))
-    return dict(verdict=" / ".join(dict.fromkeys(words)), value="; ".join(values), lead=lead[:3])
+    """report.py's row and lead: dict(verdict, value, lead) from the declared primary test."""
+    rows, _, config, (_, controls, _, tests, verdicts) = _tables(out_dir)
+    primary = primary_of(rows, config)
+    frame = select_config(rows, primary)
+    if not len(frame):
+        return dict(verdict=NOT_MEASURED, value="the declared primary configuration (layer {}, "
+                    "k {}, {}, {}) was not run".format(*primary), lead=[selection_sentence(config)])
+    t, c = select_config(tests, primary), select_config(controls, primary)
+    v = select_config(verdicts, primary).iloc[0]
+    z = condition_rates(frame, "z")
+    en = condition_rates(frame, "en")["answer_change"] if (frame.condition == "en").any() else None
+    a = z["answer_change"]
+    value = (f"{interval(a['value'], a['ci_low'], a['ci_high'])} of answers changed by Z vs "
+             f"random {band_text(c, 'rand_z', 'answer_change')}"
+             + (f" and en {num(en['value'])}" if en is not None else "")
+             + f" ({p_text(get_test(t, 'z changes answers'))}, {plural(a['n'], 'kept problem')})")
+    lead = [s for s in [selection_sentence(config)] if s]
+    lead.append("At layer {}, k {} (positions {}, source {}), Z changed ".format(*primary)
+                + rate_text(a, "kept problem") + (f", en {en['count']}" if en is not None else "")
+                + (f"; explained by {v['explained_by']}" if v["explained_by"] else "")
+                + "; the first digit went to the source's under Z on "
+                + rate_text(z["top1_src"], "swap pair") + ".")
+    failed = f" (criteria not met: {v['failed'].replace('_', ' ')})" if v["failed"] else ""
+    lead.append(f"Verdict: {v['verdict']}{failed}.")
+    return dict(verdict=v["verdict"], value=value, lead=lead[:3])
