@@ -131,8 +131,9 @@ def run_section(run, results, report_dir, figures):
 
 
 def plot_sweeps(found, path):
-    """Transfer (swap source) against fraction of depth, full interchange and Z of the basis
-    layer with the random band, one colour per model. Returns the path, or None without runs."""
+    """top1_src (swap source: the share of pairs whose patched argmax is the source's first digit)
+    against fraction of depth, full interchange and Z of the basis layer with the random band, one
+    colour per model. Returns the path, or None without runs."""
     sweeps = []
     for run in found:
         if run["script"] == "exp_e_layer_sweep.py":
@@ -150,19 +151,20 @@ def plot_sweeps(found, path):
         label = f"{run['model']} ({run['path'].name})"
         for condition, style in (("full", "-"), ("z_basis", "--")):
             part = swap[swap.condition == condition].sort_values("depth")
-            ax.plot(part.depth, part.transfer, style, color=colour, marker=".",
+            ax.plot(part.depth, part.top1_src, style, color=colour, marker=".",
                     label=f"{label}: {'full' if condition == 'full' else 'Z'}")
         rand = swap[swap.condition == "random"].sort_values("depth")
-        ax.fill_between(rand.depth, rand.transfer_lo, rand.transfer_hi, color=colour, alpha=0.15,
+        ax.fill_between(rand.depth, rand.top1_src_lo, rand.top1_src_hi, color=colour, alpha=0.15,
                         label=f"{label}: random band")
         basis = run["config"].get("basis_layer")
         if basis is not None:
             ax.axvline(basis / run["config"]["model"]["num_layers"], color=colour, lw=0.8, ls=":")
     ax.axhline(0, color="0.5", lw=0.5)
     ax.set_xlabel("fraction of depth (layer / number of layers); dotted: Z's basis layer")
-    ax.set_ylabel("transfer of the logit difference")
+    ax.set_ylabel("share of pairs: argmax = source's first digit")
     ax.set_title("Layer sweep, last position, swap source: every model on one depth axis")
-    ax.legend(fontsize=7)
+    ax.set_ylim(-0.03, 1.03)
+    ax.legend(fontsize=7, loc="center left")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return runs.save_figure(fig, path)
 
