@@ -35,10 +35,12 @@ Z. |Z| = #{j : l_j < l_ref}, l_ref the cold start's lengthscale (median pairwise
 layer's standardised training tokens): a coordinate is in Z when the fit weighs it more than the
 isotropic kernel does. `z_size_rel` also counts w_j >= 0.1 max_j w_j.
 
-Starts. warm (plan C.4): log l_j = -log(diag(P_Z)_j + eps), diag(P_Z) = (V_Z**2).sum(0) of the SVD
-mask at --basis-layer, shifted so that the k coordinates with the largest diag(P_Z) start inside Z
-(l_j < l_ref) and the rest outside (the plan's formula has no scale; on standardised data it puts
-nearly every coordinate far below l_ref); cold: every l_j = l_ref.
+Starts. warm (plan C.4): log l_j = -log(diag(P_Z)_j + eps), diag(P_Z) = (V_Z**2).sum(0) of the
+rank-k SVD mask at --basis-layer, shifted so that the k coordinates with the largest diag(P_Z) start
+inside Z (l_j < l_ref) and the rest outside (the plan's formula has no scale; on standardised data
+it puts nearly every coordinate far below l_ref); cold: every l_j = l_ref. --k takes one or several
+values: each k is its own mask, with its own warm start (one set of fits per k) and its own overlap
+rows; the cold start does not depend on k and is fitted once.
 
 Selection. Problems are split into train / val / test (seeded). Fits see training problems only.
 Per (layer, objective, start) the selected lambda is the one with the lowest validation
@@ -52,17 +54,20 @@ elementwise, so batching is exact) and are written to fits/ under --out as soon 
 with the same summary.csv, traces.csv and lengthscales.npz as an uninterrupted one.
 
 Overlap with the SVD mask. ARD's Z (a = |Z| coordinates) against the b = |Z| coordinates with the
-largest diag(P_Z) out of d, read against a random selection of a coordinates: its overlap is
-hypergeometric (expected a b / d; overlap.csv gives the 95% range and the one-sided p of an overlap
-at least as large, enrichment, and at most as small, depletion). The primary test is the
-contrastive cold start at the basis layer (zcausal/summaries/exp_c.py); the others are
-Holm-corrected.
+largest diag(P_Z) of the rank-k mask out of d, read against a random selection of a coordinates:
+its overlap is hypergeometric (expected a b / d; overlap.csv gives the 95% range and the one-sided
+p of an overlap at least as large, enrichment, and at most as small, depletion). A warm fit is
+compared with the mask it started from; a cold fit with every k's mask. The primary test is the
+contrastive cold start at the basis layer against the mask of k = 50 where it ran, else of the
+largest k (zcausal/summaries/exp_c.py); the others are Holm-corrected.
 
-Outputs (--out): summary.csv (one row per fit), overlap.csv (one row per selected fit: the overlap
-against chance), traces.csv (loss and |Z| every --log-every steps), lengthscales.npz (log10 l per
-fit, diag(P_Z), log10 l_ref), fits/, config.json; figures z_size, spectrum, overlap and traces
-(.png) under --figures, the --out path mirrored. --replot rebuilds overlap.csv and the figures
-from these files and prints what it wrote.
+Outputs (--out): summary.csv (one row per fit and mask: layer, objective, start, k, lambda; a cold
+fit has one row per k, identical but for the overlap columns), overlap.csv (one row per selected
+fit and mask: the overlap against chance), traces.csv (loss and |Z| every --log-every steps, one
+set per fit; k blank for the cold start), lengthscales.npz (log10 l per (layer, objective, start,
+k, lambda), the cold fit repeated along k; diag(P_Z) per k; log10 l_ref), fits/, config.json;
+figures z_size, spectrum, overlap and traces (.png) under --figures, the --out path mirrored.
+--replot rebuilds overlap.csv and the figures from these files and prints what it wrote.
 """
 import json
 import math
@@ -108,7 +113,9 @@ def parse_args(argv=None):
                         "round(F x number of layers)")
     common.add_layer_args(p, "--basis-layer",
                           "layer of the SVD Z mask (the warm start and the overlap)")
-    p.add_argument("--k", type=int, default=K, help="rank of the SVD Z mask")
+    p.add_argument("--k", type=int, nargs="+", default=[K],
+                   help="rank(s) of the SVD Z mask: each k has its own warm start and overlap "
+                        "rows; the cold start is fitted once")
     p.add_argument("--objective", nargs="+", choices=["contrastive", "plan"],
                    default=["contrastive"], help="objectives to fit (see above)")
     p.add_argument("--start", nargs="+", choices=["warm", "cold"], default=["warm", "cold"],
@@ -166,8 +173,11 @@ def validate(args):
     common.check_runtime(args.device, args.dtype)
     config = common.load_model_config(args.model)
     layers, basis_layer = resolve_layers(args, config)
-    common.check_k(config, args.k, allow_full=False,
-                   why="k = d puts every coordinate in the SVD mask: diag(P_Z) is 1 everywhere")
+    for k in args.k:
+        common.check_k(config, k, allow_full=False,
+                       why="k = d puts every coordinate in the SVD mask: diag(P_Z) is 1 everywhere")
+    if len(set(args.k)) < len(args.k):
+        raise UsageError(f"--k {' '.join(map(str, args.k))}: each k once")
     if args.steps < 1 or args.min_steps < 0 or args.log_every < 1:
         raise UsageError("--steps and --log-every must be at least 1 and --min-steps at least 0")
     if args.lr <= 0 or args.tau <= 0 or args.warm_eps <= 0:
@@ -244,9 +254,18 @@ def prepare_layer(zh, en, li, splits, method, device):
 # ----------------------------------------------------------------------------------------------
 # Fits
 
-def compute_z_energy(model, layer, k, fold_norm=False):
-    """diag(P_Z) = (V_Z**2).sum(0) of the SVD mask at `layer`: float32 (d,), sums to k."""
-    return (common.z_basis(model, layer, k, fold_norm=fold_norm) ** 2).sum(0)
+def compute_z_energy(model, layer, ks, fold_norm=False):
+    """diag(P_Z) = (V_Z**2).sum(0) of the rank-k SVD mask at `layer`, per k of `ks`: {k: float32
+    (d,), summing to k}. Each k is its own SVD (the per-head stage keeps k vectors per head too), so
+    the masks of two k are not nested."""
+    return {k: (common.z_basis(model, layer, k, fold_norm=fold_norm) ** 2).sum(0) for k in ks}
+
+
+def fit_list(args):
+    """The fits of one (layer, objective) batch, [(start, k, lambda)] in the order of --start: the
+    cold start once (k None: it never sees the mask), the warm start once per k."""
+    return [(start, k, lam) for start in args.start
+            for k in ([None] if start == "cold" else args.k) for lam in args.lambdas]
 
 
 def initial_log_l(start, z_energy, l_ref, eps, k):
@@ -276,42 +295,49 @@ def summarise_fit(log_l, log_l_ref, z_energy):
 
 
 def fit_rows(data, layer, l_ref, objective, fits, log_l0, final, trace, stopped, z_energy, args):
-    """Summary rows and trace rows of one batch of fits."""
+    """Summary rows and trace rows of one batch of fits [(start, k, lambda)]. A summary row is one
+    fit against one mask: a warm fit against the mask it started from, a cold fit against every
+    k's (its rows differ only in the overlap columns). Trace rows: one set per fit, k None for
+    the cold start."""
     with torch.no_grad():
-        lambdas = torch.tensor([lam for _, lam in fits], device=data["train"][0].x.device)
+        lambdas = torch.tensor([lam for _, _, lam in fits], device=data["train"][0].x.device)
         loss_final = ard_mmd.objective_fn(objective, *data["train"], args.tau, l_ref)(
             final.to(lambdas.device), lambdas)[0].cpu().numpy()
     scores = {f"{split}_{when}": ard_mmd.evaluate_retrieval(*data[split], ll, args.tau)
               for split in ("val", "test") for when, ll in (("init", log_l0), ("final", final))}
     n_test = len(data["test"][0].x)
     rows, trace_rows = [], []
-    for f, (start, lam) in enumerate(fits):
-        row = {"layer": layer, "objective": objective, "start": start, "lambda": lam,
-               "l_ref": l_ref, "steps_run": int(stopped[f]),
-               "plateaued": bool(stopped[f] < args.steps), "loss_init": float(trace[0, f, 0]),
-               "loss_final": float(loss_final[f])}
-        row.update(summarise_fit(final[f], math.log(l_ref), z_energy))
-        for key, (acc, ce) in scores.items():
-            row[f"retrieval_{key}"], row[f"ce_{key}"] = float(acc[f]), float(ce[f])
-        row.update(retrieval_chance_test=1 / n_test, ce_chance_test=math.log(n_test))
-        rows.append(row)
-        trace_rows += [{"layer": layer, "objective": objective, "start": start, "lambda": lam,
-                        "step": i * args.log_every, **dict(zip(TRACE_COLUMNS, values))}
+    for f, (start, k, lam) in enumerate(fits):
+        for mask_k in (args.k if k is None else [k]):
+            row = {"layer": layer, "objective": objective, "start": start, "k": mask_k,
+                   "lambda": lam, "l_ref": l_ref, "steps_run": int(stopped[f]),
+                   "plateaued": bool(stopped[f] < args.steps), "loss_init": float(trace[0, f, 0]),
+                   "loss_final": float(loss_final[f])}
+            row.update(summarise_fit(final[f], math.log(l_ref), z_energy[mask_k]))
+            for key, (acc, ce) in scores.items():
+                row[f"retrieval_{key}"], row[f"ce_{key}"] = float(acc[f]), float(ce[f])
+            row.update(retrieval_chance_test=1 / n_test, ce_chance_test=math.log(n_test))
+            rows.append(row)
+        trace_rows += [{"layer": layer, "objective": objective, "start": start, "k": k,
+                        "lambda": lam, "step": i * args.log_every,
+                        **dict(zip(TRACE_COLUMNS, values))}
                        for i, values in enumerate(trace[:, f].tolist())
                        if not math.isnan(values[0])]
     return rows, trace_rows
 
 
 def compute_layer_fits(data, layer, layer_info, objective, z_energy, args, progress):
-    """All (start, lambda) fits of one objective at one layer, as one batch. Returns the unit:
-    dict with layer, objective, fits [(start, lambda)], log_l (F, d), rows, traces, layer_info,
-    seconds. `progress` (a tqdm bar) moves one per Adam step."""
+    """All (start, k, lambda) fits of one objective at one layer (fit_list), as one batch.
+    z_energy: {k: diag(P_Z) (d,)}. Returns the unit: dict with layer, objective, fits [(start, k,
+    lambda)], log_l (F, d), rows, traces, layer_info, seconds. `progress` (a tqdm bar) moves one
+    per Adam step."""
     zh, en = data["train"]
     l_ref = layer_info["l_ref"]
-    fits = [(s, lam) for s in args.start for lam in args.lambdas]
-    log_l0 = torch.stack([initial_log_l(s, z_energy, l_ref, args.warm_eps, args.k)
-                          for s, _ in fits])
-    lambdas = torch.tensor([lam for _, lam in fits], device=zh.x.device)
+    fits = fit_list(args)
+    any_mask = next(iter(z_energy.values()))  # the cold start reads only its shape
+    log_l0 = torch.stack([initial_log_l(s, any_mask if k is None else z_energy[k], l_ref,
+                                        args.warm_eps, k) for s, k, _ in fits])
+    lambdas = torch.tensor([lam for _, _, lam in fits], device=zh.x.device)
     steps_taken = [0]
 
     def on_step():
@@ -381,10 +407,11 @@ def compute_all(zh, en, layers, splits, z_energy, args, device, out=None):
 
 
 def mark_selected(fits):
-    """selected = lowest validation cross-entropy per (layer, objective, start), a continuous
-    score (validation retrieval accuracy saturates); ties go to the larger lambda."""
+    """selected = lowest validation cross-entropy per (layer, objective, start, k), a continuous
+    score (validation retrieval accuracy saturates); ties go to the larger lambda. The cold
+    start's rows of every k are one fit: they select the same lambda."""
     fits["selected"] = False
-    for _, group in fits.groupby(["layer", "objective", "start"]):
+    for _, group in fits.groupby(["layer", "objective", "start", "k"]):
         best = group.sort_values(["ce_val_final", "lambda"], ascending=[True, False]).index[0]
         fits.loc[best, "selected"] = True
     return fits
@@ -394,23 +421,28 @@ def mark_selected(fits):
 # Saving
 
 def save_results(out, units, layers, z_energy, args):
+    """summary.csv, traces.csv and lengthscales.npz from the units. log10_l is (layers,
+    objectives, starts, ks, lambdas, d), the cold fit written at every k; z_energy (ks, d)."""
     import pandas as pd
     fits = mark_selected(pd.DataFrame([row for unit in units for row in unit["rows"]]))
     fits.to_csv(out / "summary.csv", index=False, float_format="%.6g")
     pd.DataFrame([row for unit in units for row in unit["traces"]]).to_csv(
         out / "traces.csv", index=False, float_format="%.6g")
-    shape = (len(layers), len(args.objective), len(args.start), len(args.lambdas), len(z_energy))
+    shape = (len(layers), len(args.objective), len(args.start), len(args.k), len(args.lambdas),
+             len(z_energy[args.k[0]]))
     log10_l = np.full(shape, np.nan, dtype=np.float32)
     l_ref = {}
     for unit in units:
         l_ref[unit["layer"]] = unit["layer_info"]["l_ref"]
-        for f, (start, lam) in enumerate(unit["fits"]):
+        for f, (start, k, lam) in enumerate(unit["fits"]):
+            ks = list(range(len(args.k))) if k is None else [args.k.index(k)]
             log10_l[layers.index(unit["layer"]), args.objective.index(unit["objective"]),
-                    args.start.index(start), args.lambdas.index(lam)] = \
+                    args.start.index(start), ks, args.lambdas.index(lam)] = \
                 unit["log_l"][f].numpy() / math.log(10)
     np.savez_compressed(out / "lengthscales.npz", log10_l=log10_l, layers=np.array(layers),
                         objectives=np.array(args.objective), starts=np.array(args.start),
-                        lambdas=np.array(args.lambdas), z_energy=z_energy.numpy(),
+                        ks=np.array(args.k), lambdas=np.array(args.lambdas),
+                        z_energy=np.stack([z_energy[k].numpy() for k in args.k]),
                         log10_l_ref=np.array([math.log10(l_ref[layer]) for layer in layers]))
     return fits
 
@@ -422,7 +454,8 @@ def run_record(args, config, layers, basis_layer, pairs, splits):
     return dict(
         layers=layers, layer_depths=args.layer_depths,
         layer_fractions=[round(layer / n_layers, 4) for layer in layers],
-        basis_layer=basis_layer, depth=args.depth,
+        basis_layer=basis_layer, depth=args.depth, k=list(args.k),
+        primary_test=summary.primary_description(args.k),
         basis_layer_fraction=round(basis_layer / n_layers, 4), hidden_size=config.hidden_size,
         n_pairs=len(pairs), splits={k: [pairs[i]["id"] for i in v] for k, v in splits.items()},
         drop_first=not args.keep_first_token, drop_numbers=args.drop_numbers,

@@ -1,5 +1,6 @@
 """Experiment C, the script: layers and depth, the token clouds (numbers, shared prefixes), the
-selection, an end-to-end run, --replot, and an interrupted run resumed to the same result."""
+selection, several k (a warm start and overlap rows per k, the cold start fitted once, on a planted
+case and end to end), --replot, and an interrupted run resumed to the same result."""
 import json
 import math
 
@@ -46,9 +47,20 @@ def test_warm_start_puts_the_svd_masks_top_k_coordinates_inside_z():
 
 
 def test_mark_selected_takes_the_lowest_validation_cross_entropy_ties_to_the_larger_lambda():
-    summary = pd.DataFrame({"layer": 1, "objective": "contrastive", "start": "cold",
+    summary = pd.DataFrame({"layer": 1, "objective": "contrastive", "start": "cold", "k": 8,
                             "lambda": [0.0, 0.1, 1.0, 10.0], "ce_val_final": [0.9, 0.5, 0.5, 2.0]})
     assert C.mark_selected(summary)["selected"].tolist() == [False, False, True, False]
+    # one selection per k: the warm start of k 16 is another fit, the cold start's rows one fit
+    both = pd.concat([summary, summary.assign(k=16),
+                      summary.assign(start="warm", k=16, ce_val_final=[0.1, 0.5, 0.5, 2.0])])
+    assert C.mark_selected(both.reset_index(drop=True))["selected"].tolist() == \
+        [False, False, True, False] * 2 + [True, False, False, False]
+
+
+def test_fit_list_has_the_cold_start_once_and_a_warm_start_per_k():
+    args = C.parse_args(["--model", "x", "--k", "4", "6", "--lambdas", "0", "1"])
+    assert C.fit_list(args) == [("warm", 4, 0.0), ("warm", 4, 1.0), ("warm", 6, 0.0),
+                                ("warm", 6, 1.0), ("cold", None, 0.0), ("cold", None, 1.0)]
 
 
 def test_only_the_numbers_shared_retrieval_perfect_with_them_and_at_chance_without(tiny,
@@ -113,6 +125,7 @@ def _argv(tmp_path, prompts_file, *extra):
     (["--depth", "0"], "--depth 0.0 is not a fraction"),
     (["--layers", "1", "--layer-depths", "0.5"], "not both"),
     (["--k", "0"], "pass --k between 1 and 63"), (["--k", "64"], "every coordinate in the SVD mask"),
+    (["--k", "8", "64"], "pass --k between 1 and 63"), (["--k", "8", "8"], "--k 8 8: each k once"),
     (["--lambdas", "0.1", "0.1"], "distinct"), (["--device", "cuda"], "no CUDA device")])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, prompts_file, bad, message, capsys):
     if bad[0] == "--device" and torch.cuda.is_available():
@@ -127,20 +140,37 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, prompts_file, bad, messa
 
 
 FAST = ["--layers", "1", "3", "--steps", "10", "--min-steps", "0", "--lambdas", "0", "0.1", "10",
-        "--basis-layer", "2", "--k", "8"]
+        "--basis-layer", "2", "--k", "8", "16"]
+OVERLAP_COLUMNS = ["z_size_rel", "overlap", "overlap_expected", "overlap_lo", "overlap_hi",
+                   "overlap_p", "overlap_p_depletion", "energy_share", "energy_chance"]
 
 
 def test_main_end_to_end(tmp_path, prompts_file, monkeypatch, capsys):
     args = C.parse_args(_argv(tmp_path, prompts_file, *FAST, "--objective", "contrastive", "plan"))
     summary = C.main(args)
     out = tmp_path / "out"
-    assert len(summary) == 2 * 2 * 2 * 3 and summary["selected"].sum() == 2 * 2 * 2
+    # 2 layers x 2 objectives x 3 lambdas x (warm k 8, warm k 16, cold against k 8 and k 16)
+    assert len(summary) == 2 * 2 * 3 * 4 and summary["selected"].sum() == 2 * 2 * 4
+    assert list(summary.columns[:5]) == ["layer", "objective", "start", "k", "lambda"]
+    cold = summary[summary.start == "cold"]
+    fit_columns = [c for c in summary.columns if c not in OVERLAP_COLUMNS + ["k"]]
+    pd.testing.assert_frame_equal(cold[cold.k == 8][fit_columns].reset_index(drop=True),
+                                  cold[cold.k == 16][fit_columns].reset_index(drop=True))
     npz = np.load(out / "lengthscales.npz")
-    assert npz["log10_l"].shape == (2, 2, 2, 3, 64) and np.isfinite(npz["log10_l"]).all()
-    assert npz["z_energy"].sum() == pytest.approx(8, rel=1e-4)
+    assert npz["log10_l"].shape == (2, 2, 2, 2, 3, 64) and np.isfinite(npz["log10_l"]).all()
+    assert npz["ks"].tolist() == [8, 16] and npz["z_energy"].shape == (2, 64)
+    np.testing.assert_allclose(npz["z_energy"].sum(1), [8, 16], rtol=1e-4)
+    cold_i = list(npz["starts"]).index("cold")
+    np.testing.assert_array_equal(npz["log10_l"][:, :, cold_i, 0], npz["log10_l"][:, :, cold_i, 1])
     traces = pd.read_csv(out / "traces.csv")
-    assert list(traces.columns[:6]) == ["layer", "objective", "start", "lambda", "step", "loss"]
-    assert traces["step"].max() == 10 and len(traces) == 2 * 2 * 2 * 3 * 2
+    assert list(traces.columns[:7]) == ["layer", "objective", "start", "k", "lambda", "step",
+                                        "loss"]
+    # one trace per fit: the cold start once (k blank), the warm start once per k
+    assert traces["step"].max() == 10 and len(traces) == 2 * 2 * 3 * 3 * 2
+    assert traces[traces.start == "cold"]["k"].isna().all()
+    warm0 = traces[(traces.start == "warm") & (traces.step == 0)]
+    assert sorted(set(warm0["k"])) == [8, 16]
+    assert (warm0["z_size"] == warm0["k"]).all()  # each warm start begins with its k inside Z
     assert sorted(p.name for p in (out / "fits").iterdir()) == [
         "layer001_contrastive.npz", "layer001_plan.npz", "layer003_contrastive.npz",
         "layer003_plan.npz"]
@@ -153,12 +183,17 @@ def test_main_end_to_end(tmp_path, prompts_file, monkeypatch, capsys):
         assert (figures / f"{name}.png").stat().st_size > 10_000
     overlap = runs.load_csv(out / "overlap.csv")
     assert len(overlap) == summary["selected"].sum() and overlap["primary"].sum() == 1
+    primary = overlap[overlap.primary].iloc[0]
+    assert (primary.k, primary.start, primary.objective) == (16, "cold", "contrastive")
+    assert sorted(overlap.groupby(["start", "k"]).size().items()) == [
+        (("cold", 8), 4), (("cold", 16), 4), (("warm", 8), 4), (("warm", 16), 4)]
+    assert config["k"] == [8, 16] and "rank-16" in config["primary_test"]
     assert set(overlap.columns) >= {"overlap_expected", "overlap_lo", "overlap_hi",
                                     "p_enrichment", "p_depletion", "p_enrichment_holm", "verdict"}
     assert summary["retrieval_test_final"].between(0, 1).all()
     # the contrastive penalty at the cold start is lambda * 2N (N training problems)
     cold = summary[(summary.objective == "contrastive") & (summary.start == "cold")
-                   & (summary.layer == 1)]
+                   & (summary.layer == 1) & (summary.k == 8)]
     n_train = len(config["splits"]["train"])
     first = traces[(traces.objective == "contrastive") & (traces.start == "cold")
                    & (traces.step == 0) & (traces.layer == 1)].set_index("lambda")["penalty"]
@@ -173,6 +208,8 @@ def test_main_end_to_end(tmp_path, prompts_file, monkeypatch, capsys):
     assert (figures / "z_size.png").is_file() and (figures / "traces.png").is_file()
     printed = capsys.readouterr().out
     assert "wrote" in printed and "overlap.csv" in printed and "z_size.png" in printed
+    assert "for each k of 8 and 16" in printed and "warm start from the rank-16 mask" in printed
+    assert "k = 16, the largest k run; the plan's 50 was not" in printed
     assert runs.load_csv(out / "overlap.csv").equals(overlap)
 
 
