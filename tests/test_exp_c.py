@@ -1,6 +1,7 @@
 """Experiment C, the script: layers and depth, the token clouds (numbers, shared prefixes), the
 selection, several k (a warm start and overlap rows per k, the cold start fitted once, on a planted
 case and end to end), --replot, and an interrupted run resumed to the same result."""
+import argparse
 import json
 import math
 
@@ -13,6 +14,7 @@ import common
 from zcausal import ard_mmd as A, problems, runs, stats
 import exp_c_ard_mmd as C
 import synthetic_numbers
+from test_ard_mmd import D as PLANTED_D, PROBLEM_DIMS, planted_clouds
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
@@ -61,6 +63,61 @@ def test_fit_list_has_the_cold_start_once_and_a_warm_start_per_k():
     args = C.parse_args(["--model", "x", "--k", "4", "6", "--lambdas", "0", "1"])
     assert C.fit_list(args) == [("warm", 4, 0.0), ("warm", 4, 1.0), ("warm", 6, 0.0),
                                 ("warm", 6, 1.0), ("cold", None, 0.0), ("cold", None, 1.0)]
+
+
+def planted_masks():
+    """Two SVD masks on the planted clouds' D coordinates: k = 6 on the problem coordinates
+    (PROBLEM_DIMS, the ones the zh and en versions share), k = 4 on noise coordinates 12..15, each
+    with a little energy elsewhere, rising with the index (no ties), and summing to k."""
+    masks = {}
+    for k, dims in ((4, [12, 13, 14, 15]), (6, PROBLEM_DIMS)):
+        energy = torch.linspace(0.001, 0.01, PLANTED_D)
+        energy[dims] = 1.0
+        masks[k] = energy * k / energy.sum()
+    return masks
+
+
+def test_several_k_on_a_planted_case_the_cold_fit_once_and_the_k_that_holds_z_enriched(tmp_path):
+    """Planted clouds whose problems are told apart only by PROBLEM_DIMS, and the masks of
+    planted_masks: one batch fits the cold start once and the warm start once per k, each warm
+    start beginning with its mask's top k inside Z; the cold fit finds the problem coordinates, so
+    against the k = 6 mask its overlap is enriched (the primary test: the largest k, 50 not run)
+    and against the k = 4 mask it is not."""
+    data = {split: planted_clouds(seed=seed) for split, seed in (("train", 0), ("val", 1),
+                                                                  ("test", 2))}
+    l_ref = A.median_pairwise_distance([data["train"][0].flat, data["train"][1].flat])
+    args = C.parse_args(["--model", "x", "--k", "4", "6", "--lambdas", "0.01", "--steps", "150",
+                         "--min-steps", "150", "--lr", "0.1", "--log-every", "150"])
+    masks = planted_masks()
+    unit = C.compute_layer_fits(data, 5, {"l_ref": l_ref}, "contrastive", masks, args,
+                                argparse.Namespace(update=lambda n: None))
+    assert unit["fits"] == [("warm", 4, 0.01), ("warm", 6, 0.01), ("cold", None, 0.01)]
+    start = pd.DataFrame(unit["traces"]).query("step == 0").set_index(["start", "k"], drop=False)
+    assert start.loc[("warm", 4), "z_size"].item() == 4 and start.loc[("warm", 6), "z_size"].item() == 6
+    in_z = set(np.flatnonzero((unit["log_l"][2] < math.log(l_ref)).numpy()))
+    assert in_z == set(PROBLEM_DIMS), in_z  # the cold fit finds the shared coordinates
+
+    rows = pd.DataFrame(unit["rows"]).set_index(["start", "k"])
+    # each warm start began from its own mask: on the problem coordinates (k 6) held-out
+    # retrieval is right from the start, on noise (k 4) it starts near chance (1/16)
+    init = rows["retrieval_test_init"]
+    assert init[("warm", 6)] >= 0.9 > init[("cold", 6)] > 0.3 > init[("warm", 4)]
+    assert rows.loc[("warm", 6), "overlap"] == 6 and rows.loc[("warm", 4), "overlap"] == 0
+    assert rows.loc[("cold", 6), "overlap"] == 6 and rows.loc[("cold", 4), "overlap"] == 0
+    assert rows.loc[("cold", 6), "retrieval_test_final"] == rows.loc[("cold", 4),
+                                                                      "retrieval_test_final"]
+    C.save_results(tmp_path, [unit], [5], masks, args)
+    runs.write_json(tmp_path / "config.json", {"basis_layer": 5, "n_pairs": 16,
+                                               "args": {"k": [4, 6]}})
+    from zcausal.summaries import exp_c as S
+    table = S.overlap_table(tmp_path).set_index(["start", "k"])
+    assert table["primary"].idxmax() == ("cold", 6)
+    assert table.loc[("cold", 6), "verdict"] == "enrichment"
+    assert table.loc[("cold", 4), "verdict"] == "no enrichment"
+    assert S.headline(tmp_path)["verdict"] == "enrichment"
+    npz = np.load(tmp_path / "lengthscales.npz")
+    assert npz["log10_l"].shape == (1, 1, 2, 2, 1, PLANTED_D)
+    np.testing.assert_allclose(npz["z_energy"].sum(1), [4, 6], rtol=1e-5)
 
 
 def test_only_the_numbers_shared_retrieval_perfect_with_them_and_at_chance_without(tiny,
@@ -324,3 +381,32 @@ def test_an_empty_z_is_not_measured_and_an_unfinished_run_is_a_usage_error(tmp_p
 
 def test_holm_by_hand():
     np.testing.assert_allclose(stats.holm([0.01, 0.04, 0.03, np.nan]), [0.03, 0.06, 0.06, np.nan])
+
+
+def test_with_several_k_the_primary_is_k_50_where_run_else_the_largest(tmp_path):
+    """Rows of a run of several k (a k column, config.json's --k a list): the primary is the cold
+    fit against the k = 50 mask when 50 ran, else against the largest k; overlap.csv keeps the k
+    column, and the sentences name the mask of each overlap. A run of one k from before --k took
+    several (no k column) gets an overlap.csv without one, as it was written."""
+    from zcausal.summaries import exp_c as S
+    assert (S.primary_k([20, 50, 100]), S.primary_k([30, 20]), S.primary_k([50])) == (50, 30, 50)
+    cold = dict(layer=5, start="cold", z_size=10, **{"lambda": 0.0})
+    for ks, primary in (([20, 50, 100], 50), ([10, 20], 20)):
+        rows = [dict(cold, k=k, overlap=i) for i, k in enumerate(ks)] + [
+            dict(cold, start="warm", k=k, overlap=3) for k in ks]
+        out = fake_run(tmp_path, rows, k=ks)
+        table = S.overlap_table(out)
+        assert table.loc[table["primary"], ["start", "k"]].values.tolist() == [["cold", primary]]
+        S.save_overlap_table(out)
+        assert runs.load_csv(out / "overlap.csv")["k"].tolist() == table["k"].tolist()
+        text = " ".join(S.summary_lines(out))
+        assert text.count("cold start: lambda 0, |Z| = 10;") == 1  # one fit, one sentence
+        assert f"overlap with the rank-{ks[1]} mask 1 with the top 10" in text
+        assert f"warm start from the rank-{ks[0]} mask" in text
+        # the cold fit counted once: 1 + len(ks) fits, not 2 len(ks) rows
+        assert f"lambda = 0 was selected in all {1 + len(ks)} selected fits" in text
+        head = S.headline(out)
+        assert f"at k = {primary} vs chance" in head["value"]
+    assert "k = 20, the largest k run; the plan's 50 was not" in text
+    S.save_overlap_table(fake_run(tmp_path, ROWS))  # no k column: a run from before
+    assert "k" not in runs.load_csv(tmp_path / "overlap.csv").columns
