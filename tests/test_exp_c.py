@@ -198,7 +198,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, prompts_file, bad, messa
 
 FAST = ["--layers", "1", "3", "--steps", "10", "--min-steps", "0", "--lambdas", "0", "0.1", "10",
         "--basis-layer", "2", "--k", "8", "16"]
-OVERLAP_COLUMNS = ["z_size_rel", "overlap", "overlap_expected", "overlap_lo", "overlap_hi",
+OVERLAP_COLUMNS = ["overlap", "overlap_expected", "overlap_lo", "overlap_hi",
                    "overlap_p", "overlap_p_depletion", "energy_share", "energy_chance"]
 
 
