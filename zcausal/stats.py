@@ -7,6 +7,14 @@ import math
 
 import numpy as np
 
+PLAN_K = 50  # the plan's k (Phase 2's best configuration): the k of every declared primary test
+
+
+def primary_k(ks):
+    """The k of a declared primary test: the plan's PLAN_K where it was run, else the largest."""
+    ks = sorted(int(k) for k in ks)
+    return PLAN_K if PLAN_K in ks else ks[-1]
+
 
 def wilson_interval(count, n, z=1.959963984540054):
     """Wilson score 95% interval for count successes out of n; (nan, nan) when n == 0."""

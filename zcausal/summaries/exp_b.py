@@ -23,7 +23,8 @@ from zcausal.summaries.text import interval, num, ordinal, p_value, plural
 # Column prefixes of the two random-subspace bands: Haar-uniform and covariance-matched draws.
 KINDS = {"uniform": "rand", "matched": "matched"}
 KIND_NAMES = {"uniform": "uniform", "matched": "covariance-matched"}
-PRIMARY_KIND, PRIMARY_K = "matched", 50
+PRIMARY_KIND, PRIMARY_K = "matched", stats.PLAN_K
+primary_k = stats.primary_k  # the k of the declared primary test (one rule for every experiment)
 ALPHA = 0.05
 NOT_TESTED = "not tested (no random draws)"
 
@@ -34,10 +35,6 @@ def rank_column(kind, what):
     return f"frac_{'random' if kind == 'uniform' else KINDS[kind]}_{what}_ge"
 
 
-def primary_k(ks):
-    """The k of the primary test: the plan's PRIMARY_K where it was run, else the largest."""
-    ks = sorted(int(k) for k in ks)
-    return PRIMARY_K if PRIMARY_K in ks else ks[-1]
 
 
 def primary_description(ks):

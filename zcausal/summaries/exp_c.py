@@ -32,14 +32,11 @@ from zcausal.summaries.text import num, plural
 
 FILES = ("summary.csv", "traces.csv", "lengthscales.npz", "config.json")
 PRIMARY = {"objective": "contrastive", "start": "cold"}  # each the first choice, else what ran
-PRIMARY_K = 50
+PRIMARY_K = stats.PLAN_K
+primary_k = stats.primary_k  # the k of the declared primary test (one rule for every experiment)
 ALPHA = 0.05
 
 
-def primary_k(ks):
-    """The k of the primary test: the plan's PRIMARY_K where it was run, else the largest."""
-    ks = sorted(int(k) for k in ks)
-    return PRIMARY_K if PRIMARY_K in ks else ks[-1]
 
 
 def primary_description(ks):

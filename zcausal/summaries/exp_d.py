@@ -17,7 +17,8 @@ from zcausal.runs import UsageError
 from zcausal.summaries.text import interval, num, ordinal, plural
 
 MAPS = ("lstsq", "ridge", "procrustes", "identity", "mean_shift")
-PRIMARY_MAP, PRIMARY_K, PRIMARY_STAT = "lstsq", 50, "10-fold held-out R^2"
+PRIMARY_MAP, PRIMARY_K, PRIMARY_STAT = "lstsq", stats.PLAN_K, "10-fold held-out R^2"
+primary_k = stats.primary_k  # the k of the declared primary test (one rule for every experiment)
 ALPHA = 0.05
 RANDOM_COLUMNS = [f"random_{c}" for c in ("mean", "lo", "hi", "max", "rank", "p_above",
                                           "p_below", "p_two_sided")]
@@ -169,10 +170,6 @@ def plot_all(args):
 # ----------------------------------------------------------------------------------------------
 # The primary test, and the findings in words (printed at the end of a run; report.py)
 
-def primary_k(ks):
-    """The k of the primary test: the plan's PRIMARY_K where it was run, else the largest."""
-    ks = sorted(int(k) for k in ks)
-    return PRIMARY_K if PRIMARY_K in ks else ks[-1]
 
 
 def primary_description(ks):

@@ -42,7 +42,8 @@ import pandas as pd
 from zcausal import problems, runs, stats
 from zcausal.summaries.text import plural
 
-PRIMARY_K = 50
+PRIMARY_K = stats.PLAN_K
+primary_k = stats.primary_k  # the k of the declared primary test (one rule for every experiment)
 ALPHA = 0.05
 MIN_TEST_PAIRS = 20  # fewer held-out pairs: a rate's 95% interval is wider than 0.4
 BOOTSTRAP = 2000
@@ -70,10 +71,6 @@ SECONDARY_DESCRIPTION = (
     "shift there (two-sided); per DAS k, DAS against its random draws on the held-out pairs")
 
 
-def primary_k(ks):
-    """The k of the primary test: PRIMARY_K where it was run, else the largest."""
-    ks = sorted(int(k) for k in ks)
-    return PRIMARY_K if PRIMARY_K in ks else ks[-1]
 
 
 def primary_description(ks, basis_layer):
