@@ -55,9 +55,9 @@ TINY_RUN_FLAGS = {
 # experiments' tests run each one end to end).
 SMOKE_COMMANDS = {
     "A": "python exp_a_patching.py --model tiny-random --smoke",
-    "B": "python exp_b_residual.py --model tiny-random",
+    "B": "python exp_b_residual.py --model tiny-random --smoke",
     "C": "python exp_c_ard_mmd.py --model tiny-random --smoke",
-    "D": "python exp_d_bridge.py --model tiny-random",
+    "D": "python exp_d_bridge.py --model tiny-random --smoke",
     "E": "python exp_e_layer_sweep.py --model tiny-random --smoke",
 }
 
