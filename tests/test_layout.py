@@ -80,6 +80,12 @@ def test_imports_go_only_downward_and_files_stay_small(name, path):
     private = re.findall(r"\b(?:common|runs|problems|stats|decoding|interchange|das|answered)"
                          r"\._[a-z]\w*", path.read_text(encoding="utf-8"))
     assert not private, f"{name} uses another module's private names: {private}"
+    imported_private = [f"{node.module}.{a.name}" for node in ast.walk(ast.parse(
+        path.read_text(encoding="utf-8"))) if isinstance(node, ast.ImportFrom) and node.module
+        and node.module.split(".")[0] in ("common", "zcausal") for a in node.names
+        if a.name.startswith("_")]
+    assert not imported_private, \
+        f"{name} imports another module's private names: {imported_private}"
 
 
 def _parser(script):

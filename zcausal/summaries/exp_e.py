@@ -11,8 +11,8 @@ import pandas as pd
 
 from zcausal import runs, stats
 from zcausal.summaries.exp_e_tables import (
-    ALPHA, MIN_TEST_PAIRS, NAMED, NOT_TESTED, PRIMARY_MEASURES, _swap, build_tables,
-    primary_description, primary_k, read_config)
+    ALPHA, MIN_TEST_PAIRS, NAMED, NOT_TESTED, PRIMARY_MEASURES, build_tables,
+    primary_description, primary_k, read_config, select_swap)
 from zcausal.summaries.text import NOT_MEASURED, interval, num, plural
 
 LABELS = {"top1_src": "top1_src", "p_share_shift": "p_share shift",
@@ -50,8 +50,7 @@ def read_tables(out):
 def swap_rows(out, k=None):
     """per_layer.csv's swap rows of a finished sweep at one k (default: the primary k)."""
     per_layer = read_tables(out)["per_layer"]
-    k = primary_k(per_layer.k.unique()) if k is None else k
-    return per_layer[(per_layer.pairing == "swap") & (per_layer.k == k)]
+    return select_swap(per_layer, k=primary_k(per_layer.k.unique()) if k is None else k)
 
 
 def layer_list(layers):
@@ -78,14 +77,14 @@ def _band_of(row, measure, signed=False):
 
 def _band(table, k, layer, measure, signed=False):
     """_band_of the `random` row of (k, layer), swap pairs, or the NOT_TESTED words."""
-    row = _swap(table, "random", k=k, layer=layer)
+    row = select_swap(table, "random", k=k, layer=layer)
     return _band_of(row.iloc[0], measure, signed) if len(row) else f"random: {NOT_TESTED}"
 
 
 def profile_sentence(per_layer, k):
     """Full interchange's top1_src over the layers in one sentence (where it is largest, how
     low it stays before it first reaches half the pairs, how high it stays at the top)."""
-    full = _swap(per_layer, "full", k=k).sort_values("layer")
+    full = select_swap(per_layer, "full", k=k).sort_values("layer")
     if not len(full):
         return "Full interchange: not measured (no swap pair with different first digits)."
     best = full.loc[full.top1_src.idxmax()]
@@ -119,7 +118,7 @@ def profile_sentence(per_layer, k):
 
 
 def disruption_sentence(per_layer, k):
-    rows = _swap(per_layer, k=k)
+    rows = select_swap(per_layer, k=k)
     rows = rows[rows.condition.isin(NAMED) & rows.disrupts.astype(bool)]
     what = ("p_own + p_src below half its clean value on most pairs: read as disruption, never "
             "as transfer")
@@ -150,7 +149,7 @@ def primary_verdict(tables):
     """(verdict, the z_basis row at the basis layer or None, the primary tests.csv rows)."""
     tests, per_layer, config = tables["tests"], tables["per_layer"], tables["config"]
     k, basis = primary_k(per_layer.k.unique()), int(config["basis_layer"])
-    z = _swap(per_layer, "z_basis", k=k, layer=basis)
+    z = select_swap(per_layer, "z_basis", k=k, layer=basis)
     primary = tests[tests.family == "primary"]
     if not len(z) or np.isnan(z.top1_src.iloc[0]):
         return NOT_MEASURED, None, primary
@@ -205,8 +204,8 @@ def best_layer_sentence(tests, k):
 
 def language_sentence(tables, k):
     per_layer, basis = tables["per_layer"], int(tables["config"]["basis_layer"])
-    z = _swap(per_layer, "z_basis", k=k, layer=basis)
-    full = _swap(per_layer, "full", k=k)
+    z = select_swap(per_layer, "z_basis", k=k, layer=basis)
+    full = select_swap(per_layer, "full", k=k)
     if not len(z) or not len(full):
         return None
     test = _test(tables["tests"], measure="dlang_own", k=k, scope="at the basis layer")
@@ -264,7 +263,7 @@ def das_sentences(tables, out):
     if das is None:
         return []
     basis, splits, lines = int(config["basis_layer"]), config.get("splits", {}), []
-    for k, group in _swap(das).groupby("k"):
+    for k, group in select_swap(das).groupby("k"):
         rows = {c: g.iloc[0] for c, g in group.groupby("condition")}
         if "das" not in rows:
             continue
@@ -325,7 +324,7 @@ def pairs_sentence(config, per_layer, k, clean):
             f"{solved.get('mode')}: correct in English {solved.get('correct_en')}, in Chinese "
             f"{solved.get('correct_zh')}, both {solved.get('correct_both')})" if solved
             else f"{plural(config.get('n_pairs'), 'pair')}")
-    row = _swap(per_layer, "full", k=k).iloc[0]
+    row = select_swap(per_layer, "full", k=k).iloc[0]
     n_random = int(config["args"].get("n_random") or 0)
     draws = (f"{plural(n_random, 'random draw')} of k = {k} (the same at every layer; random: "
              f"their mean [2.5%, 97.5% of draws])" if n_random else f"random draws: {NOT_TESTED}")

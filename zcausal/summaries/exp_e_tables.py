@@ -305,7 +305,9 @@ def best_layer_test(z, draws):
     return dict(test, value=float(z[at]), at=at) if test else {}
 
 
-def _swap(table, condition=None, **match):
+def select_swap(table, condition=None, **match):
+    """The swap-pairing rows of a per-layer / draws / DAS table, of `condition` when given and
+    with every column in `match` equal to its value (k=50, layer=21, ...)."""
     rows = table[table.pairing == "swap"]
     if condition is not None:
         rows = rows[rows.condition == condition]
@@ -328,9 +330,9 @@ def _test_row(family, condition, k, scope, layer, measure, direction, value, tes
 
 
 def _at_layer(per_layer, draws, condition, k, layer, measure, family, direction="above"):
-    row = _swap(per_layer, condition, k=k, layer=layer)
+    row = select_swap(per_layer, condition, k=k, layer=layer)
     value = row[measure].iloc[0] if len(row) else np.nan
-    rand = _swap(draws, k=k, layer=layer)[measure]
+    rand = select_swap(draws, k=k, layer=layer)[measure]
     test = stats.rank_test(value, rand) if len(row) else {}
     return _test_row(family, condition, k, "at the basis layer", layer, measure, direction, value,
                      test, int(row.n_pairs.iloc[0]) if len(row) else 0,
@@ -338,13 +340,13 @@ def _at_layer(per_layer, draws, condition, k, layer, measure, family, direction=
 
 
 def _best_layer(per_layer, draws, condition, k, measure):
-    z = _swap(per_layer, condition, k=k).set_index("layer")[measure].sort_index()
-    mine = _swap(draws, k=k)
+    z = select_swap(per_layer, condition, k=k).set_index("layer")[measure].sort_index()
+    mine = select_swap(draws, k=k)
     wide = (mine.pivot_table(index="draw", columns="layer", values=measure, dropna=False)
             .reindex(columns=z.index).to_numpy(float) if len(mine) else np.empty((0, len(z))))
     test = best_layer_test(z.to_numpy(), wide)
     at = int(z.index[int(np.nanargmax(z.to_numpy()))]) if z.notna().any() else np.nan
-    n = int(_swap(per_layer, condition, k=k).n_pairs.max()) if len(z) else 0
+    n = int(select_swap(per_layer, condition, k=k).n_pairs.max()) if len(z) else 0
     row = _test_row("secondary", condition, k, f"best of {plural(len(z), 'layer')} "
                     f"(family-wise)", -1, measure, "above", test.get("value", z.max()), test,
                     n, at_layer=at)
@@ -374,9 +376,9 @@ def tests_table(per_layer, draws, das=None, das_draws=None, config=None):
                               "two-sided"))
     if das is not None:
         for k in sorted(das.k.unique()):
-            row = _swap(das, "das", k=k)
+            row = select_swap(das, "das", k=k)
             for m in PRIMARY_MEASURES:
-                test = stats.rank_test(row[m].iloc[0], _swap(das_draws, k=k)[m])
+                test = stats.rank_test(row[m].iloc[0], select_swap(das_draws, k=k)[m])
                 rows.append(_test_row("secondary", "das", k, "DAS layer, held-out pairs",
                                       int(row.layer.iloc[0]), m, "above", row[m].iloc[0], test,
                                       int(row.n_pairs.iloc[0]), bool(row.disrupts.iloc[0])))
