@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import answered, das, decoding, interchange, problems, runs
+from zcausal import answered, das, decoding, interchange, problems, runs, stats
 from zcausal.summaries import exp_e as summary
 from zcausal.summaries import exp_e_tables as tables
 
@@ -434,7 +434,7 @@ def run_decode_checks(model, tokenizer, state, template, args, out, layers):
     """Decoded spot checks at `layers` (first --decode-limit problems) at the primary k, each
     layer written as it finishes; the teacher-forced log p of the fast engine is joined for the
     named conditions."""
-    d, k = common.hidden_size(model), tables.primary_k(args.k)
+    d, k = common.hidden_size(model), stats.primary_k(args.k)
     z_fixed = common.z_basis(model, args.basis_layer, k, fold_norm=args.fold_norm)
     problem_index = list(range(min(args.decode_limit, len(state.pairs))))
     if not problem_index or not layers:

@@ -389,7 +389,8 @@ def test_with_several_k_the_primary_is_k_50_where_run_else_the_largest(tmp_path)
     column, and the sentences name the mask of each overlap. A run of one k from before --k took
     several (no k column) gets an overlap.csv without one, as it was written."""
     from zcausal.summaries import exp_c as S
-    assert (S.primary_k([20, 50, 100]), S.primary_k([30, 20]), S.primary_k([50])) == (50, 30, 50)
+    assert (stats.primary_k([20, 50, 100]), stats.primary_k([30, 20]), stats.primary_k([50])) == \
+        (50, 30, 50)
     cold = dict(layer=5, start="cold", z_size=10, **{"lambda": 0.0})
     for ks, primary in (([20, 50, 100], 50), ([10, 20], 20)):
         rows = [dict(cold, k=k, overlap=i) for i, k in enumerate(ks)] + [

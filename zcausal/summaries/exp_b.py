@@ -23,8 +23,7 @@ from zcausal.summaries.text import interval, num, ordinal, p_value, plural
 # Column prefixes of the two random-subspace bands: Haar-uniform and covariance-matched draws.
 KINDS = {"uniform": "rand", "matched": "matched"}
 KIND_NAMES = {"uniform": "uniform", "matched": "covariance-matched"}
-PRIMARY_KIND, PRIMARY_K = "matched", stats.PLAN_K
-primary_k = stats.primary_k  # the k of the declared primary test (one rule for every experiment)
+PRIMARY_KIND = "matched"
 ALPHA = 0.05
 NOT_TESTED = "not tested (no random draws)"
 
@@ -35,11 +34,9 @@ def rank_column(kind, what):
     return f"frac_{'random' if kind == 'uniform' else KINDS[kind]}_{what}_ge"
 
 
-
-
 def primary_description(ks):
-    return (f"R on the update into the basis layer, both languages, k = {primary_k(ks)}, against "
-            f"the {KIND_NAMES[PRIMARY_KIND]} random subspaces (rank test, one-sided)")
+    return (f"R on the update into the basis layer, both languages, k = {stats.primary_k(ks)}, "
+            f"against the {KIND_NAMES[PRIMARY_KIND]} random subspaces (rank test, one-sided)")
 
 
 def _layer_ticks(ax, from_layers):
@@ -227,14 +224,14 @@ def summary_lines(out_dir):
                   _band_counts(both, n_random),
                   _asymmetry_sentence(asym[asym["k"] == k], n_random)]
     lines.append(_primary_sentence(per_layer, draws, config,
-                                   primary_k(per_layer["k"].unique())))
+                                   stats.primary_k(per_layer["k"].unique())))
     return lines
 
 
 def headline(out_dir):
     """report.py's cells: dict(verdict, value, lead) from the declared primary test."""
     per_layer, _, draws, config = _read_tables(out_dir)
-    k = primary_k(per_layer["k"].unique())
+    k = stats.primary_k(per_layer["k"].unique())
     row, test, verdict, band = primary_test(per_layer, draws, config, k)
     if test:
         value = (f"R {num(row['R_mean'])} vs {KIND_NAMES[PRIMARY_KIND]} random "

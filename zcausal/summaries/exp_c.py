@@ -32,8 +32,6 @@ from zcausal.summaries.text import num, plural
 
 FILES = ("summary.csv", "traces.csv", "lengthscales.npz", "config.json")
 PRIMARY = {"objective": "contrastive", "start": "cold"}  # each the first choice, else what ran
-PRIMARY_K = stats.PLAN_K
-primary_k = stats.primary_k  # the k of the declared primary test (one rule for every experiment)
 ALPHA = 0.05
 
 
@@ -42,7 +40,7 @@ ALPHA = 0.05
 def primary_description(ks):
     return (f"overlap of ARD's Z ({PRIMARY['objective']} objective, {PRIMARY['start']} start, "
             f"selected lambda, basis layer) with as many top coordinates of diag(P_Z) of the "
-            f"rank-{primary_k(ks)} SVD mask, against a random selection (hypergeometric, "
+            f"rank-{stats.primary_k(ks)} SVD mask, against a random selection (hypergeometric, "
             f"one-sided for enrichment)")
 
 
@@ -150,7 +148,7 @@ def plot_z_size(out, path):
     from matplotlib.lines import Line2D
     plt = _pyplot()
     ks = run_ks(out)
-    several, pk = len(ks) > 1, primary_k(ks)
+    several, pk = len(ks) > 1, stats.primary_k(ks)
     s = one_row_per_fit(read_summary(out), pk)
     d = read_lengthscales(out)["z_energy"].shape[1]
     objectives = list(dict.fromkeys(s["objective"]))
@@ -202,7 +200,7 @@ def plot_spectrum(out, path, basis_layer):
     warm start once per k)."""
     plt = _pyplot()
     ks = run_ks(out)
-    s = one_row_per_fit(read_summary(out), primary_k(ks))
+    s = one_row_per_fit(read_summary(out), stats.primary_k(ks))
     npz = read_lengthscales(out)
     layers = list(npz["layers"])
     layer = basis_layer if basis_layer in layers else layers[-1]
@@ -350,7 +348,7 @@ def _selected(out):
 
 def _selected_fits(out):
     """The selected fits, one row each (the cold fit once, not once per k)."""
-    return one_row_per_fit(_selected(out), primary_k(run_ks(out)))
+    return one_row_per_fit(_selected(out), stats.primary_k(run_ks(out)))
 
 
 def _primary_index(table, basis_layer):
@@ -360,7 +358,7 @@ def _primary_index(table, basis_layer):
     for key, preferred in PRIMARY.items():
         choice = preferred if (table[key] == preferred).any() else sorted(table[key])[0]
         table = table[table[key] == choice]
-    table = table[table["k"] == primary_k(table["k"].unique())]
+    table = table[table["k"] == stats.primary_k(table["k"].unique())]
     distance = (table["layer"] - basis_layer).abs()
     return table.loc[distance == distance.min()].sort_values("layer").index[0]
 
@@ -520,8 +518,8 @@ def _primary_k_words(k, ks):
     was not'."""
     if len(ks) == 1:
         return ""
-    return f", k = {k}" + (" as in the plan" if k == PRIMARY_K else
-                           f", the largest k run; the plan's {PRIMARY_K} was not")
+    return f", k = {k}" + (" as in the plan" if k == stats.PLAN_K else
+                           f", the largest k run; the plan's {stats.PLAN_K} was not")
 
 
 def _mask_name(r, ks):

@@ -17,8 +17,7 @@ from zcausal.runs import UsageError
 from zcausal.summaries.text import interval, num, ordinal, plural
 
 MAPS = ("lstsq", "ridge", "procrustes", "identity", "mean_shift")
-PRIMARY_MAP, PRIMARY_K, PRIMARY_STAT = "lstsq", stats.PLAN_K, "10-fold held-out R^2"
-primary_k = stats.primary_k  # the k of the declared primary test (one rule for every experiment)
+PRIMARY_MAP, PRIMARY_STAT = "lstsq", "10-fold held-out R^2"
 ALPHA = 0.05
 RANDOM_COLUMNS = [f"random_{c}" for c in ("mean", "lo", "hi", "max", "rank", "p_above",
                                           "p_below", "p_two_sided")]
@@ -170,11 +169,9 @@ def plot_all(args):
 # ----------------------------------------------------------------------------------------------
 # The primary test, and the findings in words (printed at the end of a run; report.py)
 
-
-
 def primary_description(ks):
-    return (f"{PRIMARY_MAP} at k = {primary_k(ks)}: Z's {PRIMARY_STAT} against the random bases', "
-            f"one-sided (rank test); the other maps and k Holm-corrected")
+    return (f"{PRIMARY_MAP} at k = {stats.primary_k(ks)}: Z's {PRIMARY_STAT} against the "
+            f"random bases', one-sided (rank test); the other maps and k Holm-corrected")
 
 
 def mark_primary(table):
@@ -182,7 +179,7 @@ def mark_primary(table):
     random_p_below_holm: Holm-adjusted over the other rows (NaN on the primary and without
     random draws)."""
     table = table.copy()
-    table["primary"] = (table["map"] == PRIMARY_MAP) & (table["k"] == primary_k(table["k"]))
+    table["primary"] = (table["map"] == PRIMARY_MAP) & (table["k"] == stats.primary_k(table["k"]))
     others = ~table["primary"].to_numpy()
     for side in ("above", "below"):
         column = f"random_p_{side}"

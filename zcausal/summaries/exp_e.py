@@ -12,7 +12,7 @@ import pandas as pd
 from zcausal import runs, stats
 from zcausal.summaries.exp_e_tables import (
     ALPHA, MIN_TEST_PAIRS, NAMED, NOT_TESTED, PRIMARY_MEASURES, build_tables,
-    primary_description, primary_k, read_config, select_swap)
+    primary_description, read_config, select_swap)
 from zcausal.summaries.text import NOT_MEASURED, interval, num, plural
 
 LABELS = {"top1_src": "top1_src", "p_share_shift": "p_share shift",
@@ -50,7 +50,7 @@ def read_tables(out):
 def swap_rows(out, k=None):
     """per_layer.csv's swap rows of a finished sweep at one k (default: the primary k)."""
     per_layer = read_tables(out)["per_layer"]
-    return select_swap(per_layer, k=primary_k(per_layer.k.unique()) if k is None else k)
+    return select_swap(per_layer, k=stats.primary_k(per_layer.k.unique()) if k is None else k)
 
 
 def layer_list(layers):
@@ -148,7 +148,7 @@ def _ranked(test):
 def primary_verdict(tables):
     """(verdict, the z_basis row at the basis layer or None, the primary tests.csv rows)."""
     tests, per_layer, config = tables["tests"], tables["per_layer"], tables["config"]
-    k, basis = primary_k(per_layer.k.unique()), int(config["basis_layer"])
+    k, basis = stats.primary_k(per_layer.k.unique()), int(config["basis_layer"])
     z = select_swap(per_layer, "z_basis", k=k, layer=basis)
     primary = tests[tests.family == "primary"]
     if not len(z) or np.isnan(z.top1_src.iloc[0]):
@@ -167,7 +167,7 @@ def primary_verdict(tables):
 def primary_sentence(tables):
     verdict, z, primary = primary_verdict(tables)
     per_layer, config = tables["per_layer"], tables["config"]
-    k, basis = primary_k(per_layer.k.unique()), int(config["basis_layer"])
+    k, basis = stats.primary_k(per_layer.k.unique()), int(config["basis_layer"])
     head = f"Primary test (declared): {primary_description(per_layer.k.unique(), basis)}."
     if z is None:
         return f"{head} Not measured: layer {basis} was not swept or has no swap pair."
@@ -341,7 +341,7 @@ def summary_lines(out):
     tables = read_tables(out)
     per_layer, tests = tables["per_layer"], tables["tests"]
     ks = sorted(int(k) for k in per_layer.k.unique())
-    pk = primary_k(ks)
+    pk = stats.primary_k(ks)
     lines = [pairs_sentence(tables["config"], per_layer, pk, tables["clean"]),
              profile_sentence(per_layer, pk),
              disruption_sentence(per_layer, pk), primary_sentence(tables)]
@@ -354,7 +354,7 @@ def headline(out):
     """report.py's cells: dict(verdict, value, lead) from the declared primary test."""
     tables = read_tables(out)
     per_layer, basis = tables["per_layer"], int(tables["config"]["basis_layer"])
-    k = primary_k(per_layer.k.unique())
+    k = stats.primary_k(per_layer.k.unique())
     verdict, z, primary = primary_verdict(tables)
     lead = [profile_sentence(per_layer, k)]
     if z is None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from zcausal import runs
-from zcausal.summaries.exp_e_tables import NOT_TESTED, primary_k
+from zcausal import runs, stats
+from zcausal.summaries.exp_e_tables import NOT_TESTED
 
 STYLE = {"none": dict(color="0.5", ls=":", label="none (no-op)"),
          "full": dict(color="k", label="full interchange"),
@@ -164,7 +164,7 @@ def plot_all(args, config, tables):
     ks = sorted(int(k) for k in per_layer.k.unique())
     written = []
     for k in ks:
-        name = "layer_sweep" if k == primary_k(ks) else f"layer_sweep_k{k}"
+        name = "layer_sweep" if k == stats.primary_k(ks) else f"layer_sweep_k{k}"
         written.append(plot_sweep(per_layer, config, k, runs.figure_path(args, name)))
     angles = Path(args.out) / "das_angles.csv"
     if "das.csv" in tables and angles.is_file():

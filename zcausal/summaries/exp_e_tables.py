@@ -42,8 +42,6 @@ import pandas as pd
 from zcausal import problems, runs, stats
 from zcausal.summaries.text import plural
 
-PRIMARY_K = stats.PLAN_K
-primary_k = stats.primary_k  # the k of the declared primary test (one rule for every experiment)
 ALPHA = 0.05
 MIN_TEST_PAIRS = 20  # fewer held-out pairs: a rate's 95% interval is wider than 0.4
 BOOTSTRAP = 2000
@@ -76,7 +74,7 @@ SECONDARY_DESCRIPTION = (
 def primary_description(ks, basis_layer):
     """The declared primary hypothesis in one sentence (config.json and the summary)."""
     return (f"Z of layer {basis_layer} (z_basis) patched at layer {basis_layer}, k = "
-            f"{primary_k(ks)}, swap pairs whose first digits differ: its top1_src and its "
+            f"{stats.primary_k(ks)}, swap pairs whose first digits differ: its top1_src and its "
             f"p_share shift each ranked among the random draws (one-sided, towards transfer); Z "
             f"transfers only if both p <= {ALPHA} (intersection-union) and Z does not disrupt; "
             f"'Z below random' where both are below the draws at the same level (the lower "
@@ -358,7 +356,7 @@ def tests_table(per_layer, draws, das=None, das_draws=None, config=None):
     every secondary test with its Holm-adjusted p (p_holm, over the secondary family) and
     `significant` (p <= ALPHA for the primary, p_holm <= ALPHA for the secondary ones)."""
     basis, ks = int(config["basis_layer"]), sorted(int(k) for k in per_layer.k.unique())
-    pk = primary_k(ks)
+    pk = stats.primary_k(ks)
     rows = [_at_layer(per_layer, draws, "z_basis", pk, basis, m, "primary")
             for m in PRIMARY_MEASURES]
     both, below = [r["p"] for r in rows], [r["p_below"] for r in rows]
