@@ -53,15 +53,16 @@ def load_prompts(path=DEFAULT_PROMPTS):
         for field, kind in _PAIR_FIELDS.items():
             if field not in pair:
                 raise UsageError(f"prompts file {path}: pair {i} has no \"{field}\"; add it")
-            if field == "answer" and (not isinstance(pair[field], kind)
-                                      or isinstance(pair[field], bool)):
+            value = pair[field]
+            if isinstance(value, kind) and not isinstance(value, bool):
+                continue
+            if field == "answer":  # the common mistake: the answer quoted or with its unit
                 raise UsageError(f"prompts file {path}: pair {pair.get('id', i)!r} has answer "
-                                 f"{pair[field]!r} of the wrong type "
-                                 f"({type(pair[field]).__name__}, not a number); write it as a "
-                                 f"JSON number (42 or 2.5, no quotes or units)")
-            if not isinstance(pair[field], kind) or isinstance(pair[field], bool):
-                raise UsageError(f"prompts file {path}: pair {i} field \"{field}\" has the wrong "
-                                 f"type ({type(pair[field]).__name__})")
+                                 f"{value!r} of the wrong type ({type(value).__name__}, not a "
+                                 f"number); write it as a JSON number (42 or 2.5, no quotes or "
+                                 f"units)")
+            raise UsageError(f"prompts file {path}: pair {i} field \"{field}\" has the wrong "
+                             f"type ({type(value).__name__})")
         empty = [lang for lang in ("en", "zh") if not pair[lang].strip()]
         if empty:
             raise UsageError(f"prompts file {path}: pair {pair['id']!r} has an empty "
