@@ -25,6 +25,7 @@ committed rows are results/bench.csv, appended to only when --out names it.
 A part that fails prints its error, writes a row saying so, and the next part runs.
 """
 import contextlib
+import functools
 import io
 import math
 import platform
@@ -404,6 +405,13 @@ def parameter_count(config):
     return sum(p.numel() for p in model.parameters())
 
 
+@functools.lru_cache(maxsize=None)
+def shape_parameters(shape):
+    """Parameters of a bench shape, counted once per process (a meta build of the 3B shape takes
+    seconds, and study.py estimates five parts)."""
+    return parameter_count(shape_config(shape))
+
+
 def cost_rows(tables=None):
     """The finished rows (status ok, with pairs) of the bench tables that exist, newest first."""
     frames = [runs.load_csv(t) for t in (tables or COST_TABLES) if Path(t).is_file()]
@@ -424,7 +432,7 @@ def estimate(part, rows, parameters, pairs, tflops, device):
     row on overheads). The row's grid is bench's, not necessarily the experiment's defaults: read
     the result as an order of magnitude."""
     name = device_name(device)
-    sizes = {shape: parameter_count(shape_config(shape)) for shape in SHAPES}
+    sizes = {shape: shape_parameters(shape) for shape in SHAPES}
     mine = rows[(rows.part == part) & (rows.device.str.startswith("CPU") == name.startswith("CPU"))]
     mine = mine[[0.1 <= sizes.get(shape, 0) / parameters <= 10 for shape in mine["shape"]]]
     if not len(mine):
