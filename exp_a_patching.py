@@ -54,6 +54,7 @@ from zcausal import answered, decoding, problems, runs
 from zcausal.patching import (RANDOM_CONDITIONS, last_positions, make_patch, patch_sizes,
                               prepare_layer, prompt_texts, variance_rows)
 from zcausal.summaries import exp_a as summary
+from zcausal.summaries import exp_a_tables as tables
 
 CONDITIONS = ["none", "noop", "z", "zperp", "full", "en"]
 SWAPPED = {"z", "zperp", "full", "rand_z", "rand_zperp"}  # conditions also run with a swap source
@@ -230,7 +231,7 @@ class Store:
     def __init__(self, path, pairs):
         self.path, self.pairs, self.results = Path(path) if path else None, pairs, {}
         if self.path is not None and self.path.is_file():
-            for record in summary.load_table(self.path).to_dict("records"):
+            for record in tables.load_table(self.path).to_dict("records"):
                 job = Job(*[int(record[f]) if f in ("problem", "layer", "k", "source_problem",
                                                      "draw") else str(record[f]) for f in JOB_FIELDS])
                 result = {k: v for k, v in record.items() if k not in JOB_FIELDS + ["problem_id"]}
@@ -464,7 +465,7 @@ def check_last_source(tokenizer, pairs, template, args):
 def write_outputs(out, rows, null, variance, decodes, scores, pairs, swap_of, tokenizer, args):
     """rows.csv, random_scores.csv and variance.csv (named for the template's measure), and the
     job stores rewritten in job order."""
-    names = summary.measure_names(args.template)
+    names = tables.measure_names(args.template)
     first_ids = [problems.answer_continuation(tokenizer, p["answer"], "en", "direct")[0]
                  for p in pairs]
     runs.write_csv(table_rows(rows, decodes, scores, pairs, swap_of, first_ids).rename(
@@ -502,15 +503,15 @@ def main(args):
     swap_of = problems.derangement([p["answer"] for p in pairs], args.seed,
                                    key=problems.first_digit)
     if not args.resume:  # a resumed run keeps the config.json it was started with
-        primary = summary.primary_config(args.layer, args.k, args.positions, args.source,
+        primary = tables.primary_config(args.layer, args.k, args.positions, args.source,
                                          common.plan_layer_at_depth(model))
         runs.write_json(out / "config.json", runs.run_config(
             args, model, template=template, n_pairs=len(pairs), solved=solved,
             layers_resolved=dict(depth=args.depth, layer=args.layer,
                                  num_layers=common.num_layers(model),
                                  basis_layer=common.plan_layer_at_depth(model)),
-            primary_test=dict(zip(summary.CONFIG, primary),
-                              description=summary.primary_description(primary)),
+            primary_test=dict(zip(tables.CONFIG, primary),
+                              description=tables.primary_description(primary)),
             swap_source={p["id"]: pairs[j]["id"] for p, j in zip(pairs, swap_of)},
             random_basis_seeds="seed * 1000003 + k * 1009 + draw",
             language_margin="log P(Latin word) - log P(Chinese word) right after the reference "

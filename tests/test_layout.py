@@ -88,6 +88,30 @@ def test_imports_go_only_downward_and_files_stay_small(name, path):
         f"{name} imports another module's private names: {imported_private}"
 
 
+def test_no_module_imports_itself_through_others():
+    """No cycle in the project's import graph, imports inside functions included (the layers
+    above cannot see one between modules of the same layer, such as a summary's text and tables)."""
+    modules = dict(_modules())
+    graph = {name: {i for i in _project_imports(path) if i in modules and i != name}
+             for name, path in modules.items()}
+    done, stack = set(), []
+
+    def visit(name):
+        if name in stack:
+            cycle = stack[stack.index(name):] + [name]
+            raise AssertionError("import cycle: " + " -> ".join(cycle))
+        if name in done:
+            return
+        stack.append(name)
+        for imported in sorted(graph[name]):
+            visit(imported)
+        stack.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)
+
+
 def _parser(script):
     return script.build_parser() if hasattr(script, "build_parser") else None
 

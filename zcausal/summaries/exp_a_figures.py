@@ -1,4 +1,4 @@
-"""Experiment A's figures, from the tables of zcausal/summaries/exp_a.py alone (no model):
+"""Experiment A's figures, from the tables of zcausal/summaries/exp_a_tables.py alone (no model):
 change_rates.png (answers and language changed), transfer_rates.png (the first-digit argmax became
 the source's, and the decoded transfer) and logprob_shift.png (the scored shifts). Each fixed
 condition is a bar with its Wilson interval; the random draws of Z's size are the shaded band."""
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from zcausal import runs
-from zcausal.summaries.exp_a import CONFIG, LABEL, select_config
+from zcausal.summaries.exp_a_tables import CONFIG, LABEL, select_config
 
 COLOURS = {"noop": "tab:gray", "z": "tab:blue", "zperp": "tab:orange", "full": "black",
            "en": "tab:green"}

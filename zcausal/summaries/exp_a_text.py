@@ -1,5 +1,5 @@
 """Experiment A's SUMMARY.md, patching_table.md and verdict paragraphs: every sentence generated
-from the tables of zcausal/summaries/exp_a.py (no model). Counts say their pair set and n, rates
+from the tables of zcausal/summaries/exp_a_tables.py (no model). Counts say their pair set and n, rates
 come with their Wilson interval ("4 of 44 kept problems (0.091 [0.036, 0.21])"), numbers to 2-3
 significant digits (zcausal/summaries/text.py), "not measured" / "not tested" instead of nan."""
 import math
@@ -8,10 +8,10 @@ from pathlib import Path
 import pandas as pd
 
 from zcausal import problems, stats
-from zcausal.summaries.exp_a import (CONFIG, FIXED, LABEL, MIN_ENGLISH, NO_DRAWS, band_text,
-                                     condition_rates, get_test, p_text, primary_description,
-                                     primary_of, rate_text, rows_of, select_config,
-                                     selection_sentence)
+from zcausal.summaries.exp_a_tables import (CONFIG, FIXED, LABEL, MIN_ENGLISH, NO_DRAWS, band_text,
+                                            condition_rates, get_test, p_text, primary_description,
+                                            primary_of, rate_text, rows_of, select_config,
+                                            selection_sentence)
 from zcausal.summaries.text import NOT_MEASURED, num, plural
 
 
