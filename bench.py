@@ -241,7 +241,8 @@ def _a_grid(ctx, workdir, layers, ks, positions, sources, n_random, pairs, batch
             "--source", *sources, "--n-random", str(n_random), "--limit", str(pairs),
             "--max-new-tokens", str(ctx["new_tokens"]), "--batch-size", str(batch_size)]
     # random weights answer nothing: every pair of prompts.json (whose answers new_tokens fits) kept
-    optional = [["--template", "direct"], ["--decode", ctx["engine"]], ["--n-random-logprob", "0"],
+    optional = [["--template", "direct"], ["--decode", ctx["engine"]],
+                ["--n-random-logprob", str(n_random)],
                 ["--prompts", str(problems.DEFAULT_PROMPTS)], ["--solved", "off"],
                 ["--min-pairs", "2"]]
     with timing_decodes(ctx["device"]) as decode, Timer(ctx["device"]) as wall:
@@ -499,7 +500,7 @@ def setup(args):
     common.check_runtime(device, args.dtype)
     dtype = common.resolve_dtype(args.dtype, device)
     spec = SHAPES[args.shape]
-    pairs = args.pairs or spec["pairs"]
+    pairs = spec["pairs"] if args.pairs is None else args.pairs
     data = problems.load_prompts(problems.DEFAULT_PROMPTS)
     if not 2 <= pairs <= len(data["pairs"]):
         raise runs.UsageError(f"--pairs {pairs}: pass 2 to {len(data['pairs'])} (prompts.json)")
@@ -511,7 +512,8 @@ def setup(args):
                pairs=pairs, pair_data=data["pairs"][:pairs], engine=args.engine,
                engine_used=decoding.resolve_engine(args.engine, model),
                parameters=sum(p.numel() for p in model.parameters()),
-               new_tokens=args.new_tokens or direct_new_tokens(data["pairs"][:pairs]))
+               new_tokens=(direct_new_tokens(data["pairs"][:pairs]) if args.new_tokens is None
+                           else args.new_tokens))
     ctx["tflops"] = matmul_tflops(device, dtype)
     print(f"[bench] {ctx['device_name']}, {ctx['dtype_name']}, shape {args.shape}: "
           f"{ctx['parameters'] / 1e9:.3f} B parameters built in {build.seconds:.1f} s; "
@@ -523,7 +525,8 @@ def setup(args):
 
 
 def main(args):
-    out = Path(args.out)
+    runs.check_counts(args)
+    out = runs.check_file_arg("--out", args.out)
     if out.exists() and runs.load_csv(out).columns.tolist() != COLUMNS:
         raise runs.UsageError(f"{out} holds rows of another schema; pass another --out (or move "
                               f"that file away)")

@@ -402,13 +402,10 @@ def validate(args):
     (from --depth), --max-new-tokens (per template) and --batch-size in args. Returns (the pairs
     to try, the template)."""
     device = common.check_runtime(args.device, args.dtype)
-    if min(args.n_random, args.n_random_logprob) < 0 or (args.batch_size or 1) < 1 \
-            or (args.max_new_tokens or 1) < 1:
-        raise runs.UsageError("--n-random and --n-random-logprob must be >= 0, --batch-size and "
-                              "--max-new-tokens >= 1")
-    if args.min_pairs < 2:
-        raise runs.UsageError(f"--min-pairs {args.min_pairs}: pass at least 2 (a swap source is "
-                              f"another problem)")
+    if args.n_random_logprob < args.n_random:
+        raise runs.UsageError(f"--n-random-logprob {args.n_random_logprob} is fewer than --n-random "
+                              f"{args.n_random}: the decoded draws are among the scored ones; pass "
+                              f"--n-random-logprob {args.n_random} or more")
     if not 0 < args.keep_threshold < 1:
         raise runs.UsageError(f"--keep-threshold {args.keep_threshold}: pass a rate in (0, 1)")
     if "all" in args.positions and any(s != "mean" and s != "ot" for s in args.source):
@@ -496,6 +493,7 @@ def start_run(args, pairs, template):
 
 
 def main(args):
+    runs.validate_common(args)
     if args.replot:
         return summary.replot(args)
     tried, template = validate(args)

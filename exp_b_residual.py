@@ -58,8 +58,8 @@ def parse_args(argv=None):
 
 
 def validate(args):
-    """Check device, layer, k and counts against the model config alone (nothing loaded, nothing
-    written). Returns the config and the resolved basis layer."""
+    """Check device, layer and k against the model config alone (nothing loaded, nothing written;
+    the shared flags: runs.validate_common). Returns the config and the resolved basis layer."""
     common.check_runtime(args.device, args.dtype)
     config = common.load_model_config(args.model)
     basis_layer = common.resolve_layer(config, args.basis_layer, args.depth, "--basis-layer")
@@ -67,9 +67,6 @@ def validate(args):
         common.check_k(config, k, allow_full=False)
     if len(set(args.k)) < len(args.k):
         raise UsageError(f"--k {' '.join(map(str, args.k))}: each k once")
-    if args.n_random < 0:
-        raise UsageError(f"--n-random {args.n_random} must be at least 0 (default 20; 0: no "
-                         f"random bands)")
     return config, basis_layer
 
 
@@ -304,6 +301,7 @@ def run_record(args, config, basis_layer, pairs):
 
 
 def main(args):
+    runs.validate_common(args)
     if args.replot:
         paths = [summary.plot_all(args)]
         print("\n".join(summary.summary_lines(args.out)))

@@ -178,8 +178,6 @@ def validate(args):
                        why="k = d puts every coordinate in the SVD mask: diag(P_Z) is 1 everywhere")
     if len(set(args.k)) < len(args.k):
         raise UsageError(f"--k {' '.join(map(str, args.k))}: each k once")
-    if args.steps < 1 or args.min_steps < 0 or args.log_every < 1:
-        raise UsageError("--steps and --log-every must be at least 1 and --min-steps at least 0")
     if args.lr <= 0 or args.tau <= 0 or args.warm_eps <= 0:
         raise UsageError("--lr, --tau and --warm-eps must be positive")
     if any(lam < 0 for lam in args.lambdas) or len(set(args.lambdas)) < len(args.lambdas):
@@ -470,6 +468,7 @@ def run_record(args, config, layers, basis_layer, pairs, splits):
 # ----------------------------------------------------------------------------------------------
 
 def main(args):
+    runs.validate_common(args)
     if args.replot:
         paths = summary.plot_all(args, Path(args.out))
         print("\n".join(summary.summary_lines(args.out)))

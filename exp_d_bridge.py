@@ -64,8 +64,8 @@ def parse_args(argv=None):
 
 
 def validate(args):
-    """Check device, layer, k and counts against the model config alone (nothing loaded, nothing
-    written). Returns the config and the resolved layer."""
+    """Check device, layer and k against the model config alone (nothing loaded, nothing written;
+    the shared flags: runs.validate_common). Returns the config and the resolved layer."""
     common.check_runtime(args.device, args.dtype)
     config = common.load_model_config(args.model)
     layer = common.resolve_layer(config, args.layer, args.depth, "--layer")
@@ -74,13 +74,6 @@ def validate(args):
                        why="k = d makes Z the whole space, where any basis is a rotation of Z")
     if len(set(args.k)) < len(args.k):
         raise UsageError(f"--k {' '.join(map(str, args.k))}: each k once")
-    if args.n_random < 0:
-        raise UsageError(f"--n-random {args.n_random} must be at least 0 (default 20; 0: no "
-                         f"random bases)")
-    if args.n_shuffles < 1:
-        raise UsageError(f"--n-shuffles {args.n_shuffles} must be at least 1 (default 100)")
-    if args.n_folds < 2:
-        raise UsageError(f"--n-folds {args.n_folds} must be at least 2 (default 10)")
     return config, layer
 
 
@@ -338,6 +331,7 @@ def run_record(args, config, layer, pairs):
 
 
 def main(args):
+    runs.validate_common(args)
     if args.replot:
         paths = summary.plot_all(args)
         print("\n".join(summary.summary_lines(args.out)))

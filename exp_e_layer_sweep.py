@@ -518,17 +518,9 @@ def validate(args):
         for k in ks:
             common.check_k(config, k, allow_full=False, flag=flag,
                            why="a k = d subspace is the whole state: that is `full`")
-    counts = dict(n_random=0, decode_random=0, decode_limit=0, last_m=1, das_steps=1,
-                  das_batch=1, das_eval_every=1, das_partners=1, max_new_tokens=1)
-    for name, low in counts.items():
-        if getattr(args, name) < low:
-            raise runs.UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at "
-                                  f"least {low}")
     if args.last_m > 8:
         raise runs.UsageError(f"--last-m {args.last_m}: pass 1..8 (the template's tail; 1 is the "
                               f"position that predicts the first digit)")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise runs.UsageError("--batch-size must be at least 1")
     if args.min_span < 0:
         raise runs.UsageError(f"--min-span {args.min_span} must be >= 0")
     if args.das_lr <= 0:
@@ -567,6 +559,7 @@ def select_pairs(model, tokenizer, pairs, template, args):
 
 
 def main(args):
+    runs.validate_common(args)
     if args.replot:
         return summary.replot(args)
     pairs, template = validate(args)

@@ -232,7 +232,8 @@ def resolve(args):
     if not results.is_dir():
         raise UsageError(f"--results {results}: no such folder; pass the folder that holds the "
                          f"runs (default results/)")
-    out = Path(args.out) if args.out else results / "report" / "REPORT.md"
+    out = runs.check_file_arg("--out", Path(args.out) if args.out else
+                              results / "report" / "REPORT.md")
     if out.resolve() == COMMITTED["out"]:
         raise UsageError(f"--out {out} is the committed report; build it with --examples")
     return results, out, args.figures, None

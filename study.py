@@ -23,32 +23,77 @@ from pathlib import Path
 import common
 import bench
 import report
-from zcausal import problems, runs
+from zcausal import problems, runs, stats
 
 # what an interrupted study says to do (runs.run_cli)
 CONTINUE = "the same command (the study resumes itself)"
 # letter -> the experiment's script (module name), run in this order
 EXPERIMENTS = {"A": "exp_a_patching", "B": "exp_b_residual", "C": "exp_c_ard_mmd",
                "D": "exp_d_bridge", "E": "exp_e_layer_sweep"}
+MGSM_TAKERS = ("B", "D")  # the experiments that read --prompts-en/--prompts-zh (A, C, E: the bank)
+REPORT_FOLDER = "report"  # <out>/report/REPORT.md
+
+
+def check_study_out(out):
+    """--out holds nothing but a study's folders (exp_a ... exp_e, report): a folder of other
+    files is refused, --overwrite or not, before anything runs."""
+    out = runs.check_out_arg(out)
+    ours = {f"exp_{letter.lower()}" for letter in EXPERIMENTS} | {REPORT_FOLDER}
+    other = sorted(p.name for p in out.iterdir() if p.name not in ours) if out.is_dir() else []
+    if other:
+        shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+        raise runs.UsageError(f"--out {out} holds files that are not a study's ({shown}); pass a "
+                              f"new --out")
+    return out
+
+
+def step_argv(args, letter, out):
+    """The command line of one experiment: the study's model, seed, device and dtype; MGSM for B
+    and D; --resume where its folder holds a run (--overwrite instead with the study's
+    --overwrite); --smoke on tiny-random where the script has it."""
+    has_run = (out / "config.json").is_file()
+    argv = ["--model", args.model, "--out", str(out), "--seed", str(args.seed)]
+    argv += (["--overwrite"] if args.overwrite else ["--resume"]) if has_run else []
+    for flag, value in (("--device", args.device), ("--dtype", args.dtype)) + (
+            (("--prompts-en", args.prompts_en), ("--prompts-zh", args.prompts_zh))
+            if letter in MGSM_TAKERS else ()):
+        argv += [flag, str(value)] if value is not None else []
+    return argv
+
+
+def check_bridge_size(step):
+    """D's primary test fits k-dimensional maps on N problems: with N <= k + 1 least squares
+    interpolates (in-sample R^2 = 1 by construction), so the study refuses it up front."""
+    k = stats.primary_k(step["args"].k)
+    if step["pairs"] <= k + 1:
+        raise runs.UsageError(f"D (exp_d_bridge.py) would fit k = {k} on {step['pairs']} pairs, "
+                              f"where N <= k + 1 makes its maps exact by construction; pass "
+                              f"--prompts-en mgsm_en.tsv --prompts-zh mgsm_zh.tsv (MGSM's 250 "
+                              f"pairs)")
 
 
 def plan(args):
     """One step per experiment: dict(letter, module, out, argv, args, resume, pairs). Parsing
-    every script's flags and reading its problems here makes bad input fail before anything runs."""
+    every script's flags, checking its shared flags and folder (runs.validate_common) and reading
+    its problems here makes bad input fail before anything runs."""
+    check_study_out(args.out)
     steps = []
     for letter, name in EXPERIMENTS.items():
         module = importlib.import_module(name)
         out = Path(args.out) / f"exp_{letter.lower()}"
-        resume = (out / "config.json").is_file()
-        argv = ["--model", args.model, "--out", str(out)] + (["--resume"] if resume else [])
-        for flag, value in (("--device", args.device), ("--dtype", args.dtype)):
-            argv += [flag, value] if value is not None else []
+        argv = step_argv(args, letter, out)
         if args.model == common.TINY_MODEL:
             argv, _ = bench.accepted(module.parse_args, argv, [["--smoke"]])
         script_args = module.parse_args(argv)
+        try:
+            runs.validate_common(script_args, script=f"{name}.py")
+            pairs = problems.load_pairs(script_args, bank_limit=getattr(module, "BANK_PAIRS", None))
+        except runs.UsageError as err:
+            raise runs.UsageError(f"{letter} ({name}.py): {err}") from None
         steps.append(dict(letter=letter, module=module, out=out, argv=argv, args=script_args,
-                          resume=resume, pairs=len(problems.load_pairs(
-                              script_args, bank_limit=getattr(module, "BANK_PAIRS", None)))))
+                          resume=script_args.resume, pairs=len(pairs)))
+        if letter == "D":
+            check_bridge_size(steps[-1])
     return steps
 
 
@@ -118,7 +163,7 @@ def run_step(step, i, n):
 
 def print_report(out):
     """Write <out>/report/REPORT.md and print its scan table."""
-    path = Path(out) / "report" / "REPORT.md"
+    path = Path(out) / REPORT_FOLDER / "REPORT.md"
     text = report.build_report(out, path, runs.DEFAULT_FIGURES)
     table = text.split("## At a glance", 1)[-1].split("\n\n")[1] if "## At a glance" in text else ""
     print(f"[study] report: {path}\n{table}", flush=True)
@@ -126,7 +171,7 @@ def print_report(out):
 
 
 def main(args):
-    runs.check_out_arg(args.out)
+    runs.check_counts(args)
     steps = plan(args)
     guesses, device = estimates(steps, args)
     print_plan(steps, guesses, args, device)
@@ -146,6 +191,15 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=None,
                         help="the study's folder, one subfolder per experiment (default: "
                              "results/<the model's name, lower case>)")
+    parser.add_argument("--prompts-en", type=Path, default=None,
+                        help="MGSM's English TSV (mgsm_en.tsv), with --prompts-zh: the problems of "
+                             "B and D (A, C and E use their own defaults)")
+    parser.add_argument("--prompts-zh", type=Path, default=None,
+                        help="MGSM's Chinese TSV (mgsm_zh.tsv), row i the same problem as "
+                             "--prompts-en's")
+    parser.add_argument("--seed", type=int, default=0, help="every experiment's --seed")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the experiments' runs in --out instead of continuing them")
     parser.add_argument("--device", default=None, help="cpu or cuda; None: cuda if available")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="None: bfloat16 on CUDA, float32 on CPU")

@@ -24,6 +24,8 @@ def load_prompts(path=DEFAULT_PROMPTS):
     UsageError naming the fix.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"--prompts {path} is a folder; pass a prompts.json-style file in it")
     if not path.is_file():
         raise UsageError(f"prompts file {path} does not exist; pass --prompts FILE")
     try:
@@ -372,6 +374,9 @@ def read_mgsm(path_en, path_zh):
     rows = {}
     for lang, path in (("en", path_en), ("zh", path_zh)):
         path = Path(path)
+        if path.is_dir():
+            raise UsageError(f"--prompts-{lang} {path} is a folder; pass the mgsm_{lang}.tsv file "
+                             f"in it")
         if not path.is_file():
             raise UsageError(f"MGSM file {path} does not exist; pass --prompts-{lang} FILE")
         with path.open(encoding="utf-8", newline="") as f:

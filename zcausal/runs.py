@@ -63,13 +63,117 @@ RESUME_IGNORED = {"resume", "overwrite", "batch_size", "figures", "summarize", "
                   "cache_dir"}
 
 
+# Flags that count something (their dest, as every script spells it) -> the least value that
+# means anything; validate_common refuses a smaller one. A script without the flag skips it, and
+# None (a default resolved later) is left alone.
+COUNTS = {"seed": 0, "batch_size": 1, "limit": 1, "max_new_tokens": 1, "new_tokens": 1,
+          "n_random": 0, "n_random_logprob": 0, "n_shuffles": 1, "n_folds": 2, "min_pairs": 2,
+          "steps": 1, "min_steps": 0, "log_every": 1, "last_m": 1, "decode_limit": 0,
+          "decode_random": 0, "das_steps": 1, "das_batch": 1, "das_eval_every": 1,
+          "das_partners": 1}
+
+
+def flag_name(dest):
+    """The command-line flag of an argparse dest: batch_size -> --batch-size."""
+    return "--" + dest.replace("_", "-")
+
+
+def check_counts(args):
+    """Every flag of COUNTS the command has is at least its least value (a seed too: numpy takes
+    0 to 2**32 - 1)."""
+    for dest, least in COUNTS.items():
+        value = getattr(args, dest, None)
+        if value is not None and value < least:
+            raise UsageError(f"{flag_name(dest)} {value}: pass {least} or more")
+    if getattr(args, "seed", None) is not None and args.seed >= 2 ** 32:
+        raise UsageError(f"--seed {args.seed}: pass a seed below 2**32")
+
+
+def check_folder_arg(flag, path, given=None):
+    """`path`, given as `flag` (its value `given`, default `path`), is a folder or can be made one:
+    no part of it is a file, and the nearest folder of it that exists takes a new entry. That is
+    tried with an empty folder, removed at once: os.access says yes to root everywhere, even on a
+    read-only mount or under /proc."""
+    import tempfile
+    path = Path(path)
+    shown = f"{flag} {given or path}"
+    for part in [path] + list(path.parents):
+        if part.exists() and not part.is_dir():
+            raise UsageError(f"{shown}: {part} is a file, not a folder; pass "
+                             f"{'a path inside a folder' if given else 'a folder path'}")
+    nearest = next(part for part in [path] + list(path.parents) if part.exists())
+    try:
+        Path(tempfile.mkdtemp(prefix=".write-check-", dir=nearest)).rmdir()
+    except OSError as err:
+        raise UsageError(f"{shown}: cannot create folders in {nearest} "
+                         f"({err.strerror or err}); pass a folder you can write to") from None
+    return path
+
+
+def check_file_arg(flag, path):
+    """`path`, given as `flag`, is a file this command may write: not a folder, and its folder
+    exists or can be made (check_folder_arg)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; pass a file path")
+    check_folder_arg(flag, path.parent, given=path)
+    return path
+
+
 def check_out_arg(out):
     """--out must be a folder (or not exist yet): one clear line instead of NotADirectoryError."""
-    out = Path(out)
-    for parent in [out] + list(out.parents):
-        if parent.exists() and not parent.is_dir():
-            raise UsageError(f"--out {out}: {parent} is a file, not a folder; pass a folder path")
+    return check_folder_arg("--out", out)
+
+
+def stored_script(out):
+    """The script that made the run in `out` (its config.json's "script"), or None."""
+    try:
+        return json.loads((Path(out) / "config.json").read_text(encoding="utf-8")).get("script")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_out_dir(out, overwrite=False, resume=False, script=None):
+    """What --out may hold, checked without writing: a new run needs an empty or absent folder;
+    --resume a run of `script` (its config.json, made by the same script); --overwrite a run of
+    this project. --overwrite and --resume together are refused."""
+    out = check_out_arg(out)
+    if overwrite and resume:
+        raise UsageError("--overwrite and --resume contradict each other: pass --resume to "
+                         "continue the run in --out, --overwrite to replace it")
+    if resume:
+        if not (out / "config.json").is_file():
+            raise UsageError(f"--resume: {out} holds no run to continue (no config.json); "
+                             f"drop --resume to start one")
+        made_by = stored_script(out)
+        if script and made_by and made_by != script:
+            raise UsageError(f"--resume: the run in {out} was made by {made_by}, not {script}; "
+                             f"continue it with {made_by}, or pass another --out")
+    elif out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"{out} already holds results; pass --resume to continue that run, "
+                             f"--overwrite to replace it, or a new --out")
+        if not (out / "config.json").is_file():
+            raise UsageError(f"--overwrite: {out} holds files that are not a run of this project "
+                             f"(no config.json); pass a new --out")
     return out
+
+
+def validate_common(args, script=None):
+    """The checks every script makes before it reads a model or writes a file, on the flags they
+    share: the counts (check_counts), --out, --figures and --cache-dir folders or creatable, and
+    what --out holds (check_out_dir; not for --replot, which reads the run there). `script`:
+    the script's file name (default: the file of the caller, the script's main)."""
+    script = script or Path(sys._getframe(1).f_code.co_filename).name
+    check_counts(args)
+    check_out_arg(args.out)
+    for dest in ("figures", "cache_dir"):
+        if getattr(args, dest, None) is not None:
+            check_folder_arg(flag_name(dest), getattr(args, dest))
+    if not getattr(args, "replot", False):
+        check_out_dir(args.out, getattr(args, "overwrite", False), getattr(args, "resume", False),
+                      script)
+    return args
 
 
 def comparable_args(args):
@@ -106,13 +210,9 @@ def portable(value):
 
 
 def check_resume(out, args):
-    """--resume: `out` must hold a run whose config.json has the same flags as this command
-    (RESUME_IGNORED aside); else a UsageError naming the flags that differ."""
-    config_path = Path(out) / "config.json"
-    if not config_path.is_file():
-        raise UsageError(f"--resume: {out} holds no run to continue (no config.json); "
-                         f"drop --resume to start one")
-    stored = json.loads(config_path.read_text(encoding="utf-8")).get("args", {})
+    """--resume on the run in `out` (check_out_dir found its config.json): its flags must be this
+    command's (RESUME_IGNORED aside); else a UsageError naming the flags that differ."""
+    stored = json.loads((Path(out) / "config.json").read_text(encoding="utf-8")).get("args", {})
     stored = {k: v for k, v in stored.items() if k not in RESUME_IGNORED}
     current = comparable_args(args)
     differ = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
@@ -125,21 +225,16 @@ def check_resume(out, args):
 
 def prepare_out_dir(out, overwrite=False, resume=False, args=None, figures=None):
     """Create `out` for a run. A folder that already holds files is refused unless
-    - resume: it holds a run with the same flags (check_resume; needs `args`), kept as it is;
+    - resume: it holds a run of the calling script with the same flags (check_out_dir,
+      check_resume; needs `args`), kept as it is;
     - overwrite: it holds a run of this project (a config.json), whose files are all removed
       first, with its figure folder (`figures`, see figure_dir), so nothing stale survives.
     """
-    out = check_out_arg(out)
+    out = check_out_dir(out, overwrite, resume, Path(sys._getframe(1).f_code.co_filename).name)
     if resume:
         check_resume(out, args)
         return out
     if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UsageError(f"{out} already holds results; pass --resume to continue that run, "
-                             f"--overwrite to replace it, or a new --out")
-        if not (out / "config.json").is_file():
-            raise UsageError(f"--overwrite: {out} holds files that are not a run of this project "
-                             f"(no config.json); pass a new --out")
         for folder in (out, figure_dir(out, figures) if figures is not None else None):
             if folder is not None and folder.is_dir():
                 _empty_folder(folder)
