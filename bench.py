@@ -25,10 +25,8 @@ committed rows are results/bench.csv, appended to only when --out names it.
 A part that fails prints its error, writes a row saying so, and the next part runs.
 """
 import contextlib
-import functools
 import io
 import math
-import platform
 import resource
 import statistics
 import tempfile
@@ -40,13 +38,7 @@ import pandas as pd
 import torch
 
 import common
-from zcausal import decoding, problems, runs
-
-# Qwen/Qwen2.5-3B's config.json, the fields that decide the shape and the cost.
-QWEN25_3B = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
-                 num_key_value_heads=2, intermediate_size=11008, vocab_size=151936,
-                 tie_word_embeddings=True, rope_theta=1_000_000.0, max_position_embeddings=32768,
-                 rms_norm_eps=1e-6, hidden_act="silu")
+from zcausal import cost, decoding, problems, runs
 
 # Per shape: A's layers, ks, pairs, random draws and batch; the one-at-a-time sample's pairs; the
 # step part's batch, prompt length and tokens; C's steps; D's ks.
@@ -62,19 +54,11 @@ PARTS = ["a", "single", "step", "b", "c", "d", "e"]
 # The layer sweep's sizing flags per shape; flags
 # its parser does not know are left out (and named in the row's note).
 SWEEP_FLAGS = {"qwen2.5-3b": [], "tiny": [["--n-random", "2"], ["--basis-layer", "2"], ["--das-steps", "4"]]}
-COLUMNS = ["run", "shape", "device", "dtype", "engine", "part", "status", "seconds",
-           "decode_seconds", "pairs",
-           "batch_size", "decodes", "new_tokens", "model_tokens", "limit_basis", "compute_limit_s",
-           "fraction_of_limit", "per_decode_ms", "batched_speedup", "step_ms", "eager_step_ms",
-           "generate_step_ms", "speedup_vs_generate", "peak_memory_gb", "matmul_tflops", "note"]
-
-
-def shape_config(shape, tokenizer=None):
-    """The Qwen2Config of a bench shape (the tiny one sized to the tiny tokenizer)."""
-    from transformers import Qwen2Config
-    if shape == "tiny":
-        return common.tiny_config(len(tokenizer or common.tiny_tokenizer()))
-    return Qwen2Config(**QWEN25_3B, eos_token_id=0, pad_token_id=0, bos_token_id=0)
+COLUMNS = cost.COLUMNS
+# The parts that run an experiment's main(): each is also timed at the least work its script
+# accepts (minimal_flags), which gives the cost model its fixed time (zcausal/cost.py).
+EXPERIMENT_PARTS = {"a": "exp_a_patching", "b": "exp_b_residual", "c": "exp_c_ard_mmd",
+                    "d": "exp_d_bridge", "e": "exp_e_layer_sweep"}
 
 
 def build_model(shape, device, dtype):
@@ -83,17 +67,11 @@ def build_model(shape, device, dtype):
     tokenizer = common.tiny_tokenizer()
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen2ForCausalLM(shape_config(shape, tokenizer))
+        model = Qwen2ForCausalLM(cost.shape_config(shape, tokenizer))
     model.to(dtype).eval()
     model.name_or_path_for_results = f"random-{shape}"
     model.tokenizer_for_decoding = tokenizer  # decoding's digit table (stop_when_number_ends)
     return model, tokenizer
-
-
-def device_name(device):
-    """The name a bench row records for the device: the GPU's, or CPU (arch, threads)."""
-    return (torch.cuda.get_device_name(device) if str(device).startswith("cuda")
-            else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
 
 
 class PartError(Exception):
@@ -131,22 +109,6 @@ def peak_memory_gb(device):
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
-def matmul_tflops(device, dtype):
-    """The device's measured rate for one large matrix product in `dtype` (random data, the median
-    of 10 after 3 warm-ups): the ceiling the compute limit is read against."""
-    n = 8192 if torch.device(device).type == "cuda" else 1024
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
-    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
-    times = []
-    for i in range(13):
-        with Timer(device) as t:
-            a @ b
-        if i >= 3:
-            times.append(t.seconds)
-    return 2 * n ** 3 / statistics.median(times) / 1e12
 
 
 def direct_new_tokens(pairs):
@@ -197,15 +159,38 @@ def accepted(parse_args, base, optional):
 
 def run_script(module, argv, optional, ctx, workdir):
     """module.main(parse_args(argv + accepted optional flags)) on the served model, its --out and
-    --figures under workdir. Returns (seconds, out folder, flags left out)."""
+    --figures under workdir; with ctx["minimal"], at the least work instead (minimal_flags, last:
+    they win). Returns (seconds, out folder, flags left out, the run's work: module.work)."""
     out = Path(workdir) / module.__name__
     base = ["--model", ctx["model"].name_or_path_for_results, "--device", ctx["device"],
             "--dtype", ctx["dtype_name"], "--out", str(out)]  # figures: <out>/figures
     argv, left_out = accepted(module.parse_args, base + argv, optional)
+    if ctx.get("minimal"):
+        argv += minimal_flags(module.__name__, ctx)
     args = module.parse_args(argv)
+    work = module.work(args, args.limit, ctx["model"].config)
     with serving(ctx["model"], ctx["tokenizer"], module), Timer(ctx["device"]) as t:
         module.main(args)
-    return t.seconds, out, left_out
+    return t.seconds, out, left_out, work
+
+
+def minimal_flags(name, ctx):
+    """Flags that cut experiment `name`'s run to about the least work its checks accept: one
+    configuration, no random draws, the fewest pairs, one step."""
+    spec = ctx["spec"]
+    return {"exp_a_patching": ["--layer", str(spec["layers"][0]), "--k", str(spec["ks"][0]),
+                               "--positions", "prompt", "--source", "mean", "--n-random", "0",
+                               "--n-random-logprob", "0", "--limit", "2"],
+            "exp_b_residual": ["--k", str(spec["d_ks"][0]), "--n-random", "0", "--limit", "2"],
+            "exp_c_ard_mmd": ["--layers", str(_scaled(ctx, 32)), "--objective", "contrastive",
+                              "--start", "warm", "--lambdas", "0", "--steps", "1",
+                              "--min-steps", "0", "--limit", "6"],
+            "exp_d_bridge": ["--k", str(spec["d_ks"][0]), "--n-shuffles", "1", "--n-folds", "2",
+                             "--n-random", "0", "--limit", "4"],
+            "exp_e_layer_sweep": ["--limit", "8", "--min-pairs", "8", "--layers",
+                                  str(_scaled(ctx, 32)), "--k", str(spec["d_ks"][0]),
+                                  "--n-random", "0", "--das-k", str(spec["d_ks"][0]),
+                                  "--das-steps", "1", "--decode-limit", "0"]}[name]
 
 
 @contextlib.contextmanager
@@ -247,18 +232,18 @@ def _a_grid(ctx, workdir, layers, ks, positions, sources, n_random, pairs, batch
                 ["--min-pairs", "2"]]
     with timing_decodes(ctx["device"]) as decode, Timer(ctx["device"]) as wall:
         try:
-            seconds, out, left_out = run_script(A, argv, optional, ctx, workdir)
+            seconds, out, left_out, work = run_script(A, argv, optional, ctx, workdir)
         except Exception as err:  # noqa: BLE001 - e.g. the summary failed after every decode
             raise PartError(err, seconds=wall.elapsed(), decode_seconds=decode["seconds"],
                             decodes=_rows_in(Path(workdir) / A.__name__ / "generations.csv"),
                             pairs=pairs, batch_size=batch_size, new_tokens=ctx["new_tokens"])
-    return seconds, decode["seconds"], _rows_in(out / "generations.csv"), left_out
+    return seconds, decode["seconds"], _rows_in(out / "generations.csv"), left_out, work
 
 
 def part_a(ctx, workdir):
     spec = ctx["spec"]
     try:
-        seconds, decoding_s, decodes, left_out = _a_grid(
+        seconds, decoding_s, decodes, left_out, work = _a_grid(
             ctx, workdir, spec["layers"], spec["ks"], ["prompt", "all"], ["mean", "ot"],
             spec["n_random"], ctx["pairs"], spec["batch_size"])
     except PartError as err:  # decoded, then failed: the decoding time still compares
@@ -266,7 +251,7 @@ def part_a(ctx, workdir):
             ctx["a_decode_ms"] = 1e3 * err.fields["decode_seconds"] / err.fields["decodes"]
         raise
     ctx["a_decode_ms"] = 1e3 * decoding_s / decodes
-    return dict(seconds=seconds, decode_seconds=decoding_s, pairs=ctx["pairs"],
+    return dict(seconds=seconds, decode_seconds=decoding_s, pairs=ctx["pairs"], work=work,
                 batch_size=spec["batch_size"], decodes=decodes,
                 new_tokens=ctx["new_tokens"], model_tokens=decodes * ctx["new_tokens"],
                 limit_basis="generated tokens", per_decode_ms=1e3 * decoding_s / decodes,
@@ -280,9 +265,9 @@ def part_single(ctx, workdir):
     spec = ctx["spec"]
     pairs = min(ctx["pairs"], spec["single_pairs"])
     grid = ([spec["layers"][0]], [spec["ks"][0]], ["prompt"], ["mean"], 2, pairs)
-    _, batched, decodes, left_out = _a_grid(ctx, Path(workdir) / "batched", *grid,
-                                            spec["batch_size"])
-    seconds, single, _, _ = _a_grid(ctx, Path(workdir) / "single", *grid, 1)
+    _, batched, decodes, left_out, _ = _a_grid(ctx, Path(workdir) / "batched", *grid,
+                                               spec["batch_size"])
+    seconds, single, _, _, _ = _a_grid(ctx, Path(workdir) / "single", *grid, 1)
     return dict(seconds=seconds, decode_seconds=single, pairs=pairs, batch_size=1, decodes=decodes,
                 new_tokens=ctx["new_tokens"], model_tokens=decodes * ctx["new_tokens"],
                 limit_basis="generated tokens", per_decode_ms=1e3 * single / decodes,
@@ -342,26 +327,28 @@ def _texts_tokens(ctx):
 def part_b(ctx, workdir):
     import exp_b_residual as B
     layer, k = _scaled(ctx, 32), ctx["spec"]["d_ks"][-1]
-    seconds, _, left_out = run_script(B, ["--basis-layer", str(layer), "--k", str(k), "--limit",
-                                          str(ctx["pairs"]), "--cache-dir", "none"], [], ctx, workdir)
-    return _forward_row(ctx, seconds, left_out)
+    seconds, _, left_out, work = run_script(B, ["--basis-layer", str(layer), "--k", str(k),
+                                                "--limit", str(ctx["pairs"]), "--cache-dir",
+                                                "none"], [], ctx, workdir)
+    return _forward_row(ctx, seconds, left_out, work)
 
 
 def part_c(ctx, workdir):
     import exp_c_ard_mmd as C
     steps = str(ctx["spec"]["c_steps"])
-    seconds, _, left_out = run_script(C, ["--steps", steps, "--min-steps", steps, "--limit",
-                                          str(ctx["pairs"]), "--cache-dir", "none"], [], ctx, workdir)
-    return _forward_row(ctx, seconds, left_out, "10 layers x 3 lambdas x 2 starts, "
-                                                 f"{steps} steps each; the limit counts the forward")
+    seconds, _, left_out, work = run_script(C, ["--steps", steps, "--min-steps", steps, "--limit",
+                                                str(ctx["pairs"]), "--cache-dir", "none"], [],
+                                            ctx, workdir)
+    return _forward_row(ctx, seconds, left_out, work, "10 layers x 3 lambdas x 2 starts, "
+                        f"{steps} steps each; the limit counts the forward")
 
 
 def part_d(ctx, workdir):
     import exp_d_bridge as D
     argv = ["--layer", str(_scaled(ctx, 32)), "--k", *map(str, ctx["spec"]["d_ks"]), "--limit",
             str(ctx["pairs"]), "--cache-dir", "none"]
-    seconds, _, left_out = run_script(D, argv, [], ctx, workdir)
-    return _forward_row(ctx, seconds, left_out)
+    seconds, _, left_out, work = run_script(D, argv, [], ctx, workdir)
+    return _forward_row(ctx, seconds, left_out, work)
 
 
 def part_e(ctx, workdir):
@@ -369,10 +356,10 @@ def part_e(ctx, workdir):
     import exp_e_layer_sweep as E
     pairs = max(ctx["pairs"], 8)  # DAS's train / validation / test split needs 2 problems each
     # random weights answer nothing: time every pair (--solved off), as the study's kept pairs
-    seconds, _, left_out = run_script(E, [], [["--limit", str(pairs)], ["--solved", "off"],
-                                              ["--min-pairs", str(pairs)]] +
-                                      SWEEP_FLAGS[ctx["shape"]], ctx, workdir)
-    return dict(seconds=seconds, pairs=pairs, note=_note(left_out))
+    seconds, _, left_out, work = run_script(E, [], [["--limit", str(pairs)], ["--solved", "off"],
+                                                    ["--min-pairs", str(pairs)]] +
+                                            SWEEP_FLAGS[ctx["shape"]], ctx, workdir)
+    return dict(seconds=seconds, pairs=pairs, work=work, note=_note(left_out))
 
 
 def _scaled(ctx, plan_layer):
@@ -380,84 +367,15 @@ def _scaled(ctx, plan_layer):
     return min(n - 1, int(math.floor(plan_layer / 36 * n + 0.5)))
 
 
-def _forward_row(ctx, seconds, left_out, note=""):
+def _forward_row(ctx, seconds, left_out, work, note=""):
     tokens = _texts_tokens(ctx)
-    return dict(seconds=seconds, pairs=ctx["pairs"], model_tokens=tokens,
+    return dict(seconds=seconds, pairs=ctx["pairs"], work=work, model_tokens=tokens,
                 limit_basis="prompt tokens forwarded once", note=_note(left_out, note))
 
 
 def _note(left_out, text=""):
     flags = f"flags its parser lacks: {' '.join(left_out)}" if left_out else ""
     return "; ".join(x for x in (text, flags) if x)
-
-
-# ----------------------------------------------------------------------------------------------
-# The cost model: what a part took here, scaled to another model, device and number of pairs
-
-# The tables of measured rows: the user's own first (this machine), then the committed ones.
-COST_TABLES = [Path("results") / "bench" / "bench.csv", runs.REPO / "results" / "bench.csv"]
-
-
-def parameter_count(config):
-    """Parameters of a model of `config` (counted on the meta device: no memory, no weights)."""
-    from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
-
-
-@functools.lru_cache(maxsize=None)
-def shape_parameters(shape):
-    """Parameters of a bench shape, counted once per process (a meta build of the 3B shape takes
-    seconds, and study.py estimates five parts)."""
-    return parameter_count(shape_config(shape))
-
-
-def cost_rows(tables=None):
-    """The finished rows (status ok, with pairs) of the bench tables that exist, newest first."""
-    frames = [runs.load_csv(t) for t in (tables or COST_TABLES) if Path(t).is_file()]
-    frames = [f for f in frames if f.columns.tolist() == COLUMNS]
-    if not frames:
-        return pd.DataFrame(columns=COLUMNS)
-    rows = pd.concat(frames, ignore_index=True)
-    rows = rows[(rows.status == "ok") & rows.pairs.notna() & (rows.seconds > 0)]
-    return rows.sort_values("run", ascending=False, kind="stable")
-
-
-def estimate(part, rows, parameters, pairs, tflops, device):
-    """(seconds, basis) for `part` on `pairs` pairs of a model with `parameters` on a device of
-    matmul rate `tflops`: a row of the part measured on the same kind of device (CPU or GPU; this
-    very device first, then the newest) with a model within 10x of the parameters, scaled by pairs,
-    parameters and matmul rate; (None, reason) without one. Scaling across device kinds or model
-    sizes misleads (a GPU row of the 3B shape spends most of its time off the matmul units, a tiny
-    row on overheads). The row's grid is bench's, not necessarily the experiment's defaults: read
-    the result as an order of magnitude."""
-    name = device_name(device)
-    sizes = {shape: shape_parameters(shape) for shape in SHAPES}
-    mine = rows[(rows.part == part) & (rows.device.str.startswith("CPU") == name.startswith("CPU"))]
-    mine = mine[[0.1 <= sizes.get(shape, 0) / parameters <= 10 for shape in mine["shape"]]]
-    if not len(mine):
-        return None, (f"no bench row of part {part} for a model of this size on a "
-                      f"{'CPU' if name.startswith('CPU') else 'GPU'}: python bench.py --parts {part}"
-                      f" --out results/bench/bench.csv here gives one")
-    here = mine[mine.device == name]
-    row = (here if len(here) else mine).iloc[0]
-    seconds = (row["seconds"] * pairs / row["pairs"] * parameters / sizes[row["shape"]]
-               * row["matmul_tflops"] / tflops)
-    return float(seconds), (f"bench part {part} on {row['device']} ({row['run']}): "
-                            f"{row['seconds']:.3g} s for {int(row['pairs'])} pairs of "
-                            f"random-{row['shape']}, scaled")
-
-
-def sweep_flops(config, pairs, n_conditions, last_m, prompt_tokens, answer_tokens=3):
-    """FLOPs of E's layer sweep (exp_e_layer_sweep.query_flops at every layer, both pairings:
-    `same` rows score one answer, `swap` rows two), the prompts cached once: a lower bound of its
-    time at the device's matmul rate (DAS and the decoded checks left out)."""
-    import exp_e_layer_sweep as E
-    L, rows = config.num_hidden_layers, pairs * n_conditions
-    return sum(E.query_flops(config, rows, last_m + segments * answer_tokens, prompt_tokens,
-                             L - 1 - layer, segments * answer_tokens + 1)
-               for layer in range(L) for segments in (1, 2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,25 +389,50 @@ def record(row, out):
     print(f"[bench] {row['part']}: " + ", ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
 
 
-def run_part(name, ctx, out):
-    """One part: timed, its limit and memory added, its row recorded; an error becomes a row."""
-    device = ctx["device"]
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
-    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as workdir, Timer(device) as wall:
+def timed_part(name, ctx):
+    """The part's fields (its time as `seconds`); an error becomes a row saying so."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as workdir, \
+            Timer(ctx["device"]) as wall:
         try:
             fields = globals()[f"part_{name}"](ctx, workdir)
         except PartError as err:
             fields = dict(status="error", note=str(err)[:300], **err.fields)
         except Exception as err:  # noqa: BLE001 - a failed part must not stop the benchmark
             fields = dict(status="error", note=f"{type(err).__name__}: {err}"[:300])
+    return {"seconds": wall.seconds, **fields}
+
+
+def minimal_run(name, ctx):
+    """An experiment part at the least work (minimal_flags): {min_seconds, min_work}, or {} when
+    it failed (the cost model then puts all of the part's time on its work). Run first, so that it,
+    like a study's first part, pays the imports the part needs."""
+    ctx["minimal"] = True
+    try:
+        fields = timed_part(name, ctx)
+    finally:
+        ctx["minimal"] = False
+    if fields.get("status", "ok") != "ok" or fields.get("work") is None:
+        return {}
+    return dict(min_seconds=fields["seconds"], min_work=fields["work"])
+
+
+def run_part(name, ctx, out):
+    """One part: timed (an experiment part at the least work first, minimal_run), its limit,
+    memory and the cost model's estimate from the earlier rows added, its row recorded."""
+    device = ctx["device"]
+    minimal = minimal_run(name, ctx) if name in EXPERIMENT_PARTS else {}
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
     row = {"run": ctx["run"], "shape": ctx["shape"], "device": ctx["device_name"],
            "dtype": ctx["dtype_name"], "engine": ctx["engine_used"], "part": name, "status": "ok",
-           "seconds": wall.seconds, "peak_memory_gb": peak_memory_gb(device),
-           "matmul_tflops": ctx["tflops"], **fields}
+           **timed_part(name, ctx), **minimal, "peak_memory_gb": peak_memory_gb(device),
+           "matmul_tflops": ctx["tflops"]}
     if row.get("seconds") and row.get("model_tokens") and row.get("compute_limit_s") is None:
         row["compute_limit_s"] = row["model_tokens"] * 2 * ctx["parameters"] / (ctx["tflops"] * 1e12)
         row["fraction_of_limit"] = row["compute_limit_s"] / row["seconds"]
+    if row.get("pairs") is not None:  # what the cost model said from the rows before this run
+        row["estimate_s"] = cost.estimate(name, ctx["cost_rows"], row.get("work"), row["pairs"],
+                                          ctx["parameters"], ctx["tflops"], device)[0]
     record(row, out)
     return row
 
@@ -507,14 +450,15 @@ def setup(args):
     with Timer(device) as build:
         model, tokenizer = build_model(args.shape, device, dtype)
     ctx = dict(run=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), shape=args.shape,
-               spec=spec, device=device, device_name=device_name(device),
+               spec=spec, device=device, device_name=cost.device_name(device),
                dtype_name=str(dtype).replace("torch.", ""), model=model, tokenizer=tokenizer,
                pairs=pairs, pair_data=data["pairs"][:pairs], engine=args.engine,
                engine_used=decoding.resolve_engine(args.engine, model),
                parameters=sum(p.numel() for p in model.parameters()),
                new_tokens=(direct_new_tokens(data["pairs"][:pairs]) if args.new_tokens is None
                            else args.new_tokens))
-    ctx["tflops"] = matmul_tflops(device, dtype)
+    ctx["tflops"] = cost.matmul_tflops(device, dtype)
+    ctx["cost_rows"] = cost.cost_rows([args.out] + cost.COST_TABLES)
     print(f"[bench] {ctx['device_name']}, {ctx['dtype_name']}, shape {args.shape}: "
           f"{ctx['parameters'] / 1e9:.3f} B parameters built in {build.seconds:.1f} s; "
           f"matmul {ctx['tflops']:.3g} TFLOP/s; decode engine {ctx['engine_used']}; "
@@ -524,13 +468,25 @@ def setup(args):
     return ctx
 
 
+def upgrade_table(out, rows):
+    """A table of an earlier bench (the first columns of COLUMNS) rewritten with every column,
+    its rows kept and the new columns empty, so that this run's rows can be appended."""
+    had = runs.load_csv(out).columns.tolist()
+    if had != COLUMNS:
+        runs.write_csv(rows, out)
+        print(f"[bench] {out}: added the columns {', '.join(COLUMNS[len(had):])}", flush=True)
+
+
 def main(args):
     runs.check_counts(args)
     out = runs.check_file_arg("--out", args.out)
-    if out.exists() and runs.load_csv(out).columns.tolist() != COLUMNS:
+    earlier = cost.read_table(out) if out.exists() else None
+    if out.exists() and earlier is None:
         raise runs.UsageError(f"{out} holds rows of another schema; pass another --out (or move "
                               f"that file away)")
     ctx = setup(args)
+    if earlier is not None:
+        upgrade_table(out, earlier)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = [run_part(name, ctx, out) for name in PARTS if name in args.parts]
     print(f"[bench] appended {len(rows)} rows to {out}", flush=True)

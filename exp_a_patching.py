@@ -492,6 +492,18 @@ def start_run(args, pairs, template):
     return out, model, tokenizer, kept, record
 
 
+def work(args, n_pairs, config):
+    """The rows a run decodes or scores on n_pairs pairs, the unit of A's time in the cost model
+    (zcausal/cost.py): per pair, patched layer and configuration, the conditions and --n-random
+    draws of random Z and Z-perp with their swap sources (conditions_for), and the random Z draws
+    scored beyond the decoded ones (both sources)."""
+    layers = len(args.layer or args.depth or [None])
+    configs = len(args.k) * len(args.positions) * len(args.source)
+    decoded = sum(len(pairs) for _, _, pairs in conditions_for("mean", args.n_random))
+    scored = 2 * max(args.n_random_logprob - args.n_random, 0)
+    return n_pairs * layers * configs * (decoded + scored)
+
+
 def main(args):
     runs.validate_common(args)
     if args.replot:

@@ -300,6 +300,12 @@ def run_record(args, config, basis_layer, pairs):
                 primary_test=summary.primary_description(args.k))
 
 
+def work(args, n_pairs, config):
+    """The unit of B's time in the cost model (zcausal/cost.py): pairs x k x (Z and the random
+    bases), the forward passes and the projections growing with it."""
+    return n_pairs * len(args.k) * (1 + args.n_random)
+
+
 def main(args):
     runs.validate_common(args)
     if args.replot:

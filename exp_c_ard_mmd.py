@@ -467,6 +467,14 @@ def run_record(args, config, layers, basis_layer, pairs, splits):
 
 # ----------------------------------------------------------------------------------------------
 
+def work(args, n_pairs, config):
+    """The unit of C's time in the cost model (zcausal/cost.py): pairs x the fits (layers x
+    objectives x starts x lambdas) x their most steps."""
+    layers = len(args.layers or args.layer_depths or PLAN_LAYERS)
+    fits = layers * len(args.objective) * len(args.start) * len(args.lambdas)
+    return n_pairs * fits * args.steps
+
+
 def main(args):
     runs.validate_common(args)
     if args.replot:

@@ -330,6 +330,12 @@ def run_record(args, config, layer, pairs):
                 exactness_warnings={k: exactness_warning(n, k) for k in args.k})
 
 
+def work(args, n_pairs, config):
+    """The unit of D's time in the cost model (zcausal/cost.py): pairs x k x folds x the maps
+    fitted per fold (Z's, the shuffles' and the random bases')."""
+    return n_pairs * len(args.k) * args.n_folds * (1 + args.n_shuffles + args.n_random)
+
+
 def main(args):
     runs.validate_common(args)
     if args.replot:

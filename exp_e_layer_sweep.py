@@ -558,6 +558,15 @@ def select_pairs(model, tokenizer, pairs, template, args):
     return kept, table.assign(kept=keep), record
 
 
+def work(args, n_pairs, config):
+    """The unit of E's time in the cost model (zcausal/cost.py): the sweep's patched rows (pairs
+    x layers x k x conditions and random draws x both pairings) plus DAS's training examples
+    (k x steps x batch)."""
+    layers = len(args.layers or range(common.num_layers(config)))
+    sweep = n_pairs * layers * len(args.k) * (len(FIXED) + args.n_random) * 2
+    return sweep + len(args.das_k) * args.das_steps * args.das_batch
+
+
 def main(args):
     runs.validate_common(args)
     if args.replot:

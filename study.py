@@ -1,29 +1,32 @@
 """The whole study in one command: Experiments A-E at their defaults, one after another, then the
 report of their folder.
 
-    python study.py --model Qwen/Qwen2.5-3B --out results/qwen2.5-3b   # on a GPU: the study
+    python study.py --model Qwen/Qwen2.5-3B --prompts-en mgsm_en.tsv --prompts-zh mgsm_zh.tsv \
+        --out results/qwen2.5-3b                                       # on a GPU: the study
     python study.py --model tiny-random                                # every script's --smoke: seconds on a CPU
 
 Each experiment is its own script's parse_args and main, run in this process, into <out>/exp_a ...
-<out>/exp_e. A folder that already holds a run (its config.json) is continued with --resume, so a
-study cut short continues where it stopped when the same command is run again; a run that had
-finished is rechecked and summarised again. On --model tiny-random every script that has --smoke
-gets it (its preset of seconds). Before anything runs the study prints what it will run, with an
-estimated time per experiment from bench.py's cost model (bench.estimate: a bench.py row of that
-part measured on the same kind of device with a model of similar size, scaled by pairs, parameters
-and the device's matmul rate, or "not estimated" and the bench command that gives one; for E
-without such a row, the compute limit of its FLOP count, bench.sweep_flops); then one line as each
-experiment starts and ends. At the end it writes the report of --out (report.py --results OUT:
-<out>/report/REPORT.md) and prints its table.
+<out>/exp_e, with the study's --model, --seed, --device and --dtype; B and D also get MGSM
+(--prompts-en/--prompts-zh; A, C and E use their own problems). A folder that already holds a run
+(its config.json) is continued with --resume, so a study cut short continues where it stopped when
+the same command is run again (a run that had finished is rechecked and summarised again); with
+--overwrite it is replaced instead. On --model tiny-random every script gets --smoke (its preset of
+seconds). Before anything runs, every experiment's flags, folder and problems are checked (an --out
+holding other files, or a D whose pairs are too few for its k, is refused), and the study prints
+what it will run with an estimated time per experiment from the cost model bench.py measures
+(zcausal/cost.py: fixed + rate x the experiment's work, from a bench row of that part on the same
+kind of device with a model of similar size, or "not estimated" and the bench command that gives
+one); then one line as each experiment starts and ends, with its estimate beside the time it took.
+At the end it writes the report of --out (report.py --results OUT: <out>/report/REPORT.md) and
+prints its table.
 """
 import importlib
 import time
 from pathlib import Path
 
 import common
-import bench
 import report
-from zcausal import problems, runs, stats
+from zcausal import cost, problems, runs, stats
 
 # what an interrupted study says to do (runs.run_cli)
 CONTINUE = "the same command (the study resumes itself)"
@@ -50,9 +53,10 @@ def check_study_out(out):
 def step_argv(args, letter, out):
     """The command line of one experiment: the study's model, seed, device and dtype; MGSM for B
     and D; --resume where its folder holds a run (--overwrite instead with the study's
-    --overwrite); --smoke on tiny-random where the script has it."""
+    --overwrite); --smoke on tiny-random."""
     has_run = (out / "config.json").is_file()
     argv = ["--model", args.model, "--out", str(out), "--seed", str(args.seed)]
+    argv += ["--smoke"] if args.model == common.TINY_MODEL else []
     argv += (["--overwrite"] if args.overwrite else ["--resume"]) if has_run else []
     for flag, value in (("--device", args.device), ("--dtype", args.dtype)) + (
             (("--prompts-en", args.prompts_en), ("--prompts-zh", args.prompts_zh))
@@ -82,8 +86,6 @@ def plan(args):
         module = importlib.import_module(name)
         out = Path(args.out) / f"exp_{letter.lower()}"
         argv = step_argv(args, letter, out)
-        if args.model == common.TINY_MODEL:
-            argv, _ = bench.accepted(module.parse_args, argv, [["--smoke"]])
         script_args = module.parse_args(argv)
         try:
             runs.validate_common(script_args, script=f"{name}.py")
@@ -98,28 +100,16 @@ def plan(args):
 
 
 def estimates(steps, args):
-    """Per step (seconds or None, what the estimate rests on), from bench.py's cost model; and
-    the resolved device."""
+    """Per step (seconds or None, what the estimate rests on), from the cost model
+    (zcausal/cost.py) and the bench rows there are; and the resolved device."""
     device = common.check_runtime(args.device, args.dtype)
     dtype = common.resolve_dtype(args.dtype, device)
     config = common.load_model_config(args.model)
-    parameters, tflops = bench.parameter_count(config), bench.matmul_tflops(device, dtype)
-    rows = bench.cost_rows()
-    out = []
-    for step in steps:
-        seconds, basis = bench.estimate(step["letter"].lower(), rows, parameters, step["pairs"],
-                                        tflops, device)
-        if seconds is None and step["letter"] == "E":
-            a = step["args"]
-            prompt = bench.SHAPES["qwen2.5-3b"]["step_prompt"]
-            flops = bench.sweep_flops(config, step["pairs"], len(step["module"].FIXED) + a.n_random,
-                                      a.last_m, prompt)
-            seconds, basis = flops / (tflops * 1e12), (
-                f"the compute limit: the sweep's {flops / 1e12:.3g} TFLOP (bench.sweep_flops, "
-                f"{prompt}-token prompts) at this device's {tflops:.3g} TFLOP/s, which E's CPU "
-                f"sweeps reach; a GPU reaches less of its rate; DAS left out")
-        out.append((seconds, basis))
-    return out, device
+    parameters, tflops = cost.parameter_count(config), cost.matmul_tflops(device, dtype)
+    rows = cost.cost_rows()
+    return [cost.estimate(step["letter"].lower(), rows,
+                          step["module"].work(step["args"], step["pairs"], config), step["pairs"],
+                          parameters, tflops, device) for step in steps], device
 
 
 def _duration(seconds):
@@ -143,12 +133,13 @@ def print_plan(steps, guesses, args, device):
               flush=True)
     known = [seconds for seconds, _ in guesses if seconds is not None]
     print(f"[study] estimated total: {'at least ' if len(known) < len(guesses) else 'about '}"
-          f"{_duration(sum(known))} (scaled from bench.py's rows: an order of magnitude)",
-          flush=True)
+          f"{_duration(sum(known))} (zcausal/cost.py, from bench.py's rows; the models' loading "
+          f"not included)", flush=True)
 
 
-def run_step(step, i, n):
-    """The experiment's main() on its parsed flags; its seconds."""
+def run_step(step, i, n, guess=None):
+    """The experiment's main() on its parsed flags; its seconds (printed beside `guess`, the
+    estimate in seconds)."""
     command = " ".join([f"{step['module'].__name__}.py"] + step["argv"])
     print(f"[study {i}/{n}] {step['letter']}: python {command}", flush=True)
     started = time.perf_counter()
@@ -157,7 +148,8 @@ def run_step(step, i, n):
     except runs.UsageError as err:
         raise runs.UsageError(f"{step['letter']} ({step['module'].__name__}.py): {err}") from None
     seconds = time.perf_counter() - started
-    print(f"[study {i}/{n}] {step['letter']} finished in {_duration(seconds)}", flush=True)
+    print(f"[study {i}/{n}] {step['letter']} finished in {_duration(seconds)}"
+          + (f" (estimated {_duration(guess)})" if guess is not None else ""), flush=True)
     return seconds
 
 
@@ -176,8 +168,8 @@ def main(args):
     guesses, device = estimates(steps, args)
     print_plan(steps, guesses, args, device)
     started = time.perf_counter()
-    for i, step in enumerate(steps, 1):
-        run_step(step, i, len(steps))
+    for i, (step, (guess, _)) in enumerate(zip(steps, guesses), 1):
+        run_step(step, i, len(steps), guess)
     print(f"[study] all {len(steps)} experiments in {_duration(time.perf_counter() - started)}",
           flush=True)
     return print_report(args.out)

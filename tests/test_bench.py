@@ -6,7 +6,7 @@ import math
 import pytest
 
 import bench
-from zcausal import runs
+from zcausal import cost, runs
 
 
 def _args(tmp_path, *extra):
@@ -74,17 +74,59 @@ def test_a_csv_of_another_schema_is_refused(tmp_path):
 
 def test_the_cost_model_scales_a_row_of_the_same_kind_of_device_and_size():
     import pandas as pd
-    size = bench.parameter_count(bench.shape_config("qwen2.5-3b"))
-    row = {c: None for c in bench.COLUMNS}
+    size = cost.parameter_count(cost.shape_config("qwen2.5-3b"))
+    row = {c: None for c in cost.COLUMNS}
     rows = pd.DataFrame([dict(row, run="2", part="b", status="ok", shape="qwen2.5-3b",
-                              device=bench.device_name("cpu"), seconds=10.0, pairs=40,
+                              device="CPU (another)", seconds=10.0, pairs=40,
                               matmul_tflops=1.0),
                          dict(row, run="3", part="b", status="ok", shape="qwen2.5-3b",
                               device="NVIDIA H200", seconds=1.0, pairs=40, matmul_tflops=700.0)])
-    # twice the pairs, twice the parameters, a device twice as fast: 10 s x 2 x 2 / 2
-    seconds, basis = bench.estimate("b", rows, 2 * size, 80, 2.0, "cpu")
-    assert seconds == pytest.approx(20.0) and "on CPU" in basis
+    # a row of an older bench (no work): twice the pairs, twice the parameters, a device twice
+    # as fast: 10 s x 2 x 2 / 2
+    seconds, basis = cost.estimate("b", rows, None, 80, 2 * size, 2.0, "cpu")
+    assert seconds == pytest.approx(20.0) and "on CPU" in basis and "by pairs" in basis
     # no row of a model within 10x of the size on this kind of device: no number, and how to get one
-    seconds, basis = bench.estimate("b", rows, size / 100, 80, 2.0, "cpu")
-    assert seconds is None and "python bench.py --parts b" in basis
-    assert bench.estimate("e", rows, size, 80, 2.0, "cpu")[0] is None
+    seconds, basis = cost.estimate("b", rows, None, 80, size / 10**5, 2.0, "cpu")
+    assert seconds is None and "python bench.py --parts b --shape tiny --device cpu" in basis
+    assert cost.estimate("e", rows, None, 80, size, 2.0, "cpu")[0] is None
+
+
+def test_the_cost_model_is_the_line_through_a_rows_minimal_and_full_runs():
+    """fixed + rate x work: the rate from the two runs of the row (and only the rate scales with
+    the model), the fixed time where the line meets no work."""
+    import pandas as pd
+    size = cost.shape_parameters("tiny")
+    row = dict({c: None for c in cost.COLUMNS}, run="1", part="d", status="ok", shape="tiny",
+               device=cost.device_name("cpu"), seconds=5.0, pairs=6, work=1000.0,
+               min_seconds=1.4, min_work=100.0, matmul_tflops=0.05)
+    rows = pd.DataFrame([row])
+    fixed, rate = cost.fixed_and_rate(rows.iloc[0])
+    assert rate == pytest.approx(3.6 / 900) and fixed == pytest.approx(1.0)
+    seconds, basis = cost.estimate("d", rows, 500.0, 12, size, 9.9, "cpu")  # same device: no rate
+    assert seconds == pytest.approx(1.0 + 2.0) and "units of work" in basis
+    seconds, _ = cost.estimate("d", rows, 500.0, 12, 2 * size, 9.9, "cpu")
+    assert seconds == pytest.approx(1.0 + 4.0)  # twice the parameters: the rate doubles
+
+
+def test_an_experiment_row_holds_its_work_its_minimal_run_and_the_estimate_made_before_it(
+        tmp_path):
+    """What the cost model is checked with: a second bench run's rows hold the estimate made from
+    the first run's rows beside the time measured (their ratio is bench's output, not a test)."""
+    for _ in range(2):
+        rows = bench.main(_args(tmp_path, "--parts", "b", "d", "--pairs", "6"))
+    saved = runs.load_csv(tmp_path / "bench.csv")
+    assert list(saved.columns) == bench.COLUMNS and len(saved) == 4
+    for column in ("seconds", "work", "min_seconds", "min_work", "estimate_s"):
+        assert saved[column].iloc[2:].notna().all() and (saved[column].iloc[2:] > 0).all(), column
+    assert (saved.min_work < saved.work).all()
+    for row in rows:
+        assert row["estimate_s"] > 0 and row["status"] == "ok"
+
+
+def test_a_table_of_an_earlier_bench_gets_the_new_columns_and_keeps_its_rows(tmp_path):
+    old = cost.COLUMNS[:cost.COLUMNS.index("note") + 1]
+    (tmp_path / "bench.csv").write_text(",".join(f'"{c}"' for c in old) + "\n" + ",".join(
+        '"x"' if c in ("run", "shape", "device", "part", "status") else "" for c in old) + "\n")
+    bench.main(_args(tmp_path, "--parts", "b", "--pairs", "3"))
+    saved = runs.load_csv(tmp_path / "bench.csv")
+    assert list(saved.columns) == bench.COLUMNS and list(saved.part) == ["x", "b"]

@@ -25,7 +25,7 @@ LAYERS = [{"zcausal", "zcausal.runs", "zcausal.bank", "zcausal.stats", "zcausal.
            "zcausal.ard_mmd", "zcausal.problems", "zcausal.summaries"},
           {"common"},
           {"zcausal.decoding", "zcausal.fast_decode", "zcausal.interchange", "zcausal.das",
-           "zcausal.patching",
+           "zcausal.patching", "zcausal.cost",
            "zcausal.answered"},
           {"exp_a_patching", "exp_b_residual", "exp_c_ard_mmd", "exp_d_bridge",
            "exp_e_layer_sweep"},
