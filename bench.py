@@ -55,8 +55,8 @@ PARTS = ["a", "single", "step", "b", "c", "d", "e"]
 # its parser does not know are left out (and named in the row's note).
 SWEEP_FLAGS = {"qwen2.5-3b": [], "tiny": [["--n-random", "2"], ["--basis-layer", "2"], ["--das-steps", "4"]]}
 COLUMNS = cost.COLUMNS
-# The parts that run an experiment's main(): each is also timed at the least work its script
-# accepts (minimal_flags), which gives the cost model its fixed time (zcausal/cost.py).
+# The parts that run an experiment's main(): each is also timed at its script's --smoke preset
+# (smoke_flags), the second point of the cost model's line (zcausal/cost.py).
 EXPERIMENT_PARTS = {"a": "exp_a_patching", "b": "exp_b_residual", "c": "exp_c_ard_mmd",
                     "d": "exp_d_bridge", "e": "exp_e_layer_sweep"}
 
@@ -159,14 +159,14 @@ def accepted(parse_args, base, optional):
 
 def run_script(module, argv, optional, ctx, workdir):
     """module.main(parse_args(argv + accepted optional flags)) on the served model, its --out and
-    --figures under workdir; with ctx["minimal"], at the least work instead (minimal_flags, last:
-    they win). Returns (seconds, out folder, flags left out, the run's work: module.work)."""
+    --figures under workdir; with ctx["smoke"], the script's --smoke preset instead (smoke_flags).
+    Returns (seconds, out folder, flags left out, the run's work: module.work)."""
     out = Path(workdir) / module.__name__
     base = ["--model", ctx["model"].name_or_path_for_results, "--device", ctx["device"],
             "--dtype", ctx["dtype_name"], "--out", str(out)]  # figures: <out>/figures
+    if ctx.get("smoke"):
+        argv, optional = smoke_flags(module.__name__), []
     argv, left_out = accepted(module.parse_args, base + argv, optional)
-    if ctx.get("minimal"):
-        argv += minimal_flags(module.__name__, ctx)
     args = module.parse_args(argv)
     work = module.work(args, args.limit, ctx["model"].config)
     with serving(ctx["model"], ctx["tokenizer"], module), Timer(ctx["device"]) as t:
@@ -174,23 +174,11 @@ def run_script(module, argv, optional, ctx, workdir):
     return t.seconds, out, left_out, work
 
 
-def minimal_flags(name, ctx):
-    """Flags that cut experiment `name`'s run to about the least work its checks accept: one
-    configuration, no random draws, the fewest pairs, one step."""
-    spec = ctx["spec"]
-    return {"exp_a_patching": ["--layer", str(spec["layers"][0]), "--k", str(spec["ks"][0]),
-                               "--positions", "prompt", "--source", "mean", "--n-random", "0",
-                               "--n-random-logprob", "0", "--limit", "2"],
-            "exp_b_residual": ["--k", str(spec["d_ks"][0]), "--n-random", "0", "--limit", "2"],
-            "exp_c_ard_mmd": ["--layers", str(_scaled(ctx, 32)), "--objective", "contrastive",
-                              "--start", "warm", "--lambdas", "0", "--steps", "1",
-                              "--min-steps", "0", "--limit", "6"],
-            "exp_d_bridge": ["--k", str(spec["d_ks"][0]), "--n-shuffles", "1", "--n-folds", "2",
-                             "--n-random", "0", "--limit", "4"],
-            "exp_e_layer_sweep": ["--limit", "8", "--min-pairs", "8", "--layers",
-                                  str(_scaled(ctx, 32)), "--k", str(spec["d_ks"][0]),
-                                  "--n-random", "0", "--das-k", str(spec["d_ks"][0]),
-                                  "--das-steps", "1", "--decode-limit", "0"]}[name]
+def smoke_flags(name):
+    """The flags of experiment `name`'s smoke run, what study.py runs on tiny-random (no activation
+    cache: bench writes only its table)."""
+    return ["--smoke"] + (["--cache-dir", "none"] if name in ("exp_b_residual", "exp_c_ard_mmd",
+                                                            "exp_d_bridge") else [])
 
 
 @contextlib.contextmanager
@@ -402,30 +390,30 @@ def timed_part(name, ctx):
     return {"seconds": wall.seconds, **fields}
 
 
-def minimal_run(name, ctx):
-    """An experiment part at the least work (minimal_flags): {min_seconds, min_work}, or {} when
+def smoke_run(name, ctx):
+    """An experiment part at its script's --smoke preset: {smoke_seconds, smoke_work}, or {} when
     it failed (the cost model then puts all of the part's time on its work). Run first, so that it,
     like a study's first part, pays the imports the part needs."""
-    ctx["minimal"] = True
+    ctx["smoke"] = True
     try:
         fields = timed_part(name, ctx)
     finally:
-        ctx["minimal"] = False
+        ctx["smoke"] = False
     if fields.get("status", "ok") != "ok" or fields.get("work") is None:
         return {}
-    return dict(min_seconds=fields["seconds"], min_work=fields["work"])
+    return dict(smoke_seconds=fields["seconds"], smoke_work=fields["work"])
 
 
 def run_part(name, ctx, out):
-    """One part: timed (an experiment part at the least work first, minimal_run), its limit,
+    """One part: timed (an experiment part at its --smoke preset first, smoke_run), its limit,
     memory and the cost model's estimate from the earlier rows added, its row recorded."""
     device = ctx["device"]
-    minimal = minimal_run(name, ctx) if name in EXPERIMENT_PARTS else {}
+    smoke = smoke_run(name, ctx) if name in EXPERIMENT_PARTS else {}
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     row = {"run": ctx["run"], "shape": ctx["shape"], "device": ctx["device_name"],
            "dtype": ctx["dtype_name"], "engine": ctx["engine_used"], "part": name, "status": "ok",
-           **timed_part(name, ctx), **minimal, "peak_memory_gb": peak_memory_gb(device),
+           **timed_part(name, ctx), **smoke, "peak_memory_gb": peak_memory_gb(device),
            "matmul_tflops": ctx["tflops"]}
     if row.get("seconds") and row.get("model_tokens") and row.get("compute_limit_s") is None:
         row["compute_limit_s"] = row["model_tokens"] * 2 * ctx["parameters"] / (ctx["tflops"] * 1e12)

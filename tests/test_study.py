@@ -102,8 +102,8 @@ def test_every_experiment_is_estimated_from_the_cost_model(tmp_path, monkeypatch
     from zcausal import cost
     rows = pd.DataFrame([{**{c: None for c in cost.COLUMNS}, "run": "r", "shape": "tiny",
                           "device": cost.device_name("cpu"), "part": part, "status": "ok",
-                          "seconds": 2.0, "pairs": 4, "work": 100.0, "min_seconds": 1.0,
-                          "min_work": 10.0, "matmul_tflops": 0.1} for part in "abcde"])
+                          "seconds": 2.0, "pairs": 4, "work": 100.0, "smoke_seconds": 1.0,
+                          "smoke_work": 10.0, "matmul_tflops": 0.1} for part in "abcde"])
     monkeypatch.setattr(cost, "cost_rows", lambda tables=None: rows)
     monkeypatch.setattr(cost, "matmul_tflops", lambda device, dtype: 0.1)
     args = args_for(tmp_path / "s", "--device", "cpu")

@@ -7,8 +7,9 @@ A part's time is fixed + rate x work:
   work   the count its time grows with, in the part's own unit (decoded and scored rows for A,
          pairs x fitted maps for D, ...): each experiment script's work(args, n_pairs, config)
   fixed  what it takes at no work (set-up, summary, figures), and rate, both from one bench row:
-         bench times each part twice, at its size and at the least work the script accepts, and
-         the line through the two points gives them.
+         bench times each part twice, at the script's --smoke preset (what the study runs on
+         tiny-random) and at its size, and the line through the two points gives them (where the
+         time does not rise with the work, fixed costs decided it: their mean, rate 0).
 Across models and devices only the rate scales (with the parameters, and with the device's matmul
 rate where the row was measured on another device); the fixed part is host time and stays. A row
 of an older bench (no work column) is scaled by its pairs alone. Rows are used only from the same
@@ -39,7 +40,7 @@ COLUMNS = ["run", "shape", "device", "dtype", "engine", "part", "status", "secon
            "batch_size", "decodes", "new_tokens", "model_tokens", "limit_basis", "compute_limit_s",
            "fraction_of_limit", "per_decode_ms", "batched_speedup", "step_ms", "eager_step_ms",
            "generate_step_ms", "speedup_vs_generate", "peak_memory_gb", "matmul_tflops", "note",
-           "work", "min_seconds", "min_work", "estimate_s"]
+           "work", "smoke_seconds", "smoke_work", "estimate_s"]
 # The tables of measured rows: the user's own first (this machine), then the committed ones.
 COST_TABLES = [Path("results") / "bench" / "bench.csv", runs.REPO / "results" / "bench.csv"]
 
@@ -122,15 +123,30 @@ def cost_rows(tables=None):
 
 
 def fixed_and_rate(row):
-    """(fixed seconds, seconds per unit of work) of a bench row: the line through its minimal
-    run (min_work, min_seconds) and its run (work, seconds); without a usable minimal run, all of
-    the time is the rate's (fixed 0)."""
+    """(fixed seconds, seconds per unit of work, low point) of a bench row: the line through its
+    smoke run (smoke_work, smoke_seconds) and its run (work, seconds), where the time rises with
+    the work; (the mean of the two times, 0, None) where it does not (there the fixed costs, not
+    the work, decided the time); (0, seconds / work, None) without a smoke run. `fixed` comes out
+    below 0 when the time grows faster than the work: line_seconds floors the line there."""
     seconds, work = float(row["seconds"]), float(row["work"])
-    low_s, low_w = row.get("min_seconds"), row.get("min_work")
-    if _number(low_s) and _number(low_w) and work > low_w and seconds > low_s:
-        rate = (seconds - low_s) / (work - low_w)
-        return max(low_s - rate * low_w, 0.0), rate
-    return 0.0, seconds / work
+    low_s, low_w = row.get("smoke_seconds"), row.get("smoke_work")
+    if not (_number(low_s) and _number(low_w)) or low_w == work:
+        return 0.0, seconds / work, None
+    rate = (seconds - low_s) / (work - low_w)
+    if rate <= 0:
+        return (seconds + low_s) / 2, 0.0, None
+    low = min((low_w, low_s), (work, seconds))
+    return low[1] - rate * low[0], rate, low
+
+
+def line_seconds(row, work, scale=1.0):
+    """Seconds for `work` on a bench row's line (fixed_and_rate), its rate times `scale`; never
+    below the time proportional to the work through the line's lower point."""
+    fixed, rate, low = fixed_and_rate(row)
+    seconds = fixed + rate * scale * work
+    if fixed < 0:
+        seconds = max(seconds, low[1] / low[0] * scale * work)
+    return seconds
 
 
 def _number(value):
@@ -161,9 +177,11 @@ def estimate(part, rows, work, pairs, parameters, tflops, device):
         1.0 if row["device"] == name else row["matmul_tflops"] / tflops)
     where = f"bench part {part} on {row['device']} ({row['run']})"
     if work is not None and _number(row["work"]) and row["work"] > 0:
-        fixed, rate = fixed_and_rate(row)
-        return fixed + rate * work * scale, (
-            f"{where}: {fixed:.2g} s + {rate * scale:.2g} s x {work:.4g} units of work")
+        smoke = (f"{row['smoke_seconds']:.2g} s at {row['smoke_work']:.4g} and "
+                 if _number(row.get("smoke_seconds")) else "")
+        return line_seconds(row, work, scale), (
+            f"{where}: {smoke}{row['seconds']:.2g} s at {row['work']:.4g} units of work; this "
+            f"run {work:.4g}" + (f", the rate x {scale:.3g}" if scale != 1 else ""))
     seconds = float(row["seconds"]) * pairs / float(row["pairs"]) * scale
     return seconds, (f"{where}: {row['seconds']:.3g} s for {int(row['pairs'])} pairs of "
                      f"random-{row['shape']}, scaled by pairs")
