@@ -458,9 +458,14 @@ def setup(args):
 
 def upgrade_table(out, rows):
     """A table of an earlier bench (the first columns of COLUMNS) rewritten with every column,
-    its rows kept and the new columns empty, so that this run's rows can be appended."""
+    its rows kept as they were written (counts stay integers beside empty cells) and the new
+    columns empty, so that this run's rows can be appended."""
     had = runs.load_csv(out).columns.tolist()
     if had != COLUMNS:
+        for name in had:
+            values = rows[name].dropna()
+            if rows[name].dtype.kind == "f" and len(values) and values.apply(float.is_integer).all():
+                rows[name] = rows[name].astype("Int64")
         runs.write_csv(rows, out)
         print(f"[bench] {out}: added the columns {', '.join(COLUMNS[len(had):])}", flush=True)
 

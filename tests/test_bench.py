@@ -132,8 +132,11 @@ def test_an_experiment_row_holds_its_work_its_smoke_run_and_the_estimate_made_be
 
 def test_a_table_of_an_earlier_bench_gets_the_new_columns_and_keeps_its_rows(tmp_path):
     old = cost.COLUMNS[:cost.COLUMNS.index("note") + 1]
-    (tmp_path / "bench.csv").write_text(",".join(f'"{c}"' for c in old) + "\n" + ",".join(
-        '"x"' if c in ("run", "shape", "device", "part", "status") else "" for c in old) + "\n")
+    cells = {"run": '"x"', "part": '"x"', "status": '"ok"', "seconds": "1.5", "pairs": "6"}
+    row = ",".join(cells.get(c, '""') for c in old)
+    (tmp_path / "bench.csv").write_text(",".join(f'"{c}"' for c in old) + "\n" + row + "\n")
     bench.main(_args(tmp_path, "--parts", "b", "--pairs", "3"))
     saved = runs.load_csv(tmp_path / "bench.csv")
     assert list(saved.columns) == bench.COLUMNS and list(saved.part) == ["x", "b"]
+    lines = (tmp_path / "bench.csv").read_text().splitlines()
+    assert lines[1] == row + ',"","","",""'  # the earlier row as it was written, 4 cells added
