@@ -464,7 +464,8 @@ def upgrade_table(out, rows):
     if had != COLUMNS:
         for name in had:
             values = rows[name].dropna()
-            if rows[name].dtype.kind == "f" and len(values) and values.apply(float.is_integer).all():
+            if rows[name].dtype.kind == "f" and len(values) \
+                    and values.apply(float.is_integer).all():
                 rows[name] = rows[name].astype("Int64")
         runs.write_csv(rows, out)
         print(f"[bench] {out}: added the columns {', '.join(COLUMNS[len(had):])}", flush=True)

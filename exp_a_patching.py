@@ -403,9 +403,9 @@ def validate(args):
     to try, the template)."""
     device = common.check_runtime(args.device, args.dtype)
     if args.n_random_logprob < args.n_random:
-        raise runs.UsageError(f"--n-random-logprob {args.n_random_logprob} is fewer than --n-random "
-                              f"{args.n_random}: the decoded draws are among the scored ones; pass "
-                              f"--n-random-logprob {args.n_random} or more")
+        raise runs.UsageError(f"--n-random-logprob {args.n_random_logprob} is fewer than "
+                              f"--n-random {args.n_random}: the decoded draws are among the scored "
+                              f"ones; pass --n-random-logprob {args.n_random} or more")
     if not 0 < args.keep_threshold < 1:
         raise runs.UsageError(f"--keep-threshold {args.keep_threshold}: pass a rate in (0, 1)")
     if "all" in args.positions and any(s != "mean" and s != "ot" for s in args.source):

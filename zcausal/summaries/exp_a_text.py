@@ -1,7 +1,7 @@
 """Experiment A's SUMMARY.md, patching_table.md and verdict paragraphs: every sentence generated
-from the tables of zcausal/summaries/exp_a_tables.py (no model). Counts say their pair set and n, rates
-come with their Wilson interval ("4 of 44 kept problems (0.091 [0.036, 0.21])"), numbers to 2-3
-significant digits (zcausal/summaries/text.py), "not measured" / "not tested" instead of nan."""
+from the tables of zcausal/summaries/exp_a_tables.py (no model). Counts say their pair set and n,
+rates come with their Wilson interval ("4 of 44 kept problems (0.091 [0.036, 0.21])"), numbers to
+2-3 significant digits (zcausal/summaries/text.py), "not measured" / "not tested" instead of nan."""
 import math
 from pathlib import Path
 
