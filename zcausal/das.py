@@ -29,7 +29,9 @@ class LearnedSubspace(torch.nn.Module):
     """A k-dimensional subspace of R^d as an orthonormal (k, d) basis, trainable.
 
     Starts at a random (Haar) subspace drawn with `seed`, never at Z: a learned subspace found
-    near Z must have got there from the data.
+    near Z must have got there from the data. The parametrization also draws a random base from
+    torch's global generator (the start is the same, the path of training is not); it is drawn
+    under `seed` too, so a resumed run trains each subspace exactly as an uninterrupted one.
     """
 
     def __init__(self, d, k, seed=0):
@@ -37,7 +39,9 @@ class LearnedSubspace(torch.nn.Module):
         self.map = torch.nn.Linear(d, k, bias=False)
         with torch.no_grad():
             self.map.weight.copy_(common.random_basis(d, k, seed))
-        torch.nn.utils.parametrizations.orthogonal(self.map)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            torch.nn.utils.parametrizations.orthogonal(self.map)
 
     def basis(self):
         """(k, d) float32 with orthonormal rows (differentiable)."""
@@ -111,8 +115,8 @@ def interchange_loss(model, prefixes, block, hidden, sources, layer, basis, segm
     patch = interchange.subspace_patch(basis[None].expand(B, -1, -1),
                                        torch.zeros(B, dtype=torch.bool, device=hidden.device),
                                        sources)
-    out = interchange.patched_scores(model, prefixes, block, layer, hidden, patch)
-    return -out["logp"][:, segment].mean()
+    final = interchange.patched_states(model, prefixes, block, layer, hidden, patch)
+    return -interchange.segment_logp(model, final, block, segment).mean()
 
 
 # ----------------------------------------------------------------------------------------------
