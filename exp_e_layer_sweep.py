@@ -21,15 +21,20 @@ Every row is written (per_problem.csv, random_rows.csv.gz); the tables, the decl
 and the Holm-corrected secondary ones are built from those rows alone
 (zcausal/summaries/exp_e_tables.py: measures top1_src / top1_own / neither, the p_share shift,
 disruption, pooled shifts, the language margin after the answer). Decoded spot checks at
---decode-layers; then DAS at --das-layer, trained on the train split, steps chosen on validation,
-reported on the held-out test split with bootstrap intervals beside full interchange and Z.
+--decode-layers. Then DAS, the positive control: at every --das-layer (default: the input of the
+basis layer, i.e. layer b - 1's output, and the first layer where full interchange's top1_src
+reaches 0.8 on the train and validation pairs) and every --das-k (1 2 5 10 20 50), a learned
+k-dim subspace trained on the train split (--split, at least --das-test-min problems held out
+for test), steps chosen on validation, reported on the test split beside full interchange, Z and
+random subspaces of the same k at the same layer, with the principal angles between it and Z.
 
 Outputs in --out: per-row clean.csv, per_problem.csv, random_rows.csv.gz, timing.csv, solved.csv,
 decode.csv, das_per_problem.csv, das_random_rows.csv.gz, das_training.csv, das_angles.csv,
-das_decode.csv, das_basis_k*.npy; tables per_layer.csv, draws.csv, das.csv, tests.csv,
-decode_summary.csv, das_decode_summary.csv; config.json (with the primary test); figures
-layer_sweep.png (layer_sweep_k<k>.png for the other k) and das.png under --figures
-(runs.figure_path), drawn by zcausal/summaries/exp_e_figures.py from the tables.
+das_decode.csv, das_basis_L<layer>_k<k>.npy; tables per_layer.csv, draws.csv, das.csv,
+tests.csv, decode_summary.csv, das_decode_summary.csv; config.json (with the primary test and
+the DAS layers with why each); figures layer_sweep.png (layer_sweep_k<k>.png for the other k)
+and das_curve.png under --figures (runs.figure_path), drawn by zcausal/summaries/exp_e_figures.py
+from the tables.
 """
 import json
 import time

@@ -103,6 +103,22 @@ def test_principal_angles_and_overlap():
     assert np.mean(overlaps) == pytest.approx(4 / 30, rel=0.15)
 
 
+@pytest.mark.parametrize("d,k,n", [(30, 6, 100), (64, 20, 40)])
+def test_mean_cos2_of_random_subspaces_is_k_over_d_on_average(d, k, n):
+    """das_angles' mean_cos2 is the mean cos² of the principal angles, and its chance value k / d
+    is what random subspaces give on average (n draws; a generous 15% tolerance: the mean's
+    standard error is about 2.5% and 1% of k / d for these sizes)."""
+    basis = common.random_basis(d, k, 7)
+    draws = [common.random_basis(d, k, 1000 + s) for s in range(n)]
+    angles = das.das_angles(basis, [("self", -1, basis)], draws, k)
+    assert np.allclose(angles.chance_mean_cos2, k / d)
+    assert angles.mean_cos2.iloc[0] == pytest.approx(1)
+    random = angles[angles.versus == "random"]
+    assert random.mean_cos2.mean() == pytest.approx(k / d, rel=0.15)
+    cos2 = np.cos(np.radians(das.principal_angles(basis, draws[0]))) ** 2
+    assert random.mean_cos2.iloc[0] == pytest.approx(cos2.mean(), abs=1e-6)
+
+
 def test_interchange_loss_trains_only_the_subspace(tiny):
     model, tok = tiny
     model.requires_grad_(False)

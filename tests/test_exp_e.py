@@ -293,6 +293,20 @@ def test_splits_are_seeded_and_partners_stay_in_their_split():
         ee.split_sizes(5, [0.5, 0.25, 0.25])
 
 
+@pytest.mark.parametrize("n,sizes", [(300, (210, 30, 60)), (150, (85, 15, 50)),
+                                     (100, (45, 10, 45)), (20, (9, 2, 9))])
+def test_the_test_split_takes_problems_from_train_until_it_holds_das_test_min(n, sizes):
+    """--das-test-min 50 with the default --split: 300 kept pairs give DAS 210 training
+    problems and 60 test pairs; fewer move problems from train to test while train keeps at
+    least as many as test; --das-test-min 0 leaves the fractions alone."""
+    fractions = ee.build_parser().get_default("split")
+    assert ee.split_sizes(n, fractions, 50) == sizes
+    split = ee.make_splits(n, fractions, 0, 50)
+    assert tuple(split.count(s) for s in ("train", "validation", "test")) == sizes
+    train, val, test = ee.split_sizes(n, fractions, 0)
+    assert (val, test) == (max(2, round(0.1 * n)), max(2, round(0.2 * n)))
+
+
 def test_answer_tokens_on_the_real_qwen_tokenizer():
     """The token facts the sweep relies on (skipped where the real model is not on disk)."""
     path = Path.home() / ".cache/real-models/qwen2.5-coder-0.5b-instruct"
@@ -470,6 +484,34 @@ def test_replot_of_a_folder_without_a_run_writes_nothing(tmp_path, capsys):
                                              "--figures", str(tmp_path / "fig")]))
     assert exit_info.value.code == 2 and "--out" in capsys.readouterr().err
     assert not any((tmp_path / "empty").iterdir()) and not (tmp_path / "fig").exists()
+
+
+def test_replot_reads_a_run_from_before_several_das_layers(finished_run, tmp_path, capsys):
+    """A run whose DAS files have no layer column (one DAS layer, config.json's das_layer),
+    angles called overlap / chance_overlap and bases das_basis_k<k>.npy: --replot rebuilds
+    das.csv keyed by (layer, k), draws das_curve.png and says DAS at that layer."""
+    out = copy_run(finished_run, tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    layer = config["das_layers"][0]
+    for name in ("das_per_problem.csv", "das_random_rows.csv.gz", "das_angles.csv",
+                 "das_training.csv"):
+        frame = runs.load_csv(out / name)
+        frame = frame[frame.layer == layer].drop(columns="layer")
+        runs.write_csv(frame.rename(columns={"mean_cos2": "overlap",
+                                             "chance_mean_cos2": "chance_overlap"}), out / name)
+    for path in out.glob("das_basis_L*_k*.npy"):
+        path.unlink()
+    (out / "das.csv").unlink()
+    old = {key: value for key, value in config.items() if key not in ("das_layers",
+                                                                      "das_layer_reasons")}
+    runs.write_json(out / "config.json", dict(old, das_layer=layer))
+    replot(out, tmp_path / "fig")
+    printed = capsys.readouterr().out
+    table = runs.load_csv(out / "das.csv")
+    assert set(table.layer) == {layer} and set(table.k) == {2, 4}
+    assert (runs.figure_dir(out, tmp_path / "fig") / "das_curve.png").is_file()
+    line = next(l for l in printed.splitlines() if l.startswith("DAS at"))
+    assert line.startswith("DAS at the input of layer 2") and "mean cos²" in line
 
 
 def test_tests_csv_holds_the_primary_test_and_holm_adjusted_secondary_tests(finished_run):

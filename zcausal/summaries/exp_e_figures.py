@@ -169,7 +169,7 @@ def plot_das_curve(table, angles, basis, title, path, order=()):
     table = table[table.pairing == "swap"]
     found = sorted(int(layer) for layer in table.layer.unique())
     layers = [l for l in order if l in found] + [l for l in found if l not in order]
-    fig = plt.figure(figsize=(max(7.0, 5.5 * len(layers)), 12))
+    fig = plt.figure(figsize=(max(7.5, 5.5 * len(layers)), 12.5))
     grid = fig.add_gridspec(4, len(layers), height_ratios=[1, 1, 1, 0.22])
     for col, layer in enumerate(layers):
         mine = table[table.layer == layer]
@@ -190,6 +190,7 @@ def plot_das_curve(table, angles, basis, title, path, order=()):
             ax.set_xscale("log")
             ks = sorted(int(k) for k in mine.k.unique())
             ax.set_xticks(ks, [str(k) for k in ks])
+            ax.set_xlim(min(ks) / 1.3, max(ks) * 1.3)
             ax.minorticks_off()
             ax.set_xlabel("k (dimensions)", fontsize=8)
             ax.set_ylabel(ylabel, fontsize=8)
@@ -201,7 +202,7 @@ def plot_das_curve(table, angles, basis, title, path, order=()):
     legend.axis("off")
     legend.legend(handles=handles, loc="center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(title + "\nbars: Wilson 95% intervals (rates), bootstrap 95% intervals over "
-                 "the test problems (shift); random: 2.5-97.5% of the draws", fontsize=10)
+                 "the test problems (shift);\nrandom: 2.5-97.5% of the draws", fontsize=9)
     return runs.save_figure(fig, path)
 
 
