@@ -525,30 +525,6 @@ def run_das(model, tokenizer, state, template, args, out, split, layers):
                        out / "das_decode_summary.csv")
 
 
-def das_layers(args, out):
-    """The DAS layers of a run and why each (a dict layer -> reason, for config.json and the
-    summary): --das-layer as given, or by default the input of the basis layer (layer b - 1's
-    output) and the first layer where full interchange's top1_src reaches
-    exp_e_tables.CARRIED on the train and validation pairs (the layer where it is largest when
-    none does; the test pairs choose nothing)."""
-    basis = args.basis_layer
-    if args.das_layer is not None:
-        return {layer: ("the input of the basis layer" if layer == basis - 1 else "given")
-                for layer in dict.fromkeys(args.das_layer)}
-    chosen = {}
-    if basis >= 1:  # the input of layer 0 is the embeddings, where Z of no layer is read
-        chosen[basis - 1] = "the input of the basis layer"
-    layer, reached, rate = tables.carried_layer(out)
-    why = (f"the first layer where full interchange's top1_src reaches {tables.CARRIED} on the "
-           f"train and validation pairs ({rate:.2f})" if reached else
-           f"no layer's full interchange reaches top1_src {tables.CARRIED} on the train and "
-           f"validation pairs: the layer where it is largest ({rate:.2f})")
-    if not reached:
-        print(f"DAS: {why}")
-    chosen.setdefault(layer, why)
-    return chosen
-
-
 # ----------------------------------------------------------------------------------------------
 
 def validate(args):
@@ -664,7 +640,9 @@ def main(args):
         {args.basis_layer, peak} & set(args.layers))
     run_decode_checks(model, tokenizer, state, template, args, out, decode_layers)
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    chosen = das_layers(args, out) if args.das_k else {}
+    chosen = tables.das_layers(out, args.basis_layer, args.das_layer) if args.das_k else {}
+    for layer, why in chosen.items():
+        print(f"DAS at layer {layer}: {why}")
     if chosen:
         runs.write_json(out / "config.json", dict(
             config, das_layers=list(chosen), das_layer_reasons={str(l): why for l, why in

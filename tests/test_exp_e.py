@@ -355,8 +355,8 @@ def cli(tmp_path, *extra, layer=("--basis-layer", "2")):
                           "--k", "4", "6", "--n-random", "3",
                           "--decode-limit", "2", "--decode-random", "1", "--das-k", "2", "4",
                           "--das-steps", "2", "--das-eval-every", "1", "--max-new-tokens", "4",
-                          "--das-test-min", "0", "--out", str(tmp_path / "exp_e"), "--figures", str(tmp_path / "fig"),
-                          *extra])
+                          "--das-test-min", "0", "--out", str(tmp_path / "exp_e"),
+                          "--figures", str(tmp_path / "fig"), *extra])
 
 
 OUTPUTS = ["clean.csv", "per_layer.csv", "draws.csv", "per_problem.csv", "random_rows.csv.gz",
@@ -621,8 +621,9 @@ def _argv(args):
     return ["--model", args.model, "--device", "cpu", "--prompts", str(args.prompts),
             "--solved", "off", "--min-pairs", "6", "--basis-layer", "2", "--k", "4", "6",
             "--n-random", "3", "--decode-limit", "2",
-            "--decode-random", "1", "--das-k", "2", "4", "--das-steps", "2", "--das-eval-every", "1",
-            "--max-new-tokens", "4", "--das-test-min", "0", "--out", str(args.out), "--figures", str(args.figures)]
+            "--decode-random", "1", "--das-k", "2", "4", "--das-steps", "2",
+            "--das-eval-every", "1", "--max-new-tokens", "4", "--das-test-min", "0",
+            "--out", str(args.out), "--figures", str(args.figures)]
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -24,8 +24,9 @@ LABELS = {"top1_src": "top1_src", "p_share_shift": "p_share shift",
 
 def read_tables(out):
     """config.json and the tables of a finished sweep: SimpleNamespace-like dict with config,
-    per_layer, draws, tests, das and angles (exp_e_tables.load_angles; both None without DAS). A UsageError while layers are missing or
-    when the tables predate these measures (rebuild them with --replot)."""
+    per_layer, draws, tests, das and angles (exp_e_tables.load_angles; both None without DAS).
+    A UsageError while layers are missing or when the tables predate these measures (rebuild
+    them with --replot)."""
     out = Path(out)
     config = read_config(out)
     per_layer = runs.load_csv(out / "per_layer.csv") if (out / "per_layer.csv").is_file() \
@@ -344,7 +345,8 @@ def das_sentences(tables):
                      f"transfer.")
         note = d.get("note")
         if isinstance(note, str) and note:
-            line += f" Its splits are too small for this reading: {note.replace(': too small', '')}."
+            note = note.replace(": too small", "")
+            line += f" Its splits are too small for this reading: {note}."
         lines.append(line + _das_above_full(rows))
     return lines
 

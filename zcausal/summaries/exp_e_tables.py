@@ -531,3 +531,22 @@ def carried_layer(out, threshold=CARRIED, exclude="test"):
     layer = int(above.index[0]) if len(above) else int(rate.idxmax())
     return layer, bool(len(above)), float(rate[layer])
 
+
+
+def das_layers(out, basis, given=None):
+    """The DAS layers of a run and why each (a dict layer -> reason, for config.json and the
+    summary): `given` (--das-layer) as it is, or by default the input of the basis layer (layer
+    basis - 1's output) and carried_layer() (the test pairs choose nothing)."""
+    if given is not None:
+        return {layer: ("the input of the basis layer" if layer == basis - 1 else "given")
+                for layer in dict.fromkeys(given)}
+    chosen = {}
+    if basis >= 1:  # the input of layer 0 is the embeddings, where Z of no layer is read
+        chosen[basis - 1] = "the input of the basis layer"
+    layer, reached, rate = carried_layer(out)
+    why = (f"the first layer where full interchange's top1_src reaches {CARRIED} on the train "
+           f"and validation pairs ({rate:.2f})" if reached else
+           f"no layer's full interchange reaches top1_src {CARRIED} on the train and validation "
+           f"pairs: the layer where it is largest ({rate:.2f})")
+    chosen.setdefault(layer, why)
+    return chosen
