@@ -443,6 +443,11 @@ def test_das_curve_runs_over_several_k_and_two_layers(finished_run):
     assert lines[0].startswith("DAS at the input of layer 2, the basis layer (layer 1's output)")
     assert "at k = 2" in lines[0] and "at k = 4" in lines[0] and "mean cos²" in lines[0]
     assert "top1_own" in lines[0] and "neither" in lines[0] and "p_share shift" in lines[0]
+    table = table.set_index(["layer", "k", "pairing", "condition"])
+    for line, layer in zip(lines, layers):  # the largest k says whether the control works here
+        carried = table.loc[(layer, 4, "swap", "das"), "top1_src"] > 0.5
+        assert ("the positive control works at this layer" in line) == carried
+        assert ("a null for Z cannot be read as Z in particular" in line) == (not carried)
 
 
 def copy_run(finished_run, tmp_path):

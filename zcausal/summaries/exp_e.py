@@ -303,6 +303,19 @@ def _controls(tests, layer):
             f"{ALPHA} {listed(hits)}{why}.")
 
 
+def _control_reading(d):
+    """What DAS's largest k says about reading Z at its layer: ' A 50-dimensional subspace
+    here carries ...' or ' No learned ... so Z's null here cannot be read as ...'."""
+    k = int(d.k)
+    if d.top1_src > 0.5 and not bool(d.disrupts):
+        return (f" A learned {k}-dimensional subspace here carries the source's first digit on "
+                f"most held-out pairs: the positive control works at this layer, and Z of the "
+                f"same size is read against it.")
+    return (f" No learned {k}-dimensional subspace here carries the source's first digit on "
+            f"most held-out pairs: at this layer a null for Z cannot be read as Z in particular "
+            f"not carrying the answer.")
+
+
 def das_sentences(tables):
     """One sentence per DAS layer: held-out top1_src against k (Wilson intervals), and at the
     largest k beside full, Z and the random band on the same test pairs, top1_own, neither,
@@ -347,7 +360,7 @@ def das_sentences(tables):
         if isinstance(note, str) and note:
             note = note.replace(": too small", "")
             line += f" Its splits are too small for this reading: {note}."
-        lines.append(line + _das_above_full(rows))
+        lines.append(line + _das_above_full(rows) + _control_reading(d))
     return lines
 
 
