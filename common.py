@@ -82,10 +82,17 @@ def resolve_device(device):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def check_runtime(device, dtype):
-    """--device and --dtype, checked before anything is loaded or written: an unknown device or
-    CUDA asked for where there is none is a UsageError; float16 on a CPU only warns (it is
-    emulated there, and slower than float32)."""
+def check_runtime(device, dtype, device_map=None):
+    """--device, --dtype and --device-map, checked before anything is loaded or written: an
+    unknown device, CUDA asked for where there is none, or a device map that cannot be used
+    (resolve_device_map; with --device beside it) is a UsageError; float16 on a CPU only warns (it
+    is emulated there, and slower than float32). Returns the device the run computes on (under a
+    device map: map_device)."""
+    if device_map is not None:
+        if device is not None:
+            raise UsageError(f"pass --device or --device-map, not both (the map names the devices; "
+                             f"--device {device} would put the whole model on one)")
+        device = map_device(resolve_device_map(device_map)).type
     try:
         resolved = resolve_device(device)
     except RuntimeError:
@@ -100,6 +107,73 @@ def check_runtime(device, dtype):
         warnings.warn("--dtype float16 on a CPU is emulated and slower than float32; "
                       "float32 is the CPU default", stacklevel=2)
     return resolved
+
+
+# What --device-map takes besides a JSON file: accelerate's strategies for placing a model's
+# layers on the visible GPUs, then the CPU (the names from_pretrained(device_map=...) takes).
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def resolve_device_map(value):
+    """--device-map: None (the whole model on --device), one of DEVICE_MAP_STRATEGIES, or a JSON
+    file (or, from Python, a dict) mapping module names to devices ({"model.embed_tokens": 0, "model.layers.0": 0, ...,
+    "lm_head": 1}; a device is a GPU index, "cuda:N", "cpu" or "disk": weights kept in CPU memory
+    or read from the checkpoint for each forward). Returns None, the strategy, or the dict;
+    anything else, or a map without accelerate installed, is a UsageError."""
+    if value is None:
+        return None
+    try:
+        import accelerate  # noqa: F401  (from_pretrained's device_map needs it)
+    except ImportError:
+        raise UsageError("--device-map needs the accelerate package: pip install accelerate "
+                         "(the version in requirements.txt)") from None
+    if isinstance(value, str) and value in DEVICE_MAP_STRATEGIES:
+        return value
+    mapping = value if isinstance(value, dict) else _read_device_map(value)
+    if not isinstance(mapping, dict) or not mapping or \
+            not all(_map_device(device) for device in mapping.values()):
+        raise UsageError(f"--device-map {value}: write a non-empty JSON object from module names "
+                         f"to devices: a GPU index, \"cuda:N\", \"cpu\" or \"disk\"")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    named = {int(str(d).rpartition(":")[2]) for d in mapping.values() if _map_device(d) == "cuda"}
+    missing = [f"cuda:{index}" for index in sorted(named) if index >= gpus]
+    if missing:
+        raise UsageError(f"--device-map {value}: this machine has {gpus} visible GPU(s), the map "
+                         f"names {', '.join(missing)}; pass a map of the devices it has")
+    return mapping
+
+
+def _read_device_map(value):
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise UsageError(f"--device-map {value}: pass one of {', '.join(DEVICE_MAP_STRATEGIES)} "
+                         f"or a JSON file mapping module names to devices")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UsageError(f"--device-map {value}: not a JSON file ({err}); write an object such "
+                         f"as {{\"model.layers.0\": 0, \"lm_head\": \"cpu\"}}") from None
+
+
+def map_device(mapping):
+    """The kind of device a resolved device map computes on (what --dtype's default and the
+    batch sizes follow): cuda where the map names a GPU (a strategy: where one is visible), else
+    cpu."""
+    if isinstance(mapping, str):
+        return resolve_device(None)
+    on_gpu = any(_map_device(device) == "cuda" for device in mapping.values())
+    return torch.device("cuda" if on_gpu else "cpu")
+
+
+def _map_device(device):
+    """"cuda", "cpu" or "disk" for a device map's value, None for one that names no device."""
+    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+        return "cuda"
+    if device in ("cpu", "disk"):
+        return device
+    if isinstance(device, str) and re.fullmatch(r"cuda:\d+", device):
+        return "cuda"
+    return None
 
 
 def resolve_dtype(dtype, device):
@@ -135,38 +209,117 @@ def load_model_config(name_or_path=DEFAULT_MODEL):
         raise _hub_error(name_or_path, err) from None
 
 
-def load_model(name_or_path=DEFAULT_MODEL, dtype=None, device=None, seed=0):
-    """Load (model, tokenizer) in eval mode on `device`.
+def load_model(name_or_path=DEFAULT_MODEL, dtype=None, device=None, seed=0, device_map=None,
+               offload_folder=None):
+    """Load (model, tokenizer) in eval mode on `device`, or spread over devices by `device_map`.
 
     name_or_path: a hub id, a local folder, or "tiny-random" (small random Qwen2, built with `seed`).
     dtype: None picks bfloat16 on CUDA and float32 on CPU.
+    device_map: None, or what --device-map takes (resolve_device_map): the layers placed by
+    accelerate (model.hf_device_map says where each went; input_device(model) is where inputs go).
+    offload_folder: where weights mapped to "disk" are written when they cannot be read from the
+    checkpoint itself (always for tiny-random; a temporary folder when None).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
-    device = resolve_device(device)
+    device_map = resolve_device_map(device_map)
+    device = resolve_device(device) if device_map is None else map_device(device_map)
     dtype = resolve_dtype(dtype, device)
     if name_or_path == TINY_MODEL:
         tokenizer = tiny_tokenizer()
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(tiny_config(len(tokenizer)))
+        if device_map is not None:
+            model = _dispatch(model.to(dtype), device_map, offload_folder)
     else:
         local = Path(name_or_path).expanduser()
         source = str(local) if local.exists() else name_or_path
+        placement = {} if device_map is None else {"device_map": device_map,
+                                                   "offload_folder": offload_folder}
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
         except (OSError, ValueError) as err:
+            if device_map is not None and ("device_map" in str(err) or "offload" in str(err)):
+                raise UsageError(f"--device-map: {err}") from None
             raise _hub_error(name_or_path, err) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device=device, dtype=dtype).eval()
+    if device_map is None:  # a dispatched model must not be moved: its hooks hold the placement
+        model.to(device=device, dtype=dtype)
+    model.eval()
     model.name_or_path_for_results = name_or_path
     return model, tokenizer
+
+
+def _dispatch(model, device_map, offload_folder):
+    """A model built in memory, placed as from_pretrained places a checkpoint: a strategy name
+    becomes a map (accelerate.infer_auto_device_map over the visible devices' free memory), then
+    accelerate.dispatch_model moves the layers and hooks them. Weights mapped to "disk" go to
+    `offload_folder` (None: a temporary folder, removed when the process ends)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory, get_max_memory
+    no_split = model._no_split_modules
+    if isinstance(device_map, str):
+        memory = get_max_memory() if device_map == "sequential" else get_balanced_memory(
+            model, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=memory,
+                                           no_split_module_classes=no_split)
+    if "disk" in device_map.values() and offload_folder is None:
+        import atexit
+        import shutil
+        import tempfile
+        offload_folder = tempfile.mkdtemp(prefix="offload-")
+        atexit.register(shutil.rmtree, offload_folder, ignore_errors=True)
+    try:
+        model = dispatch_model(model, device_map, offload_dir=offload_folder,
+                               skip_keys=model._skip_keys_device_placement)
+    except ValueError as err:  # e.g. a module the map does not place
+        raise UsageError(f"--device-map: {err}") from None
+    model.hf_device_map = dict(device_map)
+    return model
 
 
 # Architecture accessors: experiments never spell out model.model.layers[i].
 
 def decoder_layers(model):
     return model.model.layers
+
+
+def embeddings(model):
+    return model.model.embed_tokens
+
+
+def input_device(model):
+    """Where the model reads its input ids: the embedding's device. Under a device map (layers on
+    several devices, some weights offloaded and left on the meta device between forwards), the
+    device accelerate runs the embedding on; tensors built for the model's input go here, and
+    everything derived from the prompt is kept here (hooks move what they need to each layer)."""
+    embed = embeddings(model)
+    hook = getattr(embed, "_hf_hook", None)
+    for one in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        if getattr(one, "execution_device", None) is not None:
+            return torch.device(one.execution_device)
+    return embed.weight.device
+
+
+def device_split(model):
+    """Whether a device map spread the weights over several devices or offloaded some (to the CPU
+    or disk), so that no single device holds them all (model.hf_device_map, from --device-map)."""
+    placed = set(map(str, (getattr(model, "hf_device_map", None) or {}).values()))
+    return len(placed) > 1 or "disk" in placed
+
+
+def read_weight(module, name="weight"):
+    """A module's own parameter `name`, detached, where it lives; also where a device map
+    offloaded it (accelerate leaves offloaded weights on the meta device between forwards and loads
+    them for each forward: align_module_device loads a copy the same way, on the device the module
+    runs on)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None or not getattr(hook, "offload", False):
+        return getattr(module, name).detach()
+    from accelerate.utils import align_module_device
+    with align_module_device(module):
+        return getattr(module, name).detach().clone()
 
 
 def num_layers(model_or_config):
@@ -231,10 +384,10 @@ def head_projections(model, layer, fold_norm=False):
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     d_head = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     attn = decoder_layers(model)[layer].self_attn
-    w_q = attn.q_proj.weight.detach().float().cpu()
-    w_k = attn.k_proj.weight.detach().float().cpu()
+    w_q = read_weight(attn.q_proj).float().cpu()
+    w_k = read_weight(attn.k_proj).float().cpu()
     if fold_norm:
-        gamma = decoder_layers(model)[layer].input_layernorm.weight.detach().float().cpu()
+        gamma = read_weight(decoder_layers(model)[layer].input_layernorm).float().cpu()
         w_q, w_k = w_q * gamma, w_k * gamma
     group = torch.arange(n_heads) // (n_heads // n_kv)
     return w_q.view(n_heads, d_head, -1), w_k.view(n_kv, d_head, -1)[group]
@@ -301,7 +454,7 @@ def layer_output_hook(model, layer, fn):
             return None
         return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
 
-    module = model.model.embed_tokens if layer == -1 else decoder_layers(model)[layer]
+    module = embeddings(model) if layer == -1 else decoder_layers(model)[layer]
     handle = module.register_forward_hook(hook)
     try:
         yield
@@ -316,22 +469,23 @@ class _StopForward(Exception):
 @torch.no_grad()
 def capture_layer_outputs(model, input_ids, attention_mask, layers, cache=None):
     """Hidden states after each of `layers` (-1 = embeddings): dict layer -> (B, T, d), model dtype,
-    on the model's device. Stops the forward pass after the last requested layer; with a `cache`,
-    the layers up to it leave their keys and values there."""
+    on input_ids' device (under a device map each is moved there from its layer's device). Stops
+    the forward pass after the last requested layer; with a `cache`, the layers up to it leave
+    their keys and values there."""
     layers = sorted(set(layers))
     captured = {}
     last = layers[-1]
 
     def grab(layer):
         def fn(hidden):
-            captured[layer] = hidden.detach()
+            captured[layer] = hidden.detach().to(input_ids.device)
             if layer == last:
                 raise _StopForward
         return fn
 
     handles = []
     if -1 in layers:
-        handles.append(model.model.embed_tokens.register_forward_hook(
+        handles.append(embeddings(model).register_forward_hook(
             lambda m, i, o: grab(-1)(o)))
     try:
         with _hooks(model, [(l, grab(l)) for l in layers if l >= 0]):
@@ -533,9 +687,10 @@ def model_fingerprint(model):
     """A short hash of the model's identity (name, config, dtype and a checksum of its weights)
     for cache keys: another checkpoint at the same path, or another seed, never reuses a cache."""
     with torch.no_grad():
-        checksum = [float(p.detach().float().abs().sum()) for _, p in
-                    zip(range(8), model.parameters())] + [
-            float(decoder_layers(model)[-1].mlp.down_proj.weight.detach().float().abs().sum())]
+        first = [name.rpartition(".") for _, (name, _) in zip(range(8), model.named_parameters())]
+        checksum = [float(read_weight(model.get_submodule(owner), attr).float().abs().sum())
+                    for owner, _, attr in first] + [
+            float(read_weight(decoder_layers(model)[-1].mlp.down_proj).float().abs().sum())]
     blob = json.dumps({"name": getattr(model, "name_or_path_for_results", None),
                        "config": model.config.to_dict(), "weights": checksum,
                        "dtype": str(next(model.parameters()).dtype)}, sort_keys=True, default=str)
@@ -629,7 +784,7 @@ def extract_activations(model, tokenizer, texts, layers, pool="mean", drop_first
                                   skip_prefix)
     if path is not None and path.exists():
         return torch.load(path)
-    device = next(model.parameters()).device
+    device = input_device(model)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     results = [None] * len(texts)
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False):
@@ -660,6 +815,7 @@ def add_common_args(parser, out_default):
                         help="weights and activations; None: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--device", default=None,
                         help="cpu or cuda; None: cuda if available, else cpu")
+    add_device_map_arg(parser)
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds torch, numpy and random (random subspaces, splits, pairings)")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
@@ -673,6 +829,17 @@ def add_common_args(parser, out_default):
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run in --out (same flags as its "
                              "config.json); finished work is kept")
+    return parser
+
+
+def add_device_map_arg(parser):
+    """--device-map, for a model larger than one GPU (every script and study.py)."""
+    parser.add_argument("--device-map", default=None, metavar="MAP",
+                        help="spread the model's layers over devices instead of --device: auto "
+                             "(the visible GPUs, then CPU memory), balanced, balanced_low_0, "
+                             "sequential, or a JSON file mapping module names to devices "
+                             "({\"model.layers.0\": 0, ..., \"lm_head\": 1}); config.json "
+                             "records where each module went. Default: the whole model on --device")
     return parser
 
 

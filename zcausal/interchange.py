@@ -33,10 +33,11 @@ from zcausal.decoding import layer_kv
 class Prefixes:
     """Clean keys and values of every prompt's prefix, at every layer.
 
-    kv: list over layers of (keys, values), each (U, H_kv, P, d_head), model dtype and device,
-    left-padded to the longest prefix P (padded entries are zero); mask: (U, P) long, 1 on real
-    prefix tokens; suffix_ids: (U, m) long, each prompt's last m tokens; length: (U,) long, real
-    prompt lengths T (prefix + suffix).
+    kv: list over layers of (keys, values), each (U, H_kv, P, d_head), model dtype, on that layer's
+    device (one device unless a device map split the model), left-padded to the longest prefix P
+    (padded entries are zero); mask: (U, P) long, 1 on real prefix tokens; suffix_ids: (U, m)
+    long, each prompt's last m tokens; length: (U,) long, real prompt lengths T (prefix + suffix);
+    these three on the model's input device.
     """
     kv: list
     mask: torch.Tensor
@@ -58,9 +59,10 @@ def encode_prefixes(model, ids, m, batch_size=16):
     """Run each prompt's prefix (ids[u][:-m]) once and keep its keys and values at every layer.
 
     ids: list of U token-id lists, each at least m long (an empty prefix is allowed). Returns
-    Prefixes on the model's device.
+    Prefixes: mask, suffix_ids and length on the model's input device (common.input_device), each
+    layer's keys and values on that layer's device.
     """
-    device = next(model.parameters()).device
+    device = common.input_device(model)
     n_layers = common.num_layers(model)
     if any(len(x) < m for x in ids):
         raise ValueError(f"every prompt needs at least m = {m} tokens")
@@ -85,15 +87,16 @@ def encode_prefixes(model, ids, m, batch_size=16):
         common.capture_layer_outputs(model, batch, local_mask, [n_layers - 1], cache)
         index = torch.tensor(rows, device=device)
         mask[index, width - local:] = local_mask
-        keep = local_mask.bool()[:, None, :, None]
         for layer in range(n_layers):
             for slot, tensor in enumerate(layer_kv(cache, layer)):
                 if kv[layer] is None:
                     shape = (len(ids), tensor.shape[1], width, tensor.shape[3])
-                    kv[layer] = [torch.zeros(shape, dtype=tensor.dtype, device=device),
-                                 torch.zeros(shape, dtype=tensor.dtype, device=device)]
+                    kv[layer] = [torch.zeros(shape, dtype=tensor.dtype, device=tensor.device),
+                                 torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)]
                 # zero the padding: a fully padded row must not carry NaN or junk into attention
-                kv[layer][slot][index, :, width - local:] = torch.where(keep, tensor, 0)
+                keep = local_mask.bool()[:, None, :, None].to(tensor.device)
+                kv[layer][slot][index.to(tensor.device), :, width - local:] = \
+                    torch.where(keep, tensor, 0)
     if kv[0] is None:  # every prefix empty
         cfg = model.config
         d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -210,15 +213,17 @@ class _PrefixKV:
 
     def update(self, keys, values, layer_idx, *args, **kwargs):
         old_keys, old_values = self.prefixes.kv[layer_idx]
-        return (torch.cat([old_keys[self.rows, :, self.start:], keys], 2),
-                torch.cat([old_values[self.rows, :, self.start:], values], 2))
+        rows = self.rows.to(old_keys.device)  # under a device map, the layer's own device
+        return (torch.cat([old_keys[rows, :, self.start:].to(keys.device), keys], 2),
+                torch.cat([old_values[rows, :, self.start:].to(values.device), values], 2))
 
 
 def run_layers(model, prefixes, block, hidden, start, mask=None, capture=False, stop=None):
     """Run the query block through decoder layers start..stop-1 (stop None: the last layer) from
     `hidden` (B, Q, d), the residual stream entering layer `start` (the output of layer start - 1;
     the embeddings for start = 0). Returns the last layer's output (B, Q, d), and with capture a
-    dict layer -> output of every layer run."""
+    dict layer -> output of every layer run; each on its layer's device (under a device map the
+    layers' hooks move their inputs there)."""
     mask = attention_mask(prefixes, block, hidden.dtype) if mask is None else mask
     rotary = model.model.rotary_emb(hidden, block.position)
     cache = _PrefixKV(prefixes, block)
@@ -236,7 +241,7 @@ def run_layers(model, prefixes, block, hidden, start, mask=None, capture=False, 
 
 def embed(model, block):
     """The query block's token embeddings (B, Q, d): the residual stream 'at layer -1'."""
-    return model.model.embed_tokens(block.ids)
+    return common.embeddings(model)(block.ids)
 
 
 def with_probe(continuation, languages):
@@ -256,19 +261,20 @@ def score(model, hidden, block, languages=None):
     (the first answer token the run would write). With `languages` (common.LanguageClasses; each
     segment then ends with the probe of with_probe, which is not scored): lang (B, R) float32, the
     language margin after the continuation (common.language_margin: log P(Latin word) - log
-    P(Chinese word) next, a lone space marginalised).
+    P(Chinese word) next, a lone space marginalised). All on the block's device.
     """
     m = block.m
     probe = int(languages is not None and languages.space_id is not None)
     normed = model.model.norm(hidden[:, m - 1:])
-    logits = model.lm_head(normed).float()  # (B, Q - m + 1, V): column c predicts token c + 1
+    # (B, Q - m + 1, V): column c predicts token c + 1; from lm_head's device to the block's
+    logits = model.lm_head(normed).float().to(block.ids.device)
     logprobs = torch.log_softmax(logits, -1)
     B = hidden.shape[0]
-    arange = torch.arange(B, device=hidden.device)
+    arange = torch.arange(B, device=logits.device)
     logp, first, greedy, lang = [], [], [], []
     for r, targets in enumerate(block.targets):
         w = targets.shape[1]
-        t = torch.arange(w, device=hidden.device)[None]
+        t = torch.arange(w, device=logits.device)[None]
         pred = torch.where(t == 0, 0, block.seg_start[r] - m + t)  # logits column of token t
         n_scored = block.seg_len[:, r:r + 1] - probe
         valid = t < n_scored
