@@ -1,7 +1,7 @@
 """What the Phase 3 experiments share about the model: loading it, the Z basis, hooks and subspace
 patching, and activation extraction (pooled means, token clouds, the on-disk cache). Prompts and
 answers live in zcausal/problems.py, decoding in zcausal/decoding.py, run bookkeeping in
-zcausal/runs.py.
+zcausal/runs.py, a model split across devices (--device-map) in zcausal/placement.py.
 
 Conventions used throughout:
 - Layers are 0-indexed `model.model.layers[l]`; "hidden state at layer l" is the output of decoder
@@ -9,6 +9,7 @@ Conventions used throughout:
 - Bases are float32 tensors of shape (k, d) with orthonormal rows; P = V.T @ V is never formed on
   the hot path, projections are applied in low-rank form (x V^T) V.
 - Batches are left-padded, so the last column is every row's last prompt token.
+- Inputs go to input_device(model), the embedding's device; under --device-map, hooks move them on.
 """
 import functools
 import hashlib
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from zcausal import placement
+from zcausal.placement import device_split, input_device, read_weight  # noqa: F401  (accessors)
 from zcausal.runs import UsageError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-3B"
@@ -85,14 +88,10 @@ def resolve_device(device):
 def check_runtime(device, dtype, device_map=None):
     """--device, --dtype and --device-map, checked before anything is loaded or written: an
     unknown device, CUDA asked for where there is none, or a device map that cannot be used
-    (resolve_device_map; with --device beside it) is a UsageError; float16 on a CPU only warns (it
-    is emulated there, and slower than float32). Returns the device the run computes on (under a
-    device map: map_device)."""
+    (placement.check_device_map) is a UsageError; float16 on a CPU only warns (it is emulated
+    there, and slower than float32). Returns the device the run computes on."""
     if device_map is not None:
-        if device is not None:
-            raise UsageError(f"pass --device or --device-map, not both (the map names the devices; "
-                             f"--device {device} would put the whole model on one)")
-        device = map_device(resolve_device_map(device_map)).type
+        device = placement.check_device_map(device_map, device)
     try:
         resolved = resolve_device(device)
     except RuntimeError:
@@ -107,73 +106,6 @@ def check_runtime(device, dtype, device_map=None):
         warnings.warn("--dtype float16 on a CPU is emulated and slower than float32; "
                       "float32 is the CPU default", stacklevel=2)
     return resolved
-
-
-# What --device-map takes besides a JSON file: accelerate's strategies for placing a model's
-# layers on the visible GPUs, then the CPU (the names from_pretrained(device_map=...) takes).
-DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def resolve_device_map(value):
-    """--device-map: None (the whole model on --device), one of DEVICE_MAP_STRATEGIES, or a JSON
-    file (or, from Python, a dict) mapping module names to devices ({"model.embed_tokens": 0, "model.layers.0": 0, ...,
-    "lm_head": 1}; a device is a GPU index, "cuda:N", "cpu" or "disk": weights kept in CPU memory
-    or read from the checkpoint for each forward). Returns None, the strategy, or the dict;
-    anything else, or a map without accelerate installed, is a UsageError."""
-    if value is None:
-        return None
-    try:
-        import accelerate  # noqa: F401  (from_pretrained's device_map needs it)
-    except ImportError:
-        raise UsageError("--device-map needs the accelerate package: pip install accelerate "
-                         "(the version in requirements.txt)") from None
-    if isinstance(value, str) and value in DEVICE_MAP_STRATEGIES:
-        return value
-    mapping = value if isinstance(value, dict) else _read_device_map(value)
-    if not isinstance(mapping, dict) or not mapping or \
-            not all(_map_device(device) for device in mapping.values()):
-        raise UsageError(f"--device-map {value}: write a non-empty JSON object from module names "
-                         f"to devices: a GPU index, \"cuda:N\", \"cpu\" or \"disk\"")
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    named = {int(str(d).rpartition(":")[2]) for d in mapping.values() if _map_device(d) == "cuda"}
-    missing = [f"cuda:{index}" for index in sorted(named) if index >= gpus]
-    if missing:
-        raise UsageError(f"--device-map {value}: this machine has {gpus} visible GPU(s), the map "
-                         f"names {', '.join(missing)}; pass a map of the devices it has")
-    return mapping
-
-
-def _read_device_map(value):
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise UsageError(f"--device-map {value}: pass one of {', '.join(DEVICE_MAP_STRATEGIES)} "
-                         f"or a JSON file mapping module names to devices")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UsageError(f"--device-map {value}: not a JSON file ({err}); write an object such "
-                         f"as {{\"model.layers.0\": 0, \"lm_head\": \"cpu\"}}") from None
-
-
-def map_device(mapping):
-    """The kind of device a resolved device map computes on (what --dtype's default and the
-    batch sizes follow): cuda where the map names a GPU (a strategy: where one is visible), else
-    cpu."""
-    if isinstance(mapping, str):
-        return resolve_device(None)
-    on_gpu = any(_map_device(device) == "cuda" for device in mapping.values())
-    return torch.device("cuda" if on_gpu else "cpu")
-
-
-def _map_device(device):
-    """"cuda", "cpu" or "disk" for a device map's value, None for one that names no device."""
-    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
-        return "cuda"
-    if device in ("cpu", "disk"):
-        return device
-    if isinstance(device, str) and re.fullmatch(r"cuda:\d+", device):
-        return "cuda"
-    return None
 
 
 def resolve_dtype(dtype, device):
@@ -215,33 +147,30 @@ def load_model(name_or_path=DEFAULT_MODEL, dtype=None, device=None, seed=0, devi
 
     name_or_path: a hub id, a local folder, or "tiny-random" (small random Qwen2, built with `seed`).
     dtype: None picks bfloat16 on CUDA and float32 on CPU.
-    device_map: None, or what --device-map takes (resolve_device_map): the layers placed by
-    accelerate (model.hf_device_map says where each went; input_device(model) is where inputs go).
-    offload_folder: where weights mapped to "disk" are written when they cannot be read from the
-    checkpoint itself (always for tiny-random; a temporary folder when None).
+    device_map: None, or what --device-map takes (placement.resolve_device_map): the layers placed
+    by accelerate (model.hf_device_map says where; input_device(model) is where inputs go), weights
+    mapped to "disk" written to offload_folder where the checkpoint cannot serve them.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
-    device_map = resolve_device_map(device_map)
-    device = resolve_device(device) if device_map is None else map_device(device_map)
+    device_map = placement.resolve_device_map(device_map)
+    device = resolve_device(device) if device_map is None else placement.map_device(device_map)
     dtype = resolve_dtype(dtype, device)
     if name_or_path == TINY_MODEL:
         tokenizer = tiny_tokenizer()
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(tiny_config(len(tokenizer)))
+        model = Qwen2ForCausalLM(tiny_config(len(tokenizer))).to(dtype)
         if device_map is not None:
-            model = _dispatch(model.to(dtype), device_map, offload_folder)
+            model = placement.dispatch(model, device_map, offload_folder)
     else:
         local = Path(name_or_path).expanduser()
         source = str(local) if local.exists() else name_or_path
-        placement = {} if device_map is None else {"device_map": device_map,
-                                                   "offload_folder": offload_folder}
+        placed = {} if device_map is None else dict(device_map=device_map,
+                                                    offload_folder=offload_folder)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placed)
         except (OSError, ValueError) as err:
-            if device_map is not None and ("device_map" in str(err) or "offload" in str(err)):
-                raise UsageError(f"--device-map: {err}") from None
-            raise _hub_error(name_or_path, err) from None
+            raise placement.map_error(err, device_map) or _hub_error(name_or_path, err) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device_map is None:  # a dispatched model must not be moved: its hooks hold the placement
@@ -249,34 +178,6 @@ def load_model(name_or_path=DEFAULT_MODEL, dtype=None, device=None, seed=0, devi
     model.eval()
     model.name_or_path_for_results = name_or_path
     return model, tokenizer
-
-
-def _dispatch(model, device_map, offload_folder):
-    """A model built in memory, placed as from_pretrained places a checkpoint: a strategy name
-    becomes a map (accelerate.infer_auto_device_map over the visible devices' free memory), then
-    accelerate.dispatch_model moves the layers and hooks them. Weights mapped to "disk" go to
-    `offload_folder` (None: a temporary folder, removed when the process ends)."""
-    from accelerate import dispatch_model, infer_auto_device_map
-    from accelerate.utils import get_balanced_memory, get_max_memory
-    no_split = model._no_split_modules
-    if isinstance(device_map, str):
-        memory = get_max_memory() if device_map == "sequential" else get_balanced_memory(
-            model, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0")
-        device_map = infer_auto_device_map(model, max_memory=memory,
-                                           no_split_module_classes=no_split)
-    if "disk" in device_map.values() and offload_folder is None:
-        import atexit
-        import shutil
-        import tempfile
-        offload_folder = tempfile.mkdtemp(prefix="offload-")
-        atexit.register(shutil.rmtree, offload_folder, ignore_errors=True)
-    try:
-        model = dispatch_model(model, device_map, offload_dir=offload_folder,
-                               skip_keys=model._skip_keys_device_placement)
-    except ValueError as err:  # e.g. a module the map does not place
-        raise UsageError(f"--device-map: {err}") from None
-    model.hf_device_map = dict(device_map)
-    return model
 
 
 # Architecture accessors: experiments never spell out model.model.layers[i].
@@ -287,39 +188,6 @@ def decoder_layers(model):
 
 def embeddings(model):
     return model.model.embed_tokens
-
-
-def input_device(model):
-    """Where the model reads its input ids: the embedding's device. Under a device map (layers on
-    several devices, some weights offloaded and left on the meta device between forwards), the
-    device accelerate runs the embedding on; tensors built for the model's input go here, and
-    everything derived from the prompt is kept here (hooks move what they need to each layer)."""
-    embed = embeddings(model)
-    hook = getattr(embed, "_hf_hook", None)
-    for one in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
-        if getattr(one, "execution_device", None) is not None:
-            return torch.device(one.execution_device)
-    return embed.weight.device
-
-
-def device_split(model):
-    """Whether a device map spread the weights over several devices or offloaded some (to the CPU
-    or disk), so that no single device holds them all (model.hf_device_map, from --device-map)."""
-    placed = set(map(str, (getattr(model, "hf_device_map", None) or {}).values()))
-    return len(placed) > 1 or "disk" in placed
-
-
-def read_weight(module, name="weight"):
-    """A module's own parameter `name`, detached, where it lives; also where a device map
-    offloaded it (accelerate leaves offloaded weights on the meta device between forwards and loads
-    them for each forward: align_module_device loads a copy the same way, on the device the module
-    runs on)."""
-    hook = getattr(module, "_hf_hook", None)
-    if hook is None or not getattr(hook, "offload", False):
-        return getattr(module, name).detach()
-    from accelerate.utils import align_module_device
-    with align_module_device(module):
-        return getattr(module, name).detach().clone()
 
 
 def num_layers(model_or_config):
@@ -469,9 +337,8 @@ class _StopForward(Exception):
 @torch.no_grad()
 def capture_layer_outputs(model, input_ids, attention_mask, layers, cache=None):
     """Hidden states after each of `layers` (-1 = embeddings): dict layer -> (B, T, d), model dtype,
-    on input_ids' device (under a device map each is moved there from its layer's device). Stops
-    the forward pass after the last requested layer; with a `cache`, the layers up to it leave
-    their keys and values there."""
+    on input_ids' device (moved from their layers'). Stops the forward pass after the last
+    requested layer; with a `cache`, the layers up to it leave their keys and values there."""
     layers = sorted(set(layers))
     captured = {}
     last = layers[-1]
@@ -687,9 +554,9 @@ def model_fingerprint(model):
     """A short hash of the model's identity (name, config, dtype and a checksum of its weights)
     for cache keys: another checkpoint at the same path, or another seed, never reuses a cache."""
     with torch.no_grad():
-        first = [name.rpartition(".") for _, (name, _) in zip(range(8), model.named_parameters())]
-        checksum = [float(read_weight(model.get_submodule(owner), attr).float().abs().sum())
-                    for owner, _, attr in first] + [
+        checksum = [float(read_weight(model.get_submodule(name.rpartition(".")[0]),
+                                      name.rpartition(".")[2]).float().abs().sum())
+                    for _, (name, _) in zip(range(8), model.named_parameters())] + [
             float(read_weight(decoder_layers(model)[-1].mlp.down_proj).float().abs().sum())]
     blob = json.dumps({"name": getattr(model, "name_or_path_for_results", None),
                        "config": model.config.to_dict(), "weights": checksum,
@@ -815,7 +682,7 @@ def add_common_args(parser, out_default):
                         help="weights and activations; None: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--device", default=None,
                         help="cpu or cuda; None: cuda if available, else cpu")
-    add_device_map_arg(parser)
+    placement.add_device_map_arg(parser)
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds torch, numpy and random (random subspaces, splits, pairings)")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
@@ -829,17 +696,6 @@ def add_common_args(parser, out_default):
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run in --out (same flags as its "
                              "config.json); finished work is kept")
-    return parser
-
-
-def add_device_map_arg(parser):
-    """--device-map, for a model larger than one GPU (every script and study.py)."""
-    parser.add_argument("--device-map", default=None, metavar="MAP",
-                        help="spread the model's layers over devices instead of --device: auto "
-                             "(the visible GPUs, then CPU memory), balanced, balanced_low_0, "
-                             "sequential, or a JSON file mapping module names to devices "
-                             "({\"model.layers.0\": 0, ..., \"lm_head\": 1}); config.json "
-                             "records where each module went. Default: the whole model on --device")
     return parser
 
 

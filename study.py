@@ -24,7 +24,7 @@ from pathlib import Path
 import common
 import bench
 import report
-from zcausal import problems, runs
+from zcausal import placement, problems, runs
 
 # what an interrupted study says to do (runs.run_cli)
 CONTINUE = "the same command (the study resumes itself)"
@@ -152,7 +152,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None, help="cpu or cuda; None: cuda if available")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="None: bfloat16 on CUDA, float32 on CPU")
-    common.add_device_map_arg(parser)
+    placement.add_device_map_arg(parser)
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = Path("results") / Path(args.model).name.lower()

@@ -178,8 +178,8 @@ def run_config(args, model=None, **extra):
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
                            "transformers": transformers.__version__, "numpy": np.__version__}}
     if model is not None:
-        import common  # here, not at the top: common imports this module
-        param, device = next(model.parameters()), common.input_device(model)
+        from zcausal import placement  # here: placement imports this module
+        param, device = next(model.parameters()), placement.input_device(model)
         name = getattr(model, "name_or_path_for_results", None)
         config["model"] = {"name_or_path": portable(name),
                            "revision": getattr(model.config, "_commit_hash", None),
@@ -189,21 +189,11 @@ def run_config(args, model=None, **extra):
                                            if device.type == "cuda" else platform.processor()
                                            or platform.machine()),
                            # where --device-map put each module (None: all on `device`)
-                           "device_map": device_map_record(model),
+                           "device_map": placement.device_map_record(model),
                            "num_layers": model.config.num_hidden_layers,
                            "hidden_size": model.config.hidden_size}
     config.update(extra)
     return config
-
-
-def device_map_record(model):
-    """model.hf_device_map as config.json keeps it ({module: "cuda:0" | "cpu" | "disk"}), or None
-    for a model loaded whole on one device."""
-    placed = getattr(model, "hf_device_map", None)
-    if placed is None:
-        return None
-    return {name: f"cuda:{device}" if isinstance(device, int) else str(device)
-            for name, device in placed.items()}
 
 
 def write_json(path, obj):
