@@ -42,7 +42,7 @@ def queries_and_keys(model, layer, hidden, position_ids):
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
-def attention_probs(model, queries, keys, allowed):
+def attention_probs(queries, keys, allowed):
     """softmax(q k^T / sqrt(d_head)) over the allowed keys, grouped-query heads expanded:
     queries (B, H, Q, d_head), keys (B, H_kv, K, d_head), allowed (B, Q, K) bool -> (B, H, Q, K)
     float32. A query row with no allowed key (padding) comes back all zeros."""
@@ -69,7 +69,7 @@ def layer_attention(model, layer, hidden, attention_mask):
     stream entering it is `hidden` (B, T, d), a left-padded batch with attention_mask (B, T)."""
     position_ids = common.position_ids_from_mask(attention_mask)
     q, k = queries_and_keys(model, layer, hidden, position_ids)
-    return attention_probs(model, q, k, causal_allowed(attention_mask))
+    return attention_probs(q, k, causal_allowed(attention_mask))
 
 
 def total_variation(p, q):
