@@ -154,7 +154,8 @@ def test_bench_tiny_runs_on_cuda(tmp_path):
 def test_layers_split_between_the_gpu_and_the_cpu_give_the_cpu_rows(gpu_and_cpu):
     """Layers that really run on two devices (here the GPU and the CPU: accelerate's main device
     set to the CPU keeps its CPU layers there): every tensor reaches the device of the module it
-    meets. float32 on both, so A's decode, E's rows and B's activations match the CPU run."""
+    meets. float32 on both, so A's readouts and decode, E's rows (the basis layer's attention
+    included), DAS's gradient and B's activations match the CPU run."""
     from accelerate import dispatch_model
     import pandas as pd
     from test_device_map import _interchange, _pairs, _patched_decode
@@ -169,6 +170,8 @@ def test_layers_split_between_the_gpu_and_the_cpu_give_the_cpu_rows(gpu_and_cpu)
     assert common.device_split(split) and common.input_device(split).type == "cpu"
     reference, out = (_patched_decode(m, tok, "eager") for m in (cpu, split))
     assert torch.equal(out["tokens"], reference["tokens"])
+    for name in ("patch_size", "attn_tv_last", "attn_tv_all"):
+        torch.testing.assert_close(out[name], reference[name], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out["scores"][0], reference["scores"][0], atol=1e-4, rtol=1e-4)
     for model in (cpu, split):
         model.requires_grad_(False)

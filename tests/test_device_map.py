@@ -13,7 +13,7 @@ import torch
 
 import common
 import exp_e_layer_sweep as ee
-from zcausal import das, decoding, runs
+from zcausal import das, decoding, patching, runs
 from helpers import MIXED, conditions
 
 # The embedding (and the tied lm_head) on disk: the model's first parameter is then on the meta
@@ -52,25 +52,31 @@ def test_offloaded_weights_give_the_same_z_basis_and_fingerprint(models):
 
 
 def _patched_decode(model, tok, engine):
-    """Experiment A's call: a shared prefill at layer 2, rows selected from it, a patch of every
-    condition and scope, decoded and scored (with the language margin)."""
+    """Experiment A's calls: a shared prefill at layer 2, rows selected from it, a patch of every
+    condition and scope, its readouts (the patch's size and how far it moves layer 3's attention),
+    then the rows decoded and scored (with the language margin)."""
     ids, mask, _ = common.tokenize_left_padded(tok, MIXED)
     prefill = decoding.shared_prefill(model, ids, mask, 2)
     rows = decoding.select_prefill(prefill, [0, 1, 2, 3, 4])
     patch = conditions(model, 5)
+    readouts = patching.patch_readouts(model, patch, rows["hidden"], rows["attention_mask"],
+                                       patching.attention_read_layer(model, patch.stream))
     answers = [tok(f" {n}", add_special_tokens=False)["input_ids"] for n in (12, 7, 48, 3, 120)]
-    return decoding.generate_and_score(
+    out = decoding.generate_and_score(
         model, rows["input_ids"], rows["attention_mask"], 6, patch, stop_ids=[0],
         score=[answers, answers[::-1]], prefill=rows, return_logits=True, engine=engine,
         languages=common.LanguageClasses(tok), margin_sets=[0])
+    return dict(out, **readouts)
 
 
 def test_patched_decode_and_scores_are_the_same_on_the_split_model(models, capsys):
     (whole, tok), (split, _) = models
     reference = _patched_decode(whole, tok, "eager")
+    assert reference["attn_tv_last"].isfinite().all() and reference["attn_tv_last"].max() > 0
     for engine in ("fast", "auto"):  # neither can run fast on a split model: the eager loop runs
         out = _patched_decode(split, tok, engine)
-        for name in ("tokens", "lengths", "logits", "top1"):
+        for name in ("tokens", "lengths", "logits", "top1", "patch_size", "attn_tv_last",
+                     "attn_tv_all"):
             assert torch.equal(out[name], reference[name]), name
         for name in ("scores", "first_scores", "margins"):  # margins: NaN on the second set
             for a, b in zip(out[name], reference[name]):
@@ -91,7 +97,8 @@ def _pairs(tok):
 
 def _interchange(model, tok):
     """Experiment E's clean states and patched rows at layer 1 (Z of layer 2, a random draw, none,
-    full), and DAS's loss and gradient at layer 1 on the same state."""
+    full) with the basis layer 3's attention read out, and DAS's loss and gradient at layer 1 on
+    the same state."""
     pairs = _pairs(tok)
     state = ee.prepare(model, tok, pairs, {"en": "Q: {question} A:", "zh": "问：{question} 答："},
                        [1, 2, 3, 0], 2, 2)
@@ -99,7 +106,7 @@ def _interchange(model, tok):
     named = [("z_basis", common.z_basis(model, 2, 4))]
     conds = ee.make_conditions(d, 4, named, 1, 0)
     batches = ee.make_batches(state, range(len(pairs)), len(conds.names), 3, torch.float32)
-    rows = ee.run_rows(model, state, 1, conds, batches)
+    rows = ee.run_rows(model, state, 1, conds, batches, basis_layer=3)
     data = das.das_data(model, state, [(0, 1), (1, 2), (2, 3), (3, 0)], 1, 3)
     basis = common.random_basis(d, 4, 0).requires_grad_(True)
     loss = das.interchange_loss(model, state.prefixes, data.block, data.hidden, data.sources, 1,
@@ -114,6 +121,7 @@ def test_interchange_rows_and_das_are_the_same_on_the_split_model(models):
         model.requires_grad_(False)
     state, rows, loss, grad = _interchange(whole, tok)
     state_s, rows_s, loss_s, grad_s = _interchange(split, tok)
+    assert rows.attn_tv_last.notna().all() and rows.attn_tv_last.max() > 0  # read out below 3
     pd.testing.assert_frame_equal(rows_s, rows, check_exact=True)
     pd.testing.assert_frame_equal(state_s.clean, state.clean, check_exact=True)
     assert torch.equal(state_s.hidden, state.hidden) and torch.equal(state_s.zh_last, state.zh_last)
