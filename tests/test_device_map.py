@@ -41,6 +41,7 @@ def test_the_split_model_is_split_and_config_json_says_where_each_module_went(mo
     record = runs.run_config(args, split)["model"]
     assert record["device_map"] == SPLIT and record["device"] == "cpu"
     assert runs.run_config(args, whole)["model"]["device_map"] is None
+    assert "device_map" not in runs.comparable_args(args)  # a run resumes on another split
 
 
 def test_offloaded_weights_give_the_same_z_basis_and_fingerprint(models):
