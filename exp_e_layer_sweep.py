@@ -23,13 +23,20 @@ and the Holm-corrected secondary ones are built from those rows alone
 disruption, pooled shifts, the language margin after the answer). Decoded spot checks at
 --decode-layers; then DAS at --das-layer, trained on the train split, steps chosen on validation,
 reported on the held-out test split with bootstrap intervals beside full interchange and Z.
+A second position set runs first (--positions; by default with bank problems): every token of
+the question takes, at layer l, the state at the same position of a counterfactual partner's
+prompt in the same language (the same problem with other numbers of the same digit counts, so
+the prompts align position by position), with the same conditions (zcausal/question.py).
 
 Outputs in --out: per-row clean.csv, per_problem.csv, random_rows.csv.gz, timing.csv, solved.csv,
 decode.csv, das_per_problem.csv, das_random_rows.csv.gz, das_training.csv, das_angles.csv,
-das_decode.csv, das_basis_k*.npy; tables per_layer.csv, draws.csv, das.csv, tests.csv,
-decode_summary.csv, das_decode_summary.csv; config.json (with the primary test); figures
-layer_sweep.png (layer_sweep_k<k>.png for the other k) and das.png under --figures
-(runs.figure_path), drawn by zcausal/summaries/exp_e_figures.py from the tables.
+das_decode.csv, das_basis_k*.npy, question_clean.csv, question_per_problem.csv,
+question_random_rows.csv.gz, question_timing.csv; tables per_layer.csv, draws.csv, das.csv,
+tests.csv, decode_summary.csv, das_decode_summary.csv, question_per_layer.csv,
+question_draws.csv, question_tests.csv; config.json (with the primary test and the
+counterfactual partners); figures layer_sweep.png (layer_sweep_k<k>.png for the other k),
+question_sweep.png and das.png under --figures (runs.figure_path), drawn by
+zcausal/summaries/exp_e_figures.py from the tables.
 """
 import json
 import time
@@ -42,9 +49,11 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import answered, das, decoding, interchange, problems, runs, stats
+from zcausal import answered, das, decoding, interchange, problems, question, runs, stats
+from zcausal.runs import done_values, keep_rows
 from zcausal.summaries import exp_e as summary
 from zcausal.summaries import exp_e_tables as tables
+from zcausal.summaries.exp_e_tables import write_rows
 
 FIXED = ["none", "full", "z_basis", "z_layer"]
 BANK_PAIRS = 300  # with --prompts bank and no --limit: the first 300 pairs are tried
@@ -131,22 +140,7 @@ def prepare(model, tokenizer, pairs, template, partner, m, batch_size):
 
 def clean_states(model, prefixes, canonical, batch_size, languages):
     """The canonical block's states at every layer (L + 1, N, Q, d) and its clean scores."""
-    n_layers = common.num_layers(model)
-    n, width = canonical.ids.shape
-    hidden = torch.empty(n_layers + 1, n, width, common.hidden_size(model),
-                         dtype=next(model.parameters()).dtype, device=canonical.ids.device)
-    parts = []
-    for start in range(0, n, batch_size):
-        index = list(range(start, min(n, start + batch_size)))
-        block = canonical.take(index)
-        emb = interchange.embed(model, block)
-        final, captured = interchange.run_layers(model, prefixes, block, emb, 0, capture=True)
-        hidden[0, index] = emb
-        for layer, states in captured.items():
-            hidden[layer + 1, index] = states
-        parts.append(interchange.score(model, final, block, languages))
-    scores = {key: torch.cat([p[key] for p in parts]).cpu() for key in parts[0]}
-    return hidden, scores
+    return interchange.block_states(model, prefixes, canonical, batch_size, languages)
 
 
 def last_states(model, tokenizer, texts, m, batch_size):
@@ -282,24 +276,6 @@ def run_rows(model, state, layer, conditions, batches):
 # ----------------------------------------------------------------------------------------------
 # The sweep
 
-def done_values(path, columns):
-    """The (tuples of) values of `columns` already in a CSV, for --resume."""
-    if not Path(path).is_file():
-        return set()
-    frame = runs.load_csv(path)
-    return set(zip(*(frame[c].tolist() for c in columns)))
-
-
-def keep_rows(path, columns, keep):
-    """Rewrite a CSV keeping only rows whose `columns` values are in `keep`: on --resume, the
-    rows an interrupted step appended before its marking file was written are dropped, not
-    duplicated."""
-    if Path(path).is_file():
-        frame = runs.load_csv(path)
-        mask = [values in keep for values in zip(*(frame[c].tolist() for c in columns))]
-        runs.write_csv(frame[mask], path)
-
-
 def per_problem_rows(measured, state, conditions, split, extra):
     """Every row of one layer (named conditions and random draws), with ids, split and draw: the
     raw scores and measures that every table and figure of the run is rebuilt from."""
@@ -315,14 +291,6 @@ def per_problem_rows(measured, state, conditions, split, extra):
     for key, value in reversed(list(extra.items())):
         frame.insert(0, key, value)
     return frame
-
-
-def write_rows(frame, out, prefix=""):
-    """The named conditions' rows to <prefix>per_problem.csv, the random draws' to
-    <prefix>random_rows.csv.gz (compressed: 19+ draws x pairs x layers rows)."""
-    random = frame.condition == "random"
-    runs.write_csv(frame[~random], out / f"{prefix}per_problem.csv", append=True)
-    runs.write_csv(frame[random], out / f"{prefix}random_rows.csv.gz", append=True)
 
 
 def query_flops(config, rows, width, prefix, n_layers_run, scored):
@@ -538,6 +506,7 @@ def validate(args):
                               f"fractions (train validation test) that sum to 1")
     pairs = problems.load_pairs(args, bank_limit=BANK_PAIRS)
     split_sizes(len(pairs), args.split)
+    args.positions = question.resolve_positions(args.positions, pairs)
     template = problems.get_template(problems.load_templates(args), "direct")
     return pairs, template
 
@@ -602,6 +571,10 @@ def main(args):
             random_basis_seeds="seed * 1000003 + k * 1009 + draw", solved=solved,
             language_margin="log P(Latin word) - log P(Chinese word) after the answer, a lone "
                             "space marginalised (common.language_margin)"))
+    if "question" in args.positions:  # the question's tokens from counterfactual partners
+        question.run_sweep(model, tokenizer, pairs, template, args, out, make_conditions)
+    if "last" not in args.positions:
+        return summary.replot(args)
     state = prepare(model, tokenizer, pairs, template, partner, args.last_m, args.batch_size)
     runs.write_csv(state.clean.assign(split=split), out / "clean.csv")
     run_sweep(model, state, args, out, split)
@@ -654,6 +627,12 @@ def build_parser():
     parser.add_argument("--last-m", type=int, default=1,
                         help="positions interchanged: the English prompt's last m take the "
                              "Chinese prompt's last m, aligned from the end")
+    parser.add_argument("--positions", nargs="+", choices=question.POSITIONS, default=None,
+                        help="position sets: last (the last --last-m positions from the Chinese "
+                             "prompt, then the decoded checks and DAS) and question (every token "
+                             "of the question from a counterfactual partner with other numbers, "
+                             "in the same language; bank problems only). Default: both with "
+                             "--prompts bank, else last")
     parser.add_argument("--min-span", type=float, default=1.0,
                         help="a swap pair enters the old mean-of-ratios `transfer` column (kept "
                              "for comparison, not in the summary) only when |ld_target - "

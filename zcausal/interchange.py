@@ -20,6 +20,9 @@ Segments are tree-masked: each sees the prefix, the suffix and its own earlier t
 another segment, and each starts at position T; one pass scores several continuations exactly as
 separate runs would. Padding at a segment's end is never attended to by a real token.
 Rows of a batch may come from different prompts: prefixes are left-padded, rows gather theirs.
+A patch may touch only some of the m suffix positions (masked_patch): the others are recomputed
+from the next layer on, clean but reading the patched ones (the question set of exp_e's sweep,
+zcausal/question.py, patches a question's tokens and recomputes the template's ending).
 """
 from dataclasses import dataclass
 
@@ -234,6 +237,30 @@ def run_layers(model, prefixes, block, hidden, start, mask=None, capture=False, 
     return (hidden, captured) if capture else hidden
 
 
+@torch.no_grad()
+def block_states(model, prefixes, block, batch_size, languages=None, width=None):
+    """The block's clean states at every layer and its clean scores, in batches of rows.
+
+    Returns (hidden (L + 1, B, width, d) in the model's dtype on its device, index 0 the
+    embeddings and l + 1 the output of layer l, the block's first `width` columns (None: all);
+    score()'s dict of the clean run, on the CPU)."""
+    n_layers = common.num_layers(model)
+    n, width = block.ids.shape[0], block.width if width is None else width
+    hidden = torch.empty(n_layers + 1, n, width, common.hidden_size(model),
+                         dtype=next(model.parameters()).dtype, device=block.ids.device)
+    parts = []
+    for start in range(0, n, batch_size):
+        index = list(range(start, min(n, start + batch_size)))
+        rows = block.take(index)
+        emb = embed(model, rows)
+        final, captured = run_layers(model, prefixes, rows, emb, 0, capture=True)
+        hidden[0, index] = emb[:, :width]
+        for layer, states in captured.items():
+            hidden[layer + 1, index] = states[:, :width]
+        parts.append(score(model, final, rows, languages))
+    return hidden, {key: torch.cat([p[key] for p in parts]).cpu() for key in parts[0]}
+
+
 def embed(model, block):
     """The query block's token embeddings (B, Q, d): the residual stream 'at layer -1'."""
     return model.model.embed_tokens(block.ids)
@@ -303,3 +330,14 @@ def subspace_patch(basis, complement, source):
     """A patch for patched_scores: h <- h + P_S (s - h) on the suffix (common.patch_subspace).
     basis (B, k, d), complement (B,) bool, source (B, m, d)."""
     return lambda suffix: common.patch_subspace(suffix, basis, complement, source)
+
+
+def masked_patch(patch, positions):
+    """`patch` (a patch for patched_scores) applied only at the suffix positions `positions`
+    (B, m) bool; every other suffix position comes back bit-identical, and is recomputed from the
+    next layer on like any clean position (e.g. a question's tokens patched, the template's
+    ending after them not)."""
+    def apply(suffix):
+        where = positions.to(suffix.device)[..., None]
+        return torch.where(where, patch(suffix).to(suffix.dtype), suffix)
+    return apply
