@@ -77,7 +77,8 @@ def question_tokens(tokenizer, text, span):
     """(token ids of `text`, [start, end) of the tokens that overlap the character span `span`):
     a token holding both template and question characters counts as the question's."""
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    inside = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < span[1] and b > span[0]]
+    inside = [i for i, (a, b) in enumerate(encoded["offset_mapping"])
+              if a < span[1] and b > span[0]]
     return encoded["input_ids"], (inside[0], inside[-1] + 1)
 
 
@@ -229,8 +230,8 @@ def labelled_rows(measured, state, conditions, extra):
     frame = measured.copy()
     frame.insert(0, "condition_name", [conditions.names[c] for c in frame.condition])
     frame.insert(1, "draw", [conditions.draws[c] for c in frame.condition])
-    frame["problem_id"] = [state.pairs[u]["id"] for u in frame.problem]
-    frame["source_id"] = [state.partner_pairs[u]["id"] for u in frame.problem]
+    frame.insert(2, "problem_id", [state.pairs[u]["id"] for u in frame.problem])
+    frame.insert(3, "source_id", [state.partner_pairs[u]["id"] for u in frame.problem])
     frame = frame.drop(columns=["condition", "problem"]).rename(
         columns={"condition_name": "condition"})
     for key, value in reversed(list(extra.items())):
