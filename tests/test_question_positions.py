@@ -205,9 +205,10 @@ def test_resume_keeps_finished_question_layers_and_replot_rebuilds_them(question
 
 def test_the_question_set_needs_bank_problems(tmp_path, capsys):
     prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps({"templates": {"direct": TEMPLATE}, "pairs": [
-        dict(id=f"p{i}", category="t", en=f"Tom has {i + 12} apples.",
-             zh=f"汤姆有{i + 12}个苹果。", answer=i + 12) for i in range(6)]}, ensure_ascii=False), encoding="utf-8")
+    pairs = [dict(id=f"p{i}", category="t", en=f"Tom has {i + 12} apples.",
+                  zh=f"汤姆有{i + 12}个苹果。", answer=i + 12) for i in range(6)]
+    prompts.write_text(json.dumps({"templates": {"direct": TEMPLATE}, "pairs": pairs},
+                                  ensure_ascii=False), encoding="utf-8")
     with pytest.raises(SystemExit) as exit_info:
         runs.run_cli(ee.main, cli(tmp_path, "--prompts", str(prompts)))
     err = capsys.readouterr().err.strip()
@@ -219,3 +220,37 @@ def test_the_question_set_needs_bank_problems(tmp_path, capsys):
     assert question.resolve_positions(None, bank.generate_bank(1)[:3]) == ["last", "question"]
     assert question.resolve_positions(["question", "last"], bank.generate_bank(1)[:3]) == \
         ["last", "question"]
+
+
+def test_the_sentence_says_down_to_which_layer_the_question_carries_the_answer(tmp_path):
+    """From hand-made tables: full interchange moves at least half the pairs up to layer 2 in
+    English (0.20 at layer 3) and never half in Chinese; Z of the basis layer carries it in
+    English (family-wise Holm p <= 0.05, at least half the pairs), not in Chinese."""
+    import pandas as pd
+    rows = []
+    for language, full in (("en", [1.0, 0.9, 0.6, 0.2, 0.0]), ("zh", [0.4, 0.3, 0.1, 0.0, 0.0])):
+        for layer, value in enumerate(full):
+            for condition, rate in (("full", value), ("z_basis", value / 2 + 0.1),
+                                    ("random", 0.05)):
+                rows.append(dict(language=language, k=50, layer=layer, condition=condition,
+                                 draw=-1, n_pairs=40, top1_src=rate, top1_src_ci_lo=0.0,
+                                 top1_src_ci_hi=1.0, top1_src_lo=0.0, top1_src_hi=0.1))
+    runs.write_csv(pd.DataFrame(rows), tmp_path / "question_per_layer.csv")
+    tests = pd.DataFrame([
+        dict(language="en", k=50, condition="z_basis", measure="top1_src", scope="best of 5 layers",
+             value=0.6, at_layer=0, draws=19, p=0.05, p_holm=0.04),
+        dict(language="zh", k=50, condition="z_basis", measure="top1_src", scope="best of 5 layers",
+             value=0.3, at_layer=0, draws=19, p=0.4, p_holm=1.0)])
+    runs.write_csv(tests, tmp_path / "question_tests.csv")
+    runs.write_csv(pd.DataFrame({"language": ["en"] * 40 + ["zh"] * 40,
+                                 "source_top1_own": [True] * 38 + [False] * 2 + [True] * 40}),
+                   tmp_path / "question_clean.csv")
+    text = summary.question_sentence(tmp_path)
+    english, chinese = text.split("; in Chinese")
+    assert "in English (40 pairs; the partners' own argmax is their first digit on 38)" in english
+    assert "on at least half of them up to layer 2 (0.60 [0, 1]; 0.20 at layer 3)" in english
+    assert "Z of the basis layer at most 0.60 at layer 0 (random 0.050 [0, 0.10]" in english
+    assert english.endswith("Holm 0.040): carries it")
+    assert "on at most 0.40 of them (layer 0), never half of them" in chinese
+    assert "no more than random subspaces" in chinese and "Z of each layer" not in text
+    assert summary.question_sentence(tmp_path / "nothing") is None

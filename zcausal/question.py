@@ -139,13 +139,14 @@ def prepare(model, tokenizer, pairs, partner_pairs, template, language, batch_si
     src = [problems.answer_continuation(tokenizer, p["answer"], language, "direct")
            for p in partner_pairs]
     probe = lambda c: interchange.with_probe(c, languages)  # noqa: E731
-    n = list(range(len(pairs)))
+    rows = list(range(len(pairs)))
     batch_size = min(batch_size, 64)  # whole suffixes with every layer's states: small batches
     prefixes = interchange.encode_prefixes(model, ids, m, batch_size)
-    block = interchange.build_block(prefixes, n, [[probe(a), probe(b)] for a, b in zip(own, src)])
+    block = interchange.build_block(prefixes, rows,
+                                    [[probe(a), probe(b)] for a, b in zip(own, src)])
     hidden, scores = interchange.block_states(model, prefixes, block, batch_size, languages)
     source_prefixes = interchange.encode_prefixes(model, other, m, batch_size)
-    source_block = interchange.build_block(source_prefixes, n,
+    source_block = interchange.build_block(source_prefixes, rows,
                                            [[probe(b), probe(a)] for a, b in zip(own, src)])
     source, source_scores = interchange.block_states(model, source_prefixes, source_block,
                                                      batch_size, languages, width=m)
@@ -250,6 +251,8 @@ def run_sweep(model, tokenizer, pairs, template, args, out, make_conditions):
     the random draws are the last-position sweep's."""
     kept, partner_pairs, missing = partners(pairs, args.seed)
     record_partners(out, kept, partner_pairs, missing, args.seed)
+    if not kept:
+        return
     done = runs.done_values(out / "question_per_layer.csv", KEYS)
     for name in ("question_per_problem.csv", "question_random_rows.csv.gz",
                  "question_timing.csv"):
