@@ -532,6 +532,8 @@ def select_pairs(model, tokenizer, pairs, template, args):
             f"template (first: {pid}: {why}); a last-position interchange would swap the token "
             f"itself: make both templates in prompts.json end with the space before the answer, "
             f"or pass --allow-unaligned")
+    if "question" in args.positions:  # its partners' prompts must align too
+        question.check_alignment(tokenizer, template, kept, args.seed)
     return kept, table.assign(kept=keep), record
 
 

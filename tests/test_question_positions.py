@@ -254,3 +254,18 @@ def test_the_sentence_says_down_to_which_layer_the_question_carries_the_answer(t
     assert "on at most 0.40 of them (layer 0), never half of them" in chinese
     assert "no more than random subspaces" in chinese and "Z of each layer" not in text
     assert summary.question_sentence(tmp_path / "nothing") is None
+
+
+def test_partners_that_do_not_align_stop_the_run_before_anything_is_written(tmp_path, capsys,
+                                                                            monkeypatch):
+    """A partner whose prompt is one token longer (as with a tokenizer that merges digits)."""
+    def longer(pair, seed):
+        return dict(pair, id=pair["id"] + "-cf", en=pair["en"] + " 1", zh=pair["zh"] + "1",
+                    answer=pair["answer"] + 100)
+    monkeypatch.setattr(bank, "counterfactual", longer)
+    with pytest.raises(SystemExit) as exit_info:
+        runs.run_cli(ee.main, cli(tmp_path))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "not position-aligned in en" in err and "--positions last" in err
+    assert not (tmp_path / "exp_e").exists()

@@ -98,6 +98,14 @@ def aligned_prompts(tokenizer, template, pair, partner):
     return ids, other, where
 
 
+def check_alignment(tokenizer, template, pairs, seed):
+    """encode() in both languages for every pair with a partner, so that a pair whose prompts
+    do not align stops the run (a UsageError) before anything is computed."""
+    kept, partner_pairs, _ = partners(pairs, seed)
+    for language in LANGUAGES:
+        encode(tokenizer, template, kept, partner_pairs, language)
+
+
 # ----------------------------------------------------------------------------------------------
 # The clean pass of one language: problems and partners through the engine, states kept
 
