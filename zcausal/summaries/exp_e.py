@@ -319,9 +319,10 @@ def secondary_sentence(tests):
 
 
 def _question_reach(full):
-    """'to layer 12 (top1_src 0.85; 0.10 at layer 13)': the highest layer where full
-    interchange of the question still gives the partner's first digit on at least half the
-    pairs, or where it never does, its largest rate."""
+    """'on at least half of them up to layer 12 (0.85 [0.71, 0.93]; 0.10 at layer 13)': the
+    highest layer where full interchange of the question still gives the partner's first digit
+    on at least half the pairs (and the next layer's rate), or where it never does, its largest
+    rate."""
     full = full.sort_values("layer")
     high = full[full.top1_src >= 0.5]
     if not len(high):
