@@ -53,8 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import (answered, attention, das, decoding, interchange, problems, question, runs,
-                     stats)
+from zcausal import answered, das, decoding, interchange, problems, question, runs, stats
 from zcausal.runs import done_values, keep_rows
 from zcausal.summaries import exp_e as summary
 from zcausal.summaries import exp_e_tables as tables
@@ -241,26 +240,15 @@ def make_batches(state, problem_index, n_conditions, batch_size, dtype):
 def run_with_readout(model, state, batch, layer, hidden, patch, basis_layer):
     """patched_scores for one batch, and how far the patch moves the attention of `basis_layer`
     at the patched (suffix) positions: the query block runs from layer + 1 up to the basis layer,
-    its attention is read from the stream entering it (interchange.suffix_attention, against the
+    its attention is read from the stream entering it (interchange.scores_and_readout, against the
     clean stream there), then the rest of the layers run; the scores are the ones a single pass
     gives. Returns (scores, attn_tv_last (B,), attn_tv_all (B,)): total variation averaged over
     heads at the last patched position / over the patched positions; NaN where the patched stream
     is not below the basis layer (a patch at or above it cannot reach its attention)."""
-    block, m = batch.block, batch.block.m
-    hidden = torch.cat([patch(hidden[:, :m]).to(hidden.dtype), hidden[:, m:]], 1)
-    nan = torch.full((len(hidden),), float("nan"))
-    if basis_layer is None or layer + 1 > basis_layer:
-        final = interchange.run_layers(model, state.prefixes, block, hidden, layer + 1, batch.mask)
-        return interchange.score(model, final, block, state.languages), nan, nan
-    entering = interchange.run_layers(model, state.prefixes, block, hidden, layer + 1, batch.mask,
-                                      stop=basis_layer)
-    clean = state.hidden[basis_layer][block.rows[:, None], batch.columns]
-    shift = attention.row_shift(
-        interchange.suffix_attention(model, state.prefixes, block, basis_layer, clean),
-        interchange.suffix_attention(model, state.prefixes, block, basis_layer, entering),
-        torch.ones(len(hidden), m, dtype=torch.bool))
-    final = interchange.run_layers(model, state.prefixes, block, entering, basis_layer, batch.mask)
-    return interchange.score(model, final, block, state.languages), shift["last"], shift["all"]
+    def clean():  # the clean stream entering the basis layer, gathered only where it is read
+        return state.hidden[basis_layer][batch.block.rows[:, None], batch.columns]
+    return interchange.scores_and_readout(model, state.prefixes, batch.block, layer, hidden, patch,
+                                          basis_layer, clean, state.languages, batch.mask)
 
 
 @torch.no_grad()

@@ -90,14 +90,45 @@ def test_full_interchange_of_the_question_at_the_embeddings_is_the_partners_own_
     assert (np.abs(full.first_src - state.clean.first_src) > 1e-3).any()  # it did move
 
 
+@pytest.mark.parametrize("language", ["en", "zh"])
+def test_the_attention_readout_is_the_partners_attention_and_zero_for_the_noop(
+        tiny, pairs, language):
+    """Full interchange of the question at the embeddings with the readout at layer 2: the change
+    of layer 2's attention at the last position is the total variation between the problem's and
+    the partner's full-forward attention there (zcausal.attention on whole prompts); the no-op's
+    is exactly 0; rows at or above the readout layer have none (NaN)."""
+    from zcausal import attention
+    model, tok = tiny
+    state = prepared(model, tok, pairs, language)
+    c, readout = conditions(model), 2
+    frame = question.run_rows(model, state, -1, c, 4, readout)
+    full, none = rows_of(frame, "full", c), rows_of(frame, "none", c)
+    expected = []
+    for p, q in zip(*pairs):
+        probs = []
+        for pair in (p, q):
+            text = problems.format_prompt(TEMPLATE[language], pair[language])[0]
+            ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+            mask = torch.ones_like(ids)
+            entering = common.capture_layer_outputs(model, ids, mask, [readout - 1])[readout - 1]
+            probs.append(attention.layer_attention(model, readout, entering, mask)[:, :, -1])
+        expected.append(float(attention.total_variation(*probs).mean()))
+    assert np.allclose(full.attn_tv_last, expected, atol=1e-5)
+    assert (full.attn_tv_all > 0).all() and (none.attn_tv_last == 0).all() \
+        and (none.attn_tv_all == 0).all()
+    above = question.run_rows(model, state, readout, c, 4, readout)
+    assert above.attn_tv_last.isna().all() and above.attn_tv_all.isna().all()
+
+
 def test_batched_rows_equal_one_at_a_time(tiny, pairs):
     model, tok = tiny
     state = prepared(model, tok, pairs, "zh")
     c = conditions(model)
-    batched = question.run_rows(model, state, 1, c, 64)
-    single = question.run_rows(model, state, 1, c, 1)
+    batched = question.run_rows(model, state, 1, c, 64, basis_layer=3)
+    single = question.run_rows(model, state, 1, c, 1, basis_layer=3)
     assert (batched.top1 == single.top1).all()
-    for column in ("logp_own", "logp_src", "first_own", "first_src", "lang_own", "patch_share"):
+    for column in ("logp_own", "logp_src", "first_own", "first_src", "lang_own", "patch_share",
+                   "attn_tv_last", "attn_tv_all"):
         assert np.allclose(batched[column], single[column], atol=1e-5), column
 
 
@@ -172,6 +203,9 @@ def test_the_question_set_alone_writes_its_rows_tables_figure_and_sentence(quest
     assert list(rows.columns[:8]) == ["k", "layer", "depth", "language", "condition", "draw",
                                       "problem_id", "source_id"]
     assert (rows.source_id == rows.problem_id + "-cf0").all()
+    below = table[(table.layer == 1) & (table.condition != "none")]  # below basis layer 2
+    assert (below.attn_tv_last > 0).all() and table[table.layer == 2].attn_tv_last.isna().all()
+    assert (table[table.condition == "none"].attn_tv_last.fillna(0) == 0).all()
     clean = runs.load_csv(out / "question_clean.csv")
     assert len(clean) == 12 and (clean.answer.astype(str).str[0]
                                  != clean.source_answer.astype(str).str[0]).all()
@@ -180,6 +214,7 @@ def test_the_question_set_alone_writes_its_rows_tables_figure_and_sentence(quest
     lines = summary.summary_lines(out)
     assert len(lines) == 1 and lines[0].startswith("Question positions")
     assert "in English (6 pairs" in lines[0] and "in Chinese (6 pairs" in lines[0]
+    assert lines[0].count("Z moves layer 2's attention at the last position") == 2
     assert "nan" not in lines[0]
 
 
@@ -230,12 +265,15 @@ def test_the_sentence_says_down_to_which_layer_the_question_carries_the_answer(t
     rows = []
     for language, full in (("en", [1.0, 0.9, 0.6, 0.2, 0.0]), ("zh", [0.4, 0.3, 0.1, 0.0, 0.0])):
         for layer, value in enumerate(full):
-            for condition, rate in (("full", value), ("z_basis", value / 2 + 0.1),
-                                    ("random", 0.05)):
+            for condition, rate, tv in (("full", value, 0.6), ("z_basis", value / 2 + 0.1, 0.3),
+                                        ("random", 0.05, 0.1), ("none", 0.0, 0.0)):
                 rows.append(dict(language=language, k=50, layer=layer, condition=condition,
                                  draw=-1, n_pairs=40, top1_src=rate, top1_src_ci_lo=0.0,
-                                 top1_src_ci_hi=1.0, top1_src_lo=0.0, top1_src_hi=0.1))
+                                 top1_src_ci_hi=1.0, top1_src_lo=0.0, top1_src_hi=0.1,
+                                 attn_tv_last=tv if layer < 2 else np.nan, attn_tv_last_lo=0.05,
+                                 attn_tv_last_hi=0.15, attn_tv_last_p_above=0.02))
     runs.write_csv(pd.DataFrame(rows), tmp_path / "question_per_layer.csv")
+    runs.write_json(tmp_path / "config.json", dict(basis_layer=2, primary_layer=1))
     tests = pd.DataFrame([
         dict(language="en", k=50, condition="z_basis", measure="top1_src", scope="best of 5 layers",
              value=0.6, at_layer=0, draws=19, p=0.05, p_holm=0.04),
@@ -250,7 +288,9 @@ def test_the_sentence_says_down_to_which_layer_the_question_carries_the_answer(t
     assert "in English (40 pairs; the partners' own argmax is their first digit on 38)" in english
     assert "on at least half of them up to layer 2 (0.60 [0, 1]; 0.20 at layer 3)" in english
     assert "Z of the basis layer at most 0.60 at layer 0 (random 0.050 [0, 0.10]" in english
-    assert english.endswith("Holm 0.040): carries it")
+    assert "Holm 0.040): carries it, patched at the input of layer 2, Z moves layer 2's " \
+        "attention at the last position by a total variation of 0.30 (random 0.10 [0.050, " \
+        "0.15]; rank p = 0.020), full 0.60, the no-op 0" in english
     assert "on at most 0.40 of them (layer 0), never half of them" in chinese
     assert "no more than random subspaces" in chinese and "Z of each layer" not in text
     assert summary.question_sentence(tmp_path / "nothing") is None

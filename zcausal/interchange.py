@@ -346,6 +346,34 @@ def patched_scores(model, prefixes, block, layer, hidden, patch, languages=None,
     return score(model, final, block, languages)
 
 
+def scores_and_readout(model, prefixes, block, layer, hidden, patch, readout_layer,
+                       clean_entering, languages=None, mask=None, query_rows=None):
+    """patched_scores, and how far the patch moves the attention of decoder `readout_layer` at
+    the suffix positions: the block runs from layer + 1 up to readout_layer, whose attention is
+    read from the stream entering it (suffix_attention, against clean_entering(), a callable
+    giving the clean stream there (B, Q, d), called only when needed), then the remaining layers
+    run; the scores equal a single pass's. query_rows (B, m) bool: the suffix positions `all`
+    averages over (None: every one). Returns (scores, tv_last (B,), tv_all (B,)): the total
+    variation averaged over heads at the last suffix position / over query_rows (CPU float32);
+    NaN where the patched stream is not below readout_layer (None: no readout), whose attention
+    a patch at or above it cannot reach."""
+    from zcausal import attention
+    m = block.m
+    mask = attention_mask(prefixes, block, hidden.dtype) if mask is None else mask
+    hidden = torch.cat([patch(hidden[:, :m]).to(hidden.dtype), hidden[:, m:]], 1)
+    nan = torch.full((len(hidden),), float("nan"))
+    if readout_layer is None or layer + 1 > readout_layer:
+        final = run_layers(model, prefixes, block, hidden, layer + 1, mask)
+        return score(model, final, block, languages), nan, nan
+    entering = run_layers(model, prefixes, block, hidden, layer + 1, mask, stop=readout_layer)
+    rows = torch.ones(len(hidden), m, dtype=torch.bool) if query_rows is None else query_rows
+    shift = attention.row_shift(
+        suffix_attention(model, prefixes, block, readout_layer, clean_entering()),
+        suffix_attention(model, prefixes, block, readout_layer, entering), rows)
+    final = run_layers(model, prefixes, block, entering, readout_layer, mask)
+    return score(model, final, block, languages), shift["last"], shift["all"]
+
+
 def subspace_patch(basis, complement, source):
     """A patch for patched_scores: h <- h + P_S (s - h) on the suffix (common.patch_subspace).
     basis (B, k, d), complement (B,) bool, source (B, m, d)."""

@@ -138,7 +138,9 @@ def prepare(model, tokenizer, pairs, partner_pairs, template, language, batch_si
     QueryBlock of the problems' prompts, suffix M = the longest question + ending, segments [own
     answer, partner's answer]); hidden (L + 1, N, Q, d), the block's clean states; source
     (L + 1, N, M, d), the partners' clean states at the same suffix positions; positions (N, M)
-    bool, the question's tokens; clean, per problem the clean scores of both (clean_frame)."""
+    bool, the question's tokens (readout_rows: they and the ending after them, the positions
+    whose attention a patch of the question can move); clean, per problem the clean scores of
+    both (clean_frame)."""
     ids, other, positions = encode(tokenizer, template, pairs, partner_pairs, language)
     m = positions.shape[1]
     device = next(model.parameters()).device
@@ -161,6 +163,7 @@ def prepare(model, tokenizer, pairs, partner_pairs, template, language, batch_si
     return SimpleNamespace(
         language=language, pairs=pairs, partner_pairs=partner_pairs, prefixes=prefixes,
         block=block, hidden=hidden, source=source, positions=positions.to(device), m=m,
+        readout_rows=(positions.cumsum(1) > 0).to(device),  # the question's tokens and after
         languages=languages, first=[a[0] for a in own], source_first=[b[0] for b in src],
         clean=clean_frame(pairs, partner_pairs, language, scores, source_scores, own, src))
 
@@ -194,13 +197,16 @@ def clean_frame(pairs, partner_pairs, language, scores, source_scores, own, src)
 # Patched rows
 
 @torch.no_grad()
-def run_rows(model, state, layer, conditions, batch_size):
+def run_rows(model, state, layer, conditions, batch_size, basis_layer=None):
     """Scores of every (problem, condition) row with the question's tokens patched at `layer`
     (-1: the embeddings) from the partner's states at the same positions: a frame with problem,
     condition (index), logp_own / logp_src and first_own / first_src (the problem's / the
     partner's answer, all tokens / the first), lang_own, lang_src, top1 with top1_own /
     top1_src (the argmax at the last prompt position is the problem's / the partner's first
-    digit) and patch_share = |P_S (s - h)| / |s - h| over the question's tokens."""
+    digit), patch_share = |P_S (s - h)| / |s - h| over the question's tokens, and attn_tv_last /
+    attn_tv_all: how far the patch moves the attention of `basis_layer` at the last prompt
+    position / averaged over the question's and the ending's positions (total variation averaged
+    over heads; NaN for layers at or above it: interchange.scores_and_readout)."""
     device = state.hidden.device
     bases, complement = conditions.bases.to(device), conditions.complement.to(device)
     rows = [(u, c) for u in range(len(state.pairs)) for c in range(len(conditions.names))]
@@ -216,8 +222,11 @@ def run_rows(model, state, layer, conditions, batch_size):
         moved = (patch(suffix).float() - suffix.float()).flatten(1).norm(dim=1)
         span = ((state.source[layer + 1][index].float() - suffix.float()) * where[..., None])
         share = moved / span.flatten(1).norm(dim=1).clamp(min=1e-12)
-        out = interchange.patched_scores(model, state.prefixes, state.block.take(index), layer,
-                                         hidden, patch, state.languages)
+        def clean():  # the clean stream entering the basis layer, gathered where it is read
+            return state.hidden[basis_layer][index]
+        out, tv_last, tv_all = interchange.scores_and_readout(
+            model, state.prefixes, state.block.take(index), layer, hidden, patch, basis_layer,
+            clean, state.languages, query_rows=state.readout_rows[index])
         top1 = out["top1"].cpu()
         frames.append(pd.DataFrame({
             "problem": index.cpu().numpy(), "condition": condition.cpu().numpy(),
@@ -229,7 +238,8 @@ def run_rows(model, state, layer, conditions, batch_size):
             "lang_src": out["lang"][:, 1].double().cpu().numpy(), "top1": top1.numpy(),
             "top1_own": (top1 == torch.tensor([state.first[u] for u, _ in chunk])).numpy(),
             "top1_src": (top1 == torch.tensor([state.source_first[u] for u, _ in chunk])).numpy(),
-            "patch_share": share.double().cpu().numpy()}))
+            "patch_share": share.double().cpu().numpy(),
+            "attn_tv_last": tv_last.double().numpy(), "attn_tv_all": tv_all.double().numpy()}))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -281,7 +291,8 @@ def run_sweep(model, tokenizer, pairs, template, args, out, make_conditions):
                 d, k, [("z_basis", z_basis[k]),
                        ("z_layer", common.z_basis(model, layer, k, fold_norm=args.fold_norm))],
                 args.n_random, args.seed)
-            rows = labelled_rows(run_rows(model, state, layer, conditions, args.batch_size),
+            rows = labelled_rows(run_rows(model, state, layer, conditions, args.batch_size,
+                                          args.basis_layer),
                                  state, conditions, {"k": k, "layer": layer,
                                                      "depth": layer / n_layers,
                                                      "language": language})

@@ -386,17 +386,40 @@ def _question_z(per_layer, tests, language, k, condition):
     return f"{text} ({band}; family-wise p = {num(t.p)}, Holm {num(t.p_holm)}): {verdict}"
 
 
+def _question_readout(per_layer, config, language, k):
+    """'patched at the input of layer 21, Z moves that layer's attention at the last position by
+    0.31 (random ...; rank p = 0.05), full 0.6, the no-op 0' for one language, or None where the
+    readout was not measured (a run from before it, or a sweep without the primary layer)."""
+    at, basis = primary_layer(config), int(config["basis_layer"])
+    rows = per_layer[(per_layer.language == language) & (per_layer.k == k)
+                     & (per_layer.layer == at)].set_index("condition")
+    if "attn_tv_last" not in rows or "z_basis" not in rows.index \
+            or np.isnan(rows.attn_tv_last["z_basis"]):
+        return None
+    tv = rows.attn_tv_last
+    band = _band(rows.reset_index().assign(pairing="swap"), k, at, "attn_tv_last")
+    p = rows.get("attn_tv_last_p_above", pd.Series(dtype=float)).get("z_basis", np.nan)
+    others = ", ".join(f"{name} {num(tv[c])}" for c, name in (("full", "full"),
+                                                              ("none", "the no-op"))
+                       if c in tv.index)
+    return (f"patched at {primary_site(config)}, Z moves layer {basis}'s attention at the last "
+            f"position by a total variation of {num(tv['z_basis'])} ({band}; rank p = {num(p)})"
+            + (f", {others}" if others else ""))
+
+
 def question_sentence(out):
     """The question set in one sentence: per language, down to which layer full interchange of
     the question's tokens still moves the answer to the partner's (the answer is read from the
-    question there), and whether Z's part of the question carries it (Z's best layer against
-    the draws' best). None without question tables."""
+    question there), whether Z's part of the question carries it (Z's best layer against the
+    draws' best), and how far Z's patch at the primary site moves the basis layer's attention at
+    the last position (the readout: what Z is built from). None without question tables."""
     out = Path(out)
     if not (out / "question_per_layer.csv").is_file() or not (out / "question_tests.csv").is_file():
         return None
     per_layer = runs.load_csv(out / "question_per_layer.csv")
     tests = runs.load_csv(out / "question_tests.csv")
     clean = runs.load_csv(out / "question_clean.csv")
+    config = read_config(out)
     k = stats.primary_k(per_layer.k.unique())
     parts = []
     for language, name in (("en", "English"), ("zh", "Chinese")):
@@ -407,6 +430,7 @@ def question_sentence(out):
         own = clean[clean.language == language].source_top1_own.astype(bool)
         z = [t for t in (_question_z(per_layer, tests, language, k, c)
                          for c in ("z_basis", "z_layer")) if t]
+        z += [t for t in (_question_readout(per_layer, config, language, k),) if t]
         parts.append(f"in {name} ({plural(int(full.n_pairs.max()), 'pair')}; the partners' own "
                      f"argmax is their first digit on {int(own.sum())}), full interchange gives "
                      f"the partner's first digit {_question_reach(full)}"

@@ -113,21 +113,24 @@ def plot_sweep(per_layer, config, k, path):
 
 QUESTION_PANELS = [("top1_src", "argmax = the partner's first digit (top1_src)", "share of pairs"),
                    ("p_share_shift", "shift of p_share = p_src / (p_src + p_own)",
-                    "mean shift from clean")]
+                    "mean shift from clean"),
+                   ("attn_tv_last", "the basis layer's attention at the last position, moved",
+                    "total variation (mean over heads)")]
 LANGUAGE_NAMES = {"en": "English", "zh": "Chinese"}
 
 
 def plot_question(per_layer, config, k, path):
-    """The question set (question_per_layer.csv) at one k: top1_src and the p_share shift
-    against the patched layer, English and Chinese side by side, every condition with the random
-    band, the basis layer dash-dotted."""
+    """The question set (question_per_layer.csv) at one k: top1_src, the p_share shift and the
+    attention readout (layers below the basis layer) against the patched layer, English and
+    Chinese side by side, every condition with the random band, the basis layer dash-dotted."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
     per_layer = per_layer[per_layer.k == k]
     languages = [lang for lang in LANGUAGE_NAMES if (per_layer.language == lang).any()]
-    fig, axes = plt.subplots(2, len(languages), figsize=(6 * len(languages), 8.5), squeeze=False)
+    fig, axes = plt.subplots(len(QUESTION_PANELS), len(languages),
+                             figsize=(6 * len(languages), 12), squeeze=False)
     for col, language in enumerate(languages):
         frame = per_layer[per_layer.language == language].assign(pairing="question")
         n_pairs = int(frame.n_pairs.max())
@@ -136,6 +139,8 @@ def plot_question(per_layer, config, k, path):
             _panel(ax, frame, "question", measure, False)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.axvline(config["basis_layer"], color="tab:blue", lw=0.8, ls="-.")
+            ax.axvline(config.get("primary_layer", config["basis_layer"]), color="tab:red",
+                       lw=0.8, ls=":")
             ax.axhline(0, color="0.8", lw=0.6)
             ax.set_title(f"{LANGUAGE_NAMES[language]}, {n_pairs} pairs: {title}", fontsize=9)
             ax.set_ylabel(ylabel, fontsize=8)
@@ -144,7 +149,8 @@ def plot_question(per_layer, config, k, path):
     name = Path(str(config["model"].get("name_or_path"))).name
     fig.suptitle(f"{name}: every token of the question from a counterfactual partner (same "
                  f"language, other numbers), k = {k}; dash-dotted: basis layer "
-                 f"{config['basis_layer']}; x: disrupts", fontsize=10)
+                 f"{config['basis_layer']}, dotted: the primary test's layer; x: disrupts",
+                 fontsize=10)
     return runs.save_figure(fig, path)
 
 

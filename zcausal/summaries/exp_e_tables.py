@@ -435,14 +435,14 @@ def question_measures(rows, clean, min_span=1.0):
     return pd.concat(parts, ignore_index=True)
 
 
-def question_tests(per_layer, draws, ks, basis):
+def question_tests(per_layer, draws, ks, at):
     """One language's rows of question_tests.csv: Z of the basis layer and Z of each layer at
-    their best layer (family-wise over the layers, as in tests.csv) and z_basis at the basis
-    layer, on top1_src and the p_share shift."""
+    their best layer (family-wise over the layers, as in tests.csv) and z_basis at the primary
+    test's sweep layer `at` (primary_layer), on top1_src and the p_share shift."""
     rows = [dict(_best_layer(per_layer, draws, c, k, m), family="question")
             for k in ks for c in ("z_basis", "z_layer") for m in PRIMARY_MEASURES]
-    if basis in set(per_layer.layer):
-        rows += [_at_layer(per_layer, draws, "z_basis", k, basis, m, "question")
+    if at in set(per_layer.layer):
+        rows += [_at_layer(per_layer, draws, "z_basis", k, at, m, "question")
                  for k in ks for m in PRIMARY_MEASURES]
     return rows
 
@@ -471,7 +471,7 @@ def question_tables(out):
         per_layer.append(table.merge(noop, on=["k", "layer"], how="left").assign(language=language))
         draws.append(drawn.assign(language=language))
         tests += [dict(t, language=language) for t in
-                  question_tests(table, drawn, ks, int(config["basis_layer"]))]
+                  question_tests(table, drawn, ks, primary_layer(config))]
     n_layers = config["model"]["num_layers"]
     frames = {}
     for name, parts in (("question_per_layer.csv", per_layer), ("question_draws.csv", draws)):
