@@ -27,13 +27,20 @@ and the Holm-corrected secondary ones are built from those rows alone
 disruption, pooled shifts, the language margin after the answer). Decoded spot checks at
 --decode-layers; then DAS at --das-layer, trained on the train split, steps chosen on validation,
 reported on the held-out test split with bootstrap intervals beside full interchange and Z.
+A second position set runs first (--positions; by default with bank problems): every token of
+the question takes, at layer l, the state at the same position of a counterfactual partner's
+prompt in the same language (the same problem with other numbers of the same digit counts, so
+the prompts align position by position), with the same conditions (zcausal/question.py).
 
 Outputs in --out: per-row clean.csv, per_problem.csv, random_rows.csv.gz, timing.csv, solved.csv,
 decode.csv, das_per_problem.csv, das_random_rows.csv.gz, das_training.csv, das_angles.csv,
-das_decode.csv, das_basis_k*.npy; tables per_layer.csv, draws.csv, das.csv, tests.csv,
-decode_summary.csv, das_decode_summary.csv; config.json (with the primary test); figures
-layer_sweep.png (layer_sweep_k<k>.png for the other k) and das.png under --figures
-(runs.figure_path), drawn by zcausal/summaries/exp_e_figures.py from the tables.
+das_decode.csv, das_basis_k*.npy, question_clean.csv, question_per_problem.csv,
+question_random_rows.csv.gz, question_timing.csv; tables per_layer.csv, draws.csv, das.csv,
+tests.csv, decode_summary.csv, das_decode_summary.csv, question_per_layer.csv,
+question_draws.csv, question_tests.csv; config.json (with the primary test and the
+counterfactual partners); figures layer_sweep.png (layer_sweep_k<k>.png for the other k),
+question_sweep.png and das.png under --figures (runs.figure_path), drawn by
+zcausal/summaries/exp_e_figures.py from the tables.
 """
 import json
 import time
@@ -46,9 +53,11 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import answered, attention, das, decoding, interchange, problems, runs, stats
+from zcausal import answered, das, decoding, interchange, problems, question, runs, stats
+from zcausal.runs import done_values, keep_rows
 from zcausal.summaries import exp_e as summary
 from zcausal.summaries import exp_e_tables as tables
+from zcausal.summaries.exp_e_tables import write_rows
 
 FIXED = ["none", "full", "z_basis", "z_layer"]
 BANK_PAIRS = 300  # with --prompts bank and no --limit: the first 300 pairs are tried
@@ -135,22 +144,7 @@ def prepare(model, tokenizer, pairs, template, partner, m, batch_size):
 
 def clean_states(model, prefixes, canonical, batch_size, languages):
     """The canonical block's states at every layer (L + 1, N, Q, d) and its clean scores."""
-    n_layers = common.num_layers(model)
-    n, width = canonical.ids.shape
-    hidden = torch.empty(n_layers + 1, n, width, common.hidden_size(model),
-                         dtype=next(model.parameters()).dtype, device=canonical.ids.device)
-    parts = []
-    for start in range(0, n, batch_size):
-        index = list(range(start, min(n, start + batch_size)))
-        block = canonical.take(index)
-        emb = interchange.embed(model, block)
-        final, captured = interchange.run_layers(model, prefixes, block, emb, 0, capture=True)
-        hidden[0, index] = emb.to(hidden.device)
-        for layer, states in captured.items():  # under a device map, from each layer's device
-            hidden[layer + 1, index] = states.to(hidden.device)
-        parts.append(interchange.score(model, final, block, languages))
-    scores = {key: torch.cat([p[key] for p in parts]).cpu() for key in parts[0]}
-    return hidden, scores
+    return interchange.block_states(model, prefixes, canonical, batch_size, languages)
 
 
 def last_states(model, tokenizer, texts, m, batch_size):
@@ -246,26 +240,15 @@ def make_batches(state, problem_index, n_conditions, batch_size, dtype):
 def run_with_readout(model, state, batch, layer, hidden, patch, basis_layer):
     """patched_scores for one batch, and how far the patch moves the attention of `basis_layer`
     at the patched (suffix) positions: the query block runs from layer + 1 up to the basis layer,
-    its attention is read from the stream entering it (interchange.suffix_attention, against the
+    its attention is read from the stream entering it (interchange.scores_and_readout, against the
     clean stream there), then the rest of the layers run; the scores are the ones a single pass
     gives. Returns (scores, attn_tv_last (B,), attn_tv_all (B,)): total variation averaged over
     heads at the last patched position / over the patched positions; NaN where the patched stream
     is not below the basis layer (a patch at or above it cannot reach its attention)."""
-    block, m = batch.block, batch.block.m
-    hidden = torch.cat([patch(hidden[:, :m]).to(hidden.dtype), hidden[:, m:]], 1)
-    nan = torch.full((len(hidden),), float("nan"))
-    if basis_layer is None or layer + 1 > basis_layer:
-        final = interchange.run_layers(model, state.prefixes, block, hidden, layer + 1, batch.mask)
-        return interchange.score(model, final, block, state.languages), nan, nan
-    entering = interchange.run_layers(model, state.prefixes, block, hidden, layer + 1, batch.mask,
-                                      stop=basis_layer)
-    clean = state.hidden[basis_layer][block.rows[:, None], batch.columns]
-    shift = attention.row_shift(
-        interchange.suffix_attention(model, state.prefixes, block, basis_layer, clean),
-        interchange.suffix_attention(model, state.prefixes, block, basis_layer, entering),
-        torch.ones(len(hidden), m, dtype=torch.bool))
-    final = interchange.run_layers(model, state.prefixes, block, entering, basis_layer, batch.mask)
-    return interchange.score(model, final, block, state.languages), shift["last"], shift["all"]
+    def clean():  # the clean stream entering the basis layer, gathered only where it is read
+        return state.hidden[basis_layer][batch.block.rows[:, None], batch.columns]
+    return interchange.scores_and_readout(model, state.prefixes, batch.block, layer, hidden, patch,
+                                          basis_layer, clean, state.languages, batch.mask)
 
 
 @torch.no_grad()
@@ -314,24 +297,6 @@ def run_rows(model, state, layer, conditions, batches, basis_layer=None):
 # ----------------------------------------------------------------------------------------------
 # The sweep
 
-def done_values(path, columns):
-    """The (tuples of) values of `columns` already in a CSV, for --resume."""
-    if not Path(path).is_file():
-        return set()
-    frame = runs.load_csv(path)
-    return set(zip(*(frame[c].tolist() for c in columns)))
-
-
-def keep_rows(path, columns, keep):
-    """Rewrite a CSV keeping only rows whose `columns` values are in `keep`: on --resume, the
-    rows an interrupted step appended before its marking file was written are dropped, not
-    duplicated."""
-    if Path(path).is_file():
-        frame = runs.load_csv(path)
-        mask = [values in keep for values in zip(*(frame[c].tolist() for c in columns))]
-        runs.write_csv(frame[mask], path)
-
-
 def per_problem_rows(measured, state, conditions, split, extra):
     """Every row of one layer (named conditions and random draws), with ids, split and draw: the
     raw scores and measures that every table and figure of the run is rebuilt from."""
@@ -347,14 +312,6 @@ def per_problem_rows(measured, state, conditions, split, extra):
     for key, value in reversed(list(extra.items())):
         frame.insert(0, key, value)
     return frame
-
-
-def write_rows(frame, out, prefix=""):
-    """The named conditions' rows to <prefix>per_problem.csv, the random draws' to
-    <prefix>random_rows.csv.gz (compressed: 19+ draws x pairs x layers rows)."""
-    random = frame.condition == "random"
-    runs.write_csv(frame[~random], out / f"{prefix}per_problem.csv", append=True)
-    runs.write_csv(frame[random], out / f"{prefix}random_rows.csv.gz", append=True)
 
 
 def query_flops(config, rows, width, prefix, n_layers_run, scored):
@@ -578,6 +535,7 @@ def validate(args):
                               f"fractions (train validation test) that sum to 1")
     pairs = problems.load_pairs(args, bank_limit=BANK_PAIRS)
     split_sizes(len(pairs), args.split)
+    args.positions = question.resolve_positions(args.positions, pairs)
     template = problems.get_template(problems.load_templates(args), "direct")
     return pairs, template
 
@@ -610,6 +568,8 @@ def select_pairs(model, tokenizer, pairs, template, args):
             f"template (first: {pid}: {why}); a last-position interchange would swap the token "
             f"itself: make both templates in prompts.json end with the space before the answer, "
             f"or pass --allow-unaligned")
+    if "question" in args.positions:  # its partners' prompts must align too
+        question.check_alignment(tokenizer, template, kept, args.seed)
     return kept, table.assign(kept=keep), record
 
 
@@ -651,6 +611,10 @@ def main(args):
             random_basis_seeds="seed * 1000003 + k * 1009 + draw", solved=solved,
             language_margin="log P(Latin word) - log P(Chinese word) after the answer, a lone "
                             "space marginalised (common.language_margin)"))
+    if "question" in args.positions:  # the question's tokens from counterfactual partners
+        question.run_sweep(model, tokenizer, pairs, template, args, out, make_conditions)
+    if "last" not in args.positions:
+        return summary.replot(args)
     state = prepare(model, tokenizer, pairs, template, partner, args.last_m, args.batch_size)
     runs.write_csv(state.clean.assign(split=split), out / "clean.csv")
     run_sweep(model, state, args, out, split)
@@ -707,6 +671,12 @@ def build_parser():
     parser.add_argument("--last-m", type=int, default=1,
                         help="positions interchanged: the English prompt's last m take the "
                              "Chinese prompt's last m, aligned from the end")
+    parser.add_argument("--positions", nargs="+", choices=question.POSITIONS, default=None,
+                        help="position sets: last (the last --last-m positions from the Chinese "
+                             "prompt, then the decoded checks and DAS) and question (every token "
+                             "of the question from a counterfactual partner with other numbers, "
+                             "in the same language; bank problems only). Default: both with "
+                             "--prompts bank, else last")
     parser.add_argument("--min-span", type=float, default=1.0,
                         help="a swap pair enters the old mean-of-ratios `transfer` column (kept "
                              "for comparison, not in the summary) only when |ld_target - "

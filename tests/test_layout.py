@@ -26,7 +26,7 @@ LAYERS = [{"zcausal", "zcausal.runs", "zcausal.bank", "zcausal.stats", "zcausal.
           {"common"},
           {"zcausal.decoding", "zcausal.fast_decode", "zcausal.interchange", "zcausal.das",
            "zcausal.patching",
-           "zcausal.answered", "zcausal.attention"},
+           "zcausal.answered", "zcausal.question", "zcausal.attention"},
           {"exp_a_patching", "exp_b_residual", "exp_c_ard_mmd", "exp_d_bridge",
            "exp_e_layer_sweep"},
           {"report", "bench", "study"}]

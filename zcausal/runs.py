@@ -286,6 +286,24 @@ def write_csv(frame, path, append=False):
                  index=False, quoting=csv.QUOTE_NONNUMERIC, compression=compression)
 
 
+def done_values(path, columns):
+    """The (tuples of) values of `columns` already in a CSV, for --resume (empty: no file)."""
+    if not Path(path).is_file():
+        return set()
+    frame = load_csv(path)
+    return set(zip(*(frame[c].tolist() for c in columns)))
+
+
+def keep_rows(path, columns, keep):
+    """Rewrite a CSV keeping only rows whose `columns` values are in `keep`: on --resume, the
+    rows an interrupted step appended before its marking file was written are dropped, not
+    duplicated."""
+    if Path(path).is_file():
+        frame = load_csv(path)
+        mask = [values in keep for values in zip(*(frame[c].tolist() for c in columns))]
+        write_csv(frame[mask], path)
+
+
 def load_csv(path):
     """Read a CSV written by write_csv; empty fields are NaN, the text "none" stays a string."""
     import pandas as pd

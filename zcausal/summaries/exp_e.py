@@ -11,8 +11,8 @@ import pandas as pd
 
 from zcausal import runs, stats
 from zcausal.summaries.exp_e_tables import (
-    ALPHA, MIN_TEST_PAIRS, NAMED, NOT_TESTED, PRIMARY_MEASURES, build_tables,
-    primary_description, primary_layer, primary_site, read_config, select_swap)
+    ALPHA, MIN_TEST_PAIRS, NAMED, NOT_TESTED, PRIMARY_MEASURES, QUESTION_TABLES, build_tables,
+    primary_description, primary_layer, primary_site, question_tables, read_config, select_swap)
 from zcausal.summaries.text import NOT_MEASURED, interval, num, plural
 
 LABELS = {"top1_src": "top1_src", "p_share_shift": "p_share shift",
@@ -347,6 +347,102 @@ def secondary_sentence(tests):
     return head + "; ".join(found) + f" at or below {ALPHA}."
 
 
+def _question_reach(full):
+    """'on at least half of them up to layer 12 (0.85 [0.71, 0.93]; 0.10 at layer 13)': the
+    highest layer where full interchange of the question still gives the partner's first digit
+    on at least half the pairs (and the next layer's rate), or where it never does, its largest
+    rate."""
+    full = full.sort_values("layer")
+    high = full[full.top1_src >= 0.5]
+    if not len(high):
+        best = full.loc[full.top1_src.idxmax()]
+        return (f"on at most {num(best.top1_src)} of them (layer {int(best.layer)}), never half "
+                f"of them")
+    last = high.iloc[-1]
+    above = full[full.layer > last.layer]
+    after = (f"; {num(above.top1_src.iloc[0])} at layer {int(above.layer.iloc[0])}"
+             if len(above) else "")
+    return f"on at least half of them up to layer {int(last.layer)} ({_rate(last)}{after})"
+
+
+def _question_z(per_layer, tests, language, k, condition):
+    """'Z of the basis layer at most 0.10 at layer 5 (random 0.05 [0, 0.2], family-wise p =
+    0.3, Holm 0.9): no more than random subspaces' for one language."""
+    test = tests[(tests.language == language) & (tests.k == k) & (tests.condition == condition)
+                 & (tests.measure == "top1_src") & tests.scope.str.startswith("best of")]
+    if not len(test) or np.isnan(test.value.iloc[0]):
+        return None
+    t = test.iloc[0]
+    name = "Z of the basis layer" if condition == "z_basis" else "Z of each layer"
+    text = f"{name} at most {num(t.value)} at layer {int(t.at_layer)}"
+    if not t.draws:
+        return f"{text} (against random draws {NOT_TESTED})"
+    band = _band(per_layer[per_layer.language == language].assign(pairing="swap"), k,
+                 int(t.at_layer), "top1_src")
+    if t.p_holm <= ALPHA:
+        verdict = "carries it" if t.value >= 0.5 else "moves it above random, on fewer than half"
+    else:
+        verdict = "no more than random subspaces"
+    return f"{text} ({band}; family-wise p = {num(t.p)}, Holm {num(t.p_holm)}): {verdict}"
+
+
+def _question_readout(per_layer, config, language, k):
+    """'patched at the input of layer 21, Z moves that layer's attention at the last position by
+    0.31 (random ...; rank p = 0.05), full 0.6, the no-op 0' for one language, or None where the
+    readout was not measured (a run from before it, or a sweep without the primary layer)."""
+    at, basis = primary_layer(config), int(config["basis_layer"])
+    rows = per_layer[(per_layer.language == language) & (per_layer.k == k)
+                     & (per_layer.layer == at)].set_index("condition")
+    if "attn_tv_last" not in rows or "z_basis" not in rows.index \
+            or np.isnan(rows.attn_tv_last["z_basis"]):
+        return None
+    tv = rows.attn_tv_last
+    band = _band(rows.reset_index().assign(pairing="swap"), k, at, "attn_tv_last")
+    p = rows.get("attn_tv_last_p_above", pd.Series(dtype=float)).get("z_basis", np.nan)
+    others = ", ".join(f"{name} {num(tv[c])}" for c, name in (("full", "full"),
+                                                              ("none", "the no-op"))
+                       if c in tv.index)
+    return (f"patched at {primary_site(config)}, Z moves layer {basis}'s attention at the last "
+            f"position by a total variation of {num(tv['z_basis'])} ({band}; rank p = {num(p)})"
+            + (f", {others}" if others else ""))
+
+
+def question_sentence(out):
+    """The question set in one sentence: per language, down to which layer full interchange of
+    the question's tokens still moves the answer to the partner's (the answer is read from the
+    question there), whether Z's part of the question carries it (Z's best layer against the
+    draws' best), and how far Z's patch at the primary site moves the basis layer's attention at
+    the last position (the readout: what Z is built from). None without question tables."""
+    out = Path(out)
+    if not (out / "question_per_layer.csv").is_file() or not (out / "question_tests.csv").is_file():
+        return None
+    per_layer = runs.load_csv(out / "question_per_layer.csv")
+    tests = runs.load_csv(out / "question_tests.csv")
+    clean = runs.load_csv(out / "question_clean.csv")
+    config = read_config(out)
+    k = stats.primary_k(per_layer.k.unique())
+    parts = []
+    for language, name in (("en", "English"), ("zh", "Chinese")):
+        full = per_layer[(per_layer.language == language) & (per_layer.k == k)
+                         & (per_layer.condition == "full")]
+        if not len(full):
+            continue
+        own = clean[clean.language == language].source_top1_own.astype(bool)
+        z = [t for t in (_question_z(per_layer, tests, language, k, c)
+                         for c in ("z_basis", "z_layer")) if t]
+        z += [t for t in (_question_readout(per_layer, config, language, k),) if t]
+        parts.append(f"in {name} ({plural(int(full.n_pairs.max()), 'pair')}; the partners' own "
+                     f"argmax is their first digit on {int(own.sum())}), full interchange gives "
+                     f"the partner's first digit {_question_reach(full)}"
+                     + (", " + ", ".join(z) if z else ""))
+    if not parts:
+        return None
+    return (f"Question positions (every token of the question at layer l from a counterfactual "
+            f"partner's prompt in the same language, the same problem with other numbers; "
+            f"k = {k}; the answer is read from the question down to the last layer where full "
+            f"interchange still moves it): " + "; ".join(parts) + ".")
+
+
 def pairs_sentence(config, per_layer, k, clean):
     solved = config.get("solved") or {}
     kept = (f"{solved['kept']} of {plural(solved['tried'], 'pair')} kept (--solved "
@@ -367,6 +463,9 @@ def pairs_sentence(config, per_layer, k, clean):
 def summary_lines(out):
     """The run's findings as sentences, from its CSVs (printed at the end of a run and by
     --replot; report.py's paragraph)."""
+    question = [s for s in (question_sentence(out),) if s]
+    if question and not (Path(out) / "per_problem.csv").is_file():
+        return question  # a run of the question set alone (--positions question)
     tables = read_tables(out)
     per_layer, tests = tables["per_layer"], tables["tests"]
     ks = sorted(int(k) for k in per_layer.k.unique())
@@ -377,7 +476,7 @@ def summary_lines(out):
              attention_sentence(tables)]
     for k in ks:
         lines += [s for s in (best_layer_sentence(tests, k), language_sentence(tables, k)) if s]
-    return lines + das_sentences(tables, out) + [secondary_sentence(tests)]
+    return lines + das_sentences(tables, out) + question + [secondary_sentence(tests)]
 
 
 def headline(out):
@@ -430,9 +529,12 @@ def replot(args):
     for a finished sweep, the summary. Nothing is written for a folder without a run."""
     from zcausal.summaries import exp_e_figures
     out = Path(args.out)
-    tables = build_tables(out)  # a UsageError before anything is written
+    question_only = not (out / "per_problem.csv").is_file() and \
+        (out / "question_per_problem.csv").is_file()  # --positions question
+    tables = {} if question_only else build_tables(out)  # a UsageError before anything is written
+    tables.update(question_tables(out) or {})
     written = []
-    for name in ("draws.csv", "tests.csv", "das.csv", "per_layer.csv"):
+    for name in ["draws.csv", "tests.csv", "das.csv", "per_layer.csv"] + QUESTION_TABLES:
         if name in tables:
             runs.write_csv(tables[name], out / name)
             written.append(out / name)

@@ -418,6 +418,83 @@ def tests_table(per_layer, draws, das=None, das_draws=None, config=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# The question set (zcausal/question.py): the question's tokens from a counterfactual partner
+
+QUESTION_PAIR_SET = "counterfactual partners in the same language (first digits differ)"
+QUESTION_TABLES = ["question_draws.csv", "question_tests.csv", "question_per_layer.csv"]
+
+
+def question_measures(rows, clean, min_span=1.0):
+    """row_measures of question rows, each against its language's clean run (question_clean.csv);
+    every row is a swap row (the source is the partner)."""
+    parts = []
+    for language, group in rows.groupby("language", sort=False):
+        own = clean[clean.language == language]
+        parts.append(row_measures(group.assign(pairing="swap"), own, min_span)
+                     .drop(columns="pairing"))
+    return pd.concat(parts, ignore_index=True)
+
+
+def question_tests(per_layer, draws, ks, at):
+    """One language's rows of question_tests.csv: Z of the basis layer and Z of each layer at
+    their best layer (family-wise over the layers, as in tests.csv) and z_basis at the primary
+    test's sweep layer `at` (primary_layer), on top1_src and the p_share shift."""
+    rows = [dict(_best_layer(per_layer, draws, c, k, m), family="question")
+            for k in ks for c in ("z_basis", "z_layer") for m in PRIMARY_MEASURES]
+    if at in set(per_layer.layer):
+        rows += [_at_layer(per_layer, draws, "z_basis", k, at, m, "question")
+                 for k in ks for m in PRIMARY_MEASURES]
+    return rows
+
+
+def question_tables(out):
+    """The question set's tables from its per-row files and question_clean.csv (a dict file
+    name -> frame, None without question rows): question_per_layer.csv (per language, k, layer
+    and condition, as per_layer.csv: rates with Wilson intervals, ranks among the draws, the
+    random band, noop_max_abs), question_draws.csv and question_tests.csv (question_tests per
+    language; p_holm over all of them)."""
+    out = Path(out)
+    rows = load_rows(out, "question_")
+    if rows is None or not (out / "question_clean.csv").is_file():
+        return None
+    config = read_config(out)
+    measured = question_measures(rows, runs.load_csv(out / "question_clean.csv"),
+                                 config.get("args", {}).get("min_span", 1.0))
+    ks = sorted(int(k) for k in measured.k.unique())
+    per_layer, draws, tests = [], [], []
+    for language in sorted(measured.language.unique()):
+        group = measured[measured.language == language].assign(pairing="swap")
+        table, drawn = condition_tables(group)
+        none = group[group.condition == "none"]
+        noop = pd.concat([none.dlogp_own.abs(), none.dlogp_src.abs()], axis=1).max(axis=1)
+        noop = noop.groupby([none.k, none.layer]).max().rename("noop_max_abs").reset_index()
+        per_layer.append(table.merge(noop, on=["k", "layer"], how="left").assign(language=language))
+        draws.append(drawn.assign(language=language))
+        tests += [dict(t, language=language) for t in
+                  question_tests(table, drawn, ks, primary_layer(config))]
+    n_layers = config["model"]["num_layers"]
+    frames = {}
+    for name, parts in (("question_per_layer.csv", per_layer), ("question_draws.csv", draws)):
+        frame = pd.concat(parts, ignore_index=True).drop(columns="pairing")
+        frame["pair_set"] = QUESTION_PAIR_SET
+        frame.insert(2, "depth", frame.layer / n_layers)
+        frames[name] = frame[["language"] + [c for c in frame.columns if c != "language"]]
+    tests = pd.DataFrame(tests)
+    tests["p_holm"] = stats.holm(tests.p.to_numpy(float)) if len(tests) else []
+    frames["question_tests.csv"] = tests[["language"] + [c for c in tests if c != "language"]]
+    return frames
+
+
+def write_question_tables(out):
+    """question_tables(out) written to out, question_per_layer.csv (the question sweep's resume
+    marker) last. Returns the paths written (none without question rows)."""
+    frames = question_tables(out) or {}
+    for name in QUESTION_TABLES if frames else []:
+        runs.write_csv(frames[name], Path(out) / name)
+    return [Path(out) / name for name in QUESTION_TABLES if frames]
+
+
+# ----------------------------------------------------------------------------------------------
 # Reading and writing a run's tables
 
 def read_config(out):
@@ -434,6 +511,15 @@ def load_rows(out, prefix=""):
     frames = [runs.load_csv(p) for p in paths if p.is_file()]
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def write_rows(frame, out, prefix=""):
+    """The named conditions' rows to <prefix>per_problem.csv, the random draws' to
+    <prefix>random_rows.csv.gz (compressed: 19+ draws x pairs x layers rows); load_rows reads
+    them back."""
+    random = frame.condition == "random"
+    runs.write_csv(frame[~random], Path(out) / f"{prefix}per_problem.csv", append=True)
+    runs.write_csv(frame[random], Path(out) / f"{prefix}random_rows.csv.gz", append=True)
 
 
 def _timing(out):
