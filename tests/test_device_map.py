@@ -1,9 +1,10 @@
-"""A model split across devices (--device-map): the tiny model's layers spread over CPU memory and
-disk offload (accelerate keeps offloaded weights on the meta device between forwards, so nothing
-may read a weight or a device off the model's first parameter) gives the same rows as the whole
-model, exactly (float32 on a CPU): A's patched decode and scores, E's interchange rows, DAS's
-loss and gradient, B's activations, the Z basis. The fast decode engine falls back to the eager
-loop with a one-line note; config.json records the map; a bad map is one line and exit 2."""
+"""A model split across devices (--device-map): the tiny model's layers spread over CPU memory and disk
+offload (accelerate keeps offloaded weights on the meta device between forwards, so nothing may read
+a weight or a device off the model's first parameter) gives the same rows as the whole model,
+exactly (float32 on a CPU): A's patch readouts, decode and scores, E's interchange rows at the last
+positions and at the question's, DAS's loss and gradient, B's activations, the Z basis. The fast
+decode engine falls back to the eager loop with a one-line note; config.json records the map; a bad
+map is one line and exit 2."""
 import json
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 
 import common
 import exp_e_layer_sweep as ee
-from zcausal import das, decoding, patching, runs
+from zcausal import bank, das, decoding, patching, problems, question, runs
 from helpers import MIXED, conditions
 
 # The embedding (and the tied lm_head) on disk: the model's first parameter is then on the meta
@@ -128,6 +129,23 @@ def test_interchange_rows_and_das_are_the_same_on_the_split_model(models):
     assert torch.equal(state_s.hidden, state.hidden) and torch.equal(state_s.zh_last, state.zh_last)
     assert loss_s == loss and np.isfinite(loss)
     assert grad.abs().sum() > 0 and torch.equal(grad_s, grad)
+
+
+def test_question_set_rows_are_the_same_on_the_split_model(models):
+    """E's second position set: the question's tokens patched at layer 1 from a counterfactual
+    partner, the basis layer 3's attention read out."""
+    (whole, tok), (split, _) = models
+    kept, partners, _ = question.partners(bank.generate_bank(1)[:4], seed=0)
+    template = problems.load_prompts()["templates"]["direct"]
+    conds = ee.make_conditions(common.hidden_size(whole), 4, [], 1, 0)
+    states, rows = [], []
+    for model in (whole, split):
+        states.append(question.prepare(model, tok, kept, partners, template, "zh", 3))
+        rows.append(question.run_rows(model, states[-1], 1, conds, 4, basis_layer=3))
+    assert rows[0].attn_tv_last.notna().all()
+    pd.testing.assert_frame_equal(rows[1], rows[0], check_exact=True)
+    pd.testing.assert_frame_equal(states[1].clean, states[0].clean, check_exact=True)
+    assert torch.equal(states[1].source, states[0].source)
 
 
 @pytest.mark.parametrize("pool,drop_numbers", [("mean", False), (None, True)])
