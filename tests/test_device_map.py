@@ -1,6 +1,6 @@
-"""A model split across devices (--device-map): the tiny model's layers spread over CPU memory and disk
-offload (accelerate keeps offloaded weights on the meta device between forwards, so nothing may read
-a weight or a device off the model's first parameter) gives the same rows as the whole model,
+"""A model split across devices (--device-map): the tiny model's layers spread over CPU memory and
+disk offload (accelerate keeps offloaded weights on the meta device between forwards, so nothing may
+read a weight or a device off the model's first parameter) gives the same rows as the whole model,
 exactly (float32 on a CPU): A's patch readouts, decode and scores, E's interchange rows at the last
 positions and at the question's, DAS's loss and gradient, B's activations, the Z basis. The fast
 decode engine falls back to the eager loop with a one-line note; config.json records the map; a bad
