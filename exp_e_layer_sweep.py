@@ -426,7 +426,7 @@ def decode_record(pairs, u, j, pairing, conditions, c, text, logp_own, layer):
     return dict(layer=layer, pairing=pairing, condition=conditions.names[c],
                 draw=conditions.draws[c], problem_id=pairs[u]["id"], source_id=pairs[j]["id"],
                 answer=own, source_answer=source, output=text, parsed=answer, outcome=outcome,
-                language=problems.classify_language(text, truncate=False),
+                language=problems.classify_language(text),
                 logp_own_decode=logp_own)
 
 

@@ -253,8 +253,7 @@ def test_every_direct_row_carries_its_language_and_first_digit_scores(tiny):
     jobs = [A.job_key(i, 2, c, 4, "prompt", "mean", i, -1) for i in range(4) for c in ("none", "z")]
     results = A.run_batch(model, tok, ctx, jobs, args, True, (answer_ids, swap_of, None))
     for r in results:
-        assert r["language"] == problems.classify_language(problems.after_number(r["output"]),
-                                                           truncate=False)
+        assert r["language"] == problems.classify_language(r["output"])
         end, _ = problems.answer_end(tok, json.loads(r["tokens"]))
         assert end in (None, len(json.loads(r["tokens"])))  # cut where the answer ends
         assert all(np.isfinite(r[f]) for f in ("lang_ref", "first_ref", "first_swap", "top1"))
@@ -417,6 +416,7 @@ def _synthetic(n, z=0, zperp=0, en=0, z_lang=0, zp_lang=0, rand=0, noop=0, draws
             return dict(problem_id=f"p{i}", layer=1, k=2, positions="prompt", source="mean",
                         condition=condition, draw=draw, pair=pair, answer_changed=changed,
                         baseline_language="en" if i < english else "zh", language_changed=lang,
+                        language="zh" if lang or i >= english else "en",
                         truncated=False, outcome="kept", correct=True, logp_ref=-1.0, ld=1.0,
                         dlogp_ref=-1.0 if changed else 0.0, dld=0.0, patch_size=1.0,
                         top1_src=False, top1_own=True, dp_share=0.0, dlang_ref=0.0,

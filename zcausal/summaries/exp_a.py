@@ -29,14 +29,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from zcausal import runs, stats
+from zcausal import problems, runs, stats
 from zcausal.summaries.text import NOT_MEASURED, interval, num, p_value, plural
 
 CONFIG = ["layer", "k", "positions", "source"]
 FIXED = ["none", "noop", "z", "zperp", "full", "en"]
 REQUIRED = ["none", "noop", "z", "zperp", "full"]
 PAIRED = [("z", "rand_z"), ("zperp", "rand_zperp")]
-DECODED_METRICS = ["answer_change", "language_change", "transfer"]
+DECODED_METRICS = ["answer_change", "language_change", "to_zh", "transfer"]
 RATE_METRICS = ["top1_src", "top1_own"]  # teacher-forced, but counts: rates with intervals
 SCORED_METRICS = ["dlogp_ref", "dld_same", "dld_swap", "dlang_ref", "dp_share"] + RATE_METRICS
 ALPHA = 0.05
@@ -158,13 +158,17 @@ def _count(values):
 
 def condition_rates(frame, condition, draw=-1):
     """One condition (one random draw) of one configuration. Rates (stats.rate dicts): answer
-    change over the problems (same-problem source), language change over the problems whose
-    unpatched output is English, transfer, top1_src and top1_own over the swap pairs, truncated.
+    change over the problems (same-problem source); over the problems whose unpatched output is
+    English, language change (to another language: problems.changed_language), to_zh (to
+    Chinese) and degenerate (a degenerate output, never a language change); transfer, top1_src
+    and top1_own over the swap pairs, truncated.
     Means: the scored shifts dlogp_ref, dld_same, dlang_ref (same) and dld_swap, dp_share (swap)."""
     same, swap = rows_of(frame, condition, draw, "same"), rows_of(frame, condition, draw, "swap")
     english = same[same.baseline_language == "en"]
     return dict(answer_change=_count(same.answer_changed),
                 language_change=_count(english.language_changed),
+                to_zh=_count(english.language == "zh"),
+                degenerate=_count(english.language == "degenerate"),
                 transfer=_count(swap.outcome == "transferred"),
                 top1_src=_count(swap.top1_src), top1_own=_count(swap.top1_own),
                 truncated=stats.rate(same.truncated.sum() + swap.truncated.sum(),
@@ -195,7 +199,7 @@ def metrics_table(frame):
     intervals (n: the pair set's size), the baseline's accuracy and language, the scored means."""
     out = []
     none = rows_of(frame, "none", -1, "same")
-    for name in ("en", "zh", "none", "mixed"):
+    for name in ("en", "zh", "none", "mixed", "degenerate"):
         out.append(dict(condition="none", metric=f"baseline_{name}",
                         **stats.rate((none.baseline_language == name).sum(), len(none))))
     out.append(dict(condition="none", metric="correct",
@@ -204,7 +208,7 @@ def metrics_table(frame):
         if not (frame.condition == condition).any():
             continue
         r = condition_rates(frame, condition)
-        for metric in DECODED_METRICS + RATE_METRICS + ["truncated"]:
+        for metric in DECODED_METRICS + RATE_METRICS + ["degenerate", "truncated"]:
             if r[metric]["n"]:
                 out.append(dict(condition=condition, metric=metric, **r[metric]))
         for metric in [m for m in SCORED_METRICS if m not in RATE_METRICS] + ["patch_size"]:
@@ -526,6 +530,23 @@ def selection_sentence(config):
 # ----------------------------------------------------------------------------------------------
 # Entry points: summarize / replot (the script), summary_lines / headline (report.py)
 
+def read_languages(rows):
+    """rows with language, baseline_language (the unpatched output's, same problem and
+    configuration), language_changed and to_zh read again from each output by
+    problems.classify_language (the whole answer), so that a replot of an older run reads the
+    language as a new run does."""
+    rows = rows.copy()
+    rows["language"] = rows.output.map(problems.classify_language)
+    keys = CONFIG + ["problem_id"]
+    none = rows[(rows.condition == "none") & (rows.pair == "same")].drop_duplicates(keys)
+    baseline = none.set_index(keys).language
+    rows["baseline_language"] = baseline.reindex(pd.MultiIndex.from_frame(rows[keys])).to_numpy()
+    rows["language_changed"] = [problems.changed_language(b, g) for b, g in
+                                zip(rows.baseline_language, rows.language)]
+    rows["to_zh"] = (rows.baseline_language == "en") & (rows.language == "zh")
+    return rows
+
+
 def load_run(out_dir):
     """(rows, random null or None, variance or None, config) of a run folder, from its files."""
     out_dir = Path(out_dir)
@@ -537,6 +558,7 @@ def load_run(out_dir):
     optional = [load_table(out_dir / name) if (out_dir / name).is_file() else None
                 for name in ("random_scores.csv", "variance.csv")]
     rows = load_table(out_dir / "rows.csv")
+    rows = read_languages(rows) if "output" in rows else rows
     missing = sorted({"lang_ref", "top1_src", "p_share"} - set(rows.columns))
     if missing:
         raise runs.UsageError(f"{out_dir}/rows.csv was written by an older exp_a_patching.py (no "

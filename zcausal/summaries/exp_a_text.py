@@ -16,18 +16,19 @@ from zcausal.summaries.text import NOT_MEASURED, num, plural
 
 
 def baseline_sentence(frame):
-    """Accuracy and output languages of the unpatched rows (the language of the words after the
-    number), and whether the language criteria have their 20 English baselines."""
+    """Accuracy and output languages of the unpatched rows (problems.classify_language of the whole
+    answer), and whether the language criteria have their 20 English baselines."""
     none = rows_of(frame, "none", -1, "same")
     counts = {lang: int((none.baseline_language == lang).sum())
-              for lang in ("en", "zh", "mixed", "none")}
+              for lang in ("en", "zh", "mixed", "none", "degenerate")}
     n_en = counts["en"]
     example = none[none.baseline_language == "en"].output.head(1).tolist()
     correct = rate_text(stats.rate(none.correct.sum(), len(none)), "kept problem")
     return (f"Unpatched, the model answered {correct} "
             f"correctly ({int(none.truncated.sum())} truncated); its outputs were English on "
             f"{n_en}, Chinese on {counts['zh']}, mixed on {counts['mixed']}, without words on "
-            f"{counts['none']}" + (f" (e.g. {example[0].strip()!r})" if example else "")
+            f"{counts['none']}, degenerate on {counts['degenerate']}"
+            + (f" (e.g. {example[0].strip()!r})" if example else "")
             + (f"; the language criteria are over the {plural(n_en, 'English baseline')}." if
                n_en >= MIN_ENGLISH else f"; the language criteria need {MIN_ENGLISH} English "
                f"baselines and are not measured here."))
@@ -46,6 +47,22 @@ def scored_sentence(tests, name, condition, metric, what, value, unit=" nats"):
             f"mean {num(t['mean'], signed=True)}, "
             f"range {num(t['min'], signed=True)} to {num(t['max'], signed=True)}, rank test "
             f"({side}) {p_text(t)}.")
+
+
+def to_chinese_sentence(r, controls):
+    """How often each condition turned an English output Chinese (to_zh), and how often it left a
+    degenerate output (counted apart, never a language change), over the English baselines."""
+    if not r["z"]["to_zh"]["n"]:
+        return ""
+    parts = [f"{LABEL[c]} {r[c]['to_zh']['count']}" for c in ("zperp", "full", "en", "noop")
+             if c in r]
+    degenerate = ", ".join(f"{LABEL[c]} {r[c]['degenerate']['count']}" for c in
+                           ("z", "zperp", "full", "en", "noop") if c in r)
+    return (f"Chinese output (to_zh, the whole answer read) on "
+            f"{rate_text(r['z']['to_zh'], 'English baseline')} under Z, " + ", ".join(parts)
+            + f", random Z {band_text(controls, 'rand_z', 'to_zh')}, random Z⊥ "
+            f"{band_text(controls, 'rand_zperp', 'to_zh')}; degenerate outputs (not counted as "
+            f"a language change): {degenerate}.")
 
 
 def first_digit_sentence(frame, controls, tests):
@@ -96,6 +113,7 @@ def verdict_paragraph(frame, controls, tests, v, variance, template):
                     f"{'met' if v['plan_partial'] else 'not met'}.")
     text += [v[f"{name}_reason"] + "." for name in
              ("z_keeps_language", "zperp_changes_language", "zperp_keeps_answers")]
+    text.append(to_chinese_sentence(r, controls))
     text.append(first_digit_sentence(frame, controls, tests))
     if r["z"]["transfer"]["n"]:
         text.append(f"Decoded, the output took the source problem's answer on "

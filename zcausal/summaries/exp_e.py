@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from zcausal import runs, stats
+from zcausal import problems, runs, stats
 from zcausal.summaries.exp_e_tables import (
     ALPHA, MIN_TEST_PAIRS, NAMED, NOT_TESTED, PRIMARY_MEASURES, build_tables,
     primary_description, read_config, select_swap)
@@ -374,7 +374,9 @@ def headline(out):
 # Decoded outcomes and --replot
 
 def decode_summary(frame, keys):
-    """Outcome and language rates (with Wilson 95% intervals for transferred and kept) per group."""
+    """Outcome and language rates (with Wilson 95% intervals for transferred and kept) per group;
+    the language read again from each output (problems.classify_language), so that a replot of
+    an older run reads it as a new run would."""
     rows = []
     for key, group in frame.groupby(keys, sort=True):
         n = len(group)
@@ -384,8 +386,9 @@ def decode_summary(frame, keys):
             record[outcome] = count / n
             if outcome != "broken":
                 record[f"{outcome}_lo"], record[f"{outcome}_hi"] = stats.wilson_interval(count, n)
-        for lang in ("en", "zh", "mixed", "none"):
-            record[f"lang_{lang}"] = float((group.language == lang).mean())
+        language = group.output.fillna("").map(problems.classify_language)  # today's reading
+        for lang in ("en", "zh", "mixed", "none", "degenerate"):
+            record[f"lang_{lang}"] = float((language == lang).mean())
         if "logp_own_fast" in group:
             record["fast_vs_full_max_abs"] = float((group.logp_own_fast - group.logp_own_decode)
                                                    .abs().max())
@@ -409,7 +412,7 @@ def replot(args):
                                ["layer", "pairing", "condition"]),
                               ("das_decode.csv", "das_decode_summary.csv",
                                ["k", "layer", "pairing", "condition"])):
-        if (out / rows).is_file() and len(frame := runs.load_csv(out / rows)):
+        if (out / rows).is_file() and len(frame := runs.load_csv(out / rows, text=["output"])):
             runs.write_csv(decode_summary(frame, keys), out / table)
             written.append(out / table)
     written += exp_e_figures.plot_all(args, read_config(out), tables)
