@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from zcausal import problems, runs, stats
+from zcausal import labels, problems, runs, stats
 from zcausal.summaries.text import NOT_MEASURED, interval, num, p_value, plural
 
 CONFIG = ["layer", "k", "positions", "source"]
@@ -282,13 +282,15 @@ def _paired(frame, first, second, column, lower=False):
 def paired_tests(frame):
     """Exact one-sided paired tests on the same problems: Z changes more answers than en, Z
     lowers log p(reference) more than en (sign test), Z changes more answers than Z-perp (the
-    plan's partial criterion). b: problems where only the first condition does it, c: only the
-    second."""
+    plan's partial criterion), Z moves the language margin after the answer toward Chinese
+    (lower) more than en does (sign test; a declared test of the preregistration). b: problems
+    where only the first condition does it, c: only the second."""
     out = []
     for name, first, second, column, lower in (
             ("z vs en answers", "z", "en", "answer_changed", False),
             ("z vs en dlogp_ref", "z", "en", "dlogp_ref", True),
-            ("z vs zperp answers", "z", "zperp", "answer_changed", False)):
+            ("z vs zperp answers", "z", "zperp", "answer_changed", False),
+            ("z vs en dlang_ref", "z", "en", "dlang_ref", True)):
         if not (frame.condition == second).any():
             continue
         x, y = _paired(frame, first, second, column, lower)
@@ -409,7 +411,9 @@ def z_changes(rates, tests):
         return False, "; ".join(parts) + ": not tested (" + (
             "no random draws" if rank is None else "no en control") + ")"
     ok = bool(_used_p(t) <= ALPHA and z["ci_low"] > noop["value"])
-    return ok, "; ".join(parts) + f": {'passes' if ok else 'fails'} ({p_text(t)})"
+    null = "" if ok else "; read as a null: " + labels.null_statement(
+        z["count"], z["n"], labels.sign_test_critical(ALPHA), ALPHA, unit="kept problem")
+    return ok, "; ".join(parts) + f": {'passes' if ok else 'fails'} ({p_text(t)}){null}"
 
 
 def zperp_changes_language(rates, tests):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from zcausal import problems, stats
+from zcausal import labels, problems, stats
 from zcausal.summaries.exp_a import (CONFIG, FIXED, LABEL, MIN_ENGLISH, NO_DRAWS, band_text,
                                      condition_rates, get_test, p_text, primary_description,
                                      primary_of, rate_text, rows_of, select_config,
@@ -54,15 +54,34 @@ def to_chinese_sentence(r, controls):
     degenerate output (counted apart, never a language change), over the English baselines."""
     if not r["z"]["to_zh"]["n"]:
         return ""
-    parts = [f"{LABEL[c]} {r[c]['to_zh']['count']}" for c in ("zperp", "full", "en", "noop")
+    parts = [f"{LABEL[c]} {num(r[c]['to_zh']['value'])}" for c in ("zperp", "full", "en", "noop")
              if c in r]
     degenerate = ", ".join(f"{LABEL[c]} {r[c]['degenerate']['count']}" for c in
                            ("z", "zperp", "full", "en", "noop") if c in r)
     return (f"Chinese output (to_zh, the whole answer read) on "
-            f"{rate_text(r['z']['to_zh'], 'English baseline')} under Z, " + ", ".join(parts)
+            f"{rate_text(r['z']['to_zh'], 'English baseline')} under Z; as a share: "
+            + ", ".join(parts)
             + f", random Z {band_text(controls, 'rand_z', 'to_zh')}, random Z⊥ "
             f"{band_text(controls, 'rand_zperp', 'to_zh')}; degenerate outputs (not counted as "
             f"a language change): {degenerate}.")
+
+
+def _tie_words(r, controls):
+    """' (no transfer (0 of n, upper bound u)): Z and every draw at 0' where the rank test sees
+    only ties, else ''."""
+    tie = labels.no_transfer(r["count"], r["n"], controls[controls.condition == "rand_z"]
+                             .top1_src.dropna().to_numpy())
+    return f": {tie}, Z and every random draw at 0" if tie else ""
+
+
+def language_margin_sentence(tests):
+    """The declared paired test: Z's language margin shift against en's, per problem."""
+    t = get_test(tests, "z vs en dlang_ref")
+    if t is None:
+        return ""
+    return (f"Z moved the language margin after the answer toward Chinese more than en did on "
+            f"{int(t['b'])} of {plural(t['n'], 'kept problem')}, less on {int(t['c'])} (exact "
+            f"sign test, one-sided, {p_text(t)}).")
 
 
 def first_digit_sentence(frame, controls, tests):
@@ -80,6 +99,7 @@ def first_digit_sentence(frame, controls, tests):
             f"under Z⊥ on {r['zperp']['top1_src']['count']}; random Z "
             + (f"{num(t['min'])} to {num(t['max'])}, rank {p_text(t)}" if t is not None
                else NO_DRAWS)
+            + _tie_words(z["top1_src"], controls)
             + f". p_share = p_src / (p_src + p_own) over the two first digits moved by "
             f"{num(z['dp_share'], signed=True)} under Z and "
             f"{num(r['full']['dp_share'], signed=True)} under full replacement (mean shift over the {plural(z['n_swap'], 'swap pair')}).")
@@ -114,6 +134,7 @@ def verdict_paragraph(frame, controls, tests, v, variance, template):
     text += [v[f"{name}_reason"] + "." for name in
              ("z_keeps_language", "zperp_changes_language", "zperp_keeps_answers")]
     text.append(to_chinese_sentence(r, controls))
+    text.append(language_margin_sentence(tests))
     text.append(first_digit_sentence(frame, controls, tests))
     if r["z"]["transfer"]["n"]:
         text.append(f"Decoded, the output took the source problem's answer on "

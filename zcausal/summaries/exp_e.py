@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from zcausal import problems, runs, stats
+from zcausal import labels, problems, runs, stats
 from zcausal.summaries.exp_e_tables import (
     ALPHA, MIN_TEST_PAIRS, NAMED, NOT_TESTED, PRIMARY_MEASURES, build_tables,
     primary_description, read_config, select_swap)
@@ -161,7 +161,18 @@ def primary_verdict(tables):
         return NOT_TESTED, z, primary
     if combined.p <= ALPHA:
         return "Z transfers", z, primary
-    return ("Z below random" if combined.p_below <= ALPHA else "Z = random"), z, primary
+    share = _test(primary, measure="p_share_shift")
+    draws = select_swap(tables["draws"], k=k, layer=basis).top1_src.dropna()
+    label = labels.count_versus_random(
+        int(round(z.top1_src * z.n_pairs)), int(z.n_pairs), draws.to_numpy(), _as_rank(combined),
+        "greater", ALPHA, continuous=_as_rank(share), continuous_name="p_share shift")
+    return label, z, primary
+
+
+def _as_rank(test):
+    """A tests.csv row of a one-sided test as labels.versus_random reads it."""
+    return dict(p_above=test.p, p_below=test.p_below,
+                p_two_sided=min(1.0, 2 * min(test.p, test.p_below)))
 
 
 def primary_sentence(tables):
