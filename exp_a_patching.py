@@ -50,7 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import answered, decoding, problems, runs
+from zcausal import answered, decoding, prereg, problems, runs
 from zcausal.patching import (RANDOM_CONDITIONS, last_positions, make_patch, patch_sizes,
                               prepare_layer, prompt_texts, variance_rows)
 from zcausal.summaries import exp_a as summary
@@ -512,6 +512,7 @@ def main(args):
                                  basis_layer=common.plan_layer_at_depth(model)),
             primary_test=dict(zip(summary.CONFIG, primary),
                               description=summary.primary_description(primary)),
+            preregistration=prereg.record("A"),
             swap_source={p["id"]: pairs[j]["id"] for p, j in zip(pairs, swap_of)},
             random_basis_seeds="seed * 1000003 + k * 1009 + draw",
             language_margin="log P(Latin word) - log P(Chinese word) right after the reference "

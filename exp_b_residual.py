@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 import common
-from zcausal import problems, runs, stats
+from zcausal import prereg, problems, runs, stats
 from zcausal.runs import UsageError
 from zcausal.summaries import exp_b as summary
 
@@ -300,7 +300,8 @@ def run_record(args, config, basis_layer, pairs):
                 texts="bare questions, zh and en, no template",
                 R_chance={k: float(np.sqrt(k / (d - k))) for k in args.k},
                 energy_chance={k: k / d for k in args.k},
-                primary_test=summary.primary_description(args.k))
+                primary_test=summary.primary_description(args.k),
+                preregistration=prereg.record("B"))
 
 
 def main(args):

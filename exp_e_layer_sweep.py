@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import answered, das, decoding, interchange, problems, runs, stats
+from zcausal import answered, das, decoding, interchange, prereg, problems, runs, stats
 from zcausal.summaries import exp_e as summary
 from zcausal.summaries import exp_e_tables as tables
 
@@ -595,6 +595,7 @@ def main(args):
         runs.write_json(out / "config.json", runs.run_config(
             args, model, template=template, n_pairs=len(pairs), basis_layer=args.basis_layer,
             primary_test=tables.primary_description(args.k, args.basis_layer),
+            preregistration=prereg.record("E"),
             secondary_tests=tables.SECONDARY_DESCRIPTION,
             splits={s: [p["id"] for p, name in zip(pairs, split) if name == s]
                     for s in ("train", "validation", "test")},

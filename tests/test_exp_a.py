@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import common
-from zcausal import decoding, patching as P, problems, runs, transport
+from zcausal import decoding, patching as P, prereg, problems, runs, transport
 import exp_a_patching as A
 from zcausal.summaries import exp_a as S, exp_a_text
 from helpers import smoke_argv
@@ -304,6 +304,7 @@ def test_smoke_outputs(smoke):
     assert config["solved"]["kept"] == 4 and config["solved"]["mode"] == "off"
     assert config["primary_test"]["layer"] == 2 and config["primary_test"]["k"] == 8
     assert "intersection-union" in config["primary_test"]["description"]
+    assert config["preregistration"]["sha256"] == prereg.sha256()  # the declaration in force
     variance = S.load_table(out / "variance.csv")
     assert set(variance.basis) == {"z", "uniform", "matched"} and variance.share.between(0, 1).all()
     null = S.load_table(out / "random_scores.csv")
@@ -322,11 +323,15 @@ def test_smoke_outputs(smoke):
     assert (scored[scored.condition == "z"].draws == 4).all()  # Z: every scored draw
     assert (scored[scored.condition == "zperp"].draws == 2).all()  # Z-perp: its decoded draws
     assert tests.primary.sum() == 1 and tests[tests.primary].test.iloc[0] == "z changes answers"
+    declared = tests[tests.part_of == "declared"]  # the preregistration's: read at its raw p
+    assert list(declared.test) == ["z vs en dlang_ref"] and declared.p_holm.isna().all()
+    assert {"language_change", "to_zh"} <= set(S.load_table(out / "controls.csv").columns)
     secondary = tests[~tests.primary & (tests.part_of == "")]
     assert secondary.p_holm.notna().all() and (secondary.p_holm >= secondary.p - 1e-12).all()
     summary = (out / "SUMMARY.md").read_text()
     assert "Verdict:" in summary and "not measured" in summary and "noise floor" in summary
-    assert "4 pairs tried, 4 kept" in summary and "Declared primary test" in summary
+    assert "4 pairs tried, 4 kept" in summary and "Primary test (config.json)" in summary
+    assert "Exploratory run" in summary  # a smoke run is not the declared run
     assert not re.search(r"\bnan\b", summary) and " - " not in summary
     for name in ("change_rates", "transfer_rates", "logprob_shift"):
         assert (runs.figure_dir(out, figures) / f"{name}.png").is_file()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import common
-from zcausal import problems, runs
+from zcausal import prereg, problems, runs
 import exp_b_residual as eb
 from zcausal.summaries import exp_b as summary
 
@@ -245,6 +245,7 @@ def test_main_end_to_end(tiny, tmp_path, monkeypatch, capsys):
     config = json.loads((out / "config.json").read_text())
     assert (config["basis_layer"], config["k"], config["drop_first"], config["n_pairs"],
             config["d"], config["n_random"]) == (2, [4], True, 6, 64, 20)
+    assert config["preregistration"]["sha256"] == prereg.sha256()  # the declaration in force
 
     per_layer = pd.read_csv(out / "per_layer.csv")
     assert len(per_layer) == 4 * 3 and set(per_layer["lang"]) == {"zh", "en", "all"}

@@ -439,7 +439,8 @@ def prompts_arg(value):
 
 
 def add_pairs_args(parser, default=DEFAULT_PROMPTS):
-    """--prompts (a file or `bank`), --bank-steps, --prompts-en/--prompts-zh (MGSM), --limit.
+    """--prompts (a file or `bank`), --bank-steps, --bank-offset, --prompts-en/--prompts-zh
+    (MGSM), --limit.
     default: the script's default problems (DEFAULT_PROMPTS or BANK)."""
     shown = BANK if default == BANK else "prompts.json"
     parser.add_argument("--prompts", type=prompts_arg, default=default,
@@ -448,6 +449,10 @@ def add_pairs_args(parser, default=DEFAULT_PROMPTS):
                              f"(default: {shown})")
     parser.add_argument("--bank-steps", type=int, choices=[1, 2], default=1,
                         help="with --prompts bank: one-step or two-step problems")
+    parser.add_argument("--bank-offset", type=int, default=0,
+                        help="with --prompts bank: skip the bank's first N pairs (--limit counts "
+                             "from there); the confirmatory slice starts at the offset "
+                             "docs/preregistration.json declares")
     parser.add_argument("--prompts-en", type=Path, default=None,
                         help="MGSM-style English TSV (with --prompts-zh; replaces --prompts)")
     parser.add_argument("--prompts-zh", type=Path, default=None,
@@ -458,18 +463,31 @@ def add_pairs_args(parser, default=DEFAULT_PROMPTS):
     return parser
 
 
+def _bank_offset(args):
+    """--bank-offset, checked: within the bank, and only with --prompts bank."""
+    from zcausal.bank import BANK_SIZE
+    offset = getattr(args, "bank_offset", 0) or 0
+    if offset and (args.prompts != BANK or args.prompts_en is not None):
+        raise UsageError(f"--bank-offset {offset} applies to --prompts bank only; drop it or "
+                         f"pass --prompts bank")
+    if not 0 <= offset < BANK_SIZE:
+        raise UsageError(f"--bank-offset {offset} is out of range: the bank has {BANK_SIZE} "
+                         f"pairs; pass --bank-offset between 0 and {BANK_SIZE - 1}")
+    return offset
+
+
 def load_pairs(args, bank_limit=None):
-    """The zh/en pairs the flags name (the bank, a prompts file or MGSM), cut to --limit; with the
-    bank and no --limit, to the script's `bank_limit` (None: all of it)."""
+    """The zh/en pairs the flags name (the bank from --bank-offset, a prompts file or MGSM), cut
+    to --limit; with the bank and no --limit, to the script's `bank_limit` (None: all of it)."""
     if (args.prompts_en is None) != (args.prompts_zh is None):
         raise UsageError("pass both --prompts-en and --prompts-zh, or neither")
+    offset = _bank_offset(args)
     if args.prompts_en is not None:
         pairs = read_mgsm(args.prompts_en, args.prompts_zh)
     elif args.prompts == BANK:
-        from zcausal.bank import generate_bank
-        pairs = generate_bank(steps=getattr(args, "bank_steps", 1))
-        if args.limit is None and bank_limit is not None:
-            pairs = pairs[:bank_limit]
+        from zcausal.bank import bank_slice
+        pairs = bank_slice(getattr(args, "bank_steps", 1), offset,
+                           bank_limit if args.limit is None else None)
     else:
         pairs = load_prompts(args.prompts)["pairs"]
     if args.limit is not None:

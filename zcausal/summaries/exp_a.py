@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from zcausal import labels, problems, runs, stats
+from zcausal import labels, prereg, problems, runs, stats
 from zcausal.summaries.text import NOT_MEASURED, interval, num, p_value, plural
 
 CONFIG = ["layer", "k", "positions", "source"]
@@ -324,8 +324,8 @@ def config_tests(frame, controls, draws):
 
 def mark_primary(tests, primary):
     """tests + primary (the declared test's row) and p_holm: Holm-adjusted over every secondary
-    test (all rows but the primary, its components and the dissociation criterion at the primary
-    configuration; NaN there)."""
+    test (all rows but the primary, its components, the dissociation criterion and the
+    preregistration's declared secondary tests at the primary configuration; NaN there)."""
     at = np.ones(len(tests), dtype=bool)
     for column, value in zip(CONFIG, primary):
         at &= (tests[column] == value).to_numpy()
@@ -334,6 +334,9 @@ def mark_primary(tests, primary):
     # criteria at the same configuration (an intersection-union test: each at its raw level).
     dissociation = at & (tests.test == "zperp language_change vs random").to_numpy()
     tests.loc[dissociation, "part_of"] = "double dissociation"
+    # The preregistration's declared secondary tests stand on their own: read at their raw p.
+    declared = {t["test"] for t in prereg.declaration("A").get("secondary", [])}
+    tests.loc[at & tests.test.isin(declared).to_numpy(), "part_of"] = "declared"
     family = ~tests.primary.to_numpy() & ~(at & (tests.part_of != "").to_numpy())
     holm = np.full(len(tests), np.nan)
     if family.any():
@@ -359,9 +362,11 @@ def get_test(tests, name):
 
 
 def _raw(t):
-    """Whether a test is read at its raw p: the primary and the criteria that join it in a label
-    (part_of); every other test is read at its Holm-adjusted p."""
-    return bool(t.get("primary", False)) or t.get("part_of", "") == "double dissociation"
+    """Whether a test is read at its raw p: the primary, the criteria that join it in a label
+    (part_of) and the preregistration's declared secondary tests; every other test is read at its
+    Holm-adjusted p."""
+    return bool(t.get("primary", False)) or t.get("part_of", "") in ("double dissociation",
+                                                                      "declared")
 
 
 def _used_p(t):
@@ -613,7 +618,8 @@ def summary_lines(out_dir):
     from zcausal.summaries.exp_a_text import checks_markdown, verdict_paragraph
     rows, variance, config, (_, controls, _, tests, verdicts) = _tables(out_dir)
     template = config.get("args", {}).get("template", "direct")
-    lines = [selection_sentence(config)] if config.get("solved") else []
+    lines = [prereg.status_sentence(config, "A")]
+    lines += [selection_sentence(config)] if config.get("solved") else []
     lines += checks_markdown(measure_checks(rows), template)
     for config_key, frame in rows.groupby(CONFIG, sort=True):
         c, t = (select_config(f, config_key) for f in (controls, tests))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from zcausal import labels, problems, stats
+from zcausal import labels, prereg, problems, stats
 from zcausal.summaries.exp_a import (CONFIG, FIXED, LABEL, MIN_ENGLISH, NO_DRAWS, band_text,
                                      condition_rates, get_test, p_text, primary_description,
                                      primary_of, rate_text, rows_of, select_config,
@@ -290,8 +290,9 @@ def write_summary(out_dir, rows, tables, checks, variance, config):
             f"{config.get('git_commit')}. {selection_sentence(config)} Every number and sentence "
             f"here is generated from the CSVs in this folder; rebuild with `python "
             f"exp_a_patching.py --replot --out <this folder>`.", "",
-            f"Declared primary test (config.json): {primary_description(primary)}. Every other "
-            f"test is secondary, its p Holm-adjusted over tests.csv.", "",
+            f"Primary test (config.json): {primary_description(primary)}. Every other test is "
+            f"secondary, its p Holm-adjusted over tests.csv, but for the declared ones. "
+            f"{prereg.status_sentence(config, 'A')}", "",
             "## Checks on the measure", ""] + checks_markdown(checks, template) + [
             "", "## Overview", "",
             "| layer | k | positions | source | Z answers changed | random Z | en | p (Z changes "

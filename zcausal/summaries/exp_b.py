@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from zcausal import labels, runs, stats
+from zcausal import labels, prereg, runs, stats
 from zcausal.runs import UsageError
 from zcausal.summaries.text import interval, num, ordinal, p_value, plural
 
@@ -236,7 +236,7 @@ def summary_lines(out_dir):
     report.py's paragraph)."""
     per_layer, asym, draws, config = _read_tables(out_dir)
     n_random = int(config.get("n_random", 0))
-    lines = []
+    lines = [prereg.status_sentence(config, "B")]
     for k in sorted(per_layer["k"].unique()):
         both = per_layer[(per_layer["lang"] == "all") & (per_layer["k"] == k)]
         top = both.loc[both["R_over_chance"].idxmax()]

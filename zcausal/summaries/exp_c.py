@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zcausal import ard_mmd, labels, stats
+from zcausal import ard_mmd, labels, prereg, stats
 from zcausal.runs import UsageError, figure_path, save_figure, write_csv
 from zcausal.summaries.text import num, plural
 
@@ -505,7 +505,8 @@ def summary_lines(out):
     table = overlap_table(out)
     d = (int(table["d"].iloc[0]) if len(table) else
          read_lengthscales(out)["z_energy"].shape[1])
-    lines = [f"Fits on {plural(config.get('n_pairs'), 'pair')} (d = {d}); lambda selected per "
+    lines = [prereg.status_sentence(config, "C")]
+    lines += [f"Fits on {plural(config.get('n_pairs'), 'pair')} (d = {d}); lambda selected per "
              f"(layer, objective, start) by validation retrieval cross-entropy. Overlap: ARD's Z "
              f"(|Z| coordinates) against the |Z| coordinates with the largest diag(P_Z) of "
              f"{_masks_words(ks, config.get('basis_layer'))}, read "

@@ -9,12 +9,13 @@ held-out R^2 ranked among the random bases' (one-sided: does Z carry more of the
 subspaces of its size). Only that direction is tested: a Z that does not rank high enough is "not
 above random" (labels.versus_random), never "below" or "= random".
 """
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from zcausal import labels, runs, stats
+from zcausal import labels, prereg, runs, stats
 from zcausal.runs import UsageError
 from zcausal.summaries.text import interval, num, ordinal, plural
 
@@ -240,7 +241,10 @@ def summary_lines(out_dir):
                f"fitted on the same folds (Z's place from the top of {m + 1}; one-sided p, at "
                f"least 1/{m + 1} = {num(1 / (m + 1))})" if m else
                "; Z against random bases: not tested (no random draws)")
-    lines = [f"Basis: {_basis_name(table)}, layer {int(first['layer'])}, "
+    config_path = Path(out_dir) / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    lines = [prereg.status_sentence(config, "D")]
+    lines += [f"Basis: {_basis_name(table)}, layer {int(first['layer'])}, "
              f"{plural(first['n_pairs'], 'pair')}, {_pooling_note(table)}; held-out R^2 by "
              f"{int(first['n_folds'])}-fold cross-validation, against "
              f"{plural(first['n_shuffles'], 'fit')} on shuffled pairs (95% band){against}."]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from zcausal import labels, problems, runs, stats
+from zcausal import labels, prereg, problems, runs, stats
 from zcausal.summaries.exp_e_tables import (
     ALPHA, MIN_TEST_PAIRS, NAMED, NOT_TESTED, PRIMARY_MEASURES, build_tables,
     primary_description, read_config, select_swap)
@@ -179,7 +179,7 @@ def primary_sentence(tables):
     verdict, z, primary = primary_verdict(tables)
     per_layer, config = tables["per_layer"], tables["config"]
     k, basis = stats.primary_k(per_layer.k.unique()), int(config["basis_layer"])
-    head = f"Primary test (declared): {primary_description(per_layer.k.unique(), basis)}."
+    head = f"Primary test: {primary_description(per_layer.k.unique(), basis)}."
     if z is None:
         return f"{head} Not measured: layer {basis} was not swept or has no swap pair."
     top1, share = (_test(primary, measure=m) for m in PRIMARY_MEASURES)
@@ -353,7 +353,8 @@ def summary_lines(out):
     per_layer, tests = tables["per_layer"], tables["tests"]
     ks = sorted(int(k) for k in per_layer.k.unique())
     pk = stats.primary_k(ks)
-    lines = [pairs_sentence(tables["config"], per_layer, pk, tables["clean"]),
+    lines = [prereg.status_sentence(tables["config"], "E"),
+             pairs_sentence(tables["config"], per_layer, pk, tables["clean"]),
              profile_sentence(per_layer, pk),
              disruption_sentence(per_layer, pk), primary_sentence(tables)]
     for k in ks:
