@@ -428,7 +428,7 @@ def test_replot_reproduces_every_table_the_run_wrote(finished_run, tmp_path, mon
     figures = runs.figure_dir(out, tmp_path / "fig")
     for name in ("layer_sweep.png", "layer_sweep_k4.png", "das.png"):
         assert (figures / name).is_file() and f"wrote {figures / name}" in printed
-    assert "Primary test (declared)" in printed  # the summary of a finished sweep
+    assert "Primary test: " in printed and "Exploratory run" in printed  # a finished sweep
 
 
 def test_replot_of_a_folder_without_a_run_writes_nothing(tmp_path, capsys):
@@ -494,7 +494,7 @@ def test_no_random_draws_are_said_as_not_tested(tmp_path):
     assert (figures / "layer_sweep.png").is_file() and (figures / "das.png").is_file()
     lines = summary.summary_lines(out)
     text = " ".join(lines)
-    assert summary.NOT_TESTED in lines[0] and "Z ranks" not in text and "nan" not in text
+    assert summary.NOT_TESTED in lines[1] and "Z ranks" not in text and "nan" not in text
     assert "against random draws: not tested (no random draws)." in text
     assert summary.headline(out)["verdict"] == summary.NOT_TESTED
     tests = runs.load_csv(out / "tests.csv")
