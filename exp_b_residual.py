@@ -19,8 +19,8 @@ random subspace" can mean no more than "along the stream's main directions".
 The first token (attention sink) is left out of the means unless --keep-first-token; the tokens of
 numbers too with --drop-numbers. --k takes one or several dimensions (every table has a k column);
 --n-random 0 leaves the random bands out ("not tested"). The primary test (zcausal/summaries/
-exp_b.py): Z's R on the update into the basis layer, both languages, at k = 50 (else the largest
---k), ranked among the covariance-matched draws, one-sided.
+exp_b.py): Z's R on the update into the basis layer's input, both languages, at k = 50 (else the
+largest --k), ranked among the uniform (Haar) draws, one-sided; the matched draws shown beside.
 
 Outputs under --out: per_prompt.csv, per_layer.csv, asymmetry.csv (R_zh - R_en, plan B.4),
 random_draws.csv, config.json; figure residual_ratio.png under --figures (the --out path mirrored).

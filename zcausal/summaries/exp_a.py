@@ -19,8 +19,10 @@ test), all one-sided: an intersection-union test whose p-value is the largest of
 Wilson lower bound of Z's rate above the noop rate. The label "partial" rests on the primary test
 only; "double dissociation" is the conjunction of it and, at the same configuration, Z keeps
 language, Z-perp changes language and Z-perp keeps answers (each at its raw level: a conjunction
-needs no correction). Every other test in tests.csv is secondary and Holm-adjusted (p_holm). The
-language criteria are "not measured" with fewer than 20 English baselines.
+needs no correction). Every other test in tests.csv is secondary and Holm-adjusted (p_holm), but
+the preregistration's declared secondary test (Z's language-margin shift against en's, exact sign
+test per problem), read at its raw p. The language criteria are "not measured" with fewer than 20
+English baselines. Languages are read again from each output (problems.classify_language).
 """
 import json
 import math
