@@ -10,7 +10,8 @@ The rules: a label never comes from ties ("Z = random" where Z and every draw si
 transfer", with the one-sided 95% upper bound of Z's rate); a direction ("below random") is read
 only from a two-sided test below alpha, and only where both directions are read; a one-sided test
 that does not reject says "not above random", nothing more; every null states the smallest effect
-its test would find at its N (80% power). Scipy for the distributions; imports only summaries/text.py.
+its test would find at its N (80% power). Scipy for the distributions; imports only
+zcausal/summaries/text.py.
 """
 import math
 

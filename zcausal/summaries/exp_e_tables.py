@@ -28,10 +28,11 @@ and p_share_shift each ranked among the random draws (stats.rank_test, one-sided
 "transfers" only if both p <= 0.05 (an intersection-union test: no correction needed), unless Z
 disrupts there; else "not above random", or "no transfer (0 of n, upper bound u)" where Z and
 every draw sit at top1_src 0 (ties say nothing about a direction), the p_share shift's two-sided
-rank test then giving the direction if it has one (zcausal/labels.py). Secondary tests, Holm-adjusted together in tests.csv: the best layer of z_basis
-and z_layer (family-wise: Z's largest value over the layers against each draw's largest over the
-same layers), z_basis at the basis layer at the other k, the language margin there (two-sided),
-and DAS against its random draws on the held-out pairs. Per-layer rank p-values in per_layer.csv
+rank test then giving the direction if it has one (zcausal/labels.py). Secondary tests,
+Holm-adjusted together in tests.csv: the best layer of z_basis and z_layer (family-wise: Z's
+largest value over the layers against each draw's largest over the same layers), z_basis at the
+basis layer at the other k, the language margin there (two-sided), and DAS against its random
+draws on the held-out pairs. Per-layer rank p-values in per_layer.csv
 are uncorrected and descriptive.
 """
 import json
