@@ -14,9 +14,13 @@ Chinese prompt's last m positions (aligned from the end), from the same problem 
 or from the swap partner (`swap`), within a subspace:
   none      nothing (the no-op, computed in the same batches: the noise floor)
   full      everything (h <- s)
-  z_basis   Z of --basis-layer (or --depth F; default: layer 32 of 36 at the same depth), k dims
+  z_basis   Z of --basis-layer (or --depth F; default: layer 32 of 36 at the same depth), k dims;
+            the primary test reads it at the basis layer's input (--site input: sweep layer b - 1,
+            always swept) or its output (--site output: sweep layer b)
   z_layer   Z of the patched layer l itself
   random    --n-random random k-dim subspaces (the same draws at every layer)
+Every row also records how far its patch moves the basis layer's attention at the patched
+position (attn_tv_last / attn_tv_all; layers below the basis layer only): Z's own positive control.
 Every row is written (per_problem.csv, random_rows.csv.gz); the tables, the declared primary test
 and the Holm-corrected secondary ones are built from those rows alone
 (zcausal/summaries/exp_e_tables.py: measures top1_src / top1_own / neither, the p_share shift,
@@ -42,7 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import answered, das, decoding, interchange, prereg, problems, runs, stats
+from zcausal import answered, attention, das, decoding, interchange, prereg, problems, runs, stats
 from zcausal.summaries import exp_e as summary
 from zcausal.summaries import exp_e_tables as tables
 
@@ -239,14 +243,41 @@ def make_batches(state, problem_index, n_conditions, batch_size, dtype):
     return batches
 
 
+def run_with_readout(model, state, batch, layer, hidden, patch, basis_layer):
+    """patched_scores for one batch, and how far the patch moves the attention of `basis_layer`
+    at the patched (suffix) positions: the query block runs from layer + 1 up to the basis layer,
+    its attention is read from the stream entering it (interchange.suffix_attention, against the
+    clean stream there), then the rest of the layers run; the scores are the ones a single pass
+    gives. Returns (scores, attn_tv_last (B,), attn_tv_all (B,)): total variation averaged over
+    heads at the last patched position / over the patched positions; NaN where the patched stream
+    is not below the basis layer (a patch at or above it cannot reach its attention)."""
+    block, m = batch.block, batch.block.m
+    hidden = torch.cat([patch(hidden[:, :m]).to(hidden.dtype), hidden[:, m:]], 1)
+    nan = torch.full((len(hidden),), float("nan"))
+    if basis_layer is None or layer + 1 > basis_layer:
+        final = interchange.run_layers(model, state.prefixes, block, hidden, layer + 1, batch.mask)
+        return interchange.score(model, final, block, state.languages), nan, nan
+    entering = interchange.run_layers(model, state.prefixes, block, hidden, layer + 1, batch.mask,
+                                      stop=basis_layer)
+    clean = state.hidden[basis_layer][block.rows[:, None], batch.columns]
+    shift = attention.row_shift(
+        interchange.suffix_attention(model, state.prefixes, block, basis_layer, clean),
+        interchange.suffix_attention(model, state.prefixes, block, basis_layer, entering),
+        torch.ones(len(hidden), m, dtype=torch.bool))
+    final = interchange.run_layers(model, state.prefixes, block, entering, basis_layer, batch.mask)
+    return interchange.score(model, final, block, state.languages), shift["last"], shift["all"]
+
+
 @torch.no_grad()
-def run_rows(model, state, layer, conditions, batches):
+def run_rows(model, state, layer, conditions, batches, basis_layer=None):
     """Scores of every row with the `last` source patched at `layer`: a frame with problem,
     pairing, condition index, logp_own, logp_src, first_own, first_src, lang_own, lang_src, top1
     (the argmax at the patched last position) with top1_own / top1_src (it is the own / the
-    source's first digit; for `same` rows the source is the own problem), and
+    source's first digit; for `same` rows the source is the own problem),
     patch_share = |P_S (s - h)| / |s - h| at the patched positions (how much of the difference
-    between source and run the subspace carries: 1 for full, 0 for none)."""
+    between source and run the subspace carries: 1 for full, 0 for none), and attn_tv_last /
+    attn_tv_all, how far the patch moves the attention of `basis_layer` at the patched
+    positions (run_with_readout; NaN for layers at or above it, or without a basis layer)."""
     device = state.hidden.device
     bases, complement = conditions.bases.to(device), conditions.complement.to(device)
     frames = []
@@ -259,8 +290,8 @@ def run_rows(model, state, layer, conditions, batches):
         suffix = hidden[:, :batch.block.m].float()
         share = ((patch(suffix).float() - suffix).norm(dim=-1)
                  / (source.float() - suffix).norm(dim=-1).clamp(min=1e-12)).mean(1)
-        out = interchange.patched_scores(model, state.prefixes, batch.block, layer, hidden, patch,
-                                         state.languages, batch.mask)
+        out, tv_last, tv_all = run_with_readout(model, state, batch, layer, hidden, patch,
+                                                basis_layer)
         src = 0 if batch.pairing == "same" else 1
         top1 = out["top1"].cpu().numpy()
         own_first = np.array([state.answers[u][0] for u in batch.problems])
@@ -275,7 +306,8 @@ def run_rows(model, state, layer, conditions, batches):
             "lang_own": out["lang"][:, 0].double().cpu().numpy(),
             "lang_src": out["lang"][:, src].double().cpu().numpy(),
             "top1": top1, "top1_own": top1 == own_first, "top1_src": top1 == src_first,
-            "patch_share": share.double().cpu().numpy()}))
+            "patch_share": share.double().cpu().numpy(),
+            "attn_tv_last": tv_last.double().numpy(), "attn_tv_all": tv_all.double().numpy()}))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -364,8 +396,9 @@ def run_sweep(model, state, args, out, split):
         z_here = common.z_basis(model, layer, k, fold_norm=args.fold_norm)
         conditions = make_conditions(d, k, [("z_basis", z_fixed[k]), ("z_layer", z_here)],
                                      args.n_random, args.seed)
-        rows = per_problem_rows(run_rows(model, state, layer, conditions, batches), state,
-                                conditions, split, {"k": k, "layer": layer, "depth": layer / L})
+        rows = per_problem_rows(run_rows(model, state, layer, conditions, batches,
+                                         args.basis_layer), state, conditions, split,
+                                {"k": k, "layer": layer, "depth": layer / L})
         write_rows(tables.row_measures(rows, state.clean, args.min_span), out)
         runs.write_csv(pd.DataFrame([dict(  # this layer's rows, Z's SVD included
             k=k, layer=layer, seconds=time.perf_counter() - started,
@@ -481,8 +514,9 @@ def run_das(model, tokenizer, state, template, args, out, split, layer):
         conditions = make_conditions(d, k, [("das", basis), ("z_basis", z_fixed),
                                             ("z_layer", z_here)], args.n_random, args.seed)
         batches = make_batches(state, test, len(conditions.names), args.batch_size, dtype)
-        rows = per_problem_rows(run_rows(model, state, layer, conditions, batches), state,
-                                conditions, split, {"k": k, "layer": layer})
+        rows = per_problem_rows(run_rows(model, state, layer, conditions, batches,
+                                         args.basis_layer), state, conditions, split,
+                                {"k": k, "layer": layer})
         random_bases = [b for b, name in zip(conditions.bases, conditions.names) if name == "random"]
         angles = das.das_angles(basis, [("z_basis", -1, z_fixed), ("z_layer", -1, z_here)],
                                 random_bases, k)
@@ -509,6 +543,12 @@ def validate(args):
     args.basis_layer = common.resolve_layer(config, args.basis_layer, args.depth, "--basis-layer")
     n_layers = common.num_layers(config)
     args.layers = sorted(set(args.layers)) if args.layers else list(range(n_layers))
+    if args.site == "input" and args.basis_layer == 0:
+        raise runs.UsageError("--site input at basis layer 0 would patch the embeddings, which "
+                              "the sweep does not; pass --site output or a basis layer above 0")
+    primary = primary_layer_of(args)
+    if primary not in args.layers:  # the primary test's layer is always swept
+        args.layers = sorted(args.layers + [primary])
     for flag, layers in (("--layers", args.layers), ("--decode-layers", args.decode_layers or []),
                          ("--das-layer", [] if args.das_layer is None else [args.das_layer])):
         for layer in layers:
@@ -540,6 +580,13 @@ def validate(args):
     split_sizes(len(pairs), args.split)
     template = problems.get_template(problems.load_templates(args), "direct")
     return pairs, template
+
+
+def primary_layer_of(args):
+    """The sweep layer of the primary test: a row's layer l patches the output of l, which is
+    the input of l + 1, so Z of basis layer b is tested where its own heads read it at l = b - 1
+    (--site input), or at l = b (--site output, the stream only the layers above b read)."""
+    return args.basis_layer - 1 if args.site == "input" else args.basis_layer
 
 
 def select_pairs(model, tokenizer, pairs, template, args):
@@ -594,7 +641,8 @@ def main(args):
     if not args.resume:
         runs.write_json(out / "config.json", runs.run_config(
             args, model, template=template, n_pairs=len(pairs), basis_layer=args.basis_layer,
-            primary_test=tables.primary_description(args.k, args.basis_layer),
+            site=args.site, primary_layer=primary_layer_of(args),
+            primary_test=tables.primary_description(args.k, args.basis_layer, args.site),
             preregistration=prereg.record("E"),
             secondary_tests=tables.SECONDARY_DESCRIPTION,
             splits={s: [p["id"] for p, name in zip(pairs, split) if name == s]
@@ -608,7 +656,7 @@ def main(args):
     run_sweep(model, state, args, out, split)
     peak = tables.peak_layer(out)
     decode_layers = args.decode_layers if args.decode_layers is not None else sorted(
-        {args.basis_layer, peak} & set(args.layers))
+        {primary_layer_of(args), peak} & set(args.layers))
     run_decode_checks(model, tokenizer, state, template, args, out, decode_layers)
     if args.das_k:
         das_layer = args.das_layer if args.das_layer is not None else peak
@@ -646,6 +694,10 @@ def build_parser():
     parser.add_argument("--layers", type=int, nargs="*", default=None,
                         help="layers to patch (default: every layer 0..L-1)")
     common.add_layer_args(parser, "--basis-layer", "layer whose Z is the fixed basis (z_basis)")
+    parser.add_argument("--site", choices=["input", "output"], default="input",
+                        help="where the primary test patches Z of the basis layer b: input "
+                             "(default; sweep layer b - 1, whose output is the stream b's W_Q and "
+                             "W_K read) or output (sweep layer b); both are in the sweep")
     parser.add_argument("--k", type=int, nargs="+", default=[50],
                         help="dimensions of Z and the random subspaces: one sweep per k (a k "
                              "column in every table; the primary test at k = 50, else the "

@@ -234,6 +234,26 @@ def run_layers(model, prefixes, block, hidden, start, mask=None, capture=False, 
     return (hidden, captured) if capture else hidden
 
 
+def suffix_attention(model, prefixes, block, layer, entering):
+    """Decoder `layer`'s attention at the suffix positions (the patched ones), from the residual
+    stream entering it: (B, H, m, P_block + m) float32 over the rows' real prefix keys (clean,
+    from the prefix cache) and the suffix keys. entering: (B, Q, d), the block's stream at the
+    input of `layer` (only its first m columns are read: later columns are never attended to by
+    the suffix). The suffix-only engine's form of zcausal.attention.layer_attention."""
+    from zcausal import attention
+    m = block.m
+    queries, keys = attention.queries_and_keys(model, layer, entering[:, :m],
+                                               block.position[:, :m])
+    start = prefixes.mask.shape[1] - block.prefix_width
+    prefix_keys = prefixes.kv[layer][0][block.rows, :, start:].float()
+    keys = torch.cat([prefix_keys, keys], 2)
+    real = prefixes.mask[block.rows, start:].bool()  # (B, P_block)
+    causal = torch.ones(m, m, dtype=torch.bool, device=real.device).tril()
+    allowed = torch.cat([real[:, None, :].expand(-1, m, -1),
+                         causal[None].expand(len(real), -1, -1)], -1)
+    return attention.attention_probs(queries, keys, allowed)
+
+
 def embed(model, block):
     """The query block's token embeddings (B, Q, d): the residual stream 'at layer -1'."""
     return model.model.embed_tokens(block.ids)

@@ -12,7 +12,7 @@ import pandas as pd
 from zcausal import labels, prereg, problems, runs, stats
 from zcausal.summaries.exp_e_tables import (
     ALPHA, MIN_TEST_PAIRS, NAMED, NOT_TESTED, PRIMARY_MEASURES, build_tables,
-    primary_description, read_config, select_swap)
+    primary_description, primary_layer, primary_site, read_config, select_swap)
 from zcausal.summaries.text import NOT_MEASURED, interval, num, plural
 
 LABELS = {"top1_src": "top1_src", "p_share_shift": "p_share shift",
@@ -148,8 +148,8 @@ def _ranked(test):
 def primary_verdict(tables):
     """(verdict, the z_basis row at the basis layer or None, the primary tests.csv rows)."""
     tests, per_layer, config = tables["tests"], tables["per_layer"], tables["config"]
-    k, basis = stats.primary_k(per_layer.k.unique()), int(config["basis_layer"])
-    z = select_swap(per_layer, "z_basis", k=k, layer=basis)
+    k, at = stats.primary_k(per_layer.k.unique()), primary_layer(config)
+    z = select_swap(per_layer, "z_basis", k=k, layer=at)
     primary = tests[tests.family == "primary"]
     if not len(z) or np.isnan(z.top1_src.iloc[0]):
         return NOT_MEASURED, None, primary
@@ -162,7 +162,7 @@ def primary_verdict(tables):
     if combined.p <= ALPHA:
         return "Z transfers", z, primary
     share = _test(primary, measure="p_share_shift")
-    draws = select_swap(tables["draws"], k=k, layer=basis).top1_src.dropna()
+    draws = select_swap(tables["draws"], k=k, layer=at).top1_src.dropna()
     label = labels.count_versus_random(
         int(round(z.top1_src * z.n_pairs)), int(z.n_pairs), draws.to_numpy(), _as_rank(combined),
         "greater", ALPHA, continuous=_as_rank(share), continuous_name="p_share shift")
@@ -178,8 +178,10 @@ def _as_rank(test):
 def primary_sentence(tables):
     verdict, z, primary = primary_verdict(tables)
     per_layer, config = tables["per_layer"], tables["config"]
-    k, basis = stats.primary_k(per_layer.k.unique()), int(config["basis_layer"])
-    head = f"Primary test: {primary_description(per_layer.k.unique(), basis)}."
+    k, basis = stats.primary_k(per_layer.k.unique()), primary_layer(config)
+    site = "input" if basis == int(config["basis_layer"]) - 1 else "output"
+    head = (f"Primary test: "
+            f"{primary_description(per_layer.k.unique(), int(config['basis_layer']), site)}.")
     if z is None:
         return f"{head} Not measured: layer {basis} was not swept or has no swap pair."
     top1, share = (_test(primary, measure=m) for m in PRIMARY_MEASURES)
@@ -213,8 +215,35 @@ def best_layer_sentence(tests, k):
     return f"At any layer (k = {k}; {how}): " + "; ".join(parts) + "."
 
 
+def attention_sentence(tables):
+    """Z's own positive control at the primary layer: how far each condition's last-position patch
+    moved the basis layer's attention there (total variation averaged over heads), against the
+    random band and full interchange, the no-op as the floor; None where it was not measured."""
+    per_layer, config = tables["per_layer"], tables["config"]
+    k, at = stats.primary_k(per_layer.k.unique()), primary_layer(config)
+    basis = int(config["basis_layer"])
+    z, full = (select_swap(per_layer, c, k=k, layer=at) for c in ("z_basis", "full"))
+    if "attn_tv_last" not in per_layer or not len(z) or np.isnan(z.attn_tv_last.iloc[0]):
+        return (f"The patch's effect on layer {basis}'s attention was not measured at "
+                f"{primary_site(config)} (a run from before the readout, or a patch at or above "
+                f"the basis layer, which its attention cannot see).")
+    none = per_layer[(per_layer.condition == "none") & (per_layer.k == k) & (per_layer.layer == at)]
+    z = z.iloc[0]
+    p = z.get("attn_tv_last_p_above", np.nan)
+    above = not np.isnan(p) and p <= ALPHA
+    return (f"Z's own positive control: patched at {primary_site(config)} (last position, swap "
+            f"pairs), Z moved layer {basis}'s attention at that position by a total variation of "
+            f"{num(z.attn_tv_last)} (random subspaces {_band(per_layer, k, at, 'attn_tv_last')}; "
+            f"rank p = {num(p)}), full interchange {num(full.attn_tv_last.iloc[0])}, the no-op "
+            f"{num(none.attn_tv_last.max()) if len(none) else NOT_MEASURED}: "
+            + ("the patch moved what Z is built from more than random subspaces do, so a null on "
+               "the answer here is informative (within its power)." if above else
+               "the patch did not move that attention more than random subspaces do, so a null on "
+               "the answer here cannot be read as Z not carrying it."))
+
+
 def language_sentence(tables, k):
-    per_layer, basis = tables["per_layer"], int(tables["config"]["basis_layer"])
+    per_layer, basis = tables["per_layer"], primary_layer(tables["config"])
     z = select_swap(per_layer, "z_basis", k=k, layer=basis)
     full = select_swap(per_layer, "full", k=k)
     if not len(z) or not len(full):
@@ -224,7 +253,7 @@ def language_sentence(tables, k):
               f"{num(test.p)}, Holm {num(test.p_holm)})" if test is not None and test.draws
               else f" (against random draws {NOT_TESTED})")
     big = full.loc[full.dlang_own.abs().idxmax()]
-    return (f"Language margin after the answer (dlang_own, nats, swap pairs): Z at layer {basis} "
+    return (f"Language margin after the answer (dlang_own, nats, swap pairs): Z at sweep layer {basis} "
             f"{num(z.dlang_own.iloc[0], signed=True)}{versus}; full interchange moves it most "
             f"at layer {int(big.layer)} ({num(big.dlang_own, signed=True)}).")
 
@@ -356,7 +385,8 @@ def summary_lines(out):
     lines = [prereg.status_sentence(tables["config"], "E"),
              pairs_sentence(tables["config"], per_layer, pk, tables["clean"]),
              profile_sentence(per_layer, pk),
-             disruption_sentence(per_layer, pk), primary_sentence(tables)]
+             disruption_sentence(per_layer, pk), primary_sentence(tables),
+             attention_sentence(tables)]
     for k in ks:
         lines += [s for s in (best_layer_sentence(tests, k), language_sentence(tables, k)) if s]
     return lines + das_sentences(tables, out) + [secondary_sentence(tests)]
@@ -365,17 +395,18 @@ def summary_lines(out):
 def headline(out):
     """report.py's cells: dict(verdict, value, lead) from the declared primary test."""
     tables = read_tables(out)
-    per_layer, basis = tables["per_layer"], int(tables["config"]["basis_layer"])
+    per_layer, basis = tables["per_layer"], primary_layer(tables["config"])
     k = stats.primary_k(per_layer.k.unique())
     verdict, z, primary = primary_verdict(tables)
+    site = primary_site(tables["config"])
     lead = [profile_sentence(per_layer, k)]
     if z is None:
         return dict(verdict=verdict, value=f"{NOT_MEASURED} (layer {basis} not swept)", lead=lead)
     test = _test(primary, measure="top1_src")
     p = f", p = {num(test.p)}" if test is not None and test.draws else ""
-    value = (f"top1_src {_rate(z)} of {plural(z.n_pairs, 'pair')} at layer {basis} vs "
+    value = (f"top1_src {_rate(z)} of {plural(z.n_pairs, 'pair')} at {site} vs "
              f"{_band(per_layer, k, basis, 'top1_src')}{p}")
-    lead.append(f"Z (k = {k}) patched at its basis layer {basis} gives the source's first digit "
+    lead.append(f"Z (k = {k}) patched at {site} (sweep layer {basis}) gives the source's first digit "
                 f"on {_rate(z)} of the pairs ({_band(per_layer, k, basis, 'top1_src')}) and "
                 f"shifts p_share by {num(z.p_share_shift, signed=True)} "
                 f"({_band(per_layer, k, basis, 'p_share_shift', True)}): {verdict}.")

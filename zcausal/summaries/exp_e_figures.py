@@ -63,7 +63,7 @@ def _panel(ax, per_layer, pairing, measure, symlog):
 
 def plot_sweep(per_layer, config, k, path):
     """Six panels against the patched layer (top axis: fraction of depth), random band shaded,
-    the basis layer dash-dotted, layers where a condition disrupts crossed out; the legend in
+    the basis layer dash-dotted, the primary test's layer dotted, layers where a condition disrupts crossed out; the legend in
     its own row below the panels, so it covers no data."""
     import matplotlib
     matplotlib.use("Agg")
@@ -71,6 +71,7 @@ def plot_sweep(per_layer, config, k, path):
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter, MaxNLocator
     n_layers, basis = config["model"]["num_layers"], config["basis_layer"]
+    primary = config.get("primary_layer", basis)  # the output of b - 1 is the input of b
     per_layer = per_layer[per_layer.k == k]
     fig = plt.figure(figsize=(12, 11.5))
     grid = fig.add_gridspec(4, 2, height_ratios=[1, 1, 1, 0.28])
@@ -79,6 +80,7 @@ def plot_sweep(per_layer, config, k, path):
         symlog = _panel(ax, per_layer, pairing, measure, symlog)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.axvline(basis, color="tab:blue", lw=0.8, ls="-.")
+        ax.axvline(primary, color="tab:red", lw=0.8, ls=":")
         ax.axhline(0, color="0.8", lw=0.6)
         ax.set_title(title, fontsize=9)
         ax.set_ylabel(ylabel + (" (symmetric log)" if symlog else ""), fontsize=8)
@@ -89,7 +91,11 @@ def plot_sweep(per_layer, config, k, path):
         top.tick_params(labelsize=7)
     handles = [Line2D([], [], marker=".", **style) for name, style in STYLE.items()
                if (per_layer.condition == name).any()]
-    handles += [Line2D([], [], color="tab:blue", ls="-.", lw=0.8, label=f"basis layer {basis}"),
+    handles += [Line2D([], [], color="tab:blue", ls="-.", lw=0.8,
+                       label=f"basis layer {basis} (its output)"),
+                Line2D([], [], color="tab:red", ls=":", lw=0.8,
+                       label=f"primary test: layer {primary}" + (
+                           f" (= input of {basis})" if primary == basis - 1 else "")),
                 Line2D([], [], color="0.3", marker="x", ls="", label="disrupts (not transfer)")]
     legend = fig.add_subplot(grid[3, :])
     legend.axis("off")

@@ -51,10 +51,13 @@ NOT_TESTED = "not tested (no random draws)"
 KEYS = ["k", "layer", "pairing", "condition", "draw"]
 NAMED = ["none", "full", "z_basis", "z_layer", "das"]
 RATES = ["top1_src", "top1_own", "neither"]
+# attn_tv_last / attn_tv_all: how far the patch moves the basis layer's attention at the patched
+# positions (Z's own positive control; NaN at and above the basis layer, and in runs from before it)
+ATTENTION = ["attn_tv_last", "attn_tv_all"]
 MEASURES = RATES + ["p_share", "p_share_clean", "p_share_shift", "low_mass", "transfer_pooled",
                     "first_pooled", "dlogp_own", "dlogp_src", "dlang_own", "patch_share",
-                    "transfer"]
-ABOVE = ["top1_src", "p_share_shift", "transfer_pooled", "first_pooled"]  # one-sided: transfer
+                    "transfer"] + ATTENTION
+ABOVE = ["top1_src", "p_share_shift", "transfer_pooled", "first_pooled"] + ATTENTION  # one-sided
 TWO_SIDED = ["top1_own", "low_mass", "dlogp_own", "dlogp_src", "dlang_own"]
 PRIMARY_MEASURES = ["top1_src", "p_share_shift"]
 BOOTSTRAPPED = ["top1_src", "p_share_shift"]
@@ -73,9 +76,31 @@ SECONDARY_DESCRIPTION = (
 
 
 
-def primary_description(ks, basis_layer):
+def site_of(layer, n_layers):
+    """Which stream a sweep row patches, in words: the output of `layer`, which is the input of
+    the next one (the stream whose keys and queries that layer's kernels read)."""
+    if layer + 1 >= n_layers:
+        return f"output of layer {layer} (the last)"
+    return f"output of layer {layer} = input of layer {layer + 1}"
+
+
+def primary_layer(config):
+    """The sweep layer of the primary test: the output of basis layer - 1, i.e. the basis layer's
+    input (--site input, the default), or the basis layer's output (--site output, and every run
+    from before the flag)."""
+    return int(config.get("primary_layer", config["basis_layer"]))
+
+
+def primary_site(config):
+    """'the input of layer 21' / 'the output of layer 21': where the primary test patches Z."""
+    basis = int(config["basis_layer"])
+    return f"the {'input' if primary_layer(config) == basis - 1 else 'output'} of layer {basis}"
+
+
+def primary_description(ks, basis_layer, site="input"):
     """The declared primary hypothesis in one sentence (config.json and the summary)."""
-    return (f"Z of layer {basis_layer} (z_basis) patched at layer {basis_layer}, k = "
+    return (f"Z of layer {basis_layer} (z_basis) patched at the {site} of layer {basis_layer} "
+            f"(sweep layer {basis_layer - 1 if site == 'input' else basis_layer}), k = "
             f"{stats.primary_k(ks)}, swap pairs whose first digits differ: its top1_src and its "
             f"p_share shift each ranked among the random draws (one-sided, towards transfer); Z "
             f"transfers only if both p <= {ALPHA} (intersection-union) and Z does not disrupt; "
@@ -101,6 +126,9 @@ def row_measures(rows, clean, min_span=1.0):
     first_own, first_src, lang_own, top1_own, top1_src, ...) with the DERIVED columns against
     the clean run (clean.csv) added; older derived columns are dropped first."""
     out = rows.drop(columns=[c for c in DERIVED if c in rows]).reset_index(drop=True)
+    for name in ATTENTION:  # runs from before the attention readout
+        if name not in out:
+            out[name] = np.nan
     c = clean_table(clean).reindex(out.problem_id.astype(str))
     swap = (out.pairing == "swap").to_numpy()
     col = lambda frame, name: frame[name].to_numpy(float)  # noqa: E731
@@ -234,6 +262,7 @@ def sweep_tables(measured, config, timing=None):
     n_layers = config["model"]["num_layers"]
     for table in (per_layer, draws):
         table.insert(2, "depth", table.layer / n_layers)
+    per_layer.insert(3, "site", [site_of(int(layer), n_layers) for layer in per_layer.layer])
     none = measured[measured.condition == "none"]
     noop = pd.concat([none.dlogp_own.abs(), none.dlogp_src.abs()], axis=1).max(axis=1)
     noop = noop.groupby([none.k, none.layer]).max().rename("noop_max_abs").reset_index()
@@ -358,7 +387,7 @@ def tests_table(per_layer, draws, das=None, das_draws=None, config=None):
     """tests.csv: the primary test (its two components and their intersection-union p) and
     every secondary test with its Holm-adjusted p (p_holm, over the secondary family) and
     `significant` (p <= ALPHA for the primary, p_holm <= ALPHA for the secondary ones)."""
-    basis, ks = int(config["basis_layer"]), sorted(int(k) for k in per_layer.k.unique())
+    basis, ks = primary_layer(config), sorted(int(k) for k in per_layer.k.unique())
     pk = stats.primary_k(ks)
     rows = [_at_layer(per_layer, draws, "z_basis", pk, basis, m, "primary")
             for m in PRIMARY_MEASURES]
