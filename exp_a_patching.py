@@ -55,7 +55,7 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import answered, decoding, problems, runs
+from zcausal import answered, decoding, prereg, problems, runs
 from zcausal.patching import (RANDOM_CONDITIONS, attention_read_layer, last_positions,
                               make_patch, patch_readouts, patch_sizes, prepare_layer,
                               prompt_texts, variance_rows)
@@ -373,7 +373,8 @@ def table_rows(rows, decodes, scores, pairs, swap_of, first_ids):
             correct=problems.answers_equal(g["answer"], float(own["answer"])),
             truncated=bool(g["truncated"]), answer_changed=not unchanged,
             baseline_language=none["language"], language=g["language"],
-            language_changed=g["language"] != none["language"], outcome=outcome,
+            language_changed=problems.changed_language(none["language"], g["language"]),
+            to_zh=none["language"] == "en" and g["language"] == "zh", outcome=outcome,
             logp_ref=ref, logp_swap=swap, ld=ref - swap, dlogp_ref=ref - s0["logp_ref"],
             dlogp_swap=swap - s0["logp_swap"], dld=(ref - swap) - ld0,
             first_ref=s["first_ref"], first_swap=s["first_swap"], top1=s["top1"], **digits,
@@ -531,6 +532,7 @@ def main(args):
             primary_test=dict(zip(summary.CONFIG, primary),
                               site=args.site,
                               description=summary.primary_description(primary, args.site)),
+            preregistration=prereg.record("A"),
             swap_source={p["id"]: pairs[j]["id"] for p, j in zip(pairs, swap_of)},
             random_basis_seeds="seed * 1000003 + k * 1009 + draw",
             language_margin="log P(Latin word) - log P(Chinese word) right after the reference "

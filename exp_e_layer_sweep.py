@@ -53,7 +53,8 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import answered, das, decoding, interchange, problems, question, runs, stats
+from zcausal import (answered, das, decoding, interchange, prereg, problems,
+                     question, runs, stats)
 from zcausal.runs import done_values, keep_rows
 from zcausal.summaries import exp_e as summary
 from zcausal.summaries import exp_e_tables as tables
@@ -416,7 +417,7 @@ def decode_record(pairs, u, j, pairing, conditions, c, text, logp_own, layer):
     return dict(layer=layer, pairing=pairing, condition=conditions.names[c],
                 draw=conditions.draws[c], problem_id=pairs[u]["id"], source_id=pairs[j]["id"],
                 answer=own, source_answer=source, output=text, parsed=answer, outcome=outcome,
-                language=problems.classify_language(text, truncate=False),
+                language=problems.classify_language(text),
                 logp_own_decode=logp_own)
 
 
@@ -604,6 +605,7 @@ def main(args):
             args, model, template=template, n_pairs=len(pairs), basis_layer=args.basis_layer,
             site=args.site, primary_layer=primary_layer_of(args),
             primary_test=tables.primary_description(args.k, args.basis_layer, args.site),
+            preregistration=prereg.record("E"),
             secondary_tests=tables.SECONDARY_DESCRIPTION,
             splits={s: [p["id"] for p, name in zip(pairs, split) if name == s]
                     for s in ("train", "validation", "test")},

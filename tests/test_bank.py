@@ -92,6 +92,20 @@ def test_load_pairs_selects_the_bank_by_flag():
         problems.load_pairs(_args(limit=5000))
 
 
+def test_bank_offset_takes_the_slice_from_there_with_the_banks_own_ids():
+    pairs = problems.load_pairs(_args(bank_offset=900, limit=5))
+    assert [p["id"] for p in pairs] == [f"bank1-{i:04d}" for i in range(900, 905)]
+    assert pairs == bank.generate_bank(1)[900:905] == bank.bank_slice(1, 900, 5)
+    assert len(problems.load_pairs(_args(bank_offset=900), bank_limit=80)) == 80
+    assert len(problems.load_pairs(_args(bank_offset=1100))) == 100  # to the bank's end
+    with pytest.raises(runs.UsageError, match="--bank-offset 1200 is out of range"):
+        problems.load_pairs(_args(bank_offset=1200))
+    with pytest.raises(runs.UsageError, match="--bank-offset 900 applies to --prompts bank"):
+        problems.load_pairs(_args(bank_offset=900, prompts=problems.DEFAULT_PROMPTS))
+    with pytest.raises(runs.UsageError, match="--limit"):  # --limit counts from the offset
+        problems.load_pairs(_args(bank_offset=900, limit=301))
+
+
 def _alignment_sets(banks):
     sets = {"prompts.json": problems.load_prompts()["pairs"], "bank1": banks[1],
             "bank2": banks[2]}

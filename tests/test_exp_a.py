@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import common
-from zcausal import decoding, patching as P, problems, runs, transport
+from zcausal import decoding, patching as P, prereg, problems, runs, transport
 import exp_a_patching as A
 from zcausal.summaries import exp_a as S, exp_a_text
 from helpers import smoke_argv
@@ -255,8 +255,7 @@ def test_every_direct_row_carries_its_language_and_first_digit_scores(tiny):
     jobs = [A.job_key(i, 2, c, 4, "prompt", "mean", i, -1) for i in range(4) for c in ("none", "z")]
     results = A.run_batch(model, tok, ctx, jobs, args, True, (answer_ids, swap_of, None))
     for r in results:
-        assert r["language"] == problems.classify_language(problems.after_number(r["output"]),
-                                                           truncate=False)
+        assert r["language"] == problems.classify_language(r["output"])
         end, _ = problems.answer_end(tok, json.loads(r["tokens"]))
         assert end in (None, len(json.loads(r["tokens"])))  # cut where the answer ends
         assert all(np.isfinite(r[f]) for f in ("lang_ref", "first_ref", "first_swap", "top1"))
@@ -307,6 +306,7 @@ def test_smoke_outputs(smoke):
     assert config["solved"]["kept"] == 4 and config["solved"]["mode"] == "off"
     assert config["primary_test"]["layer"] == 2 and config["primary_test"]["k"] == 8
     assert "intersection-union" in config["primary_test"]["description"]
+    assert config["preregistration"]["sha256"] == prereg.sha256()  # the declaration in force
     variance = S.load_table(out / "variance.csv")
     assert set(variance.basis) == {"z", "uniform", "matched"} and variance.share.between(0, 1).all()
     null = S.load_table(out / "random_scores.csv")
@@ -325,11 +325,15 @@ def test_smoke_outputs(smoke):
     assert (scored[scored.condition == "z"].draws == 4).all()  # Z: every scored draw
     assert (scored[scored.condition == "zperp"].draws == 2).all()  # Z-perp: its decoded draws
     assert tests.primary.sum() == 1 and tests[tests.primary].test.iloc[0] == "z changes answers"
+    declared = tests[tests.part_of == "declared"]  # the preregistration's: read at its raw p
+    assert list(declared.test) == ["z vs en dlang_ref"] and declared.p_holm.isna().all()
+    assert {"language_change", "to_zh"} <= set(S.load_table(out / "controls.csv").columns)
     secondary = tests[~tests.primary & (tests.part_of == "")]
     assert secondary.p_holm.notna().all() and (secondary.p_holm >= secondary.p - 1e-12).all()
     summary = (out / "SUMMARY.md").read_text()
     assert "Verdict:" in summary and "not measured" in summary and "noise floor" in summary
-    assert "4 pairs tried, 4 kept" in summary and "Declared primary test" in summary
+    assert "4 pairs tried, 4 kept" in summary and "Primary test (config.json)" in summary
+    assert "Exploratory run" in summary  # a smoke run is not the declared run
     assert not re.search(r"\bnan\b", summary) and " - " not in summary
     for name in ("change_rates", "transfer_rates", "logprob_shift"):
         assert (runs.figure_dir(out, figures) / f"{name}.png").is_file()
@@ -442,6 +446,7 @@ def _synthetic(n, z=0, zperp=0, en=0, z_lang=0, zp_lang=0, rand=0, noop=0, draws
             return dict(problem_id=f"p{i}", layer=1, k=2, positions="prompt", source="mean",
                         condition=condition, draw=draw, pair=pair, answer_changed=changed,
                         baseline_language="en" if i < english else "zh", language_changed=lang,
+                        language="zh" if lang or i >= english else "en",
                         truncated=False, outcome="kept", correct=True, logp_ref=-1.0, ld=1.0,
                         dlogp_ref=-1.0 if changed else 0.0, dld=0.0, patch_size=1.0,
                         top1_src=False, top1_own=True, dp_share=0.0, dlang_ref=0.0,

@@ -1,6 +1,7 @@
 """A seeded bank of parallel English / Chinese arithmetic word problems that small models answer.
 
     pairs = generate_bank(steps=1, size=1200, seed=0)     # list of dicts, like prompts.json's pairs
+    pairs = bank_slice(steps=1, offset=900, limit=300)    # a slice of it, ids kept (bank1-0900...)
 
 Why: a patch can only move an answer the model computes. Multi-step problems (prompts.json, MGSM)
 are solved too rarely by small models to carry a causal test; one- and two-step problems with 2-3
@@ -372,3 +373,12 @@ def counterfactual(pair, seed=0, tries=20_000):
         return dict(pair, id=f"{pair['id']}-cf{seed}", en=en.format(**v), zh=zh.format(**v),
                     answer=int(answer), expr=expr.format(**v), values=v)
     raise ValueError(f"{pair['id']}: no counterfactual with the same digit counts in {tries} draws")
+
+
+def bank_slice(steps=1, offset=0, limit=None, seed=0):
+    """generate_bank(steps, seed=seed)[offset:offset + limit] (limit None: to the end), with the
+    bank's own ids: the slice a run with --bank-offset / --limit uses. Development runs use the
+    bank from its start; the confirmatory slice (docs/preregistration.json) starts far beyond
+    them, so its problems were never used in development."""
+    pairs = generate_bank(steps, seed=seed)[offset:]
+    return pairs if limit is None else pairs[:limit]

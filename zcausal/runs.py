@@ -304,7 +304,9 @@ def keep_rows(path, columns, keep):
         write_csv(frame[mask], path)
 
 
-def load_csv(path):
-    """Read a CSV written by write_csv; empty fields are NaN, the text "none" stays a string."""
+def load_csv(path, text=()):
+    """Read a CSV written by write_csv; empty fields are NaN, the text "none" stays a string, and
+    the columns named in `text` stay text ("0000" is not read as the number 0)."""
     import pandas as pd
-    return pd.read_csv(path, keep_default_na=False, na_values=[""])
+    return pd.read_csv(path, keep_default_na=False, na_values=[""],
+                       dtype={column: str for column in text})

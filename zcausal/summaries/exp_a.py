@@ -19,8 +19,10 @@ test), all one-sided: an intersection-union test whose p-value is the largest of
 Wilson lower bound of Z's rate above the noop rate. The label "partial" rests on the primary test
 only; "double dissociation" is the conjunction of it and, at the same configuration, Z keeps
 language, Z-perp changes language and Z-perp keeps answers (each at its raw level: a conjunction
-needs no correction). Every other test in tests.csv is secondary and Holm-adjusted (p_holm). The
-language criteria are "not measured" with fewer than 20 English baselines.
+needs no correction). Every other test in tests.csv is secondary and Holm-adjusted (p_holm), but
+the preregistration's declared secondary test (Z's language-margin shift against en's, exact sign
+test per problem), read at its raw p. The language criteria are "not measured" with fewer than 20
+English baselines. Languages are read again from each output (problems.classify_language).
 """
 import json
 import math
@@ -29,14 +31,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from zcausal import runs, stats
+from zcausal import labels, prereg, problems, runs, stats
 from zcausal.summaries.text import NOT_MEASURED, interval, num, p_value, plural
 
 CONFIG = ["layer", "k", "positions", "source"]
 FIXED = ["none", "noop", "z", "zperp", "full", "en"]
 REQUIRED = ["none", "noop", "z", "zperp", "full"]
 PAIRED = [("z", "rand_z"), ("zperp", "rand_zperp")]
-DECODED_METRICS = ["answer_change", "language_change", "transfer"]
+DECODED_METRICS = ["answer_change", "language_change", "to_zh", "transfer"]
 RATE_METRICS = ["top1_src", "top1_own"]  # teacher-forced, but counts: rates with intervals
 SCORED_METRICS = ["dlogp_ref", "dld_same", "dld_swap", "dlang_ref", "dp_share"] + RATE_METRICS
 # Z's own positive control: how far the patch moves the attention of the layer reading the patched
@@ -173,13 +175,17 @@ def _count(values):
 
 def condition_rates(frame, condition, draw=-1):
     """One condition (one random draw) of one configuration. Rates (stats.rate dicts): answer
-    change over the problems (same-problem source), language change over the problems whose
-    unpatched output is English, transfer, top1_src and top1_own over the swap pairs, truncated.
+    change over the problems (same-problem source); over the problems whose unpatched output is
+    English, language change (to another language: problems.changed_language), to_zh (to
+    Chinese) and degenerate (a degenerate output, never a language change); transfer, top1_src
+    and top1_own over the swap pairs, truncated.
     Means: the scored shifts dlogp_ref, dld_same, dlang_ref (same) and dld_swap, dp_share (swap)."""
     same, swap = rows_of(frame, condition, draw, "same"), rows_of(frame, condition, draw, "swap")
     english = same[same.baseline_language == "en"]
     return dict(answer_change=_count(same.answer_changed),
                 language_change=_count(english.language_changed),
+                to_zh=_count(english.language == "zh"),
+                degenerate=_count(english.language == "degenerate"),
                 transfer=_count(swap.outcome == "transferred"),
                 top1_src=_count(swap.top1_src), top1_own=_count(swap.top1_own),
                 truncated=stats.rate(same.truncated.sum() + swap.truncated.sum(),
@@ -211,7 +217,7 @@ def metrics_table(frame):
     intervals (n: the pair set's size), the baseline's accuracy and language, the scored means."""
     out = []
     none = rows_of(frame, "none", -1, "same")
-    for name in ("en", "zh", "none", "mixed"):
+    for name in ("en", "zh", "none", "mixed", "degenerate"):
         out.append(dict(condition="none", metric=f"baseline_{name}",
                         **stats.rate((none.baseline_language == name).sum(), len(none))))
     out.append(dict(condition="none", metric="correct",
@@ -220,7 +226,7 @@ def metrics_table(frame):
         if not (frame.condition == condition).any():
             continue
         r = condition_rates(frame, condition)
-        for metric in DECODED_METRICS + RATE_METRICS + ["truncated"]:
+        for metric in DECODED_METRICS + RATE_METRICS + ["degenerate", "truncated"]:
             if r[metric]["n"]:
                 out.append(dict(condition=condition, metric=metric, **r[metric]))
         for metric in [m for m in SCORED_METRICS if m not in RATE_METRICS] + ["patch_size"] + [
@@ -303,13 +309,16 @@ def paired_tests(frame):
     """Exact one-sided paired tests on the same problems: Z changes more answers than en, Z
     lowers log p(reference) more than en (sign test), Z changes more answers than Z-perp (the
     plan's partial criterion), Z moves the reading layer's attention more than en (sign test on
-    attn_tv_all). b: problems where only the first condition does it, c: only the second."""
+    attn_tv_all), Z moves the language margin after the answer toward Chinese (lower) more than
+    en does (sign test; a declared test of the preregistration). b: problems where only the
+    first condition does it, c: only the second."""
     out = []
     for name, first, second, column, mode in (
             ("z vs en answers", "z", "en", "answer_changed", "bool"),
             ("z vs en dlogp_ref", "z", "en", "dlogp_ref", "lower"),
             ("z vs zperp answers", "z", "zperp", "answer_changed", "bool"),
-            ("z vs en attention", "z", "en", "attn_tv_all", "higher")):
+            ("z vs en attention", "z", "en", "attn_tv_all", "higher"),
+            ("z vs en dlang_ref", "z", "en", "dlang_ref", "lower")):
         if not (frame.condition == second).any() or column not in frame \
                 or frame[column].isna().all():
             continue
@@ -344,8 +353,8 @@ def config_tests(frame, controls, draws):
 
 def mark_primary(tests, primary):
     """tests + primary (the declared test's row) and p_holm: Holm-adjusted over every secondary
-    test (all rows but the primary, its components and the dissociation criterion at the primary
-    configuration; NaN there)."""
+    test (all rows but the primary, its components, the dissociation criterion and the
+    preregistration's declared secondary tests at the primary configuration; NaN there)."""
     at = np.ones(len(tests), dtype=bool)
     for column, value in zip(CONFIG, primary):
         at &= (tests[column] == value).to_numpy()
@@ -354,6 +363,9 @@ def mark_primary(tests, primary):
     # criteria at the same configuration (an intersection-union test: each at its raw level).
     dissociation = at & (tests.test == "zperp language_change vs random").to_numpy()
     tests.loc[dissociation, "part_of"] = "double dissociation"
+    # The preregistration's declared secondary tests stand on their own: read at their raw p.
+    declared = {t["test"] for t in prereg.declaration("A").get("secondary", [])}
+    tests.loc[at & tests.test.isin(declared).to_numpy(), "part_of"] = "declared"
     family = ~tests.primary.to_numpy() & ~(at & (tests.part_of != "").to_numpy())
     holm = np.full(len(tests), np.nan)
     if family.any():
@@ -379,9 +391,11 @@ def get_test(tests, name):
 
 
 def _raw(t):
-    """Whether a test is read at its raw p: the primary and the criteria that join it in a label
-    (part_of); every other test is read at its Holm-adjusted p."""
-    return bool(t.get("primary", False)) or t.get("part_of", "") == "double dissociation"
+    """Whether a test is read at its raw p: the primary, the criteria that join it in a label
+    (part_of) and the preregistration's declared secondary tests; every other test is read at its
+    Holm-adjusted p."""
+    return bool(t.get("primary", False)) or t.get("part_of", "") in ("double dissociation",
+                                                                      "declared")
 
 
 def _used_p(t):
@@ -431,7 +445,9 @@ def z_changes(rates, tests):
         return False, "; ".join(parts) + ": not tested (" + (
             "no random draws" if rank is None else "no en control") + ")"
     ok = bool(_used_p(t) <= ALPHA and z["ci_low"] > noop["value"])
-    return ok, "; ".join(parts) + f": {'passes' if ok else 'fails'} ({p_text(t)})"
+    null = "" if ok else "; read as a null: " + labels.null_statement(
+        z["count"], z["n"], labels.sign_test_critical(ALPHA), ALPHA, unit="kept problem")
+    return ok, "; ".join(parts) + f": {'passes' if ok else 'fails'} ({p_text(t)}){null}"
 
 
 def zperp_changes_language(rates, tests):
@@ -552,6 +568,23 @@ def selection_sentence(config):
 # ----------------------------------------------------------------------------------------------
 # Entry points: summarize / replot (the script), summary_lines / headline (report.py)
 
+def read_languages(rows):
+    """rows with language, baseline_language (the unpatched output's, same problem and
+    configuration), language_changed and to_zh read again from each output by
+    problems.classify_language (the whole answer), so that a replot of an older run reads the
+    language as a new run does."""
+    rows = rows.copy()
+    rows["language"] = rows.output.map(problems.classify_language)
+    keys = CONFIG + ["problem_id"]
+    none = rows[(rows.condition == "none") & (rows.pair == "same")].drop_duplicates(keys)
+    baseline = none.set_index(keys).language
+    rows["baseline_language"] = baseline.reindex(pd.MultiIndex.from_frame(rows[keys])).to_numpy()
+    rows["language_changed"] = [problems.changed_language(b, g) for b, g in
+                                zip(rows.baseline_language, rows.language)]
+    rows["to_zh"] = (rows.baseline_language == "en") & (rows.language == "zh")
+    return rows
+
+
 def load_run(out_dir):
     """(rows, random null or None, variance or None, config) of a run folder, from its files."""
     out_dir = Path(out_dir)
@@ -563,6 +596,7 @@ def load_run(out_dir):
     optional = [load_table(out_dir / name) if (out_dir / name).is_file() else None
                 for name in ("random_scores.csv", "variance.csv")]
     rows = load_table(out_dir / "rows.csv")
+    rows = read_languages(rows) if "output" in rows else rows
     missing = sorted({"lang_ref", "top1_src", "p_share"} - set(rows.columns))
     if missing:
         raise runs.UsageError(f"{out_dir}/rows.csv was written by an older exp_a_patching.py (no "
@@ -613,7 +647,8 @@ def summary_lines(out_dir):
     from zcausal.summaries.exp_a_text import checks_markdown, verdict_paragraph
     rows, variance, config, (_, controls, _, tests, verdicts) = _tables(out_dir)
     template = config.get("args", {}).get("template", "direct")
-    lines = [selection_sentence(config)] if config.get("solved") else []
+    lines = [prereg.status_sentence(config, "A")]
+    lines += [selection_sentence(config)] if config.get("solved") else []
     lines += checks_markdown(measure_checks(rows), template)
     for config_key, frame in rows.groupby(CONFIG, sort=True):
         c, t = (select_config(f, config_key) for f in (controls, tests))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from zcausal import problems, stats
+from zcausal import labels, prereg, problems, stats
 from zcausal.summaries.exp_a import (ALPHA, CONFIG, FIXED, LABEL, MIN_ENGLISH, NO_DRAWS,
                                      band_text, condition_rates, get_test, p_text,
                                      primary_description, primary_of, rate_text, rows_of,
@@ -16,18 +16,19 @@ from zcausal.summaries.text import NOT_MEASURED, num, plural
 
 
 def baseline_sentence(frame):
-    """Accuracy and output languages of the unpatched rows (the language of the words after the
-    number), and whether the language criteria have their 20 English baselines."""
+    """Accuracy and output languages of the unpatched rows (problems.classify_language of the whole
+    answer), and whether the language criteria have their 20 English baselines."""
     none = rows_of(frame, "none", -1, "same")
     counts = {lang: int((none.baseline_language == lang).sum())
-              for lang in ("en", "zh", "mixed", "none")}
+              for lang in ("en", "zh", "mixed", "none", "degenerate")}
     n_en = counts["en"]
     example = none[none.baseline_language == "en"].output.head(1).tolist()
     correct = rate_text(stats.rate(none.correct.sum(), len(none)), "kept problem")
     return (f"Unpatched, the model answered {correct} "
             f"correctly ({int(none.truncated.sum())} truncated); its outputs were English on "
             f"{n_en}, Chinese on {counts['zh']}, mixed on {counts['mixed']}, without words on "
-            f"{counts['none']}" + (f" (e.g. {example[0].strip()!r})" if example else "")
+            f"{counts['none']}, degenerate on {counts['degenerate']}"
+            + (f" (e.g. {example[0].strip()!r})" if example else "")
             + (f"; the language criteria are over the {plural(n_en, 'English baseline')}." if
                n_en >= MIN_ENGLISH else f"; the language criteria need {MIN_ENGLISH} English "
                f"baselines and are not measured here."))
@@ -48,6 +49,41 @@ def scored_sentence(tests, name, condition, metric, what, value, unit=" nats"):
             f"({side}) {p_text(t)}.")
 
 
+def to_chinese_sentence(r, controls):
+    """How often each condition turned an English output Chinese (to_zh), and how often it left a
+    degenerate output (counted apart, never a language change), over the English baselines."""
+    if not r["z"]["to_zh"]["n"]:
+        return ""
+    parts = [f"{LABEL[c]} {num(r[c]['to_zh']['value'])}" for c in ("zperp", "full", "en", "noop")
+             if c in r]
+    degenerate = ", ".join(f"{LABEL[c]} {r[c]['degenerate']['count']}" for c in
+                           ("z", "zperp", "full", "en", "noop") if c in r)
+    return (f"Chinese output (to_zh, the whole answer read) on "
+            f"{rate_text(r['z']['to_zh'], 'English baseline')} under Z; as a share: "
+            + ", ".join(parts)
+            + f", random Z {band_text(controls, 'rand_z', 'to_zh')}, random Z⊥ "
+            f"{band_text(controls, 'rand_zperp', 'to_zh')}; degenerate outputs (not counted as "
+            f"a language change): {degenerate}.")
+
+
+def _tie_words(r, controls):
+    """' (no transfer (0 of n, upper bound u)): Z and every draw at 0' where the rank test sees
+    only ties, else ''."""
+    tie = labels.no_transfer(r["count"], r["n"], controls[controls.condition == "rand_z"]
+                             .top1_src.dropna().to_numpy())
+    return f": {tie}, Z and every random draw at 0" if tie else ""
+
+
+def language_margin_sentence(tests):
+    """The declared paired test: Z's language margin shift against en's, per problem."""
+    t = get_test(tests, "z vs en dlang_ref")
+    if t is None:
+        return ""
+    return (f"Z moved the language margin after the answer toward Chinese more than en did on "
+            f"{int(t['b'])} of {plural(t['n'], 'kept problem')}, less on {int(t['c'])} (exact "
+            f"sign test, one-sided, {p_text(t)}).")
+
+
 def first_digit_sentence(frame, controls, tests):
     """top1_src / top1_own with intervals over the swap pairs, and the pooled p_share shift."""
     r = {c: condition_rates(frame, c) for c in ("z", "zperp", "full")}
@@ -63,6 +99,7 @@ def first_digit_sentence(frame, controls, tests):
             f"under Z⊥ on {r['zperp']['top1_src']['count']}; random Z "
             + (f"{num(t['min'])} to {num(t['max'])}, rank {p_text(t)}" if t is not None
                else NO_DRAWS)
+            + _tie_words(z["top1_src"], controls)
             + f". p_share = p_src / (p_src + p_own) over the two first digits moved by "
             f"{num(z['dp_share'], signed=True)} under Z and "
             f"{num(r['full']['dp_share'], signed=True)} under full replacement (mean shift over the {plural(z['n_swap'], 'swap pair')}).")
@@ -147,6 +184,8 @@ def verdict_paragraph(frame, controls, tests, v, variance, template, site="outpu
                     f"{'met' if v['plan_partial'] else 'not met'}.")
     text += [v[f"{name}_reason"] + "." for name in
              ("z_keeps_language", "zperp_changes_language", "zperp_keeps_answers")]
+    text.append(to_chinese_sentence(r, controls))
+    text.append(language_margin_sentence(tests))
     text.append(first_digit_sentence(frame, controls, tests))
     if r["z"]["transfer"]["n"]:
         text.append(f"Decoded, the output took the source problem's answer on "
@@ -302,9 +341,9 @@ def write_summary(out_dir, rows, tables, checks, variance, config):
             f"{config.get('git_commit')}. {selection_sentence(config)} Every number and sentence "
             f"here is generated from the CSVs in this folder; rebuild with `python "
             f"exp_a_patching.py --replot --out <this folder>`.", "",
-            f"Declared primary test (config.json): "
-            f"{primary_description(primary, run_site(config))}. Every other "
-            f"test is secondary, its p Holm-adjusted over tests.csv.", "",
+            f"Primary test (config.json): {primary_description(primary, run_site(config))}. "
+            f"Every other test is secondary, its p Holm-adjusted over tests.csv, but for the "
+            f"declared ones. {prereg.status_sentence(config, 'A')}", "",
             "## Checks on the measure", ""] + checks_markdown(checks, template) + [
             "", "## Overview", "",
             "| layer | k | positions | source | Z answers changed | random Z | en | p (Z changes "

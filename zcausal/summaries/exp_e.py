@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from zcausal import runs, stats
+from zcausal import labels, prereg, problems, runs, stats
 from zcausal.summaries.exp_e_tables import (
     ALPHA, MIN_TEST_PAIRS, NAMED, NOT_TESTED, PRIMARY_MEASURES, QUESTION_TABLES, build_tables,
     primary_description, primary_layer, primary_site, question_tables, read_config, select_swap)
@@ -161,7 +161,18 @@ def primary_verdict(tables):
         return NOT_TESTED, z, primary
     if combined.p <= ALPHA:
         return "Z transfers", z, primary
-    return ("Z below random" if combined.p_below <= ALPHA else "Z = random"), z, primary
+    share = _test(primary, measure="p_share_shift")
+    draws = select_swap(tables["draws"], k=k, layer=at).top1_src.dropna()
+    label = labels.count_versus_random(
+        int(round(z.top1_src * z.n_pairs)), int(z.n_pairs), draws.to_numpy(), _as_rank(combined),
+        "greater", ALPHA, continuous=_as_rank(share), continuous_name="p_share shift")
+    return label, z, primary
+
+
+def _as_rank(test):
+    """A tests.csv row of a one-sided test as labels.versus_random reads it."""
+    return dict(p_above=test.p, p_below=test.p_below,
+                p_two_sided=min(1.0, 2 * min(test.p, test.p_below)))
 
 
 def primary_sentence(tables):
@@ -169,7 +180,7 @@ def primary_sentence(tables):
     per_layer, config = tables["per_layer"], tables["config"]
     k, basis = stats.primary_k(per_layer.k.unique()), primary_layer(config)
     site = "input" if basis == int(config["basis_layer"]) - 1 else "output"
-    head = (f"Primary test (declared): "
+    head = (f"Primary test: "
             f"{primary_description(per_layer.k.unique(), int(config['basis_layer']), site)}.")
     if z is None:
         return f"{head} Not measured: layer {basis} was not swept or has no swap pair."
@@ -470,7 +481,8 @@ def summary_lines(out):
     per_layer, tests = tables["per_layer"], tables["tests"]
     ks = sorted(int(k) for k in per_layer.k.unique())
     pk = stats.primary_k(ks)
-    lines = [pairs_sentence(tables["config"], per_layer, pk, tables["clean"]),
+    lines = [prereg.status_sentence(tables["config"], "E"),
+             pairs_sentence(tables["config"], per_layer, pk, tables["clean"]),
              profile_sentence(per_layer, pk),
              disruption_sentence(per_layer, pk), primary_sentence(tables),
              attention_sentence(tables)]
@@ -504,7 +516,9 @@ def headline(out):
 # Decoded outcomes and --replot
 
 def decode_summary(frame, keys):
-    """Outcome and language rates (with Wilson 95% intervals for transferred and kept) per group."""
+    """Outcome and language rates (with Wilson 95% intervals for transferred and kept) per group;
+    the language read again from each output (problems.classify_language), so that a replot of
+    an older run reads it as a new run would."""
     rows = []
     for key, group in frame.groupby(keys, sort=True):
         n = len(group)
@@ -514,8 +528,9 @@ def decode_summary(frame, keys):
             record[outcome] = count / n
             if outcome != "broken":
                 record[f"{outcome}_lo"], record[f"{outcome}_hi"] = stats.wilson_interval(count, n)
-        for lang in ("en", "zh", "mixed", "none"):
-            record[f"lang_{lang}"] = float((group.language == lang).mean())
+        language = group.output.fillna("").map(problems.classify_language)  # today's reading
+        for lang in ("en", "zh", "mixed", "none", "degenerate"):
+            record[f"lang_{lang}"] = float((language == lang).mean())
         if "logp_own_fast" in group:
             record["fast_vs_full_max_abs"] = float((group.logp_own_fast - group.logp_own_decode)
                                                    .abs().max())
@@ -542,7 +557,7 @@ def replot(args):
                                ["layer", "pairing", "condition"]),
                               ("das_decode.csv", "das_decode_summary.csv",
                                ["k", "layer", "pairing", "condition"])):
-        if (out / rows).is_file() and len(frame := runs.load_csv(out / rows)):
+        if (out / rows).is_file() and len(frame := runs.load_csv(out / rows, text=["output"])):
             runs.write_csv(decode_summary(frame, keys), out / table)
             written.append(out / table)
     written += exp_e_figures.plot_all(args, read_config(out), tables)

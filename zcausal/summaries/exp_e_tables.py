@@ -26,11 +26,13 @@ Primary test (declared; config.json records it at the start of a run): Z of the 
 (z_basis) at the basis layer, swap pairs, k = 50 (the largest k where 50 was not run): top1_src
 and p_share_shift each ranked among the random draws (stats.rank_test, one-sided: above), and Z
 "transfers" only if both p <= 0.05 (an intersection-union test: no correction needed), unless Z
-disrupts there; "Z below random" where both p_below <= 0.05 (the lower tail: a label is then
-wrong with probability at most 0.1 under the null), else "Z = random". Secondary tests, Holm-adjusted together in tests.csv: the best layer of z_basis
-and z_layer (family-wise: Z's largest value over the layers against each draw's largest over the
-same layers), z_basis at the basis layer at the other k, the language margin there (two-sided),
-and DAS against its random draws on the held-out pairs. Per-layer rank p-values in per_layer.csv
+disrupts there; else "not above random", or "no transfer (0 of n, upper bound u)" where Z and
+every draw sit at top1_src 0 (ties say nothing about a direction), the p_share shift's two-sided
+rank test then giving the direction if it has one (zcausal/labels.py). Secondary tests,
+Holm-adjusted together in tests.csv: the best layer of z_basis and z_layer (family-wise: Z's
+largest value over the layers against each draw's largest over the same layers), z_basis at the
+basis layer at the other k, the language margin there (two-sided), and DAS against its random
+draws on the held-out pairs. Per-layer rank p-values in per_layer.csv
 are uncorrected and descriptive.
 """
 import json
@@ -102,8 +104,9 @@ def primary_description(ks, basis_layer, site="input"):
             f"{stats.primary_k(ks)}, swap pairs whose first digits differ: its top1_src and its "
             f"p_share shift each ranked among the random draws (one-sided, towards transfer); Z "
             f"transfers only if both p <= {ALPHA} (intersection-union) and Z does not disrupt; "
-            f"'Z below random' where both are below the draws at the same level (the lower "
-            f"tail), else 'Z = random'")
+            f"else 'not above random', or, where Z and every draw sit at top1_src 0, 'no "
+            f"transfer (0 of n, upper bound u)' with the p_share shift's two-sided test for a "
+            f"direction")
 
 
 # ----------------------------------------------------------------------------------------------
