@@ -14,27 +14,34 @@ Chinese prompt's last m positions (aligned from the end), from the same problem 
 or from the swap partner (`swap`), within a subspace:
   none      nothing (the no-op, computed in the same batches: the noise floor)
   full      everything (h <- s)
-  z_basis   Z of --basis-layer (or --depth F; default: layer 32 of 36 at the same depth), k dims
+  z_basis   Z of --basis-layer (or --depth F; default: layer 32 of 36 at the same depth), k dims;
+            the primary test reads it at the basis layer's input (--site input: sweep layer b - 1,
+            always swept) or its output (--site output: sweep layer b)
   z_layer   Z of the patched layer l itself
   random    --n-random random k-dim subspaces (the same draws at every layer)
+Every row also records how far its patch moves the basis layer's attention at the patched
+position (attn_tv_last / attn_tv_all; layers below the basis layer only): Z's own positive control.
 Every row is written (per_problem.csv, random_rows.csv.gz); the tables, the declared primary test
 and the Holm-corrected secondary ones are built from those rows alone
 (zcausal/summaries/exp_e_tables.py: measures top1_src / top1_own / neither, the p_share shift,
 disruption, pooled shifts, the language margin after the answer). Decoded spot checks at
---decode-layers. Then DAS, the positive control: at every --das-layer (default: the input of the
-basis layer, i.e. layer b - 1's output, and the first layer where full interchange's top1_src
-reaches 0.8 on the train and validation pairs) and every --das-k (1 2 5 10 20 50), a learned
-k-dim subspace trained on the train split (--split, at least --das-test-min problems held out
-for test), steps chosen on validation, reported on the test split beside full interchange, Z and
-random subspaces of the same k at the same layer, with the principal angles between it and Z.
+--decode-layers. A second position set runs first (--positions; by default with bank problems):
+every token of the question takes, at layer l, the state at the same position of a
+counterfactual partner's prompt in the same language (the same problem with other numbers of
+the same digit counts, so the prompts align position by position), with the same conditions
+(zcausal/question.py). Then DAS, the positive control: at each --das-layer and --das-k a learned
+subspace, trained on the train split, reported on the held-out test split beside full, Z and
+random subspaces of the same k at the same layer, with its principal angles to Z.
 
 Outputs in --out: per-row clean.csv, per_problem.csv, random_rows.csv.gz, timing.csv, solved.csv,
 decode.csv, das_per_problem.csv, das_random_rows.csv.gz, das_training.csv, das_angles.csv,
-das_decode.csv, das_basis_L<layer>_k<k>.npy; tables per_layer.csv, draws.csv, das.csv,
-tests.csv, decode_summary.csv, das_decode_summary.csv; config.json (with the primary test and
-the DAS layers with why each); figures layer_sweep.png (layer_sweep_k<k>.png for the other k)
-and das_curve.png under --figures (runs.figure_path), drawn by zcausal/summaries/exp_e_figures.py
-from the tables.
+das_decode.csv, das_basis_L<layer>_k<k>.npy, question_clean.csv, question_per_problem.csv,
+question_random_rows.csv.gz, question_timing.csv; tables per_layer.csv, draws.csv, das.csv,
+tests.csv, decode_summary.csv, das_decode_summary.csv, question_per_layer.csv,
+question_draws.csv, question_tests.csv; config.json (with the primary test, the counterfactual
+partners and the DAS layers with why each); figures layer_sweep.png (layer_sweep_k<k>.png for
+the other k), question_sweep.png and das_curve.png under --figures (runs.figure_path), drawn by
+zcausal/summaries/exp_e_figures.py from the tables.
 """
 import json
 import time
@@ -47,9 +54,12 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import answered, das, decoding, interchange, problems, runs, stats
+from zcausal import (answered, das, decoding, interchange, prereg, problems,
+                     question, runs, stats)
+from zcausal.runs import done_values, keep_rows
 from zcausal.summaries import exp_e as summary
 from zcausal.summaries import exp_e_tables as tables
+from zcausal.summaries.exp_e_tables import write_rows
 
 FIXED = ["none", "full", "z_basis", "z_layer"]
 DAS_K = [1, 2, 5, 10, 20, 50]  # the default --das-k: the curve of DAS against k
@@ -124,7 +134,7 @@ def prepare(model, tokenizer, pairs, template, partner, m, batch_size):
     en = [problems.format_prompt(template["en"], p["en"])[0] for p in pairs]
     zh = [problems.format_prompt(template["zh"], p["zh"])[0] for p in pairs]
     answers = [answer_ids(tokenizer, p["answer"]) for p in pairs]
-    languages = common.LanguageClasses(tokenizer).to(next(model.parameters()).device)
+    languages = common.LanguageClasses(tokenizer).to(common.input_device(model))
     conts = [[interchange.with_probe(answers[x], languages) for x in (i, partner[i], inverse[i])]
              for i in range(n)]
     prefixes = interchange.encode_prefixes(model, interchange.prompt_ids(tokenizer, en), m,
@@ -141,28 +151,13 @@ def prepare(model, tokenizer, pairs, template, partner, m, batch_size):
 
 def clean_states(model, prefixes, canonical, batch_size, languages):
     """The canonical block's states at every layer (L + 1, N, Q, d) and its clean scores."""
-    n_layers = common.num_layers(model)
-    n, width = canonical.ids.shape
-    hidden = torch.empty(n_layers + 1, n, width, common.hidden_size(model),
-                         dtype=next(model.parameters()).dtype, device=canonical.ids.device)
-    parts = []
-    for start in range(0, n, batch_size):
-        index = list(range(start, min(n, start + batch_size)))
-        block = canonical.take(index)
-        emb = interchange.embed(model, block)
-        final, captured = interchange.run_layers(model, prefixes, block, emb, 0, capture=True)
-        hidden[0, index] = emb
-        for layer, states in captured.items():
-            hidden[layer + 1, index] = states
-        parts.append(interchange.score(model, final, block, languages))
-    scores = {key: torch.cat([p[key] for p in parts]).cpu() for key in parts[0]}
-    return hidden, scores
+    return interchange.block_states(model, prefixes, canonical, batch_size, languages)
 
 
 def last_states(model, tokenizer, texts, m, batch_size):
     """Each prompt's last m states at every layer: (L + 1, N, m, d), index 0 the embeddings."""
     layers = list(range(-1, common.num_layers(model)))
-    device = next(model.parameters()).device
+    device = common.input_device(model)
     out = []
     for start in range(0, len(texts), batch_size):
         ids, mask, _ = common.tokenize_left_padded(tokenizer, texts[start:start + batch_size],
@@ -249,14 +244,30 @@ def make_batches(state, problem_index, n_conditions, batch_size, dtype):
     return batches
 
 
+def run_with_readout(model, state, batch, layer, hidden, patch, basis_layer):
+    """patched_scores for one batch, and how far the patch moves the attention of `basis_layer`
+    at the patched (suffix) positions: the query block runs from layer + 1 up to the basis layer,
+    its attention is read from the stream entering it (interchange.scores_and_readout, against the
+    clean stream there), then the rest of the layers run; the scores are the ones a single pass
+    gives. Returns (scores, attn_tv_last (B,), attn_tv_all (B,)): total variation averaged over
+    heads at the last patched position / over the patched positions; NaN where the patched stream
+    is not below the basis layer (a patch at or above it cannot reach its attention)."""
+    def clean():  # the clean stream entering the basis layer, gathered only where it is read
+        return state.hidden[basis_layer][batch.block.rows[:, None], batch.columns]
+    return interchange.scores_and_readout(model, state.prefixes, batch.block, layer, hidden, patch,
+                                          basis_layer, clean, state.languages, batch.mask)
+
+
 @torch.no_grad()
-def run_rows(model, state, layer, conditions, batches):
+def run_rows(model, state, layer, conditions, batches, basis_layer=None):
     """Scores of every row with the `last` source patched at `layer`: a frame with problem,
     pairing, condition index, logp_own, logp_src, first_own, first_src, lang_own, lang_src, top1
     (the argmax at the patched last position) with top1_own / top1_src (it is the own / the
-    source's first digit; for `same` rows the source is the own problem), and
+    source's first digit; for `same` rows the source is the own problem),
     patch_share = |P_S (s - h)| / |s - h| at the patched positions (how much of the difference
-    between source and run the subspace carries: 1 for full, 0 for none)."""
+    between source and run the subspace carries: 1 for full, 0 for none), and attn_tv_last /
+    attn_tv_all, how far the patch moves the attention of `basis_layer` at the patched
+    positions (run_with_readout; NaN for layers at or above it, or without a basis layer)."""
     device = state.hidden.device
     bases, complement = conditions.bases.to(device), conditions.complement.to(device)
     frames = []
@@ -269,8 +280,8 @@ def run_rows(model, state, layer, conditions, batches):
         suffix = hidden[:, :batch.block.m].float()
         share = ((patch(suffix).float() - suffix).norm(dim=-1)
                  / (source.float() - suffix).norm(dim=-1).clamp(min=1e-12)).mean(1)
-        out = interchange.patched_scores(model, state.prefixes, batch.block, layer, hidden, patch,
-                                         state.languages, batch.mask)
+        out, tv_last, tv_all = run_with_readout(model, state, batch, layer, hidden, patch,
+                                                basis_layer)
         src = 0 if batch.pairing == "same" else 1
         top1 = out["top1"].cpu().numpy()
         own_first = np.array([state.answers[u][0] for u in batch.problems])
@@ -285,30 +296,13 @@ def run_rows(model, state, layer, conditions, batches):
             "lang_own": out["lang"][:, 0].double().cpu().numpy(),
             "lang_src": out["lang"][:, src].double().cpu().numpy(),
             "top1": top1, "top1_own": top1 == own_first, "top1_src": top1 == src_first,
-            "patch_share": share.double().cpu().numpy()}))
+            "patch_share": share.double().cpu().numpy(),
+            "attn_tv_last": tv_last.double().numpy(), "attn_tv_all": tv_all.double().numpy()}))
     return pd.concat(frames, ignore_index=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # The sweep
-
-def done_values(path, columns):
-    """The (tuples of) values of `columns` already in a CSV, for --resume."""
-    if not Path(path).is_file():
-        return set()
-    frame = runs.load_csv(path)
-    return set(zip(*(frame[c].tolist() for c in columns)))
-
-
-def keep_rows(path, columns, keep):
-    """Rewrite a CSV keeping only rows whose `columns` values are in `keep`: on --resume, the
-    rows an interrupted step appended before its marking file was written are dropped, not
-    duplicated."""
-    if Path(path).is_file():
-        frame = runs.load_csv(path)
-        mask = [values in keep for values in zip(*(frame[c].tolist() for c in columns))]
-        runs.write_csv(frame[mask], path)
-
 
 def per_problem_rows(measured, state, conditions, split, extra):
     """Every row of one layer (named conditions and random draws), with ids, split and draw: the
@@ -325,14 +319,6 @@ def per_problem_rows(measured, state, conditions, split, extra):
     for key, value in reversed(list(extra.items())):
         frame.insert(0, key, value)
     return frame
-
-
-def write_rows(frame, out, prefix=""):
-    """The named conditions' rows to <prefix>per_problem.csv, the random draws' to
-    <prefix>random_rows.csv.gz (compressed: 19+ draws x pairs x layers rows)."""
-    random = frame.condition == "random"
-    runs.write_csv(frame[~random], out / f"{prefix}per_problem.csv", append=True)
-    runs.write_csv(frame[random], out / f"{prefix}random_rows.csv.gz", append=True)
 
 
 def query_flops(config, rows, width, prefix, n_layers_run, scored):
@@ -374,8 +360,9 @@ def run_sweep(model, state, args, out, split):
         z_here = common.z_basis(model, layer, k, fold_norm=args.fold_norm)
         conditions = make_conditions(d, k, [("z_basis", z_fixed[k]), ("z_layer", z_here)],
                                      args.n_random, args.seed)
-        rows = per_problem_rows(run_rows(model, state, layer, conditions, batches), state,
-                                conditions, split, {"k": k, "layer": layer, "depth": layer / L})
+        rows = per_problem_rows(run_rows(model, state, layer, conditions, batches,
+                                         args.basis_layer), state, conditions, split,
+                                {"k": k, "layer": layer, "depth": layer / L})
         write_rows(tables.row_measures(rows, state.clean, args.min_span), out)
         runs.write_csv(pd.DataFrame([dict(  # this layer's rows, Z's SVD included
             k=k, layer=layer, seconds=time.perf_counter() - started,
@@ -412,7 +399,7 @@ def decode_rows(model, tokenizer, state, template, layer, conditions, problem_in
             layer=layer, basis=conditions.bases[cond], complement=conditions.complement[cond],
             source_mean=torch.zeros(B, d), patch_generated=torch.zeros(B, dtype=torch.bool),
             source_tokens=source_tokens, prompt_mask=prompt_mask)
-        patch.to(next(model.parameters()).device)
+        patch.to(common.input_device(model))
         result = decoding.generate_and_score(
             model, ids, mask, args.max_new_tokens, patch, stop_ids=(),
             score=[[state.answers[u] for u, _, _ in chunk], [state.answers[j] for j in src]],
@@ -436,7 +423,7 @@ def decode_record(pairs, u, j, pairing, conditions, c, text, logp_own, layer):
     return dict(layer=layer, pairing=pairing, condition=conditions.names[c],
                 draw=conditions.draws[c], problem_id=pairs[u]["id"], source_id=pairs[j]["id"],
                 answer=own, source_answer=source, output=text, parsed=answer, outcome=outcome,
-                language=problems.classify_language(text, truncate=False),
+                language=problems.classify_language(text),
                 logp_own_decode=logp_own)
 
 
@@ -470,10 +457,6 @@ def run_decode_checks(model, tokenizer, state, template, args, out, layers):
 # ----------------------------------------------------------------------------------------------
 # DAS: learn the subspace on train, choose steps on validation, report on test
 
-DAS_FILES = ("das_training.csv", "das_angles.csv", "das_decode.csv", "das_per_problem.csv",
-             "das_random_rows.csv.gz")
-
-
 def run_das(model, tokenizer, state, template, args, out, split, layers):
     """For every (layer, k) of `layers` x --das-k not done yet: train (progress as plain
     lines; the training data built once per layer), then on the test split the rows of DAS, Z
@@ -484,7 +467,8 @@ def run_das(model, tokenizer, state, template, args, out, split, layers):
     test = [i for i, s in enumerate(split) if s == "test"]
     dtype = next(model.parameters()).dtype
     done = done_values(out / "das.csv", ["layer", "k"])
-    for name in DAS_FILES:
+    for name in ("das_training.csv", "das_angles.csv", "das_decode.csv", "das_per_problem.csv",
+                 "das_random_rows.csv.gz"):
         keep_rows(out / name, ["layer", "k"], done)
     z_fixed = {}
     for layer in layers:
@@ -501,8 +485,9 @@ def run_das(model, tokenizer, state, template, args, out, split, layers):
             conditions = make_conditions(d, k, [("das", basis), ("z_basis", z_fixed[k]),
                                                 ("z_layer", z_here)], args.n_random, args.seed)
             batches = make_batches(state, test, len(conditions.names), args.batch_size, dtype)
-            rows = per_problem_rows(run_rows(model, state, layer, conditions, batches), state,
-                                    conditions, split, {"k": k, "layer": layer})
+            rows = per_problem_rows(run_rows(model, state, layer, conditions, batches,
+                                             args.basis_layer), state, conditions, split,
+                                    {"k": k, "layer": layer})
             random_bases = [b for b, name in zip(conditions.bases, conditions.names)
                             if name == "random"]
             angles = das.das_angles(basis, [("z_basis", -1, z_fixed[k]), ("z_layer", -1, z_here)],
@@ -519,10 +504,7 @@ def run_das(model, tokenizer, state, template, args, out, split, layers):
             # (layer, k) done, and everything else of it must be on disk by then
             write_rows(tables.row_measures(rows, state.clean, args.min_span), out, prefix="das_")
             tables.write_tables(out)  # das.csv: marks (layer, k) done
-    if (out / "das_decode.csv").is_file():
-        decoded = runs.load_csv(out / "das_decode.csv")
-        runs.write_csv(summary.decode_summary(decoded, ["k", "layer", "pairing", "condition"]),
-                       out / "das_decode_summary.csv")
+    # das_decode_summary.csv: main()'s closing replot builds it from das_decode.csv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -530,11 +512,17 @@ def run_das(model, tokenizer, state, template, args, out, split, layers):
 def validate(args):
     """Every check that needs no weights, before anything is loaded or written. Resolves
     --basis-layer (or --depth, as B, C and D do) and the default --layers (all)."""
-    common.check_runtime(args.device, args.dtype)
+    common.check_runtime(args.device, args.dtype, args.device_map)
     config = common.load_model_config(args.model)
     args.basis_layer = common.resolve_layer(config, args.basis_layer, args.depth, "--basis-layer")
     n_layers = common.num_layers(config)
     args.layers = sorted(set(args.layers)) if args.layers else list(range(n_layers))
+    if args.site == "input" and args.basis_layer == 0:
+        raise runs.UsageError("--site input at basis layer 0 would patch the embeddings, which "
+                              "the sweep does not; pass --site output or a basis layer above 0")
+    primary = primary_layer_of(args)
+    if primary not in args.layers:  # the primary test's layer is always swept
+        args.layers = sorted(args.layers + [primary])
     for flag, layers in (("--layers", args.layers), ("--decode-layers", args.decode_layers or []),
                          ("--das-layer", args.das_layer or [])):
         for layer in layers:
@@ -568,8 +556,16 @@ def validate(args):
                               f"fractions (train validation test) that sum to 1")
     pairs = problems.load_pairs(args, bank_limit=BANK_PAIRS)
     split_sizes(len(pairs), args.split, args.das_test_min)
+    args.positions = question.resolve_positions(args.positions, pairs)
     template = problems.get_template(problems.load_templates(args), "direct")
     return pairs, template
+
+
+def primary_layer_of(args):
+    """The sweep layer of the primary test: a row's layer l patches the output of l, which is
+    the input of l + 1, so Z of basis layer b is tested where its own heads read it at l = b - 1
+    (--site input), or at l = b (--site output, the stream only the layers above b read)."""
+    return args.basis_layer - 1 if args.site == "input" else args.basis_layer
 
 
 def select_pairs(model, tokenizer, pairs, template, args):
@@ -593,6 +589,8 @@ def select_pairs(model, tokenizer, pairs, template, args):
             f"template (first: {pid}: {why}); a last-position interchange would swap the token "
             f"itself: make both templates in prompts.json end with the space before the answer, "
             f"or pass --allow-unaligned")
+    if "question" in args.positions:  # its partners' prompts must align too
+        question.check_alignment(tokenizer, template, kept, args.seed)
     return kept, table.assign(kept=keep), record
 
 
@@ -601,12 +599,13 @@ def main(args):
         return summary.replot(args)
     pairs, template = validate(args)
     if args.batch_size is None:  # rows are a few tokens each: large batches pay on a GPU
-        on_gpu = common.resolve_device(args.device).type == "cuda"
+        on_gpu = common.check_runtime(args.device, args.dtype, args.device_map).type == "cuda"
         args.batch_size = 512 if on_gpu else 64
     fresh = not Path(args.out).exists()
     out = runs.prepare_out_dir(args.out, args.overwrite, args.resume, args, args.figures)
     runs.set_seed(args.seed)
-    model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
+    model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed,
+                                         device_map=args.device_map)
     model.requires_grad_(False)
     tried = len(pairs)
     try:
@@ -624,7 +623,9 @@ def main(args):
     if not args.resume:
         runs.write_json(out / "config.json", runs.run_config(
             args, model, template=template, n_pairs=len(pairs), basis_layer=args.basis_layer,
-            primary_test=tables.primary_description(args.k, args.basis_layer),
+            site=args.site, primary_layer=primary_layer_of(args),
+            primary_test=tables.primary_description(args.k, args.basis_layer, args.site),
+            preregistration=prereg.record("E"),
             secondary_tests=tables.SECONDARY_DESCRIPTION,
             splits={s: [p["id"] for p, name in zip(pairs, split) if name == s]
                     for s in ("train", "validation", "test")},
@@ -632,12 +633,16 @@ def main(args):
             random_basis_seeds="seed * 1000003 + k * 1009 + draw", solved=solved,
             language_margin="log P(Latin word) - log P(Chinese word) after the answer, a lone "
                             "space marginalised (common.language_margin)"))
+    if "question" in args.positions:  # the question's tokens from counterfactual partners
+        question.run_sweep(model, tokenizer, pairs, template, args, out, make_conditions)
+    if "last" not in args.positions:
+        return summary.replot(args)
     state = prepare(model, tokenizer, pairs, template, partner, args.last_m, args.batch_size)
     runs.write_csv(state.clean.assign(split=split), out / "clean.csv")
     run_sweep(model, state, args, out, split)
     peak = tables.peak_layer(out)
     decode_layers = args.decode_layers if args.decode_layers is not None else sorted(
-        {args.basis_layer, peak} & set(args.layers))
+        {primary_layer_of(args), peak} & set(args.layers))
     run_decode_checks(model, tokenizer, state, template, args, out, decode_layers)
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     chosen = tables.das_layers(out, args.basis_layer, args.das_layer) if args.das_k else {}
@@ -679,6 +684,10 @@ def build_parser():
     parser.add_argument("--layers", type=int, nargs="*", default=None,
                         help="layers to patch (default: every layer 0..L-1)")
     common.add_layer_args(parser, "--basis-layer", "layer whose Z is the fixed basis (z_basis)")
+    parser.add_argument("--site", choices=["input", "output"], default="input",
+                        help="where the primary test patches Z of the basis layer b: input "
+                             "(default; sweep layer b - 1, whose output is the stream b's W_Q and "
+                             "W_K read) or output (sweep layer b); both are in the sweep")
     parser.add_argument("--k", type=int, nargs="+", default=[50],
                         help="dimensions of Z and the random subspaces: one sweep per k (a k "
                              "column in every table; the primary test at k = 50, else the "
@@ -688,6 +697,12 @@ def build_parser():
     parser.add_argument("--last-m", type=int, default=1,
                         help="positions interchanged: the English prompt's last m take the "
                              "Chinese prompt's last m, aligned from the end")
+    parser.add_argument("--positions", nargs="+", choices=question.POSITIONS, default=None,
+                        help="position sets: last (the last --last-m positions from the Chinese "
+                             "prompt, then the decoded checks and DAS) and question (every token "
+                             "of the question from a counterfactual partner with other numbers, "
+                             "in the same language; bank problems only). Default: both with "
+                             "--prompts bank, else last")
     parser.add_argument("--min-span", type=float, default=1.0,
                         help="a swap pair enters the old mean-of-ratios `transfer` column (kept "
                              "for comparison, not in the summary) only when |ld_target - "
