@@ -536,8 +536,7 @@ def validate(args):
             common.check_k(config, k, allow_full=False, flag=flag,
                            why="a k = d subspace is the whole state: that is `full`")
     counts = dict(n_random=0, decode_random=0, decode_limit=0, das_test_min=0, last_m=1,
-                  das_steps=1,
-                  das_batch=1, das_eval_every=1, das_partners=1, max_new_tokens=1)
+                  das_steps=1, das_batch=1, das_eval_every=1, das_partners=1, max_new_tokens=1)
     for name, low in counts.items():
         if getattr(args, name) < low:
             raise runs.UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at "
@@ -719,9 +718,9 @@ def build_parser():
                              "many, as long as train keeps at least as many as test (0: the "
                              "--split fractions as they are)")
     parser.add_argument("--decode-layers", type=int, nargs="*", default=None,
-                        help="layers of the decoded spot checks (default: the basis layer and "
-                             "the lowest layer where full interchange's top1_src is largest on "
-                             "train + validation problems)")
+                        help="layers of the decoded spot checks (default: the primary test's "
+                             "layer and the lowest layer where full interchange's top1_src is "
+                             "largest on train + validation problems)")
     parser.add_argument("--decode-limit", type=int, default=16,
                         help="problems decoded at each decode layer (the first N)")
     parser.add_argument("--decode-random", type=int, default=3,
