@@ -77,7 +77,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zcausal import ard_mmd, problems, runs
+from zcausal import ard_mmd, prereg, problems, runs
 from zcausal.summaries import exp_c as summary
 import common
 from zcausal.runs import UsageError
@@ -170,7 +170,7 @@ def resolve_layers(args, config):
 
 def validate(args):
     """Every check that needs no weights. Returns (model config, layers, basis layer)."""
-    common.check_runtime(args.device, args.dtype)
+    common.check_runtime(args.device, args.dtype, args.device_map)
     config = common.load_model_config(args.model)
     layers, basis_layer = resolve_layers(args, config)
     for k in args.k:
@@ -454,6 +454,7 @@ def run_record(args, config, layers, basis_layer, pairs, splits):
         layer_fractions=[round(layer / n_layers, 4) for layer in layers],
         basis_layer=basis_layer, depth=args.depth, k=list(args.k),
         primary_test=summary.primary_description(args.k),
+        preregistration=prereg.record("C"),
         basis_layer_fraction=round(basis_layer / n_layers, 4), hidden_size=config.hidden_size,
         n_pairs=len(pairs), splits={k: [pairs[i]["id"] for i in v] for k, v in splits.items()},
         drop_first=not args.keep_first_token, drop_numbers=args.drop_numbers,
@@ -490,8 +491,8 @@ def main(args):
     runs.write_json(out / "config.json", runs.run_config(args, **record))
     runs.set_seed(args.seed)
     model, tokenizer = common.load_model(args.model, dtype=args.dtype, device=args.device,
-                                         seed=args.seed)
-    device = next(model.parameters()).device
+                                         seed=args.seed, device_map=args.device_map)
+    device = common.input_device(model)
     z_energy = compute_z_energy(model, basis_layer, args.k, args.fold_norm)
     zh, en, n_shared = load_clouds(model, tokenizer, pairs, layers, args)
     units = compute_all(zh, en, layers, splits, z_energy, args, device, out=out)

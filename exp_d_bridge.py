@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 import common
-from zcausal import problems, runs, stats
+from zcausal import prereg, problems, runs, stats
 from zcausal.runs import UsageError
 from zcausal.summaries import exp_d as summary
 
@@ -66,7 +66,7 @@ def parse_args(argv=None):
 def validate(args):
     """Check device, layer and k against the model config alone (nothing loaded, nothing written;
     the shared flags: runs.validate_common). Returns the config and the resolved layer."""
-    common.check_runtime(args.device, args.dtype)
+    common.check_runtime(args.device, args.dtype, args.device_map)
     config = common.load_model_config(args.model)
     layer = common.resolve_layer(config, args.layer, args.depth, "--layer")
     for k in args.k:
@@ -324,6 +324,7 @@ def run_record(args, config, layer, pairs):
                 random_basis="Haar (common.random_basis), seed * 1000003 + k * 1009 + draw, "
                              "fitted on the same folds as Z",
                 primary_test=summary.primary_description(args.k),
+                preregistration=prereg.record("D"),
                 n_folds=args.n_folds, ridge_grid_times_mean_eigenvalue=RIDGE_GRID.tolist(),
                 null_band_percentiles=list(DEFAULTS["band"]), direction="Z_zh ~ Z_en W + b",
                 texts="bare questions, no template",
@@ -352,7 +353,8 @@ def main(args):
     runs.write_json(out_dir / "config.json", runs.run_config(args, **record))
     blas_limited = limit_blas_threads(1)
     runs.set_seed(args.seed)
-    model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
+    model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed,
+                                         device_map=args.device_map)
     texts = [p["zh"] for p in pairs] + [p["en"] for p in pairs]
     # all of layers -1..L-1, like exp_b_residual.py: the same cache entry serves both scripts,
     # so D after B on the same pairs (and the same pooling flags) runs no forward pass

@@ -14,22 +14,34 @@ Chinese prompt's last m positions (aligned from the end), from the same problem 
 or from the swap partner (`swap`), within a subspace:
   none      nothing (the no-op, computed in the same batches: the noise floor)
   full      everything (h <- s)
-  z_basis   Z of --basis-layer (or --depth F; default: layer 32 of 36 at the same depth), k dims
+  z_basis   Z of --basis-layer (or --depth F; default: layer 32 of 36 at the same depth), k dims;
+            the primary test reads it at the basis layer's input (--site input: sweep layer b - 1,
+            always swept) or its output (--site output: sweep layer b)
   z_layer   Z of the patched layer l itself
   random    --n-random random k-dim subspaces (the same draws at every layer)
+Every row also records how far its patch moves the basis layer's attention at the patched
+position (attn_tv_last / attn_tv_all; layers below the basis layer only): Z's own positive control.
 Every row is written (per_problem.csv, random_rows.csv.gz); the tables, the declared primary test
 and the Holm-corrected secondary ones are built from those rows alone
 (zcausal/summaries/exp_e_tables.py: measures top1_src / top1_own / neither, the p_share shift,
 disruption, pooled shifts, the language margin after the answer). Decoded spot checks at
---decode-layers; then DAS at --das-layer, trained on the train split, steps chosen on validation,
-reported on the held-out test split with bootstrap intervals beside full interchange and Z.
+--decode-layers. A second position set runs first (--positions; by default with bank problems):
+every token of the question takes, at layer l, the state at the same position of a
+counterfactual partner's prompt in the same language (the same problem with other numbers of
+the same digit counts, so the prompts align position by position), with the same conditions
+(zcausal/question.py). Then DAS, the positive control: at each --das-layer and --das-k a learned
+subspace, trained on the train split, reported on the held-out test split beside full, Z and
+random subspaces of the same k at the same layer, with its principal angles to Z.
 
 Outputs in --out: per-row clean.csv, per_problem.csv, random_rows.csv.gz, timing.csv, solved.csv,
 decode.csv, das_per_problem.csv, das_random_rows.csv.gz, das_training.csv, das_angles.csv,
-das_decode.csv, das_basis_k*.npy; tables per_layer.csv, draws.csv, das.csv, tests.csv,
-decode_summary.csv, das_decode_summary.csv; config.json (with the primary test); figures
-layer_sweep.png (layer_sweep_k<k>.png for the other k) and das.png under --figures
-(runs.figure_path), drawn by zcausal/summaries/exp_e_figures.py from the tables.
+das_decode.csv, das_basis_L<layer>_k<k>.npy, question_clean.csv, question_per_problem.csv,
+question_random_rows.csv.gz, question_timing.csv; tables per_layer.csv, draws.csv, das.csv,
+tests.csv, decode_summary.csv, das_decode_summary.csv, question_per_layer.csv,
+question_draws.csv, question_tests.csv; config.json (with the primary test, the counterfactual
+partners and the DAS layers with why each); figures layer_sweep.png (layer_sweep_k<k>.png for
+the other k), question_sweep.png and das_curve.png under --figures (runs.figure_path), drawn by
+zcausal/summaries/exp_e_figures.py from the tables.
 """
 import json
 import time
@@ -42,20 +54,28 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import answered, das, decoding, interchange, problems, runs, stats
+from zcausal import (answered, das, decoding, interchange, prereg, problems,
+                     question, runs, stats)
+from zcausal.runs import done_values, keep_rows
 from zcausal.summaries import exp_e as summary
 from zcausal.summaries import exp_e_tables as tables
+from zcausal.summaries.exp_e_tables import write_rows
 
 FIXED = ["none", "full", "z_basis", "z_layer"]
+DAS_K = [1, 2, 5, 10, 20, 50]  # the default --das-k: the curve of DAS against k
 BANK_PAIRS = 300  # with --prompts bank and no --limit: the first 300 pairs are tried
 
 
 # ----------------------------------------------------------------------------------------------
 # Problems: splits, swap partners, answer tokens
 
-def split_sizes(n, fractions):
-    """(train, validation, test) sizes: each split needs 2 problems for a derangement."""
+def split_sizes(n, fractions, test_min=0):
+    """(train, validation, test) sizes from the --split fractions, each at least 2 (a
+    derangement needs 2). The test split then takes problems from train until it holds
+    `test_min` (--das-test-min), as long as train keeps at least as many as test: DAS's
+    held-out rates need about 50 pairs to be read, and train keeps the rest."""
     val, test = (max(2, int(round(f * n))) for f in fractions[1:])
+    test = max(test, min(test_min, (n - val) // 2))
     if n - val - test < 2:
         raise runs.UsageError(f"{n} pairs cannot be split into train / validation / test with at "
                               f"least 2 problems each (--split {' '.join(map(str, fractions))}); "
@@ -63,9 +83,9 @@ def split_sizes(n, fractions):
     return n - val - test, val, test
 
 
-def make_splits(n, fractions, seed):
+def make_splits(n, fractions, seed, test_min=0):
     """A seeded assignment of problems to 'train' / 'validation' / 'test': list of N names."""
-    sizes = split_sizes(n, fractions)
+    sizes = split_sizes(n, fractions, test_min)
     order = np.random.default_rng(seed).permutation(n)
     names = np.empty(n, dtype=object)
     names[order[:sizes[0]]] = "train"
@@ -114,7 +134,7 @@ def prepare(model, tokenizer, pairs, template, partner, m, batch_size):
     en = [problems.format_prompt(template["en"], p["en"])[0] for p in pairs]
     zh = [problems.format_prompt(template["zh"], p["zh"])[0] for p in pairs]
     answers = [answer_ids(tokenizer, p["answer"]) for p in pairs]
-    languages = common.LanguageClasses(tokenizer).to(next(model.parameters()).device)
+    languages = common.LanguageClasses(tokenizer).to(common.input_device(model))
     conts = [[interchange.with_probe(answers[x], languages) for x in (i, partner[i], inverse[i])]
              for i in range(n)]
     prefixes = interchange.encode_prefixes(model, interchange.prompt_ids(tokenizer, en), m,
@@ -131,28 +151,13 @@ def prepare(model, tokenizer, pairs, template, partner, m, batch_size):
 
 def clean_states(model, prefixes, canonical, batch_size, languages):
     """The canonical block's states at every layer (L + 1, N, Q, d) and its clean scores."""
-    n_layers = common.num_layers(model)
-    n, width = canonical.ids.shape
-    hidden = torch.empty(n_layers + 1, n, width, common.hidden_size(model),
-                         dtype=next(model.parameters()).dtype, device=canonical.ids.device)
-    parts = []
-    for start in range(0, n, batch_size):
-        index = list(range(start, min(n, start + batch_size)))
-        block = canonical.take(index)
-        emb = interchange.embed(model, block)
-        final, captured = interchange.run_layers(model, prefixes, block, emb, 0, capture=True)
-        hidden[0, index] = emb
-        for layer, states in captured.items():
-            hidden[layer + 1, index] = states
-        parts.append(interchange.score(model, final, block, languages))
-    scores = {key: torch.cat([p[key] for p in parts]).cpu() for key in parts[0]}
-    return hidden, scores
+    return interchange.block_states(model, prefixes, canonical, batch_size, languages)
 
 
 def last_states(model, tokenizer, texts, m, batch_size):
     """Each prompt's last m states at every layer: (L + 1, N, m, d), index 0 the embeddings."""
     layers = list(range(-1, common.num_layers(model)))
-    device = next(model.parameters()).device
+    device = common.input_device(model)
     out = []
     for start in range(0, len(texts), batch_size):
         ids, mask, _ = common.tokenize_left_padded(tokenizer, texts[start:start + batch_size],
@@ -239,14 +244,30 @@ def make_batches(state, problem_index, n_conditions, batch_size, dtype):
     return batches
 
 
+def run_with_readout(model, state, batch, layer, hidden, patch, basis_layer):
+    """patched_scores for one batch, and how far the patch moves the attention of `basis_layer`
+    at the patched (suffix) positions: the query block runs from layer + 1 up to the basis layer,
+    its attention is read from the stream entering it (interchange.scores_and_readout, against the
+    clean stream there), then the rest of the layers run; the scores are the ones a single pass
+    gives. Returns (scores, attn_tv_last (B,), attn_tv_all (B,)): total variation averaged over
+    heads at the last patched position / over the patched positions; NaN where the patched stream
+    is not below the basis layer (a patch at or above it cannot reach its attention)."""
+    def clean():  # the clean stream entering the basis layer, gathered only where it is read
+        return state.hidden[basis_layer][batch.block.rows[:, None], batch.columns]
+    return interchange.scores_and_readout(model, state.prefixes, batch.block, layer, hidden, patch,
+                                          basis_layer, clean, state.languages, batch.mask)
+
+
 @torch.no_grad()
-def run_rows(model, state, layer, conditions, batches):
+def run_rows(model, state, layer, conditions, batches, basis_layer=None):
     """Scores of every row with the `last` source patched at `layer`: a frame with problem,
     pairing, condition index, logp_own, logp_src, first_own, first_src, lang_own, lang_src, top1
     (the argmax at the patched last position) with top1_own / top1_src (it is the own / the
-    source's first digit; for `same` rows the source is the own problem), and
+    source's first digit; for `same` rows the source is the own problem),
     patch_share = |P_S (s - h)| / |s - h| at the patched positions (how much of the difference
-    between source and run the subspace carries: 1 for full, 0 for none)."""
+    between source and run the subspace carries: 1 for full, 0 for none), and attn_tv_last /
+    attn_tv_all, how far the patch moves the attention of `basis_layer` at the patched
+    positions (run_with_readout; NaN for layers at or above it, or without a basis layer)."""
     device = state.hidden.device
     bases, complement = conditions.bases.to(device), conditions.complement.to(device)
     frames = []
@@ -259,8 +280,8 @@ def run_rows(model, state, layer, conditions, batches):
         suffix = hidden[:, :batch.block.m].float()
         share = ((patch(suffix).float() - suffix).norm(dim=-1)
                  / (source.float() - suffix).norm(dim=-1).clamp(min=1e-12)).mean(1)
-        out = interchange.patched_scores(model, state.prefixes, batch.block, layer, hidden, patch,
-                                         state.languages, batch.mask)
+        out, tv_last, tv_all = run_with_readout(model, state, batch, layer, hidden, patch,
+                                                basis_layer)
         src = 0 if batch.pairing == "same" else 1
         top1 = out["top1"].cpu().numpy()
         own_first = np.array([state.answers[u][0] for u in batch.problems])
@@ -275,30 +296,13 @@ def run_rows(model, state, layer, conditions, batches):
             "lang_own": out["lang"][:, 0].double().cpu().numpy(),
             "lang_src": out["lang"][:, src].double().cpu().numpy(),
             "top1": top1, "top1_own": top1 == own_first, "top1_src": top1 == src_first,
-            "patch_share": share.double().cpu().numpy()}))
+            "patch_share": share.double().cpu().numpy(),
+            "attn_tv_last": tv_last.double().numpy(), "attn_tv_all": tv_all.double().numpy()}))
     return pd.concat(frames, ignore_index=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # The sweep
-
-def done_values(path, columns):
-    """The (tuples of) values of `columns` already in a CSV, for --resume."""
-    if not Path(path).is_file():
-        return set()
-    frame = runs.load_csv(path)
-    return set(zip(*(frame[c].tolist() for c in columns)))
-
-
-def keep_rows(path, columns, keep):
-    """Rewrite a CSV keeping only rows whose `columns` values are in `keep`: on --resume, the
-    rows an interrupted step appended before its marking file was written are dropped, not
-    duplicated."""
-    if Path(path).is_file():
-        frame = runs.load_csv(path)
-        mask = [values in keep for values in zip(*(frame[c].tolist() for c in columns))]
-        runs.write_csv(frame[mask], path)
-
 
 def per_problem_rows(measured, state, conditions, split, extra):
     """Every row of one layer (named conditions and random draws), with ids, split and draw: the
@@ -315,14 +319,6 @@ def per_problem_rows(measured, state, conditions, split, extra):
     for key, value in reversed(list(extra.items())):
         frame.insert(0, key, value)
     return frame
-
-
-def write_rows(frame, out, prefix=""):
-    """The named conditions' rows to <prefix>per_problem.csv, the random draws' to
-    <prefix>random_rows.csv.gz (compressed: 19+ draws x pairs x layers rows)."""
-    random = frame.condition == "random"
-    runs.write_csv(frame[~random], out / f"{prefix}per_problem.csv", append=True)
-    runs.write_csv(frame[random], out / f"{prefix}random_rows.csv.gz", append=True)
 
 
 def query_flops(config, rows, width, prefix, n_layers_run, scored):
@@ -364,8 +360,9 @@ def run_sweep(model, state, args, out, split):
         z_here = common.z_basis(model, layer, k, fold_norm=args.fold_norm)
         conditions = make_conditions(d, k, [("z_basis", z_fixed[k]), ("z_layer", z_here)],
                                      args.n_random, args.seed)
-        rows = per_problem_rows(run_rows(model, state, layer, conditions, batches), state,
-                                conditions, split, {"k": k, "layer": layer, "depth": layer / L})
+        rows = per_problem_rows(run_rows(model, state, layer, conditions, batches,
+                                         args.basis_layer), state, conditions, split,
+                                {"k": k, "layer": layer, "depth": layer / L})
         write_rows(tables.row_measures(rows, state.clean, args.min_span), out)
         runs.write_csv(pd.DataFrame([dict(  # this layer's rows, Z's SVD included
             k=k, layer=layer, seconds=time.perf_counter() - started,
@@ -402,7 +399,7 @@ def decode_rows(model, tokenizer, state, template, layer, conditions, problem_in
             layer=layer, basis=conditions.bases[cond], complement=conditions.complement[cond],
             source_mean=torch.zeros(B, d), patch_generated=torch.zeros(B, dtype=torch.bool),
             source_tokens=source_tokens, prompt_mask=prompt_mask)
-        patch.to(next(model.parameters()).device)
+        patch.to(common.input_device(model))
         result = decoding.generate_and_score(
             model, ids, mask, args.max_new_tokens, patch, stop_ids=(),
             score=[[state.answers[u] for u, _, _ in chunk], [state.answers[j] for j in src]],
@@ -426,7 +423,7 @@ def decode_record(pairs, u, j, pairing, conditions, c, text, logp_own, layer):
     return dict(layer=layer, pairing=pairing, condition=conditions.names[c],
                 draw=conditions.draws[c], problem_id=pairs[u]["id"], source_id=pairs[j]["id"],
                 answer=own, source_answer=source, output=text, parsed=answer, outcome=outcome,
-                language=problems.classify_language(text, truncate=False),
+                language=problems.classify_language(text),
                 logp_own_decode=logp_own)
 
 
@@ -460,43 +457,54 @@ def run_decode_checks(model, tokenizer, state, template, args, out, layers):
 # ----------------------------------------------------------------------------------------------
 # DAS: learn the subspace on train, choose steps on validation, report on test
 
-def run_das(model, tokenizer, state, template, args, out, split, layer):
-    """For every --das-k not done yet: train (progress as plain lines), then on the test split
-    the rows of DAS, Z (basis layer and this layer), full and the random draws; principal
-    angles; decoded outputs; das.csv rebuilt from the rows (exp_e_tables.write_tables) last, as
-    the marker of a finished k."""
+def run_das(model, tokenizer, state, template, args, out, split, layers):
+    """For every (layer, k) of `layers` x --das-k not done yet: train (progress as plain
+    lines; the training data built once per layer), then on the test split the rows of DAS, Z
+    (basis layer and this layer), full and the random draws; principal angles; decoded outputs
+    of the first --decode-limit test problems; das.csv rebuilt from the rows
+    (exp_e_tables.write_tables) last, as the marker of a finished (layer, k)."""
     d = common.hidden_size(model)
     test = [i for i, s in enumerate(split) if s == "test"]
     dtype = next(model.parameters()).dtype
-    done = done_values(out / "das.csv", ["k"])
+    done = done_values(out / "das.csv", ["layer", "k"])
     for name in ("das_training.csv", "das_angles.csv", "das_decode.csv", "das_per_problem.csv",
                  "das_random_rows.csv.gz"):
-        keep_rows(out / name, ["k"], done)
-    for k in [k for k in args.das_k if (k,) not in done]:
-        basis, history = das.train_das(model, state, layer, k, split, args,
-                                       log=lambda entry: tqdm.write(das.progress_line(k, entry)))
-        np.save(out / f"das_basis_k{k}.npy", basis.numpy())
-        z_fixed = common.z_basis(model, args.basis_layer, k, fold_norm=args.fold_norm)
-        z_here = common.z_basis(model, layer, k, fold_norm=args.fold_norm)
-        conditions = make_conditions(d, k, [("das", basis), ("z_basis", z_fixed),
-                                            ("z_layer", z_here)], args.n_random, args.seed)
-        batches = make_batches(state, test, len(conditions.names), args.batch_size, dtype)
-        rows = per_problem_rows(run_rows(model, state, layer, conditions, batches), state,
-                                conditions, split, {"k": k, "layer": layer})
-        random_bases = [b for b, name in zip(conditions.bases, conditions.names) if name == "random"]
-        angles = das.das_angles(basis, [("z_basis", -1, z_fixed), ("z_layer", -1, z_here)],
-                                random_bases, k)
-        decoded = decode_rows(model, tokenizer, state, template, layer,
-                              make_conditions(d, k, [("das", basis), ("z_basis", z_fixed)], 0,
-                                              args.seed), test, args)
-        write_rows(tables.row_measures(rows, state.clean, args.min_span), out, prefix="das_")
-        runs.write_csv(history.assign(k=k, layer=layer), out / "das_training.csv", append=True)
-        runs.write_csv(angles, out / "das_angles.csv", append=True)
-        runs.write_csv(decoded.assign(k=k), out / "das_decode.csv", append=True)
-        tables.write_tables(out)  # das.csv: marks k done
-    decoded = runs.load_csv(out / "das_decode.csv")
-    runs.write_csv(summary.decode_summary(decoded, ["k", "layer", "pairing", "condition"]),
-                   out / "das_decode_summary.csv")
+        keep_rows(out / name, ["layer", "k"], done)
+    z_fixed = {}
+    for layer in layers:
+        todo = [k for k in args.das_k if (layer, k) not in done]
+        data = das.training_data(model, state, layer, split, args) if todo else None
+        for k in todo:
+            basis, history = das.train_das(
+                model, state, data, k, args,
+                log=lambda entry: tqdm.write(das.progress_line(k, entry, layer)))
+            np.save(out / f"das_basis_L{layer}_k{k}.npy", basis.numpy())
+            if k not in z_fixed:
+                z_fixed[k] = common.z_basis(model, args.basis_layer, k, fold_norm=args.fold_norm)
+            z_here = common.z_basis(model, layer, k, fold_norm=args.fold_norm)
+            conditions = make_conditions(d, k, [("das", basis), ("z_basis", z_fixed[k]),
+                                                ("z_layer", z_here)], args.n_random, args.seed)
+            batches = make_batches(state, test, len(conditions.names), args.batch_size, dtype)
+            rows = per_problem_rows(run_rows(model, state, layer, conditions, batches,
+                                             args.basis_layer), state, conditions, split,
+                                    {"k": k, "layer": layer})
+            random_bases = [b for b, name in zip(conditions.bases, conditions.names)
+                            if name == "random"]
+            angles = das.das_angles(basis, [("z_basis", -1, z_fixed[k]), ("z_layer", -1, z_here)],
+                                    random_bases, k)
+            decoded = decode_rows(model, tokenizer, state, template, layer,
+                                  make_conditions(d, k, [("das", basis), ("z_basis", z_fixed[k])],
+                                                  0, args.seed), test[:args.decode_limit], args)
+            runs.write_csv(history.assign(k=k, layer=layer), out / "das_training.csv",
+                           append=True)
+            runs.write_csv(angles.assign(layer=layer), out / "das_angles.csv", append=True)
+            if len(decoded):
+                runs.write_csv(decoded.assign(k=k), out / "das_decode.csv", append=True)
+            # the rows last: das.csv is built from them, so any later write_tables marks this
+            # (layer, k) done, and everything else of it must be on disk by then
+            write_rows(tables.row_measures(rows, state.clean, args.min_span), out, prefix="das_")
+            tables.write_tables(out)  # das.csv: marks (layer, k) done
+    # das_decode_summary.csv: main()'s closing replot builds it from das_decode.csv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,16 +512,25 @@ def run_das(model, tokenizer, state, template, args, out, split, layer):
 def validate(args):
     """Every check that needs no weights, before anything is loaded or written. Resolves
     --basis-layer (or --depth, as B, C and D do) and the default --layers (all)."""
-    common.check_runtime(args.device, args.dtype)
+    common.check_runtime(args.device, args.dtype, args.device_map)
     config = common.load_model_config(args.model)
     args.basis_layer = common.resolve_layer(config, args.basis_layer, args.depth, "--basis-layer")
     n_layers = common.num_layers(config)
     args.layers = sorted(set(args.layers)) if args.layers else list(range(n_layers))
+    if args.site == "input" and args.basis_layer == 0:
+        raise runs.UsageError("--site input at basis layer 0 would patch the embeddings, which "
+                              "the sweep does not; pass --site output or a basis layer above 0")
+    primary = primary_layer_of(args)
+    if primary not in args.layers:  # the primary test's layer is always swept
+        args.layers = sorted(args.layers + [primary])
     for flag, layers in (("--layers", args.layers), ("--decode-layers", args.decode_layers or []),
-                         ("--das-layer", [] if args.das_layer is None else [args.das_layer])):
+                         ("--das-layer", args.das_layer or [])):
         for layer in layers:
             common.check_layer(config, layer, flag=flag, alternative=None)
     args.k = list(dict.fromkeys(args.k))  # one sweep per k, in the order given
+    if args.das_k is None:  # the default curve, each k below d (k = d is `full`)
+        args.das_k = [k for k in DAS_K if k < common.hidden_size(config)]
+    args.das_k = list(dict.fromkeys(args.das_k))
     for flag, ks in (("--k", args.k), ("--das-k", args.das_k)):
         for k in ks:
             common.check_k(config, k, allow_full=False, flag=flag,
@@ -529,9 +546,17 @@ def validate(args):
         raise runs.UsageError(f"--split {' '.join(map(str, args.split))}: pass three positive "
                               f"fractions (train validation test) that sum to 1")
     pairs = problems.load_pairs(args, bank_limit=BANK_PAIRS)
-    split_sizes(len(pairs), args.split)
+    split_sizes(len(pairs), args.split, args.das_test_min)
+    args.positions = question.resolve_positions(args.positions, pairs)
     template = problems.get_template(problems.load_templates(args), "direct")
     return pairs, template
+
+
+def primary_layer_of(args):
+    """The sweep layer of the primary test: a row's layer l patches the output of l, which is
+    the input of l + 1, so Z of basis layer b is tested where its own heads read it at l = b - 1
+    (--site input), or at l = b (--site output, the stream only the layers above b read)."""
+    return args.basis_layer - 1 if args.site == "input" else args.basis_layer
 
 
 def select_pairs(model, tokenizer, pairs, template, args):
@@ -555,16 +580,20 @@ def select_pairs(model, tokenizer, pairs, template, args):
             f"template (first: {pid}: {why}); a last-position interchange would swap the token "
             f"itself: make both templates in prompts.json end with the space before the answer, "
             f"or pass --allow-unaligned")
+    if "question" in args.positions:  # its partners' prompts must align too
+        question.check_alignment(tokenizer, template, kept, args.seed)
     return kept, table.assign(kept=keep), record
 
 
 def work(args, n_pairs, config):
     """The unit of E's time in the cost model (zcausal/cost.py): the sweep's patched rows (pairs
     x layers x k x conditions and random draws x both pairings) plus DAS's training examples
-    (k x steps x batch)."""
+    (layers x k x steps x batch; by default two layers, tables.das_layers)."""
     layers = len(args.layers or range(common.num_layers(config)))
     sweep = n_pairs * layers * len(args.k) * (len(FIXED) + args.n_random) * 2
-    return sweep + len(args.das_k) * args.das_steps * args.das_batch
+    das_k = DAS_K if args.das_k is None else args.das_k  # None: the default curve (validate)
+    das_layers = 2 if args.das_layer is None else len(args.das_layer)
+    return sweep + das_layers * len(das_k) * args.das_steps * args.das_batch
 
 
 def main(args):
@@ -573,12 +602,13 @@ def main(args):
         return summary.replot(args)
     pairs, template = validate(args)
     if args.batch_size is None:  # rows are a few tokens each: large batches pay on a GPU
-        on_gpu = common.resolve_device(args.device).type == "cuda"
+        on_gpu = common.check_runtime(args.device, args.dtype, args.device_map).type == "cuda"
         args.batch_size = 512 if on_gpu else 64
     fresh = not Path(args.out).exists()
     out = runs.prepare_out_dir(args.out, args.overwrite, args.resume, args, args.figures)
     runs.set_seed(args.seed)
-    model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
+    model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed,
+                                         device_map=args.device_map)
     model.requires_grad_(False)
     tried = len(pairs)
     try:
@@ -591,12 +621,14 @@ def main(args):
           f"{solved['correct_en']}, in Chinese {solved['correct_zh']}, both "
           f"{solved['correct_both']})")
     runs.write_csv(answers, out / "solved.csv")
-    split = make_splits(len(pairs), args.split, args.seed)
+    split = make_splits(len(pairs), args.split, args.seed, args.das_test_min)
     partner = swap_partners(pairs, split, args.seed)
     if not args.resume:
         runs.write_json(out / "config.json", runs.run_config(
             args, model, template=template, n_pairs=len(pairs), basis_layer=args.basis_layer,
-            primary_test=tables.primary_description(args.k, args.basis_layer),
+            site=args.site, primary_layer=primary_layer_of(args),
+            primary_test=tables.primary_description(args.k, args.basis_layer, args.site),
+            preregistration=prereg.record("E"),
             secondary_tests=tables.SECONDARY_DESCRIPTION,
             splits={s: [p["id"] for p, name in zip(pairs, split) if name == s]
                     for s in ("train", "validation", "test")},
@@ -604,19 +636,27 @@ def main(args):
             random_basis_seeds="seed * 1000003 + k * 1009 + draw", solved=solved,
             language_margin="log P(Latin word) - log P(Chinese word) after the answer, a lone "
                             "space marginalised (common.language_margin)"))
+    if "question" in args.positions:  # the question's tokens from counterfactual partners
+        question.run_sweep(model, tokenizer, pairs, template, args, out, make_conditions)
+    if "last" not in args.positions:
+        return summary.replot(args)
     state = prepare(model, tokenizer, pairs, template, partner, args.last_m, args.batch_size)
     runs.write_csv(state.clean.assign(split=split), out / "clean.csv")
     run_sweep(model, state, args, out, split)
     peak = tables.peak_layer(out)
     decode_layers = args.decode_layers if args.decode_layers is not None else sorted(
-        {args.basis_layer, peak} & set(args.layers))
+        {primary_layer_of(args), peak} & set(args.layers))
     run_decode_checks(model, tokenizer, state, template, args, out, decode_layers)
-    if args.das_k:
-        das_layer = args.das_layer if args.das_layer is not None else peak
-        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-        runs.write_json(out / "config.json", dict(config, das_layer=das_layer,
-                                                  decode_layers=decode_layers))
-        run_das(model, tokenizer, state, template, args, out, split, das_layer)
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    chosen = tables.das_layers(out, args.basis_layer, args.das_layer) if args.das_k else {}
+    for layer, why in chosen.items():
+        print(f"DAS at layer {layer}: {why}")
+    if chosen:
+        runs.write_json(out / "config.json", dict(
+            config, das_layers=list(chosen), das_layer_reasons={str(l): why for l, why in
+                                                                chosen.items()},
+            decode_layers=decode_layers))
+        run_das(model, tokenizer, state, template, args, out, split, list(chosen))
     summary.replot(args)  # every table and figure once more, what it wrote and the summary
 
 
@@ -647,6 +687,10 @@ def build_parser():
     parser.add_argument("--layers", type=int, nargs="*", default=None,
                         help="layers to patch (default: every layer 0..L-1)")
     common.add_layer_args(parser, "--basis-layer", "layer whose Z is the fixed basis (z_basis)")
+    parser.add_argument("--site", choices=["input", "output"], default="input",
+                        help="where the primary test patches Z of the basis layer b: input "
+                             "(default; sweep layer b - 1, whose output is the stream b's W_Q and "
+                             "W_K read) or output (sweep layer b); both are in the sweep")
     parser.add_argument("--k", type=int, nargs="+", default=[50],
                         help="dimensions of Z and the random subspaces: one sweep per k (a k "
                              "column in every table; the primary test at k = 50, else the "
@@ -656,34 +700,50 @@ def build_parser():
     parser.add_argument("--last-m", type=int, default=1,
                         help="positions interchanged: the English prompt's last m take the "
                              "Chinese prompt's last m, aligned from the end")
+    parser.add_argument("--positions", nargs="+", choices=question.POSITIONS, default=None,
+                        help="position sets: last (the last --last-m positions from the Chinese "
+                             "prompt, then the decoded checks and DAS) and question (every token "
+                             "of the question from a counterfactual partner with other numbers, "
+                             "in the same language; bank problems only). Default: both with "
+                             "--prompts bank, else last")
     parser.add_argument("--min-span", type=float, default=1.0,
                         help="a swap pair enters the old mean-of-ratios `transfer` column (kept "
                              "for comparison, not in the summary) only when |ld_target - "
                              "ld_clean| is at least this many nats")
     parser.add_argument("--fold-norm", action="store_true",
                         help="fold the layer's input RMSNorm gain into W_Q, W_K before Z's SVD")
-    parser.add_argument("--split", type=float, nargs=3, default=[0.5, 0.25, 0.25],
+    parser.add_argument("--split", type=float, nargs=3, default=[0.7, 0.1, 0.2],
                         metavar=("TRAIN", "VAL", "TEST"),
                         help="fractions of problems for DAS training, step choice and report "
-                             "(seeded; swap partners stay within a split)")
+                             "(seeded; swap partners stay within a split; 300 kept pairs give "
+                             "210 / 30 / 60)")
+    parser.add_argument("--das-test-min", type=int, default=50,
+                        help="the test split takes problems from train until it holds this "
+                             "many, as long as train keeps at least as many as test (0: the "
+                             "--split fractions as they are)")
     parser.add_argument("--decode-layers", type=int, nargs="*", default=None,
-                        help="layers of the decoded spot checks (default: the basis layer and "
-                             "the default --das-layer)")
+                        help="layers of the decoded spot checks (default: the primary test's "
+                             "layer and the lowest layer where full interchange's top1_src is "
+                             "largest on train + validation problems)")
     parser.add_argument("--decode-limit", type=int, default=16,
                         help="problems decoded at each decode layer (the first N)")
     parser.add_argument("--decode-random", type=int, default=3,
                         help="random draws decoded beside the named conditions")
     parser.add_argument("--max-new-tokens", type=int, default=10,
                         help="greedy tokens decoded: the answer and what follows it")
-    parser.add_argument("--das-k", type=int, nargs="*", default=[20, 50],
-                        help="dimensions of the learned subspaces (none: skip DAS)")
-    parser.add_argument("--das-layer", type=int, default=None,
-                        help="layer of DAS (default: the lowest layer where full interchange's "
-                             "top1_src is largest on train + validation problems)")
+    parser.add_argument("--das-k", type=int, nargs="*", default=None,
+                        help="dimensions of the learned subspaces, one trained per k and layer "
+                             f"(default: {' '.join(map(str, DAS_K))}, those below the hidden "
+                             f"size; none: skip DAS)")
+    parser.add_argument("--das-layer", type=int, nargs="*", default=None,
+                        help="layers whose output DAS patches (default: the input of the basis "
+                             "layer, i.e. layer b - 1, and the first layer where full "
+                             "interchange's top1_src reaches 0.8 on train + validation "
+                             "problems, or where it is largest; none: skip DAS)")
     parser.add_argument("--das-steps", type=int, default=200, help="Adam steps of DAS training")
     parser.add_argument("--das-lr", type=float, default=1e-2, help="Adam learning rate of DAS")
     parser.add_argument("--das-batch", type=int, default=32, help="interchange pairs per DAS step")
-    parser.add_argument("--das-eval-every", type=int, default=20,
+    parser.add_argument("--das-eval-every", type=int, default=10,
                         help="steps between validation losses (the best is kept)")
     parser.add_argument("--das-partners", type=int, default=4,
                         help="source problems per training problem (its swap partner and more "

@@ -4,13 +4,15 @@ report of their folder.
     python study.py --model Qwen/Qwen2.5-3B --prompts-en mgsm_en.tsv --prompts-zh mgsm_zh.tsv \
         --out results/qwen2.5-3b                                       # on a GPU: the study
     python study.py --model tiny-random                                # every script's --smoke: seconds on a CPU
+    python study.py --model Qwen/Qwen2.5-72B --device-map auto \
+        --prompts-en mgsm_en.tsv --prompts-zh mgsm_zh.tsv             # larger than one GPU: docs/performance.md
 
 Each experiment is its own script's parse_args and main, run in this process, into <out>/exp_a ...
-<out>/exp_e, with the study's --model, --seed, --device and --dtype; B and D also get MGSM
-(--prompts-en/--prompts-zh; A, C and E use their own problems). A folder that already holds a run
-(its config.json) is continued with --resume, so a study cut short continues where it stopped when
-the same command is run again (a run that had finished is rechecked and summarised again); with
---overwrite it is replaced instead. On --model tiny-random every script gets --smoke (its preset of
+<out>/exp_e, with the study's --model, --seed, --device, --dtype and --device-map; B and D also get
+MGSM (--prompts-en/--prompts-zh; A, C and E use their own problems). A folder that already holds a
+run (its config.json) is continued with --resume, so a study cut short continues where it stopped
+when the same command is run again (a run that had finished is rechecked and summarised again);
+with --overwrite it is replaced instead. On --model tiny-random every script gets --smoke (its preset of
 seconds). Before anything runs, every experiment's flags, folder and problems are checked (an --out
 holding other files, or a D whose pairs are too few for its k, is refused), and the study prints
 what it will run with an estimated time per experiment from the cost model bench.py measures
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import common
 import report
-from zcausal import cost, problems, runs, stats
+from zcausal import cost, placement, problems, runs, stats
 
 # what an interrupted study says to do (runs.run_cli)
 CONTINUE = "the same command (the study resumes itself)"
@@ -51,14 +53,15 @@ def check_study_out(out):
 
 
 def step_argv(args, letter, out):
-    """The command line of one experiment: the study's model, seed, device and dtype; MGSM for B
-    and D; --resume where its folder holds a run (--overwrite instead with the study's
+    """The command line of one experiment: the study's model, seed, device, dtype and device map;
+    MGSM for B and D; --resume where its folder holds a run (--overwrite instead with the study's
     --overwrite); --smoke on tiny-random."""
     has_run = (out / "config.json").is_file()
     argv = ["--model", args.model, "--out", str(out), "--seed", str(args.seed)]
     argv += ["--smoke"] if args.model == common.TINY_MODEL else []
     argv += (["--overwrite"] if args.overwrite else ["--resume"]) if has_run else []
-    for flag, value in (("--device", args.device), ("--dtype", args.dtype)) + (
+    for flag, value in (("--device", args.device), ("--dtype", args.dtype),
+                        ("--device-map", args.device_map)) + (
             (("--prompts-en", args.prompts_en), ("--prompts-zh", args.prompts_zh))
             if letter in MGSM_TAKERS else ()):
         argv += [flag, str(value)] if value is not None else []
@@ -102,7 +105,7 @@ def plan(args):
 def estimates(steps, args):
     """Per step (seconds or None, what the estimate rests on), from the cost model
     (zcausal/cost.py) and the bench rows there are; and the resolved device."""
-    device = common.check_runtime(args.device, args.dtype)
+    device = common.check_runtime(args.device, args.dtype, args.device_map)
     dtype = common.resolve_dtype(args.dtype, device)
     config = common.load_model_config(args.model)
     parameters, tflops = cost.parameter_count(config), cost.matmul_tflops(device, dtype)
@@ -121,7 +124,8 @@ def _duration(seconds):
 
 
 def print_plan(steps, guesses, args, device):
-    print(f"[study] {args.model} on {device} into {args.out}: "
+    where = f"{device} (--device-map {args.device_map})" if args.device_map else device
+    print(f"[study] {args.model} on {where} into {args.out}: "
           f"{len(steps)} experiments, each at its defaults"
           + (" (--smoke presets)" if args.model == common.TINY_MODEL else ""), flush=True)
     width = max(len(str(step["out"])) for step in steps)
@@ -195,6 +199,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None, help="cpu or cuda; None: cuda if available")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="None: bfloat16 on CUDA, float32 on CPU")
+    placement.add_device_map_arg(parser)
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = Path("results") / Path(args.model).name.lower()

@@ -21,12 +21,13 @@ TOP_LEVEL = {"README.md", "requirements.txt", "common.py", "exp_a_patching.py", 
              "bench.py", "study.py", "prompts.json", "pytest.ini", "results", "figures", "tests",
              "tools", "docs", "zcausal"}
 # Layers of the import graph, lowest first: a module imports only from its own or lower layers.
-LAYERS = [{"zcausal", "zcausal.runs", "zcausal.bank", "zcausal.stats", "zcausal.transport",
-           "zcausal.ard_mmd", "zcausal.problems", "zcausal.summaries"},
+LAYERS = [{"zcausal", "zcausal.errors", "zcausal.runs", "zcausal.bank", "zcausal.stats", "zcausal.transport",
+           "zcausal.ard_mmd", "zcausal.problems", "zcausal.labels", "zcausal.prereg",
+           "zcausal.summaries", "zcausal.placement"},
           {"common"},
           {"zcausal.decoding", "zcausal.fast_decode", "zcausal.interchange", "zcausal.das",
            "zcausal.patching", "zcausal.cost",
-           "zcausal.answered"},
+           "zcausal.answered", "zcausal.question", "zcausal.attention"},
           {"exp_a_patching", "exp_b_residual", "exp_c_ard_mmd", "exp_d_bridge",
            "exp_e_layer_sweep"},
           {"report", "bench", "study"}]

@@ -20,6 +20,9 @@ Segments are tree-masked: each sees the prefix, the suffix and its own earlier t
 another segment, and each starts at position T; one pass scores several continuations exactly as
 separate runs would. Padding at a segment's end is never attended to by a real token.
 Rows of a batch may come from different prompts: prefixes are left-padded, rows gather theirs.
+A patch may touch only some of the m suffix positions (masked_patch): the others are recomputed
+from the next layer on, clean but reading the patched ones (the question set of exp_e's sweep,
+zcausal/question.py, patches a question's tokens and recomputes the template's ending).
 """
 from dataclasses import dataclass
 
@@ -33,10 +36,11 @@ from zcausal.decoding import layer_kv
 class Prefixes:
     """Clean keys and values of every prompt's prefix, at every layer.
 
-    kv: list over layers of (keys, values), each (U, H_kv, P, d_head), model dtype and device,
-    left-padded to the longest prefix P (padded entries are zero); mask: (U, P) long, 1 on real
-    prefix tokens; suffix_ids: (U, m) long, each prompt's last m tokens; length: (U,) long, real
-    prompt lengths T (prefix + suffix).
+    kv: list over layers of (keys, values), each (U, H_kv, P, d_head), model dtype, on that layer's
+    device (one device unless a device map split the model), left-padded to the longest prefix P
+    (padded entries are zero); mask: (U, P) long, 1 on real prefix tokens; suffix_ids: (U, m)
+    long, each prompt's last m tokens; length: (U,) long, real prompt lengths T (prefix + suffix);
+    these three on the model's input device.
     """
     kv: list
     mask: torch.Tensor
@@ -58,9 +62,10 @@ def encode_prefixes(model, ids, m, batch_size=16):
     """Run each prompt's prefix (ids[u][:-m]) once and keep its keys and values at every layer.
 
     ids: list of U token-id lists, each at least m long (an empty prefix is allowed). Returns
-    Prefixes on the model's device.
+    Prefixes: mask, suffix_ids and length on the model's input device (common.input_device), each
+    layer's keys and values on that layer's device.
     """
-    device = next(model.parameters()).device
+    device = common.input_device(model)
     n_layers = common.num_layers(model)
     if any(len(x) < m for x in ids):
         raise ValueError(f"every prompt needs at least m = {m} tokens")
@@ -85,15 +90,16 @@ def encode_prefixes(model, ids, m, batch_size=16):
         common.capture_layer_outputs(model, batch, local_mask, [n_layers - 1], cache)
         index = torch.tensor(rows, device=device)
         mask[index, width - local:] = local_mask
-        keep = local_mask.bool()[:, None, :, None]
         for layer in range(n_layers):
             for slot, tensor in enumerate(layer_kv(cache, layer)):
                 if kv[layer] is None:
                     shape = (len(ids), tensor.shape[1], width, tensor.shape[3])
-                    kv[layer] = [torch.zeros(shape, dtype=tensor.dtype, device=device),
-                                 torch.zeros(shape, dtype=tensor.dtype, device=device)]
+                    kv[layer] = [torch.zeros(shape, dtype=tensor.dtype, device=tensor.device),
+                                 torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)]
                 # zero the padding: a fully padded row must not carry NaN or junk into attention
-                kv[layer][slot][index, :, width - local:] = torch.where(keep, tensor, 0)
+                keep = local_mask.bool()[:, None, :, None].to(tensor.device)
+                kv[layer][slot][index.to(tensor.device), :, width - local:] = \
+                    torch.where(keep, tensor, 0)
     if kv[0] is None:  # every prefix empty
         cfg = model.config
         d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -210,15 +216,17 @@ class _PrefixKV:
 
     def update(self, keys, values, layer_idx, *args, **kwargs):
         old_keys, old_values = self.prefixes.kv[layer_idx]
-        return (torch.cat([old_keys[self.rows, :, self.start:], keys], 2),
-                torch.cat([old_values[self.rows, :, self.start:], values], 2))
+        rows = self.rows.to(old_keys.device)  # under a device map, the layer's own device
+        return (torch.cat([old_keys[rows, :, self.start:].to(keys.device), keys], 2),
+                torch.cat([old_values[rows, :, self.start:].to(values.device), values], 2))
 
 
 def run_layers(model, prefixes, block, hidden, start, mask=None, capture=False, stop=None):
     """Run the query block through decoder layers start..stop-1 (stop None: the last layer) from
     `hidden` (B, Q, d), the residual stream entering layer `start` (the output of layer start - 1;
     the embeddings for start = 0). Returns the last layer's output (B, Q, d), and with capture a
-    dict layer -> output of every layer run."""
+    dict layer -> output of every layer run; each on its layer's device (under a device map the
+    layers' hooks move their inputs there)."""
     mask = attention_mask(prefixes, block, hidden.dtype) if mask is None else mask
     rotary = model.model.rotary_emb(hidden, block.position)
     cache = _PrefixKV(prefixes, block)
@@ -234,9 +242,54 @@ def run_layers(model, prefixes, block, hidden, start, mask=None, capture=False, 
     return (hidden, captured) if capture else hidden
 
 
+@torch.no_grad()
+def block_states(model, prefixes, block, batch_size, languages=None, width=None):
+    """The block's clean states at every layer and its clean scores, in batches of rows.
+
+    Returns (hidden (L + 1, B, width, d) in the model's dtype on the block's device, index 0 the
+    embeddings and l + 1 the output of layer l, the block's first `width` columns (None: all);
+    score()'s dict of the clean run, on the CPU)."""
+    n_layers = common.num_layers(model)
+    n, width = block.ids.shape[0], block.width if width is None else width
+    hidden = torch.empty(n_layers + 1, n, width, common.hidden_size(model),
+                         dtype=next(model.parameters()).dtype, device=block.ids.device)
+    parts = []
+    for start in range(0, n, batch_size):
+        index = list(range(start, min(n, start + batch_size)))
+        rows = block.take(index)
+        emb = embed(model, rows)
+        final, captured = run_layers(model, prefixes, rows, emb, 0, capture=True)
+        hidden[0, index] = emb[:, :width].to(hidden.device)
+        for layer, states in captured.items():  # under a device map, from each layer's device
+            hidden[layer + 1, index] = states[:, :width].to(hidden.device)
+        parts.append(score(model, final, rows, languages))
+    return hidden, {key: torch.cat([p[key] for p in parts]).cpu() for key in parts[0]}
+
+
+def suffix_attention(model, prefixes, block, layer, entering):
+    """Decoder `layer`'s attention at the suffix positions (the patched ones), from the residual
+    stream entering it: (B, H, m, P_block + m) float32 over the rows' real prefix keys (clean,
+    from the prefix cache) and the suffix keys. entering: (B, Q, d), the block's stream at the
+    input of `layer` (only its first m columns are read: later columns are never attended to by
+    the suffix). The suffix-only engine's form of zcausal.attention.layer_attention."""
+    from zcausal import attention
+    m = block.m
+    queries, keys = attention.queries_and_keys(model, layer, entering[:, :m],
+                                               block.position[:, :m])
+    start = prefixes.mask.shape[1] - block.prefix_width
+    cached = prefixes.kv[layer][0]  # on the layer's device, like `keys`
+    prefix_keys = cached[block.rows.to(cached.device), :, start:].float()
+    keys = torch.cat([prefix_keys.to(keys.device), keys], 2)
+    real = prefixes.mask[block.rows, start:].bool()  # (B, P_block)
+    causal = torch.ones(m, m, dtype=torch.bool, device=real.device).tril()
+    allowed = torch.cat([real[:, None, :].expand(-1, m, -1),
+                         causal[None].expand(len(real), -1, -1)], -1)
+    return attention.attention_probs(queries, keys, allowed)
+
+
 def embed(model, block):
     """The query block's token embeddings (B, Q, d): the residual stream 'at layer -1'."""
-    return model.model.embed_tokens(block.ids)
+    return common.embeddings(model)(block.ids)
 
 
 def with_probe(continuation, languages):
@@ -256,19 +309,20 @@ def score(model, hidden, block, languages=None):
     (the first answer token the run would write). With `languages` (common.LanguageClasses; each
     segment then ends with the probe of with_probe, which is not scored): lang (B, R) float32, the
     language margin after the continuation (common.language_margin: log P(Latin word) - log
-    P(Chinese word) next, a lone space marginalised).
+    P(Chinese word) next, a lone space marginalised). All on the block's device.
     """
     m = block.m
     probe = int(languages is not None and languages.space_id is not None)
     normed = model.model.norm(hidden[:, m - 1:])
-    logits = model.lm_head(normed).float()  # (B, Q - m + 1, V): column c predicts token c + 1
+    # (B, Q - m + 1, V): column c predicts token c + 1; from lm_head's device to the block's
+    logits = model.lm_head(normed).float().to(block.ids.device)
     logprobs = torch.log_softmax(logits, -1)
     B = hidden.shape[0]
-    arange = torch.arange(B, device=hidden.device)
+    arange = torch.arange(B, device=logits.device)
     logp, first, greedy, lang = [], [], [], []
     for r, targets in enumerate(block.targets):
         w = targets.shape[1]
-        t = torch.arange(w, device=hidden.device)[None]
+        t = torch.arange(w, device=logits.device)[None]
         pred = torch.where(t == 0, 0, block.seg_start[r] - m + t)  # logits column of token t
         n_scored = block.seg_len[:, r:r + 1] - probe
         valid = t < n_scored
@@ -288,18 +342,81 @@ def score(model, hidden, block, languages=None):
     return out
 
 
-def patched_scores(model, prefixes, block, layer, hidden, patch, languages=None, mask=None):
-    """Scores of the query block when the suffix's output of decoder `layer` (-1: embeddings) is
-    replaced by patch(suffix_states (B, m, d)) -> (B, m, d). hidden: the clean query states at
-    that layer (B, Q, d). Differentiable (for DAS) unless called under torch.no_grad()."""
+def segment_logp(model, hidden, block, segment=0):
+    """Summed log p of continuation `segment`'s tokens (B,) float32 from the last layer's output
+    `hidden` (B, Q, d): score()'s logp[:, segment] for a block without the language probe, with
+    the LM head and its log-softmax computed only at the columns that predict one of those
+    tokens. score() computes them at every column from the last suffix position on, the other
+    segments', the token after the answer and padding included; over a vocabulary of 150k the
+    LM head costs as much per position as about nine decoder layers of the 0.5B, so DAS's loss
+    (a few layers above the patch, one answer per row) spends most of its time there."""
+    m, targets = block.m, block.targets[segment]
+    t = torch.arange(targets.shape[1], device=hidden.device)
+    column = torch.where(t == 0, m - 1, block.seg_start[segment] + t - 1)  # predicts token t
+    rows, tokens = (t[None] < block.seg_len[:, segment:segment + 1]).nonzero(as_tuple=True)
+    logits = model.lm_head(model.model.norm(hidden[rows, column[tokens]])).float()  # (N, V)
+    picked = torch.log_softmax(logits, -1).gather(1, targets[rows, tokens][:, None])[:, 0]
+    return torch.zeros(len(hidden), dtype=picked.dtype, device=hidden.device).index_add(
+        0, rows, picked)
+
+
+def patched_states(model, prefixes, block, layer, hidden, patch, mask=None):
+    """The last layer's output (B, Q, d) of the query block when the suffix's output of decoder
+    `layer` (-1: embeddings) is replaced by patch(suffix_states (B, m, d)) -> (B, m, d). hidden:
+    the clean query states at that layer (B, Q, d). Differentiable (for DAS) unless called under
+    torch.no_grad()."""
     m = block.m
     suffix = patch(hidden[:, :m])
     hidden = torch.cat([suffix.to(hidden.dtype), hidden[:, m:]], 1)
-    final = run_layers(model, prefixes, block, hidden, layer + 1, mask)
+    return run_layers(model, prefixes, block, hidden, layer + 1, mask)
+
+
+def patched_scores(model, prefixes, block, layer, hidden, patch, languages=None, mask=None):
+    """score() of the query block patched as patched_states() says."""
+    final = patched_states(model, prefixes, block, layer, hidden, patch, mask)
     return score(model, final, block, languages)
+
+
+def scores_and_readout(model, prefixes, block, layer, hidden, patch, readout_layer,
+                       clean_entering, languages=None, mask=None, query_rows=None):
+    """patched_scores, and how far the patch moves the attention of decoder `readout_layer` at
+    the suffix positions: the block runs from layer + 1 up to readout_layer, whose attention is
+    read from the stream entering it (suffix_attention, against clean_entering(), a callable
+    giving the clean stream there (B, Q, d), called only when needed), then the remaining layers
+    run; the scores equal a single pass's. query_rows (B, m) bool: the suffix positions `all`
+    averages over (None: every one). Returns (scores, tv_last (B,), tv_all (B,)): the total
+    variation averaged over heads at the last suffix position / over query_rows (CPU float32);
+    NaN where the patched stream is not below readout_layer (None: no readout), whose attention
+    a patch at or above it cannot reach."""
+    from zcausal import attention
+    m = block.m
+    mask = attention_mask(prefixes, block, hidden.dtype) if mask is None else mask
+    hidden = torch.cat([patch(hidden[:, :m]).to(hidden.dtype), hidden[:, m:]], 1)
+    nan = torch.full((len(hidden),), float("nan"))
+    if readout_layer is None or layer + 1 > readout_layer:
+        final = run_layers(model, prefixes, block, hidden, layer + 1, mask)
+        return score(model, final, block, languages), nan, nan
+    entering = run_layers(model, prefixes, block, hidden, layer + 1, mask, stop=readout_layer)
+    rows = torch.ones(len(hidden), m, dtype=torch.bool) if query_rows is None else query_rows
+    shift = attention.row_shift(
+        suffix_attention(model, prefixes, block, readout_layer, clean_entering()),
+        suffix_attention(model, prefixes, block, readout_layer, entering), rows)
+    final = run_layers(model, prefixes, block, entering, readout_layer, mask)
+    return score(model, final, block, languages), shift["last"], shift["all"]
 
 
 def subspace_patch(basis, complement, source):
     """A patch for patched_scores: h <- h + P_S (s - h) on the suffix (common.patch_subspace).
     basis (B, k, d), complement (B,) bool, source (B, m, d)."""
     return lambda suffix: common.patch_subspace(suffix, basis, complement, source)
+
+
+def masked_patch(patch, positions):
+    """`patch` (a patch for patched_scores) applied only at the suffix positions `positions`
+    (B, m) bool; every other suffix position comes back bit-identical, and is recomputed from the
+    next layer on like any clean position (e.g. a question's tokens patched, the template's
+    ending after them not)."""
+    def apply(suffix):
+        where = positions.to(suffix.device)[..., None]
+        return torch.where(where, patch(suffix).to(suffix.dtype), suffix)
+    return apply

@@ -1,5 +1,7 @@
 """Run bookkeeping shared by every script: usage errors and the command-line exit, seeds, output
-folders, config.json, CSV/JSON I/O and figure files. The lowest module: it imports no project code.
+folders, config.json, CSV/JSON I/O and figure files. The lowest module but zcausal/errors.py (its
+UsageError, which this module passes on as runs.UsageError) and, to record a model's placement in
+config.json, zcausal/placement.py.
 """
 import argparse
 import json
@@ -12,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zcausal import placement
+from zcausal.errors import UsageError  # noqa: F401 - scripts raise it as runs.UsageError
+
 REPO = Path(__file__).resolve().parent.parent  # the repository root (this file is zcausal/runs.py)
 DEFAULT_FIGURES = Path("figures")  # every script's --figures default, relative to the working folder
-
-
-class UsageError(Exception):
-    """Bad input from the user. Scripts print the message as one line and exit with status 2."""
 
 
 class _Terminated(Exception):
@@ -58,9 +59,9 @@ def set_seed(seed):
 
 
 # Flags that never change what a run computes: a resumed run may differ from its config.json in
-# these and nothing else.
+# these and nothing else (--device-map moves weights between devices, each layer computes alike).
 RESUME_IGNORED = {"resume", "overwrite", "batch_size", "figures", "summarize", "replot", "decode",
-                  "cache_dir"}
+                  "cache_dir", "device_map"}
 
 
 # Flags that count something (their dest, as every script spells it) -> the least value that
@@ -70,7 +71,7 @@ COUNTS = {"seed": 0, "batch_size": 1, "limit": 1, "max_new_tokens": 1, "new_toke
           "n_random": 0, "n_random_logprob": 0, "n_shuffles": 1, "n_folds": 2, "min_pairs": 2,
           "steps": 1, "min_steps": 0, "log_every": 1, "last_m": 1, "decode_limit": 0,
           "decode_random": 0, "das_steps": 1, "das_batch": 1, "das_eval_every": 1,
-          "das_partners": 1}
+          "das_partners": 1, "das_test_min": 0}
 
 
 def flag_name(dest):
@@ -273,15 +274,17 @@ def run_config(args, model=None, **extra):
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
                            "transformers": transformers.__version__, "numpy": np.__version__}}
     if model is not None:
-        param = next(model.parameters())
+        param, device = next(model.parameters()), placement.input_device(model)
         name = getattr(model, "name_or_path_for_results", None)
         config["model"] = {"name_or_path": portable(name),
                            "revision": getattr(model.config, "_commit_hash", None),
                            "dtype": str(param.dtype).replace("torch.", ""),
-                           "device": str(param.device),
-                           "device_name": (torch.cuda.get_device_name(param.device)
-                                           if param.device.type == "cuda" else platform.processor()
+                           "device": str(device),
+                           "device_name": (torch.cuda.get_device_name(device)
+                                           if device.type == "cuda" else platform.processor()
                                            or platform.machine()),
+                           # where --device-map put each module (None: all on `device`)
+                           "device_map": placement.device_map_record(model),
                            "num_layers": model.config.num_hidden_layers,
                            "hidden_size": model.config.hidden_size}
     config.update(extra)
@@ -378,7 +381,27 @@ def write_csv(frame, path, append=False):
                  index=False, quoting=csv.QUOTE_NONNUMERIC, compression=compression)
 
 
-def load_csv(path):
-    """Read a CSV written by write_csv; empty fields are NaN, the text "none" stays a string."""
+def done_values(path, columns):
+    """The (tuples of) values of `columns` already in a CSV, for --resume (empty: no file)."""
+    if not Path(path).is_file():
+        return set()
+    frame = load_csv(path)
+    return set(zip(*(frame[c].tolist() for c in columns)))
+
+
+def keep_rows(path, columns, keep):
+    """Rewrite a CSV keeping only rows whose `columns` values are in `keep`: on --resume, the
+    rows an interrupted step appended before its marking file was written are dropped, not
+    duplicated."""
+    if Path(path).is_file():
+        frame = load_csv(path)
+        mask = [values in keep for values in zip(*(frame[c].tolist() for c in columns))]
+        write_csv(frame[mask], path)
+
+
+def load_csv(path, text=()):
+    """Read a CSV written by write_csv; empty fields are NaN, the text "none" stays a string, and
+    the columns named in `text` stay text ("0000" is not read as the number 0)."""
     import pandas as pd
-    return pd.read_csv(path, keep_default_na=False, na_values=[""])
+    return pd.read_csv(path, keep_default_na=False, na_values=[""],
+                       dtype={column: str for column in text})

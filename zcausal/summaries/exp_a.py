@@ -20,25 +20,44 @@ test), all one-sided: an intersection-union test whose p-value is the largest of
 Wilson lower bound of Z's rate above the noop rate. The label "partial" rests on the primary test
 only; "double dissociation" is the conjunction of it and, at the same configuration, Z keeps
 language, Z-perp changes language and Z-perp keeps answers (each at its raw level: a conjunction
-needs no correction). Every other test in tests.csv is secondary and Holm-adjusted (p_holm). The
-language criteria are "not measured" with fewer than 20 English baselines.
+needs no correction). Every other test in tests.csv is secondary and Holm-adjusted (p_holm), but
+the preregistration's declared secondary test (Z's language-margin shift against en's, exact sign
+test per problem), read at its raw p. The language criteria are "not measured" with fewer than 20
+English baselines. Languages are read again from each output (problems.classify_language).
 """
 import json
 from pathlib import Path
 
 import pandas as pd
 
-from zcausal import runs
+from zcausal import prereg, problems, runs
 from zcausal.summaries import exp_a_figures, exp_a_text
 from zcausal.summaries.exp_a_tables import (CONFIG, band_text, compute_tables, condition_rates,
                                             get_test, load_table, measure_checks, measure_names,
-                                            p_text, primary_of, rate_text, select_config,
-                                            selection_sentence)
+                                            p_text, primary_of, rate_text, run_site, select_config,
+                                            selection_sentence, site_text)
 from zcausal.summaries.text import NOT_MEASURED, interval, num, plural
 
 
 # ----------------------------------------------------------------------------------------------
 # Entry points: summarize / replot (the script), summary_lines / headline (report.py)
+
+def read_languages(rows):
+    """rows with language, baseline_language (the unpatched output's, same problem and
+    configuration), language_changed and to_zh read again from each output by
+    problems.classify_language (the whole answer), so that a replot of an older run reads the
+    language as a new run does."""
+    rows = rows.copy()
+    rows["language"] = rows.output.map(problems.classify_language)
+    keys = CONFIG + ["problem_id"]
+    none = rows[(rows.condition == "none") & (rows.pair == "same")].drop_duplicates(keys)
+    baseline = none.set_index(keys).language
+    rows["baseline_language"] = baseline.reindex(pd.MultiIndex.from_frame(rows[keys])).to_numpy()
+    rows["language_changed"] = [problems.changed_language(b, g) for b, g in
+                                zip(rows.baseline_language, rows.language)]
+    rows["to_zh"] = (rows.baseline_language == "en") & (rows.language == "zh")
+    return rows
+
 
 def load_run(out_dir):
     """(rows, random null or None, variance or None, config) of a run folder, from its files."""
@@ -51,6 +70,7 @@ def load_run(out_dir):
     optional = [load_table(out_dir / name) if (out_dir / name).is_file() else None
                 for name in ("random_scores.csv", "variance.csv")]
     rows = load_table(out_dir / "rows.csv")
+    rows = read_languages(rows) if "output" in rows else rows
     missing = sorted({"lang_ref", "top1_src", "p_share"} - set(rows.columns))
     if missing:
         raise runs.UsageError(f"{out_dir}/rows.csv was written by an older exp_a_patching.py (no "
@@ -99,13 +119,15 @@ def summary_lines(out_dir):
     (report.py)."""
     rows, variance, config, (_, controls, _, tests, verdicts) = _tables(out_dir)
     template = config.get("args", {}).get("template", "direct")
-    lines = [selection_sentence(config)] if config.get("solved") else []
+    lines = [prereg.status_sentence(config, "A")]
+    lines += [selection_sentence(config)] if config.get("solved") else []
     lines += exp_a_text.checks_markdown(measure_checks(rows), template)
     for config_key, frame in rows.groupby(CONFIG, sort=True):
         c, t = (select_config(f, config_key) for f in (controls, tests))
         v = select_config(verdicts, config_key).iloc[0]
         lines.append("Layer {} · k {} · positions {} · source {}: ".format(*config_key)
-                     + exp_a_text.verdict_paragraph(frame, c, t, v, variance, template))
+                     + f"patched at {site_text(run_site(config), config_key[0])}. "
+                     + exp_a_text.verdict_paragraph(frame, c, t, v, variance, template, run_site(config)))
     return lines
 
 
@@ -122,12 +144,13 @@ def headline(out_dir):
     z = condition_rates(frame, "z")
     en = condition_rates(frame, "en")["answer_change"] if (frame.condition == "en").any() else None
     a = z["answer_change"]
-    value = (f"{interval(a['value'], a['ci_low'], a['ci_high'])} of answers changed by Z vs "
+    site = site_text(run_site(config), primary[0])
+    value = (f"at {site}: {interval(a['value'], a['ci_low'], a['ci_high'])} of answers changed by Z vs "
              f"random {band_text(c, 'rand_z', 'answer_change')}"
              + (f" and en {num(en['value'])}" if en is not None else "")
              + f" ({p_text(get_test(t, 'z changes answers'))}, {plural(a['n'], 'kept problem')})")
     lead = [s for s in [selection_sentence(config)] if s]
-    lead.append("At layer {}, k {} (positions {}, source {}), Z changed ".format(*primary)
+    lead.append(f"Patched at {site}: " + "at layer {}, k {} (positions {}, source {}), Z changed ".format(*primary)
                 + rate_text(a, "kept problem") + (f", en {en['count']}" if en is not None else "")
                 + (f"; explained by {v['explained_by']}" if v["explained_by"] else "")
                 + "; the first digit went to the source's under Z on "

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from zcausal import runs, stats
+from zcausal import labels, prereg, problems, runs, stats
 from zcausal.summaries.exp_e_tables import (
-    ALPHA, MIN_TEST_PAIRS, NAMED, NOT_TESTED, PRIMARY_MEASURES, build_tables,
-    primary_description, read_config, select_swap)
+    ALPHA, NAMED, NOT_TESTED, PRIMARY_MEASURES, QUESTION_TABLES, build_tables, das_site,
+    load_angles, primary_description, primary_layer, primary_site, question_tables, read_config,
+    select_swap)
 from zcausal.summaries.text import NOT_MEASURED, interval, num, plural
 
 LABELS = {"top1_src": "top1_src", "p_share_shift": "p_share shift",
@@ -24,8 +25,9 @@ LABELS = {"top1_src": "top1_src", "p_share_shift": "p_share shift",
 
 def read_tables(out):
     """config.json and the tables of a finished sweep: SimpleNamespace-like dict with config,
-    per_layer, draws, tests and das (None without DAS). A UsageError while layers are missing or
-    when the tables predate these measures (rebuild them with --replot)."""
+    per_layer, draws, tests, das and angles (exp_e_tables.load_angles; both None without DAS).
+    A UsageError while layers are missing or when the tables predate these measures (rebuild
+    them with --replot)."""
     out = Path(out)
     config = read_config(out)
     per_layer = runs.load_csv(out / "per_layer.csv") if (out / "per_layer.csv").is_file() \
@@ -44,7 +46,7 @@ def read_tables(out):
     das = runs.load_csv(out / "das.csv") if (out / "das.csv").is_file() else None
     return dict(config=config, per_layer=per_layer, draws=runs.load_csv(out / "draws.csv"),
                 tests=runs.load_csv(out / "tests.csv"), das=das,
-                clean=runs.load_csv(out / "clean.csv"))
+                angles=load_angles(out, config), clean=runs.load_csv(out / "clean.csv"))
 
 
 def swap_rows(out, k=None):
@@ -148,8 +150,8 @@ def _ranked(test):
 def primary_verdict(tables):
     """(verdict, the z_basis row at the basis layer or None, the primary tests.csv rows)."""
     tests, per_layer, config = tables["tests"], tables["per_layer"], tables["config"]
-    k, basis = stats.primary_k(per_layer.k.unique()), int(config["basis_layer"])
-    z = select_swap(per_layer, "z_basis", k=k, layer=basis)
+    k, at = stats.primary_k(per_layer.k.unique()), primary_layer(config)
+    z = select_swap(per_layer, "z_basis", k=k, layer=at)
     primary = tests[tests.family == "primary"]
     if not len(z) or np.isnan(z.top1_src.iloc[0]):
         return NOT_MEASURED, None, primary
@@ -161,14 +163,27 @@ def primary_verdict(tables):
         return NOT_TESTED, z, primary
     if combined.p <= ALPHA:
         return "Z transfers", z, primary
-    return ("Z below random" if combined.p_below <= ALPHA else "Z = random"), z, primary
+    share = _test(primary, measure="p_share_shift")
+    draws = select_swap(tables["draws"], k=k, layer=at).top1_src.dropna()
+    label = labels.count_versus_random(
+        int(round(z.top1_src * z.n_pairs)), int(z.n_pairs), draws.to_numpy(), _as_rank(combined),
+        "greater", ALPHA, continuous=_as_rank(share), continuous_name="p_share shift")
+    return label, z, primary
+
+
+def _as_rank(test):
+    """A tests.csv row of a one-sided test as labels.versus_random reads it."""
+    return dict(p_above=test.p, p_below=test.p_below,
+                p_two_sided=min(1.0, 2 * min(test.p, test.p_below)))
 
 
 def primary_sentence(tables):
     verdict, z, primary = primary_verdict(tables)
     per_layer, config = tables["per_layer"], tables["config"]
-    k, basis = stats.primary_k(per_layer.k.unique()), int(config["basis_layer"])
-    head = f"Primary test (declared): {primary_description(per_layer.k.unique(), basis)}."
+    k, basis = stats.primary_k(per_layer.k.unique()), primary_layer(config)
+    site = "input" if basis == int(config["basis_layer"]) - 1 else "output"
+    head = (f"Primary test: "
+            f"{primary_description(per_layer.k.unique(), int(config['basis_layer']), site)}.")
     if z is None:
         return f"{head} Not measured: layer {basis} was not swept or has no swap pair."
     top1, share = (_test(primary, measure=m) for m in PRIMARY_MEASURES)
@@ -202,8 +217,35 @@ def best_layer_sentence(tests, k):
     return f"At any layer (k = {k}; {how}): " + "; ".join(parts) + "."
 
 
+def attention_sentence(tables):
+    """Z's own positive control at the primary layer: how far each condition's last-position patch
+    moved the basis layer's attention there (total variation averaged over heads), against the
+    random band and full interchange, the no-op as the floor; None where it was not measured."""
+    per_layer, config = tables["per_layer"], tables["config"]
+    k, at = stats.primary_k(per_layer.k.unique()), primary_layer(config)
+    basis = int(config["basis_layer"])
+    z, full = (select_swap(per_layer, c, k=k, layer=at) for c in ("z_basis", "full"))
+    if "attn_tv_last" not in per_layer or not len(z) or np.isnan(z.attn_tv_last.iloc[0]):
+        return (f"The patch's effect on layer {basis}'s attention was not measured at "
+                f"{primary_site(config)} (a run from before the readout, or a patch at or above "
+                f"the basis layer, which its attention cannot see).")
+    none = per_layer[(per_layer.condition == "none") & (per_layer.k == k) & (per_layer.layer == at)]
+    z = z.iloc[0]
+    p = z.get("attn_tv_last_p_above", np.nan)
+    above = not np.isnan(p) and p <= ALPHA
+    return (f"Z's own positive control: patched at {primary_site(config)} (last position, swap "
+            f"pairs), Z moved layer {basis}'s attention at that position by a total variation of "
+            f"{num(z.attn_tv_last)} (random subspaces {_band(per_layer, k, at, 'attn_tv_last')}; "
+            f"rank p = {num(p)}), full interchange {num(full.attn_tv_last.iloc[0])}, the no-op "
+            f"{num(none.attn_tv_last.max()) if len(none) else NOT_MEASURED}: "
+            + ("the patch moved what Z is built from more than random subspaces do, so a null on "
+               "the answer here is informative (within its power)." if above else
+               "the patch did not move that attention more than random subspaces do, so a null on "
+               "the answer here cannot be read as Z not carrying it."))
+
+
 def language_sentence(tables, k):
-    per_layer, basis = tables["per_layer"], int(tables["config"]["basis_layer"])
+    per_layer, basis = tables["per_layer"], primary_layer(tables["config"])
     z = select_swap(per_layer, "z_basis", k=k, layer=basis)
     full = select_swap(per_layer, "full", k=k)
     if not len(z) or not len(full):
@@ -213,7 +255,7 @@ def language_sentence(tables, k):
               f"{num(test.p)}, Holm {num(test.p_holm)})" if test is not None and test.draws
               else f" (against random draws {NOT_TESTED})")
     big = full.loc[full.dlang_own.abs().idxmax()]
-    return (f"Language margin after the answer (dlang_own, nats, swap pairs): Z at layer {basis} "
+    return (f"Language margin after the answer (dlang_own, nats, swap pairs): Z at sweep layer {basis} "
             f"{num(z.dlang_own.iloc[0], signed=True)}{versus}; full interchange moves it most "
             f"at layer {int(big.layer)} ({num(big.dlang_own, signed=True)}).")
 
@@ -223,18 +265,30 @@ def _boot(row, measure, signed=False):
                     signed=signed)
 
 
-def _das_measures(rows, basis, layer):
-    """'top1_src DAS 0.85 [0.7, 1], full ..., random ...; p_share shift ...' on the test pairs."""
-    parts = []
-    for m in PRIMARY_MEASURES:
-        signed = m != "top1_src"
-        named = [f"{name} {_boot(rows[c], m, signed)}" for c, name in
-                 (("das", "DAS"), ("full", "full"), ("z_basis", f"Z of layer {basis}"),
-                  ("z_layer", f"Z of layer {layer}")) if c in rows]
-        band = _band_of(rows["random"], m, signed) if "random" in rows else \
-            f"random: {NOT_TESTED}"
-        parts.append(f"{LABELS[m]} " + ", ".join(named + [band]))
-    return "; ".join(parts)
+def _rate_of(row, name):
+    """A named row's rate with its Wilson interval; a random row's mean with the draws' band."""
+    if row.condition == "random":
+        return interval(row[name], row.get(f"{name}_lo"), row.get(f"{name}_hi"))
+    return _rate(row, name)
+
+
+def _curve(rows):
+    """'0.02 [0, 0.1] at k = 1, ..., 0.72 [0.6, 0.82] at k = 50' from DAS's rows by k."""
+    return ", ".join(f"{_rate(r, 'top1_src')} at k = {int(k)}" for k, r in rows.items())
+
+
+def _beside(rows, measure, basis, layer, boot=False):
+    """'full 1 [0.94, 1], Z of layer 21 0 [0, 0.06], ..., random 0.02 [0, 0.05]' at one k."""
+    signed = measure != "top1_src"
+    named = [(c, name) for c, name in (("full", "full"), ("z_basis", f"Z of layer {basis}"),
+                                       ("z_layer", f"Z of layer {layer}")) if c in rows]
+    parts = [f"{name} {_boot(rows[c], measure, signed) if boot else _rate_of(rows[c], measure)}"
+             for c, name in named]
+    if "random" in rows:
+        parts.append(_band_of(rows["random"], measure, signed))
+    else:
+        parts.append(f"random: {NOT_TESTED}")
+    return ", ".join(parts)
 
 
 def _das_above_full(rows):
@@ -250,52 +304,119 @@ def _das_above_full(rows):
                      f"{zero}")
     if not diffs:
         return ""
-    return (f" DAS exceeds full replacement on the same pairs ({'; '.join(diffs)}): a learned "
-            f"subspace can use directions the source's state does not carry in the form the "
-            f"model reads (Makelov et al. 2024), so it is not an upper bound for Z.")
+    return (f" At k = {int(d.k)} DAS exceeds full replacement on the same pairs "
+            f"({'; '.join(diffs)}): a learned subspace can use directions the source's state "
+            f"does not carry in the form the model reads (Makelov et al. 2024), so it is not an "
+            f"upper bound for Z.")
 
 
-def das_sentences(tables, out):
-    """Per DAS k: held-out top1_src and p_share shift of DAS beside full, Z and the random band
-    on the same test pairs (bootstrap intervals), the too-small note, the caveat where DAS
-    exceeds full replacement, and the principal angles."""
-    das, config = tables["das"], tables["config"]
-    if das is None:
-        return []
-    basis, splits, lines = int(config["basis_layer"]), config.get("splits", {}), []
-    for k, group in select_swap(das).groupby("k"):
-        rows = {c: g.iloc[0] for c, g in group.groupby("condition")}
-        if "das" not in rows:
-            continue
-        d, layer = rows["das"], int(rows["das"].layer)
-        trained = (f"trained on {plural(len(splits['train']), 'problem')}, steps chosen on "
-                   f"{len(splits['validation'])}, " if {"train", "validation"} <= set(splits)
-                   else "")
-        line = (f"DAS at layer {layer}, k = {k} ({trained}held out: "
-                f"{plural(d.n_pairs, 'test pair')}; bootstrap 95% intervals over the test "
-                f"problems): {_das_measures(rows, basis, layer)}{_angles(out, k)}.")
-        line += (f" DAS leaves p_own + p_src below half its clean value on {num(d.low_mass)} "
-                 f"of the pairs" + (": it disrupts, and is read as disruption, not transfer."
-                                    if bool(d.disrupts) else "."))
-        if bool(d.too_small):
-            line += (f" The test split holds {plural(d.n_pairs, 'pair')}: too small for this "
-                     f"reading (fewer than {MIN_TEST_PAIRS}).")
-        lines.append(line + _das_above_full(rows))
-    return lines
-
-
-def _angles(out, k):
-    """'; median principal angle DAS-Z ... (random ...)' for DAS of dimension k, or ''."""
-    if not (Path(out) / "das_angles.csv").is_file():
+def _angles(angles, layer, k):
+    """' the mean cos² of the principal angles between DAS and Z of the basis layer is 0.06
+    (chance k/d 0.056; random subspaces 0.05-0.06)' at (layer, k), or ''."""
+    if angles is None:
         return ""
-    a = runs.load_csv(Path(out) / "das_angles.csv")
-    a = a[a.k == k]
+    a = angles[(angles.layer == layer) & (angles.k == k)]
     z, rand = a[a.versus == "z_basis"], a[a.versus == "random"]
     if not len(z):
         return ""
-    versus = (f" (random {num(rand.median_angle.min(), 3)}-{num(rand.median_angle.max(), 3)}°)"
+    versus = (f"; random subspaces {num(rand.mean_cos2.min())}-{num(rand.mean_cos2.max())}"
               if len(rand) else "")
-    return f"; median principal angle DAS-Z {num(z.median_angle.iloc[0], 3)}°{versus}"
+    return (f"; the mean cos² of the principal angles between DAS and Z of the basis layer is "
+            f"{num(z.mean_cos2.iloc[0])} (chance k/d {num(z.chance_mean_cos2.iloc[0])}"
+            f"{versus})")
+
+
+def _das_attention(rows, basis):
+    """' At k = 50 DAS moves layer 21's attention at the last position by a total variation of
+    0.3 (Z ..., full ..., random ...).' below the basis layer; '' where it was not measured."""
+    d = rows["das"]
+    if np.isnan(d.get("attn_tv_last", np.nan)):
+        return ""
+    beside = [f"{name} {num(rows[c].attn_tv_last)}" for c, name in
+              (("z_basis", f"Z of layer {basis}"), ("full", "full")) if c in rows]
+    if "random" in rows:
+        beside.append(_band_of(rows["random"], "attn_tv_last"))
+    return (f" At k = {int(d.k)} DAS moves layer {basis}'s attention at the last position by a "
+            f"total variation of {num(d.attn_tv_last)} ({', '.join(beside)}).")
+
+
+def _controls(tests, layer):
+    """' DAS ranks above all 19 random draws on both measures at k = 20, 50; after Holm over
+    the 12 DAS control tests p <= 0.05 at k = 50.' from the control tests of a layer."""
+    rows = tests[(tests.family == "control") & (tests.layer == layer) & (tests.draws > 0)]
+    if not len(rows):
+        return ""
+    listed = lambda ks: f"at k = {', '.join(map(str, ks))}" if ks else "at no k"  # noqa: E731
+    top = [int(k) for k, g in rows.groupby("k") if (g.rank_from_top == 1).all()]
+    hits = [int(k) for k, g in rows.groupby("k") if g.significant.astype(bool).all()]
+    n, draws = int((tests.family == "control").sum()), int(rows.draws.min())
+    floor = min(1.0, n / (draws + 1))  # the smallest Holm-adjusted p these draws allow
+    why = (f" (with {plural(draws, 'draw')} none can: the smallest is {num(floor)})"
+           if not hits and floor > ALPHA else "")
+    return (f" DAS ranks above all {plural(draws, 'random draw')} on both top1_src and the "
+            f"p_share shift {listed(top)}; after Holm over the {n} DAS control tests p <= "
+            f"{ALPHA} {listed(hits)}{why}.")
+
+
+def _control_reading(d):
+    """What DAS's largest k says about reading Z at its layer: ' A 50-dimensional subspace
+    here carries ...' or ' No learned ... so Z's null here cannot be read as ...'."""
+    k = int(d.k)
+    if d.top1_src > 0.5 and not bool(d.disrupts):
+        return (f" A learned {k}-dimensional subspace here carries the source's first digit on "
+                f"most held-out pairs: the positive control works at this layer, and Z of the "
+                f"same size is read against it.")
+    return (f" No learned {k}-dimensional subspace here carries the source's first digit on "
+            f"most held-out pairs: at this layer a null for Z cannot be read as Z in particular "
+            f"not carrying the answer.")
+
+
+def das_sentences(tables):
+    """One sentence per DAS layer: held-out top1_src against k (Wilson intervals), and at the
+    largest k beside full, Z and the random band on the same test pairs, top1_own, neither,
+    the p_share shift (bootstrap intervals), the mean cos² of the principal angles to Z against
+    chance; then the control tests, disruption, the too-small note and the caveat where DAS
+    exceeds full replacement."""
+    das, config = tables["das"], tables["config"]
+    if das is None:
+        return []
+    basis, lines = int(config["basis_layer"]), []
+    reasons = config.get("das_layer_reasons", {})
+    swap = select_swap(das)
+    found = sorted(int(layer) for layer in swap.layer.unique())
+    order = [l for l in config.get("das_layers", []) if l in found]  # the run's order
+    for layer in order + [l for l in found if l not in order]:
+        group = swap[swap.layer == layer]
+        by_k = {int(k): {c: g.iloc[0] for c, g in rows.groupby("condition")}
+                for k, rows in group.groupby("k")}
+        by_k = {k: rows for k, rows in by_k.items() if "das" in rows}
+        if not by_k:
+            continue
+        top = max(by_k)
+        rows, d = by_k[top], by_k[top]["das"]
+        why = f" ({reasons[str(layer)]})" if reasons.get(str(layer), "given") not in \
+            ("given", "the input of the basis layer") else ""
+        trained = f"trained on {plural(d.n_train, 'problem')}, " if "n_train" in d else ""
+        curve = _curve({k: r["das"] for k, r in by_k.items()})
+        line = (f"DAS at {das_site(layer, basis)}{why}, {trained}held out on "
+                f"{plural(d.n_pairs, 'test pair')}: top1_src {curve} (Wilson 95% intervals); "
+                f"at k = {top} beside {_beside(rows, 'top1_src', basis, layer)}; top1_own "
+                f"{_rate(d, 'top1_own')}, neither {_rate(d, 'neither')}; p_share shift "
+                f"{_boot(d, 'p_share_shift', True)} (bootstrap over the test problems; "
+                f"{_beside(rows, 'p_share_shift', basis, layer, boot=True)})"
+                f"{_angles(tables.get('angles'), layer, top)}.")
+        line += _das_attention(rows, basis) + _controls(tables["tests"], layer)
+        disrupted = [k for k, r in by_k.items() if bool(r["das"].disrupts)]
+        if disrupted:
+            line += (f" DAS leaves p_own + p_src below half its clean value on most pairs at "
+                     f"k = {', '.join(map(str, disrupted))}: read there as disruption, not "
+                     f"transfer.")
+        note = d.get("note")
+        if isinstance(note, str) and note:
+            note = note.replace(": too small", "")
+            line += f" Its splits are too small for this reading: {note}."
+        lines.append(line + _das_above_full(rows) + _control_reading(d))
+    return lines
 
 
 def secondary_sentence(tests):
@@ -318,6 +439,102 @@ def secondary_sentence(tests):
     return head + "; ".join(found) + f" at or below {ALPHA}."
 
 
+def _question_reach(full):
+    """'on at least half of them up to layer 12 (0.85 [0.71, 0.93]; 0.10 at layer 13)': the
+    highest layer where full interchange of the question still gives the partner's first digit
+    on at least half the pairs (and the next layer's rate), or where it never does, its largest
+    rate."""
+    full = full.sort_values("layer")
+    high = full[full.top1_src >= 0.5]
+    if not len(high):
+        best = full.loc[full.top1_src.idxmax()]
+        return (f"on at most {num(best.top1_src)} of them (layer {int(best.layer)}), never half "
+                f"of them")
+    last = high.iloc[-1]
+    above = full[full.layer > last.layer]
+    after = (f"; {num(above.top1_src.iloc[0])} at layer {int(above.layer.iloc[0])}"
+             if len(above) else "")
+    return f"on at least half of them up to layer {int(last.layer)} ({_rate(last)}{after})"
+
+
+def _question_z(per_layer, tests, language, k, condition):
+    """'Z of the basis layer at most 0.10 at layer 5 (random 0.05 [0, 0.2], family-wise p =
+    0.3, Holm 0.9): no more than random subspaces' for one language."""
+    test = tests[(tests.language == language) & (tests.k == k) & (tests.condition == condition)
+                 & (tests.measure == "top1_src") & tests.scope.str.startswith("best of")]
+    if not len(test) or np.isnan(test.value.iloc[0]):
+        return None
+    t = test.iloc[0]
+    name = "Z of the basis layer" if condition == "z_basis" else "Z of each layer"
+    text = f"{name} at most {num(t.value)} at layer {int(t.at_layer)}"
+    if not t.draws:
+        return f"{text} (against random draws {NOT_TESTED})"
+    band = _band(per_layer[per_layer.language == language].assign(pairing="swap"), k,
+                 int(t.at_layer), "top1_src")
+    if t.p_holm <= ALPHA:
+        verdict = "carries it" if t.value >= 0.5 else "moves it above random, on fewer than half"
+    else:
+        verdict = "no more than random subspaces"
+    return f"{text} ({band}; family-wise p = {num(t.p)}, Holm {num(t.p_holm)}): {verdict}"
+
+
+def _question_readout(per_layer, config, language, k):
+    """'patched at the input of layer 21, Z moves that layer's attention at the last position by
+    0.31 (random ...; rank p = 0.05), full 0.6, the no-op 0' for one language, or None where the
+    readout was not measured (a run from before it, or a sweep without the primary layer)."""
+    at, basis = primary_layer(config), int(config["basis_layer"])
+    rows = per_layer[(per_layer.language == language) & (per_layer.k == k)
+                     & (per_layer.layer == at)].set_index("condition")
+    if "attn_tv_last" not in rows or "z_basis" not in rows.index \
+            or np.isnan(rows.attn_tv_last["z_basis"]):
+        return None
+    tv = rows.attn_tv_last
+    band = _band(rows.reset_index().assign(pairing="swap"), k, at, "attn_tv_last")
+    p = rows.get("attn_tv_last_p_above", pd.Series(dtype=float)).get("z_basis", np.nan)
+    others = ", ".join(f"{name} {num(tv[c])}" for c, name in (("full", "full"),
+                                                              ("none", "the no-op"))
+                       if c in tv.index)
+    return (f"patched at {primary_site(config)}, Z moves layer {basis}'s attention at the last "
+            f"position by a total variation of {num(tv['z_basis'])} ({band}; rank p = {num(p)})"
+            + (f", {others}" if others else ""))
+
+
+def question_sentence(out):
+    """The question set in one sentence: per language, down to which layer full interchange of
+    the question's tokens still moves the answer to the partner's (the answer is read from the
+    question there), whether Z's part of the question carries it (Z's best layer against the
+    draws' best), and how far Z's patch at the primary site moves the basis layer's attention at
+    the last position (the readout: what Z is built from). None without question tables."""
+    out = Path(out)
+    if not (out / "question_per_layer.csv").is_file() or not (out / "question_tests.csv").is_file():
+        return None
+    per_layer = runs.load_csv(out / "question_per_layer.csv")
+    tests = runs.load_csv(out / "question_tests.csv")
+    clean = runs.load_csv(out / "question_clean.csv")
+    config = read_config(out)
+    k = stats.primary_k(per_layer.k.unique())
+    parts = []
+    for language, name in (("en", "English"), ("zh", "Chinese")):
+        full = per_layer[(per_layer.language == language) & (per_layer.k == k)
+                         & (per_layer.condition == "full")]
+        if not len(full):
+            continue
+        own = clean[clean.language == language].source_top1_own.astype(bool)
+        z = [t for t in (_question_z(per_layer, tests, language, k, c)
+                         for c in ("z_basis", "z_layer")) if t]
+        z += [t for t in (_question_readout(per_layer, config, language, k),) if t]
+        parts.append(f"in {name} ({plural(int(full.n_pairs.max()), 'pair')}; the partners' own "
+                     f"argmax is their first digit on {int(own.sum())}), full interchange gives "
+                     f"the partner's first digit {_question_reach(full)}"
+                     + (", " + ", ".join(z) if z else ""))
+    if not parts:
+        return None
+    return (f"Question positions (every token of the question at layer l from a counterfactual "
+            f"partner's prompt in the same language, the same problem with other numbers; "
+            f"k = {k}; the answer is read from the question down to the last layer where full "
+            f"interchange still moves it): " + "; ".join(parts) + ".")
+
+
 def pairs_sentence(config, per_layer, k, clean):
     solved = config.get("solved") or {}
     kept = (f"{solved['kept']} of {plural(solved['tried'], 'pair')} kept (--solved "
@@ -338,32 +555,38 @@ def pairs_sentence(config, per_layer, k, clean):
 def summary_lines(out):
     """The run's findings as sentences, from its CSVs (printed at the end of a run and by
     --replot; report.py's paragraph)."""
+    question = [s for s in (question_sentence(out),) if s]
+    if question and not (Path(out) / "per_problem.csv").is_file():
+        return question  # a run of the question set alone (--positions question)
     tables = read_tables(out)
     per_layer, tests = tables["per_layer"], tables["tests"]
     ks = sorted(int(k) for k in per_layer.k.unique())
     pk = stats.primary_k(ks)
-    lines = [pairs_sentence(tables["config"], per_layer, pk, tables["clean"]),
+    lines = [prereg.status_sentence(tables["config"], "E"),
+             pairs_sentence(tables["config"], per_layer, pk, tables["clean"]),
              profile_sentence(per_layer, pk),
-             disruption_sentence(per_layer, pk), primary_sentence(tables)]
+             disruption_sentence(per_layer, pk), primary_sentence(tables),
+             attention_sentence(tables)]
     for k in ks:
         lines += [s for s in (best_layer_sentence(tests, k), language_sentence(tables, k)) if s]
-    return lines + das_sentences(tables, out) + [secondary_sentence(tests)]
+    return lines + das_sentences(tables) + question + [secondary_sentence(tests)]
 
 
 def headline(out):
     """report.py's cells: dict(verdict, value, lead) from the declared primary test."""
     tables = read_tables(out)
-    per_layer, basis = tables["per_layer"], int(tables["config"]["basis_layer"])
+    per_layer, basis = tables["per_layer"], primary_layer(tables["config"])
     k = stats.primary_k(per_layer.k.unique())
     verdict, z, primary = primary_verdict(tables)
+    site = primary_site(tables["config"])
     lead = [profile_sentence(per_layer, k)]
     if z is None:
         return dict(verdict=verdict, value=f"{NOT_MEASURED} (layer {basis} not swept)", lead=lead)
     test = _test(primary, measure="top1_src")
     p = f", p = {num(test.p)}" if test is not None and test.draws else ""
-    value = (f"top1_src {_rate(z)} of {plural(z.n_pairs, 'pair')} at layer {basis} vs "
+    value = (f"top1_src {_rate(z)} of {plural(z.n_pairs, 'pair')} at {site} vs "
              f"{_band(per_layer, k, basis, 'top1_src')}{p}")
-    lead.append(f"Z (k = {k}) patched at its basis layer {basis} gives the source's first digit "
+    lead.append(f"Z (k = {k}) patched at {site} (sweep layer {basis}) gives the source's first digit "
                 f"on {_rate(z)} of the pairs ({_band(per_layer, k, basis, 'top1_src')}) and "
                 f"shifts p_share by {num(z.p_share_shift, signed=True)} "
                 f"({_band(per_layer, k, basis, 'p_share_shift', True)}): {verdict}.")
@@ -374,7 +597,9 @@ def headline(out):
 # Decoded outcomes and --replot
 
 def decode_summary(frame, keys):
-    """Outcome and language rates (with Wilson 95% intervals for transferred and kept) per group."""
+    """Outcome and language rates (with Wilson 95% intervals for transferred and kept) per group;
+    the language read again from each output (problems.classify_language), so that a replot of
+    an older run reads it as a new run would."""
     rows = []
     for key, group in frame.groupby(keys, sort=True):
         n = len(group)
@@ -384,8 +609,9 @@ def decode_summary(frame, keys):
             record[outcome] = count / n
             if outcome != "broken":
                 record[f"{outcome}_lo"], record[f"{outcome}_hi"] = stats.wilson_interval(count, n)
-        for lang in ("en", "zh", "mixed", "none"):
-            record[f"lang_{lang}"] = float((group.language == lang).mean())
+        language = group.output.fillna("").map(problems.classify_language)  # today's reading
+        for lang in ("en", "zh", "mixed", "none", "degenerate"):
+            record[f"lang_{lang}"] = float((language == lang).mean())
         if "logp_own_fast" in group:
             record["fast_vs_full_max_abs"] = float((group.logp_own_fast - group.logp_own_decode)
                                                    .abs().max())
@@ -399,9 +625,12 @@ def replot(args):
     for a finished sweep, the summary. Nothing is written for a folder without a run."""
     from zcausal.summaries import exp_e_figures
     out = Path(args.out)
-    tables = build_tables(out)  # a UsageError before anything is written
+    question_only = not (out / "per_problem.csv").is_file() and \
+        (out / "question_per_problem.csv").is_file()  # --positions question
+    tables = {} if question_only else build_tables(out)  # a UsageError before anything is written
+    tables.update(question_tables(out) or {})
     written = []
-    for name in ("draws.csv", "tests.csv", "das.csv", "per_layer.csv"):
+    for name in ["draws.csv", "tests.csv", "das.csv", "per_layer.csv"] + QUESTION_TABLES:
         if name in tables:
             runs.write_csv(tables[name], out / name)
             written.append(out / name)
@@ -409,7 +638,7 @@ def replot(args):
                                ["layer", "pairing", "condition"]),
                               ("das_decode.csv", "das_decode_summary.csv",
                                ["k", "layer", "pairing", "condition"])):
-        if (out / rows).is_file() and len(frame := runs.load_csv(out / rows)):
+        if (out / rows).is_file() and len(frame := runs.load_csv(out / rows, text=["output"])):
             runs.write_csv(decode_summary(frame, keys), out / table)
             written.append(out / table)
     written += exp_e_figures.plot_all(args, read_config(out), tables)

@@ -26,12 +26,21 @@ Primary test (declared; config.json records it at the start of a run): Z of the 
 (z_basis) at the basis layer, swap pairs, k = 50 (the largest k where 50 was not run): top1_src
 and p_share_shift each ranked among the random draws (stats.rank_test, one-sided: above), and Z
 "transfers" only if both p <= 0.05 (an intersection-union test: no correction needed), unless Z
-disrupts there; "Z below random" where both p_below <= 0.05 (the lower tail: a label is then
-wrong with probability at most 0.1 under the null), else "Z = random". Secondary tests, Holm-adjusted together in tests.csv: the best layer of z_basis
-and z_layer (family-wise: Z's largest value over the layers against each draw's largest over the
-same layers), z_basis at the basis layer at the other k, the language margin there (two-sided),
-and DAS against its random draws on the held-out pairs. Per-layer rank p-values in per_layer.csv
-are uncorrected and descriptive.
+disrupts there; else "not above random", or "no transfer (0 of n, upper bound u)" where Z and
+every draw sit at top1_src 0 (ties say nothing about a direction), the p_share shift's two-sided
+rank test then giving the direction if it has one (zcausal/labels.py). Secondary tests,
+Holm-adjusted together in tests.csv: the best layer of z_basis and z_layer (family-wise: Z's
+largest value over the layers against each draw's largest over the same layers), z_basis at the
+basis layer at the other k and the language margin there (two-sided). DAS, the positive
+control, against its random draws on the held-out pairs per (DAS layer, k): its own family
+`control`, Holm-adjusted within it. Per-layer rank p-values in per_layer.csv are uncorrected and
+descriptive.
+
+DAS tables are keyed by (layer, k): das.csv (the held-out rows of DAS, full, Z and the random
+band, with n_train, too_small and bootstrap intervals) and das_angles.csv (load_angles: DAS's
+principal angles to Z and to the random draws, mean_cos2 against its chance value k / d). Runs
+from before several DAS layers (no layer column in das_angles.csv, `overlap` for mean_cos2) are
+read with config.json's das_layer.
 """
 import json
 from pathlib import Path
@@ -43,16 +52,21 @@ from zcausal import problems, runs, stats
 from zcausal.summaries.text import plural
 
 ALPHA = 0.05
-MIN_TEST_PAIRS = 20  # fewer held-out pairs: a rate's 95% interval is wider than 0.4
+MIN_TEST_PAIRS = 50  # fewer held-out pairs: a rate's 95% interval is wider than about 0.25
+MIN_TRAIN_PROBLEMS = 200  # fewer: a learned subspace can fit the training answers themselves
+CARRIED = 0.8  # full interchange's top1_src from which the last position carries the answer
 BOOTSTRAP = 2000
 NOT_TESTED = "not tested (no random draws)"
 KEYS = ["k", "layer", "pairing", "condition", "draw"]
 NAMED = ["none", "full", "z_basis", "z_layer", "das"]
 RATES = ["top1_src", "top1_own", "neither"]
+# attn_tv_last / attn_tv_all: how far the patch moves the basis layer's attention at the patched
+# positions (Z's own positive control; NaN at and above the basis layer, and in runs from before it)
+ATTENTION = ["attn_tv_last", "attn_tv_all"]
 MEASURES = RATES + ["p_share", "p_share_clean", "p_share_shift", "low_mass", "transfer_pooled",
                     "first_pooled", "dlogp_own", "dlogp_src", "dlang_own", "patch_share",
-                    "transfer"]
-ABOVE = ["top1_src", "p_share_shift", "transfer_pooled", "first_pooled"]  # one-sided: transfer
+                    "transfer"] + ATTENTION
+ABOVE = ["top1_src", "p_share_shift", "transfer_pooled", "first_pooled"] + ATTENTION  # one-sided
 TWO_SIDED = ["top1_own", "low_mass", "dlogp_own", "dlogp_src", "dlang_own"]
 PRIMARY_MEASURES = ["top1_src", "p_share_shift"]
 BOOTSTRAPPED = ["top1_src", "p_share_shift"]
@@ -66,19 +80,42 @@ SECONDARY_DESCRIPTION = (
     "Holm-adjusted together (tests.csv): per k, the best layer of z_basis and of z_layer on "
     "top1_src and the p_share shift (family-wise: Z's largest value over the layers against each "
     "random draw's largest), z_basis at the basis layer at the other k, the language margin "
-    "shift there (two-sided); per DAS k, DAS against its random draws on the held-out pairs")
+    "shift there (two-sided); DAS, a positive control, is tested in its own family (`control`: "
+    "per DAS layer and k, DAS against its random draws on the held-out pairs, Holm-adjusted "
+    "among themselves), so that the number of controls run does not weaken the tests of Z")
 
 
+def site_of(layer, n_layers):
+    """Which stream a sweep row patches, in words: the output of `layer`, which is the input of
+    the next one (the stream whose keys and queries that layer's kernels read)."""
+    if layer + 1 >= n_layers:
+        return f"output of layer {layer} (the last)"
+    return f"output of layer {layer} = input of layer {layer + 1}"
 
 
-def primary_description(ks, basis_layer):
+def primary_layer(config):
+    """The sweep layer of the primary test: the output of basis layer - 1, i.e. the basis layer's
+    input (--site input, the default), or the basis layer's output (--site output, and every run
+    from before the flag)."""
+    return int(config.get("primary_layer", config["basis_layer"]))
+
+
+def primary_site(config):
+    """'the input of layer 21' / 'the output of layer 21': where the primary test patches Z."""
+    basis = int(config["basis_layer"])
+    return f"the {'input' if primary_layer(config) == basis - 1 else 'output'} of layer {basis}"
+
+
+def primary_description(ks, basis_layer, site="input"):
     """The declared primary hypothesis in one sentence (config.json and the summary)."""
-    return (f"Z of layer {basis_layer} (z_basis) patched at layer {basis_layer}, k = "
+    return (f"Z of layer {basis_layer} (z_basis) patched at the {site} of layer {basis_layer} "
+            f"(sweep layer {basis_layer - 1 if site == 'input' else basis_layer}), k = "
             f"{stats.primary_k(ks)}, swap pairs whose first digits differ: its top1_src and its "
             f"p_share shift each ranked among the random draws (one-sided, towards transfer); Z "
             f"transfers only if both p <= {ALPHA} (intersection-union) and Z does not disrupt; "
-            f"'Z below random' where both are below the draws at the same level (the lower "
-            f"tail), else 'Z = random'")
+            f"else 'not above random', or, where Z and every draw sit at top1_src 0, 'no "
+            f"transfer (0 of n, upper bound u)' with the p_share shift's two-sided test for a "
+            f"direction")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,6 +135,9 @@ def row_measures(rows, clean, min_span=1.0):
     first_own, first_src, lang_own, top1_own, top1_src, ...) with the DERIVED columns against
     the clean run (clean.csv) added; older derived columns are dropped first."""
     out = rows.drop(columns=[c for c in DERIVED if c in rows]).reset_index(drop=True)
+    for name in ATTENTION:  # runs from before the attention readout
+        if name not in out:
+            out[name] = np.nan
     c = clean_table(clean).reindex(out.problem_id.astype(str))
     swap = (out.pairing == "swap").to_numpy()
     col = lambda frame, name: frame[name].to_numpy(float)  # noqa: E731
@@ -231,6 +271,7 @@ def sweep_tables(measured, config, timing=None):
     n_layers = config["model"]["num_layers"]
     for table in (per_layer, draws):
         table.insert(2, "depth", table.layer / n_layers)
+    per_layer.insert(3, "site", [site_of(int(layer), n_layers) for layer in per_layer.layer])
     none = measured[measured.condition == "none"]
     noop = pd.concat([none.dlogp_own.abs(), none.dlogp_src.abs()], axis=1).max(axis=1)
     noop = noop.groupby([none.k, none.layer]).max().rename("noop_max_abs").reset_index()
@@ -242,27 +283,28 @@ def sweep_tables(measured, config, timing=None):
 
 
 def bootstrap_columns(measured, table, seed):
-    """Percentile 95% intervals over the held-out problems (BOOTSTRAP resamples of them, seeded,
-    the same resamples for every condition of a k) of the BOOTSTRAPPED measures of every named
-    swap row (<m>_boot_lo / _boot_hi), and of DAS minus full on the same problems
-    (das_minus_full_<m> with _lo / _hi)."""
+    """Percentile 95% intervals over the held-out problems (BOOTSTRAP resamples of them, seeded
+    by k, the same resamples for every condition and every DAS layer of a k) of the
+    BOOTSTRAPPED measures of every named swap row (<m>_boot_lo / _boot_hi), and of DAS minus
+    full on the same problems (das_minus_full_<m> with _lo / _hi)."""
     table = table.copy()
     swap = measured[(measured.pairing == "swap") & measured.in_set
                     & measured.condition.isin(NAMED)]
-    for k, group in swap.groupby("k"):
+    for (layer, k), group in swap.groupby(["layer", "k"]):
         ids = sorted(group.problem_id.astype(str).unique())
         resample = np.random.default_rng([int(seed), int(k)]).integers(0, len(ids),
                                                                        (BOOTSTRAP, len(ids)))
+        here = (table.k == k) & (table.layer == layer) & (table.pairing == "swap")
         for m in BOOTSTRAPPED:
             wide = group.assign(v=group[m].astype(float), pid=group.problem_id.astype(str)) \
                 .pivot_table(index="pid", columns="condition", values="v").reindex(ids)
             for condition in wide.columns:
-                row = (table.k == k) & (table.pairing == "swap") & (table.condition == condition)
+                row = here & (table.condition == condition)
                 boots = np.nanmean(wide[condition].to_numpy()[resample], axis=1)
                 table.loc[row, [f"{m}_boot_lo", f"{m}_boot_hi"]] = np.percentile(boots, [2.5, 97.5])
             if {"das", "full"} <= set(wide.columns):
                 diff = (wide["das"] - wide["full"]).to_numpy()
-                row = (table.k == k) & (table.pairing == "swap") & (table.condition == "das")
+                row = here & (table.condition == "das")
                 boots = np.nanmean(diff[resample], axis=1)
                 table.loc[row, f"das_minus_full_{m}"] = np.nanmean(diff)
                 table.loc[row, [f"das_minus_full_{m}_lo", f"das_minus_full_{m}_hi"]] = \
@@ -271,17 +313,52 @@ def bootstrap_columns(measured, table, seed):
 
 
 def das_tables(measured, config):
-    """das.csv (named conditions and the random band on the held-out pairs, with bootstrap
-    intervals and too_small where the test split has fewer than MIN_TEST_PAIRS swap pairs) and
-    the DAS draws' rows (for tests.csv)."""
+    """das.csv (per DAS layer and k, named conditions and the random band on the held-out
+    pairs, with bootstrap intervals; n_train, the training problems; too_small where the test
+    split has fewer than MIN_TEST_PAIRS swap pairs or train fewer than MIN_TRAIN_PROBLEMS
+    problems, `note` saying which) and the DAS draws' rows (for tests.csv)."""
     table, draws = condition_tables(measured)
     table = bootstrap_columns(measured, table, config.get("args", {}).get("seed", 0))
     table["pair_set"] = "test split: " + table.pair_set.astype(str)
-    table["too_small"] = table.n_pairs < MIN_TEST_PAIRS
-    table["note"] = [f"test split of {plural(n, 'pair')}: too small (fewer than "
-                     f"{MIN_TEST_PAIRS})" if small else "" for n, small in
-                     zip(table.n_pairs, table.too_small)]
+    table.insert(2, "site", [site_of(int(layer), config["model"]["num_layers"])
+                             for layer in table.layer])
+    n_train = len(config.get("splits", {}).get("train", []))
+    table["n_train"] = n_train
+    table["too_small"] = (table.n_pairs < MIN_TEST_PAIRS) | (n_train < MIN_TRAIN_PROBLEMS)
+    table["note"] = [size_note(n, n_train) for n in table.n_pairs]
     return table, draws.drop(columns="condition")
+
+
+def das_site(layer, basis):
+    """How a summary names a DAS layer: 'the input of layer 21, the basis layer (layer 20's
+    output)' where it is, else 'layer 16's output'."""
+    if layer == basis - 1:
+        return f"the input of layer {basis}, the basis layer (layer {layer}'s output)"
+    return f"layer {layer}'s output"
+
+
+def size_note(n_test, n_train):
+    """'' when DAS's splits are large enough to read, else what is too small."""
+    parts = [f"test split of {plural(n_test, 'pair')} (fewer than {MIN_TEST_PAIRS})"
+             if n_test < MIN_TEST_PAIRS else "",
+             f"train split of {plural(n_train, 'problem')} (fewer than {MIN_TRAIN_PROBLEMS})"
+             if n_train < MIN_TRAIN_PROBLEMS else ""]
+    parts = [p for p in parts if p]
+    return " and ".join(parts) + ": too small" if parts else ""
+
+
+def load_angles(out, config):
+    """das_angles.csv with a layer column (config.json's das_layer for runs from before there
+    were several DAS layers) and mean_cos2 / chance_mean_cos2 (older runs called them overlap /
+    chance_overlap: the same numbers); None without the file."""
+    path = Path(out) / "das_angles.csv"
+    if not path.is_file():
+        return None
+    angles = runs.load_csv(path).rename(columns={"overlap": "mean_cos2",
+                                                 "chance_overlap": "chance_mean_cos2"})
+    if "layer" not in angles:
+        angles["layer"] = config.get("das_layer")
+    return angles
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,10 +429,11 @@ def _best_layer(per_layer, draws, condition, k, measure):
 
 
 def tests_table(per_layer, draws, das=None, das_draws=None, config=None):
-    """tests.csv: the primary test (its two components and their intersection-union p) and
-    every secondary test with its Holm-adjusted p (p_holm, over the secondary family) and
-    `significant` (p <= ALPHA for the primary, p_holm <= ALPHA for the secondary ones)."""
-    basis, ks = int(config["basis_layer"]), sorted(int(k) for k in per_layer.k.unique())
+    """tests.csv: the primary test (its two components and their intersection-union p), every
+    secondary test with its Holm-adjusted p (p_holm, over the secondary family), DAS against its
+    draws per (layer, k) (family `control`, Holm-adjusted within it), and `significant` (p <=
+    ALPHA for the primary, p_holm <= ALPHA for the others)."""
+    basis, ks = primary_layer(config), sorted(int(k) for k in per_layer.k.unique())
     pk = stats.primary_k(ks)
     rows = [_at_layer(per_layer, draws, "z_basis", pk, basis, m, "primary")
             for m in PRIMARY_MEASURES]
@@ -373,19 +451,98 @@ def tests_table(per_layer, draws, das=None, das_draws=None, config=None):
         rows.append(_at_layer(per_layer, draws, "z_basis", k, basis, "dlang_own", "secondary",
                               "two-sided"))
     if das is not None:
-        for k in sorted(das.k.unique()):
-            row = select_swap(das, "das", k=k)
+        for (layer, k), row in select_swap(das, "das").groupby(["layer", "k"]):
             for m in PRIMARY_MEASURES:
-                test = stats.rank_test(row[m].iloc[0], select_swap(das_draws, k=k)[m])
-                rows.append(_test_row("secondary", "das", k, "DAS layer, held-out pairs",
-                                      int(row.layer.iloc[0]), m, "above", row[m].iloc[0], test,
+                test = stats.rank_test(row[m].iloc[0],
+                                       select_swap(das_draws, k=k, layer=layer)[m])
+                rows.append(_test_row("control", "das", k, "DAS layer, held-out pairs",
+                                      int(layer), m, "above", row[m].iloc[0], test,
                                       int(row.n_pairs.iloc[0]), bool(row.disrupts.iloc[0])))
     table = pd.DataFrame(rows)
-    secondary = table.family == "secondary"
     table["p_holm"] = np.nan
-    table.loc[secondary, "p_holm"] = stats.holm(table.p[secondary].to_numpy(float))
-    table["significant"] = np.where(secondary, table.p_holm <= ALPHA, table.p <= ALPHA)
+    for family in ("secondary", "control"):  # each family Holm-adjusted within itself
+        mine = table.family == family
+        table.loc[mine, "p_holm"] = stats.holm(table.p[mine].to_numpy(float))
+    table["significant"] = np.where(table.family == "primary", table.p <= ALPHA,
+                                    table.p_holm <= ALPHA)
     return table
+
+
+# ----------------------------------------------------------------------------------------------
+# The question set (zcausal/question.py): the question's tokens from a counterfactual partner
+
+QUESTION_PAIR_SET = "counterfactual partners in the same language (first digits differ)"
+QUESTION_TABLES = ["question_draws.csv", "question_tests.csv", "question_per_layer.csv"]
+
+
+def question_measures(rows, clean, min_span=1.0):
+    """row_measures of question rows, each against its language's clean run (question_clean.csv);
+    every row is a swap row (the source is the partner)."""
+    parts = []
+    for language, group in rows.groupby("language", sort=False):
+        own = clean[clean.language == language]
+        parts.append(row_measures(group.assign(pairing="swap"), own, min_span)
+                     .drop(columns="pairing"))
+    return pd.concat(parts, ignore_index=True)
+
+
+def question_tests(per_layer, draws, ks, at):
+    """One language's rows of question_tests.csv: Z of the basis layer and Z of each layer at
+    their best layer (family-wise over the layers, as in tests.csv) and z_basis at the primary
+    test's sweep layer `at` (primary_layer), on top1_src and the p_share shift."""
+    rows = [dict(_best_layer(per_layer, draws, c, k, m), family="question")
+            for k in ks for c in ("z_basis", "z_layer") for m in PRIMARY_MEASURES]
+    if at in set(per_layer.layer):
+        rows += [_at_layer(per_layer, draws, "z_basis", k, at, m, "question")
+                 for k in ks for m in PRIMARY_MEASURES]
+    return rows
+
+
+def question_tables(out):
+    """The question set's tables from its per-row files and question_clean.csv (a dict file
+    name -> frame, None without question rows): question_per_layer.csv (per language, k, layer
+    and condition, as per_layer.csv: rates with Wilson intervals, ranks among the draws, the
+    random band, noop_max_abs), question_draws.csv and question_tests.csv (question_tests per
+    language; p_holm over all of them)."""
+    out = Path(out)
+    rows = load_rows(out, "question_")
+    if rows is None or not (out / "question_clean.csv").is_file():
+        return None
+    config = read_config(out)
+    measured = question_measures(rows, runs.load_csv(out / "question_clean.csv"),
+                                 config.get("args", {}).get("min_span", 1.0))
+    ks = sorted(int(k) for k in measured.k.unique())
+    per_layer, draws, tests = [], [], []
+    for language in sorted(measured.language.unique()):
+        group = measured[measured.language == language].assign(pairing="swap")
+        table, drawn = condition_tables(group)
+        none = group[group.condition == "none"]
+        noop = pd.concat([none.dlogp_own.abs(), none.dlogp_src.abs()], axis=1).max(axis=1)
+        noop = noop.groupby([none.k, none.layer]).max().rename("noop_max_abs").reset_index()
+        per_layer.append(table.merge(noop, on=["k", "layer"], how="left").assign(language=language))
+        draws.append(drawn.assign(language=language))
+        tests += [dict(t, language=language) for t in
+                  question_tests(table, drawn, ks, primary_layer(config))]
+    n_layers = config["model"]["num_layers"]
+    frames = {}
+    for name, parts in (("question_per_layer.csv", per_layer), ("question_draws.csv", draws)):
+        frame = pd.concat(parts, ignore_index=True).drop(columns="pairing")
+        frame["pair_set"] = QUESTION_PAIR_SET
+        frame.insert(2, "depth", frame.layer / n_layers)
+        frames[name] = frame[["language"] + [c for c in frame.columns if c != "language"]]
+    tests = pd.DataFrame(tests)
+    tests["p_holm"] = stats.holm(tests.p.to_numpy(float)) if len(tests) else []
+    frames["question_tests.csv"] = tests[["language"] + [c for c in tests if c != "language"]]
+    return frames
+
+
+def write_question_tables(out):
+    """question_tables(out) written to out, question_per_layer.csv (the question sweep's resume
+    marker) last. Returns the paths written (none without question rows)."""
+    frames = question_tables(out) or {}
+    for name in QUESTION_TABLES if frames else []:
+        runs.write_csv(frames[name], Path(out) / name)
+    return [Path(out) / name for name in QUESTION_TABLES if frames]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,6 +562,15 @@ def load_rows(out, prefix=""):
     frames = [runs.load_csv(p) for p in paths if p.is_file()]
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def write_rows(frame, out, prefix=""):
+    """The named conditions' rows to <prefix>per_problem.csv, the random draws' to
+    <prefix>random_rows.csv.gz (compressed: 19+ draws x pairs x layers rows); load_rows reads
+    them back."""
+    random = frame.condition == "random"
+    runs.write_csv(frame[~random], Path(out) / f"{prefix}per_problem.csv", append=True)
+    runs.write_csv(frame[random], Path(out) / f"{prefix}random_rows.csv.gz", append=True)
 
 
 def _timing(out):
@@ -434,6 +600,8 @@ def build_tables(out):
     tables["per_layer.csv"], tables["draws.csv"] = sweep_tables(
         row_measures(rows, clean, min_span), config, _timing(out))
     das_rows, das_draws = load_rows(out, "das_"), None
+    if das_rows is not None and "layer" not in das_rows:  # one DAS layer, in config.json
+        das_rows.insert(1, "layer", config.get("das_layer"))
     if das_rows is not None:
         tables["das.csv"], das_draws = das_tables(row_measures(das_rows, clean, min_span), config)
     tables["tests.csv"] = tests_table(tables["per_layer.csv"], tables["draws.csv"],
@@ -453,17 +621,51 @@ def write_tables(out):
     return written
 
 
-def peak_layer(out, exclude="test"):
-    """The lowest layer where full interchange's top1_src is largest, over the swap pairs of
-    the splits other than `exclude` (the default --das-layer and decode layer: the first layer
-    where the source's first digit is carried by the last position as far as it ever is)."""
+def full_rate(out, exclude="test"):
+    """Full interchange's top1_src per layer (a Series indexed by layer, ascending) over the
+    swap pairs of the splits other than `exclude`, so that the test pairs choose no layer."""
     rows = runs.load_csv(Path(out) / "per_problem.csv")
     rows = rows[(rows.condition == "full") & (rows.pairing == "swap") & (rows.split != exclude)
                 & (rows.k == rows.k.min())]
     measured = row_measures(rows, runs.load_csv(Path(out) / "clean.csv"))
-    rate = measured[measured.in_set].groupby("layer").top1_src.mean()
+    rate = measured[measured.in_set].groupby("layer").top1_src.mean().sort_index()
     if not len(rate):
         raise runs.UsageError("no swap pair outside the test split has partners with different "
-                              "first digits; pass --das-layer")
-    return int(rate.idxmax())
+                              "first digits; pass --das-layer and --decode-layers")
+    return rate
 
+
+def peak_layer(out, exclude="test"):
+    """The lowest layer where full interchange's top1_src (full_rate) is largest (the default
+    decode layer: the first layer where the source's first digit is carried by the last
+    position as far as it ever is)."""
+    return int(full_rate(out, exclude).idxmax())
+
+
+def carried_layer(out, threshold=CARRIED, exclude="test"):
+    """(layer, reached, rate): the first layer where full interchange's top1_src (full_rate)
+    reaches `threshold`, reached True; where no layer does, peak_layer's, reached False."""
+    rate = full_rate(out, exclude)
+    above = rate[rate >= threshold]
+    layer = int(above.index[0]) if len(above) else int(rate.idxmax())
+    return layer, bool(len(above)), float(rate[layer])
+
+
+
+def das_layers(out, basis, given=None):
+    """The DAS layers of a run and why each (a dict layer -> reason, for config.json and the
+    summary): `given` (--das-layer) as it is, or by default the input of the basis layer (layer
+    basis - 1's output) and carried_layer() (the test pairs choose nothing)."""
+    if given is not None:
+        return {layer: ("the input of the basis layer" if layer == basis - 1 else "given")
+                for layer in dict.fromkeys(given)}
+    chosen = {}
+    if basis >= 1:  # the input of layer 0 is the embeddings, where Z of no layer is read
+        chosen[basis - 1] = "the input of the basis layer"
+    layer, reached, rate = carried_layer(out)
+    why = (f"the first layer where full interchange's top1_src reaches {CARRIED} on the train "
+           f"and validation pairs ({rate:.2f})" if reached else
+           f"no layer's full interchange reaches top1_src {CARRIED} on the train and validation "
+           f"pairs: the layer where it is largest ({rate:.2f})")
+    chosen.setdefault(layer, why)
+    return chosen
