@@ -651,6 +651,11 @@ def extract_activations(model, tokenizer, texts, layers, pool="mean", drop_first
     return out
 
 
+# --replot means the same in every script: nothing is measured again.
+REPLOT_HELP = ("rebuild everything the finished run in --out derives from its CSVs (tables, "
+               "summary, figures), without a model; prints what it wrote")
+
+
 def add_common_args(parser, out_default):
     """Flags every script takes, with the same names and defaults everywhere."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
@@ -673,6 +678,7 @@ def add_common_args(parser, out_default):
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run in --out (same flags as its "
                              "config.json); finished work is kept")
+    parser.add_argument("--replot", action="store_true", help=REPLOT_HELP)
     return parser
 
 
@@ -685,7 +691,7 @@ def add_activation_args(parser):
     """Flags of the scripts that read the shared activation extraction (B, C and D)."""
     parser.add_argument("--fold-norm", action="store_true",
                         help="fold the layer's input RMSNorm gain into W_Q, W_K before the SVD "
-                             "(default: raw weights, as Phase 2 built Z)")
+                             "(default: the raw weights, as Z is defined)")
     parser.add_argument("--keep-first-token", action="store_true",
                         help="include position 0 (the attention sink, whose norm dominates a "
                              "mean) in the token means and clouds")
@@ -696,8 +702,6 @@ def add_activation_args(parser):
                              "which alone could match a problem across languages")
     parser.add_argument("--cache-dir", type=cache_dir_arg, default=DEFAULT_CACHE,
                         help="activation cache folder, or 'none' for no cache")
-    parser.add_argument("--replot", action="store_true",
-                        help="only redraw the figures from the saved results in --out (no model)")
     return parser
 
 
@@ -712,26 +716,42 @@ def plan_layer_at_depth(model_or_config, plan_layer=PLAN_Z_LAYER):
     return min(n - 1, int(round(plan_layer / PLAN_NUM_LAYERS * n)))
 
 
-def add_layer_args(parser, flag, what):
-    """A script's layer flag (`flag`, e.g. --layer or --basis-layer; `what` says what it picks)
-    and --depth F beside it; resolve both with resolve_layer."""
-    parser.add_argument(flag, type=int, default=None,
-                        help=f"{what} (default: the plan's layer 32 of 36 at the same fraction of "
-                             f"this model's depth)")
-    parser.add_argument("--depth", type=float, default=None,
-                        help=f"instead of {flag}: the layer round(F x number of layers), the same "
-                             f"depth on every model (0.889: 32 of 36, 25 of 28, 21 of 24)")
+def add_layer_args(parser, what, several=False):
+    """--layer L (also spelled --basis-layer) and --depth F, alike in every script: the basis layer,
+    whose Z is built (`what`: what else the script does with it). Both take one or several values;
+    a script that reads one (`several` False) refuses several in resolve_layer."""
+    count = ("one or several, each run in turn" if several
+             else "one value: the script reads one basis layer, run it once per layer")
+    parser.add_argument("--layer", "--basis-layer", dest="layer", type=int, nargs="+",
+                        default=None, metavar="L",
+                        help=f"basis layer: the decoder layer whose Z is built{what}; {count} "
+                             f"(default: layer 32 of 36 at the same fraction of this model's "
+                             f"depth: 32 on Qwen2.5-3B, 21 of 24, 25 of 28)")
+    parser.add_argument("--depth", type=float, nargs="+", default=None, metavar="F",
+                        help="instead of --layer: the basis layer round(F x number of layers), the "
+                             "same depth on every model (0.889: 32 of 36, 25 of 28, 21 of 24)")
     return parser
 
 
-def resolve_layer(model_or_config, layer, depth, flag, plan_layer=PLAN_Z_LAYER):
-    """The layer named by a script's layer flag (`flag`, value `layer`) or by --depth F
-    (depth_to_layer); with neither, the plan's layer at the same depth (plan_layer_at_depth).
-    Passing both, an unknown layer or a fraction outside (0, 1) is a UsageError naming the flag."""
+def resolve_layers(model_or_config, layer, depth):
+    """The basis layers (a list) named by --layer or by --depth F (depth_to_layer), each a list, a
+    number or None; with neither, the plan's layer at the same depth (plan_layer_at_depth). Both,
+    an unknown layer or a fraction outside (0, 1): a UsageError naming the flag."""
+    listed = lambda values: values if isinstance(values, (list, tuple)) else [values]  # noqa: E731
     if layer is not None and depth is not None:
-        raise UsageError(f"pass {flag} or --depth, not both")
+        raise UsageError("pass --layer or --depth, not both")
     if layer is not None:
-        return check_layer(model_or_config, layer, flag=flag)
+        return [check_layer(model_or_config, one) for one in listed(layer)]
     if depth is not None:
-        return depth_to_layer(model_or_config, depth)
-    return plan_layer_at_depth(model_or_config, plan_layer)
+        return [depth_to_layer(model_or_config, one) for one in listed(depth)]
+    return [plan_layer_at_depth(model_or_config)]
+
+
+def resolve_layer(model_or_config, layer, depth):
+    """The one basis layer of a script that reads one (resolve_layers): several values are a
+    UsageError saying to run the script once per layer."""
+    for flag, values in (("--layer", layer), ("--depth", depth)):
+        if isinstance(values, (list, tuple)) and len(values) > 1:
+            raise UsageError(f"{flag} {' '.join(map(str, values))}: this script reads one basis "
+                             f"layer; run it once per layer")
+    return resolve_layers(model_or_config, layer, depth)[0]

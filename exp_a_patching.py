@@ -1,6 +1,6 @@
 """Experiment A: activation patching of Z at a layer, English run <- Chinese source.
 
-    python exp_a_patching.py --k 20 50                             # the plan's layer at this depth
+    python exp_a_patching.py --k 20 50                             # layer 32 of 36 at this depth
     python exp_a_patching.py --depth 0.889 --k 20 50 --source mean last  # the same depth, named
     python exp_a_patching.py --model tiny-random --smoke           # smoke run, seconds, offline
     python exp_a_patching.py --replot --out results/exp_a          # SUMMARY.md, figures: no model
@@ -50,7 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import answered, decoding, problems, runs
+from zcausal import answered, decoding, problems, runs, stats
 from zcausal.patching import (RANDOM_CONDITIONS, last_positions, make_patch, patch_sizes,
                               prepare_layer, prompt_texts, variance_rows)
 from zcausal.summaries import exp_a as summary
@@ -384,18 +384,6 @@ def null_table(jobs, decodes, scores, pairs, swap_of, first_ids):
 
 # ----------------------------------------------------------------------------------------------
 
-def resolve_layers(config, args):
-    """--layer or --depth (not both) to decoder layers; the default is the plan's layer 32 of 36
-    at the same depth (common.plan_layer_at_depth: 32 on Qwen2.5-3B, 21 of 24, 25 of 28)."""
-    if args.layer is not None and args.depth is not None:
-        raise runs.UsageError("pass --layer or --depth, not both")
-    if args.depth is not None:
-        return [common.depth_to_layer(config, f) for f in args.depth]
-    if args.layer is None:
-        return [common.plan_layer_at_depth(config)]
-    return [common.check_layer(config, layer) for layer in args.layer]
-
-
 def validate(args):
     """Every check that needs no weights, before anything is loaded or written. Resolves --layer
     (from --depth), --max-new-tokens (per template) and --batch-size in args. Returns (the pairs
@@ -414,7 +402,7 @@ def validate(args):
         raise runs.UsageError("--positions all patches generated tokens with a mean: use it with "
                               "--source mean or ot, not last")
     config = common.load_model_config(args.model)
-    args.layer = resolve_layers(config, args)
+    args.layer = common.resolve_layers(config, args.layer, args.depth)
     for k in args.k:
         common.check_k(config, k, allow_full=False)
     pairs = problems.load_pairs(args, bank_limit=BANK_PAIRS)
@@ -548,12 +536,8 @@ def build_parser():
                              f"criteria need {MIN_PAIRS} English baselines (below 20 a rate's 95%% "
                              "interval is wider than 0.4)")
     decoding.add_decode_args(parser)
-    parser.add_argument("--layer", type=int, nargs="+", default=None,
-                        help="decoder layer(s) to patch (default: the plan's layer 32 of 36 at the "
-                             "same fraction of this model's depth: 32 on Qwen2.5-3B, 21 of 24)")
-    parser.add_argument("--depth", type=float, nargs="+", default=None, metavar="F",
-                        help="instead of --layer: layer round(F x number of layers), the same "
-                             "depth on any model (0.889: 32 of 36, 21 of 24, 25 of 28)")
+    common.add_layer_args(parser, " and patched (--site: at its output or its input)",
+                          several=True)
     parser.add_argument("--k", type=int, nargs="+", default=[50],
                         help="dimension(s) of Z, each 1..d-1 (the primary test is at k 50)")
     parser.add_argument("--template", choices=["direct", "cot"], default="direct",
@@ -569,9 +553,8 @@ def build_parser():
                              "input (the stream l's W_Q and W_K read, = layer l-1's output)")
     parser.add_argument("--skip-first", action="store_true",
                         help="leave position 0 (the attention sink) unpatched")
-    parser.add_argument("--n-random", type=int, default=19,
-                        help="random k-dim subspaces decoded per (layer, k): 19 is the fewest for "
-                             "a rank-test p of 0.05")
+    parser.add_argument("--n-random", type=int, default=stats.N_RANDOM,
+                        help=f"random k-dim subspaces decoded per (layer, k); {stats.N_RANDOM_WHY}")
     parser.add_argument("--n-random-logprob", type=int, default=200, metavar="M",
                         help="random Z subspaces scored by teacher forcing (no decoding) for "
                              "the rank tests of Z's scored measures; the first --n-random are the "
@@ -586,11 +569,8 @@ def build_parser():
                         help="greedy tokens per row; None: 10 (direct), 100 (cot)")
     parser.add_argument("--fold-norm", action="store_true",
                         help="fold the layer's input RMSNorm gain into W_Q, W_K before the SVD "
-                             "(default: raw weights, as Phase 2 built Z)")
+                             "(default: the raw weights, as Z is defined)")
     runs.add_smoke_arg(parser, SMOKE)
-    parser.add_argument("--replot", action="store_true",
-                        help="only rebuild the summary, tables and figures of the finished run in "
-                             "--out from its CSVs (no model)")
     parser.set_defaults(batch_size=None)  # resolved in validate(): 256 on a GPU, 64 on a CPU
     return parser
 

@@ -14,7 +14,7 @@ Chinese prompt's last m positions (aligned from the end), from the same problem 
 or from the swap partner (`swap`), within a subspace:
   none      nothing (the no-op, computed in the same batches: the noise floor)
   full      everything (h <- s)
-  z_basis   Z of --basis-layer (or --depth F; default: layer 32 of 36 at the same depth), k dims
+  z_basis   Z of --layer (or --depth F; default: layer 32 of 36 at the same depth), k dims
   z_layer   Z of the patched layer l itself
   random    --n-random random k-dim subspaces (the same draws at every layer)
 Every row is written (per_problem.csv, random_rows.csv.gz); the tables, the declared primary test
@@ -48,6 +48,9 @@ from zcausal.summaries import exp_e_tables as tables
 
 FIXED = ["none", "full", "z_basis", "z_layer"]
 BANK_PAIRS = 300  # with --prompts bank and no --limit: the first 300 pairs are tried
+# --n-random: more than the other scripts' stats.N_RANDOM, whose smallest p (0.05) no
+# Holm-adjusted secondary test could pass; a draw costs one teacher-forced row per pair and layer.
+N_RANDOM = 50
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,7 +363,7 @@ def run_sweep(model, state, args, out, split):
     for k, layer in tqdm(todo, desc="layers", unit="layer"):
         started = time.perf_counter()
         if k not in z_fixed:
-            z_fixed[k] = common.z_basis(model, args.basis_layer, k, fold_norm=args.fold_norm)
+            z_fixed[k] = common.z_basis(model, args.layer, k, fold_norm=args.fold_norm)
         z_here = common.z_basis(model, layer, k, fold_norm=args.fold_norm)
         conditions = make_conditions(d, k, [("z_basis", z_fixed[k]), ("z_layer", z_here)],
                                      args.n_random, args.seed)
@@ -435,7 +438,7 @@ def run_decode_checks(model, tokenizer, state, template, args, out, layers):
     layer written as it finishes; the teacher-forced log p of the fast engine is joined for the
     named conditions."""
     d, k = common.hidden_size(model), stats.primary_k(args.k)
-    z_fixed = common.z_basis(model, args.basis_layer, k, fold_norm=args.fold_norm)
+    z_fixed = common.z_basis(model, args.layer, k, fold_norm=args.fold_norm)
     problem_index = list(range(min(args.decode_limit, len(state.pairs))))
     if not problem_index or not layers:
         return
@@ -476,7 +479,7 @@ def run_das(model, tokenizer, state, template, args, out, split, layer):
         basis, history = das.train_das(model, state, layer, k, split, args,
                                        log=lambda entry: tqdm.write(das.progress_line(k, entry)))
         np.save(out / f"das_basis_k{k}.npy", basis.numpy())
-        z_fixed = common.z_basis(model, args.basis_layer, k, fold_norm=args.fold_norm)
+        z_fixed = common.z_basis(model, args.layer, k, fold_norm=args.fold_norm)
         z_here = common.z_basis(model, layer, k, fold_norm=args.fold_norm)
         conditions = make_conditions(d, k, [("das", basis), ("z_basis", z_fixed),
                                             ("z_layer", z_here)], args.n_random, args.seed)
@@ -502,11 +505,11 @@ def run_das(model, tokenizer, state, template, args, out, split, layer):
 # ----------------------------------------------------------------------------------------------
 
 def validate(args):
-    """Every check that needs no weights, before anything is loaded or written. Resolves
-    --basis-layer (or --depth, as B, C and D do) and the default --layers (all)."""
+    """Every check that needs no weights, before anything is loaded or written. Resolves --layer
+    (or --depth) to the basis layer's index, and the default --layers (all)."""
     common.check_runtime(args.device, args.dtype)
     config = common.load_model_config(args.model)
-    args.basis_layer = common.resolve_layer(config, args.basis_layer, args.depth, "--basis-layer")
+    args.layer = common.resolve_layer(config, args.layer, args.depth)
     n_layers = common.num_layers(config)
     args.layers = sorted(set(args.layers)) if args.layers else list(range(n_layers))
     for flag, layers in (("--layers", args.layers), ("--decode-layers", args.decode_layers or []),
@@ -593,8 +596,8 @@ def main(args):
     partner = swap_partners(pairs, split, args.seed)
     if not args.resume:
         runs.write_json(out / "config.json", runs.run_config(
-            args, model, template=template, n_pairs=len(pairs), basis_layer=args.basis_layer,
-            primary_test=tables.primary_description(args.k, args.basis_layer),
+            args, model, template=template, n_pairs=len(pairs), basis_layer=args.layer,
+            primary_test=tables.primary_description(args.k, args.layer),
             secondary_tests=tables.SECONDARY_DESCRIPTION,
             splits={s: [p["id"] for p, name in zip(pairs, split) if name == s]
                     for s in ("train", "validation", "test")},
@@ -607,7 +610,7 @@ def main(args):
     run_sweep(model, state, args, out, split)
     peak = tables.peak_layer(out)
     decode_layers = args.decode_layers if args.decode_layers is not None else sorted(
-        {args.basis_layer, peak} & set(args.layers))
+        {args.layer, peak} & set(args.layers))
     run_decode_checks(model, tokenizer, state, template, args, out, decode_layers)
     if args.das_k:
         das_layer = args.das_layer if args.das_layer is not None else peak
@@ -619,7 +622,7 @@ def main(args):
 
 
 # --smoke: flags left at their default take these values (seconds on --model tiny-random)
-SMOKE = dict(limit=6, solved="off", min_pairs=6, depth=0.5, k=[8], n_random=3, decode_limit=2,
+SMOKE = dict(limit=6, solved="off", min_pairs=6, depth=[0.5], k=[8], n_random=3, decode_limit=2,
              decode_random=1, das_k=[4],
              das_steps=4, das_eval_every=2, max_new_tokens=4)
 
@@ -627,7 +630,7 @@ SMOKE = dict(limit=6, solved="off", min_pairs=6, depth=0.5, k=[8], n_random=3, d
 def parse_args(argv=None):
     parser = build_parser()
     return runs.apply_smoke(parser, parser.parse_args(argv), SMOKE,
-                            unless={"depth": "basis_layer"})
+                            unless={"depth": "layer"})
 
 
 def build_parser():
@@ -644,13 +647,17 @@ def build_parser():
     decoding.add_decode_args(parser)
     parser.add_argument("--layers", type=int, nargs="*", default=None,
                         help="layers to patch (default: every layer 0..L-1)")
-    common.add_layer_args(parser, "--basis-layer", "layer whose Z is the fixed basis (z_basis)")
+    common.add_layer_args(parser, ", the fixed basis z_basis patched at every layer of --layers")
     parser.add_argument("--k", type=int, nargs="+", default=[50],
                         help="dimensions of Z and the random subspaces: one sweep per k (a k "
                              "column in every table; the primary test at k = 50, else the "
                              "largest)")
-    parser.add_argument("--n-random", type=int, default=50,
-                        help="random k-dim subspaces per layer (the band and the rank test)")
+    parser.add_argument("--n-random", type=int, default=N_RANDOM,
+                        help=f"random k-dim subspaces per layer, the same draws at every layer (the "
+                             f"band and the rank tests); default {N_RANDOM}, not {stats.N_RANDOM}, "
+                             f"because the secondary tests are Holm-adjusted together and "
+                             f"{stats.N_RANDOM} draws give no p below 0.05; a draw adds one "
+                             f"teacher-forced row per pair and layer, no decoding")
     parser.add_argument("--last-m", type=int, default=1,
                         help="positions interchanged: the English prompt's last m take the "
                              "Chinese prompt's last m, aligned from the end")
@@ -686,9 +693,6 @@ def build_parser():
     parser.add_argument("--das-partners", type=int, default=4,
                         help="source problems per training problem (its swap partner and more "
                              "from the train split)")
-    parser.add_argument("--replot", action="store_true",
-                        help="only rebuild every table, figure and the summary of the run in "
-                             "--out from its per-row CSVs (no model); prints what it wrote")
     runs.add_smoke_arg(parser, SMOKE)
     parser.set_defaults(batch_size=None)  # resolved in main(): 512 on a GPU, 64 on a CPU
     return parser

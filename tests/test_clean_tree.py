@@ -1,5 +1,5 @@
 """User runs never modify a tracked file: on a fresh clone of this commit, the README's smoke
-commands, `python report.py`, `python bench.py --shape tiny --parts a --pairs 4` and the tiny study
+commands, `python report.py`, `python bench.py --shape tiny --parts a --limit 4` and the tiny study
 (`python study.py --model tiny-random`, which also shows that the chain runs and ends with its
 report) leave `git status --porcelain` empty. One interpreter runs them all (runpy, each as its
 own __main__ with its own sys.argv), so torch is imported once, on one thread (tiny tensors)."""
@@ -15,7 +15,7 @@ from helpers import SMOKE_COMMANDS
 
 COMMANDS = list(SMOKE_COMMANDS.values()) + [
     "python report.py",
-    "python bench.py --shape tiny --parts a --pairs 4 --device cpu",
+    "python bench.py --shape tiny --parts a --limit 4 --device cpu",
     "python study.py --model tiny-random",
 ]
 RUNNER = """

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 import common
-from zcausal import problems, runs
+from zcausal import problems, runs, stats
 import exp_d_bridge as ed
 from zcausal.summaries import exp_d as exp_d_summary
 import synthetic_numbers
@@ -208,11 +208,12 @@ def test_main_end_to_end(tiny, tmp_path, capsys, monkeypatch):
     assert len(pd.read_csv(out / "null.csv")) == 2 * len(exp_d_summary.MAPS) * 20
     # Z among the random bases: the saved rank and p follow from random_draws.csv
     draws = pd.read_csv(out / "random_draws.csv")
-    assert len(draws) == 2 * len(exp_d_summary.MAPS) * 20 and (m["n_random"] == 20).all()
+    assert len(draws) == 2 * len(exp_d_summary.MAPS) * stats.N_RANDOM
+    assert (m["n_random"] == stats.N_RANDOM).all()  # the default
     row = m[(m["k"] == 8) & (m["map"] == "ridge")].iloc[0]
     mine = draws[(draws["k"] == 8) & (draws["map"] == "ridge")]["kfold_r2"]
     assert row["random_rank"] == 1 + (mine >= row["kfold_r2"] - 1e-12).sum()
-    assert row["random_p_above"] == pytest.approx(row["random_rank"] / 21)
+    assert row["random_p_above"] == pytest.approx(row["random_rank"] / (stats.N_RANDOM + 1))
     assert m["primary"].sum() == 1 and m[m["primary"]][["map", "k"]].values.tolist() == \
         [["lstsq", 8]]  # the plan's k = 50 was not run: the largest k
     assert m[m["primary"]]["random_p_above_holm"].isna().all()

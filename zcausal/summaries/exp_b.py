@@ -152,10 +152,10 @@ def primary_test(per_layer, draws, config, k):
     test = stats.rank_test(row["R_mean"], mine["R_mean"])
     if not test:
         verdict = NOT_TESTED
-    elif test["p_above"] < ALPHA:
+    elif test["p_above"] <= ALPHA:  # a rank test's p is valid at p <= alpha (stats.rank_test)
         verdict = "Z above random"
     else:
-        verdict = "Z below random" if test["p_below"] < ALPHA else "Z = random"
+        verdict = "Z below random" if test["p_below"] <= ALPHA else "Z = random"
     prefix = KINDS[PRIMARY_KIND]
     return row, test, verdict, (row.get(f"{prefix}_R_mean"), row.get(f"{prefix}_R_lo"),
                                 row.get(f"{prefix}_R_hi"))

@@ -208,9 +208,9 @@ def verdict(row):
     if not row["n_random"] or np.isnan(row["random_p_above"]):
         return "not tested (no random draws)"
     holm = "" if row["primary"] else "_holm"
-    if row[f"random_p_above{holm}"] < ALPHA:
+    if row[f"random_p_above{holm}"] <= ALPHA:  # a rank test's p is valid at p <= alpha
         return "Z above random"
-    return "Z below random" if row[f"random_p_below{holm}"] < ALPHA else "Z = random"
+    return "Z below random" if row[f"random_p_below{holm}"] <= ALPHA else "Z = random"
 
 
 def _random_words(r):
