@@ -159,3 +159,42 @@ def test_cache_dir_none_means_off():
     assert common.cache_dir_arg("none") is None and common.cache_dir_arg("None") is None
     assert common.cache_dir_arg("x/y") == Path("x/y")
 
+
+
+def test_resume_reads_a_config_written_under_the_old_flag_names(tmp_path):
+    """Runs made before the rename store basis_layer (B, C, E), one value for --layer (D) and
+    --depth (B-E), and no entry for flags added since: --resume compares them under today's names,
+    as the lists the flags now give, and skips what the run could not have set."""
+    for old, now in (({"basis_layer": 21, "depth": 0.889}, {"layer": 21, "depth": [0.889]}),
+                     ({"basis_layer": None, "depth": 0.889}, {"layer": None, "depth": [0.889]}),
+                     ({"layer": 21, "depth": None}, {"layer": [21], "depth": None}),
+                     ({"layer": [21, 22], "depth": None}, {"layer": [21, 22], "depth": None})):
+        runs.write_json(tmp_path / "config.json", {"args": dict(old, k=50)})
+        runs.check_resume(tmp_path, argparse.Namespace(**now, k=[50], bank_steps=1))
+        for changed in ({"layer": [3]}, {"k": [20]}, {"depth": [0.5]}):
+            with pytest.raises(runs.UsageError, match=f"--{next(iter(changed))} "):
+                runs.check_resume(tmp_path, argparse.Namespace(**{**now, "k": [50], **changed}))
+
+
+@pytest.mark.parametrize("config", sorted(runs.REPO.glob("results/example-*/exp_*/config.json")),
+                         ids=lambda p: f"{p.parent.parent.name}/{p.parent.name}")
+def test_a_committed_run_resumes_with_its_own_command(config, monkeypatch):
+    """Each committed run's command, parsed and validated by today's script (the model's config
+    stood in for by its layer count and width), passes --resume's check. --n-random's default was
+    20 when B and D ran: a command that continues such a run names the value."""
+    import importlib
+    from zcausal import stats
+    stored = json.loads(config.read_text(encoding="utf-8"))
+    model = common.tiny_config()
+    model.num_hidden_layers, model.hidden_size = (stored["model"]["num_layers"],
+                                                  stored["model"]["hidden_size"])
+    monkeypatch.setattr(common, "load_model_config", lambda *a, **k: model)
+    words = stored["command"].split()
+    argv = words[1:] + ["--resume"]
+    if stored["args"].get("n_random") not in (None, stats.N_RANDOM):
+        argv += ["--n-random", str(stored["args"]["n_random"])]
+    script = importlib.import_module(Path(words[0]).stem)
+    args = script.parse_args(argv)
+    if hasattr(script, "build_parser"):  # A and E resolve their flags in validate, before the check
+        script.validate(args)
+    runs.check_resume(config.parent, args)

@@ -107,29 +107,33 @@ def portable(value):
 
 # Flags renamed since runs were committed: the old name in a config.json's "args" -> today's dest.
 RENAMED = {"basis_layer": "layer"}
-# Flags that took one value and now take one or several: a stored value v means [v].
-LISTED = {"layer", "depth"}
 
 
 def current_names(stored):
-    """A config.json's "args" under today's flag names (RENAMED), the one-value flags that now take
-    a list as lists (LISTED), so a run made before a rename still resumes."""
-    renamed = {RENAMED.get(k, k): v for k, v in stored.items()}
-    return {k: [v] if k in LISTED and v is not None and not isinstance(v, list) else v
-            for k, v in renamed.items()}
+    """A config.json's "args" under today's flag names (RENAMED), so a run made before a rename
+    still resumes."""
+    return {RENAMED.get(k, k): v for k, v in stored.items()}
+
+
+def _same_flag(stored, current):
+    """A stored value equals the current one, a single value also the list of it (flags that took
+    one value and now take one or several: --layer, --depth, --k)."""
+    return stored == current or (isinstance(current, list) and [stored] == current)
 
 
 def check_resume(out, args):
     """--resume: `out` must hold a run whose config.json has the same flags as this command
-    (RESUME_IGNORED aside); else a UsageError naming the flags that differ."""
+    (RESUME_IGNORED aside; a run made before a flag was renamed or added is read under today's
+    names, current_names); else a UsageError naming the flags that differ."""
     config_path = Path(out) / "config.json"
     if not config_path.is_file():
         raise UsageError(f"--resume: {out} holds no run to continue (no config.json); "
                          f"drop --resume to start one")
     stored = current_names(json.loads(config_path.read_text(encoding="utf-8")).get("args", {}))
     stored = {k: v for k, v in stored.items() if k not in RESUME_IGNORED}
-    current = current_names(comparable_args(args))
-    differ = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    current = comparable_args(args)
+    # a flag the run's config.json does not name was added since: that run could not set it
+    differ = sorted(k for k in stored if not _same_flag(stored[k], current.get(k)))
     if differ:
         shown = ", ".join(f"--{k.replace('_', '-')} (was {stored.get(k)!r}, now {current.get(k)!r})"
                           for k in differ[:4])
