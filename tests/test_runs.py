@@ -198,3 +198,44 @@ def test_a_committed_run_resumes_with_its_own_command(config, monkeypatch):
     if hasattr(script, "build_parser"):  # A and E resolve their flags in validate, before the check
         script.validate(args)
     runs.check_resume(config.parent, args)
+
+
+def test_write_csv_keeps_a_file_that_holds_the_same_table(tmp_path):
+    """A table whose numbers moved only in their last digits (another pandas or numpy) leaves the
+    file's bytes alone; a real change, a new column or other text rewrites it."""
+    import pandas as pd
+    path = tmp_path / "t.csv"
+    table = pd.DataFrame({"name": ["a", "b"], "x": [0.1234567890123, 2.0], "n": [1, 2],
+                          "flag": [True, False], "p": [float("nan"), 1e-300]})
+    runs.write_csv(table, path)
+    before = path.read_bytes()
+    runs.write_csv(table.assign(x=table.x * (1 + 1e-13)), path)
+    assert path.read_bytes() == before
+    for changed in (table.assign(x=table.x * (1 + 1e-6)), table.assign(name=["a", "c"]),
+                    table.assign(extra=1), table.iloc[:1], table.assign(p=[0.5, 1e-300])):
+        runs.write_csv(table, path)
+        runs.write_csv(changed, path)
+        assert runs.load_csv(path).shape == changed.shape and path.read_bytes() != before
+
+
+def test_save_figure_keeps_a_file_that_shows_the_same_pixels(tmp_path):
+    """Only the PNG's metadata differs (another matplotlib writes its version there): kept."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def figure(y):
+        fig, ax = plt.subplots(figsize=(2, 2))
+        ax.plot([0, 1], [0, y])
+        return fig
+
+    path = tmp_path / "f.png"
+    fig = figure(1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=50, metadata={"Software": "another version"})
+    plt.close(fig)
+    before = path.read_bytes()
+    runs.save_figure(figure(1), path, dpi=50)
+    assert path.read_bytes() == before
+    runs.save_figure(figure(2), path, dpi=50)
+    assert path.read_bytes() != before and b"another version" not in path.read_bytes()

@@ -216,13 +216,33 @@ def write_json(path, obj):
                           encoding="utf-8")
 
 
-def save_figure(fig, path, dpi=120):
-    """Lay out, write and close a matplotlib figure (closing frees it in long runs)."""
+def save_figure(fig, path, dpi=120, rect=None):
+    """Lay out (tight_layout within `rect`, the whole figure by default), write and close a
+    matplotlib figure (closing frees it in long runs). A file that already shows the same pixels
+    is left as it is: a --replot under another matplotlib, whose version is written into the PNG,
+    does not rewrite a committed figure that looks the same."""
+    import io
     import matplotlib.pyplot as plt
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.tight_layout(rect=rect)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
+    if not (Path(path).is_file() and _same_pixels(path, buffer)):
+        Path(path).write_bytes(buffer.getvalue())
     return path
+
+
+def _same_pixels(path, buffer):
+    """Whether the image file at `path` and the one in `buffer` decode to the same pixels."""
+    import matplotlib.image
+    import numpy as np
+    try:
+        old = matplotlib.image.imread(path)
+    except (OSError, ValueError, SyntaxError):  # not an image matplotlib can read: rewrite it
+        return False
+    buffer.seek(0)
+    new = matplotlib.image.imread(buffer, format=Path(path).suffix.lstrip(".") or "png")
+    return old.shape == new.shape and np.array_equal(old, new)
 
 
 def figure_dir(out, figures_root):
@@ -291,14 +311,40 @@ def apply_smoke(parser, args, preset, unless=None):
 
 def write_csv(frame, path, append=False):
     """Write (or append to) a CSV (gzipped when the name ends in .gz) that load_csv reads back
-    exactly. Every string is quoted:
-    pandas leaves a lone carriage return unquoted, which splits a generated text over two lines."""
+    exactly. Every string is quoted: pandas leaves a lone carriage return unquoted, which splits
+    a generated text over two lines. A file that already holds the same table (same_table: its
+    numbers equal to the last digits that a pandas or numpy version moves) is left as it is, so a
+    --replot does not rewrite a committed table that says the same."""
     import csv
     path = Path(path)
+    if not append and path.is_file() and same_table(frame, path):
+        return
     # .gz: gzip with a fixed timestamp, so the same rows give the same bytes (appends add members)
     compression = {"method": "gzip", "mtime": 0} if path.suffix == ".gz" else None
     frame.to_csv(path, mode="a" if append else "w", header=not (append and path.exists()),
                  index=False, quoting=csv.QUOTE_NONNUMERIC, compression=compression)
+
+
+def same_table(frame, path, rtol=1e-9, atol=1e-12):
+    """Whether the CSV at `path` holds `frame` as load_csv would read it back from write_csv: the
+    same columns and rows, the same text, and numbers equal within rtol (or atol near 0)."""
+    import csv
+    import io
+    import numpy as np
+    import pandas as pd
+    old = load_csv(path)
+    new = load_csv(io.StringIO(frame.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)))
+    if list(old.columns) != list(new.columns) or old.shape != new.shape:
+        return False
+    for column in new.columns:
+        a, b = old[column], new[column]
+        if pd.api.types.is_numeric_dtype(a) and pd.api.types.is_numeric_dtype(b):
+            if not np.allclose(a.to_numpy(float), b.to_numpy(float), rtol=rtol, atol=atol,
+                               equal_nan=True):
+                return False
+        elif not a.astype(str).equals(b.astype(str)):
+            return False
+    return True
 
 
 def load_csv(path):

@@ -71,10 +71,7 @@ def plot_singular_values(out_dir, path):
     fig.suptitle(f"Spectrum of the zh <- en bridge W (fit on all pairs; layer "
                  f"{int(meta['layer'])}, {_basis_name(meta)} basis, {_pooling_note(sv)})",
                  fontsize=11)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return runs.save_figure(fig, path, dpi=130, rect=(0, 0.07, 1, 1))
 
 
 def _pooling_note(table):
@@ -145,10 +142,7 @@ def plot_heldout_r2(out_dir, path):
     fig.suptitle(f"Bridge zh <- en inside the {_basis_name(m)} basis: layer "
                  f"{int(m['layer'].iloc[0])}, N = {int(m['n_pairs'].iloc[0])} pairs, "
                  f"{_pooling_note(m)}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.13, 1, 1))
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return runs.save_figure(fig, path, dpi=130, rect=(0, 0.13, 1, 1))
 
 
 def _random_draws(out_dir):
