@@ -200,7 +200,9 @@ def run_jobs(model, tokenizer, ctx, jobs, args, done, on_results, decode, scorin
     jobs = sorted(set(jobs), key=lambda j: (length[j.problem], j))
     pending = [jobs[s:s + args.batch_size] for s in range(0, len(jobs), args.batch_size)]
     pending = [b for b in pending if not all(j in done for j in b)]
-    with tqdm(total=sum(map(len, pending)), desc=desc, unit="row", leave=False) as bar:
+    # nothing left (a resumed run): no bar at all rather than an empty one
+    with tqdm(total=sum(map(len, pending)), desc=desc, unit="row", leave=False,
+              disable=not pending) as bar:
         while pending:
             batch = pending.pop(0)
             try:
@@ -490,15 +492,15 @@ def main(args):
     swap_of = problems.derangement([p["answer"] for p in pairs], args.seed,
                                    key=problems.first_digit)
     if not args.resume:  # a resumed run keeps the config.json it was started with
+        layers = dict(depth=args.depth, layer=args.layer, num_layers=common.num_layers(model),
+                      plan_layer=common.plan_layer_at_depth(model))
         primary = summary.primary_config(args.layer, args.k, args.positions, args.source,
-                                         common.plan_layer_at_depth(model))
+                                         layers["plan_layer"])
         runs.write_json(out / "config.json", runs.run_config(
             args, model, template=template, n_pairs=len(pairs), solved=solved,
-            layers_resolved=dict(depth=args.depth, layer=args.layer,
-                                 num_layers=common.num_layers(model),
-                                 basis_layer=common.plan_layer_at_depth(model)),
-            primary_test=dict(zip(summary.CONFIG, primary),
-                              description=summary.primary_description(primary)),
+            layers_resolved=layers, primary_test=dict(
+                zip(summary.CONFIG, primary),
+                description=summary.primary_description(primary, layers)),
             swap_source={p["id"]: pairs[j]["id"] for p, j in zip(pairs, swap_of)},
             random_basis_seeds="seed * 1000003 + k * 1009 + draw",
             language_margin="log P(Latin word) - log P(Chinese word) right after the reference "
@@ -511,9 +513,7 @@ def main(args):
                                      decodes, scores, earlier, languages)
         rows, null, variance, earlier = rows + r, null + n, variance + v, earlier | decoded
     write_outputs(out, rows, null, variance, decodes, scores, pairs, swap_of, tokenizer, args)
-    verdicts, _ = summary.summarize(out, args.figures)
-    print(f"wrote {out}/SUMMARY.md")
-    return verdicts
+    return summary.replot(args)  # the tables, SUMMARY.md and figures; prints verdicts and paths
 
 
 def source_arg(value):

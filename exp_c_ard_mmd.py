@@ -388,7 +388,8 @@ def compute_all(zh, en, layers, splits, z_energy, args, device, out=None):
             if out is not None and unit_path(out, layer, obj).is_file()}
     todo = [(layer, obj) for layer in layers for obj in args.objective if (layer, obj) not in done]
     units = {}
-    with tqdm(total=len(todo) * args.steps, desc="ARD fits (Adam steps)") as progress:
+    with tqdm(total=len(todo) * args.steps, desc="ARD fits (Adam steps)",
+              disable=not todo) as progress:  # nothing left (--resume): no empty bar
         for li, layer in enumerate(layers):
             objectives = [obj for obj in args.objective if (layer, obj) in todo]
             if not objectives:

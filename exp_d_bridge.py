@@ -14,21 +14,23 @@ Z_zh ~ Z_en W + b:
   identity    W = I, b = 0: zero parameters (both sides use the same basis, so it is a hypothesis)
   mean_shift  W = I, b = mean(Y) - mean(X): the language offset alone
 Fitted maps centre X and Y with the training rows' means (the intercept b). For each: in-sample R^2,
-held-out R^2 by leave-one-out and 10-fold, a shuffled-pairs null of the 10-fold R^2, top-1 retrieval
-of the mapped vectors among the true Z_zh (chance 1/N), ||W^T W - I||_F / k and the singular values.
-Is Z special? --n-random Haar-random k-dim bases (default 19) are fitted in the same run on the same
-folds, and Z's 10-fold R^2 is ranked among theirs per map and k (stats.rank_test: Z as one more
-draw; one-sided p = (1 + #{draws >= Z}) / (M + 1), at least 1 / (M + 1)). The primary test is
-least squares at k = 50 (the largest --k where 50 is not run); the
-other maps and k are Holm-corrected. --n-random 0 leaves the comparison out ("not tested").
+held-out R^2 by leave-one-out and n-fold (--n-folds, default 10), a shuffled-pairs null of the
+n-fold R^2, top-1 retrieval of the mapped vectors among the true Z_zh (chance 1/N),
+||W^T W - I||_F / k and the singular values. Is Z special? --n-random Haar-random k-dim bases
+(default 19) are fitted in the same run on the same folds, and Z's n-fold R^2 is ranked among
+theirs per map and k (stats.rank_test: Z as one more draw; one-sided p = (1 + #{draws >= Z}) /
+(M + 1), at least 1 / (M + 1)). The primary test is least squares at k = 50 (the largest --k where
+50 is not run); the other maps and k are Holm-corrected. --n-random 0 leaves the comparison out
+("not tested").
 R^2 = 1 - ||Y - Yhat||_F^2 / ||Y - mean(Y)||_F^2, with the mean over all N rows. With N <= k + 1
 least squares interpolates (in-sample R^2 = 1 whatever the data): only held-out numbers mean
 anything, and they need N well above k (MGSM's 250 pairs for k = 50).
 
 Outputs under --out: metrics.csv (one row per k and map; random_* columns: Z among the random
-bases), singular_values.csv, null.csv, random_draws.csv (the 10-fold R^2 of every random basis),
+bases), singular_values.csv, null.csv, random_draws.csv (the n-fold R^2 of every random basis),
 config.json; figures singular_values.png and heldout_r2.png (with the random band) under --figures
-(the --out path mirrored). --replot redraws them and prints the summary from the CSVs alone (no model).
+(the --out path mirrored). --replot redraws them and prints the summary from the CSVs alone (no
+model).
 """
 from pathlib import Path
 
@@ -185,7 +187,7 @@ def heldout_predictions(name, X, Y, folds):
 
 
 def compute_null(X, Y, folds, n_shuffles, seed):
-    """10-fold held-out R^2 per map with the pairing shuffled: dict map -> (n_shuffles,)."""
+    """n-fold held-out R^2 per map with the pairing shuffled: dict map -> (n_shuffles,)."""
     rng = np.random.default_rng(seed)
     perms = [rng.permutation(len(Y)) for _ in range(n_shuffles)]
     from tqdm.auto import tqdm
@@ -332,7 +334,7 @@ def run_record(args, config, layer, pairs):
                 maps=list(summary.MAPS), n_shuffles=args.n_shuffles, n_random=args.n_random,
                 random_basis="Haar (common.random_basis), seed * 1000003 + k * 1009 + draw, "
                              "fitted on the same folds as Z",
-                primary_test=summary.primary_description(args.k),
+                primary_test=summary.primary_description(args.k, args.n_folds),
                 n_folds=args.n_folds, ridge_grid_times_mean_eigenvalue=RIDGE_GRID.tolist(),
                 null_band_percentiles=list(DEFAULTS["band"]), direction="Z_zh ~ Z_en W + b",
                 texts="bare questions, no template",

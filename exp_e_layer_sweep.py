@@ -360,7 +360,7 @@ def run_sweep(model, state, args, out, split):
         keep_rows(out / name, ["k", "layer"], done)
     todo = [(k, layer) for k in args.k for layer in args.layers if (k, layer) not in done]
     z_fixed = {}
-    for k, layer in tqdm(todo, desc="layers", unit="layer"):
+    for k, layer in tqdm(todo, desc="layers", unit="layer", disable=not todo):  # none: no bar
         started = time.perf_counter()
         if k not in z_fixed:
             z_fixed[k] = common.z_basis(model, args.layer, k, fold_norm=args.fold_norm)

@@ -306,6 +306,9 @@ def test_an_interrupted_run_resumes_to_the_same_results(tmp_path, prompts_file, 
         assert (out / name).read_text() == (whole / name).read_text(), name
     for key, value in np.load(whole / "lengthscales.npz").items():
         np.testing.assert_array_equal(np.load(out / "lengthscales.npz")[key], value)
+    capsys.readouterr()
+    C.main(C.parse_args(_argv(tmp_path, prompts_file, *FAST, "--resume")))  # nothing left
+    assert "ARD fits" not in capsys.readouterr().err  # no empty progress bar
 
 
 # ----------------------------------------------------------------------------------------------

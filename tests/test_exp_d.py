@@ -177,6 +177,20 @@ def cli(tmp_path, *extra, n=12):
                           "--cache-dir", str(tmp_path / "cache"), *extra])
 
 
+def test_the_figure_and_the_declared_test_name_the_runs_own_folds(tmp_path, monkeypatch):
+    """--n-folds 3: the legend and config.json's primary test say 3-fold (they said 10-fold)."""
+    ed.main(cli(tmp_path, "--n-folds", "3", "--n-shuffles", "5", "--n-random", "2"))
+    legends = {}
+    monkeypatch.setattr(runs, "save_figure", lambda fig, path, **kw: legends.setdefault(
+        path.stem, [t.get_text() for t in fig.legends[0].get_texts()]))
+    exp_d_summary.plot_heldout_r2(tmp_path / "exp_d", tmp_path / "heldout_r2.png")
+    assert "Z, 3-fold held out" in legends["heldout_r2"]
+    assert "random bases, each (3-fold)" in legends["heldout_r2"]
+    assert not any("10-fold" in text for text in legends["heldout_r2"])
+    config = json.loads((tmp_path / "exp_d" / "config.json").read_text())
+    assert "3-fold held-out" in config["primary_test"]
+
+
 @pytest.mark.parametrize("extra", [["--layer", "4"], ["--k", "0"], ["--k", "4", "65"],
                                    ["--k", "4", "64"], ["--k", "4", "4"], ["--n-random", "-1"],
                                    ["--n-shuffles", "0"], ["--prompts-zh", "MISSING"],

@@ -521,6 +521,17 @@ def test_resume_finishes_an_interrupted_run_without_duplicates(finished_run, tmp
     assert len(runs.load_csv(out / "das_training.csv")) == 3  # steps 0, 1, 2 once
 
 
+def test_resuming_a_finished_sweep_prints_no_empty_progress_bar(finished_run, tmp_path, capsys):
+    import shutil
+    source, args = finished_run
+    out = tmp_path / "exp_e"
+    shutil.copytree(source / "exp_e", out)
+    capsys.readouterr()
+    ee.main(ee.parse_args([a if a != str(source / "exp_e") else str(out)
+                           for a in _argv(args)] + ["--resume"]))
+    assert "layers:" not in capsys.readouterr().err  # every layer was done: no "0/0" bar
+
+
 def _argv(args):
     """The command line of a parsed namespace as cli() built it."""
     return ["--model", args.model, "--device", "cpu", "--prompts", str(args.prompts),

@@ -11,8 +11,8 @@ number is read against random subspaces of the same size (Z as one more draw: st
 the noop patch decoded in the same batches, and the `en` control (the English prompt's own mean
 written into Z).
 
-The primary test, declared in config.json before the run (primary_config): at the basis layer (the
-plan's layer 32 of 36 at this model's depth), k 50, mean source, prompt positions, Z changes more
+The primary test, declared in config.json before the run (primary_config): at the plan's layer 32
+of 36 at this model's depth where it was run (else the first --layer), k 50, mean source, prompt positions, Z changes more
 answers than random subspaces of its size (rank test), more than `en` on the same problems (exact
 McNemar on the problems where they differ) and lowers log p(reference) more than `en` (exact sign
 test), all one-sided: an intersection-union test whose p-value is the largest of the three, with the
@@ -106,25 +106,33 @@ def check_complete(rows):
 # ----------------------------------------------------------------------------------------------
 # The declared primary configuration
 
-def primary_config(layers, ks, positions, sources, basis_layer):
-    """(layer, k, positions, source) of the primary test: the basis layer, k 50, prompt
+def primary_config(layers, ks, positions, sources, plan_layer):
+    """(layer, k, positions, source) of the primary test: the plan's layer, k 50, prompt
     positions, mean source, each where the run has it (else its first layer, largest k, first
     positions and source; the summary then says the declared configuration was not run)."""
-    return (basis_layer if basis_layer in layers else layers[0],
+    return (plan_layer if plan_layer in layers else layers[0],
             PRIMARY["k"] if PRIMARY["k"] in ks else max(ks),
             PRIMARY["positions"] if PRIMARY["positions"] in positions else positions[0],
             PRIMARY["source"] if PRIMARY["source"] in sources else sources[0])
 
 
-def primary_description(primary):
-    return ("Z at layer {} (the plan's layer 32 of 36 at this depth), k {}, positions {}, source "
+def primary_description(primary, layers=None):
+    """The declared primary test in words. layers: config.json's layers_resolved (num_layers and
+    the plan's layer at this depth; None: the primary layer is taken to be the plan's)."""
+    resolved = layers or {}  # older runs call the plan's layer basis_layer
+    layer, plan = primary[0], resolved.get("plan_layer", resolved.get("basis_layer"))
+    n = resolved.get("num_layers")
+    where = ("the plan's layer 32 of 36 at this depth" if plan is None or layer == plan else
+             f"depth {layer / n:.2f}, layer {layer} of {n}; the plan's layer 32 of 36 at this "
+             f"depth, {plan}, was not run")
+    return ("Z at layer {} ({where}), k {}, positions {}, source "
             "{} changes more answers than random subspaces of its size (rank test), more than en "
             "on the same problems (exact McNemar) and lowers log p(reference) more than en (exact "
             "sign test), each one-sided; p = the largest of the three (an intersection-union "
             "test), with Z's Wilson lower bound above the noop rate. 'partial' rests on it alone; "
             "'double dissociation' adds, at the same configuration, Z keeps language, Z⊥ changes "
             "language (rank test at its raw p: the label is the conjunction of its criteria) and "
-            "Z⊥ keeps answers".format(*primary))
+            "Z⊥ keeps answers".format(*primary, where=where))
 
 
 def primary_of(rows, config):
@@ -133,9 +141,10 @@ def primary_of(rows, config):
     if declared:
         return tuple(declared[c] for c in CONFIG)
     keys = rows[CONFIG].drop_duplicates()
-    basis = config.get("layers_resolved", {}).get("basis_layer", int(keys.layer.min()))
+    resolved = config.get("layers_resolved", {})  # the plan's layer: basis_layer in older runs
+    plan = resolved.get("plan_layer", resolved.get("basis_layer", int(keys.layer.min())))
     return primary_config(sorted(keys.layer.unique()), list(keys.k.unique()),
-                          list(keys.positions.unique()), list(keys.source.unique()), basis)
+                          list(keys.positions.unique()), list(keys.source.unique()), plan)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -572,10 +581,11 @@ def summarize(out_dir, figures_dir=Path("figures")):
 
 
 def replot(args):
-    """--replot: every table, SUMMARY.md and figure of the run in --out, rebuilt from its CSVs
-    (no model), each path printed; a folder without a finished run is a UsageError, nothing
-    written."""
+    """--replot, and the end of a run: every table, SUMMARY.md and figure of the run in --out,
+    rebuilt from its CSVs (no model); prints the verdicts (summary_lines) and each path written.
+    A folder without a finished run is a UsageError, nothing written."""
     verdicts, written = summarize(args.out, args.figures)
+    print("\n".join(summary_lines(args.out)))
     for path in written:
         print(f"wrote {path}")
     return verdicts

@@ -251,7 +251,8 @@ def write_summary(out_dir, rows, tables, checks, variance, config):
             f"{config.get('git_commit')}. {selection_sentence(config)} Every number and sentence "
             f"here is generated from the CSVs in this folder; rebuild with `python "
             f"exp_a_patching.py --replot --out <this folder>`.", "",
-            f"Declared primary test (config.json): {primary_description(primary)}. Every other "
+            f"Declared primary test (config.json): "
+            f"{primary_description(primary, config.get('layers_resolved'))}. Every other "
             f"test is secondary, its p Holm-adjusted over tests.csv.", "",
             "## Checks on the measure", ""] + checks_markdown(checks, template) + [
             "", "## Overview", "",
