@@ -645,7 +645,7 @@ def build_parser():
                         help="run even when the English and Chinese prompts end on different "
                              "tokens (a last-position interchange then swaps the token itself)")
     decoding.add_decode_args(parser)
-    parser.add_argument("--layers", type=int, nargs="*", default=None,
+    parser.add_argument("--layers", type=int, nargs="+", default=None,
                         help="layers to patch (default: every layer 0..L-1)")
     common.add_layer_args(parser, ", the fixed basis z_basis patched at every layer of --layers")
     parser.add_argument("--k", type=int, nargs="+", default=[50],
