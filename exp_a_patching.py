@@ -13,7 +13,12 @@ summary); fewer than --min-pairs kept stops the run with one line before the lon
 partners are drawn among the kept pairs with a different first digit.
 
 For every problem, the English prompt runs greedily under each condition, with the residual stream
-at layer --layer patched at the prompt positions as h <- h + P_S (s - h) (common.SubspacePatch):
+entering layer --layer (--site input, the default: the state whose keys and queries Z is built
+from; --site output: the stream after it) patched at the prompt positions as h <- h + P_S (s - h)
+(common.SubspacePatch). Every row also records how far its patch moves the attention of the layer
+that reads the patched stream (the basis layer itself at --site input): attn_tv_last /
+attn_tv_all, the total variation between patched and clean attention rows, averaged over heads,
+at the last prompt position and over all positions (zcausal/attention.py). Conditions:
   none    no patch                        noop    s = the row's own states (the noise floor: the
   z       replace the Z part of h                 same code path and batches as every patch)
   zperp   replace the Z-perp part         full    replace everything (h <- s)
@@ -50,9 +55,10 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import answered, decoding, problems, runs, stats
-from zcausal.patching import (RANDOM_CONDITIONS, last_positions, make_patch, patch_sizes,
-                              prepare_layer, prompt_texts, variance_rows)
+from zcausal import answered, decoding, prereg, problems, runs, stats
+from zcausal.patching import (RANDOM_CONDITIONS, attention_read_layer, last_positions,
+                              make_patch, patch_readouts, patch_sizes, prepare_layer,
+                              prompt_texts, variance_rows)
 from zcausal.summaries import exp_a as summary
 
 CONDITIONS = ["none", "noop", "z", "zperp", "full", "en"]
@@ -159,12 +165,15 @@ def score_sets(batch, answer_ids, swap_of, readouts):
 def run_batch(model, tokenizer, ctx, batch, args, decode, scoring):
     """Decode (decode=True) and/or score (scoring: (answer_ids, swap_of, readouts) or None) one
     batch of Jobs under their patches. One result dict per job: the decode's fields, patch_size,
-    and the scores: logp_ref / logp_swap (own / swap partner's answer), lang_ref (the language
+    attn_tv_last / attn_tv_all (how far the patch moves the attention of the layer reading the
+    patched stream: the basis layer at --site input; patching.patch_readouts), and the scores:
+    logp_ref / logp_swap (own / swap partner's answer), lang_ref (the language
     margin after the own answer) and, direct template only, first_ref / first_swap (log p of the
     two first digits right after the prompt) and top1 (the argmax there)."""
     rows = decoding.select_prefill(ctx.prefill, [j.problem for j in batch])
     patch = make_patch(batch, ctx, rows, args).to(rows["input_ids"].device)
-    sizes = patch_sizes(patch, rows["hidden"], rows["attention_mask"])
+    readouts = patch_readouts(model, patch, rows["hidden"], rows["attention_mask"],
+                              attention_read_layer(model, ctx.stream))
     sets, valid = score_sets(batch, *scoring) if scoring is not None else ([], [])
     stop_ids = problems.stop_token_ids(tokenizer)
     out = decoding.generate_and_score(
@@ -174,7 +183,7 @@ def run_batch(model, tokenizer, ctx, batch, args, decode, scoring):
     direct = args.template == "direct"
     results = []
     for b, job in enumerate(batch):
-        result = {"job": job, "patch_size": float(sizes[b])}
+        result = {"job": job, **{name: float(value[b]) for name, value in readouts.items()}}
         if decode:
             read = problems.read_output(tokenizer, out["tokens"][b].tolist(), stop_ids,
                                         args.template, args.max_new_tokens)
@@ -311,12 +320,19 @@ def run_layer(model, tokenizer, pairs, template, layer, args, swap_of, decodes, 
 # Tables
 
 SCORED = ("logp_ref", "logp_swap", "first_ref", "first_swap", "top1", "lang_ref")
+READOUTS = ("attn_tv_last", "attn_tv_all")  # the patch's effect on the reading layer's attention
 
 
 def score_of(job, decodes, scores):
     """The SCORED fields of a job, floats: from the scoring pass, else from its decode (direct)."""
     r = scores[job] if job in scores else decodes[job]
     return {name: float(r[name]) for name in SCORED}
+
+
+def readouts_of(job, decodes, scores):
+    """The READOUTS of a job, floats (NaN for a run from before they were measured)."""
+    r = scores[job] if job in scores else decodes[job]
+    return {name: float(r.get(name, math.nan)) for name in READOUTS}
 
 
 def first_digit_fields(s, own, partner, first_ids):
@@ -359,12 +375,14 @@ def table_rows(rows, decodes, scores, pairs, swap_of, first_ids):
             correct=problems.answers_equal(g["answer"], float(own["answer"])),
             truncated=bool(g["truncated"]), answer_changed=not unchanged,
             baseline_language=none["language"], language=g["language"],
-            language_changed=g["language"] != none["language"], outcome=outcome,
+            language_changed=problems.changed_language(none["language"], g["language"]),
+            to_zh=none["language"] == "en" and g["language"] == "zh", outcome=outcome,
             logp_ref=ref, logp_swap=swap, ld=ref - swap, dlogp_ref=ref - s0["logp_ref"],
             dlogp_swap=swap - s0["logp_swap"], dld=(ref - swap) - ld0,
             first_ref=s["first_ref"], first_swap=s["first_swap"], top1=s["top1"], **digits,
             dp_share=digits["p_share"] - digits0["p_share"], lang_ref=s["lang_ref"],
-            dlang_ref=s["lang_ref"] - s0["lang_ref"], patch_size=float(g["patch_size"])))
+            dlang_ref=s["lang_ref"] - s0["lang_ref"], patch_size=float(g["patch_size"]),
+            **readouts_of(r["job"], decodes, scores)))
     return pd.DataFrame(records)
 
 
@@ -372,7 +390,7 @@ def null_table(jobs, decodes, scores, pairs, swap_of, first_ids):
     """random_scores.csv: per problem and scored random draw, the scored measures (no decoding)."""
     records = []
     columns = ["problem_id", "layer", "k", "positions", "source", "condition", "draw", "pair",
-               *SCORED, "ld", "top1_own", "top1_src", "p_share"]
+               *SCORED, "ld", "top1_own", "top1_src", "p_share", *READOUTS]
     for job in jobs:
         s = score_of(job, decodes, scores)
         records.append(dict(problem_id=pairs[job.problem]["id"], layer=job.layer, k=job.k,
@@ -380,7 +398,8 @@ def null_table(jobs, decodes, scores, pairs, swap_of, first_ids):
                             draw=job.draw,
                             pair="same" if job.source_problem == job.problem else "swap",
                             **s, ld=s["logp_ref"] - s["logp_swap"],
-                            **first_digit_fields(s, job.problem, swap_of[job.problem], first_ids)))
+                            **first_digit_fields(s, job.problem, swap_of[job.problem], first_ids),
+                            **readouts_of(job, decodes, scores)))
     return pd.DataFrame(records, columns=columns)
 
 
@@ -499,8 +518,9 @@ def main(args):
         runs.write_json(out / "config.json", runs.run_config(
             args, model, template=template, n_pairs=len(pairs), solved=solved,
             layers_resolved=layers, primary_test=dict(
-                zip(summary.CONFIG, primary),
-                description=summary.primary_description(primary, layers)),
+                zip(summary.CONFIG, primary), site=args.site,
+                description=summary.primary_description(primary, args.site, layers)),
+            preregistration=prereg.record("A"),
             swap_source={p["id"]: pairs[j]["id"] for p, j in zip(pairs, swap_of)},
             random_basis_seeds="seed * 1000003 + k * 1009 + draw",
             language_margin="log P(Latin word) - log P(Chinese word) right after the reference "
@@ -548,9 +568,10 @@ def build_parser():
                              "(with the mean source)")
     parser.add_argument("--source", nargs="+", type=source_arg, default=["mean"],
                         help="mean, ot, last, last:M (see the description above)")
-    parser.add_argument("--site", choices=["output", "input"], default="output",
-                        help="patch decoder layer l's output (the residual stream after l) or its "
-                             "input (the stream l's W_Q and W_K read, = layer l-1's output)")
+    parser.add_argument("--site", choices=["input", "output"], default="input",
+                        help="input (default): patch the residual stream entering layer l, the "
+                             "state its W_Q and W_K read, where Z acts (= layer l-1's output); "
+                             "output: the stream after layer l, which only the layers above read")
     parser.add_argument("--skip-first", action="store_true",
                         help="leave position 0 (the attention sink) unpatched")
     parser.add_argument("--n-random", type=int, default=stats.N_RANDOM,

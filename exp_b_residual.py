@@ -19,8 +19,8 @@ random subspace" can mean no more than "along the stream's main directions".
 The first token (attention sink) is left out of the means unless --keep-first-token; the tokens of
 numbers too with --drop-numbers. --k takes one or several dimensions (every table has a k column);
 --n-random 0 leaves the random bands out ("not tested"). The primary test (zcausal/summaries/
-exp_b.py): Z's R on the update into the basis layer, both languages, at k = 50 (else the largest
---k), ranked among the covariance-matched draws, one-sided.
+exp_b.py): Z's R on the update into the basis layer's input, both languages, at k = 50 (else the
+largest --k), ranked among the uniform (Haar) draws, one-sided; the matched draws shown beside.
 
 Outputs under --out: per_prompt.csv, per_layer.csv, asymmetry.csv (R_zh - R_en per transition),
 random_draws.csv, config.json; figure residual_ratio.png under --figures (the --out path mirrored).
@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 import common
-from zcausal import problems, runs, stats
+from zcausal import prereg, problems, runs, stats
 from zcausal.runs import UsageError
 from zcausal.summaries import exp_b as summary
 
@@ -300,7 +300,8 @@ def run_record(args, config, basis_layer, pairs):
                 texts="bare questions, zh and en, no template",
                 R_chance={k: float(np.sqrt(k / (d - k))) for k in args.k},
                 energy_chance={k: k / d for k in args.k},
-                primary_test=summary.primary_description(args.k))
+                primary_test=summary.primary_description(args.k),
+                preregistration=prereg.record("B"))
 
 
 def main(args):

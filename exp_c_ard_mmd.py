@@ -77,7 +77,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zcausal import ard_mmd, problems, runs
+from zcausal import ard_mmd, prereg, problems, runs
 from zcausal.summaries import exp_c as summary
 import common
 from zcausal.runs import UsageError
@@ -456,6 +456,7 @@ def run_record(args, config, layers, basis_layer, pairs, splits):
         layer_fractions=[round(layer / n_layers, 4) for layer in layers],
         basis_layer=basis_layer, depth=args.depth, k=list(args.k),
         primary_test=summary.primary_description(args.k),
+        preregistration=prereg.record("C"),
         basis_layer_fraction=round(basis_layer / n_layers, 4), hidden_size=config.hidden_size,
         n_pairs=len(pairs), splits={k: [pairs[i]["id"] for i in v] for k, v in splits.items()},
         drop_first=not args.keep_first_token, drop_numbers=args.drop_numbers,

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 import common
-from zcausal import problems, runs, stats
+from zcausal import prereg, problems, runs, stats
 from zcausal.runs import UsageError
 from zcausal.summaries import exp_d as summary
 
@@ -335,6 +335,7 @@ def run_record(args, config, layer, pairs):
                 random_basis="Haar (common.random_basis), seed * 1000003 + k * 1009 + draw, "
                              "fitted on the same folds as Z",
                 primary_test=summary.primary_description(args.k, args.n_folds),
+                preregistration=prereg.record("D"),
                 n_folds=args.n_folds, ridge_grid_times_mean_eigenvalue=RIDGE_GRID.tolist(),
                 null_band_percentiles=list(DEFAULTS["band"]), direction="Z_zh ~ Z_en W + b",
                 texts="bare questions, no template",

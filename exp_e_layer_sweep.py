@@ -14,22 +14,33 @@ Chinese prompt's last m positions (aligned from the end), from the same problem 
 or from the swap partner (`swap`), within a subspace:
   none      nothing (the no-op, computed in the same batches: the noise floor)
   full      everything (h <- s)
-  z_basis   Z of --layer (or --depth F; default: layer 32 of 36 at the same depth), k dims
+  z_basis   Z of --layer (or --depth F; default: layer 32 of 36 at the same depth), k dims;
+            the primary test reads it at the basis layer's input (--site input: sweep layer b - 1,
+            always swept) or its output (--site output: sweep layer b)
   z_layer   Z of the patched layer l itself
   random    --n-random random k-dim subspaces (the same draws at every layer)
+Every row also records how far its patch moves the basis layer's attention at the patched
+position (attn_tv_last / attn_tv_all; layers below the basis layer only): Z's own positive control.
 Every row is written (per_problem.csv, random_rows.csv.gz); the tables, the declared primary test
 and the Holm-corrected secondary ones are built from those rows alone
 (zcausal/summaries/exp_e_tables.py: measures top1_src / top1_own / neither, the p_share shift,
 disruption, pooled shifts, the language margin after the answer). Decoded spot checks at
 --decode-layers; then DAS at --das-layer, trained on the train split, steps chosen on validation,
 reported on the held-out test split with bootstrap intervals beside full interchange and Z.
+A second position set runs first (--positions; by default with bank problems): every token of
+the question takes, at layer l, the state at the same position of a counterfactual partner's
+prompt in the same language (the same problem with other numbers of the same digit counts, so
+the prompts align position by position), with the same conditions (zcausal/question.py).
 
 Outputs in --out: per-row clean.csv, per_problem.csv, random_rows.csv.gz, timing.csv, solved.csv,
 decode.csv, das_per_problem.csv, das_random_rows.csv.gz, das_training.csv, das_angles.csv,
-das_decode.csv, das_basis_k*.npy; tables per_layer.csv, draws.csv, das.csv, tests.csv,
-decode_summary.csv, das_decode_summary.csv; config.json (with the primary test); figures
-layer_sweep.png (layer_sweep_k<k>.png for the other k) and das.png under --figures
-(runs.figure_path), drawn by zcausal/summaries/exp_e_figures.py from the tables.
+das_decode.csv, das_basis_k*.npy, question_clean.csv, question_per_problem.csv,
+question_random_rows.csv.gz, question_timing.csv; tables per_layer.csv, draws.csv, das.csv,
+tests.csv, decode_summary.csv, das_decode_summary.csv, question_per_layer.csv,
+question_draws.csv, question_tests.csv; config.json (with the primary test and the
+counterfactual partners); figures layer_sweep.png (layer_sweep_k<k>.png for the other k),
+question_sweep.png and das.png under --figures (runs.figure_path), drawn by
+zcausal/summaries/exp_e_figures.py from the tables.
 """
 import json
 import time
@@ -42,9 +53,12 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import answered, das, decoding, interchange, problems, runs, stats
+from zcausal import (answered, das, decoding, interchange, prereg, problems,
+                     question, runs, stats)
+from zcausal.runs import done_values, keep_rows
 from zcausal.summaries import exp_e as summary
 from zcausal.summaries import exp_e_tables as tables
+from zcausal.summaries.exp_e_tables import write_rows
 
 FIXED = ["none", "full", "z_basis", "z_layer"]
 BANK_PAIRS = 300  # with --prompts bank and no --limit: the first 300 pairs are tried
@@ -134,22 +148,7 @@ def prepare(model, tokenizer, pairs, template, partner, m, batch_size):
 
 def clean_states(model, prefixes, canonical, batch_size, languages):
     """The canonical block's states at every layer (L + 1, N, Q, d) and its clean scores."""
-    n_layers = common.num_layers(model)
-    n, width = canonical.ids.shape
-    hidden = torch.empty(n_layers + 1, n, width, common.hidden_size(model),
-                         dtype=next(model.parameters()).dtype, device=canonical.ids.device)
-    parts = []
-    for start in range(0, n, batch_size):
-        index = list(range(start, min(n, start + batch_size)))
-        block = canonical.take(index)
-        emb = interchange.embed(model, block)
-        final, captured = interchange.run_layers(model, prefixes, block, emb, 0, capture=True)
-        hidden[0, index] = emb
-        for layer, states in captured.items():
-            hidden[layer + 1, index] = states
-        parts.append(interchange.score(model, final, block, languages))
-    scores = {key: torch.cat([p[key] for p in parts]).cpu() for key in parts[0]}
-    return hidden, scores
+    return interchange.block_states(model, prefixes, canonical, batch_size, languages)
 
 
 def last_states(model, tokenizer, texts, m, batch_size):
@@ -242,14 +241,30 @@ def make_batches(state, problem_index, n_conditions, batch_size, dtype):
     return batches
 
 
+def run_with_readout(model, state, batch, layer, hidden, patch, basis_layer):
+    """patched_scores for one batch, and how far the patch moves the attention of `basis_layer`
+    at the patched (suffix) positions: the query block runs from layer + 1 up to the basis layer,
+    its attention is read from the stream entering it (interchange.scores_and_readout, against the
+    clean stream there), then the rest of the layers run; the scores are the ones a single pass
+    gives. Returns (scores, attn_tv_last (B,), attn_tv_all (B,)): total variation averaged over
+    heads at the last patched position / over the patched positions; NaN where the patched stream
+    is not below the basis layer (a patch at or above it cannot reach its attention)."""
+    def clean():  # the clean stream entering the basis layer, gathered only where it is read
+        return state.hidden[basis_layer][batch.block.rows[:, None], batch.columns]
+    return interchange.scores_and_readout(model, state.prefixes, batch.block, layer, hidden, patch,
+                                          basis_layer, clean, state.languages, batch.mask)
+
+
 @torch.no_grad()
-def run_rows(model, state, layer, conditions, batches):
+def run_rows(model, state, layer, conditions, batches, basis_layer=None):
     """Scores of every row with the `last` source patched at `layer`: a frame with problem,
     pairing, condition index, logp_own, logp_src, first_own, first_src, lang_own, lang_src, top1
     (the argmax at the patched last position) with top1_own / top1_src (it is the own / the
-    source's first digit; for `same` rows the source is the own problem), and
+    source's first digit; for `same` rows the source is the own problem),
     patch_share = |P_S (s - h)| / |s - h| at the patched positions (how much of the difference
-    between source and run the subspace carries: 1 for full, 0 for none)."""
+    between source and run the subspace carries: 1 for full, 0 for none), and attn_tv_last /
+    attn_tv_all, how far the patch moves the attention of `basis_layer` at the patched
+    positions (run_with_readout; NaN for layers at or above it, or without a basis layer)."""
     device = state.hidden.device
     bases, complement = conditions.bases.to(device), conditions.complement.to(device)
     frames = []
@@ -262,8 +277,8 @@ def run_rows(model, state, layer, conditions, batches):
         suffix = hidden[:, :batch.block.m].float()
         share = ((patch(suffix).float() - suffix).norm(dim=-1)
                  / (source.float() - suffix).norm(dim=-1).clamp(min=1e-12)).mean(1)
-        out = interchange.patched_scores(model, state.prefixes, batch.block, layer, hidden, patch,
-                                         state.languages, batch.mask)
+        out, tv_last, tv_all = run_with_readout(model, state, batch, layer, hidden, patch,
+                                                basis_layer)
         src = 0 if batch.pairing == "same" else 1
         top1 = out["top1"].cpu().numpy()
         own_first = np.array([state.answers[u][0] for u in batch.problems])
@@ -278,30 +293,13 @@ def run_rows(model, state, layer, conditions, batches):
             "lang_own": out["lang"][:, 0].double().cpu().numpy(),
             "lang_src": out["lang"][:, src].double().cpu().numpy(),
             "top1": top1, "top1_own": top1 == own_first, "top1_src": top1 == src_first,
-            "patch_share": share.double().cpu().numpy()}))
+            "patch_share": share.double().cpu().numpy(),
+            "attn_tv_last": tv_last.double().numpy(), "attn_tv_all": tv_all.double().numpy()}))
     return pd.concat(frames, ignore_index=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # The sweep
-
-def done_values(path, columns):
-    """The (tuples of) values of `columns` already in a CSV, for --resume."""
-    if not Path(path).is_file():
-        return set()
-    frame = runs.load_csv(path)
-    return set(zip(*(frame[c].tolist() for c in columns)))
-
-
-def keep_rows(path, columns, keep):
-    """Rewrite a CSV keeping only rows whose `columns` values are in `keep`: on --resume, the
-    rows an interrupted step appended before its marking file was written are dropped, not
-    duplicated."""
-    if Path(path).is_file():
-        frame = runs.load_csv(path)
-        mask = [values in keep for values in zip(*(frame[c].tolist() for c in columns))]
-        runs.write_csv(frame[mask], path)
-
 
 def per_problem_rows(measured, state, conditions, split, extra):
     """Every row of one layer (named conditions and random draws), with ids, split and draw: the
@@ -318,14 +316,6 @@ def per_problem_rows(measured, state, conditions, split, extra):
     for key, value in reversed(list(extra.items())):
         frame.insert(0, key, value)
     return frame
-
-
-def write_rows(frame, out, prefix=""):
-    """The named conditions' rows to <prefix>per_problem.csv, the random draws' to
-    <prefix>random_rows.csv.gz (compressed: 19+ draws x pairs x layers rows)."""
-    random = frame.condition == "random"
-    runs.write_csv(frame[~random], out / f"{prefix}per_problem.csv", append=True)
-    runs.write_csv(frame[random], out / f"{prefix}random_rows.csv.gz", append=True)
 
 
 def query_flops(config, rows, width, prefix, n_layers_run, scored):
@@ -367,8 +357,9 @@ def run_sweep(model, state, args, out, split):
         z_here = common.z_basis(model, layer, k, fold_norm=args.fold_norm)
         conditions = make_conditions(d, k, [("z_basis", z_fixed[k]), ("z_layer", z_here)],
                                      args.n_random, args.seed)
-        rows = per_problem_rows(run_rows(model, state, layer, conditions, batches), state,
-                                conditions, split, {"k": k, "layer": layer, "depth": layer / L})
+        rows = per_problem_rows(run_rows(model, state, layer, conditions, batches,
+                                         args.layer), state, conditions, split,
+                                {"k": k, "layer": layer, "depth": layer / L})
         write_rows(tables.row_measures(rows, state.clean, args.min_span), out)
         runs.write_csv(pd.DataFrame([dict(  # this layer's rows, Z's SVD included
             k=k, layer=layer, seconds=time.perf_counter() - started,
@@ -429,7 +420,7 @@ def decode_record(pairs, u, j, pairing, conditions, c, text, logp_own, layer):
     return dict(layer=layer, pairing=pairing, condition=conditions.names[c],
                 draw=conditions.draws[c], problem_id=pairs[u]["id"], source_id=pairs[j]["id"],
                 answer=own, source_answer=source, output=text, parsed=answer, outcome=outcome,
-                language=problems.classify_language(text, truncate=False),
+                language=problems.classify_language(text),
                 logp_own_decode=logp_own)
 
 
@@ -484,8 +475,9 @@ def run_das(model, tokenizer, state, template, args, out, split, layer):
         conditions = make_conditions(d, k, [("das", basis), ("z_basis", z_fixed),
                                             ("z_layer", z_here)], args.n_random, args.seed)
         batches = make_batches(state, test, len(conditions.names), args.batch_size, dtype)
-        rows = per_problem_rows(run_rows(model, state, layer, conditions, batches), state,
-                                conditions, split, {"k": k, "layer": layer})
+        rows = per_problem_rows(run_rows(model, state, layer, conditions, batches,
+                                         args.layer), state, conditions, split,
+                                {"k": k, "layer": layer})
         random_bases = [b for b, name in zip(conditions.bases, conditions.names) if name == "random"]
         angles = das.das_angles(basis, [("z_basis", -1, z_fixed), ("z_layer", -1, z_here)],
                                 random_bases, k)
@@ -512,6 +504,12 @@ def validate(args):
     args.layer = common.resolve_layer(config, args.layer, args.depth)
     n_layers = common.num_layers(config)
     args.layers = sorted(set(args.layers)) if args.layers else list(range(n_layers))
+    if args.site == "input" and args.layer == 0:
+        raise runs.UsageError("--site input at basis layer 0 would patch the embeddings, which "
+                              "the sweep does not; pass --site output or a basis layer above 0")
+    primary = primary_layer_of(args)
+    if primary not in args.layers:  # the primary test's layer is always swept
+        args.layers = sorted(args.layers + [primary])
     for flag, layers in (("--layers", args.layers), ("--decode-layers", args.decode_layers or []),
                          ("--das-layer", [] if args.das_layer is None else [args.das_layer])):
         for layer in layers:
@@ -541,8 +539,16 @@ def validate(args):
                               f"fractions (train validation test) that sum to 1")
     pairs = problems.load_pairs(args, bank_limit=BANK_PAIRS)
     split_sizes(len(pairs), args.split)
+    args.positions = question.resolve_positions(args.positions, pairs)
     template = problems.get_template(problems.load_templates(args), "direct")
     return pairs, template
+
+
+def primary_layer_of(args):
+    """The sweep layer of the primary test: a row's layer l patches the output of l, which is
+    the input of l + 1, so Z of basis layer b is tested where its own heads read it at l = b - 1
+    (--site input), or at l = b (--site output, the stream only the layers above b read)."""
+    return args.layer - 1 if args.site == "input" else args.layer
 
 
 def select_pairs(model, tokenizer, pairs, template, args):
@@ -566,6 +572,8 @@ def select_pairs(model, tokenizer, pairs, template, args):
             f"template (first: {pid}: {why}); a last-position interchange would swap the token "
             f"itself: make both templates in prompts.json end with the space before the answer, "
             f"or pass --allow-unaligned")
+    if "question" in args.positions:  # its partners' prompts must align too
+        question.check_alignment(tokenizer, template, kept, args.seed)
     return kept, table.assign(kept=keep), record
 
 
@@ -597,7 +605,9 @@ def main(args):
     if not args.resume:
         runs.write_json(out / "config.json", runs.run_config(
             args, model, template=template, n_pairs=len(pairs), basis_layer=args.layer,
-            primary_test=tables.primary_description(args.k, args.layer),
+            site=args.site, primary_layer=primary_layer_of(args),
+            primary_test=tables.primary_description(args.k, args.layer, args.site),
+            preregistration=prereg.record("E"),
             secondary_tests=tables.SECONDARY_DESCRIPTION,
             splits={s: [p["id"] for p, name in zip(pairs, split) if name == s]
                     for s in ("train", "validation", "test")},
@@ -605,12 +615,16 @@ def main(args):
             random_basis_seeds="seed * 1000003 + k * 1009 + draw", solved=solved,
             language_margin="log P(Latin word) - log P(Chinese word) after the answer, a lone "
                             "space marginalised (common.language_margin)"))
+    if "question" in args.positions:  # the question's tokens from counterfactual partners
+        question.run_sweep(model, tokenizer, pairs, template, args, out, make_conditions)
+    if "last" not in args.positions:
+        return summary.replot(args)
     state = prepare(model, tokenizer, pairs, template, partner, args.last_m, args.batch_size)
     runs.write_csv(state.clean.assign(split=split), out / "clean.csv")
     run_sweep(model, state, args, out, split)
     peak = tables.peak_layer(out)
     decode_layers = args.decode_layers if args.decode_layers is not None else sorted(
-        {args.layer, peak} & set(args.layers))
+        {primary_layer_of(args), peak} & set(args.layers))
     run_decode_checks(model, tokenizer, state, template, args, out, decode_layers)
     if args.das_k:
         das_layer = args.das_layer if args.das_layer is not None else peak
@@ -648,6 +662,10 @@ def build_parser():
     parser.add_argument("--layers", type=int, nargs="+", default=None,
                         help="layers to patch (default: every layer 0..L-1)")
     common.add_layer_args(parser, ", the fixed basis z_basis patched at every layer of --layers")
+    parser.add_argument("--site", choices=["input", "output"], default="input",
+                        help="where the primary test patches Z of the basis layer b: input "
+                             "(default; sweep layer b - 1, whose output is the stream b's W_Q and "
+                             "W_K read) or output (sweep layer b); both are in the sweep")
     parser.add_argument("--k", type=int, nargs="+", default=[50],
                         help="dimensions of Z and the random subspaces: one sweep per k (a k "
                              "column in every table; the primary test at k = 50, else the "
@@ -661,6 +679,12 @@ def build_parser():
     parser.add_argument("--last-m", type=int, default=1,
                         help="positions interchanged: the English prompt's last m take the "
                              "Chinese prompt's last m, aligned from the end")
+    parser.add_argument("--positions", nargs="+", choices=question.POSITIONS, default=None,
+                        help="position sets: last (the last --last-m positions from the Chinese "
+                             "prompt, then the decoded checks and DAS) and question (every token "
+                             "of the question from a counterfactual partner with other numbers, "
+                             "in the same language; bank problems only). Default: both with "
+                             "--prompts bank, else last")
     parser.add_argument("--min-span", type=float, default=1.0,
                         help="a swap pair enters the old mean-of-ratios `transfer` column (kept "
                              "for comparison, not in the summary) only when |ld_target - "

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from zcausal.summaries import exp_a, exp_b, exp_c, exp_d, exp_e
-from zcausal import runs
+from zcausal import prereg, runs
 from zcausal.runs import UsageError
 
 # script -> (experiment letter, title, module with summary_lines(out) and headline(out))
@@ -78,11 +78,14 @@ NOT_FINISHED = dict(verdict="not finished", value="not measured (the run has not
 
 
 def headline(run):
-    """The run's headline dict, or NOT_FINISHED."""
+    """The run's headline dict, its verdict marked '(exploratory)' unless the run is a
+    confirmatory one (zcausal/prereg.py), or NOT_FINISHED."""
+    letter, _, module = EXPERIMENTS[run["script"]]
     try:
-        return EXPERIMENTS[run["script"]][2].headline(run["path"])
+        cell = module.headline(run["path"])
     except UNFINISHED:
         return NOT_FINISHED
+    return dict(cell, verdict=prereg.mark(cell["verdict"], prereg.reading(run["config"], letter)))
 
 
 def _layer(config):

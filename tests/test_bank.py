@@ -92,6 +92,20 @@ def test_load_pairs_selects_the_bank_by_flag():
         problems.load_pairs(_args(limit=5000))
 
 
+def test_bank_offset_takes_the_slice_from_there_with_the_banks_own_ids():
+    pairs = problems.load_pairs(_args(bank_offset=900, limit=5))
+    assert [p["id"] for p in pairs] == [f"bank1-{i:04d}" for i in range(900, 905)]
+    assert pairs == bank.generate_bank(1)[900:905] == bank.bank_slice(1, 900, 5)
+    assert len(problems.load_pairs(_args(bank_offset=900), bank_limit=80)) == 80
+    assert len(problems.load_pairs(_args(bank_offset=1100))) == 100  # to the bank's end
+    with pytest.raises(runs.UsageError, match="--bank-offset 1200 is out of range"):
+        problems.load_pairs(_args(bank_offset=1200))
+    with pytest.raises(runs.UsageError, match="--bank-offset 900 applies to --prompts bank"):
+        problems.load_pairs(_args(bank_offset=900, prompts=problems.DEFAULT_PROMPTS))
+    with pytest.raises(runs.UsageError, match="--limit"):  # --limit counts from the offset
+        problems.load_pairs(_args(bank_offset=900, limit=301))
+
+
 def _alignment_sets(banks):
     sets = {"prompts.json": problems.load_prompts()["pairs"], "bank1": banks[1],
             "bank2": banks[2]}
@@ -179,3 +193,82 @@ def test_answer_table_reads_the_models_greedy_answers(tiny):
                                                                 problems.first_number(output)
                                                                 is None)
             assert getattr(row, f"correct_{lang}") == problems.answers_equal(answer, row.answer)
+
+
+# ----------------------------------------------------------------------------------------------
+# Counterfactual partners: the same problem with other numbers of the same digit counts
+
+def _partners(pairs, seed=0):
+    """[(pair, partner)] of the pairs that have one, and the pairs that have none."""
+    found, missing = [], []
+    for p in pairs:
+        try:
+            found.append((p, bank.counterfactual(p, seed)))
+        except ValueError:
+            missing.append(p)
+    return found, missing
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_counterfactual_partners_change_the_numbers_and_the_first_digit_only(banks, steps):
+    found, missing = _partners(banks[steps][:300])
+    assert len(found) >= 290
+    # the only kind without a partner for some problems: the change from 500 (1000) dollars
+    # after two prices of 3 digits (100..150) always starts with 2 (7)
+    assert all(p["kind"] == "change_after_two" and p["values"]["p"] in (500, 1000)
+               for p in missing)
+    for p, c in found:
+        assert evaluate(c["expr"]) == c["answer"] and 10 <= c["answer"] <= 999, c["id"]
+        assert problems.first_digit(c["answer"]) != problems.first_digit(p["answer"]), c["id"]
+        assert c["id"] == p["id"] + "-cf0"
+        for key in ("category", "steps", "kind", "unit_en", "unit_zh"):
+            assert c[key] == p[key], (c["id"], key)
+        words = {k: v for k, v in p["values"].items() if not isinstance(v, int)}
+        assert {k: v for k, v in c["values"].items() if not isinstance(v, int)} == words
+        assert [len(str(v)) for v in c["values"].values() if isinstance(v, int)] == \
+            [len(str(v)) for v in p["values"].values() if isinstance(v, int)], c["id"]
+    p = found[0][0]
+    assert bank.counterfactual(p, 0) == found[0][1]  # seeded
+    assert any(bank.counterfactual(p, 1)["answer"] != c["answer"] for p, c in found[:10])
+
+
+def test_a_problem_outside_the_bank_has_no_counterfactual():
+    with pytest.raises(ValueError, match="not a bank problem"):
+        bank.counterfactual(problems.load_prompts()["pairs"][0])
+
+
+def _differing_tokens(tokenizer, template, pair, partner, lang):
+    """The (token, partner's token) pairs where the two direct prompts differ; an AssertionError
+    when their lengths differ."""
+    ids = [tokenizer(problems.format_prompt(template[lang], p[lang])[0],
+                     add_special_tokens=False)["input_ids"] for p in (pair, partner)]
+    assert len(ids[0]) == len(ids[1]), (pair["id"], lang)
+    return [(tokenizer.decode([a]), tokenizer.decode([b])) for a, b in zip(*ids) if a != b]
+
+
+def _assert_only_digits_differ(tokenizer, found):
+    template = problems.load_prompts()["templates"]["direct"]
+    for p, c in found:
+        for lang in ("en", "zh"):
+            differ = _differing_tokens(tokenizer, template, p, c, lang)
+            assert differ, (p["id"], lang)  # some number changed
+            for a, b in differ:
+                assert len(a) == len(b) == 1 and a.isdigit() and b.isdigit(), (p["id"], lang, a, b)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_counterfactual_prompts_differ_only_in_digit_tokens(tok, banks, steps):
+    """Qwen2's pre-tokenizer (the tiny tokenizer's): in each language, the direct prompts of a
+    problem and its partner have the same length and differ only at positions holding a digit
+    on both sides, so every position aligns."""
+    _assert_only_digits_differ(tok, _partners(banks[steps][:150])[0])
+
+
+def test_counterfactual_prompts_align_on_the_real_qwen_tokenizer(banks):
+    """The same on the real Qwen2.5 tokenizer (skipped where it is not on disk)."""
+    path = Path.home() / ".cache/real-models/qwen2.5-coder-0.5b-instruct"
+    if not path.is_dir():
+        pytest.skip("real Qwen tokenizer not available")
+    from transformers import AutoTokenizer
+    real = AutoTokenizer.from_pretrained(path)
+    _assert_only_digits_differ(real, _partners(banks[1][:200] + banks[2][:100])[0])

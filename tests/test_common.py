@@ -161,13 +161,35 @@ def test_extract_answer(text, answer):
 
 
 @pytest.mark.parametrize("text, language", [
-    (" 6 * 7 = 42. The answer is 42.", "en"), ("5个盒子装60个鸡蛋。答案是60。", "zh"),
-    ("I have 3 个苹果 and 2 个橙子 in the 篮子里面", "mixed"), (" 5050.", "none"),
-    ("0000000000", "none"), ("苹果苹果苹果苹果", "none"), ("the the the the the", "none"),
-    ("苹果s left, so 12 are left over", "en"), ("", "none"),
+    # the three answers the issue names: the words before the number count as much as after it
+    ("书包的总费用是 156", "zh"), ("行驶 154 kilometers", "mixed"), ("米莉 gets 81 buttons", "mixed"),
+    # Chinese
+    ("5个盒子装60个鸡蛋。答案是60。", "zh"), ("81 颗", "zh"), ("罐子里的花朵总数是 30。\n\n", "zh"),
+    ("球。\n\nQuestion: A car costs $12", "zh"),  # read up to the next example only
+    ("学生总数 = 5 * 30 = 150 students", "zh"),  # 4 ideographs, 1 word: share 0.8
+    # English
+    (" 6 * 7 = 42. The answer is 42.", "en"), ("386 m", "en"), ("44 meters", "en"),
+    ("The total is 156 dollars, 元", "en"),  # 1 ideograph, 5 words: share 0.17
+    # mixed
+    ("I have 3 个苹果 and 2 个橙子 in the 篮子里面", "mixed"), ("钱是 140 dollars", "mixed"),
+    ("苹果s left, so 12 are left over", "mixed"),
+    # no letters
+    (" 5050.", "none"), ("42.", "none"), ("", "none"), ("111", "none"),  # too short to repeat
+    # degenerate: counted apart, never a language
+    ("0000000000", "degenerate"), ("苹果苹果苹果苹果", "degenerate"),
+    ("the the the the the", "degenerate"), ("米米米米米米米米米米", "degenerate"),
 ])
-def test_classify_language(text, language):
+def test_classify_language_reads_the_whole_answer(text, language):
     assert problems.classify_language(text) == language
+
+
+@pytest.mark.parametrize("baseline, patched, changed", [
+    ("en", "zh", True), ("en", "mixed", True), ("zh", "en", True), ("en", "en", False),
+    ("en", "degenerate", False), ("en", "none", False), ("none", "zh", False),
+    ("degenerate", "en", False),
+])
+def test_a_degenerate_or_wordless_output_is_never_a_language_change(baseline, patched, changed):
+    assert problems.changed_language(baseline, patched) is changed
 
 
 def test_decode_response_cuts_at_stop_token(tiny):

@@ -275,7 +275,7 @@ def test_answer_end_rule_is_the_same_in_both_engines_and_in_problems(tiny, seed)
 
 def test_answer_end_reads_the_unit_word_of_each_language(tiny):
     """A direct answer ends at the unit word's first letter or character, a split character
-    completed first; the words after the number give the output's language."""
+    completed first; the language is that of the whole output."""
     _, tok = tiny
     stop = problems.stop_token_ids(tok)
     for text, output, language in (("386 minutes.\n\nQuestion", "386 m", "en"),

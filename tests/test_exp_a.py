@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import common
-from zcausal import decoding, patching as P, problems, runs, transport
+from zcausal import decoding, patching as P, prereg, problems, runs, transport
 import exp_a_patching as A
 from zcausal.summaries import exp_a as S, exp_a_text
 from helpers import smoke_argv
@@ -168,7 +168,7 @@ def test_site_input_rows_equal_site_output_rows_one_layer_below(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "config.json").write_text("{}")  # an earlier run in the folder: replaced
     (tmp_path / "b" / "logprob_tests.csv").write_text("stale")
-    b, _ = _run(tmp_path, FAST + ["--layer", "1", "--overwrite"], "b")
+    b, _ = _run(tmp_path, FAST + ["--layer", "1", "--site", "output", "--overwrite"], "b")
     assert not (b / "logprob_tests.csv").exists()
     rows = [S.load_table(out / "rows.csv") for out in (a, b)]
     keep = ["none", "noop", "full", "rand_z", "rand_zperp"]
@@ -185,7 +185,8 @@ def _full_forward_logp(model, ids, answer, hook=None):
         if hook is None:
             logits = model(full).logits
         else:
-            with common.layer_output_hook(model, 2, hook):
+            # --site input at layer 2 (the default): the stream entering layer 2 = layer 1's output
+            with common.layer_output_hook(model, 1, hook):
                 logits = model(full).logits
     logp = torch.log_softmax(logits[0].float(), -1)
     return sum(float(logp[len(ids) - 1 + j, t]) for j, t in enumerate(answer))
@@ -240,8 +241,9 @@ def test_noop_rows_decode_exactly_like_none_rows_in_the_same_batches(tiny):
         none = results[A.job_key(i, -1, "none", 0, "-", "-", i, -1)]
         noop = results[A.job_key(i, 2, "noop", 0, "-", "-", i, -1)]
         for field in ("output", "tokens", "logp_ref", "logp_swap", "first_ref", "first_swap",
-                      "top1", "lang_ref", "patch_size"):
+                      "top1", "lang_ref", "patch_size", "attn_tv_last", "attn_tv_all"):
             assert noop[field] == none[field], field
+        assert noop["attn_tv_all"] == 0 and noop["attn_tv_last"] == 0  # the noise floor is 0
 
 
 def test_every_direct_row_carries_its_language_and_first_digit_scores(tiny):
@@ -253,8 +255,7 @@ def test_every_direct_row_carries_its_language_and_first_digit_scores(tiny):
     jobs = [A.job_key(i, 2, c, 4, "prompt", "mean", i, -1) for i in range(4) for c in ("none", "z")]
     results = A.run_batch(model, tok, ctx, jobs, args, True, (answer_ids, swap_of, None))
     for r in results:
-        assert r["language"] == problems.classify_language(problems.after_number(r["output"]),
-                                                           truncate=False)
+        assert r["language"] == problems.classify_language(r["output"])
         end, _ = problems.answer_end(tok, json.loads(r["tokens"]))
         assert end in (None, len(json.loads(r["tokens"])))  # cut where the answer ends
         assert all(np.isfinite(r[f]) for f in ("lang_ref", "first_ref", "first_swap", "top1"))
@@ -313,6 +314,7 @@ def test_smoke_outputs(smoke):
     assert config["solved"]["kept"] == 4 and config["solved"]["mode"] == "off"
     assert config["primary_test"]["layer"] == 2 and config["primary_test"]["k"] == 8
     assert "intersection-union" in config["primary_test"]["description"]
+    assert config["preregistration"]["sha256"] == prereg.sha256()  # the declaration in force
     variance = S.load_table(out / "variance.csv")
     assert set(variance.basis) == {"z", "uniform", "matched"} and variance.share.between(0, 1).all()
     null = S.load_table(out / "random_scores.csv")
@@ -331,14 +333,41 @@ def test_smoke_outputs(smoke):
     assert (scored[scored.condition == "z"].draws == 4).all()  # Z: every scored draw
     assert (scored[scored.condition == "zperp"].draws == 2).all()  # Z-perp: its decoded draws
     assert tests.primary.sum() == 1 and tests[tests.primary].test.iloc[0] == "z changes answers"
+    declared = tests[tests.part_of == "declared"]  # the preregistration's: read at its raw p
+    assert list(declared.test) == ["z vs en dlang_ref"] and declared.p_holm.isna().all()
+    assert {"language_change", "to_zh"} <= set(S.load_table(out / "controls.csv").columns)
     secondary = tests[~tests.primary & (tests.part_of == "")]
     assert secondary.p_holm.notna().all() and (secondary.p_holm >= secondary.p - 1e-12).all()
     summary = (out / "SUMMARY.md").read_text()
     assert "Verdict:" in summary and "not measured" in summary and "noise floor" in summary
-    assert "4 pairs tried, 4 kept" in summary and "Declared primary test" in summary
+    assert "4 pairs tried, 4 kept" in summary and "Primary test (config.json)" in summary
+    assert "Exploratory run" in summary  # a smoke run is not the declared run
     assert not re.search(r"\bnan\b", summary) and " - " not in summary
     for name in ("change_rates", "transfer_rates", "logprob_shift"):
         assert (runs.figure_dir(out, figures) / f"{name}.png").is_file()
+
+
+def test_smoke_reads_the_basis_layers_attention_at_the_input_site(smoke):
+    """Z's own positive control on every row: the patch at the input of the basis layer (the
+    default site) moves that layer's attention; none and noop rows move it by exactly 0; the
+    random draws, scored and decoded, carry the same readout; the summary reads it against them."""
+    out, _ = smoke
+    rows = S.load_table(out / "rows.csv")
+    config = json.loads((out / "config.json").read_text())
+    assert config["args"]["site"] == "input" and config["primary_test"]["site"] == "input"
+    for column in ("attn_tv_last", "attn_tv_all"):
+        assert rows[column].between(0, 1).all()
+        assert (rows[rows.condition.isin(["none", "noop"])][column] == 0).all()
+    moved = rows[rows.condition.isin(["z", "full", "rand_z"]) & (rows.patch_size > 0)]
+    assert len(moved) and (moved.attn_tv_all > 0).all()
+    null = S.load_table(out / "random_scores.csv")
+    assert null.attn_tv_all.notna().all() and null.attn_tv_last.between(0, 1).all()
+    tests = S.load_table(out / "tests.csv")
+    assert {"z attn_tv_all vs random", "z attn_tv_last vs random",
+            "z vs en attention"} <= set(tests.test)
+    summary = (out / "SUMMARY.md").read_text()
+    assert "the input of layer 2" in summary and "total variation" in summary
+    assert "a null on answers or language here is" in summary
 
 
 def test_headline_is_the_primary_tests_verdict_value_and_lead(smoke):
@@ -436,6 +465,7 @@ def _synthetic(n, z=0, zperp=0, en=0, z_lang=0, zp_lang=0, rand=0, noop=0, draws
             return dict(problem_id=f"p{i}", layer=1, k=2, positions="prompt", source="mean",
                         condition=condition, draw=draw, pair=pair, answer_changed=changed,
                         baseline_language="en" if i < english else "zh", language_changed=lang,
+                        language="zh" if lang or i >= english else "en",
                         truncated=False, outcome="kept", correct=True, logp_ref=-1.0, ld=1.0,
                         dlogp_ref=-1.0 if changed else 0.0, dld=0.0, patch_size=1.0,
                         top1_src=False, top1_own=True, dp_share=0.0, dlang_ref=0.0,

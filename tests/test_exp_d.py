@@ -295,8 +295,13 @@ def test_a_map_planted_in_z_ranks_z_first_among_random_bases():
         assert r["random_p_two_sided"] == pytest.approx(2 / 21)
     table = exp_d_summary.mark_primary(pd.DataFrame(list(rows.values())))
     primary = table[table["primary"]].iloc[0]
-    assert exp_d_summary.verdict(primary) == "Z above random"
+    assert exp_d_summary.verdict(primary) == "Z above random (one-sided p 0.048)"
     assert "ranks 1st of 21 among random bases" in exp_d_summary.primary_sentence(primary)
+    # the same Z last of 21 (two-sided p 0.095): the one-sided test says only "not above"
+    last = primary.copy()
+    last[["random_rank", "random_p_above", "random_p_below"]] = 21, 1.0, 1 / 21
+    assert exp_d_summary.verdict(last) == "not above random (one-sided p 1)"
+    assert "below" not in exp_d_summary.primary_sentence(last).split(": ", 1)[1]
 
 
 def test_z_as_one_more_random_basis_gets_no_small_p():

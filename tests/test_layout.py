@@ -22,11 +22,12 @@ TOP_LEVEL = {"README.md", "requirements.txt", "common.py", "exp_a_patching.py", 
              "tools", "docs", "zcausal"}
 # Layers of the import graph, lowest first: a module imports only from its own or lower layers.
 LAYERS = [{"zcausal", "zcausal.runs", "zcausal.bank", "zcausal.stats", "zcausal.transport",
-           "zcausal.ard_mmd", "zcausal.problems", "zcausal.summaries"},
+           "zcausal.ard_mmd", "zcausal.problems", "zcausal.labels", "zcausal.prereg",
+           "zcausal.summaries"},
           {"common"},
           {"zcausal.decoding", "zcausal.fast_decode", "zcausal.interchange", "zcausal.das",
            "zcausal.patching",
-           "zcausal.answered"},
+           "zcausal.answered", "zcausal.question", "zcausal.attention"},
           {"exp_a_patching", "exp_b_residual", "exp_c_ard_mmd", "exp_d_bridge",
            "exp_e_layer_sweep"},
           {"report", "bench", "study"}]
@@ -136,9 +137,9 @@ def test_a_flag_name_means_one_thing_in_every_script_and_in_bench_and_study():
     """The shared flags: --layer (also spelled --basis-layer) and --depth name the basis layer,
     one or several values, everywhere; --replot has one help; --n-random one default unless the
     help says why; --limit is the number of problems and --decode the decode loop wherever they
-    appear; and any flag two commands share has the same type, nargs and choices."""
+    appear; and any flag two commands share has the same type and nargs."""
     import common
-    from zcausal import decoding, stats
+    from zcausal import decoding, labels, stats
     parsers = _all_parsers()
     for letter in SCRIPTS:
         actions = parsers[letter]
@@ -165,9 +166,10 @@ def test_a_flag_name_means_one_thing_in_every_script_and_in_bench_and_study():
         for flag, action in actions.items():
             if flag.startswith("--") and flag != "--help":
                 shared.setdefault(flag, []).append((name, action))
-    for flag, uses in shared.items():
-        kinds = {(a.type, a.nargs, tuple(a.choices or ())) for _, a in uses}
+    for flag, uses in shared.items():  # (choices may differ: A's --positions are not E's)
+        kinds = {(a.type, a.nargs) for _, a in uses}
         assert len(kinds) == 1, f"{flag} differs between {[n for n, _ in uses]}: {kinds}"
+    assert stats.N_RANDOM == labels.min_draws()  # the fewest draws whose rank test reaches 0.05
 
 
 def test_help_cites_no_document_outside_the_repository():

@@ -47,6 +47,7 @@ def test_report_scans_first_then_details_and_rebuilds_to_the_same_bytes(results,
     for name in RUN_NAMES:  # a row per run, with its verdict in bold
         row = next(line for line in table if f"`tiny/{name}`" in line)
         assert row.count("**") == 2 and "not finished" not in row
+        assert "(exploratory)**" in row  # tiny-model runs are not the declared runs
     assert text.index("## At a glance") < text.index(f"]({report.SWEEP_FIGURE})") < \
         text.index("### ")
     for letter, title, _ in report.EXPERIMENTS.values():
@@ -55,7 +56,8 @@ def test_report_scans_first_then_details_and_rebuilds_to_the_same_bytes(results,
     assert b.index("](../../figures/tiny/exp_b/residual_ratio.png)") < b.index("\n- ") < \
         b.index("Full summary: ")
     assert "Unpatched, the model answered" in text  # A's own verdict paragraph
-    assert "Full interchange " in text and "Primary test (declared)" in text  # E's
+    assert "Full interchange " in text and "Primary test: " in text  # E's
+    assert text.count("Full summary: Exploratory run: ") == len(RUN_NAMES)
     assert "the flags are config.json's args" in text  # main() called from Python: no command
     assert str(results) not in text and "No results" not in text  # no absolute path
     build(results, monkeypatch=monkeypatch)

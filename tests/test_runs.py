@@ -180,10 +180,10 @@ def test_resume_reads_a_config_written_under_the_old_flag_names(tmp_path):
                          ids=lambda p: f"{p.parent.parent.name}/{p.parent.name}")
 def test_a_committed_run_resumes_with_its_own_command(config, monkeypatch):
     """Each committed run's command, parsed and validated by today's script (the model's config
-    stood in for by its layer count and width), passes --resume's check. --n-random's default was
-    20 when B and D ran: a command that continues such a run names the value."""
+    stood in for by its layer count and width), passes --resume's check. Defaults that changed
+    since they ran (--n-random was 20 in B and D, --site output in A and E) are named by a command
+    that continues such a run, as check_resume's message asks."""
     import importlib
-    from zcausal import stats
     stored = json.loads(config.read_text(encoding="utf-8"))
     model = common.tiny_config()
     model.num_hidden_layers, model.hidden_size = (stored["model"]["num_layers"],
@@ -191,8 +191,10 @@ def test_a_committed_run_resumes_with_its_own_command(config, monkeypatch):
     monkeypatch.setattr(common, "load_model_config", lambda *a, **k: model)
     words = stored["command"].split()
     argv = words[1:] + ["--resume"]
-    if stored["args"].get("n_random") not in (None, stats.N_RANDOM):
+    if stored["args"].get("n_random") is not None:
         argv += ["--n-random", str(stored["args"]["n_random"])]
+    if words[0] in ("exp_a_patching.py", "exp_e_layer_sweep.py"):  # E's runs before --site: output
+        argv += ["--site", stored["args"].get("site", "output")]
     script = importlib.import_module(Path(words[0]).stem)
     args = script.parse_args(argv)
     if hasattr(script, "build_parser"):  # A and E resolve their flags in validate, before the check

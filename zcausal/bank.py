@@ -1,6 +1,7 @@
 """A seeded bank of parallel English / Chinese arithmetic word problems that small models answer.
 
     pairs = generate_bank(steps=1, size=1200, seed=0)     # list of dicts, like prompts.json's pairs
+    pairs = bank_slice(steps=1, offset=900, limit=300)    # a slice of it, ids kept (bank1-0900...)
 
 Why: a patch can only move an answer the model computes. Multi-step problems (prompts.json, MGSM)
 are solved too rarely by small models to carry a causal test; one- and two-step problems with 2-3
@@ -9,9 +10,17 @@ multi-step problems and 2 of 80 of MGSM's). Every problem states its unit ("eggs
 answer is written with a unit word and the words after the number show the output's language.
 
 Each pair: id ("bank1-0042"), category, steps (1 or 2), en, zh, answer (int, 10..999), expr (the
-arithmetic, which tests evaluate), unit_en, unit_zh. The same (steps, size, seed) always gives the
-same list: ids are stable across runs and machines. The list is shuffled, so the first N pairs
-(--limit N) mix every category. No project imports.
+arithmetic, which tests evaluate), unit_en, unit_zh, kind (the name of the function that drew it)
+and values (what filled its format strings: names, objects, units and numbers). The same (steps,
+size, seed) always gives the same list: ids are stable across runs and machines. The list is
+shuffled, so the first N pairs (--limit N) mix every category. No project imports.
+
+    partner = counterfactual(pair, seed=0)    # the same problem with other numbers
+
+A counterfactual partner keeps the template, names, objects and units and re-draws the numbers
+with the same digit counts, so that with a tokenizer that writes each digit as its own token (Qwen2)
+the two prompts in one language differ only in the digits' tokens and every position aligns; its
+answer's first digit differs from the problem's.
 """
 import random
 
@@ -309,7 +318,8 @@ def draw_problem(kind, rng):
     if not 10 <= answer <= 999:
         return None
     return dict(category=category, en=en.format(**v), zh=zh.format(**v), answer=int(answer),
-                expr=expr.format(**v), unit_en=unit_en, unit_zh=unit_zh)
+                expr=expr.format(**v), unit_en=unit_en, unit_zh=unit_zh, kind=kind.__name__,
+                values=dict(v))
 
 
 def generate_bank(steps=1, size=BANK_SIZE, seed=0):
@@ -331,3 +341,45 @@ def generate_bank(steps=1, size=BANK_SIZE, seed=0):
         raise RuntimeError(f"could not draw {size} distinct {steps}-step problems")
     rng.shuffle(pairs)
     return [dict(id=f"bank{steps}-{i:04d}", steps=steps, **p) for i, p in enumerate(pairs)]
+
+
+KIND_NAMES = {kind.__name__: kind for kinds in KINDS.values() for kind in kinds}
+
+
+def _digits(values):
+    """Digit count of every number among a problem's values: {name: count}."""
+    return {name: len(str(value)) for name, value in values.items() if isinstance(value, int)}
+
+
+def counterfactual(pair, seed=0, tries=20_000):
+    """The counterfactual partner of a bank pair (a dict like the pair's, id "<id>-cf<seed>"): its
+    kind draws numbers (so every constraint of the kind holds: a difference stays positive, a
+    quotient whole) until each number has the digit count of the pair's and the answer (10..999)
+    has another first digit; names, objects and units are the pair's. Seeded by the pair's id and
+    `seed`. A ValueError for a pair without kind and values (not from the bank) or when no draw
+    of `tries` fits (a few two-step problems have none: 500 dollars less two prices of 3 digits,
+    at most 150 each, always starts with 2)."""
+    if "kind" not in pair or "values" not in pair:
+        raise ValueError(f"{pair.get('id')}: not a bank problem (no kind and values to re-draw)")
+    kind, values = KIND_NAMES[pair["kind"]], pair["values"]
+    digits = _digits(values)
+    rng = random.Random(f"counterfactual-{pair['id']}-{seed}")
+    for _ in range(tries):
+        _, en, zh, expr, answer, drawn, _ = kind(rng)
+        numbers = {name: drawn[name] for name in digits}
+        if _digits(numbers) != digits or not 10 <= answer <= 999 \
+                or str(answer)[0] == str(pair["answer"])[0]:
+            continue
+        v = dict(values, **numbers)
+        return dict(pair, id=f"{pair['id']}-cf{seed}", en=en.format(**v), zh=zh.format(**v),
+                    answer=int(answer), expr=expr.format(**v), values=v)
+    raise ValueError(f"{pair['id']}: no counterfactual with the same digit counts in {tries} draws")
+
+
+def bank_slice(steps=1, offset=0, limit=None, seed=0):
+    """generate_bank(steps, seed=seed)[offset:offset + limit] (limit None: to the end), with the
+    bank's own ids: the slice a run with --bank-offset / --limit uses. Development runs use the
+    bank from its start; the confirmatory slice (docs/preregistration.json) starts far beyond
+    them, so its problems were never used in development."""
+    pairs = generate_bank(steps, seed=seed)[offset:]
+    return pairs if limit is None else pairs[:limit]

@@ -20,6 +20,9 @@ Segments are tree-masked: each sees the prefix, the suffix and its own earlier t
 another segment, and each starts at position T; one pass scores several continuations exactly as
 separate runs would. Padding at a segment's end is never attended to by a real token.
 Rows of a batch may come from different prompts: prefixes are left-padded, rows gather theirs.
+A patch may touch only some of the m suffix positions (masked_patch): the others are recomputed
+from the next layer on, clean but reading the patched ones (the question set of exp_e's sweep,
+zcausal/question.py, patches a question's tokens and recomputes the template's ending).
 """
 from dataclasses import dataclass
 
@@ -234,6 +237,50 @@ def run_layers(model, prefixes, block, hidden, start, mask=None, capture=False, 
     return (hidden, captured) if capture else hidden
 
 
+@torch.no_grad()
+def block_states(model, prefixes, block, batch_size, languages=None, width=None):
+    """The block's clean states at every layer and its clean scores, in batches of rows.
+
+    Returns (hidden (L + 1, B, width, d) in the model's dtype on its device, index 0 the
+    embeddings and l + 1 the output of layer l, the block's first `width` columns (None: all);
+    score()'s dict of the clean run, on the CPU)."""
+    n_layers = common.num_layers(model)
+    n, width = block.ids.shape[0], block.width if width is None else width
+    hidden = torch.empty(n_layers + 1, n, width, common.hidden_size(model),
+                         dtype=next(model.parameters()).dtype, device=block.ids.device)
+    parts = []
+    for start in range(0, n, batch_size):
+        index = list(range(start, min(n, start + batch_size)))
+        rows = block.take(index)
+        emb = embed(model, rows)
+        final, captured = run_layers(model, prefixes, rows, emb, 0, capture=True)
+        hidden[0, index] = emb[:, :width]
+        for layer, states in captured.items():
+            hidden[layer + 1, index] = states[:, :width]
+        parts.append(score(model, final, rows, languages))
+    return hidden, {key: torch.cat([p[key] for p in parts]).cpu() for key in parts[0]}
+
+
+def suffix_attention(model, prefixes, block, layer, entering):
+    """Decoder `layer`'s attention at the suffix positions (the patched ones), from the residual
+    stream entering it: (B, H, m, P_block + m) float32 over the rows' real prefix keys (clean,
+    from the prefix cache) and the suffix keys. entering: (B, Q, d), the block's stream at the
+    input of `layer` (only its first m columns are read: later columns are never attended to by
+    the suffix). The suffix-only engine's form of zcausal.attention.layer_attention."""
+    from zcausal import attention
+    m = block.m
+    queries, keys = attention.queries_and_keys(model, layer, entering[:, :m],
+                                               block.position[:, :m])
+    start = prefixes.mask.shape[1] - block.prefix_width
+    prefix_keys = prefixes.kv[layer][0][block.rows, :, start:].float()
+    keys = torch.cat([prefix_keys, keys], 2)
+    real = prefixes.mask[block.rows, start:].bool()  # (B, P_block)
+    causal = torch.ones(m, m, dtype=torch.bool, device=real.device).tril()
+    allowed = torch.cat([real[:, None, :].expand(-1, m, -1),
+                         causal[None].expand(len(real), -1, -1)], -1)
+    return attention.attention_probs(queries, keys, allowed)
+
+
 def embed(model, block):
     """The query block's token embeddings (B, Q, d): the residual stream 'at layer -1'."""
     return model.model.embed_tokens(block.ids)
@@ -299,7 +346,46 @@ def patched_scores(model, prefixes, block, layer, hidden, patch, languages=None,
     return score(model, final, block, languages)
 
 
+def scores_and_readout(model, prefixes, block, layer, hidden, patch, readout_layer,
+                       clean_entering, languages=None, mask=None, query_rows=None):
+    """patched_scores, and how far the patch moves the attention of decoder `readout_layer` at
+    the suffix positions: the block runs from layer + 1 up to readout_layer, whose attention is
+    read from the stream entering it (suffix_attention, against clean_entering(), a callable
+    giving the clean stream there (B, Q, d), called only when needed), then the remaining layers
+    run; the scores equal a single pass's. query_rows (B, m) bool: the suffix positions `all`
+    averages over (None: every one). Returns (scores, tv_last (B,), tv_all (B,)): the total
+    variation averaged over heads at the last suffix position / over query_rows (CPU float32);
+    NaN where the patched stream is not below readout_layer (None: no readout), whose attention
+    a patch at or above it cannot reach."""
+    from zcausal import attention
+    m = block.m
+    mask = attention_mask(prefixes, block, hidden.dtype) if mask is None else mask
+    hidden = torch.cat([patch(hidden[:, :m]).to(hidden.dtype), hidden[:, m:]], 1)
+    nan = torch.full((len(hidden),), float("nan"))
+    if readout_layer is None or layer + 1 > readout_layer:
+        final = run_layers(model, prefixes, block, hidden, layer + 1, mask)
+        return score(model, final, block, languages), nan, nan
+    entering = run_layers(model, prefixes, block, hidden, layer + 1, mask, stop=readout_layer)
+    rows = torch.ones(len(hidden), m, dtype=torch.bool) if query_rows is None else query_rows
+    shift = attention.row_shift(
+        suffix_attention(model, prefixes, block, readout_layer, clean_entering()),
+        suffix_attention(model, prefixes, block, readout_layer, entering), rows)
+    final = run_layers(model, prefixes, block, entering, readout_layer, mask)
+    return score(model, final, block, languages), shift["last"], shift["all"]
+
+
 def subspace_patch(basis, complement, source):
     """A patch for patched_scores: h <- h + P_S (s - h) on the suffix (common.patch_subspace).
     basis (B, k, d), complement (B,) bool, source (B, m, d)."""
     return lambda suffix: common.patch_subspace(suffix, basis, complement, source)
+
+
+def masked_patch(patch, positions):
+    """`patch` (a patch for patched_scores) applied only at the suffix positions `positions`
+    (B, m) bool; every other suffix position comes back bit-identical, and is recomputed from the
+    next layer on like any clean position (e.g. a question's tokens patched, the template's
+    ending after them not)."""
+    def apply(suffix):
+        where = positions.to(suffix.device)[..., None]
+        return torch.where(where, patch(suffix).to(suffix.dtype), suffix)
+    return apply

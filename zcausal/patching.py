@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import decoding, problems, stats, transport
+from zcausal import attention, decoding, problems, stats, transport
 
 RANDOM_CONDITIONS = ["rand_z", "rand_zperp"]
 COMPLEMENT = {"zperp", "full", "rand_zperp", "noop"}  # P_S = I - V^T V (noop, full: V = 0)
@@ -222,11 +222,38 @@ def source_tokens(batch, tables, hidden, source_mean):
     return tokens
 
 
-def patch_sizes(patch, hidden, attention_mask):
-    """Mean over the patched real prompt positions of |P_S (s - h)|: (B,) float32 on the CPU."""
+def patch_sizes(patch, hidden, attention_mask, patched=None):
+    """Mean over the patched real prompt positions of |P_S (s - h)|: (B,) float32 on the CPU.
+    patched: patch(hidden) when the caller already has it."""
     patch.phase = "prompt"
-    moved = patch(hidden)
+    moved = patch(hidden) if patched is None else patched
     moved = (moved.float() - hidden.float()).norm(dim=-1) if moved is not None else \
         torch.zeros(hidden.shape[:2], device=hidden.device)
-    where = attention_mask.bool() & patch.prompt_mask.to(hidden.device)
+    where = attention_mask.bool().to(hidden.device)
+    if patch.prompt_mask is not None:  # None: every prompt position is patched
+        where = where & patch.prompt_mask.to(hidden.device)
     return ((moved * where).sum(1) / where.sum(1).clamp(min=1)).cpu()
+
+
+def attention_read_layer(model, stream):
+    """The decoder layer that reads residual stream `stream` first (stream + 1): with --site input
+    the basis layer itself, whose kernels Z is built from; None past the last layer."""
+    return stream + 1 if stream + 1 < common.num_layers(model) else None
+
+
+def patch_readouts(model, patch, hidden, attention_mask, read_layer):
+    """What a batch's prompt patch does before any later layer runs: patch_size (patch_sizes) and
+    the total variation it causes in the attention of decoder `read_layer` (the layer reading the
+    patched stream; zcausal.attention.attention_shift), at the last prompt position (attn_tv_last)
+    and over every prompt position (attn_tv_all), averaged over heads. hidden: the rows' clean
+    states at the patched stream (B, T, d). Returns dict of (B,) float32 CPU tensors (NaN
+    attention shifts when no layer reads the stream)."""
+    patch.phase = "prompt"
+    patched = patch(hidden)
+    patched = hidden if patched is None else patched
+    out = {"patch_size": patch_sizes(patch, hidden, attention_mask, patched)}
+    if read_layer is None:
+        nan = torch.full((hidden.shape[0],), float("nan"))
+        return dict(out, attn_tv_last=nan, attn_tv_all=nan)
+    shift = attention.attention_shift(model, read_layer, hidden, patched, attention_mask)
+    return dict(out, attn_tv_last=shift["last"], attn_tv_all=shift["all"])

@@ -175,6 +175,14 @@ def extract_answer(text):
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _LATIN = re.compile(r"[A-Za-z]")
+_LATIN_WORD = re.compile(r"[A-Za-z]+")
+
+# The language of a generated answer (classify_language). A CJK ideograph counts as one word, as
+# does a run of Latin letters: one ideograph carries about what one English word does, so a share
+# of letters would call "行驶 154 kilometers" English (2 ideographs against 10 letters, 0.17).
+ZH_SHARE = 0.8  # CJK share of words at or above this: zh; at or below 1 - ZH_SHARE: en; else mixed
+MIN_DEGENERATE = 6  # whitespace-free characters a repetition needs: "111" is an answer, not a loop
+LANGUAGES = ("en", "zh", "mixed")  # the labels that name a language (not none, not degenerate)
 
 
 def is_degenerate(text, min_repeats=3, coverage=0.8):
@@ -188,24 +196,36 @@ def is_degenerate(text, min_repeats=3, coverage=0.8):
     return covered >= coverage * len(s)
 
 
-def classify_language(text, threshold=0.8, truncate=True):
-    """'en', 'zh', 'mixed' or 'none' for a response (truncated at the next example, unless
-    truncate=False: a bare-number answer has no letters, and what the model writes after it,
-    e.g. "\n\nQuestion:" or "\n\n问题：", is then its only language evidence).
+def cjk_share(text):
+    """(CJK share of words, number of words) of `text`: ideographs / (ideographs + Latin words),
+    each ideograph one word; (nan, 0) without either."""
+    cjk, latin = len(_CJK.findall(text)), len(_LATIN_WORD.findall(text))
+    return (cjk / (cjk + latin) if cjk + latin else math.nan), cjk + latin
 
-    none: no letters at all, or degenerate repetition. Otherwise the share of CJK characters among
-    CJK characters plus Latin letters decides: >= threshold zh, <= 1 - threshold en, else mixed.
-    """
-    response = truncate_response(text) if truncate else text
-    cjk, latin = len(_CJK.findall(response)), len(_LATIN.findall(response))
-    if cjk + latin == 0 or is_degenerate(response):
+
+def classify_language(text):
+    """The language of a whole generated answer, read up to where the model starts a new example
+    (truncate_response): 'degenerate' for repetition ("0000000000", "米米米米米米", a word repeated;
+    at least MIN_DEGENERATE characters), 'none' for an answer without letters ("42."), else by the
+    CJK share of its words (cjk_share): >= ZH_SHARE 'zh', <= 1 - ZH_SHARE 'en', else 'mixed'.
+    "书包的总费用是 156" is zh, "行驶 154 kilometers" and "米莉 gets 81 buttons" mixed, "386 m" (a
+    direct answer cut after its unit's first letter) en."""
+    response = truncate_response(text)
+    if len(re.sub(r"\s+", "", response)) >= MIN_DEGENERATE and is_degenerate(response):
+        return "degenerate"
+    share, words = cjk_share(response)
+    if not words:
         return "none"
-    share = cjk / (cjk + latin)
-    if share >= threshold:
+    if share >= ZH_SHARE:
         return "zh"
-    if share <= 1 - threshold:
-        return "en"
-    return "mixed"
+    return "en" if 1 - share >= ZH_SHARE else "mixed"  # not share <= 1 - ZH_SHARE: 0.19999...
+
+
+def changed_language(baseline, patched):
+    """Whether a patched output is in another language than the unpatched one: both name a
+    language (LANGUAGES) and differ. An output without letters or a degenerate one is no language,
+    so it is never a language change (counted apart: none, degenerate)."""
+    return baseline in LANGUAGES and patched in LANGUAGES and baseline != patched
 
 
 def first_number(text):
@@ -302,23 +322,16 @@ def answer_end_tables(tokenizer, size=None):
     return _END_TABLES[key][1]
 
 
-def after_number(text):
-    """The text after the first number (all of it when there is none): the words that show a
-    direct answer's language."""
-    found = re.search(_NUMBER, text)
-    return text[found.end():] if found else text
-
-
 def read_output(tokenizer, tokens, stop_ids, template, max_new_tokens):
     """Text, answer, language and truncation of one generated row (tokens: the ids generated,
     possibly padded after a stop token).
 
     direct: the row ends at its first stop token or where its answer ends (answer_end: the number
     and the first character after it, e.g. "386 minutes", "386 分"); the answer is the first
-    number, the language that of the text after it. cot: the row ends at its first stop token; the
-    answer is extract_answer's, the language that of the response. truncated: the row reached
-    max_new_tokens before it ended and without a final-answer phrase (direct: before its number
-    ended); a truncated row gets no answer.
+    number. cot: the row ends at its first stop token; the answer is extract_answer's. The
+    language is classify_language's of the whole output (every word, before and after the
+    number). truncated: the row reached max_new_tokens before it ended and without a final-answer
+    phrase (direct: before its number ended); a truncated row gets no answer.
     Returns dict(output, tokens (the ids kept), answer, language, truncated).
     """
     tokens = [int(t) for t in tokens]
@@ -330,14 +343,12 @@ def read_output(tokenizer, tokens, stop_ids, template, max_new_tokens):
         text = tokenizer.decode(kept, skip_special_tokens=True)
         truncated = stop is None and not number_ended and len(tokens) >= max_new_tokens
         answer = None if truncated else first_number(text)
-        language = classify_language(after_number(text), truncate=False)
     else:
         text = tokenizer.decode(kept, skip_special_tokens=True)
         ended = stop is not None or truncate_response(text) != text
         truncated = not ended and len(tokens) >= max_new_tokens and not has_final_answer(text)
         answer = None if truncated else extract_answer(text)
-        language = classify_language(text)
-    return {"output": text, "tokens": kept, "answer": answer, "language": language,
+    return {"output": text, "tokens": kept, "answer": answer, "language": classify_language(text),
             "truncated": truncated}
 
 
@@ -428,7 +439,8 @@ def prompts_arg(value):
 
 
 def add_pairs_args(parser, default=DEFAULT_PROMPTS):
-    """--prompts (a file or `bank`), --bank-steps, --prompts-en/--prompts-zh (MGSM), --limit.
+    """--prompts (a file or `bank`), --bank-steps, --bank-offset, --prompts-en/--prompts-zh
+    (MGSM), --limit.
     default: the script's default problems (DEFAULT_PROMPTS or BANK)."""
     shown = BANK if default == BANK else "prompts.json"
     parser.add_argument("--prompts", type=prompts_arg, default=default,
@@ -437,6 +449,10 @@ def add_pairs_args(parser, default=DEFAULT_PROMPTS):
                              f"(default: {shown})")
     parser.add_argument("--bank-steps", type=int, choices=[1, 2], default=1,
                         help="with --prompts bank: one-step or two-step problems")
+    parser.add_argument("--bank-offset", type=int, default=0,
+                        help="with --prompts bank: skip the bank's first N pairs (--limit counts "
+                             "from there); the confirmatory slice starts at the offset "
+                             "docs/preregistration.json declares")
     parser.add_argument("--prompts-en", type=Path, default=None,
                         help="MGSM-style English TSV (with --prompts-zh; replaces --prompts)")
     parser.add_argument("--prompts-zh", type=Path, default=None,
@@ -447,18 +463,31 @@ def add_pairs_args(parser, default=DEFAULT_PROMPTS):
     return parser
 
 
+def _bank_offset(args):
+    """--bank-offset, checked: within the bank, and only with --prompts bank."""
+    from zcausal.bank import BANK_SIZE
+    offset = getattr(args, "bank_offset", 0) or 0
+    if offset and (args.prompts != BANK or args.prompts_en is not None):
+        raise UsageError(f"--bank-offset {offset} applies to --prompts bank only; drop it or "
+                         f"pass --prompts bank")
+    if not 0 <= offset < BANK_SIZE:
+        raise UsageError(f"--bank-offset {offset} is out of range: the bank has {BANK_SIZE} "
+                         f"pairs; pass --bank-offset between 0 and {BANK_SIZE - 1}")
+    return offset
+
+
 def load_pairs(args, bank_limit=None):
-    """The zh/en pairs the flags name (the bank, a prompts file or MGSM), cut to --limit; with the
-    bank and no --limit, to the script's `bank_limit` (None: all of it)."""
+    """The zh/en pairs the flags name (the bank from --bank-offset, a prompts file or MGSM), cut
+    to --limit; with the bank and no --limit, to the script's `bank_limit` (None: all of it)."""
     if (args.prompts_en is None) != (args.prompts_zh is None):
         raise UsageError("pass both --prompts-en and --prompts-zh, or neither")
+    offset = _bank_offset(args)
     if args.prompts_en is not None:
         pairs = read_mgsm(args.prompts_en, args.prompts_zh)
     elif args.prompts == BANK:
-        from zcausal.bank import generate_bank
-        pairs = generate_bank(steps=getattr(args, "bank_steps", 1))
-        if args.limit is None and bank_limit is not None:
-            pairs = pairs[:bank_limit]
+        from zcausal.bank import bank_slice
+        pairs = bank_slice(getattr(args, "bank_steps", 1), offset,
+                           bank_limit if args.limit is None else None)
     else:
         pairs = load_prompts(args.prompts)["pairs"]
     if args.limit is not None:

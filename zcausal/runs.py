@@ -347,7 +347,27 @@ def same_table(frame, path, rtol=1e-9, atol=1e-12):
     return True
 
 
-def load_csv(path):
-    """Read a CSV written by write_csv; empty fields are NaN, the text "none" stays a string."""
+def done_values(path, columns):
+    """The (tuples of) values of `columns` already in a CSV, for --resume (empty: no file)."""
+    if not Path(path).is_file():
+        return set()
+    frame = load_csv(path)
+    return set(zip(*(frame[c].tolist() for c in columns)))
+
+
+def keep_rows(path, columns, keep):
+    """Rewrite a CSV keeping only rows whose `columns` values are in `keep`: on --resume, the
+    rows an interrupted step appended before its marking file was written are dropped, not
+    duplicated."""
+    if Path(path).is_file():
+        frame = load_csv(path)
+        mask = [values in keep for values in zip(*(frame[c].tolist() for c in columns))]
+        write_csv(frame[mask], path)
+
+
+def load_csv(path, text=()):
+    """Read a CSV written by write_csv; empty fields are NaN, the text "none" stays a string, and
+    the columns named in `text` stay text ("0000" is not read as the number 0)."""
     import pandas as pd
-    return pd.read_csv(path, keep_default_na=False, na_values=[""])
+    return pd.read_csv(path, keep_default_na=False, na_values=[""],
+                       dtype={column: str for column in text})

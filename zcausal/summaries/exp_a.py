@@ -19,8 +19,10 @@ test), all one-sided: an intersection-union test whose p-value is the largest of
 Wilson lower bound of Z's rate above the noop rate. The label "partial" rests on the primary test
 only; "double dissociation" is the conjunction of it and, at the same configuration, Z keeps
 language, Z-perp changes language and Z-perp keeps answers (each at its raw level: a conjunction
-needs no correction). Every other test in tests.csv is secondary and Holm-adjusted (p_holm). The
-language criteria are "not measured" with fewer than 20 English baselines.
+needs no correction). Every other test in tests.csv is secondary and Holm-adjusted (p_holm), but
+the preregistration's declared secondary test (Z's language-margin shift against en's, exact sign
+test per problem), read at its raw p. The language criteria are "not measured" with fewer than 20
+English baselines. Languages are read again from each output (problems.classify_language).
 """
 import json
 import math
@@ -29,23 +31,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from zcausal import runs, stats
+from zcausal import labels, prereg, problems, runs, stats
 from zcausal.summaries.text import NOT_MEASURED, interval, num, p_value, plural
 
 CONFIG = ["layer", "k", "positions", "source"]
 FIXED = ["none", "noop", "z", "zperp", "full", "en"]
 REQUIRED = ["none", "noop", "z", "zperp", "full"]
 PAIRED = [("z", "rand_z"), ("zperp", "rand_zperp")]
-DECODED_METRICS = ["answer_change", "language_change", "transfer"]
+DECODED_METRICS = ["answer_change", "language_change", "to_zh", "transfer"]
 RATE_METRICS = ["top1_src", "top1_own"]  # teacher-forced, but counts: rates with intervals
 SCORED_METRICS = ["dlogp_ref", "dld_same", "dld_swap", "dlang_ref", "dp_share"] + RATE_METRICS
+# Z's own positive control: how far the patch moves the attention of the layer reading the patched
+# stream (the basis layer at --site input), total variation averaged over heads, same-problem rows
+ATTENTION_METRICS = ["attn_tv_last", "attn_tv_all"]
 ALPHA = 0.05
 MIN_ENGLISH = 20  # the language criteria need this many English baselines, else "not measured"
 PRIMARY = dict(k=50, positions="prompt", source="mean")  # and the basis layer
 # The direction each rank test's hypothesis names (one-sided p); the others are two-sided.
 DIRECTION = {("z", "answer_change"): "above", ("zperp", "language_change"): "above",
              ("z", "top1_src"): "above", ("z", "dp_share"): "above", ("z", "transfer"): "above",
-             ("z", "dlogp_ref"): "below", ("zperp", "dlang_ref"): "below"}
+             ("z", "dlogp_ref"): "below", ("zperp", "dlang_ref"): "below",
+             ("z", "attn_tv_last"): "above", ("z", "attn_tv_all"): "above"}
 TEXT = ["problem_id", "category", "positions", "source", "condition", "pair", "source_id",
         "output", "tokens", "language", "baseline_language", "outcome", "basis"]
 _READOUT_NAMES = {"logp_ref": "logp_readout", "logp_swap": "logp_readout_swap", "ld": "ld_readout",
@@ -116,7 +122,18 @@ def primary_config(layers, ks, positions, sources, plan_layer):
             PRIMARY["source"] if PRIMARY["source"] in sources else sources[0])
 
 
-def primary_description(primary, layers=None):
+def site_text(site, layer):
+    """Where a run's patch sits, in words: 'the input of layer 21' (the stream whose keys and
+    queries Z is built from) or 'the output of layer 21' (read only by the layers above)."""
+    return f"the {'input' if site == 'input' else 'output'} of layer {layer}"
+
+
+def run_site(config):
+    """--site of a run: 'output' for runs from before the flag (they patched the output)."""
+    return config.get("args", {}).get("site") or "output"
+
+
+def primary_description(primary, site="input", layers=None):
     """The declared primary test in words. layers: config.json's layers_resolved (num_layers and
     the plan's layer at this depth; None: the primary layer is taken to be the plan's)."""
     resolved = layers or {}  # older runs call the plan's layer basis_layer
@@ -125,8 +142,8 @@ def primary_description(primary, layers=None):
     where = ("the plan's layer 32 of 36 at this depth" if plan is None or layer == plan else
              f"depth {layer / n:.2f}, layer {layer} of {n}; the plan's layer 32 of 36 at this "
              f"depth, {plan}, was not run")
-    return ("Z at layer {} ({where}), k {}, positions {}, source "
-            "{} changes more answers than random subspaces of its size (rank test), more than en "
+    return (f"patched at {site_text(site, layer)}: " + "Z at layer {} ({where}), k {}, positions "
+            "{}, source {} changes more answers than random subspaces of its size (rank test), more than en "
             "on the same problems (exact McNemar) and lowers log p(reference) more than en (exact "
             "sign test), each one-sided; p = the largest of the three (an intersection-union "
             "test), with Z's Wilson lower bound above the noop rate. 'partial' rests on it alone; "
@@ -167,13 +184,17 @@ def _count(values):
 
 def condition_rates(frame, condition, draw=-1):
     """One condition (one random draw) of one configuration. Rates (stats.rate dicts): answer
-    change over the problems (same-problem source), language change over the problems whose
-    unpatched output is English, transfer, top1_src and top1_own over the swap pairs, truncated.
+    change over the problems (same-problem source); over the problems whose unpatched output is
+    English, language change (to another language: problems.changed_language), to_zh (to
+    Chinese) and degenerate (a degenerate output, never a language change); transfer, top1_src
+    and top1_own over the swap pairs, truncated.
     Means: the scored shifts dlogp_ref, dld_same, dlang_ref (same) and dld_swap, dp_share (swap)."""
     same, swap = rows_of(frame, condition, draw, "same"), rows_of(frame, condition, draw, "swap")
     english = same[same.baseline_language == "en"]
     return dict(answer_change=_count(same.answer_changed),
                 language_change=_count(english.language_changed),
+                to_zh=_count(english.language == "zh"),
+                degenerate=_count(english.language == "degenerate"),
                 transfer=_count(swap.outcome == "transferred"),
                 top1_src=_count(swap.top1_src), top1_own=_count(swap.top1_own),
                 truncated=stats.rate(same.truncated.sum() + swap.truncated.sum(),
@@ -181,7 +202,8 @@ def condition_rates(frame, condition, draw=-1):
                 dlogp_ref=_mean(same.dlogp_ref), dld_same=_mean(same.dld),
                 dlang_ref=_mean(same.dlang_ref), dld_swap=_mean(swap.dld),
                 dp_share=_mean(swap.dp_share), patch_size=_mean(same.patch_size),
-                n_scored=int(same.dlogp_ref.notna().sum()), n_swap=len(swap))
+                n_scored=int(same.dlogp_ref.notna().sum()), n_swap=len(swap),
+                **{m: _mean(same[m]) if m in same else math.nan for m in ATTENTION_METRICS})
 
 
 def controls_table(frame):
@@ -195,7 +217,7 @@ def controls_table(frame):
                             **{m: r[m]["value"] for m in DECODED_METRICS + RATE_METRICS},
                             truncated=r["truncated"]["count"],
                             **{m: r[m] for m in SCORED_METRICS + ["patch_size", "n_scored"]
-                               if m not in RATE_METRICS}))
+                               + ATTENTION_METRICS if m not in RATE_METRICS}))
     return out
 
 
@@ -204,7 +226,7 @@ def metrics_table(frame):
     intervals (n: the pair set's size), the baseline's accuracy and language, the scored means."""
     out = []
     none = rows_of(frame, "none", -1, "same")
-    for name in ("en", "zh", "none", "mixed"):
+    for name in ("en", "zh", "none", "mixed", "degenerate"):
         out.append(dict(condition="none", metric=f"baseline_{name}",
                         **stats.rate((none.baseline_language == name).sum(), len(none))))
     out.append(dict(condition="none", metric="correct",
@@ -213,10 +235,11 @@ def metrics_table(frame):
         if not (frame.condition == condition).any():
             continue
         r = condition_rates(frame, condition)
-        for metric in DECODED_METRICS + RATE_METRICS + ["truncated"]:
+        for metric in DECODED_METRICS + RATE_METRICS + ["degenerate", "truncated"]:
             if r[metric]["n"]:
                 out.append(dict(condition=condition, metric=metric, **r[metric]))
-        for metric in [m for m in SCORED_METRICS if m not in RATE_METRICS] + ["patch_size"]:
+        for metric in [m for m in SCORED_METRICS if m not in RATE_METRICS] + ["patch_size"] + [
+                m for m in ATTENTION_METRICS if not math.isnan(r[m])]:
             n = r["n_swap"] if metric in ("dld_swap", "dp_share") else r["answer_change"]["n"]
             out.append(dict(condition=condition, metric=metric, value=r[metric], n=n))
     return out
@@ -238,10 +261,12 @@ def null_draws(rows, null):
     same = null[null.pair == "same"].groupby(keys)
     swap = null[null.pair == "swap"].groupby(keys)
     top1 = {m: swap[m].apply(lambda v: _count(v)["value"]) for m in RATE_METRICS}
+    attention = [m for m in ATTENTION_METRICS if m in null and null[m].notna().any()]
     out = pd.DataFrame({"dlogp_ref": same.dlogp_ref.mean(), "dld_same": same.dld.mean(),
                         "dld_swap": swap.dld.mean(), "dlang_ref": same.dlang_ref.mean(),
-                        "dp_share": swap.dp_share.mean(), **top1})
-    return out.reset_index()[columns]
+                        "dp_share": swap.dp_share.mean(), **top1,
+                        **{m: same[m].mean() for m in attention}})
+    return out.reset_index()[columns + attention]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,12 +284,13 @@ def rank_tests(controls, draws):
         own = controls[(controls.condition == condition) & (controls.draw == -1)]
         if not len(own):
             continue
-        for metric in DECODED_METRICS + SCORED_METRICS:
-            scored = metric in SCORED_METRICS and len(draws)
+        for metric in DECODED_METRICS + SCORED_METRICS + ATTENTION_METRICS:
+            scored = (metric in SCORED_METRICS or metric in draws) and len(draws)
             null = (draws if scored else controls)
             null = null[null.condition == rand]
-            value = float(own[metric].iloc[0])
-            result = stats.rank_test(value, null[metric].to_numpy(float)) if metric in null else {}
+            value = float(own[metric].iloc[0]) if metric in own else math.nan
+            result = stats.rank_test(value, null[metric].to_numpy(float)) \
+                if metric in null and not math.isnan(value) else {}
             if result:
                 alternative = DIRECTION.get((condition, metric), "two-sided")
                 out.append(dict(test=f"{condition} {metric} vs random", condition=condition,
@@ -275,28 +301,37 @@ def rank_tests(controls, draws):
     return out
 
 
-def _paired(frame, first, second, column, lower=False):
-    """Per problem (same-problem rows), the two conditions side by side on `column`."""
+def _paired(frame, first, second, column, mode="bool"):
+    """Per problem (same-problem rows), the two conditions side by side on `column`: booleans
+    (mode "bool"), or for the exact sign test first < second against second < first ("lower")
+    or first > second against second > first ("higher")."""
     a = rows_of(frame, first, -1, "same").set_index("problem_id")[column]
     b = rows_of(frame, second, -1, "same").set_index("problem_id")[column].reindex(a.index)
-    if lower:  # the exact sign test: first < second against second < first
+    if mode == "lower":
         return (a < b).to_numpy(), (b < a).to_numpy()
+    if mode == "higher":
+        return (a > b).to_numpy(), (b > a).to_numpy()
     return a.astype(bool).to_numpy(), b.astype(bool).to_numpy()
 
 
 def paired_tests(frame):
     """Exact one-sided paired tests on the same problems: Z changes more answers than en, Z
     lowers log p(reference) more than en (sign test), Z changes more answers than Z-perp (the
-    plan's partial criterion). b: problems where only the first condition does it, c: only the
-    second."""
+    plan's partial criterion), Z moves the reading layer's attention more than en (sign test on
+    attn_tv_all), Z moves the language margin after the answer toward Chinese (lower) more than
+    en does (sign test; a declared test of the preregistration). b: problems where only the
+    first condition does it, c: only the second."""
     out = []
-    for name, first, second, column, lower in (
-            ("z vs en answers", "z", "en", "answer_changed", False),
-            ("z vs en dlogp_ref", "z", "en", "dlogp_ref", True),
-            ("z vs zperp answers", "z", "zperp", "answer_changed", False)):
-        if not (frame.condition == second).any():
+    for name, first, second, column, mode in (
+            ("z vs en answers", "z", "en", "answer_changed", "bool"),
+            ("z vs en dlogp_ref", "z", "en", "dlogp_ref", "lower"),
+            ("z vs zperp answers", "z", "zperp", "answer_changed", "bool"),
+            ("z vs en attention", "z", "en", "attn_tv_all", "higher"),
+            ("z vs en dlang_ref", "z", "en", "dlang_ref", "lower")):
+        if not (frame.condition == second).any() or column not in frame \
+                or frame[column].isna().all():
             continue
-        x, y = _paired(frame, first, second, column, lower)
+        x, y = _paired(frame, first, second, column, mode)
         b, c, p = stats.mcnemar_exact(x, y, alternative="greater")
         out.append(dict(test=name, condition=first, metric=column, null=second,
                         alternative="greater", value=int(x.sum()), n=len(x), b=b, c=c, p=p))
@@ -327,8 +362,8 @@ def config_tests(frame, controls, draws):
 
 def mark_primary(tests, primary):
     """tests + primary (the declared test's row) and p_holm: Holm-adjusted over every secondary
-    test (all rows but the primary, its components and the dissociation criterion at the primary
-    configuration; NaN there)."""
+    test (all rows but the primary, its components, the dissociation criterion and the
+    preregistration's declared secondary tests at the primary configuration; NaN there)."""
     at = np.ones(len(tests), dtype=bool)
     for column, value in zip(CONFIG, primary):
         at &= (tests[column] == value).to_numpy()
@@ -337,6 +372,9 @@ def mark_primary(tests, primary):
     # criteria at the same configuration (an intersection-union test: each at its raw level).
     dissociation = at & (tests.test == "zperp language_change vs random").to_numpy()
     tests.loc[dissociation, "part_of"] = "double dissociation"
+    # The preregistration's declared secondary tests stand on their own: read at their raw p.
+    declared = {t["test"] for t in prereg.declaration("A").get("secondary", [])}
+    tests.loc[at & tests.test.isin(declared).to_numpy(), "part_of"] = "declared"
     family = ~tests.primary.to_numpy() & ~(at & (tests.part_of != "").to_numpy())
     holm = np.full(len(tests), np.nan)
     if family.any():
@@ -362,9 +400,11 @@ def get_test(tests, name):
 
 
 def _raw(t):
-    """Whether a test is read at its raw p: the primary and the criteria that join it in a label
-    (part_of); every other test is read at its Holm-adjusted p."""
-    return bool(t.get("primary", False)) or t.get("part_of", "") == "double dissociation"
+    """Whether a test is read at its raw p: the primary, the criteria that join it in a label
+    (part_of) and the preregistration's declared secondary tests; every other test is read at its
+    Holm-adjusted p."""
+    return bool(t.get("primary", False)) or t.get("part_of", "") in ("double dissociation",
+                                                                      "declared")
 
 
 def _used_p(t):
@@ -414,7 +454,9 @@ def z_changes(rates, tests):
         return False, "; ".join(parts) + ": not tested (" + (
             "no random draws" if rank is None else "no en control") + ")"
     ok = bool(_used_p(t) <= ALPHA and z["ci_low"] > noop["value"])
-    return ok, "; ".join(parts) + f": {'passes' if ok else 'fails'} ({p_text(t)})"
+    null = "" if ok else "; read as a null: " + labels.null_statement(
+        z["count"], z["n"], labels.sign_test_critical(ALPHA), ALPHA, unit="kept problem")
+    return ok, "; ".join(parts) + f": {'passes' if ok else 'fails'} ({p_text(t)}){null}"
 
 
 def zperp_changes_language(rates, tests):
@@ -535,6 +577,23 @@ def selection_sentence(config):
 # ----------------------------------------------------------------------------------------------
 # Entry points: summarize / replot (the script), summary_lines / headline (report.py)
 
+def read_languages(rows):
+    """rows with language, baseline_language (the unpatched output's, same problem and
+    configuration), language_changed and to_zh read again from each output by
+    problems.classify_language (the whole answer), so that a replot of an older run reads the
+    language as a new run does."""
+    rows = rows.copy()
+    rows["language"] = rows.output.map(problems.classify_language)
+    keys = CONFIG + ["problem_id"]
+    none = rows[(rows.condition == "none") & (rows.pair == "same")].drop_duplicates(keys)
+    baseline = none.set_index(keys).language
+    rows["baseline_language"] = baseline.reindex(pd.MultiIndex.from_frame(rows[keys])).to_numpy()
+    rows["language_changed"] = [problems.changed_language(b, g) for b, g in
+                                zip(rows.baseline_language, rows.language)]
+    rows["to_zh"] = (rows.baseline_language == "en") & (rows.language == "zh")
+    return rows
+
+
 def load_run(out_dir):
     """(rows, random null or None, variance or None, config) of a run folder, from its files."""
     out_dir = Path(out_dir)
@@ -546,6 +605,7 @@ def load_run(out_dir):
     optional = [load_table(out_dir / name) if (out_dir / name).is_file() else None
                 for name in ("random_scores.csv", "variance.csv")]
     rows = load_table(out_dir / "rows.csv")
+    rows = read_languages(rows) if "output" in rows else rows
     missing = sorted({"lang_ref", "top1_src", "p_share"} - set(rows.columns))
     if missing:
         raise runs.UsageError(f"{out_dir}/rows.csv was written by an older exp_a_patching.py (no "
@@ -597,13 +657,15 @@ def summary_lines(out_dir):
     from zcausal.summaries.exp_a_text import checks_markdown, verdict_paragraph
     rows, variance, config, (_, controls, _, tests, verdicts) = _tables(out_dir)
     template = config.get("args", {}).get("template", "direct")
-    lines = [selection_sentence(config)] if config.get("solved") else []
+    lines = [prereg.status_sentence(config, "A")]
+    lines += [selection_sentence(config)] if config.get("solved") else []
     lines += checks_markdown(measure_checks(rows), template)
     for config_key, frame in rows.groupby(CONFIG, sort=True):
         c, t = (select_config(f, config_key) for f in (controls, tests))
         v = select_config(verdicts, config_key).iloc[0]
         lines.append("Layer {} · k {} · positions {} · source {}: ".format(*config_key)
-                     + verdict_paragraph(frame, c, t, v, variance, template))
+                     + f"patched at {site_text(run_site(config), config_key[0])}. "
+                     + verdict_paragraph(frame, c, t, v, variance, template, run_site(config)))
     return lines
 
 
@@ -620,12 +682,13 @@ def headline(out_dir):
     z = condition_rates(frame, "z")
     en = condition_rates(frame, "en")["answer_change"] if (frame.condition == "en").any() else None
     a = z["answer_change"]
-    value = (f"{interval(a['value'], a['ci_low'], a['ci_high'])} of answers changed by Z vs "
+    site = site_text(run_site(config), primary[0])
+    value = (f"at {site}: {interval(a['value'], a['ci_low'], a['ci_high'])} of answers changed by Z vs "
              f"random {band_text(c, 'rand_z', 'answer_change')}"
              + (f" and en {num(en['value'])}" if en is not None else "")
              + f" ({p_text(get_test(t, 'z changes answers'))}, {plural(a['n'], 'kept problem')})")
     lead = [s for s in [selection_sentence(config)] if s]
-    lead.append("At layer {}, k {} (positions {}, source {}), Z changed ".format(*primary)
+    lead.append(f"Patched at {site}: " + "at layer {}, k {} (positions {}, source {}), Z changed ".format(*primary)
                 + rate_text(a, "kept problem") + (f", en {en['count']}" if en is not None else "")
                 + (f"; explained by {v['explained_by']}" if v["explained_by"] else "")
                 + "; the first digit went to the source's under Z on "

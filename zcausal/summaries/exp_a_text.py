@@ -7,27 +7,28 @@ from pathlib import Path
 
 import pandas as pd
 
-from zcausal import problems, stats
-from zcausal.summaries.exp_a import (CONFIG, FIXED, LABEL, MIN_ENGLISH, NO_DRAWS, band_text,
-                                     condition_rates, get_test, p_text, primary_description,
-                                     primary_of, rate_text, rows_of, select_config,
-                                     selection_sentence)
+from zcausal import labels, prereg, problems, stats
+from zcausal.summaries.exp_a import (ALPHA, CONFIG, FIXED, LABEL, MIN_ENGLISH, NO_DRAWS,
+                                     band_text, condition_rates, get_test, p_text,
+                                     primary_description, primary_of, rate_text, rows_of,
+                                     run_site, select_config, selection_sentence, site_text)
 from zcausal.summaries.text import NOT_MEASURED, num, plural
 
 
 def baseline_sentence(frame):
-    """Accuracy and output languages of the unpatched rows (the language of the words after the
-    number), and whether the language criteria have their 20 English baselines."""
+    """Accuracy and output languages of the unpatched rows (problems.classify_language of the whole
+    answer), and whether the language criteria have their 20 English baselines."""
     none = rows_of(frame, "none", -1, "same")
     counts = {lang: int((none.baseline_language == lang).sum())
-              for lang in ("en", "zh", "mixed", "none")}
+              for lang in ("en", "zh", "mixed", "none", "degenerate")}
     n_en = counts["en"]
     example = none[none.baseline_language == "en"].output.head(1).tolist()
     correct = rate_text(stats.rate(none.correct.sum(), len(none)), "kept problem")
     return (f"Unpatched, the model answered {correct} "
             f"correctly ({int(none.truncated.sum())} truncated); its outputs were English on "
             f"{n_en}, Chinese on {counts['zh']}, mixed on {counts['mixed']}, without words on "
-            f"{counts['none']}" + (f" (e.g. {example[0].strip()!r})" if example else "")
+            f"{counts['none']}, degenerate on {counts['degenerate']}"
+            + (f" (e.g. {example[0].strip()!r})" if example else "")
             + (f"; the language criteria are over the {plural(n_en, 'English baseline')}." if
                n_en >= MIN_ENGLISH else f"; the language criteria need {MIN_ENGLISH} English "
                f"baselines and are not measured here."))
@@ -48,6 +49,41 @@ def scored_sentence(tests, name, condition, metric, what, value, unit=" nats"):
             f"({side}) {p_text(t)}.")
 
 
+def to_chinese_sentence(r, controls):
+    """How often each condition turned an English output Chinese (to_zh), and how often it left a
+    degenerate output (counted apart, never a language change), over the English baselines."""
+    if not r["z"]["to_zh"]["n"]:
+        return ""
+    parts = [f"{LABEL[c]} {num(r[c]['to_zh']['value'])}" for c in ("zperp", "full", "en", "noop")
+             if c in r]
+    degenerate = ", ".join(f"{LABEL[c]} {r[c]['degenerate']['count']}" for c in
+                           ("z", "zperp", "full", "en", "noop") if c in r)
+    return (f"Chinese output (to_zh, the whole answer read) on "
+            f"{rate_text(r['z']['to_zh'], 'English baseline')} under Z; as a share: "
+            + ", ".join(parts)
+            + f", random Z {band_text(controls, 'rand_z', 'to_zh')}, random Z⊥ "
+            f"{band_text(controls, 'rand_zperp', 'to_zh')}; degenerate outputs (not counted as "
+            f"a language change): {degenerate}.")
+
+
+def _tie_words(r, controls):
+    """' (no transfer (0 of n, upper bound u)): Z and every draw at 0' where the rank test sees
+    only ties, else ''."""
+    tie = labels.no_transfer(r["count"], r["n"], controls[controls.condition == "rand_z"]
+                             .top1_src.dropna().to_numpy())
+    return f": {tie}, Z and every random draw at 0" if tie else ""
+
+
+def language_margin_sentence(tests):
+    """The declared paired test: Z's language margin shift against en's, per problem."""
+    t = get_test(tests, "z vs en dlang_ref")
+    if t is None:
+        return ""
+    return (f"Z moved the language margin after the answer toward Chinese more than en did on "
+            f"{int(t['b'])} of {plural(t['n'], 'kept problem')}, less on {int(t['c'])} (exact "
+            f"sign test, one-sided, {p_text(t)}).")
+
+
 def first_digit_sentence(frame, controls, tests):
     """top1_src / top1_own with intervals over the swap pairs, and the pooled p_share shift."""
     r = {c: condition_rates(frame, c) for c in ("z", "zperp", "full")}
@@ -63,16 +99,67 @@ def first_digit_sentence(frame, controls, tests):
             f"under Z⊥ on {r['zperp']['top1_src']['count']}; random Z "
             + (f"{num(t['min'])} to {num(t['max'])}, rank {p_text(t)}" if t is not None
                else NO_DRAWS)
+            + _tie_words(z["top1_src"], controls)
             + f". p_share = p_src / (p_src + p_own) over the two first digits moved by "
             f"{num(z['dp_share'], signed=True)} under Z and "
             f"{num(r['full']['dp_share'], signed=True)} under full replacement (mean shift over the {plural(z['n_swap'], 'swap pair')}).")
     return text
 
 
-def verdict_paragraph(frame, controls, tests, v, variance, template):
-    """A paragraph generated from the numbers only: baseline, noise floor, the primary test and
-    which control explains Z's effect, the other criteria, the first-digit and scored measures,
-    the en control, patch size and variance."""
+def attention_reached(tests):
+    """Whether the patch demonstrably moved the reading layer's attention more than random
+    subspaces of Z's size do (the rank test on attn_tv_all, one-sided, at its raw p: it decides
+    how a null is read, it is not a finding of its own); None when not measured."""
+    t = get_test(tests, "z attn_tv_all vs random")
+    return None if t is None or pd.isna(t["p"]) else bool(t["p"] <= ALPHA)
+
+
+def attention_sentence(r, controls, tests, layer, site):
+    """Z's own positive control: how far the patch moved the attention of the layer reading the
+    patched stream (the basis layer at --site input), against random subspaces, en and noop; and
+    what that says about reading a null."""
+    z = r["z"]
+    if pd.isna(z.get("attn_tv_all", math.nan)):
+        return ("The patch's effect on the attention of the layer that reads it was not measured "
+                "(a run from before the readout): a null here cannot be told from an instrument "
+                "that never reached Z's heads.")
+    read = layer if site == "input" else layer + 1
+    whose = (f"layer {read}'s attention (the basis layer, whose query-key kernels Z is built from)"
+             if site == "input" else f"layer {read}'s attention (the first layer to read a patch "
+             f"at the output of layer {layer}; the basis layer's own attention cannot see it)")
+    t_all = get_test(tests, "z attn_tv_all vs random")
+    t_last = get_test(tests, "z attn_tv_last vs random")
+    en = get_test(tests, "z vs en attention")
+    parts = [f"Patched at {site_text(site, layer)}, Z moved {whose} by a total variation of "
+             f"{num(z['attn_tv_last'])} at the last prompt position and {num(z['attn_tv_all'])} "
+             f"averaged over all positions (mean over heads and kept problems; noop "
+             f"{num(r['noop']['attn_tv_all'])}, the floor)"]
+    if t_all is not None:
+        parts.append(f"random subspaces of its size {num(t_all['min'])} to {num(t_all['max'])} "
+                     f"over all positions (rank {p_text(t_all)}), "
+                     f"{num(t_last['min'])} to {num(t_last['max'])} at the last position "
+                     f"(rank {p_text(t_last)})" if t_last is not None else "")
+    if "en" in r and en is not None:
+        parts.append(f"en {num(r['en']['attn_tv_all'])} (Z moved it more on {int(en['b'])} "
+                     f"problems, en on {int(en['c'])}, sign test {p_text(en)})")
+    reached = attention_reached(tests)
+    if reached is None:
+        verdict = "without random draws it cannot say whether Z reached its heads more than chance."
+    elif reached:
+        verdict = ("the patch moved what Z is built from more than random subspaces do, so a null "
+                   "on answers or language here is informative (within its power).")
+    else:
+        verdict = ("the patch did not move that attention more than random subspaces do: the "
+                   "instrument did not show it reached Z's heads, and a null on answers or "
+                   "language here is not evidence that Z is not causal.")
+    return "; ".join(p for p in parts if p) + ": " + verdict
+
+
+def verdict_paragraph(frame, controls, tests, v, variance, template, site="output"):
+    """A paragraph generated from the numbers only: baseline, noise floor, the patch's effect on
+    the reading layer's attention (Z's own positive control), the primary test and which control
+    explains Z's effect, the other criteria, the first-digit and scored measures, the en control,
+    patch size and variance. site: the run's --site."""
     r = {c: condition_rates(frame, c) for c in FIXED if (frame.condition == c).any()}
     text = [baseline_sentence(frame)]
     noop = r["noop"]
@@ -80,6 +167,7 @@ def verdict_paragraph(frame, controls, tests, v, variance, template):
     text.append(f"The noop patch (each row's own states, through the same code path and batches) "
                 f"changed {rate_text(noop['answer_change'], 'kept problem')} and moved log "
                 f"p(reference) by at most {num(drift)} nats: the noise floor.")
+    text.append(attention_sentence(r, controls, tests, int(frame.layer.iloc[0]), site))
     head = "Primary test" if v["primary"] else "Z changes answers (secondary)"
     text.append(f"{head}: {v['z_changes_answers_reason']}.")
     if v["explained_by"]:
@@ -96,6 +184,8 @@ def verdict_paragraph(frame, controls, tests, v, variance, template):
                     f"{'met' if v['plan_partial'] else 'not met'}.")
     text += [v[f"{name}_reason"] + "." for name in
              ("z_keeps_language", "zperp_changes_language", "zperp_keeps_answers")]
+    text.append(to_chinese_sentence(r, controls))
+    text.append(language_margin_sentence(tests))
     text.append(first_digit_sentence(frame, controls, tests))
     if r["z"]["transfer"]["n"]:
         text.append(f"Decoded, the output took the source problem's answer on "
@@ -251,9 +341,10 @@ def write_summary(out_dir, rows, tables, checks, variance, config):
             f"{config.get('git_commit')}. {selection_sentence(config)} Every number and sentence "
             f"here is generated from the CSVs in this folder; rebuild with `python "
             f"exp_a_patching.py --replot --out <this folder>`.", "",
-            f"Declared primary test (config.json): "
-            f"{primary_description(primary, config.get('layers_resolved'))}. Every other "
-            f"test is secondary, its p Holm-adjusted over tests.csv.", "",
+            f"Primary test (config.json): "
+            f"{primary_description(primary, run_site(config), config.get('layers_resolved'))}. "
+            f"Every other test is secondary, its p Holm-adjusted over tests.csv, but for the "
+            f"declared ones. {prereg.status_sentence(config, 'A')}", "",
             "## Checks on the measure", ""] + checks_markdown(checks, template) + [
             "", "## Overview", "",
             "| layer | k | positions | source | Z answers changed | random Z | en | p (Z changes "
@@ -271,8 +362,10 @@ def write_summary(out_dir, rows, tables, checks, variance, config):
             p_text(get_test(t, "z changes answers")), rate_text(r["z"]["top1_src"], "swap pair"),
             rate_text(r["z"]["language_change"], "English baseline"),
             v["verdict"] + (" (primary)" if v["primary"] else "")]) + " |")
-        name = "layer {} · k {} · positions {} · source {}".format(*config_key)
-        body += [f"## {name}", "", verdict_paragraph(frame, c, t, v, variance, template), "",
+        name = "layer {} · k {} · positions {} · source {}".format(*config_key) + \
+            f" · {site_text(run_site(config), config_key[0])}"
+        body += [f"## {name}", "", verdict_paragraph(frame, c, t, v, variance, template,
+                                                     run_site(config)), "",
                  "### Conditions (95% Wilson intervals; scored shifts in nats)", ""]
         body += conditions_markdown(frame) + ["", "### Tests", ""] + tests_markdown(t)
         body += ["", "### Patching table (same-problem source; [answer, language])", ""]

@@ -3,12 +3,13 @@ summary_lines and headline (report.py), and the column names of the random bands
 
     python exp_b_residual.py --replot --out results/exp_b      # redraws from the CSVs
 
-Primary test (declared here): Z's mean R over both languages on the update into the basis layer
-(the transition basis_layer - 1 -> basis_layer, the one the figure marks) at k = 50 (the plan's k;
-the largest k where 50 was not run), ranked among the covariance-matched random subspaces
-(stats.rank_test, one-sided: does Z hold more of the update than subspaces drawn with the stream's
-covariance). The counts over all transitions are descriptive, read against their expected value
-if Z were one more draw.
+Primary test (declared here and in docs/preregistration.json): Z's mean R over both languages on
+the update into the basis layer's input (the transition basis_layer - 2 -> basis_layer - 1: the
+last update the basis layer reads, the one the figure marks) at k = 50 (the plan's k; the largest
+k where 50 was not run), ranked among the Haar (uniform) random subspaces, the null A, D and E use
+(stats.rank_test, one-sided: does Z hold more of the update than random subspaces of its size).
+The covariance-matched draws are shown beside and label nothing. The counts over all transitions
+are descriptive, read against their expected value if Z were one more draw.
 """
 import json
 from pathlib import Path
@@ -16,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from zcausal import runs, stats
+from zcausal import labels, prereg, runs, stats
 from zcausal.runs import UsageError
 from zcausal.summaries.text import interval, num, ordinal, p_value, plural
 
 # Column prefixes of the two random-subspace bands: Haar-uniform and covariance-matched draws.
 KINDS = {"uniform": "rand", "matched": "matched"}
 KIND_NAMES = {"uniform": "uniform", "matched": "covariance-matched"}
-PRIMARY_KIND = "matched"
+PRIMARY_KIND = "uniform"  # the declared null; the matched draws are shown beside
 ALPHA = 0.05
 NOT_TESTED = "not tested (no random draws)"
 
@@ -35,8 +36,15 @@ def rank_column(kind, what):
 
 
 def primary_description(ks):
-    return (f"R on the update into the basis layer, both languages, k = {stats.primary_k(ks)}, "
-            f"against the {KIND_NAMES[PRIMARY_KIND]} random subspaces (rank test, one-sided)")
+    return (f"R on the update into the basis layer's input, both languages, k = "
+            f"{stats.primary_k(ks)}, against the {KIND_NAMES[PRIMARY_KIND]} (Haar) random "
+            f"subspaces (rank test, one-sided; the covariance-matched draws shown beside)")
+
+
+def primary_transition(basis_layer):
+    """to_layer of the declared transition: the update that lands in the basis layer's input
+    (the output of the layer below it); None for basis layer 0, whose input is the embeddings."""
+    return basis_layer - 1 if basis_layer >= 1 else None
 
 
 def _layer_ticks(ax, from_layers):
@@ -83,10 +91,10 @@ def _plot_k(ax, ax2, table, asym):
         rows = table[table["lang"] == lang]
         ax.errorbar(rows["from_layer"], rows["R_mean"], yerr=rows["R_sem"], color=color,
                     marker="o", ms=3, capsize=2, label=f"R, {lang} prompts (mean ± sem)")
-    basis_in = int(first["basis_layer"]) - 1  # the update that produces the basis layer's output
+    basis_in = int(first["basis_layer"]) - 2  # plotted at its from_layer: the primary transition
     for a in (ax, ax2):
         a.axvline(basis_in, color="tab:green", ls=":", lw=1.2,
-                  label=f"update into the basis layer ({basis_in} -> {basis_in + 1})"
+                  label=f"update into the basis layer's input ({basis_in} -> {basis_in + 1})"
                   if a is ax else None)
         a.grid(axis="y", alpha=0.3)
     ax.set_ylabel("R = ||P_Z u|| / ||P_Zperp u||")
@@ -140,25 +148,27 @@ def plot_all(args):
 # The findings in words (printed at the end of a run; report.py's paragraph and headline)
 
 def primary_test(per_layer, draws, config, k):
-    """Z's R (both languages) on the update into the basis layer at this k, with the rank test
-    among the PRIMARY_KIND draws (an empty test without draws) and the verdict."""
-    basis_layer = int(config["basis_layer"])
-    row = per_layer[(per_layer["lang"] == "all") & (per_layer["k"] == k)
-                    & (per_layer["to_layer"] == basis_layer)].iloc[0]
-    mine = draws[(draws["kind"] == PRIMARY_KIND) & (draws["lang"] == "all")
-                 & (draws["from_layer"] == row["from_layer"])]
-    if "k" in mine:
-        mine = mine[mine["k"] == k]
-    test = stats.rank_test(row["R_mean"], mine["R_mean"])
-    if not test:
-        verdict = NOT_TESTED
-    elif test["p_above"] <= ALPHA:  # a rank test's p is valid at p <= alpha (stats.rank_test)
-        verdict = "Z above random"
-    else:
-        verdict = "Z below random" if test["p_below"] <= ALPHA else "Z = random"
-    prefix = KINDS[PRIMARY_KIND]
-    return row, test, verdict, (row.get(f"{prefix}_R_mean"), row.get(f"{prefix}_R_lo"),
-                                row.get(f"{prefix}_R_hi"))
+    """Z's R (both languages) on the update into the basis layer's input at this k, with the rank
+    test among the PRIMARY_KIND draws (an empty test without draws), the verdict (labels.
+    versus_random, one-sided) and each kind's band (mean, lo, hi). Row None where the basis
+    layer's input is the embeddings (no update)."""
+    to_layer = primary_transition(int(config["basis_layer"]))
+    rows = per_layer[(per_layer["lang"] == "all") & (per_layer["k"] == k)
+                     & (per_layer["to_layer"] == to_layer)]
+    if not len(rows):
+        return None, {}, "not measured (the basis layer's input is the embeddings)", {}
+    row = rows.iloc[0]
+    tests = {}
+    for kind in KINDS:
+        mine = draws[(draws["kind"] == kind) & (draws["lang"] == "all")
+                     & (draws["from_layer"] == row["from_layer"])]
+        tests[kind] = stats.rank_test(row["R_mean"], (mine[mine["k"] == k] if "k" in mine
+                                                      else mine)["R_mean"])
+    test = tests[PRIMARY_KIND]
+    verdict = labels.versus_random(test, "greater", ALPHA) if test else NOT_TESTED
+    bands = {kind: (row.get(f"{KINDS[kind]}_R_mean"), row.get(f"{KINDS[kind]}_R_lo"),
+                    row.get(f"{KINDS[kind]}_R_hi")) for kind in KINDS}
+    return row, dict(tests, primary=test), verdict, bands
 
 
 def _transition(row):
@@ -195,15 +205,30 @@ def _asymmetry_sentence(asym, n_random):
             f"{versus}).")
 
 
+def _beside(tests, bands):
+    """'covariance-matched draws (shown beside, no label) 0.66 [0.61, 0.76], Z 21st of 21'."""
+    kind = next(k for k in KINDS if k != PRIMARY_KIND)
+    test = tests.get(kind)
+    if not test:
+        return ""
+    return (f"; {KIND_NAMES[kind]} draws (shown beside, no label) {interval(*bands[kind])}, Z "
+            f"{ordinal(1 + test['at_or_above'])} of {test['draws'] + 1}")
+
+
 def _primary_sentence(per_layer, draws, config, k):
-    row, test, verdict, band = primary_test(per_layer, draws, config, k)
-    what = (f"Primary test (the update into the basis layer, {_transition(row)}, both languages, "
-            f"k = {k}): R {num(row['R_mean'])}")
+    row, tests, verdict, bands = primary_test(per_layer, draws, config, k)
+    if row is None:
+        return f"Primary test (k = {k}): {verdict}."
+    test = tests["primary"]
+    what = (f"Primary test (the update into the basis layer's input, {_transition(row)}, both "
+            f"languages, k = {k}): R {num(row['R_mean'])}")
     if not test:
         return f"{what} (chance {num(row['R_chance'])}); against random subspaces {NOT_TESTED}."
-    return (f"{what} against {KIND_NAMES[PRIMARY_KIND]} random subspaces {interval(*band)}: Z "
-            f"ranks {ordinal(1 + test['at_or_above'])} of {test['draws'] + 1} (one-sided p = "
-            f"{num(test['p_above'])}; below: {num(test['p_below'])}): {verdict}.")
+    return (f"{what} against {KIND_NAMES[PRIMARY_KIND]} (Haar) random subspaces, the declared "
+            f"null, {interval(*bands[PRIMARY_KIND])}: Z ranks "
+            f"{ordinal(1 + test['at_or_above'])} of {test['draws'] + 1}: {verdict}"
+            f"{_beside(tests, bands)}. A null here: "
+            f"{labels.rank_power_words(test['draws'], ALPHA)}.")
 
 
 def summary_lines(out_dir):
@@ -211,7 +236,7 @@ def summary_lines(out_dir):
     report.py's paragraph)."""
     per_layer, asym, draws, config = _read_tables(out_dir)
     n_random = int(config.get("n_random", 0))
-    lines = []
+    lines = [prereg.status_sentence(config, "B")]
     for k in sorted(per_layer["k"].unique()):
         both = per_layer[(per_layer["lang"] == "all") & (per_layer["k"] == k)]
         top = both.loc[both["R_over_chance"].idxmax()]
@@ -232,17 +257,20 @@ def headline(out_dir):
     """report.py's cells: dict(verdict, value, lead) from the declared primary test."""
     per_layer, _, draws, config = _read_tables(out_dir)
     k = stats.primary_k(per_layer["k"].unique())
-    row, test, verdict, band = primary_test(per_layer, draws, config, k)
+    row, tests, verdict, bands = primary_test(per_layer, draws, config, k)
+    if row is None:
+        return {"verdict": verdict, "value": verdict, "lead": []}
+    test = tests["primary"]
     if test:
-        value = (f"R {num(row['R_mean'])} vs {KIND_NAMES[PRIMARY_KIND]} random "
-                 f"{interval(*band)} (rank {1 + test['at_or_above']} of {test['draws'] + 1}, "
-                 f"p = {num(test['p_above'])})")
-        versus = (f", against {interval(*band)} for random subspaces drawn with the stream's "
-                  f"covariance: {verdict}")
+        value = (f"R {num(row['R_mean'])} vs {KIND_NAMES[PRIMARY_KIND]} (Haar) random "
+                 f"{interval(*bands[PRIMARY_KIND])} (rank {1 + test['at_or_above']} of "
+                 f"{test['draws'] + 1}){_beside(tests, bands)}")
+        versus = (f", against {interval(*bands[PRIMARY_KIND])} for Haar random subspaces: "
+                  f"{verdict}")
     else:
         value, versus = f"R {num(row['R_mean'])} (chance {num(row['R_chance'])})", ""
-    lead = [f"On the update into the basis layer ({_transition(row)}), Z (k = {k}) holds R = "
-            f"{num(row['R_mean'])} of it, chance {num(row['R_chance'])}{versus}."]
+    lead = [f"On the update into the basis layer's input ({_transition(row)}), Z (k = {k}) "
+            f"holds R = {num(row['R_mean'])} of it, chance {num(row['R_chance'])}{versus}."]
     both = per_layer[(per_layer["lang"] == "all") & (per_layer["k"] == k)]
     if test:
         above = int((both[rank_column("uniform", "R")] == 0).sum())

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zcausal import ard_mmd, stats
+from zcausal import ard_mmd, labels, prereg, stats
 from zcausal.runs import UsageError, figure_path, save_figure, write_csv
 from zcausal.summaries.text import num, plural
 
@@ -363,14 +363,19 @@ def _primary_index(table, basis_layer):
     return table.loc[distance == distance.min()].sort_values("layer").index[0]
 
 
-def _verdict(row, d, p_enrichment, p_depletion):
+def _verdict(row, d, p_enrichment, p_depletion, two_sided=False):
+    """The overlap's label: the primary's declared test is one-sided (enrichment, else no
+    enrichment: it reads no other direction); a secondary row reads both directions, so only
+    from the two-sided p (twice the smaller one-sided p) below ALPHA."""
     if row["z_size"] == 0:
         return "not measured (ARD's Z is empty)"
     if row["z_size"] >= d:
         return "not measured (ARD's Z holds every coordinate)"
-    if p_enrichment < ALPHA:
-        return "enrichment"
-    return "depletion" if p_depletion < ALPHA else "no enrichment"
+    if not two_sided:
+        return "enrichment" if p_enrichment < ALPHA else "no enrichment"
+    if 2 * min(p_enrichment, p_depletion) < ALPHA:
+        return "enrichment" if p_enrichment <= p_depletion else "depletion"
+    return "no enrichment"
 
 
 def overlap_table(out):
@@ -405,7 +410,7 @@ def overlap_table(out):
         table[f"p_{side}_holm"] = holm
     table["verdict"] = [
         _verdict(r, d, *((r.p_enrichment, r.p_depletion) if r.primary else
-                         (r.p_enrichment_holm, r.p_depletion_holm)))
+                         (r.p_enrichment_holm, r.p_depletion_holm)), two_sided=not r.primary)
         for _, r in table.iterrows()]
     return table
 
@@ -500,7 +505,8 @@ def summary_lines(out):
     table = overlap_table(out)
     d = (int(table["d"].iloc[0]) if len(table) else
          read_lengthscales(out)["z_energy"].shape[1])
-    lines = [f"Fits on {plural(config.get('n_pairs'), 'pair')} (d = {d}); lambda selected per "
+    lines = [prereg.status_sentence(config, "C")]
+    lines += [f"Fits on {plural(config.get('n_pairs'), 'pair')} (d = {d}); lambda selected per "
              f"(layer, objective, start) by validation retrieval cross-entropy. Overlap: ARD's Z "
              f"(|Z| coordinates) against the |Z| coordinates with the largest diag(P_Z) of "
              f"{_masks_words(ks, config.get('basis_layer'))}, read "
@@ -509,8 +515,17 @@ def summary_lines(out):
     lines += [_fit_sentence(rows, len(ks) > 1) for rows in _fit_groups(table)]
     lam = lambda_sentence(_selected_fits(out))
     lines += [lam] if lam else []
-    lines.append(primary_sentence(table.loc[table["primary"]].iloc[0], config, ks))
-    return lines
+    primary = table.loc[table["primary"]].iloc[0]
+    lines.append(primary_sentence(primary, config, ks))
+    solved = solved_sentence(primary)
+    return lines + ([solved] if solved else [])
+
+
+def solved_sentence(r):
+    """Why lambda cannot win, where the primary fit's held-out retrieval is at its ceiling before
+    any fit (labels.solved_before_fit), or None."""
+    words = labels.solved_before_fit(r.retrieval_test_init, r.retrieval_chance_test)
+    return f"At the primary fit, {words}." if words else None
 
 
 def _primary_k_words(k, ks):
@@ -568,4 +583,6 @@ def headline(out):
                 f"{r.retrieval_test_final:.0%} (chance {r.retrieval_chance_test:.0%}).")
     lam = lambda_sentence(_selected_fits(out), short=True)
     lead += [lam] if lam else []
+    solved = solved_sentence(r)
+    lead = lead[:2] + [solved] if solved else lead
     return {"verdict": r.verdict, "value": value, "lead": lead}

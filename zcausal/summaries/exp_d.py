@@ -3,16 +3,19 @@ R^2 against the shuffled-pairs null and the random bases, summary_lines and head
 
     python exp_d_bridge.py --replot --out results/exp_d        # redraws from the CSVs
 
-Primary test (declared here, the rest Holm-corrected): least squares at k = 50 (the largest k
-where 50 was not run), Z's n-fold held-out R^2 (--n-folds, default 10) ranked among the
-random bases' (one-sided: does Z carry more of the map than random subspaces of its size).
+Primary test (declared here and in docs/preregistration.json, the rest Holm-corrected): least
+squares at k = 50 (the largest k where 50 was not run), Z's n-fold held-out R^2 (--n-folds,
+default 10) ranked among the random bases' (one-sided: does Z carry more of the map than random
+subspaces of its size). Only that direction is tested: a Z that does not rank high enough is "not
+above random" (labels.versus_random), never "below" or "= random".
 """
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from zcausal import runs, stats
+from zcausal import labels, prereg, runs, stats
 from zcausal.runs import UsageError
 from zcausal.summaries.text import interval, num, ordinal, plural
 
@@ -197,14 +200,13 @@ def _metrics(out_dir):
 
 
 def verdict(row):
-    """Z against the random bases from the row's own test: the primary at its raw one-sided p,
-    the others at their Holm-adjusted p."""
+    """Z against the random bases from the row's own one-sided test (labels.versus_random): the
+    primary at its raw p, the others at their Holm-adjusted p."""
     if not row["n_random"] or np.isnan(row["random_p_above"]):
         return "not tested (no random draws)"
-    holm = "" if row["primary"] else "_holm"
-    if row[f"random_p_above{holm}"] <= ALPHA:  # a rank test's p is valid at p <= alpha
-        return "Z above random"
-    return "Z below random" if row[f"random_p_below{holm}"] <= ALPHA else "Z = random"
+    test = {f"p_{side}": row[f"random_p_{side}"] for side in ("above", "below", "two_sided")}
+    return labels.versus_random(test, "greater", ALPHA,
+                                None if row["primary"] else row["random_p_above_holm"])
 
 
 def _random_words(r):
@@ -233,7 +235,10 @@ def summary_lines(out_dir):
                f"fitted on the same folds (Z's place from the top of {m + 1}; one-sided p, at "
                f"least 1/{m + 1} = {num(1 / (m + 1))})" if m else
                "; Z against random bases: not tested (no random draws)")
-    lines = [f"Basis: {_basis_name(table)}, layer {int(first['layer'])}, "
+    config_path = Path(out_dir) / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    lines = [prereg.status_sentence(config, "D")]
+    lines += [f"Basis: {_basis_name(table)}, layer {int(first['layer'])}, "
              f"{plural(first['n_pairs'], 'pair')}, {_pooling_note(table)}; held-out R^2 by "
              f"{int(first['n_folds'])}-fold cross-validation, against "
              f"{plural(first['n_shuffles'], 'fit')} on shuffled pairs (95% band){against}."]
@@ -251,14 +256,14 @@ def primary_sentence(r):
             f"not above the shuffled-pairs null (p = {num(r['p_null'])}): no linear map found")
     if v.startswith("not tested"):
         return f"{what}: held-out R^2 {num(r['kfold_r2'])}, {null}; Z against random bases {v}."
-    meaning = {"Z above random": "in Z, en predicts zh better than in random subspaces of its "
-                                 "size",
-               "Z = random": "random subspaces of its size predict zh from en as well as Z",
-               "Z below random": "random subspaces of its size predict zh from en better than Z"}[v]
+    meaning = ("in Z, en predicts zh better than in random subspaces of its size"
+               if v.startswith("Z above") else
+               f"Z does not predict zh from en better than random subspaces of its size (the "
+               f"test is one-sided: it reads no other direction; "
+               f"{labels.rank_power_words(int(r['n_random']), ALPHA)})")
     return (f"{what}: held-out R^2 {num(r['kfold_r2'])}, {null}; it ranks "
             f"{ordinal(r['random_rank'])} of {int(r['n_random']) + 1} among random bases "
-            f"({interval(r['random_mean'], r['random_lo'], r['random_hi'])}; one-sided p = "
-            f"{num(r['random_p_above'])}, two-sided {num(r['random_p_two_sided'])}): {v}: "
+            f"({interval(r['random_mean'], r['random_lo'], r['random_hi'])}): {v}: "
             f"{meaning}.")
 
 
@@ -270,13 +275,11 @@ def headline(out_dir):
     value = f"R^2 {num(r['kfold_r2'])}"
     value += (" (random bases not tested)" if v.startswith("not tested") else
               f" vs random bases {interval(r['random_mean'], r['random_lo'], r['random_hi'])} "
-              f"(rank {int(r['random_rank'])} of {int(r['n_random']) + 1}, p = "
-              f"{num(r['random_p_above'])})")
+              f"(rank {int(r['random_rank'])} of {int(r['n_random']) + 1})")
     lead = [f"Held-out R^2 of zh predicted from en by {r['map']} in Z (k = {int(r['k'])}, layer "
             f"{int(r['layer'])}, {plural(r['n_pairs'], 'pair')}): {num(r['kfold_r2'])}; shuffled "
             f"pairs give [{num(r['null_lo'])}, {num(r['null_hi'])}]."]
     if not v.startswith("not tested"):
         lead.append(f"Among {int(r['n_random'])} random bases of the same size Z ranks "
-                    f"{ordinal(r['random_rank'])} (one-sided p = {num(r['random_p_above'])}): "
-                    f"{v}.")
+                    f"{ordinal(r['random_rank'])}: {v}.")
     return {"verdict": v, "value": value, "lead": lead}

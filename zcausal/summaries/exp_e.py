@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from zcausal import runs, stats
+from zcausal import labels, prereg, problems, runs, stats
 from zcausal.summaries.exp_e_tables import (
-    ALPHA, MIN_TEST_PAIRS, NAMED, NOT_TESTED, PRIMARY_MEASURES, build_tables,
-    primary_description, read_config, select_swap)
+    ALPHA, MIN_TEST_PAIRS, NAMED, NOT_TESTED, PRIMARY_MEASURES, QUESTION_TABLES, build_tables,
+    primary_description, primary_layer, primary_site, question_tables, read_config, select_swap)
 from zcausal.summaries.text import NOT_MEASURED, interval, num, plural
 
 LABELS = {"top1_src": "top1_src", "p_share_shift": "p_share shift",
@@ -148,8 +148,8 @@ def _ranked(test):
 def primary_verdict(tables):
     """(verdict, the z_basis row at the basis layer or None, the primary tests.csv rows)."""
     tests, per_layer, config = tables["tests"], tables["per_layer"], tables["config"]
-    k, basis = stats.primary_k(per_layer.k.unique()), int(config["basis_layer"])
-    z = select_swap(per_layer, "z_basis", k=k, layer=basis)
+    k, at = stats.primary_k(per_layer.k.unique()), primary_layer(config)
+    z = select_swap(per_layer, "z_basis", k=k, layer=at)
     primary = tests[tests.family == "primary"]
     if not len(z) or np.isnan(z.top1_src.iloc[0]):
         return NOT_MEASURED, None, primary
@@ -161,14 +161,27 @@ def primary_verdict(tables):
         return NOT_TESTED, z, primary
     if combined.p <= ALPHA:
         return "Z transfers", z, primary
-    return ("Z below random" if combined.p_below <= ALPHA else "Z = random"), z, primary
+    share = _test(primary, measure="p_share_shift")
+    draws = select_swap(tables["draws"], k=k, layer=at).top1_src.dropna()
+    label = labels.count_versus_random(
+        int(round(z.top1_src * z.n_pairs)), int(z.n_pairs), draws.to_numpy(), _as_rank(combined),
+        "greater", ALPHA, continuous=_as_rank(share), continuous_name="p_share shift")
+    return label, z, primary
+
+
+def _as_rank(test):
+    """A tests.csv row of a one-sided test as labels.versus_random reads it."""
+    return dict(p_above=test.p, p_below=test.p_below,
+                p_two_sided=min(1.0, 2 * min(test.p, test.p_below)))
 
 
 def primary_sentence(tables):
     verdict, z, primary = primary_verdict(tables)
     per_layer, config = tables["per_layer"], tables["config"]
-    k, basis = stats.primary_k(per_layer.k.unique()), int(config["basis_layer"])
-    head = f"Primary test (declared): {primary_description(per_layer.k.unique(), basis)}."
+    k, basis = stats.primary_k(per_layer.k.unique()), primary_layer(config)
+    site = "input" if basis == int(config["basis_layer"]) - 1 else "output"
+    head = (f"Primary test: "
+            f"{primary_description(per_layer.k.unique(), int(config['basis_layer']), site)}.")
     if z is None:
         return f"{head} Not measured: layer {basis} was not swept or has no swap pair."
     top1, share = (_test(primary, measure=m) for m in PRIMARY_MEASURES)
@@ -202,8 +215,35 @@ def best_layer_sentence(tests, k):
     return f"At any layer (k = {k}; {how}): " + "; ".join(parts) + "."
 
 
+def attention_sentence(tables):
+    """Z's own positive control at the primary layer: how far each condition's last-position patch
+    moved the basis layer's attention there (total variation averaged over heads), against the
+    random band and full interchange, the no-op as the floor; None where it was not measured."""
+    per_layer, config = tables["per_layer"], tables["config"]
+    k, at = stats.primary_k(per_layer.k.unique()), primary_layer(config)
+    basis = int(config["basis_layer"])
+    z, full = (select_swap(per_layer, c, k=k, layer=at) for c in ("z_basis", "full"))
+    if "attn_tv_last" not in per_layer or not len(z) or np.isnan(z.attn_tv_last.iloc[0]):
+        return (f"The patch's effect on layer {basis}'s attention was not measured at "
+                f"{primary_site(config)} (a run from before the readout, or a patch at or above "
+                f"the basis layer, which its attention cannot see).")
+    none = per_layer[(per_layer.condition == "none") & (per_layer.k == k) & (per_layer.layer == at)]
+    z = z.iloc[0]
+    p = z.get("attn_tv_last_p_above", np.nan)
+    above = not np.isnan(p) and p <= ALPHA
+    return (f"Z's own positive control: patched at {primary_site(config)} (last position, swap "
+            f"pairs), Z moved layer {basis}'s attention at that position by a total variation of "
+            f"{num(z.attn_tv_last)} (random subspaces {_band(per_layer, k, at, 'attn_tv_last')}; "
+            f"rank p = {num(p)}), full interchange {num(full.attn_tv_last.iloc[0])}, the no-op "
+            f"{num(none.attn_tv_last.max()) if len(none) else NOT_MEASURED}: "
+            + ("the patch moved what Z is built from more than random subspaces do, so a null on "
+               "the answer here is informative (within its power)." if above else
+               "the patch did not move that attention more than random subspaces do, so a null on "
+               "the answer here cannot be read as Z not carrying it."))
+
+
 def language_sentence(tables, k):
-    per_layer, basis = tables["per_layer"], int(tables["config"]["basis_layer"])
+    per_layer, basis = tables["per_layer"], primary_layer(tables["config"])
     z = select_swap(per_layer, "z_basis", k=k, layer=basis)
     full = select_swap(per_layer, "full", k=k)
     if not len(z) or not len(full):
@@ -213,7 +253,7 @@ def language_sentence(tables, k):
               f"{num(test.p)}, Holm {num(test.p_holm)})" if test is not None and test.draws
               else f" (against random draws {NOT_TESTED})")
     big = full.loc[full.dlang_own.abs().idxmax()]
-    return (f"Language margin after the answer (dlang_own, nats, swap pairs): Z at layer {basis} "
+    return (f"Language margin after the answer (dlang_own, nats, swap pairs): Z at sweep layer {basis} "
             f"{num(z.dlang_own.iloc[0], signed=True)}{versus}; full interchange moves it most "
             f"at layer {int(big.layer)} ({num(big.dlang_own, signed=True)}).")
 
@@ -318,6 +358,102 @@ def secondary_sentence(tests):
     return head + "; ".join(found) + f" at or below {ALPHA}."
 
 
+def _question_reach(full):
+    """'on at least half of them up to layer 12 (0.85 [0.71, 0.93]; 0.10 at layer 13)': the
+    highest layer where full interchange of the question still gives the partner's first digit
+    on at least half the pairs (and the next layer's rate), or where it never does, its largest
+    rate."""
+    full = full.sort_values("layer")
+    high = full[full.top1_src >= 0.5]
+    if not len(high):
+        best = full.loc[full.top1_src.idxmax()]
+        return (f"on at most {num(best.top1_src)} of them (layer {int(best.layer)}), never half "
+                f"of them")
+    last = high.iloc[-1]
+    above = full[full.layer > last.layer]
+    after = (f"; {num(above.top1_src.iloc[0])} at layer {int(above.layer.iloc[0])}"
+             if len(above) else "")
+    return f"on at least half of them up to layer {int(last.layer)} ({_rate(last)}{after})"
+
+
+def _question_z(per_layer, tests, language, k, condition):
+    """'Z of the basis layer at most 0.10 at layer 5 (random 0.05 [0, 0.2], family-wise p =
+    0.3, Holm 0.9): no more than random subspaces' for one language."""
+    test = tests[(tests.language == language) & (tests.k == k) & (tests.condition == condition)
+                 & (tests.measure == "top1_src") & tests.scope.str.startswith("best of")]
+    if not len(test) or np.isnan(test.value.iloc[0]):
+        return None
+    t = test.iloc[0]
+    name = "Z of the basis layer" if condition == "z_basis" else "Z of each layer"
+    text = f"{name} at most {num(t.value)} at layer {int(t.at_layer)}"
+    if not t.draws:
+        return f"{text} (against random draws {NOT_TESTED})"
+    band = _band(per_layer[per_layer.language == language].assign(pairing="swap"), k,
+                 int(t.at_layer), "top1_src")
+    if t.p_holm <= ALPHA:
+        verdict = "carries it" if t.value >= 0.5 else "moves it above random, on fewer than half"
+    else:
+        verdict = "no more than random subspaces"
+    return f"{text} ({band}; family-wise p = {num(t.p)}, Holm {num(t.p_holm)}): {verdict}"
+
+
+def _question_readout(per_layer, config, language, k):
+    """'patched at the input of layer 21, Z moves that layer's attention at the last position by
+    0.31 (random ...; rank p = 0.05), full 0.6, the no-op 0' for one language, or None where the
+    readout was not measured (a run from before it, or a sweep without the primary layer)."""
+    at, basis = primary_layer(config), int(config["basis_layer"])
+    rows = per_layer[(per_layer.language == language) & (per_layer.k == k)
+                     & (per_layer.layer == at)].set_index("condition")
+    if "attn_tv_last" not in rows or "z_basis" not in rows.index \
+            or np.isnan(rows.attn_tv_last["z_basis"]):
+        return None
+    tv = rows.attn_tv_last
+    band = _band(rows.reset_index().assign(pairing="swap"), k, at, "attn_tv_last")
+    p = rows.get("attn_tv_last_p_above", pd.Series(dtype=float)).get("z_basis", np.nan)
+    others = ", ".join(f"{name} {num(tv[c])}" for c, name in (("full", "full"),
+                                                              ("none", "the no-op"))
+                       if c in tv.index)
+    return (f"patched at {primary_site(config)}, Z moves layer {basis}'s attention at the last "
+            f"position by a total variation of {num(tv['z_basis'])} ({band}; rank p = {num(p)})"
+            + (f", {others}" if others else ""))
+
+
+def question_sentence(out):
+    """The question set in one sentence: per language, down to which layer full interchange of
+    the question's tokens still moves the answer to the partner's (the answer is read from the
+    question there), whether Z's part of the question carries it (Z's best layer against the
+    draws' best), and how far Z's patch at the primary site moves the basis layer's attention at
+    the last position (the readout: what Z is built from). None without question tables."""
+    out = Path(out)
+    if not (out / "question_per_layer.csv").is_file() or not (out / "question_tests.csv").is_file():
+        return None
+    per_layer = runs.load_csv(out / "question_per_layer.csv")
+    tests = runs.load_csv(out / "question_tests.csv")
+    clean = runs.load_csv(out / "question_clean.csv")
+    config = read_config(out)
+    k = stats.primary_k(per_layer.k.unique())
+    parts = []
+    for language, name in (("en", "English"), ("zh", "Chinese")):
+        full = per_layer[(per_layer.language == language) & (per_layer.k == k)
+                         & (per_layer.condition == "full")]
+        if not len(full):
+            continue
+        own = clean[clean.language == language].source_top1_own.astype(bool)
+        z = [t for t in (_question_z(per_layer, tests, language, k, c)
+                         for c in ("z_basis", "z_layer")) if t]
+        z += [t for t in (_question_readout(per_layer, config, language, k),) if t]
+        parts.append(f"in {name} ({plural(int(full.n_pairs.max()), 'pair')}; the partners' own "
+                     f"argmax is their first digit on {int(own.sum())}), full interchange gives "
+                     f"the partner's first digit {_question_reach(full)}"
+                     + (", " + ", ".join(z) if z else ""))
+    if not parts:
+        return None
+    return (f"Question positions (every token of the question at layer l from a counterfactual "
+            f"partner's prompt in the same language, the same problem with other numbers; "
+            f"k = {k}; the answer is read from the question down to the last layer where full "
+            f"interchange still moves it): " + "; ".join(parts) + ".")
+
+
 def pairs_sentence(config, per_layer, k, clean):
     solved = config.get("solved") or {}
     kept = (f"{solved['kept']} of {plural(solved['tried'], 'pair')} kept (--solved "
@@ -338,32 +474,38 @@ def pairs_sentence(config, per_layer, k, clean):
 def summary_lines(out):
     """The run's findings as sentences, from its CSVs (printed at the end of a run and by
     --replot; report.py's paragraph)."""
+    question = [s for s in (question_sentence(out),) if s]
+    if question and not (Path(out) / "per_problem.csv").is_file():
+        return question  # a run of the question set alone (--positions question)
     tables = read_tables(out)
     per_layer, tests = tables["per_layer"], tables["tests"]
     ks = sorted(int(k) for k in per_layer.k.unique())
     pk = stats.primary_k(ks)
-    lines = [pairs_sentence(tables["config"], per_layer, pk, tables["clean"]),
+    lines = [prereg.status_sentence(tables["config"], "E"),
+             pairs_sentence(tables["config"], per_layer, pk, tables["clean"]),
              profile_sentence(per_layer, pk),
-             disruption_sentence(per_layer, pk), primary_sentence(tables)]
+             disruption_sentence(per_layer, pk), primary_sentence(tables),
+             attention_sentence(tables)]
     for k in ks:
         lines += [s for s in (best_layer_sentence(tests, k), language_sentence(tables, k)) if s]
-    return lines + das_sentences(tables, out) + [secondary_sentence(tests)]
+    return lines + das_sentences(tables, out) + question + [secondary_sentence(tests)]
 
 
 def headline(out):
     """report.py's cells: dict(verdict, value, lead) from the declared primary test."""
     tables = read_tables(out)
-    per_layer, basis = tables["per_layer"], int(tables["config"]["basis_layer"])
+    per_layer, basis = tables["per_layer"], primary_layer(tables["config"])
     k = stats.primary_k(per_layer.k.unique())
     verdict, z, primary = primary_verdict(tables)
+    site = primary_site(tables["config"])
     lead = [profile_sentence(per_layer, k)]
     if z is None:
         return dict(verdict=verdict, value=f"{NOT_MEASURED} (layer {basis} not swept)", lead=lead)
     test = _test(primary, measure="top1_src")
     p = f", p = {num(test.p)}" if test is not None and test.draws else ""
-    value = (f"top1_src {_rate(z)} of {plural(z.n_pairs, 'pair')} at layer {basis} vs "
+    value = (f"top1_src {_rate(z)} of {plural(z.n_pairs, 'pair')} at {site} vs "
              f"{_band(per_layer, k, basis, 'top1_src')}{p}")
-    lead.append(f"Z (k = {k}) patched at its basis layer {basis} gives the source's first digit "
+    lead.append(f"Z (k = {k}) patched at {site} (sweep layer {basis}) gives the source's first digit "
                 f"on {_rate(z)} of the pairs ({_band(per_layer, k, basis, 'top1_src')}) and "
                 f"shifts p_share by {num(z.p_share_shift, signed=True)} "
                 f"({_band(per_layer, k, basis, 'p_share_shift', True)}): {verdict}.")
@@ -374,7 +516,9 @@ def headline(out):
 # Decoded outcomes and --replot
 
 def decode_summary(frame, keys):
-    """Outcome and language rates (with Wilson 95% intervals for transferred and kept) per group."""
+    """Outcome and language rates (with Wilson 95% intervals for transferred and kept) per group;
+    the language read again from each output (problems.classify_language), so that a replot of
+    an older run reads it as a new run would."""
     rows = []
     for key, group in frame.groupby(keys, sort=True):
         n = len(group)
@@ -384,8 +528,9 @@ def decode_summary(frame, keys):
             record[outcome] = count / n
             if outcome != "broken":
                 record[f"{outcome}_lo"], record[f"{outcome}_hi"] = stats.wilson_interval(count, n)
-        for lang in ("en", "zh", "mixed", "none"):
-            record[f"lang_{lang}"] = float((group.language == lang).mean())
+        language = group.output.fillna("").map(problems.classify_language)  # today's reading
+        for lang in ("en", "zh", "mixed", "none", "degenerate"):
+            record[f"lang_{lang}"] = float((language == lang).mean())
         if "logp_own_fast" in group:
             record["fast_vs_full_max_abs"] = float((group.logp_own_fast - group.logp_own_decode)
                                                    .abs().max())
@@ -399,9 +544,12 @@ def replot(args):
     for a finished sweep, the summary. Nothing is written for a folder without a run."""
     from zcausal.summaries import exp_e_figures
     out = Path(args.out)
-    tables = build_tables(out)  # a UsageError before anything is written
+    question_only = not (out / "per_problem.csv").is_file() and \
+        (out / "question_per_problem.csv").is_file()  # --positions question
+    tables = {} if question_only else build_tables(out)  # a UsageError before anything is written
+    tables.update(question_tables(out) or {})
     written = []
-    for name in ("draws.csv", "tests.csv", "das.csv", "per_layer.csv"):
+    for name in ["draws.csv", "tests.csv", "das.csv", "per_layer.csv"] + QUESTION_TABLES:
         if name in tables:
             runs.write_csv(tables[name], out / name)
             written.append(out / name)
@@ -409,7 +557,7 @@ def replot(args):
                                ["layer", "pairing", "condition"]),
                               ("das_decode.csv", "das_decode_summary.csv",
                                ["k", "layer", "pairing", "condition"])):
-        if (out / rows).is_file() and len(frame := runs.load_csv(out / rows)):
+        if (out / rows).is_file() and len(frame := runs.load_csv(out / rows, text=["output"])):
             runs.write_csv(decode_summary(frame, keys), out / table)
             written.append(out / table)
     written += exp_e_figures.plot_all(args, read_config(out), tables)

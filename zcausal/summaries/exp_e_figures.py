@@ -1,6 +1,7 @@
 """Experiment E's figures from its tables alone (no model): layer_sweep.png (per k: the first
 panel top1_src, then the p_share shift, top1_own, disruption, the same-problem shift and the
-language margin, each against the layer with the random band) and das.png (held-out DAS beside
+language margin, each against the layer with the random band), question_sweep.png (the question
+set: top1_src and the p_share shift in English and in Chinese) and das.png (held-out DAS beside
 full interchange, Z and the random band; its overlap with Z)."""
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def _panel(ax, per_layer, pairing, measure, symlog):
 
 def plot_sweep(per_layer, config, k, path):
     """Six panels against the patched layer (top axis: fraction of depth), random band shaded,
-    the basis layer dash-dotted, layers where a condition disrupts crossed out; the legend in
+    the basis layer dash-dotted, the primary test's layer dotted, layers where a condition disrupts crossed out; the legend in
     its own row below the panels, so it covers no data."""
     import matplotlib
     matplotlib.use("Agg")
@@ -71,6 +72,7 @@ def plot_sweep(per_layer, config, k, path):
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter, MaxNLocator
     n_layers, basis = config["model"]["num_layers"], config["basis_layer"]
+    primary = config.get("primary_layer", basis)  # the output of b - 1 is the input of b
     per_layer = per_layer[per_layer.k == k]
     fig = plt.figure(figsize=(12, 11.5))
     grid = fig.add_gridspec(4, 2, height_ratios=[1, 1, 1, 0.28])
@@ -79,6 +81,7 @@ def plot_sweep(per_layer, config, k, path):
         symlog = _panel(ax, per_layer, pairing, measure, symlog)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.axvline(basis, color="tab:blue", lw=0.8, ls="-.")
+        ax.axvline(primary, color="tab:red", lw=0.8, ls=":")
         ax.axhline(0, color="0.8", lw=0.6)
         ax.set_title(title, fontsize=9)
         ax.set_ylabel(ylabel + (" (symmetric log)" if symlog else ""), fontsize=8)
@@ -89,7 +92,11 @@ def plot_sweep(per_layer, config, k, path):
         top.tick_params(labelsize=7)
     handles = [Line2D([], [], marker=".", **style) for name, style in STYLE.items()
                if (per_layer.condition == name).any()]
-    handles += [Line2D([], [], color="tab:blue", ls="-.", lw=0.8, label=f"basis layer {basis}"),
+    handles += [Line2D([], [], color="tab:blue", ls="-.", lw=0.8,
+                       label=f"basis layer {basis} (its output)"),
+                Line2D([], [], color="tab:red", ls=":", lw=0.8,
+                       label=f"primary test: layer {primary}" + (
+                           f" (= input of {basis})" if primary == basis - 1 else "")),
                 Line2D([], [], color="0.3", marker="x", ls="", label="disrupts (not transfer)")]
     legend = fig.add_subplot(grid[3, :])
     legend.axis("off")
@@ -101,6 +108,49 @@ def plot_sweep(per_layer, config, k, path):
     draws = f"{n_random} random draws" if n_random else NOT_TESTED
     fig.suptitle(f"{name}: last-position interchange, k = {k}, {n_pairs} swap pairs with "
                  f"different first digits, {draws}; top axis: l / L", fontsize=10)
+    return runs.save_figure(fig, path)
+
+
+QUESTION_PANELS = [("top1_src", "argmax = the partner's first digit (top1_src)", "share of pairs"),
+                   ("p_share_shift", "shift of p_share = p_src / (p_src + p_own)",
+                    "mean shift from clean"),
+                   ("attn_tv_last", "the basis layer's attention at the last position, moved",
+                    "total variation (mean over heads)")]
+LANGUAGE_NAMES = {"en": "English", "zh": "Chinese"}
+
+
+def plot_question(per_layer, config, k, path):
+    """The question set (question_per_layer.csv) at one k: top1_src, the p_share shift and the
+    attention readout (layers below the basis layer) against the patched layer, English and
+    Chinese side by side, every condition with the random band, the basis layer dash-dotted."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    per_layer = per_layer[per_layer.k == k]
+    languages = [lang for lang in LANGUAGE_NAMES if (per_layer.language == lang).any()]
+    fig, axes = plt.subplots(len(QUESTION_PANELS), len(languages),
+                             figsize=(6 * len(languages), 12), squeeze=False)
+    for col, language in enumerate(languages):
+        frame = per_layer[per_layer.language == language].assign(pairing="question")
+        n_pairs = int(frame.n_pairs.max())
+        for row, (measure, title, ylabel) in enumerate(QUESTION_PANELS):
+            ax = axes[row, col]
+            _panel(ax, frame, "question", measure, False)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.axvline(config["basis_layer"], color="tab:blue", lw=0.8, ls="-.")
+            ax.axvline(config.get("primary_layer", config["basis_layer"]), color="tab:red",
+                       lw=0.8, ls=":")
+            ax.axhline(0, color="0.8", lw=0.6)
+            ax.set_title(f"{LANGUAGE_NAMES[language]}, {n_pairs} pairs: {title}", fontsize=9)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.set_xlabel("patched layer l", fontsize=8)
+    axes[0, 0].legend(fontsize=7, loc="best")
+    name = Path(str(config["model"].get("name_or_path"))).name
+    fig.suptitle(f"{name}: every token of the question from a counterfactual partner (same "
+                 f"language, other numbers), k = {k}; dash-dotted: basis layer "
+                 f"{config['basis_layer']}, dotted: the primary test's layer; x: disrupts",
+                 fontsize=10)
     return runs.save_figure(fig, path)
 
 
@@ -158,14 +208,17 @@ def plot_das(table, angles, title, path):
 
 
 def plot_all(args, config, tables):
-    """layer_sweep.png (the primary k; layer_sweep_k<k>.png for the others) and das.png from
-    build_tables' frames. Returns the paths written."""
-    per_layer = tables["per_layer.csv"]
-    ks = sorted(int(k) for k in per_layer.k.unique())
+    """layer_sweep.png and question_sweep.png (the primary k; <name>_k<k>.png for the others)
+    and das.png from build_tables' and question_tables' frames, each where its table exists.
+    Returns the paths written."""
     written = []
-    for k in ks:
-        name = "layer_sweep" if k == stats.primary_k(ks) else f"layer_sweep_k{k}"
-        written.append(plot_sweep(per_layer, config, k, runs.figure_path(args, name)))
+    for table, stem, plot in (("per_layer.csv", "layer_sweep", plot_sweep),
+                              ("question_per_layer.csv", "question_sweep", plot_question)):
+        per_layer = tables.get(table)
+        ks = sorted(int(k) for k in per_layer.k.unique()) if per_layer is not None else []
+        for k in ks:
+            name = stem if k == stats.primary_k(ks) else f"{stem}_k{k}"
+            written.append(plot(per_layer, config, k, runs.figure_path(args, name)))
     angles = Path(args.out) / "das_angles.csv"
     if "das.csv" in tables and angles.is_file():
         model = Path(str(config["model"].get("name_or_path"))).name

@@ -26,11 +26,13 @@ Primary test (declared; config.json records it at the start of a run): Z of the 
 (z_basis) at the basis layer, swap pairs, k = 50 (the largest k where 50 was not run): top1_src
 and p_share_shift each ranked among the random draws (stats.rank_test, one-sided: above), and Z
 "transfers" only if both p <= 0.05 (an intersection-union test: no correction needed), unless Z
-disrupts there; "Z below random" where both p_below <= 0.05 (the lower tail: a label is then
-wrong with probability at most 0.1 under the null), else "Z = random". Secondary tests, Holm-adjusted together in tests.csv: the best layer of z_basis
-and z_layer (family-wise: Z's largest value over the layers against each draw's largest over the
-same layers), z_basis at the basis layer at the other k, the language margin there (two-sided),
-and DAS against its random draws on the held-out pairs. Per-layer rank p-values in per_layer.csv
+disrupts there; else "not above random", or "no transfer (0 of n, upper bound u)" where Z and
+every draw sit at top1_src 0 (ties say nothing about a direction), the p_share shift's two-sided
+rank test then giving the direction if it has one (zcausal/labels.py). Secondary tests,
+Holm-adjusted together in tests.csv: the best layer of z_basis and z_layer (family-wise: Z's
+largest value over the layers against each draw's largest over the same layers), z_basis at the
+basis layer at the other k, the language margin there (two-sided), and DAS against its random
+draws on the held-out pairs. Per-layer rank p-values in per_layer.csv
 are uncorrected and descriptive.
 """
 import json
@@ -49,10 +51,13 @@ NOT_TESTED = "not tested (no random draws)"
 KEYS = ["k", "layer", "pairing", "condition", "draw"]
 NAMED = ["none", "full", "z_basis", "z_layer", "das"]
 RATES = ["top1_src", "top1_own", "neither"]
+# attn_tv_last / attn_tv_all: how far the patch moves the basis layer's attention at the patched
+# positions (Z's own positive control; NaN at and above the basis layer, and in runs from before it)
+ATTENTION = ["attn_tv_last", "attn_tv_all"]
 MEASURES = RATES + ["p_share", "p_share_clean", "p_share_shift", "low_mass", "transfer_pooled",
                     "first_pooled", "dlogp_own", "dlogp_src", "dlang_own", "patch_share",
-                    "transfer"]
-ABOVE = ["top1_src", "p_share_shift", "transfer_pooled", "first_pooled"]  # one-sided: transfer
+                    "transfer"] + ATTENTION
+ABOVE = ["top1_src", "p_share_shift", "transfer_pooled", "first_pooled"] + ATTENTION  # one-sided
 TWO_SIDED = ["top1_own", "low_mass", "dlogp_own", "dlogp_src", "dlang_own"]
 PRIMARY_MEASURES = ["top1_src", "p_share_shift"]
 BOOTSTRAPPED = ["top1_src", "p_share_shift"]
@@ -71,14 +76,37 @@ SECONDARY_DESCRIPTION = (
 
 
 
-def primary_description(ks, basis_layer):
+def site_of(layer, n_layers):
+    """Which stream a sweep row patches, in words: the output of `layer`, which is the input of
+    the next one (the stream whose keys and queries that layer's kernels read)."""
+    if layer + 1 >= n_layers:
+        return f"output of layer {layer} (the last)"
+    return f"output of layer {layer} = input of layer {layer + 1}"
+
+
+def primary_layer(config):
+    """The sweep layer of the primary test: the output of basis layer - 1, i.e. the basis layer's
+    input (--site input, the default), or the basis layer's output (--site output, and every run
+    from before the flag)."""
+    return int(config.get("primary_layer", config["basis_layer"]))
+
+
+def primary_site(config):
+    """'the input of layer 21' / 'the output of layer 21': where the primary test patches Z."""
+    basis = int(config["basis_layer"])
+    return f"the {'input' if primary_layer(config) == basis - 1 else 'output'} of layer {basis}"
+
+
+def primary_description(ks, basis_layer, site="input"):
     """The declared primary hypothesis in one sentence (config.json and the summary)."""
-    return (f"Z of layer {basis_layer} (z_basis) patched at layer {basis_layer}, k = "
+    return (f"Z of layer {basis_layer} (z_basis) patched at the {site} of layer {basis_layer} "
+            f"(sweep layer {basis_layer - 1 if site == 'input' else basis_layer}), k = "
             f"{stats.primary_k(ks)}, swap pairs whose first digits differ: its top1_src and its "
             f"p_share shift each ranked among the random draws (one-sided, towards transfer); Z "
             f"transfers only if both p <= {ALPHA} (intersection-union) and Z does not disrupt; "
-            f"'Z below random' where both are below the draws at the same level (the lower "
-            f"tail), else 'Z = random'")
+            f"else 'not above random', or, where Z and every draw sit at top1_src 0, 'no "
+            f"transfer (0 of n, upper bound u)' with the p_share shift's two-sided test for a "
+            f"direction")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,6 +126,9 @@ def row_measures(rows, clean, min_span=1.0):
     first_own, first_src, lang_own, top1_own, top1_src, ...) with the DERIVED columns against
     the clean run (clean.csv) added; older derived columns are dropped first."""
     out = rows.drop(columns=[c for c in DERIVED if c in rows]).reset_index(drop=True)
+    for name in ATTENTION:  # runs from before the attention readout
+        if name not in out:
+            out[name] = np.nan
     c = clean_table(clean).reindex(out.problem_id.astype(str))
     swap = (out.pairing == "swap").to_numpy()
     col = lambda frame, name: frame[name].to_numpy(float)  # noqa: E731
@@ -231,6 +262,7 @@ def sweep_tables(measured, config, timing=None):
     n_layers = config["model"]["num_layers"]
     for table in (per_layer, draws):
         table.insert(2, "depth", table.layer / n_layers)
+    per_layer.insert(3, "site", [site_of(int(layer), n_layers) for layer in per_layer.layer])
     none = measured[measured.condition == "none"]
     noop = pd.concat([none.dlogp_own.abs(), none.dlogp_src.abs()], axis=1).max(axis=1)
     noop = noop.groupby([none.k, none.layer]).max().rename("noop_max_abs").reset_index()
@@ -355,7 +387,7 @@ def tests_table(per_layer, draws, das=None, das_draws=None, config=None):
     """tests.csv: the primary test (its two components and their intersection-union p) and
     every secondary test with its Holm-adjusted p (p_holm, over the secondary family) and
     `significant` (p <= ALPHA for the primary, p_holm <= ALPHA for the secondary ones)."""
-    basis, ks = int(config["basis_layer"]), sorted(int(k) for k in per_layer.k.unique())
+    basis, ks = primary_layer(config), sorted(int(k) for k in per_layer.k.unique())
     pk = stats.primary_k(ks)
     rows = [_at_layer(per_layer, draws, "z_basis", pk, basis, m, "primary")
             for m in PRIMARY_MEASURES]
@@ -389,6 +421,83 @@ def tests_table(per_layer, draws, das=None, das_draws=None, config=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# The question set (zcausal/question.py): the question's tokens from a counterfactual partner
+
+QUESTION_PAIR_SET = "counterfactual partners in the same language (first digits differ)"
+QUESTION_TABLES = ["question_draws.csv", "question_tests.csv", "question_per_layer.csv"]
+
+
+def question_measures(rows, clean, min_span=1.0):
+    """row_measures of question rows, each against its language's clean run (question_clean.csv);
+    every row is a swap row (the source is the partner)."""
+    parts = []
+    for language, group in rows.groupby("language", sort=False):
+        own = clean[clean.language == language]
+        parts.append(row_measures(group.assign(pairing="swap"), own, min_span)
+                     .drop(columns="pairing"))
+    return pd.concat(parts, ignore_index=True)
+
+
+def question_tests(per_layer, draws, ks, at):
+    """One language's rows of question_tests.csv: Z of the basis layer and Z of each layer at
+    their best layer (family-wise over the layers, as in tests.csv) and z_basis at the primary
+    test's sweep layer `at` (primary_layer), on top1_src and the p_share shift."""
+    rows = [dict(_best_layer(per_layer, draws, c, k, m), family="question")
+            for k in ks for c in ("z_basis", "z_layer") for m in PRIMARY_MEASURES]
+    if at in set(per_layer.layer):
+        rows += [_at_layer(per_layer, draws, "z_basis", k, at, m, "question")
+                 for k in ks for m in PRIMARY_MEASURES]
+    return rows
+
+
+def question_tables(out):
+    """The question set's tables from its per-row files and question_clean.csv (a dict file
+    name -> frame, None without question rows): question_per_layer.csv (per language, k, layer
+    and condition, as per_layer.csv: rates with Wilson intervals, ranks among the draws, the
+    random band, noop_max_abs), question_draws.csv and question_tests.csv (question_tests per
+    language; p_holm over all of them)."""
+    out = Path(out)
+    rows = load_rows(out, "question_")
+    if rows is None or not (out / "question_clean.csv").is_file():
+        return None
+    config = read_config(out)
+    measured = question_measures(rows, runs.load_csv(out / "question_clean.csv"),
+                                 config.get("args", {}).get("min_span", 1.0))
+    ks = sorted(int(k) for k in measured.k.unique())
+    per_layer, draws, tests = [], [], []
+    for language in sorted(measured.language.unique()):
+        group = measured[measured.language == language].assign(pairing="swap")
+        table, drawn = condition_tables(group)
+        none = group[group.condition == "none"]
+        noop = pd.concat([none.dlogp_own.abs(), none.dlogp_src.abs()], axis=1).max(axis=1)
+        noop = noop.groupby([none.k, none.layer]).max().rename("noop_max_abs").reset_index()
+        per_layer.append(table.merge(noop, on=["k", "layer"], how="left").assign(language=language))
+        draws.append(drawn.assign(language=language))
+        tests += [dict(t, language=language) for t in
+                  question_tests(table, drawn, ks, primary_layer(config))]
+    n_layers = config["model"]["num_layers"]
+    frames = {}
+    for name, parts in (("question_per_layer.csv", per_layer), ("question_draws.csv", draws)):
+        frame = pd.concat(parts, ignore_index=True).drop(columns="pairing")
+        frame["pair_set"] = QUESTION_PAIR_SET
+        frame.insert(2, "depth", frame.layer / n_layers)
+        frames[name] = frame[["language"] + [c for c in frame.columns if c != "language"]]
+    tests = pd.DataFrame(tests)
+    tests["p_holm"] = stats.holm(tests.p.to_numpy(float)) if len(tests) else []
+    frames["question_tests.csv"] = tests[["language"] + [c for c in tests if c != "language"]]
+    return frames
+
+
+def write_question_tables(out):
+    """question_tables(out) written to out, question_per_layer.csv (the question sweep's resume
+    marker) last. Returns the paths written (none without question rows)."""
+    frames = question_tables(out) or {}
+    for name in QUESTION_TABLES if frames else []:
+        runs.write_csv(frames[name], Path(out) / name)
+    return [Path(out) / name for name in QUESTION_TABLES if frames]
+
+
+# ----------------------------------------------------------------------------------------------
 # Reading and writing a run's tables
 
 def read_config(out):
@@ -405,6 +514,15 @@ def load_rows(out, prefix=""):
     frames = [runs.load_csv(p) for p in paths if p.is_file()]
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def write_rows(frame, out, prefix=""):
+    """The named conditions' rows to <prefix>per_problem.csv, the random draws' to
+    <prefix>random_rows.csv.gz (compressed: 19+ draws x pairs x layers rows); load_rows reads
+    them back."""
+    random = frame.condition == "random"
+    runs.write_csv(frame[~random], Path(out) / f"{prefix}per_problem.csv", append=True)
+    runs.write_csv(frame[random], Path(out) / f"{prefix}random_rows.csv.gz", append=True)
 
 
 def _timing(out):

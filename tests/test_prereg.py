@@ -1,0 +1,141 @@
+"""The preregistration (docs/preregistration.json, zcausal/prereg.py): every experiment declares
+its one primary test in full; the confirmatory slice of the bank is disjoint from every problem
+the committed development runs used; a run is confirmatory only with the current hash, a declared
+model, the declared flags and enough pairs, and every committed example reads as exploratory."""
+import copy
+import gzip
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from zcausal import bank, labels, prereg, problems
+from zcausal.summaries import exp_d
+
+import report
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((REPO / "results").glob("example-*"))
+FIELDS = ["script", "hypothesis", "statistic", "null", "tail", "alpha", "test", "depth", "k",
+          "min_pairs", "pairs", "run", "labels", "power"]
+
+
+def test_every_experiment_declares_one_primary_test_in_full():
+    data = prereg.load()
+    assert sorted(data["experiments"]) == list(prereg.EXPERIMENTS)
+    for letter, declared in data["experiments"].items():
+        missing = [f for f in FIELDS if f not in declared]
+        assert not missing, f"{letter} declares no {missing}"
+        assert declared["tail"] in labels.TAILS and 0 < declared["alpha"] <= 0.05
+        assert {"reject", "null"} <= set(declared["labels"]), letter
+        assert (REPO / declared["script"]).is_file(), letter
+        assert declared["run"]["bank_offset"] == data["problems"]["offset"], letter
+        assert set(declared["min_pairs"]) == set(data["models"]), letter
+        for test in declared.get("secondary", []):
+            assert {"test", "hypothesis", "null", "tail", "alpha"} <= set(test), letter
+    # A and E keep enough pairs for 0 changes to bound a rate below 0.05 on the 0.5B
+    for letter in ("A", "E"):
+        least = data["experiments"][letter]["min_pairs"]["qwen2.5-coder-0.5b-instruct"]
+        assert labels.upper_bound(0, least) < 0.05
+
+
+def test_the_hash_is_the_files_bytes_and_a_run_records_it():
+    digest = hashlib.sha256(prereg.PATH.read_bytes()).hexdigest()
+    assert prereg.sha256() == digest
+    record = prereg.record("A")
+    assert record["path"] == "docs/preregistration.json" and record["sha256"] == digest
+    assert record["declared_test"] == "z changes answers"
+    assert record["declared_secondary"] == ["z vs en dlang_ref"]
+    with pytest.raises(ValueError, match="no declaration for experiment 'F'"):
+        prereg.declaration("F")
+
+
+def _development_ids():
+    """Every bank id the committed runs name in any file (CSV, gzipped CSV, markdown, JSON), and
+    the ids their flags cover (--bank-offset, --limit)."""
+    found = set()
+    for path in (p for root in EXAMPLES for p in root.rglob("*") if p.is_file()):
+        if path.suffix in (".png", ".npz", ".pt"):
+            continue
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        found |= set(re.findall(r"bank[12]-\d{4}", raw.decode("utf-8", errors="ignore")))
+    for config_path in (p for root in EXAMPLES for p in root.rglob("config.json")):
+        args = json.loads(config_path.read_text(encoding="utf-8")).get("args", {})
+        if args.get("prompts") == problems.BANK and args.get("limit"):
+            offset, steps = args.get("bank_offset") or 0, args.get("bank_steps") or 1
+            found |= {f"bank{steps}-{i:04d}" for i in range(offset, offset + args["limit"])}
+    return found
+
+
+def test_the_confirmatory_slice_was_never_used_in_development():
+    assert EXAMPLES, "no committed development runs to check against"
+    used = _development_ids()
+    assert "bank1-0000" in used and "bank1-0149" in used  # the scan finds the runs' problems
+    declared = prereg.load()["problems"]
+    pairs = prereg.confirmatory_slice()
+    ids = {p["id"] for p in pairs}
+    assert len(ids) == len(pairs) == declared["size"]
+    assert not ids & used
+    assert min(ids) == f"bank1-{declared['offset']:04d}"
+    # nor any text of the problems the development runs used (the bank's, prompts.json's)
+    development = {p["en"] for p in bank.generate_bank(1) if p["id"] in used}
+    development |= {p["en"] for p in problems.load_prompts()["pairs"]}
+    assert not {p["en"] for p in pairs} & development
+    # the slice is the bank's, seeded: the same problems on every machine
+    assert pairs == bank.generate_bank(declared["steps"], seed=declared["seed"])[
+        declared["offset"]:declared["offset"] + declared["size"]]
+
+
+def _confirmatory_config(letter="A", model="qwen2.5-coder-0.5b-instruct", kept=80):
+    declared = prereg.declaration(letter)
+    args = dict(declared["run"], model=f"~/models/{model}", n_random=39)
+    return {"args": args, "model": {"name_or_path": f"~/models/{model}"},
+            "solved": {"kept": kept}, "n_pairs": kept,
+            "preregistration": prereg.record(letter)}
+
+
+@pytest.mark.parametrize("letter", prereg.EXPERIMENTS)
+def test_a_run_with_the_declared_flags_hash_and_pairs_is_confirmatory(letter):
+    least = prereg.declaration(letter)["min_pairs"]["qwen2.5-coder-0.5b-instruct"]
+    config = _confirmatory_config(letter, kept=least)
+    assert prereg.reading(config, letter) == dict(confirmatory=True, reasons=[],
+                                                 word="confirmatory")
+    assert prereg.status_sentence(config, letter).startswith("Confirmatory run")
+    assert prereg.mark("null", prereg.reading(config, letter)) == "null"
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda c: c.pop("preregistration"), "carries no preregistration hash"),
+    (lambda c: c["preregistration"].update(sha256="0" * 64), "another version"),
+    (lambda c: c["solved"].update(kept=74), "kept 74 pairs, declared at least 75"),
+    (lambda c: c["args"].update(bank_offset=0), "--bank-offset is 0, declared 900"),
+    (lambda c: c["args"].update(site="output"), "--site is 'output', declared 'input'"),
+    (lambda c: c["args"].update(k=[20]), "--k is [20], declared 50"),
+    (lambda c: c["args"].update(n_random=19), "--n-random is 19, declared at least 39"),
+    (lambda c: c["args"].pop("bank_offset"), "does not record --bank-offset"),
+    (lambda c: c["model"].update(name_or_path="Qwen/Qwen2.5-3B"), "not a declared model"),
+])
+def test_anything_but_the_declared_run_is_exploratory(change, reason):
+    config = copy.deepcopy(_confirmatory_config())
+    change(config)
+    r = prereg.reading(config, "A")
+    assert not r["confirmatory"] and r["word"] == "exploratory"
+    assert any(reason in why for why in r["reasons"]), r["reasons"]
+    sentence = prereg.status_sentence(config, "A")
+    assert sentence.startswith("Exploratory run") and "whatever its p" in sentence
+    assert prereg.mark("null", r) == "null (exploratory)"
+
+
+def test_every_committed_example_reads_as_exploratory_in_its_summary_and_the_report():
+    runs_found = report.find_runs(REPO / "results", examples=True)
+    assert runs_found
+    for run in runs_found:
+        letter = report.EXPERIMENTS[run["script"]][0]
+        r = prereg.reading(run["config"], letter)
+        assert r["reasons"] == ["its config.json carries no preregistration hash"], run["path"]
+    d = next(r for r in runs_found if r["script"] == "exp_d_bridge.py")
+    assert exp_d.summary_lines(d["path"])[0].startswith(
+        "Exploratory run: its config.json carries no preregistration hash")
+    assert report.headline(d)["verdict"].endswith(" (exploratory)")
