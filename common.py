@@ -1,7 +1,7 @@
 """What the Phase 3 experiments share about the model: loading it, the Z basis, hooks and subspace
 patching, and activation extraction (pooled means, token clouds, the on-disk cache). Prompts and
 answers live in zcausal/problems.py, decoding in zcausal/decoding.py, run bookkeeping in
-zcausal/runs.py.
+zcausal/runs.py, a model split across devices (--device-map) in zcausal/placement.py.
 
 Conventions used throughout:
 - Layers are 0-indexed `model.model.layers[l]`; "hidden state at layer l" is the output of decoder
@@ -9,6 +9,7 @@ Conventions used throughout:
 - Bases are float32 tensors of shape (k, d) with orthonormal rows; P = V.T @ V is never formed on
   the hot path, projections are applied in low-rank form (x V^T) V.
 - Batches are left-padded, so the last column is every row's last prompt token.
+- Inputs go to input_device(model), the embedding's device; under --device-map, hooks move them on.
 """
 import functools
 import hashlib
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from zcausal import placement
+from zcausal.placement import device_split, input_device, read_weight  # noqa: F401  (accessors)
 from zcausal.runs import UsageError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-3B"
@@ -82,10 +85,13 @@ def resolve_device(device):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def check_runtime(device, dtype):
-    """--device and --dtype, checked before anything is loaded or written: an unknown device or
-    CUDA asked for where there is none is a UsageError; float16 on a CPU only warns (it is
-    emulated there, and slower than float32)."""
+def check_runtime(device, dtype, device_map=None):
+    """--device, --dtype and --device-map, checked before anything is loaded or written: an
+    unknown device, CUDA asked for where there is none, or a device map that cannot be used
+    (placement.check_device_map) is a UsageError; float16 on a CPU only warns (it is emulated
+    there, and slower than float32). Returns the device the run computes on."""
+    if device_map is not None:
+        device = placement.check_device_map(device_map, device)
     try:
         resolved = resolve_device(device)
     except RuntimeError:
@@ -135,30 +141,41 @@ def load_model_config(name_or_path=DEFAULT_MODEL):
         raise _hub_error(name_or_path, err) from None
 
 
-def load_model(name_or_path=DEFAULT_MODEL, dtype=None, device=None, seed=0):
-    """Load (model, tokenizer) in eval mode on `device`.
+def load_model(name_or_path=DEFAULT_MODEL, dtype=None, device=None, seed=0, device_map=None,
+               offload_folder=None):
+    """Load (model, tokenizer) in eval mode on `device`, or spread over devices by `device_map`.
 
     name_or_path: a hub id, a local folder, or "tiny-random" (small random Qwen2, built with `seed`).
     dtype: None picks bfloat16 on CUDA and float32 on CPU.
+    device_map: None, or what --device-map takes (placement.resolve_device_map): the layers placed
+    by accelerate (model.hf_device_map says where; input_device(model) is where inputs go), weights
+    mapped to "disk" written to offload_folder where the checkpoint cannot serve them.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
-    device = resolve_device(device)
+    device_map = placement.resolve_device_map(device_map)
+    device = resolve_device(device) if device_map is None else placement.map_device(device_map)
     dtype = resolve_dtype(dtype, device)
     if name_or_path == TINY_MODEL:
         tokenizer = tiny_tokenizer()
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(tiny_config(len(tokenizer)))
+        model = Qwen2ForCausalLM(tiny_config(len(tokenizer))).to(dtype)
+        if device_map is not None:
+            model = placement.dispatch(model, device_map, offload_folder)
     else:
         local = Path(name_or_path).expanduser()
         source = str(local) if local.exists() else name_or_path
+        placed = {} if device_map is None else dict(device_map=device_map,
+                                                    offload_folder=offload_folder)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placed)
         except (OSError, ValueError) as err:
-            raise _hub_error(name_or_path, err) from None
+            raise placement.map_error(err, device_map) or _hub_error(name_or_path, err) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device=device, dtype=dtype).eval()
+    if device_map is None:  # a dispatched model must not be moved: its hooks hold the placement
+        model.to(device=device, dtype=dtype)
+    model.eval()
     model.name_or_path_for_results = name_or_path
     return model, tokenizer
 
@@ -167,6 +184,10 @@ def load_model(name_or_path=DEFAULT_MODEL, dtype=None, device=None, seed=0):
 
 def decoder_layers(model):
     return model.model.layers
+
+
+def embeddings(model):
+    return model.model.embed_tokens
 
 
 def num_layers(model_or_config):
@@ -231,10 +252,10 @@ def head_projections(model, layer, fold_norm=False):
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     d_head = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     attn = decoder_layers(model)[layer].self_attn
-    w_q = attn.q_proj.weight.detach().float().cpu()
-    w_k = attn.k_proj.weight.detach().float().cpu()
+    w_q = read_weight(attn.q_proj).float().cpu()
+    w_k = read_weight(attn.k_proj).float().cpu()
     if fold_norm:
-        gamma = decoder_layers(model)[layer].input_layernorm.weight.detach().float().cpu()
+        gamma = read_weight(decoder_layers(model)[layer].input_layernorm).float().cpu()
         w_q, w_k = w_q * gamma, w_k * gamma
     group = torch.arange(n_heads) // (n_heads // n_kv)
     return w_q.view(n_heads, d_head, -1), w_k.view(n_kv, d_head, -1)[group]
@@ -301,7 +322,7 @@ def layer_output_hook(model, layer, fn):
             return None
         return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
 
-    module = model.model.embed_tokens if layer == -1 else decoder_layers(model)[layer]
+    module = embeddings(model) if layer == -1 else decoder_layers(model)[layer]
     handle = module.register_forward_hook(hook)
     try:
         yield
@@ -316,22 +337,22 @@ class _StopForward(Exception):
 @torch.no_grad()
 def capture_layer_outputs(model, input_ids, attention_mask, layers, cache=None):
     """Hidden states after each of `layers` (-1 = embeddings): dict layer -> (B, T, d), model dtype,
-    on the model's device. Stops the forward pass after the last requested layer; with a `cache`,
-    the layers up to it leave their keys and values there."""
+    on input_ids' device (moved from their layers'). Stops the forward pass after the last
+    requested layer; with a `cache`, the layers up to it leave their keys and values there."""
     layers = sorted(set(layers))
     captured = {}
     last = layers[-1]
 
     def grab(layer):
         def fn(hidden):
-            captured[layer] = hidden.detach()
+            captured[layer] = hidden.detach().to(input_ids.device)
             if layer == last:
                 raise _StopForward
         return fn
 
     handles = []
     if -1 in layers:
-        handles.append(model.model.embed_tokens.register_forward_hook(
+        handles.append(embeddings(model).register_forward_hook(
             lambda m, i, o: grab(-1)(o)))
     try:
         with _hooks(model, [(l, grab(l)) for l in layers if l >= 0]):
@@ -533,9 +554,10 @@ def model_fingerprint(model):
     """A short hash of the model's identity (name, config, dtype and a checksum of its weights)
     for cache keys: another checkpoint at the same path, or another seed, never reuses a cache."""
     with torch.no_grad():
-        checksum = [float(p.detach().float().abs().sum()) for _, p in
-                    zip(range(8), model.parameters())] + [
-            float(decoder_layers(model)[-1].mlp.down_proj.weight.detach().float().abs().sum())]
+        checksum = [float(read_weight(model.get_submodule(name.rpartition(".")[0]),
+                                      name.rpartition(".")[2]).float().abs().sum())
+                    for _, (name, _) in zip(range(8), model.named_parameters())] + [
+            float(read_weight(decoder_layers(model)[-1].mlp.down_proj).float().abs().sum())]
     blob = json.dumps({"name": getattr(model, "name_or_path_for_results", None),
                        "config": model.config.to_dict(), "weights": checksum,
                        "dtype": str(next(model.parameters()).dtype)}, sort_keys=True, default=str)
@@ -629,7 +651,7 @@ def extract_activations(model, tokenizer, texts, layers, pool="mean", drop_first
                                   skip_prefix)
     if path is not None and path.exists():
         return torch.load(path)
-    device = next(model.parameters()).device
+    device = input_device(model)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     results = [None] * len(texts)
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False):
@@ -665,6 +687,7 @@ def add_common_args(parser, out_default):
                         help="weights and activations; None: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--device", default=None,
                         help="cpu or cuda; None: cuda if available, else cpu")
+    placement.add_device_map_arg(parser)
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds torch, numpy and random (random subspaces, splits, pairings)")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")

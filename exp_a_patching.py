@@ -409,7 +409,7 @@ def validate(args):
     """Every check that needs no weights, before anything is loaded or written. Resolves --layer
     (from --depth), --max-new-tokens (per template) and --batch-size in args. Returns (the pairs
     to try, the template)."""
-    device = common.check_runtime(args.device, args.dtype)
+    device = common.check_runtime(args.device, args.dtype, args.device_map)
     if min(args.n_random, args.n_random_logprob) < 0 or (args.batch_size or 1) < 1 \
             or (args.max_new_tokens or 1) < 1:
         raise runs.UsageError("--n-random and --n-random-logprob must be >= 0, --batch-size and "
@@ -493,7 +493,8 @@ def start_run(args, pairs, template):
     args.out = out
     runs.set_seed(args.seed)
     try:
-        model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
+        model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed,
+                                             device_map=args.device_map)
         check_last_source(tokenizer, pairs, template, args)
         kept, record = select_pairs(model, tokenizer, pairs, template, args, out)
     except (runs.UsageError, KeyboardInterrupt):

@@ -60,7 +60,7 @@ def parse_args(argv=None):
 def validate(args):
     """Check device, layer, k and counts against the model config alone (nothing loaded, nothing
     written). Returns the config and the resolved basis layer."""
-    common.check_runtime(args.device, args.dtype)
+    common.check_runtime(args.device, args.dtype, args.device_map)
     config = common.load_model_config(args.model)
     basis_layer = common.resolve_layer(config, args.layer, args.depth)
     for k in args.k:
@@ -316,7 +316,8 @@ def main(args):
     record = run_record(args, config, basis_layer, pairs)
     runs.write_json(out_dir / "config.json", runs.run_config(args, **record))
     runs.set_seed(args.seed)
-    model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
+    model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed,
+                                         device_map=args.device_map)
     texts = [p["zh"] for p in pairs] + [p["en"] for p in pairs]
     pooled = common.extract_activations(
         model, tokenizer, texts, list(range(-1, record["n_layers"])), pool="mean",

@@ -169,7 +169,7 @@ def resolve_layers(args, config):
 
 def validate(args):
     """Every check that needs no weights. Returns (model config, layers, basis layer)."""
-    common.check_runtime(args.device, args.dtype)
+    common.check_runtime(args.device, args.dtype, args.device_map)
     config = common.load_model_config(args.model)
     layers, basis_layer = resolve_layers(args, config)
     for k in args.k:
@@ -484,8 +484,8 @@ def main(args):
     runs.write_json(out / "config.json", runs.run_config(args, **record))
     runs.set_seed(args.seed)
     model, tokenizer = common.load_model(args.model, dtype=args.dtype, device=args.device,
-                                         seed=args.seed)
-    device = next(model.parameters()).device
+                                         seed=args.seed, device_map=args.device_map)
+    device = common.input_device(model)
     z_energy = compute_z_energy(model, basis_layer, args.k, args.fold_norm)
     zh, en, n_shared = load_clouds(model, tokenizer, pairs, layers, args)
     units = compute_all(zh, en, layers, splits, z_energy, args, device, out=out)

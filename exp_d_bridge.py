@@ -70,7 +70,7 @@ def parse_args(argv=None):
 def validate(args):
     """Check device, layer, k and counts against the model config alone (nothing loaded, nothing
     written). Returns the config and the resolved layer."""
-    common.check_runtime(args.device, args.dtype)
+    common.check_runtime(args.device, args.dtype, args.device_map)
     config = common.load_model_config(args.model)
     layer = common.resolve_layer(config, args.layer, args.depth)
     for k in args.k:
@@ -357,7 +357,8 @@ def main(args):
     runs.write_json(out_dir / "config.json", runs.run_config(args, **record))
     blas_limited = limit_blas_threads(1)
     runs.set_seed(args.seed)
-    model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
+    model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed,
+                                         device_map=args.device_map)
     texts = [p["zh"] for p in pairs] + [p["en"] for p in pairs]
     # all of layers -1..L-1, like exp_b_residual.py: the same cache entry serves both scripts,
     # so D after B on the same pairs (and the same pooling flags) runs no forward pass

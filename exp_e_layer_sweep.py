@@ -131,7 +131,7 @@ def prepare(model, tokenizer, pairs, template, partner, m, batch_size):
     en = [problems.format_prompt(template["en"], p["en"])[0] for p in pairs]
     zh = [problems.format_prompt(template["zh"], p["zh"])[0] for p in pairs]
     answers = [answer_ids(tokenizer, p["answer"]) for p in pairs]
-    languages = common.LanguageClasses(tokenizer).to(next(model.parameters()).device)
+    languages = common.LanguageClasses(tokenizer).to(common.input_device(model))
     conts = [[interchange.with_probe(answers[x], languages) for x in (i, partner[i], inverse[i])]
              for i in range(n)]
     prefixes = interchange.encode_prefixes(model, interchange.prompt_ids(tokenizer, en), m,
@@ -154,7 +154,7 @@ def clean_states(model, prefixes, canonical, batch_size, languages):
 def last_states(model, tokenizer, texts, m, batch_size):
     """Each prompt's last m states at every layer: (L + 1, N, m, d), index 0 the embeddings."""
     layers = list(range(-1, common.num_layers(model)))
-    device = next(model.parameters()).device
+    device = common.input_device(model)
     out = []
     for start in range(0, len(texts), batch_size):
         ids, mask, _ = common.tokenize_left_padded(tokenizer, texts[start:start + batch_size],
@@ -396,7 +396,7 @@ def decode_rows(model, tokenizer, state, template, layer, conditions, problem_in
             layer=layer, basis=conditions.bases[cond], complement=conditions.complement[cond],
             source_mean=torch.zeros(B, d), patch_generated=torch.zeros(B, dtype=torch.bool),
             source_tokens=source_tokens, prompt_mask=prompt_mask)
-        patch.to(next(model.parameters()).device)
+        patch.to(common.input_device(model))
         result = decoding.generate_and_score(
             model, ids, mask, args.max_new_tokens, patch, stop_ids=(),
             score=[[state.answers[u] for u, _, _ in chunk], [state.answers[j] for j in src]],
@@ -499,7 +499,7 @@ def run_das(model, tokenizer, state, template, args, out, split, layer):
 def validate(args):
     """Every check that needs no weights, before anything is loaded or written. Resolves --layer
     (or --depth) to the basis layer's index, and the default --layers (all)."""
-    common.check_runtime(args.device, args.dtype)
+    common.check_runtime(args.device, args.dtype, args.device_map)
     config = common.load_model_config(args.model)
     args.layer = common.resolve_layer(config, args.layer, args.depth)
     n_layers = common.num_layers(config)
@@ -582,12 +582,13 @@ def main(args):
         return summary.replot(args)
     pairs, template = validate(args)
     if args.batch_size is None:  # rows are a few tokens each: large batches pay on a GPU
-        on_gpu = common.resolve_device(args.device).type == "cuda"
+        on_gpu = common.check_runtime(args.device, args.dtype, args.device_map).type == "cuda"
         args.batch_size = 512 if on_gpu else 64
     fresh = not Path(args.out).exists()
     out = runs.prepare_out_dir(args.out, args.overwrite, args.resume, args, args.figures)
     runs.set_seed(args.seed)
-    model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed)
+    model, tokenizer = common.load_model(args.model, args.dtype, args.device, seed=args.seed,
+                                         device_map=args.device_map)
     model.requires_grad_(False)
     tried = len(pairs)
     try:

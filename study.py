@@ -3,6 +3,7 @@ report of their folder.
 
     python study.py --model Qwen/Qwen2.5-3B --out results/qwen2.5-3b   # on a GPU: the study
     python study.py --model tiny-random                                # every script's --smoke: seconds on a CPU
+    python study.py --model Qwen/Qwen2.5-72B --device-map auto         # larger than one GPU: docs/performance.md
 
 Each experiment is its own script's parse_args and main, run in this process, into <out>/exp_a ...
 <out>/exp_e. A folder that already holds a run (its config.json) is continued with --resume, so a
@@ -23,7 +24,7 @@ from pathlib import Path
 import common
 import bench
 import report
-from zcausal import problems, runs
+from zcausal import placement, problems, runs
 
 # what an interrupted study says to do (runs.run_cli)
 CONTINUE = "the same command (the study resumes itself)"
@@ -41,7 +42,8 @@ def plan(args):
         out = Path(args.out) / f"exp_{letter.lower()}"
         resume = (out / "config.json").is_file()
         argv = ["--model", args.model, "--out", str(out)] + (["--resume"] if resume else [])
-        for flag, value in (("--device", args.device), ("--dtype", args.dtype)):
+        for flag, value in (("--device", args.device), ("--dtype", args.dtype),
+                            ("--device-map", args.device_map)):
             argv += [flag, value] if value is not None else []
         if args.model == common.TINY_MODEL:
             argv, _ = bench.accepted(module.parse_args, argv, [["--smoke"]])
@@ -55,7 +57,7 @@ def plan(args):
 def estimates(steps, args):
     """Per step (seconds or None, what the estimate rests on), from bench.py's cost model; and
     the resolved device."""
-    device = common.check_runtime(args.device, args.dtype)
+    device = common.check_runtime(args.device, args.dtype, args.device_map)
     dtype = common.resolve_dtype(args.dtype, device)
     config = common.load_model_config(args.model)
     parameters, tflops = bench.parameter_count(config), bench.matmul_tflops(device, dtype)
@@ -86,7 +88,8 @@ def _duration(seconds):
 
 
 def print_plan(steps, guesses, args, device):
-    print(f"[study] {args.model} on {device} into {args.out}: "
+    where = f"{device} (--device-map {args.device_map})" if args.device_map else device
+    print(f"[study] {args.model} on {where} into {args.out}: "
           f"{len(steps)} experiments, each at its defaults"
           + (" (--smoke presets)" if args.model == common.TINY_MODEL else ""), flush=True)
     width = max(len(str(step["out"])) for step in steps)
@@ -149,6 +152,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None, help="cpu or cuda; None: cuda if available")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="None: bfloat16 on CUDA, float32 on CPU")
+    placement.add_device_map_arg(parser)
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = Path("results") / Path(args.model).name.lower()

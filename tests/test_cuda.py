@@ -149,3 +149,37 @@ def test_bench_tiny_runs_on_cuda(tmp_path):
     if importlib.util.find_spec("ot") is not None:  # A's OT source needs POT
         # A decoded on the GPU (its row keeps the timings even if exp_a's summary then failed)
         assert rows.decodes.iloc[0] > 0 and rows.decode_seconds.iloc[0] > 0, rows.note.iloc[0]
+
+
+def test_layers_split_between_the_gpu_and_the_cpu_give_the_cpu_rows(gpu_and_cpu):
+    """Layers that really run on two devices (here the GPU and the CPU: accelerate's main device
+    set to the CPU keeps its CPU layers there): every tensor reaches the device of the module it
+    meets. float32 on both, so A's readouts and decode, E's rows (the basis layer's attention
+    included), DAS's gradient and B's activations match the CPU run."""
+    from accelerate import dispatch_model
+    import pandas as pd
+    from test_device_map import _interchange, _pairs, _patched_decode
+    (_, tok), (cpu, _) = gpu_and_cpu
+    split = common.load_model(common.TINY_MODEL, device="cpu")[0]
+    placed = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": 0,
+              "model.layers.1": "cpu", "model.layers.2": 0, "model.layers.3": "cpu",
+              "model.norm": 0, "lm_head": "cpu"}
+    split = dispatch_model(split, placed, main_device="cpu",
+                           skip_keys=split._skip_keys_device_placement)
+    split.hf_device_map = placed
+    assert common.device_split(split) and common.input_device(split).type == "cpu"
+    reference, out = (_patched_decode(m, tok, "eager") for m in (cpu, split))
+    assert torch.equal(out["tokens"], reference["tokens"])
+    for name in ("patch_size", "attn_tv_last", "attn_tv_all"):
+        torch.testing.assert_close(out[name], reference[name], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out["scores"][0], reference["scores"][0], atol=1e-4, rtol=1e-4)
+    for model in (cpu, split):
+        model.requires_grad_(False)
+    (_, rows, loss, grad), (_, rows_s, loss_s, grad_s) = (_interchange(m, tok) for m in (cpu, split))
+    pd.testing.assert_frame_equal(rows_s, rows, atol=1e-4, rtol=1e-4)
+    assert loss_s == pytest.approx(loss, abs=1e-4)
+    torch.testing.assert_close(grad_s, grad, atol=1e-4, rtol=1e-3)
+    texts = [p["en"] for p in _pairs(tok)]
+    a, b = (common.extract_activations(m, tok, texts, [-1, 0, 1, 2, 3], cache_dir=None)
+            for m in (cpu, split))
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

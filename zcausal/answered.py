@@ -36,7 +36,7 @@ def answer_table(model, tokenizer, pairs, template, template_name, batch_size, e
 
     template: {"en", "zh"} strings; template_name: "direct" (the output's first number is the
     answer) or "cot" (problems.extract_answer's)."""
-    device = next(model.parameters()).device
+    device = common.input_device(model)
     stop_ids = problems.stop_token_ids(tokenizer)
     new_tokens = NEW_TOKENS[template_name]
     table = pd.DataFrame({"problem_id": [p["id"] for p in pairs],

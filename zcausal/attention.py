@@ -31,25 +31,27 @@ def _heads(states, n_heads):
 
 def queries_and_keys(model, layer, hidden, position_ids):
     """Layer `layer`'s queries (B, H, T, d_head) and keys (B, H_kv, T, d_head), float32, RoPE
-    applied, from the residual stream entering it: hidden (B, T, d) at position_ids (B, T)."""
+    applied, from the residual stream entering it: hidden (B, T, d) at position_ids (B, T). On the
+    layer's device (under a device map its hooks move `hidden` there)."""
     module = common.decoder_layers(model)[layer]
     attn, config = module.self_attn, model.config
     normed = module.input_layernorm(hidden.to(module.input_layernorm.weight.dtype))
     q = _heads(attn.q_proj(normed).float(), config.num_attention_heads)
     k = _heads(attn.k_proj(normed).float(), config.num_key_value_heads)
     cos, sin = model.model.rotary_emb(hidden, position_ids)
-    cos, sin = cos.float()[:, None], sin.float()[:, None]
+    cos, sin = cos.float()[:, None].to(q.device), sin.float()[:, None].to(q.device)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def attention_probs(queries, keys, allowed):
     """softmax(q k^T / sqrt(d_head)) over the allowed keys, grouped-query heads expanded:
     queries (B, H, Q, d_head), keys (B, H_kv, K, d_head), allowed (B, Q, K) bool -> (B, H, Q, K)
-    float32. A query row with no allowed key (padding) comes back all zeros."""
+    float32, on the queries' device. A query row with no allowed key (padding) comes back all
+    zeros."""
     group = queries.shape[1] // keys.shape[1]
     keys = keys.repeat_interleave(group, dim=1)
     scores = queries @ keys.transpose(-1, -2) * queries.shape[-1] ** -0.5
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    scores = scores.masked_fill(~allowed.to(scores.device)[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.nan_to_num(probs, nan=0.0)
 

@@ -11,10 +11,13 @@ Two engines sit behind generate_and_score (`engine=`, `--decode` on the command 
          step shape is captured once as a CUDA graph and replayed, and finished rows are read on
          the host only every CHECK_EVERY steps.
   auto   fast on CUDA; on a CPU, CPU_ENGINE (fast: measured no slower there, see CPU_ENGINE).
+A model split across devices by a device map (--device-map) decodes with eager whichever is asked,
+with a one-line note: the fast step reads every layer's weights from one device.
 Both return the same tokens and scores (float32 on a CPU: tests/test_decoding.py).
 """
 import copy
 import dataclasses
+import sys
 import warnings
 from contextlib import contextmanager
 
@@ -104,9 +107,10 @@ def shared_prefill(model, input_ids, attention_mask, layer):
     Every patched row of the same prompt has identical states up to and including `layer`'s
     output, so computing them once per prompt and not once per row removes (layer + 1) / L of the
     prefill. Returns a dict: input_ids, attention_mask (U, T) on the model's device, hidden
-    (U, T, d), the output of `layer`, and kv, a list over layers 0..layer of (keys, values).
+    (U, T, d), the output of `layer`, and kv, a list over layers 0..layer of (keys, values), each
+    on its layer's device.
     """
-    device = next(model.parameters()).device
+    device = common.input_device(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     cache = new_cache(model)
     hidden = capture_layer_outputs(model, input_ids, attention_mask, [layer], cache)[layer]
@@ -137,7 +141,8 @@ def _additive_causal_mask(attention_mask, dtype):
 def _forward_from_prefill(model, prefill, cache, patch):
     """The prompt forward of a row batch that starts from a selected prefill: the cached layers
     0..layer are copied into `cache`, `layer`'s output is patched, and only the layers above it
-    run. Returns the last position's logits (B, 1, V) float32, like _forward(..., last_only)."""
+    run. Returns the last position's logits (B, 1, V) float32 on the prompt's device, like
+    _forward(..., last_only)."""
     layer, hidden = prefill["layer"], prefill["hidden"]
     for l, (keys, values) in enumerate(prefill["kv"]):
         cache.update(keys, values, l)
@@ -153,7 +158,8 @@ def _forward_from_prefill(model, prefill, cache, patch):
         out = block(hidden, attention_mask=mask, position_ids=position, position_embeddings=rotary,
                     use_cache=True, **{cache_kwarg(block): cache})
         hidden = out[0] if isinstance(out, tuple) else out
-    return model.lm_head(model.model.norm(hidden[:, -1:])).float()
+    logits = model.lm_head(model.model.norm(hidden[:, -1:])).float()
+    return logits.to(prefill["attention_mask"].device)  # under a device map: from the last device
 
 
 def _prompt_pass(model, input_ids, attention_mask, position, patch, score, prefill, languages):
@@ -288,11 +294,23 @@ def resolve_engine(engine, model):
         raise UsageError(f"--decode {engine}: unknown decode engine; pass one of {', '.join(ENGINES)}")
     why_not = fast_unsupported(model)
     if engine == "auto":
-        on_cuda = next(model.parameters()).device.type == "cuda"
-        return "eager" if why_not else ("fast" if on_cuda else CPU_ENGINE)
+        on_cuda = common.input_device(model).type == "cuda"
+        engine = "eager" if why_not else ("fast" if on_cuda else CPU_ENGINE)
     if engine == "fast" and why_not:
         raise UsageError(f"--decode fast: {why_not}; pass --decode eager")
+    if engine == "fast" and common.device_split(model):
+        _note_split(model)
+        return "eager"
     return engine
+
+
+def _note_split(model):
+    """Say once per model why a split model decodes with the eager loop: the fast step reads every
+    layer's weights from one device, and a device map leaves them on several (or offloaded)."""
+    if not getattr(model, "split_decode_noted", False):
+        print("note: the model is split across devices (--device-map), which the fast decode "
+              "engine cannot run; decoding with the eager loop", file=sys.stderr, flush=True)
+        model.split_decode_noted = True
 
 
 def _finish(tokens, logits_seen, state, max_new_tokens, fill, steps):
@@ -412,7 +430,7 @@ def generate_and_score(model, input_ids, attention_mask, max_new_tokens, patch=N
     batches (less padding); results come back in the caller's order. None: one batch.
     """
     engine = resolve_engine(engine, model)
-    device = next(model.parameters()).device
+    device = common.input_device(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     if patch is not None:
         patch = patch.to(device)

@@ -36,10 +36,11 @@ from zcausal.decoding import layer_kv
 class Prefixes:
     """Clean keys and values of every prompt's prefix, at every layer.
 
-    kv: list over layers of (keys, values), each (U, H_kv, P, d_head), model dtype and device,
-    left-padded to the longest prefix P (padded entries are zero); mask: (U, P) long, 1 on real
-    prefix tokens; suffix_ids: (U, m) long, each prompt's last m tokens; length: (U,) long, real
-    prompt lengths T (prefix + suffix).
+    kv: list over layers of (keys, values), each (U, H_kv, P, d_head), model dtype, on that layer's
+    device (one device unless a device map split the model), left-padded to the longest prefix P
+    (padded entries are zero); mask: (U, P) long, 1 on real prefix tokens; suffix_ids: (U, m)
+    long, each prompt's last m tokens; length: (U,) long, real prompt lengths T (prefix + suffix);
+    these three on the model's input device.
     """
     kv: list
     mask: torch.Tensor
@@ -61,9 +62,10 @@ def encode_prefixes(model, ids, m, batch_size=16):
     """Run each prompt's prefix (ids[u][:-m]) once and keep its keys and values at every layer.
 
     ids: list of U token-id lists, each at least m long (an empty prefix is allowed). Returns
-    Prefixes on the model's device.
+    Prefixes: mask, suffix_ids and length on the model's input device (common.input_device), each
+    layer's keys and values on that layer's device.
     """
-    device = next(model.parameters()).device
+    device = common.input_device(model)
     n_layers = common.num_layers(model)
     if any(len(x) < m for x in ids):
         raise ValueError(f"every prompt needs at least m = {m} tokens")
@@ -88,15 +90,16 @@ def encode_prefixes(model, ids, m, batch_size=16):
         common.capture_layer_outputs(model, batch, local_mask, [n_layers - 1], cache)
         index = torch.tensor(rows, device=device)
         mask[index, width - local:] = local_mask
-        keep = local_mask.bool()[:, None, :, None]
         for layer in range(n_layers):
             for slot, tensor in enumerate(layer_kv(cache, layer)):
                 if kv[layer] is None:
                     shape = (len(ids), tensor.shape[1], width, tensor.shape[3])
-                    kv[layer] = [torch.zeros(shape, dtype=tensor.dtype, device=device),
-                                 torch.zeros(shape, dtype=tensor.dtype, device=device)]
+                    kv[layer] = [torch.zeros(shape, dtype=tensor.dtype, device=tensor.device),
+                                 torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)]
                 # zero the padding: a fully padded row must not carry NaN or junk into attention
-                kv[layer][slot][index, :, width - local:] = torch.where(keep, tensor, 0)
+                keep = local_mask.bool()[:, None, :, None].to(tensor.device)
+                kv[layer][slot][index.to(tensor.device), :, width - local:] = \
+                    torch.where(keep, tensor, 0)
     if kv[0] is None:  # every prefix empty
         cfg = model.config
         d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -213,15 +216,17 @@ class _PrefixKV:
 
     def update(self, keys, values, layer_idx, *args, **kwargs):
         old_keys, old_values = self.prefixes.kv[layer_idx]
-        return (torch.cat([old_keys[self.rows, :, self.start:], keys], 2),
-                torch.cat([old_values[self.rows, :, self.start:], values], 2))
+        rows = self.rows.to(old_keys.device)  # under a device map, the layer's own device
+        return (torch.cat([old_keys[rows, :, self.start:].to(keys.device), keys], 2),
+                torch.cat([old_values[rows, :, self.start:].to(values.device), values], 2))
 
 
 def run_layers(model, prefixes, block, hidden, start, mask=None, capture=False, stop=None):
     """Run the query block through decoder layers start..stop-1 (stop None: the last layer) from
     `hidden` (B, Q, d), the residual stream entering layer `start` (the output of layer start - 1;
     the embeddings for start = 0). Returns the last layer's output (B, Q, d), and with capture a
-    dict layer -> output of every layer run."""
+    dict layer -> output of every layer run; each on its layer's device (under a device map the
+    layers' hooks move their inputs there)."""
     mask = attention_mask(prefixes, block, hidden.dtype) if mask is None else mask
     rotary = model.model.rotary_emb(hidden, block.position)
     cache = _PrefixKV(prefixes, block)
@@ -241,7 +246,7 @@ def run_layers(model, prefixes, block, hidden, start, mask=None, capture=False, 
 def block_states(model, prefixes, block, batch_size, languages=None, width=None):
     """The block's clean states at every layer and its clean scores, in batches of rows.
 
-    Returns (hidden (L + 1, B, width, d) in the model's dtype on its device, index 0 the
+    Returns (hidden (L + 1, B, width, d) in the model's dtype on the block's device, index 0 the
     embeddings and l + 1 the output of layer l, the block's first `width` columns (None: all);
     score()'s dict of the clean run, on the CPU)."""
     n_layers = common.num_layers(model)
@@ -254,9 +259,9 @@ def block_states(model, prefixes, block, batch_size, languages=None, width=None)
         rows = block.take(index)
         emb = embed(model, rows)
         final, captured = run_layers(model, prefixes, rows, emb, 0, capture=True)
-        hidden[0, index] = emb[:, :width]
-        for layer, states in captured.items():
-            hidden[layer + 1, index] = states[:, :width]
+        hidden[0, index] = emb[:, :width].to(hidden.device)
+        for layer, states in captured.items():  # under a device map, from each layer's device
+            hidden[layer + 1, index] = states[:, :width].to(hidden.device)
         parts.append(score(model, final, rows, languages))
     return hidden, {key: torch.cat([p[key] for p in parts]).cpu() for key in parts[0]}
 
@@ -272,8 +277,9 @@ def suffix_attention(model, prefixes, block, layer, entering):
     queries, keys = attention.queries_and_keys(model, layer, entering[:, :m],
                                                block.position[:, :m])
     start = prefixes.mask.shape[1] - block.prefix_width
-    prefix_keys = prefixes.kv[layer][0][block.rows, :, start:].float()
-    keys = torch.cat([prefix_keys, keys], 2)
+    cached = prefixes.kv[layer][0]  # on the layer's device, like `keys`
+    prefix_keys = cached[block.rows.to(cached.device), :, start:].float()
+    keys = torch.cat([prefix_keys.to(keys.device), keys], 2)
     real = prefixes.mask[block.rows, start:].bool()  # (B, P_block)
     causal = torch.ones(m, m, dtype=torch.bool, device=real.device).tril()
     allowed = torch.cat([real[:, None, :].expand(-1, m, -1),
@@ -283,7 +289,7 @@ def suffix_attention(model, prefixes, block, layer, entering):
 
 def embed(model, block):
     """The query block's token embeddings (B, Q, d): the residual stream 'at layer -1'."""
-    return model.model.embed_tokens(block.ids)
+    return common.embeddings(model)(block.ids)
 
 
 def with_probe(continuation, languages):
@@ -303,19 +309,20 @@ def score(model, hidden, block, languages=None):
     (the first answer token the run would write). With `languages` (common.LanguageClasses; each
     segment then ends with the probe of with_probe, which is not scored): lang (B, R) float32, the
     language margin after the continuation (common.language_margin: log P(Latin word) - log
-    P(Chinese word) next, a lone space marginalised).
+    P(Chinese word) next, a lone space marginalised). All on the block's device.
     """
     m = block.m
     probe = int(languages is not None and languages.space_id is not None)
     normed = model.model.norm(hidden[:, m - 1:])
-    logits = model.lm_head(normed).float()  # (B, Q - m + 1, V): column c predicts token c + 1
+    # (B, Q - m + 1, V): column c predicts token c + 1; from lm_head's device to the block's
+    logits = model.lm_head(normed).float().to(block.ids.device)
     logprobs = torch.log_softmax(logits, -1)
     B = hidden.shape[0]
-    arange = torch.arange(B, device=hidden.device)
+    arange = torch.arange(B, device=logits.device)
     logp, first, greedy, lang = [], [], [], []
     for r, targets in enumerate(block.targets):
         w = targets.shape[1]
-        t = torch.arange(w, device=hidden.device)[None]
+        t = torch.arange(w, device=logits.device)[None]
         pred = torch.where(t == 0, 0, block.seg_start[r] - m + t)  # logits column of token t
         n_scored = block.seg_len[:, r:r + 1] - probe
         valid = t < n_scored

@@ -30,7 +30,7 @@ def last_positions(source):
 def capture_prompt_states(model, tokenizer, texts, spans, stream, batch_size):
     """Unpatched states at residual stream `stream` (-1: embeddings) for each prompt: (list of
     (T_i, d) float32 CPU tensors over real tokens, (N, d) float32 means over the question span)."""
-    device = next(model.parameters()).device
+    device = common.input_device(model)
     tokens, means = [None] * len(texts), [None] * len(texts)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     for start in range(0, len(texts), batch_size):

@@ -143,7 +143,7 @@ def prepare(model, tokenizer, pairs, partner_pairs, template, language, batch_si
     both (clean_frame)."""
     ids, other, positions = encode(tokenizer, template, pairs, partner_pairs, language)
     m = positions.shape[1]
-    device = next(model.parameters()).device
+    device = common.input_device(model)
     languages = common.LanguageClasses(tokenizer).to(device)
     own = [problems.answer_continuation(tokenizer, p["answer"], language, "direct") for p in pairs]
     src = [problems.answer_continuation(tokenizer, p["answer"], language, "direct")

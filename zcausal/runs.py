@@ -58,9 +58,9 @@ def set_seed(seed):
 
 
 # Flags that never change what a run computes: a resumed run may differ from its config.json in
-# these and nothing else.
+# these and nothing else (--device-map moves weights between devices, each layer computes alike).
 RESUME_IGNORED = {"resume", "overwrite", "batch_size", "figures", "summarize", "replot", "decode",
-                  "cache_dir"}
+                  "cache_dir", "device_map"}
 
 
 def check_out_arg(out):
@@ -196,15 +196,18 @@ def run_config(args, model=None, **extra):
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
                            "transformers": transformers.__version__, "numpy": np.__version__}}
     if model is not None:
-        param = next(model.parameters())
+        from zcausal import placement  # here: placement imports this module
+        param, device = next(model.parameters()), placement.input_device(model)
         name = getattr(model, "name_or_path_for_results", None)
         config["model"] = {"name_or_path": portable(name),
                            "revision": getattr(model.config, "_commit_hash", None),
                            "dtype": str(param.dtype).replace("torch.", ""),
-                           "device": str(param.device),
-                           "device_name": (torch.cuda.get_device_name(param.device)
-                                           if param.device.type == "cuda" else platform.processor()
+                           "device": str(device),
+                           "device_name": (torch.cuda.get_device_name(device)
+                                           if device.type == "cuda" else platform.processor()
                                            or platform.machine()),
+                           # where --device-map put each module (None: all on `device`)
+                           "device_map": placement.device_map_record(model),
                            "num_layers": model.config.num_hidden_layers,
                            "hidden_size": model.config.hidden_size}
     config.update(extra)
