@@ -55,7 +55,7 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import answered, decoding, prereg, problems, runs, stats
+from zcausal import answered, decoding, layer_choice, prereg, problems, runs, stats
 from zcausal.patching import (RANDOM_CONDITIONS, attention_read_layer, last_positions,
                               make_patch, patch_readouts, patch_sizes, prepare_layer,
                               prompt_texts, variance_rows)
@@ -423,7 +423,7 @@ def validate(args):
         raise runs.UsageError("--positions all patches generated tokens with a mean: use it with "
                               "--source mean or ot, not last")
     config = common.load_model_config(args.model)
-    args.layer = common.resolve_layers(config, args.layer, args.depth)
+    args.layer = layer_choice.resolve_layers(config, args.layer, args.depth)
     for k in args.k:
         common.check_k(config, k, allow_full=False)
     pairs = problems.load_pairs(args, bank_limit=BANK_PAIRS)
@@ -557,7 +557,7 @@ def build_parser():
                              f"criteria need {MIN_PAIRS} English baselines (below 20 a rate's 95%% "
                              "interval is wider than 0.4)")
     decoding.add_decode_args(parser)
-    common.add_layer_args(parser, " and patched (--site: at its output or its input)",
+    layer_choice.add_layer_args(parser, " and patched (--site: at its output or its input)",
                           several=True)
     parser.add_argument("--k", type=int, nargs="+", default=[50],
                         help="dimension(s) of Z, each 1..d-1 (the primary test is at k 50)")

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 import common
-from zcausal import prereg, problems, runs, stats
+from zcausal import layer_choice, prereg, problems, runs, stats
 from zcausal.runs import UsageError
 from zcausal.summaries import exp_b as summary
 
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     parser = runs.make_parser(__doc__)
     common.add_common_args(parser, "exp_b")
     problems.add_pairs_args(parser)
-    common.add_layer_args(parser, ", used for every transition")
+    layer_choice.add_layer_args(parser, ", used for every transition")
     parser.add_argument("--k", type=int, nargs="+", default=DEFAULTS["k"],
                         help="Z dimensions (one or several)")
     parser.add_argument("--n-random", type=int, default=DEFAULTS["n_random"],
@@ -62,7 +62,7 @@ def validate(args):
     written). Returns the config and the resolved basis layer."""
     common.check_runtime(args.device, args.dtype, args.device_map)
     config = common.load_model_config(args.model)
-    basis_layer = common.resolve_layer(config, args.layer, args.depth)
+    basis_layer = layer_choice.resolve_layer(config, args.layer, args.depth)
     for k in args.k:
         common.check_k(config, k, allow_full=False)
     if len(set(args.k)) < len(args.k):

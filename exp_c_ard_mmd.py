@@ -77,7 +77,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zcausal import ard_mmd, prereg, problems, runs
+from zcausal import ard_mmd, layer_choice, prereg, problems, runs
 from zcausal.summaries import exp_c as summary
 import common
 from zcausal.runs import UsageError
@@ -111,7 +111,7 @@ def parse_args(argv=None):
     p.add_argument("--layer-depths", type=float, nargs="+", default=None,
                    help="instead of --layers: fractions of depth, each giving the layer "
                         "round(F x number of layers)")
-    common.add_layer_args(p, " as the SVD mask (the warm start and the overlap)")
+    layer_choice.add_layer_args(p, " as the SVD mask (the warm start and the overlap)")
     p.add_argument("--k", type=int, nargs="+", default=[K],
                    help="rank(s) of the SVD Z mask: each k has its own warm start and overlap "
                         "rows; the cold start is fitted once")
@@ -163,7 +163,7 @@ def resolve_layers(args, config):
                   for f in args.layer_depths]
     else:
         layers = [common.plan_layer_at_depth(config, layer) for layer in PLAN_LAYERS]
-    basis = common.resolve_layer(config, args.layer, args.depth)
+    basis = layer_choice.resolve_layer(config, args.layer, args.depth)
     return sorted(set(layers)), basis
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 import common
-from zcausal import prereg, problems, runs, stats
+from zcausal import layer_choice, prereg, problems, runs, stats
 from zcausal.runs import UsageError
 from zcausal.summaries import exp_d as summary
 
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     parser = runs.make_parser(__doc__)
     common.add_common_args(parser, "exp_d")
     problems.add_pairs_args(parser)
-    common.add_layer_args(parser, ", whose activations are mapped")
+    layer_choice.add_layer_args(parser, ", whose activations are mapped")
     parser.add_argument("--k", type=int, nargs="+", default=DEFAULTS["k"], help="Z dimensions")
     parser.add_argument("--n-shuffles", type=int, default=DEFAULTS["n_shuffles"],
                         help="shuffled-pairs null draws")
@@ -72,7 +72,7 @@ def validate(args):
     written). Returns the config and the resolved layer."""
     common.check_runtime(args.device, args.dtype, args.device_map)
     config = common.load_model_config(args.model)
-    layer = common.resolve_layer(config, args.layer, args.depth)
+    layer = layer_choice.resolve_layer(config, args.layer, args.depth)
     for k in args.k:
         common.check_k(config, k, allow_full=False,
                        why="k = d makes Z the whole space, where any basis is a rotation of Z")

@@ -53,7 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import (answered, das, decoding, interchange, prereg, problems,
+from zcausal import (answered, das, decoding, interchange, layer_choice, prereg, problems,
                      question, runs, stats)
 from zcausal.runs import done_values, keep_rows
 from zcausal.summaries import exp_e as summary
@@ -501,7 +501,7 @@ def validate(args):
     (or --depth) to the basis layer's index, and the default --layers (all)."""
     common.check_runtime(args.device, args.dtype, args.device_map)
     config = common.load_model_config(args.model)
-    args.layer = common.resolve_layer(config, args.layer, args.depth)
+    args.layer = layer_choice.resolve_layer(config, args.layer, args.depth)
     n_layers = common.num_layers(config)
     args.layers = sorted(set(args.layers)) if args.layers else list(range(n_layers))
     if args.site == "input" and args.layer == 0:
@@ -662,7 +662,7 @@ def build_parser():
     decoding.add_decode_args(parser)
     parser.add_argument("--layers", type=int, nargs="+", default=None,
                         help="layers to patch (default: every layer 0..L-1)")
-    common.add_layer_args(parser, ", the fixed basis z_basis patched at every layer of --layers")
+    layer_choice.add_layer_args(parser, ", the fixed basis z_basis patched at every layer of --layers")
     parser.add_argument("--site", choices=["input", "output"], default="input",
                         help="where the primary test patches Z of the basis layer b: input "
                              "(default; sweep layer b - 1, whose output is the stream b's W_Q and "

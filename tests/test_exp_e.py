@@ -639,7 +639,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, extra
 @pytest.mark.parametrize("depth,message", [("1.5", "--depth 1.5 is not a fraction"),
                                            ("0", "--depth 0.0 is not a fraction")])
 def test_depth_alone_resolves_like_the_other_scripts(tmp_path, capsys, depth, message):
-    """--depth without --layer: common.resolve_layer, the same rule and messages as B-D."""
+    """--depth without --layer: layer_choice.resolve_layer, the same rule and messages as B-D."""
     with pytest.raises(SystemExit) as exit_info:
         runs.run_cli(ee.main, cli(tmp_path, "--depth", depth, layer=()))
     assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -27,7 +27,7 @@ LAYERS = [{"zcausal", "zcausal.runs", "zcausal.bank", "zcausal.stats", "zcausal.
           {"common"},
           {"zcausal.decoding", "zcausal.fast_decode", "zcausal.interchange", "zcausal.das",
            "zcausal.patching",
-           "zcausal.answered", "zcausal.question", "zcausal.attention"},
+           "zcausal.answered", "zcausal.question", "zcausal.attention", "zcausal.layer_choice"},
           {"exp_a_patching", "exp_b_residual", "exp_c_ard_mmd", "exp_d_bridge",
            "exp_e_layer_sweep"},
           {"report", "bench", "study"}]
