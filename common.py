@@ -239,13 +239,13 @@ def check_k(model_or_config, k, allow_full=True, why="k = d would leave Z-perp e
 
 
 # ----------------------------------------------------------------------------------------------
-# The Z basis (as Phase 2 built it: per-head kernels W_Q^T W_K, then the SVD of their stack)
+# The Z basis (per-head kernels W_Q^T W_K, then the SVD of their stack)
 
 def head_projections(model, layer, fold_norm=False):
     """Per query head h, (W_Q^h, W_K^g(h)): two float32 tensors (H, d_head, d) on the CPU.
 
     W_Q^h is rows [h*d_head, (h+1)*d_head) of q_proj.weight; g(h) = h // (H / H_kv) picks the
-    key/value group. Raw weights as in Phase 2 (no bias, no RoPE); `fold_norm` folds the layer's
+    key/value group. Raw weights, as Z is defined (no bias, no RoPE); `fold_norm` folds the layer's
     input RMSNorm gain into both (x -> diag(gamma) x).
     """
     config = model.config
@@ -268,7 +268,7 @@ def _kernel_right_vectors(w_q, w_k, k):
     Q1 (R1 R2.T) Q2.T, and the SVD of the small d_head x d_head core U S V.T gives K^h's right
     singular vectors Q2 V: the same subspaces as the full d x d SVD at a fraction of the cost
     (seconds instead of minutes at d = 2048). Beyond rank d_head the singular values are zero and
-    the vectors arbitrary, so k > d_head falls back to the full SVD, as Phase 2 computed it.
+    the vectors arbitrary, so k > d_head falls back to the full SVD.
     """
     if k > w_q.shape[1]:
         return torch.linalg.svd(torch.einsum("hed,hef->hdf", w_q, w_k)).Vh[:, :k, :]
@@ -279,7 +279,7 @@ def _kernel_right_vectors(w_q, w_k, k):
 
 
 def z_basis(model, layer, k, fold_norm=False):
-    """Phase 2's multi-head Z mask V_Z: float32 (k, d) with orthonormal rows, on the CPU.
+    """The multi-head Z mask V_Z: float32 (k, d) with orthonormal rows, on the CPU.
 
     Top-k right singular vectors of each head's kernel, stacked (H*k, d), then the top-k right
     singular vectors of the stack. SVDs in float64 for a stable ordering.
@@ -402,7 +402,7 @@ class SubspacePatch:
     prompt_mask: optional (B, T) bool aligned the same way, the prompt positions patched (None:
     all; False positions keep their state exactly: `last:m` sources, leaving the sink alone);
     patch_generated: (B,) bool, whether generated positions are patched too (scope "all").
-    site: "output" patches decoder layer `layer`'s output (Phase 2's "the hidden state at layer
+    site: "output" patches decoder layer `layer`'s output ("the hidden state at layer
     l"); "input" patches its input, the state its W_Q and W_K read (= layer l-1's output, the
     embeddings for l = 0). `stream` is the residual-stream index either way (-1: embeddings).
     """
