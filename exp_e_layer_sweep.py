@@ -25,21 +25,22 @@ Every row is written (per_problem.csv, random_rows.csv.gz); the tables, the decl
 and the Holm-corrected secondary ones are built from those rows alone
 (zcausal/summaries/exp_e_tables.py: measures top1_src / top1_own / neither, the p_share shift,
 disruption, pooled shifts, the language margin after the answer). Decoded spot checks at
---decode-layers; then DAS at --das-layer, trained on the train split, steps chosen on validation,
-reported on the held-out test split with bootstrap intervals beside full interchange and Z.
-A second position set runs first (--positions; by default with bank problems): every token of
-the question takes, at layer l, the state at the same position of a counterfactual partner's
-prompt in the same language (the same problem with other numbers of the same digit counts, so
-the prompts align position by position), with the same conditions (zcausal/question.py).
+--decode-layers. A second position set runs first (--positions; by default with bank problems):
+every token of the question takes, at layer l, the state at the same position of a
+counterfactual partner's prompt in the same language (the same problem with other numbers of
+the same digit counts, so the prompts align position by position), with the same conditions
+(zcausal/question.py). Then DAS, the positive control: at each --das-layer and --das-k a learned
+subspace, trained on the train split, reported on the held-out test split beside full, Z and
+random subspaces of the same k at the same layer, with its principal angles to Z.
 
 Outputs in --out: per-row clean.csv, per_problem.csv, random_rows.csv.gz, timing.csv, solved.csv,
 decode.csv, das_per_problem.csv, das_random_rows.csv.gz, das_training.csv, das_angles.csv,
-das_decode.csv, das_basis_k*.npy, question_clean.csv, question_per_problem.csv,
+das_decode.csv, das_basis_L<layer>_k<k>.npy, question_clean.csv, question_per_problem.csv,
 question_random_rows.csv.gz, question_timing.csv; tables per_layer.csv, draws.csv, das.csv,
 tests.csv, decode_summary.csv, das_decode_summary.csv, question_per_layer.csv,
-question_draws.csv, question_tests.csv; config.json (with the primary test and the
-counterfactual partners); figures layer_sweep.png (layer_sweep_k<k>.png for the other k),
-question_sweep.png and das.png under --figures (runs.figure_path), drawn by
+question_draws.csv, question_tests.csv; config.json (with the primary test, the counterfactual
+partners and the DAS layers with why each); figures layer_sweep.png (layer_sweep_k<k>.png for
+the other k), question_sweep.png and das_curve.png under --figures (runs.figure_path), drawn by
 zcausal/summaries/exp_e_figures.py from the tables.
 """
 import json
@@ -61,6 +62,7 @@ from zcausal.summaries import exp_e_tables as tables
 from zcausal.summaries.exp_e_tables import write_rows
 
 FIXED = ["none", "full", "z_basis", "z_layer"]
+DAS_K = [1, 2, 5, 10, 20, 50]  # the default --das-k: the curve of DAS against k
 BANK_PAIRS = 300  # with --prompts bank and no --limit: the first 300 pairs are tried
 # --n-random: more than the other scripts' stats.N_RANDOM, whose smallest p (0.05) no
 # Holm-adjusted secondary test could pass; a draw costs one teacher-forced row per pair and layer.
@@ -70,9 +72,13 @@ N_RANDOM = 50
 # ----------------------------------------------------------------------------------------------
 # Problems: splits, swap partners, answer tokens
 
-def split_sizes(n, fractions):
-    """(train, validation, test) sizes: each split needs 2 problems for a derangement."""
+def split_sizes(n, fractions, test_min=0):
+    """(train, validation, test) sizes from the --split fractions, each at least 2 (a
+    derangement needs 2). The test split then takes problems from train until it holds
+    `test_min` (--das-test-min), as long as train keeps at least as many as test: DAS's
+    held-out rates need about 50 pairs to be read, and train keeps the rest."""
     val, test = (max(2, int(round(f * n))) for f in fractions[1:])
+    test = max(test, min(test_min, (n - val) // 2))
     if n - val - test < 2:
         raise runs.UsageError(f"{n} pairs cannot be split into train / validation / test with at "
                               f"least 2 problems each (--split {' '.join(map(str, fractions))}); "
@@ -80,9 +86,9 @@ def split_sizes(n, fractions):
     return n - val - test, val, test
 
 
-def make_splits(n, fractions, seed):
+def make_splits(n, fractions, seed, test_min=0):
     """A seeded assignment of problems to 'train' / 'validation' / 'test': list of N names."""
-    sizes = split_sizes(n, fractions)
+    sizes = split_sizes(n, fractions, test_min)
     order = np.random.default_rng(seed).permutation(n)
     names = np.empty(n, dtype=object)
     names[order[:sizes[0]]] = "train"
@@ -454,44 +460,54 @@ def run_decode_checks(model, tokenizer, state, template, args, out, layers):
 # ----------------------------------------------------------------------------------------------
 # DAS: learn the subspace on train, choose steps on validation, report on test
 
-def run_das(model, tokenizer, state, template, args, out, split, layer):
-    """For every --das-k not done yet: train (progress as plain lines), then on the test split
-    the rows of DAS, Z (basis layer and this layer), full and the random draws; principal
-    angles; decoded outputs; das.csv rebuilt from the rows (exp_e_tables.write_tables) last, as
-    the marker of a finished k."""
+def run_das(model, tokenizer, state, template, args, out, split, layers):
+    """For every (layer, k) of `layers` x --das-k not done yet: train (progress as plain
+    lines; the training data built once per layer), then on the test split the rows of DAS, Z
+    (basis layer and this layer), full and the random draws; principal angles; decoded outputs
+    of the first --decode-limit test problems; das.csv rebuilt from the rows
+    (exp_e_tables.write_tables) last, as the marker of a finished (layer, k)."""
     d = common.hidden_size(model)
     test = [i for i, s in enumerate(split) if s == "test"]
     dtype = next(model.parameters()).dtype
-    done = done_values(out / "das.csv", ["k"])
+    done = done_values(out / "das.csv", ["layer", "k"])
     for name in ("das_training.csv", "das_angles.csv", "das_decode.csv", "das_per_problem.csv",
                  "das_random_rows.csv.gz"):
-        keep_rows(out / name, ["k"], done)
-    for k in [k for k in args.das_k if (k,) not in done]:
-        basis, history = das.train_das(model, state, layer, k, split, args,
-                                       log=lambda entry: tqdm.write(das.progress_line(k, entry)))
-        np.save(out / f"das_basis_k{k}.npy", basis.numpy())
-        z_fixed = common.z_basis(model, args.layer, k, fold_norm=args.fold_norm)
-        z_here = common.z_basis(model, layer, k, fold_norm=args.fold_norm)
-        conditions = make_conditions(d, k, [("das", basis), ("z_basis", z_fixed),
-                                            ("z_layer", z_here)], args.n_random, args.seed)
-        batches = make_batches(state, test, len(conditions.names), args.batch_size, dtype)
-        rows = per_problem_rows(run_rows(model, state, layer, conditions, batches,
-                                         args.layer), state, conditions, split,
-                                {"k": k, "layer": layer})
-        random_bases = [b for b, name in zip(conditions.bases, conditions.names) if name == "random"]
-        angles = das.das_angles(basis, [("z_basis", -1, z_fixed), ("z_layer", -1, z_here)],
-                                random_bases, k)
-        decoded = decode_rows(model, tokenizer, state, template, layer,
-                              make_conditions(d, k, [("das", basis), ("z_basis", z_fixed)], 0,
-                                              args.seed), test, args)
-        write_rows(tables.row_measures(rows, state.clean, args.min_span), out, prefix="das_")
-        runs.write_csv(history.assign(k=k, layer=layer), out / "das_training.csv", append=True)
-        runs.write_csv(angles, out / "das_angles.csv", append=True)
-        runs.write_csv(decoded.assign(k=k), out / "das_decode.csv", append=True)
-        tables.write_tables(out)  # das.csv: marks k done
-    decoded = runs.load_csv(out / "das_decode.csv")
-    runs.write_csv(summary.decode_summary(decoded, ["k", "layer", "pairing", "condition"]),
-                   out / "das_decode_summary.csv")
+        keep_rows(out / name, ["layer", "k"], done)
+    z_fixed = {}
+    for layer in layers:
+        todo = [k for k in args.das_k if (layer, k) not in done]
+        data = das.training_data(model, state, layer, split, args) if todo else None
+        for k in todo:
+            basis, history = das.train_das(
+                model, state, data, k, args,
+                log=lambda entry: tqdm.write(das.progress_line(k, entry, layer)))
+            np.save(out / f"das_basis_L{layer}_k{k}.npy", basis.numpy())
+            if k not in z_fixed:
+                z_fixed[k] = common.z_basis(model, args.layer, k, fold_norm=args.fold_norm)
+            z_here = common.z_basis(model, layer, k, fold_norm=args.fold_norm)
+            conditions = make_conditions(d, k, [("das", basis), ("z_basis", z_fixed[k]),
+                                                ("z_layer", z_here)], args.n_random, args.seed)
+            batches = make_batches(state, test, len(conditions.names), args.batch_size, dtype)
+            rows = per_problem_rows(run_rows(model, state, layer, conditions, batches,
+                                             args.layer), state, conditions, split,
+                                    {"k": k, "layer": layer})
+            random_bases = [b for b, name in zip(conditions.bases, conditions.names)
+                            if name == "random"]
+            angles = das.das_angles(basis, [("z_basis", -1, z_fixed[k]), ("z_layer", -1, z_here)],
+                                    random_bases, k)
+            decoded = decode_rows(model, tokenizer, state, template, layer,
+                                  make_conditions(d, k, [("das", basis), ("z_basis", z_fixed[k])],
+                                                  0, args.seed), test[:args.decode_limit], args)
+            runs.write_csv(history.assign(k=k, layer=layer), out / "das_training.csv",
+                           append=True)
+            runs.write_csv(angles.assign(layer=layer), out / "das_angles.csv", append=True)
+            if len(decoded):
+                runs.write_csv(decoded.assign(k=k), out / "das_decode.csv", append=True)
+            # the rows last: das.csv is built from them, so any later write_tables marks this
+            # (layer, k) done, and everything else of it must be on disk by then
+            write_rows(tables.row_measures(rows, state.clean, args.min_span), out, prefix="das_")
+            tables.write_tables(out)  # das.csv: marks (layer, k) done
+    # das_decode_summary.csv: main()'s closing replot builds it from das_decode.csv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,16 +527,19 @@ def validate(args):
     if primary not in args.layers:  # the primary test's layer is always swept
         args.layers = sorted(args.layers + [primary])
     for flag, layers in (("--layers", args.layers), ("--decode-layers", args.decode_layers or []),
-                         ("--das-layer", [] if args.das_layer is None else [args.das_layer])):
+                         ("--das-layer", args.das_layer or [])):
         for layer in layers:
             common.check_layer(config, layer, flag=flag, alternative=None)
     args.k = list(dict.fromkeys(args.k))  # one sweep per k, in the order given
+    if args.das_k is None:  # the default curve, each k below d (k = d is `full`)
+        args.das_k = [k for k in DAS_K if k < common.hidden_size(config)]
+    args.das_k = list(dict.fromkeys(args.das_k))
     for flag, ks in (("--k", args.k), ("--das-k", args.das_k)):
         for k in ks:
             common.check_k(config, k, allow_full=False, flag=flag,
                            why="a k = d subspace is the whole state: that is `full`")
-    counts = dict(n_random=0, decode_random=0, decode_limit=0, last_m=1, das_steps=1,
-                  das_batch=1, das_eval_every=1, das_partners=1, max_new_tokens=1)
+    counts = dict(n_random=0, decode_random=0, decode_limit=0, das_test_min=0, last_m=1,
+                  das_steps=1, das_batch=1, das_eval_every=1, das_partners=1, max_new_tokens=1)
     for name, low in counts.items():
         if getattr(args, name) < low:
             raise runs.UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at "
@@ -538,7 +557,7 @@ def validate(args):
         raise runs.UsageError(f"--split {' '.join(map(str, args.split))}: pass three positive "
                               f"fractions (train validation test) that sum to 1")
     pairs = problems.load_pairs(args, bank_limit=BANK_PAIRS)
-    split_sizes(len(pairs), args.split)
+    split_sizes(len(pairs), args.split, args.das_test_min)
     args.positions = question.resolve_positions(args.positions, pairs)
     template = problems.get_template(problems.load_templates(args), "direct")
     return pairs, template
@@ -601,7 +620,7 @@ def main(args):
           f"{solved['correct_en']}, in Chinese {solved['correct_zh']}, both "
           f"{solved['correct_both']})")
     runs.write_csv(answers, out / "solved.csv")
-    split = make_splits(len(pairs), args.split, args.seed)
+    split = make_splits(len(pairs), args.split, args.seed, args.das_test_min)
     partner = swap_partners(pairs, split, args.seed)
     if not args.resume:
         runs.write_json(out / "config.json", runs.run_config(
@@ -627,12 +646,16 @@ def main(args):
     decode_layers = args.decode_layers if args.decode_layers is not None else sorted(
         {primary_layer_of(args), peak} & set(args.layers))
     run_decode_checks(model, tokenizer, state, template, args, out, decode_layers)
-    if args.das_k:
-        das_layer = args.das_layer if args.das_layer is not None else peak
-        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-        runs.write_json(out / "config.json", dict(config, das_layer=das_layer,
-                                                  decode_layers=decode_layers))
-        run_das(model, tokenizer, state, template, args, out, split, das_layer)
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    chosen = tables.das_layers(out, args.layer, args.das_layer) if args.das_k else {}
+    for layer, why in chosen.items():
+        print(f"DAS at layer {layer}: {why}")
+    if chosen:
+        runs.write_json(out / "config.json", dict(
+            config, das_layers=list(chosen), das_layer_reasons={str(l): why for l, why in
+                                                                chosen.items()},
+            decode_layers=decode_layers))
+        run_das(model, tokenizer, state, template, args, out, split, list(chosen))
     summary.replot(args)  # every table and figure once more, what it wrote and the summary
 
 
@@ -692,28 +715,38 @@ def build_parser():
                              "ld_clean| is at least this many nats")
     parser.add_argument("--fold-norm", action="store_true",
                         help="fold the layer's input RMSNorm gain into W_Q, W_K before Z's SVD")
-    parser.add_argument("--split", type=float, nargs=3, default=[0.5, 0.25, 0.25],
+    parser.add_argument("--split", type=float, nargs=3, default=[0.7, 0.1, 0.2],
                         metavar=("TRAIN", "VAL", "TEST"),
                         help="fractions of problems for DAS training, step choice and report "
-                             "(seeded; swap partners stay within a split)")
+                             "(seeded; swap partners stay within a split; 300 kept pairs give "
+                             "210 / 30 / 60)")
+    parser.add_argument("--das-test-min", type=int, default=50,
+                        help="the test split takes problems from train until it holds this "
+                             "many, as long as train keeps at least as many as test (0: the "
+                             "--split fractions as they are)")
     parser.add_argument("--decode-layers", type=int, nargs="*", default=None,
-                        help="layers of the decoded spot checks (default: the basis layer and "
-                             "the default --das-layer)")
+                        help="layers of the decoded spot checks (default: the primary test's "
+                             "layer and the lowest layer where full interchange's top1_src is "
+                             "largest on train + validation problems)")
     parser.add_argument("--decode-limit", type=int, default=16,
                         help="problems decoded at each decode layer (the first N)")
     parser.add_argument("--decode-random", type=int, default=3,
                         help="random draws decoded beside the named conditions")
     parser.add_argument("--max-new-tokens", type=int, default=10,
                         help="greedy tokens decoded: the answer and what follows it")
-    parser.add_argument("--das-k", type=int, nargs="*", default=[20, 50],
-                        help="dimensions of the learned subspaces (none: skip DAS)")
-    parser.add_argument("--das-layer", type=int, default=None,
-                        help="layer of DAS (default: the lowest layer where full interchange's "
-                             "top1_src is largest on train + validation problems)")
+    parser.add_argument("--das-k", type=int, nargs="*", default=None,
+                        help="dimensions of the learned subspaces, one trained per k and layer "
+                             f"(default: {' '.join(map(str, DAS_K))}, those below the hidden "
+                             f"size; none: skip DAS)")
+    parser.add_argument("--das-layer", type=int, nargs="*", default=None,
+                        help="layers whose output DAS patches (default: the input of the basis "
+                             "layer, i.e. layer b - 1, and the first layer where full "
+                             "interchange's top1_src reaches 0.8 on train + validation "
+                             "problems, or where it is largest; none: skip DAS)")
     parser.add_argument("--das-steps", type=int, default=200, help="Adam steps of DAS training")
     parser.add_argument("--das-lr", type=float, default=1e-2, help="Adam learning rate of DAS")
     parser.add_argument("--das-batch", type=int, default=32, help="interchange pairs per DAS step")
-    parser.add_argument("--das-eval-every", type=int, default=20,
+    parser.add_argument("--das-eval-every", type=int, default=10,
                         help="steps between validation losses (the best is kept)")
     parser.add_argument("--das-partners", type=int, default=4,
                         help="source problems per training problem (its swap partner and more "

@@ -16,6 +16,22 @@ def test_learned_subspace_starts_at_a_seeded_random_orthonormal_basis():
     assert torch.allclose(basis, common.random_basis(24, 3, 5), atol=1e-5)
 
 
+def test_training_does_not_depend_on_the_global_generator():
+    """The same seed trains the same path whatever ran before (a resumed run skips earlier k)."""
+    target = common.random_basis(24, 3, 1)
+    bases = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        learned = das.LearnedSubspace(24, 3, seed=5)
+        optimiser = torch.optim.Adam(learned.parameters(), lr=0.05)
+        for _ in range(3):
+            optimiser.zero_grad()
+            (-(learned.basis() @ target.T).pow(2).sum()).backward()
+            optimiser.step()
+        bases.append(learned.basis().detach())
+    assert torch.equal(bases[0], bases[1])
+
+
 def planted_problem(d=24, k=3, n_classes=8, seed=0):
     """A synthetic model whose output reads only span(U), U a known (k, d) basis: logits =
     W U h. Interchanging within S moves the output to the source's class exactly when S
@@ -87,6 +103,22 @@ def test_principal_angles_and_overlap():
     assert np.mean(overlaps) == pytest.approx(4 / 30, rel=0.15)
 
 
+@pytest.mark.parametrize("d,k,n", [(30, 6, 100), (64, 20, 40)])
+def test_mean_cos2_of_random_subspaces_is_k_over_d_on_average(d, k, n):
+    """das_angles' mean_cos2 is the mean cos² of the principal angles, and its chance value k / d
+    is what random subspaces give on average (n draws; a generous 15% tolerance: the mean's
+    standard error is about 2.5% and 1% of k / d for these sizes)."""
+    basis = common.random_basis(d, k, 7)
+    draws = [common.random_basis(d, k, 1000 + s) for s in range(n)]
+    angles = das.das_angles(basis, [("self", -1, basis)], draws, k)
+    assert np.allclose(angles.chance_mean_cos2, k / d)
+    assert angles.mean_cos2.iloc[0] == pytest.approx(1)
+    random = angles[angles.versus == "random"]
+    assert random.mean_cos2.mean() == pytest.approx(k / d, rel=0.15)
+    cos2 = np.cos(np.radians(das.principal_angles(basis, draws[0]))) ** 2
+    assert random.mean_cos2.iloc[0] == pytest.approx(cos2.mean(), abs=1e-6)
+
+
 def test_interchange_loss_trains_only_the_subspace(tiny):
     model, tok = tiny
     model.requires_grad_(False)
@@ -103,6 +135,45 @@ def test_interchange_loss_trains_only_the_subspace(tiny):
     grads = [p.grad for p in learned.parameters()]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_loss_scores_only_the_answer_positions_and_is_unchanged(tiny):
+    """segment_logp (the LM head at the answer's positions only) equals score()'s logp of that
+    segment, for answers of different lengths (padding) and either segment of a two-segment
+    block; DAS's loss equals minus the mean of patched_scores' logp, and so do its gradients."""
+    model, tok = tiny
+    model.requires_grad_(False)
+    texts = ["Tom buys 3 apples. The answer is ", "A train goes 60 km. The answer is ",
+             "She reads 12 pages. The answer is "]
+    prefixes = interchange.encode_prefixes(model, interchange.prompt_ids(tok, texts), 2)
+    block = interchange.build_block(prefixes, [0, 1, 2],
+                                    [[[5, 6, 7], [9]], [[8], [10, 11]], [[12, 13], [14, 15, 16]]])
+    d = common.hidden_size(model)
+    with torch.no_grad():
+        hidden = interchange.run_layers(model, prefixes, block, interchange.embed(model, block),
+                                        0, stop=2)
+        final = interchange.run_layers(model, prefixes, block, hidden, 2)
+        full = interchange.score(model, final, block)["logp"]
+        for segment in (0, 1):
+            fast = interchange.segment_logp(model, final, block, segment)
+            assert torch.allclose(fast, full[:, segment], atol=1e-5, rtol=0), segment
+    sources = torch.randn(3, 2, d) * 3
+    losses, grads = [], []
+    for fast in (True, False):
+        basis = common.random_basis(d, 4, 0).requires_grad_(True)
+        if fast:
+            loss = das.interchange_loss(model, prefixes, block, hidden, sources, 1, basis,
+                                        segment=1)
+        else:
+            patch = interchange.subspace_patch(basis[None].expand(3, -1, -1),
+                                               torch.zeros(3, dtype=torch.bool), sources)
+            loss = -interchange.patched_scores(model, prefixes, block, 1, hidden,
+                                               patch)["logp"][:, 1].mean()
+        loss.backward()
+        losses.append(float(loss.detach()))
+        grads.append(basis.grad)
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
 def test_same_intervention_as_pyvene_when_installed(tiny):

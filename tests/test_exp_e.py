@@ -345,6 +345,20 @@ def test_splits_are_seeded_and_partners_stay_in_their_split():
         ee.split_sizes(5, [0.5, 0.25, 0.25])
 
 
+@pytest.mark.parametrize("n,sizes", [(300, (210, 30, 60)), (150, (85, 15, 50)),
+                                     (100, (45, 10, 45)), (20, (9, 2, 9))])
+def test_the_test_split_takes_problems_from_train_until_it_holds_das_test_min(n, sizes):
+    """--das-test-min 50 with the default --split: 300 kept pairs give DAS 210 training
+    problems and 60 test pairs; fewer move problems from train to test while train keeps at
+    least as many as test; --das-test-min 0 leaves the fractions alone."""
+    fractions = ee.build_parser().get_default("split")
+    assert ee.split_sizes(n, fractions, 50) == sizes
+    split = ee.make_splits(n, fractions, 0, 50)
+    assert tuple(split.count(s) for s in ("train", "validation", "test")) == sizes
+    train, val, test = ee.split_sizes(n, fractions, 0)
+    assert (val, test) == (max(2, round(0.1 * n)), max(2, round(0.2 * n)))
+
+
 def test_answer_tokens_on_the_real_qwen_tokenizer():
     """The token facts the sweep relies on (skipped where the real model is not on disk)."""
     path = Path.home() / ".cache/real-models/qwen2.5-coder-0.5b-instruct"
@@ -391,16 +405,16 @@ def cli(tmp_path, *extra, layer=("--layer", "2")):
     return ee.parse_args(["--model", common.TINY_MODEL, "--device", "cpu", "--prompts",
                           str(prompts), "--solved", "off", "--min-pairs", "6", *layer,
                           "--k", "4", "6", "--n-random", "3",
-                          "--decode-limit", "2", "--decode-random", "1", "--das-k", "4",
+                          "--decode-limit", "2", "--decode-random", "1", "--das-k", "2", "4",
                           "--das-steps", "2", "--das-eval-every", "1", "--max-new-tokens", "4",
-                          "--out", str(tmp_path / "exp_e"), "--figures", str(tmp_path / "fig"),
-                          *extra])
+                          "--das-test-min", "0", "--out", str(tmp_path / "exp_e"),
+                          "--figures", str(tmp_path / "fig"), *extra])
 
 
 OUTPUTS = ["clean.csv", "per_layer.csv", "draws.csv", "per_problem.csv", "random_rows.csv.gz",
            "timing.csv", "tests.csv", "decode.csv", "decode_summary.csv", "das.csv",
            "das_per_problem.csv", "das_random_rows.csv.gz", "das_angles.csv", "das_training.csv",
-           "das_decode.csv", "das_decode_summary.csv", "das_basis_k4.npy", "config.json"]
+           "das_decode.csv", "das_decode_summary.csv", "config.json"]
 TABLES = ["per_layer.csv", "draws.csv", "das.csv", "tests.csv"]
 
 
@@ -418,7 +432,7 @@ def test_sweep_writes_every_output_and_the_figures(finished_run):
     for name in OUTPUTS:
         assert (out / name).is_file(), name
     figures = runs.figure_dir(out, tmp_path / "fig")
-    for name in ("layer_sweep.png", "layer_sweep_k4.png", "das.png"):  # k 6: the primary k
+    for name in ("layer_sweep.png", "layer_sweep_k4.png", "das_curve.png"):  # k 6: primary
         assert (figures / name).is_file(), name
     per_layer = runs.load_csv(out / "per_layer.csv")
     assert sorted(per_layer.layer.unique()) == [0, 1, 2, 3]
@@ -443,12 +457,51 @@ def test_sweep_writes_every_output_and_the_figures(finished_run):
     assert decode.fast_vs_full_max_abs.max() < 1e-3  # the engine agrees with generate_and_score
     config = json.loads((out / "config.json").read_text())
     assert sum(len(v) for v in config["splits"].values()) == 8
-    assert config["das_layer"] in range(4) and config["basis_layer"] == 2
+    assert config["basis_layer"] == 2
+    assert config["das_layers"][0] == 1  # the input of the basis layer first, then ...
+    assert config["das_layers"][1:] == [ee.tables.carried_layer(out)[0]]  # ... where full carries
     assert "k = 6" in config["primary_test"] and "top1_src" in config["primary_test"]
     assert "/tmp" not in json.dumps(config["args"])
     angles = runs.load_csv(out / "das_angles.csv")
     assert set(angles.versus) == {"z_basis", "z_layer", "random"}
-    assert np.load(out / "das_basis_k4.npy").shape == (4, 64)
+    assert set(zip(angles.layer, angles.k)) == {(layer, k) for layer in config["das_layers"]
+                                               for k in (2, 4)}
+    assert np.allclose(angles.chance_mean_cos2, angles.k / 64)
+    for layer in config["das_layers"]:
+        assert np.load(out / f"das_basis_L{layer}_k4.npy").shape == (4, 64)
+
+
+def test_das_curve_runs_over_several_k_and_two_layers(finished_run):
+    """The DAS curve on the tiny model: every (layer, k) trained once and measured on the test
+    pairs beside full, Z and the random draws; one summary sentence per DAS layer, the basis
+    layer's input named as such."""
+    out = finished_run[0] / "exp_e"
+    config = json.loads((out / "config.json").read_text())
+    layers = config["das_layers"]
+    assert len(layers) == 2
+    table = runs.load_csv(out / "das.csv")
+    swap = table[table.pairing == "swap"]
+    assert set(zip(swap.layer, swap.k)) == {(layer, k) for layer in layers for k in (2, 4)}
+    for (layer, k), rows in swap.groupby(["layer", "k"]):
+        assert set(rows.condition) == {"none", "full", "das", "z_basis", "z_layer", "random"}
+        named = rows[rows.condition != "random"]
+        for name in ("top1_src", "top1_own", "neither"):
+            assert (named[f"{name}_ci_lo"] <= named[name]).all()
+            assert (named[name] <= named[f"{name}_ci_hi"]).all()
+    training = runs.load_csv(out / "das_training.csv")
+    assert len(training) == 2 * 2 * 3  # layers x k x evaluations at steps 0, 1, 2
+    lines = [l for l in summary.summary_lines(out) if l.startswith("DAS at")]
+    assert len(lines) == 2
+    assert lines[0].startswith("DAS at the input of layer 2, the basis layer (layer 1's output)")
+    assert "at k = 2" in lines[0] and "at k = 4" in lines[0] and "mean cos²" in lines[0]
+    assert "top1_own" in lines[0] and "neither" in lines[0] and "p_share shift" in lines[0]
+    assert "DAS moves layer 2's attention at the last position" in lines[0]  # below layer 2
+    assert (swap.site[swap.layer == 1] == "output of layer 1 = input of layer 2").all()
+    table = table.set_index(["layer", "k", "pairing", "condition"])
+    for line, layer in zip(lines, layers):  # the largest k says whether the control works here
+        carried = table.loc[(layer, 4, "swap", "das"), "top1_src"] > 0.5
+        assert ("the positive control works at this layer" in line) == carried
+        assert ("a null for Z cannot be read as Z in particular" in line) == (not carried)
 
 
 def copy_run(finished_run, tmp_path):
@@ -478,7 +531,7 @@ def test_replot_reproduces_every_table_the_run_wrote(finished_run, tmp_path, mon
         assert (out / name).read_bytes() == data, name
         assert f"wrote {out / name}" in printed
     figures = runs.figure_dir(out, tmp_path / "fig")
-    for name in ("layer_sweep.png", "layer_sweep_k4.png", "das.png"):
+    for name in ("layer_sweep.png", "layer_sweep_k4.png", "das_curve.png"):
         assert (figures / name).is_file() and f"wrote {figures / name}" in printed
     assert "Primary test: " in printed and "Exploratory run" in printed  # a finished sweep
 
@@ -490,6 +543,34 @@ def test_replot_of_a_folder_without_a_run_writes_nothing(tmp_path, capsys):
                                              "--figures", str(tmp_path / "fig")]))
     assert exit_info.value.code == 2 and "--out" in capsys.readouterr().err
     assert not any((tmp_path / "empty").iterdir()) and not (tmp_path / "fig").exists()
+
+
+def test_replot_reads_a_run_from_before_several_das_layers(finished_run, tmp_path, capsys):
+    """A run whose DAS files have no layer column (one DAS layer, config.json's das_layer),
+    angles called overlap / chance_overlap and bases das_basis_k<k>.npy: --replot rebuilds
+    das.csv keyed by (layer, k), draws das_curve.png and says DAS at that layer."""
+    out = copy_run(finished_run, tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    layer = config["das_layers"][0]
+    for name in ("das_per_problem.csv", "das_random_rows.csv.gz", "das_angles.csv",
+                 "das_training.csv"):
+        frame = runs.load_csv(out / name)
+        frame = frame[frame.layer == layer].drop(columns="layer")
+        runs.write_csv(frame.rename(columns={"mean_cos2": "overlap",
+                                             "chance_mean_cos2": "chance_overlap"}), out / name)
+    for path in out.glob("das_basis_L*_k*.npy"):
+        path.unlink()
+    (out / "das.csv").unlink()
+    old = {key: value for key, value in config.items() if key not in ("das_layers",
+                                                                      "das_layer_reasons")}
+    runs.write_json(out / "config.json", dict(old, das_layer=layer))
+    replot(out, tmp_path / "fig")
+    printed = capsys.readouterr().out
+    table = runs.load_csv(out / "das.csv")
+    assert set(table.layer) == {layer} and set(table.k) == {2, 4}
+    assert (runs.figure_dir(out, tmp_path / "fig") / "das_curve.png").is_file()
+    line = next(l for l in printed.splitlines() if l.startswith("DAS at"))
+    assert line.startswith("DAS at the input of layer 2") and "mean cos²" in line
 
 
 def test_tests_csv_holds_the_primary_test_and_holm_adjusted_secondary_tests(finished_run):
@@ -516,7 +597,10 @@ def test_tests_csv_holds_the_primary_test_and_holm_adjusted_secondary_tests(fini
     assert (none[none.layer == 1].attn_tv_last == 0).all() and (none.attn_tv_last < 1e-5).all()
     assert (below[below.condition == "full"].attn_tv_last > 0).all()
     assert "Z's own positive control" in " ".join(summary.summary_lines(out))
-    assert set(secondary.condition) == {"z_basis", "z_layer", "das"}
+    assert set(secondary.condition) == {"z_basis", "z_layer"}
+    control = tests[tests.family == "control"]  # DAS, Holm-adjusted among themselves
+    assert set(control.condition) == {"das"} and len(control) == 2 * 2 * 2  # layer x k x measure
+    assert (control.p_holm >= control.p - 1e-12).all()
     best = secondary[secondary.scope.str.startswith("best of")]
     assert len(best) == 2 * 2 * 2 and best.at_layer.between(0, 3).all()  # k x condition x measure
     per_layer = runs.load_csv(out / "per_layer.csv")
@@ -542,14 +626,17 @@ def test_das_rows_have_bootstrap_intervals_and_say_a_small_test_split(finished_r
     das_table = runs.load_csv(out / "das.csv")
     swap = das_table[das_table.pairing == "swap"].set_index("condition")
     assert set(swap.index) == {"none", "full", "das", "z_basis", "z_layer", "random"}
-    assert swap.too_small.all() and "too small" in swap.loc["das", "note"]
-    for name in ("full", "das", "z_basis"):
-        lo, hi = swap.loc[name, ["top1_src_boot_lo", "top1_src_boot_hi"]]
-        assert lo <= swap.loc[name, "top1_src"] <= hi
-    assert swap.loc["das", "das_minus_full_p_share_shift"] == pytest.approx(
-        swap.loc["das", "p_share_shift"] - swap.loc["full", "p_share_shift"])
-    line = next(l for l in summary.summary_lines(out) if l.startswith("DAS at layer"))
-    assert "too small for this reading" in line and "bootstrap 95% intervals" in line
+    assert swap.too_small.all() and (swap.n_train == 4).all()
+    assert "train split of 4 problems (fewer than 200)" in swap.note.iloc[0]
+    for layer, k in {(int(a), int(b)) for a, b in zip(swap.layer, swap.k)}:
+        mine = swap[(swap.layer == layer) & (swap.k == k)]
+        for name in ("full", "das", "z_basis"):
+            lo, hi = mine.loc[name, ["p_share_shift_boot_lo", "p_share_shift_boot_hi"]]
+            assert lo <= mine.loc[name, "p_share_shift"] <= hi
+        assert mine.loc["das", "das_minus_full_p_share_shift"] == pytest.approx(
+            mine.loc["das", "p_share_shift"] - mine.loc["full", "p_share_shift"])
+    line = next(l for l in summary.summary_lines(out) if l.startswith("DAS at"))
+    assert "too small for this reading" in line and "bootstrap over the test problems" in line
 
 
 def test_no_random_draws_are_said_as_not_tested(tmp_path):
@@ -558,7 +645,7 @@ def test_no_random_draws_are_said_as_not_tested(tmp_path):
                 "--layers", "1", "2"))
     out = tmp_path / "exp_e"
     figures = runs.figure_dir(out, tmp_path / "fig")
-    assert (figures / "layer_sweep.png").is_file() and (figures / "das.png").is_file()
+    assert (figures / "layer_sweep.png").is_file() and (figures / "das_curve.png").is_file()
     lines = summary.summary_lines(out)
     text = " ".join(lines)
     assert summary.NOT_TESTED in lines[1] and "Z ranks" not in text and "nan" not in text
@@ -569,24 +656,39 @@ def test_no_random_draws_are_said_as_not_tested(tmp_path):
     assert "random" not in set(runs.load_csv(out / "per_layer.csv").condition)
 
 
-def test_resume_finishes_an_interrupted_run_without_duplicates(finished_run, tmp_path):
+def test_resume_finishes_an_interrupted_run_without_duplicates(finished_run, tmp_path,
+                                                               monkeypatch):
+    """An interrupted sweep and DAS: only the unfinished layer and (DAS layer, k) run again, and
+    what they add equals what the uninterrupted run wrote."""
     import shutil
     source, args = finished_run
     out = tmp_path / "exp_e"
     shutil.copytree(source / "exp_e", out)
+    before = {name: (out / name).read_bytes() for name in ("das.csv", "das_training.csv",
+                                                            "das_angles.csv")}
     per_layer = runs.load_csv(out / "per_layer.csv")
     runs.write_csv(per_layer[per_layer.layer < 3], out / "per_layer.csv")  # layer 3 unfinished
-    das_table = runs.load_csv(out / "das.csv")
-    runs.write_csv(das_table.iloc[:0], out / "das.csv")  # DAS unfinished
+    last = json.loads((out / "config.json").read_text())["das_layers"][-1]
+    for name in ("das.csv", "das_per_problem.csv", "das_random_rows.csv.gz"):
+        frame = runs.load_csv(out / name)  # DAS at the last layer, k = 4: trained, not measured
+        runs.write_csv(frame[(frame.layer != last) | (frame.k == 2)], out / name)
+    trained = []
+    train = ee.das.train_das
+    monkeypatch.setattr(ee.das, "train_das", lambda model, state, data, k, *a, **kw: (
+        trained.append((data.layer, k)), train(model, state, data, k, *a, **kw))[1])
     resumed = ee.parse_args([a if a != str(source / "exp_e") else str(out)
                              for a in _argv(args)] + ["--resume"])
     ee.main(resumed)
+    assert trained == [(last, 4)]
     assert len(runs.load_csv(out / "per_layer.csv")) == len(per_layer)
     assert len(runs.load_csv(out / "draws.csv")) == 2 * 4 * 2 * 3
     problems_rows = runs.load_csv(out / "per_problem.csv")
     assert not problems_rows.duplicated(["k", "layer", "pairing", "condition", "problem_id"]).any()
     assert len(runs.load_csv(out / "timing.csv")) == 2 * 4
-    assert len(runs.load_csv(out / "das_training.csv")) == 3  # steps 0, 1, 2 once
+    das_rows = runs.load_csv(out / "das_per_problem.csv")
+    assert not das_rows.duplicated(["k", "layer", "pairing", "condition", "problem_id"]).any()
+    for name, data in before.items():  # the same training, rows and angles as uninterrupted
+        assert (out / name).read_bytes() == data, name
 
 
 def test_resuming_a_finished_sweep_prints_no_empty_progress_bar(finished_run, tmp_path, capsys):
@@ -605,8 +707,9 @@ def _argv(args):
     return ["--model", args.model, "--device", "cpu", "--prompts", str(args.prompts),
             "--solved", "off", "--min-pairs", "6", "--layer", "2", "--k", "4", "6",
             "--n-random", "3", "--decode-limit", "2",
-            "--decode-random", "1", "--das-k", "4", "--das-steps", "2", "--das-eval-every", "1",
-            "--max-new-tokens", "4", "--out", str(args.out), "--figures", str(args.figures)]
+            "--decode-random", "1", "--das-k", "2", "4", "--das-steps", "2",
+            "--das-eval-every", "1", "--max-new-tokens", "4", "--das-test-min", "0",
+            "--out", str(args.out), "--figures", str(args.figures)]
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -29,7 +29,9 @@ class LearnedSubspace(torch.nn.Module):
     """A k-dimensional subspace of R^d as an orthonormal (k, d) basis, trainable.
 
     Starts at a random (Haar) subspace drawn with `seed`, never at Z: a learned subspace found
-    near Z must have got there from the data.
+    near Z must have got there from the data. The parametrization also draws a random base from
+    torch's global generator (the start is the same, the path of training is not); it is drawn
+    under `seed` too, so a resumed run trains each subspace exactly as an uninterrupted one.
     """
 
     def __init__(self, d, k, seed=0):
@@ -37,7 +39,9 @@ class LearnedSubspace(torch.nn.Module):
         self.map = torch.nn.Linear(d, k, bias=False)
         with torch.no_grad():
             self.map.weight.copy_(common.random_basis(d, k, seed))
-        torch.nn.utils.parametrizations.orthogonal(self.map)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            torch.nn.utils.parametrizations.orthogonal(self.map)
 
     def basis(self):
         """(k, d) float32 with orthonormal rows (differentiable)."""
@@ -75,14 +79,16 @@ def train_subspace(learned, loss_fn, val_fn, steps, lr=1e-2, eval_every=20, log=
     return best, history
 
 
-def progress_line(k, entry):
+def progress_line(k, entry, layer=None):
     """One readable line of DAS training for an entry of train_subspace's history: 'DAS k = 20,
     step 0: validation loss 3.21' (no training loss before the first step), later 'DAS k = 20,
-    step 20: training loss 2.95 (mean since the last evaluation), validation loss 2.80'."""
+    step 20: training loss 2.95 (mean since the last evaluation), validation loss 2.80'; with
+    `layer`, 'DAS at layer 20, k = 20, ...'."""
     train = entry.get("train_loss")
     trained = "" if train is None or np.isnan(train) else \
         f"training loss {train:.3g} (mean since the last evaluation), "
-    return f"DAS k = {k}, step {entry['step']}: {trained}validation loss {entry['val']:.3g}"
+    at = "" if layer is None else f" at layer {layer},"
+    return f"DAS{at} k = {k}, step {entry['step']}: {trained}validation loss {entry['val']:.3g}"
 
 
 def principal_angles(a, b):
@@ -111,8 +117,8 @@ def interchange_loss(model, prefixes, block, hidden, sources, layer, basis, segm
     patch = interchange.subspace_patch(basis[None].expand(B, -1, -1),
                                        torch.zeros(B, dtype=torch.bool, device=hidden.device),
                                        sources)
-    out = interchange.patched_scores(model, prefixes, block, layer, hidden, patch)
-    return -out["logp"][:, segment].mean()
+    final = interchange.patched_states(model, prefixes, block, layer, hidden, patch)
+    return -interchange.segment_logp(model, final, block, segment).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,22 +153,30 @@ def das_data(model, state, rows, layer, batch_size):
     return SimpleNamespace(block=block, hidden=torch.cat(parts), sources=sources)
 
 
-def train_das(model, state, layer, k, split, args, log=None):
-    """A k-dim subspace at `layer` learned on train swap pairs (+ extra partners), the steps
-    chosen by the validation loss. Returns (basis (k, d), history frame)."""
+def training_data(model, state, layer, split, args):
+    """DAS's interchange data at `layer`, the same for every k (so built once per layer): train
+    rows (das_rows with --das-partners) and validation rows (swap partners only), each das_data.
+    Seeded by args.seed alone."""
     rng = np.random.default_rng(args.seed)
     index = {s: [i for i, name in enumerate(split) if name == s] for s in ("train", "validation")}
     train = das_data(model, state, das_rows(state, index["train"], split, args.das_partners, rng),
                      layer, args.batch_size)
     val = das_data(model, state, das_rows(state, index["validation"], split, 1, rng), layer,
                    args.batch_size)
+    return SimpleNamespace(train=train, val=val, layer=layer)
+
+
+def train_das(model, state, data, k, args, log=None):
+    """A k-dim subspace at data.layer learned on its train rows (training_data), the steps
+    chosen by the validation loss. Returns (basis (k, d), history frame)."""
+    train, val, layer = data.train, data.val, data.layer
     gen = torch.Generator().manual_seed(args.seed)
 
     def loss_fn(basis):
         pick = torch.randint(len(train.hidden), (args.das_batch,), generator=gen).tolist()
         return interchange_loss(model, state.prefixes, train.block.take(pick),
-                                    train.hidden[pick], train.sources[pick], layer,
-                                    basis.to(train.hidden.device))
+                                train.hidden[pick], train.sources[pick], layer,
+                                basis.to(train.hidden.device))
 
     def val_fn(basis):
         losses = []
@@ -177,16 +191,18 @@ def train_das(model, state, layer, k, split, args, log=None):
         state.hidden.device)
     with torch.enable_grad():
         basis, history = train_subspace(learned, loss_fn, val_fn, args.das_steps,
-                                            args.das_lr, args.das_eval_every, log)
+                                        args.das_lr, args.das_eval_every, log)
     return basis, pd.DataFrame(history)
 
 
 def das_angles(basis, named, random_bases, k):
-    """Principal angles of the DAS subspace to each named basis and to each random draw."""
+    """Principal angles of the DAS subspace (k, d) to each named basis and to each random draw
+    of the same k: min, median and max angle, mean_cos2 (the mean cos² of the angles, i.e.
+    overlap()) and its chance value k / d (the expectation for a random subspace)."""
     rows = []
     for name, draw, other in named + [("random", d, b) for d, b in enumerate(random_bases)]:
         angles = principal_angles(basis, other)
         rows.append(dict(k=k, versus=name, draw=draw, min_angle=angles.min(),
                          median_angle=float(np.median(angles)), max_angle=angles.max(),
-                         overlap=overlap(basis, other), chance_overlap=k / basis.shape[1]))
+                         mean_cos2=overlap(basis, other), chance_mean_cos2=k / basis.shape[1]))
     return pd.DataFrame(rows)

@@ -342,14 +342,38 @@ def score(model, hidden, block, languages=None):
     return out
 
 
-def patched_scores(model, prefixes, block, layer, hidden, patch, languages=None, mask=None):
-    """Scores of the query block when the suffix's output of decoder `layer` (-1: embeddings) is
-    replaced by patch(suffix_states (B, m, d)) -> (B, m, d). hidden: the clean query states at
-    that layer (B, Q, d). Differentiable (for DAS) unless called under torch.no_grad()."""
+def segment_logp(model, hidden, block, segment=0):
+    """Summed log p of continuation `segment`'s tokens (B,) float32 from the last layer's output
+    `hidden` (B, Q, d): score()'s logp[:, segment] for a block without the language probe, with
+    the LM head and its log-softmax computed only at the columns that predict one of those
+    tokens. score() computes them at every column from the last suffix position on, the other
+    segments', the token after the answer and padding included; over a vocabulary of 150k the
+    LM head costs as much per position as about nine decoder layers of the 0.5B, so DAS's loss
+    (a few layers above the patch, one answer per row) spends most of its time there."""
+    m, targets = block.m, block.targets[segment]
+    t = torch.arange(targets.shape[1], device=hidden.device)
+    column = torch.where(t == 0, m - 1, block.seg_start[segment] + t - 1)  # predicts token t
+    rows, tokens = (t[None] < block.seg_len[:, segment:segment + 1]).nonzero(as_tuple=True)
+    logits = model.lm_head(model.model.norm(hidden[rows, column[tokens]])).float()  # (N, V)
+    picked = torch.log_softmax(logits, -1).gather(1, targets[rows, tokens][:, None])[:, 0]
+    return torch.zeros(len(hidden), dtype=picked.dtype, device=hidden.device).index_add(
+        0, rows, picked)
+
+
+def patched_states(model, prefixes, block, layer, hidden, patch, mask=None):
+    """The last layer's output (B, Q, d) of the query block when the suffix's output of decoder
+    `layer` (-1: embeddings) is replaced by patch(suffix_states (B, m, d)) -> (B, m, d). hidden:
+    the clean query states at that layer (B, Q, d). Differentiable (for DAS) unless called under
+    torch.no_grad()."""
     m = block.m
     suffix = patch(hidden[:, :m])
     hidden = torch.cat([suffix.to(hidden.dtype), hidden[:, m:]], 1)
-    final = run_layers(model, prefixes, block, hidden, layer + 1, mask)
+    return run_layers(model, prefixes, block, hidden, layer + 1, mask)
+
+
+def patched_scores(model, prefixes, block, layer, hidden, patch, languages=None, mask=None):
+    """score() of the query block patched as patched_states() says."""
+    final = patched_states(model, prefixes, block, layer, hidden, patch, mask)
     return score(model, final, block, languages)
 
 

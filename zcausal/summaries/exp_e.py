@@ -11,8 +11,9 @@ import pandas as pd
 
 from zcausal import labels, prereg, problems, runs, stats
 from zcausal.summaries.exp_e_tables import (
-    ALPHA, MIN_TEST_PAIRS, NAMED, NOT_TESTED, PRIMARY_MEASURES, QUESTION_TABLES, build_tables,
-    primary_description, primary_layer, primary_site, question_tables, read_config, select_swap)
+    ALPHA, NAMED, NOT_TESTED, PRIMARY_MEASURES, QUESTION_TABLES, build_tables, das_site,
+    load_angles, primary_description, primary_layer, primary_site, question_tables, read_config,
+    select_swap)
 from zcausal.summaries.text import NOT_MEASURED, interval, num, plural
 
 LABELS = {"top1_src": "top1_src", "p_share_shift": "p_share shift",
@@ -24,8 +25,9 @@ LABELS = {"top1_src": "top1_src", "p_share_shift": "p_share shift",
 
 def read_tables(out):
     """config.json and the tables of a finished sweep: SimpleNamespace-like dict with config,
-    per_layer, draws, tests and das (None without DAS). A UsageError while layers are missing or
-    when the tables predate these measures (rebuild them with --replot)."""
+    per_layer, draws, tests, das and angles (exp_e_tables.load_angles; both None without DAS).
+    A UsageError while layers are missing or when the tables predate these measures (rebuild
+    them with --replot)."""
     out = Path(out)
     config = read_config(out)
     per_layer = runs.load_csv(out / "per_layer.csv") if (out / "per_layer.csv").is_file() \
@@ -44,7 +46,7 @@ def read_tables(out):
     das = runs.load_csv(out / "das.csv") if (out / "das.csv").is_file() else None
     return dict(config=config, per_layer=per_layer, draws=runs.load_csv(out / "draws.csv"),
                 tests=runs.load_csv(out / "tests.csv"), das=das,
-                clean=runs.load_csv(out / "clean.csv"))
+                angles=load_angles(out, config), clean=runs.load_csv(out / "clean.csv"))
 
 
 def swap_rows(out, k=None):
@@ -263,18 +265,30 @@ def _boot(row, measure, signed=False):
                     signed=signed)
 
 
-def _das_measures(rows, basis, layer):
-    """'top1_src DAS 0.85 [0.7, 1], full ..., random ...; p_share shift ...' on the test pairs."""
-    parts = []
-    for m in PRIMARY_MEASURES:
-        signed = m != "top1_src"
-        named = [f"{name} {_boot(rows[c], m, signed)}" for c, name in
-                 (("das", "DAS"), ("full", "full"), ("z_basis", f"Z of layer {basis}"),
-                  ("z_layer", f"Z of layer {layer}")) if c in rows]
-        band = _band_of(rows["random"], m, signed) if "random" in rows else \
-            f"random: {NOT_TESTED}"
-        parts.append(f"{LABELS[m]} " + ", ".join(named + [band]))
-    return "; ".join(parts)
+def _rate_of(row, name):
+    """A named row's rate with its Wilson interval; a random row's mean with the draws' band."""
+    if row.condition == "random":
+        return interval(row[name], row.get(f"{name}_lo"), row.get(f"{name}_hi"))
+    return _rate(row, name)
+
+
+def _curve(rows):
+    """'0.02 [0, 0.1] at k = 1, ..., 0.72 [0.6, 0.82] at k = 50' from DAS's rows by k."""
+    return ", ".join(f"{_rate(r, 'top1_src')} at k = {int(k)}" for k, r in rows.items())
+
+
+def _beside(rows, measure, basis, layer, boot=False):
+    """'full 1 [0.94, 1], Z of layer 21 0 [0, 0.06], ..., random 0.02 [0, 0.05]' at one k."""
+    signed = measure != "top1_src"
+    named = [(c, name) for c, name in (("full", "full"), ("z_basis", f"Z of layer {basis}"),
+                                       ("z_layer", f"Z of layer {layer}")) if c in rows]
+    parts = [f"{name} {_boot(rows[c], measure, signed) if boot else _rate_of(rows[c], measure)}"
+             for c, name in named]
+    if "random" in rows:
+        parts.append(_band_of(rows["random"], measure, signed))
+    else:
+        parts.append(f"random: {NOT_TESTED}")
+    return ", ".join(parts)
 
 
 def _das_above_full(rows):
@@ -290,52 +304,119 @@ def _das_above_full(rows):
                      f"{zero}")
     if not diffs:
         return ""
-    return (f" DAS exceeds full replacement on the same pairs ({'; '.join(diffs)}): a learned "
-            f"subspace can use directions the source's state does not carry in the form the "
-            f"model reads (Makelov et al. 2024), so it is not an upper bound for Z.")
+    return (f" At k = {int(d.k)} DAS exceeds full replacement on the same pairs "
+            f"({'; '.join(diffs)}): a learned subspace can use directions the source's state "
+            f"does not carry in the form the model reads (Makelov et al. 2024), so it is not an "
+            f"upper bound for Z.")
 
 
-def das_sentences(tables, out):
-    """Per DAS k: held-out top1_src and p_share shift of DAS beside full, Z and the random band
-    on the same test pairs (bootstrap intervals), the too-small note, the caveat where DAS
-    exceeds full replacement, and the principal angles."""
-    das, config = tables["das"], tables["config"]
-    if das is None:
-        return []
-    basis, splits, lines = int(config["basis_layer"]), config.get("splits", {}), []
-    for k, group in select_swap(das).groupby("k"):
-        rows = {c: g.iloc[0] for c, g in group.groupby("condition")}
-        if "das" not in rows:
-            continue
-        d, layer = rows["das"], int(rows["das"].layer)
-        trained = (f"trained on {plural(len(splits['train']), 'problem')}, steps chosen on "
-                   f"{len(splits['validation'])}, " if {"train", "validation"} <= set(splits)
-                   else "")
-        line = (f"DAS at layer {layer}, k = {k} ({trained}held out: "
-                f"{plural(d.n_pairs, 'test pair')}; bootstrap 95% intervals over the test "
-                f"problems): {_das_measures(rows, basis, layer)}{_angles(out, k)}.")
-        line += (f" DAS leaves p_own + p_src below half its clean value on {num(d.low_mass)} "
-                 f"of the pairs" + (": it disrupts, and is read as disruption, not transfer."
-                                    if bool(d.disrupts) else "."))
-        if bool(d.too_small):
-            line += (f" The test split holds {plural(d.n_pairs, 'pair')}: too small for this "
-                     f"reading (fewer than {MIN_TEST_PAIRS}).")
-        lines.append(line + _das_above_full(rows))
-    return lines
-
-
-def _angles(out, k):
-    """'; median principal angle DAS-Z ... (random ...)' for DAS of dimension k, or ''."""
-    if not (Path(out) / "das_angles.csv").is_file():
+def _angles(angles, layer, k):
+    """' the mean cos² of the principal angles between DAS and Z of the basis layer is 0.06
+    (chance k/d 0.056; random subspaces 0.05-0.06)' at (layer, k), or ''."""
+    if angles is None:
         return ""
-    a = runs.load_csv(Path(out) / "das_angles.csv")
-    a = a[a.k == k]
+    a = angles[(angles.layer == layer) & (angles.k == k)]
     z, rand = a[a.versus == "z_basis"], a[a.versus == "random"]
     if not len(z):
         return ""
-    versus = (f" (random {num(rand.median_angle.min(), 3)}-{num(rand.median_angle.max(), 3)}°)"
+    versus = (f"; random subspaces {num(rand.mean_cos2.min())}-{num(rand.mean_cos2.max())}"
               if len(rand) else "")
-    return f"; median principal angle DAS-Z {num(z.median_angle.iloc[0], 3)}°{versus}"
+    return (f"; the mean cos² of the principal angles between DAS and Z of the basis layer is "
+            f"{num(z.mean_cos2.iloc[0])} (chance k/d {num(z.chance_mean_cos2.iloc[0])}"
+            f"{versus})")
+
+
+def _das_attention(rows, basis):
+    """' At k = 50 DAS moves layer 21's attention at the last position by a total variation of
+    0.3 (Z ..., full ..., random ...).' below the basis layer; '' where it was not measured."""
+    d = rows["das"]
+    if np.isnan(d.get("attn_tv_last", np.nan)):
+        return ""
+    beside = [f"{name} {num(rows[c].attn_tv_last)}" for c, name in
+              (("z_basis", f"Z of layer {basis}"), ("full", "full")) if c in rows]
+    if "random" in rows:
+        beside.append(_band_of(rows["random"], "attn_tv_last"))
+    return (f" At k = {int(d.k)} DAS moves layer {basis}'s attention at the last position by a "
+            f"total variation of {num(d.attn_tv_last)} ({', '.join(beside)}).")
+
+
+def _controls(tests, layer):
+    """' DAS ranks above all 19 random draws on both measures at k = 20, 50; after Holm over
+    the 12 DAS control tests p <= 0.05 at k = 50.' from the control tests of a layer."""
+    rows = tests[(tests.family == "control") & (tests.layer == layer) & (tests.draws > 0)]
+    if not len(rows):
+        return ""
+    listed = lambda ks: f"at k = {', '.join(map(str, ks))}" if ks else "at no k"  # noqa: E731
+    top = [int(k) for k, g in rows.groupby("k") if (g.rank_from_top == 1).all()]
+    hits = [int(k) for k, g in rows.groupby("k") if g.significant.astype(bool).all()]
+    n, draws = int((tests.family == "control").sum()), int(rows.draws.min())
+    floor = min(1.0, n / (draws + 1))  # the smallest Holm-adjusted p these draws allow
+    why = (f" (with {plural(draws, 'draw')} none can: the smallest is {num(floor)})"
+           if not hits and floor > ALPHA else "")
+    return (f" DAS ranks above all {plural(draws, 'random draw')} on both top1_src and the "
+            f"p_share shift {listed(top)}; after Holm over the {n} DAS control tests p <= "
+            f"{ALPHA} {listed(hits)}{why}.")
+
+
+def _control_reading(d):
+    """What DAS's largest k says about reading Z at its layer: ' A 50-dimensional subspace
+    here carries ...' or ' No learned ... so Z's null here cannot be read as ...'."""
+    k = int(d.k)
+    if d.top1_src > 0.5 and not bool(d.disrupts):
+        return (f" A learned {k}-dimensional subspace here carries the source's first digit on "
+                f"most held-out pairs: the positive control works at this layer, and Z of the "
+                f"same size is read against it.")
+    return (f" No learned {k}-dimensional subspace here carries the source's first digit on "
+            f"most held-out pairs: at this layer a null for Z cannot be read as Z in particular "
+            f"not carrying the answer.")
+
+
+def das_sentences(tables):
+    """One sentence per DAS layer: held-out top1_src against k (Wilson intervals), and at the
+    largest k beside full, Z and the random band on the same test pairs, top1_own, neither,
+    the p_share shift (bootstrap intervals), the mean cos² of the principal angles to Z against
+    chance; then the control tests, disruption, the too-small note and the caveat where DAS
+    exceeds full replacement."""
+    das, config = tables["das"], tables["config"]
+    if das is None:
+        return []
+    basis, lines = int(config["basis_layer"]), []
+    reasons = config.get("das_layer_reasons", {})
+    swap = select_swap(das)
+    found = sorted(int(layer) for layer in swap.layer.unique())
+    order = [l for l in config.get("das_layers", []) if l in found]  # the run's order
+    for layer in order + [l for l in found if l not in order]:
+        group = swap[swap.layer == layer]
+        by_k = {int(k): {c: g.iloc[0] for c, g in rows.groupby("condition")}
+                for k, rows in group.groupby("k")}
+        by_k = {k: rows for k, rows in by_k.items() if "das" in rows}
+        if not by_k:
+            continue
+        top = max(by_k)
+        rows, d = by_k[top], by_k[top]["das"]
+        why = f" ({reasons[str(layer)]})" if reasons.get(str(layer), "given") not in \
+            ("given", "the input of the basis layer") else ""
+        trained = f"trained on {plural(d.n_train, 'problem')}, " if "n_train" in d else ""
+        curve = _curve({k: r["das"] for k, r in by_k.items()})
+        line = (f"DAS at {das_site(layer, basis)}{why}, {trained}held out on "
+                f"{plural(d.n_pairs, 'test pair')}: top1_src {curve} (Wilson 95% intervals); "
+                f"at k = {top} beside {_beside(rows, 'top1_src', basis, layer)}; top1_own "
+                f"{_rate(d, 'top1_own')}, neither {_rate(d, 'neither')}; p_share shift "
+                f"{_boot(d, 'p_share_shift', True)} (bootstrap over the test problems; "
+                f"{_beside(rows, 'p_share_shift', basis, layer, boot=True)})"
+                f"{_angles(tables.get('angles'), layer, top)}.")
+        line += _das_attention(rows, basis) + _controls(tables["tests"], layer)
+        disrupted = [k for k, r in by_k.items() if bool(r["das"].disrupts)]
+        if disrupted:
+            line += (f" DAS leaves p_own + p_src below half its clean value on most pairs at "
+                     f"k = {', '.join(map(str, disrupted))}: read there as disruption, not "
+                     f"transfer.")
+        note = d.get("note")
+        if isinstance(note, str) and note:
+            note = note.replace(": too small", "")
+            line += f" Its splits are too small for this reading: {note}."
+        lines.append(line + _das_above_full(rows) + _control_reading(d))
+    return lines
 
 
 def secondary_sentence(tests):
@@ -488,7 +569,7 @@ def summary_lines(out):
              attention_sentence(tables)]
     for k in ks:
         lines += [s for s in (best_layer_sentence(tests, k), language_sentence(tables, k)) if s]
-    return lines + das_sentences(tables, out) + question + [secondary_sentence(tests)]
+    return lines + das_sentences(tables) + question + [secondary_sentence(tests)]
 
 
 def headline(out):

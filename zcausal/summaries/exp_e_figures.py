@@ -1,14 +1,15 @@
 """Experiment E's figures from its tables alone (no model): layer_sweep.png (per k: the first
 panel top1_src, then the p_share shift, top1_own, disruption, the same-problem shift and the
 language margin, each against the layer with the random band), question_sweep.png (the question
-set: top1_src and the p_share shift in English and in Chinese) and das.png (held-out DAS beside
-full interchange, Z and the random band; its overlap with Z)."""
+set: top1_src and the p_share shift in English and in Chinese) and das_curve.png (per DAS layer,
+held-out DAS against k beside full interchange, Z and the random band; the mean cos² of its
+principal angles to Z against chance)."""
 from pathlib import Path
 
 import numpy as np
 
 from zcausal import runs, stats
-from zcausal.summaries.exp_e_tables import NOT_TESTED
+from zcausal.summaries.exp_e_tables import NOT_TESTED, das_site, load_angles
 
 STYLE = {"none": dict(color="0.5", ls=":", label="none (no-op)"),
          "full": dict(color="k", label="full interchange"),
@@ -154,62 +155,111 @@ def plot_question(per_layer, config, k, path):
     return runs.save_figure(fig, path)
 
 
-def plot_das(table, angles, title, path):
-    """Per k (columns): held-out top1_src and p_share shift of full, DAS, Z and the random band
-    (bars; bootstrap 95% intervals over the test problems, the band for random), and the overlap
-    of DAS with Z and with the random draws against chance."""
+def _interval_columns(frame, condition, measure):
+    """(lo, hi) of a condition's rows: the random band, a rate's Wilson interval, or the
+    bootstrap interval of a shift."""
+    if condition == "random":
+        return frame[f"{measure}_lo"], frame[f"{measure}_hi"]
+    if f"{measure}_ci_lo" in frame:
+        return frame[f"{measure}_ci_lo"], frame[f"{measure}_ci_hi"]
+    return frame.get(f"{measure}_boot_lo"), frame.get(f"{measure}_boot_hi")
+
+
+def _curve_panel(ax, table, measure):
+    """One measure against k for every condition of one DAS layer: intervals as error bars
+    (each condition shifted a little along the log k axis, so that equal values stay apart),
+    the random draws as a shaded band."""
+    for shift, condition in enumerate(("full", "das", "z_basis", "z_layer", "random")):
+        rows = table[table.condition == condition].sort_values("k")
+        if not len(rows) or rows[measure].isna().all():
+            continue
+        style = dict(STYLE[condition])
+        lo, hi = _interval_columns(rows, condition, measure)
+        if condition == "random":
+            ax.plot(rows.k, rows[measure], marker=".", lw=1.2, **style)
+            ax.fill_between(rows.k, lo, hi, color=style["color"], alpha=0.2, lw=0)
+            continue
+        values = rows[measure].to_numpy(float)
+        err = None if lo is None else np.nan_to_num(np.abs(np.array(
+            [values - lo.to_numpy(float), hi.to_numpy(float) - values])))
+        ax.errorbar(rows.k * 1.04 ** (shift - 1.5), values, yerr=err, marker="o", ms=4,
+                    capsize=3, lw=1.2, **style)
+        if condition == "das" and "disrupts" in rows:
+            bad = rows[rows.disrupts.astype(bool)]
+            ax.plot(bad.k * 1.04 ** (shift - 1.5), bad[measure], "x", color=style["color"],
+                    ms=9, mew=1.5)
+
+
+def _angle_panel(ax, angles):
+    """Mean cos² of the principal angles between DAS and Z (both), and the random draws' range,
+    against k, with the chance value k / d."""
+    for versus in ("z_basis", "z_layer"):
+        rows = angles[angles.versus == versus].sort_values("k")
+        if len(rows):
+            ax.plot(rows.k, rows.mean_cos2, marker="o", ms=4, color=STYLE[versus]["color"],
+                    label=f"DAS vs {STYLE[versus]['label']}")
+    rand = angles[angles.versus == "random"].groupby("k").mean_cos2
+    if len(rand.size()):
+        ax.fill_between(rand.min().index, rand.min(), rand.max(), color=STYLE["random"]["color"],
+                        alpha=0.2, lw=0, label="DAS vs random subspaces (range)")
+    chance = angles.groupby("k").chance_mean_cos2.first()
+    ax.plot(chance.index, chance, color="0.4", ls=":", lw=1, label="chance k / d")
+
+
+def plot_das_curve(table, angles, basis, title, path, order=()):
+    """One column per DAS layer: held-out top1_src (Wilson intervals) and p_share shift
+    (bootstrap intervals) against k for DAS, full, Z of the basis layer, Z of the patched layer
+    and the random band; the mean cos² of the principal angles between DAS and Z against its
+    chance value k / d. Swap pairs of the test split; the columns in `order` (the run's DAS
+    layers) first."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ks = sorted(table.k.unique())
-    fig, axes = plt.subplots(3, len(ks), figsize=(max(7, 5 * len(ks)), 10), squeeze=False)
-    for col, k in enumerate(ks):
-        frame = table[(table.k == k) & (table.pairing == "swap")].set_index("condition")
-        names = [n for n in ("full", "das", "z_basis", "z_layer", "random") if n in frame.index]
-        for row, (measure, ylabel) in enumerate((("top1_src", "top1_src (share of pairs)"),
-                                                 ("p_share_shift", "p_share shift"))):
-            ax = axes[row, col]
-            values = np.array([frame.loc[n, measure] for n in names], float)
-            lo = [frame.loc[n, f"{measure}_lo" if n == "random" else f"{measure}_boot_lo"]
-                  for n in names]
-            hi = [frame.loc[n, f"{measure}_hi" if n == "random" else f"{measure}_boot_hi"]
-                  for n in names]
-            err = np.nan_to_num(np.abs(np.array([values - np.array(lo, float),
-                                                 np.array(hi, float) - values])))
-            ax.bar(range(len(names)), values, yerr=err, capsize=4,
-                   color=[STYLE[n]["color"] for n in names])
-            ax.set_xticks(range(len(names)), names, fontsize=8)
-            ax.axhline(0, color="0.6", lw=0.6)
+    from matplotlib.lines import Line2D
+    table = table[table.pairing == "swap"]
+    found = sorted(int(layer) for layer in table.layer.unique())
+    layers = [l for l in order if l in found] + [l for l in found if l not in order]
+    fig = plt.figure(figsize=(max(7.5, 5.5 * len(layers)), 12.5))
+    grid = fig.add_gridspec(4, len(layers), height_ratios=[1, 1, 1, 0.22])
+    for col, layer in enumerate(layers):
+        mine = table[table.layer == layer]
+        axes = [fig.add_subplot(grid[row, col]) for row in range(3)]
+        _curve_panel(axes[0], mine, "top1_src")
+        axes[0].set_ylim(-0.03, 1.03)
+        _curve_panel(axes[1], mine, "p_share_shift")
+        axes[1].axhline(0, color="0.8", lw=0.6)
+        if angles is not None:
+            _angle_panel(axes[2], angles[angles.layer == layer])
+            axes[2].legend(fontsize=7, loc="upper left", frameon=False)
+        small = " (too small)" if mine.too_small.astype(bool).any() else ""
+        n_train = f", {int(mine.n_train.iloc[0])} train problems" if "n_train" in mine else ""
+        axes[0].set_title(f"DAS at {das_site(layer, basis)}\n{int(mine.n_pairs.max())} held-out "
+                          f"swap pairs{n_train}{small}", fontsize=9)
+        for ax, ylabel in zip(axes, ("top1_src (share of pairs)", "p_share shift",
+                                     "mean cos² of the principal angles")):
+            ax.set_xscale("log")
+            ks = sorted(int(k) for k in mine.k.unique())
+            ax.set_xticks(ks, [str(k) for k in ks])
+            ax.set_xlim(min(ks) / 1.3, max(ks) * 1.3)
+            ax.minorticks_off()
+            ax.set_xlabel("k (dimensions)", fontsize=8)
             ax.set_ylabel(ylabel, fontsize=8)
-            if measure == "top1_src":
-                ax.set_ylim(-0.03, 1.05)
-            small = " (too small)" if bool(frame.too_small.iloc[0]) else ""
-            ax.set_title(f"k = {k}, layer {int(frame.layer.iloc[0])}: "
-                         f"{int(frame.n_pairs.iloc[0])} held-out swap pairs{small}", fontsize=9)
             _plain(ax, False)
-        ax = axes[2, col]
-        a = angles[angles.k == k]
-        rand = a[a.versus == "random"]
-        ax.bar([0, 1], [a[a.versus == v].overlap.iloc[0] for v in ("z_basis", "z_layer")],
-               color=[STYLE["z_basis"]["color"], STYLE["z_layer"]["color"]])
-        if len(rand):
-            ax.bar([2], [rand.overlap.mean()], color=STYLE["random"]["color"],
-                   yerr=[[rand.overlap.mean() - rand.overlap.min()],
-                         [rand.overlap.max() - rand.overlap.mean()]], capsize=4)
-        ax.axhline(a.chance_overlap.iloc[0], color="0.4", ls=":", lw=1)
-        ax.set_xticks([0, 1, 2], ["DAS vs Z(basis)", "DAS vs Z(layer)", "DAS vs random"],
-                      fontsize=8)
-        ax.set_ylabel("||V_DAS V^T||² / k", fontsize=8)
-        ax.set_title("overlap (mean cos² of principal angles); dotted: chance k/d", fontsize=9)
-        _plain(ax, False)
-    fig.suptitle(title + "\nbars: bootstrap 95% intervals over the test problems;\nrandom: "
-                 "2.5-97.5% of the draws", fontsize=10)
+    handles = [Line2D([], [], marker="o", ms=4, **STYLE[name]) for name in
+               ("full", "das", "z_basis", "z_layer", "random") if (table.condition == name).any()]
+    handles.append(Line2D([], [], color="tab:red", marker="x", ls="", label="DAS disrupts"))
+    legend = fig.add_subplot(grid[3, :])
+    legend.axis("off")
+    legend.legend(handles=handles, loc="center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(title + "\nbars: Wilson 95% intervals (rates), bootstrap 95% intervals over "
+                 "the test problems (shift);\nrandom: 2.5-97.5% of the draws", fontsize=9)
     return runs.save_figure(fig, path)
 
 
 def plot_all(args, config, tables):
     """layer_sweep.png and question_sweep.png (the primary k; <name>_k<k>.png for the others)
-    and das.png from build_tables' and question_tables' frames, each where its table exists.
+    and das_curve.png from build_tables' and question_tables' frames, each where its table
+    exists.
     Returns the paths written."""
     written = []
     for table, stem, plot in (("per_layer.csv", "layer_sweep", plot_sweep),
@@ -219,9 +269,11 @@ def plot_all(args, config, tables):
         for k in ks:
             name = stem if k == stats.primary_k(ks) else f"{stem}_k{k}"
             written.append(plot(per_layer, config, k, runs.figure_path(args, name)))
-    angles = Path(args.out) / "das_angles.csv"
-    if "das.csv" in tables and angles.is_file():
+    if "das.csv" in tables:
         model = Path(str(config["model"].get("name_or_path"))).name
-        written.append(plot_das(tables["das.csv"], runs.load_csv(angles), f"DAS: {model}",
-                                runs.figure_path(args, "das")))
+        written.append(plot_das_curve(tables["das.csv"], load_angles(args.out, config),
+                                      int(config["basis_layer"]),
+                                      f"DAS against k, held-out test pairs: {model}",
+                                      runs.figure_path(args, "das_curve"),
+                                      config.get("das_layers", ())))
     return written

@@ -31,9 +31,16 @@ every draw sit at top1_src 0 (ties say nothing about a direction), the p_share s
 rank test then giving the direction if it has one (zcausal/labels.py). Secondary tests,
 Holm-adjusted together in tests.csv: the best layer of z_basis and z_layer (family-wise: Z's
 largest value over the layers against each draw's largest over the same layers), z_basis at the
-basis layer at the other k, the language margin there (two-sided), and DAS against its random
-draws on the held-out pairs. Per-layer rank p-values in per_layer.csv
-are uncorrected and descriptive.
+basis layer at the other k and the language margin there (two-sided). DAS, the positive
+control, against its random draws on the held-out pairs per (DAS layer, k): its own family
+`control`, Holm-adjusted within it. Per-layer rank p-values in per_layer.csv are uncorrected and
+descriptive.
+
+DAS tables are keyed by (layer, k): das.csv (the held-out rows of DAS, full, Z and the random
+band, with n_train, too_small and bootstrap intervals) and das_angles.csv (load_angles: DAS's
+principal angles to Z and to the random draws, mean_cos2 against its chance value k / d). Runs
+from before several DAS layers (no layer column in das_angles.csv, `overlap` for mean_cos2) are
+read with config.json's das_layer.
 """
 import json
 from pathlib import Path
@@ -45,7 +52,9 @@ from zcausal import problems, runs, stats
 from zcausal.summaries.text import plural
 
 ALPHA = 0.05
-MIN_TEST_PAIRS = 20  # fewer held-out pairs: a rate's 95% interval is wider than 0.4
+MIN_TEST_PAIRS = 50  # fewer held-out pairs: a rate's 95% interval is wider than about 0.25
+MIN_TRAIN_PROBLEMS = 200  # fewer: a learned subspace can fit the training answers themselves
+CARRIED = 0.8  # full interchange's top1_src from which the last position carries the answer
 BOOTSTRAP = 2000
 NOT_TESTED = "not tested (no random draws)"
 KEYS = ["k", "layer", "pairing", "condition", "draw"]
@@ -71,9 +80,9 @@ SECONDARY_DESCRIPTION = (
     "Holm-adjusted together (tests.csv): per k, the best layer of z_basis and of z_layer on "
     "top1_src and the p_share shift (family-wise: Z's largest value over the layers against each "
     "random draw's largest), z_basis at the basis layer at the other k, the language margin "
-    "shift there (two-sided); per DAS k, DAS against its random draws on the held-out pairs")
-
-
+    "shift there (two-sided); DAS, a positive control, is tested in its own family (`control`: "
+    "per DAS layer and k, DAS against its random draws on the held-out pairs, Holm-adjusted "
+    "among themselves), so that the number of controls run does not weaken the tests of Z")
 
 
 def site_of(layer, n_layers):
@@ -274,27 +283,28 @@ def sweep_tables(measured, config, timing=None):
 
 
 def bootstrap_columns(measured, table, seed):
-    """Percentile 95% intervals over the held-out problems (BOOTSTRAP resamples of them, seeded,
-    the same resamples for every condition of a k) of the BOOTSTRAPPED measures of every named
-    swap row (<m>_boot_lo / _boot_hi), and of DAS minus full on the same problems
-    (das_minus_full_<m> with _lo / _hi)."""
+    """Percentile 95% intervals over the held-out problems (BOOTSTRAP resamples of them, seeded
+    by k, the same resamples for every condition and every DAS layer of a k) of the
+    BOOTSTRAPPED measures of every named swap row (<m>_boot_lo / _boot_hi), and of DAS minus
+    full on the same problems (das_minus_full_<m> with _lo / _hi)."""
     table = table.copy()
     swap = measured[(measured.pairing == "swap") & measured.in_set
                     & measured.condition.isin(NAMED)]
-    for k, group in swap.groupby("k"):
+    for (layer, k), group in swap.groupby(["layer", "k"]):
         ids = sorted(group.problem_id.astype(str).unique())
         resample = np.random.default_rng([int(seed), int(k)]).integers(0, len(ids),
                                                                        (BOOTSTRAP, len(ids)))
+        here = (table.k == k) & (table.layer == layer) & (table.pairing == "swap")
         for m in BOOTSTRAPPED:
             wide = group.assign(v=group[m].astype(float), pid=group.problem_id.astype(str)) \
                 .pivot_table(index="pid", columns="condition", values="v").reindex(ids)
             for condition in wide.columns:
-                row = (table.k == k) & (table.pairing == "swap") & (table.condition == condition)
+                row = here & (table.condition == condition)
                 boots = np.nanmean(wide[condition].to_numpy()[resample], axis=1)
                 table.loc[row, [f"{m}_boot_lo", f"{m}_boot_hi"]] = np.percentile(boots, [2.5, 97.5])
             if {"das", "full"} <= set(wide.columns):
                 diff = (wide["das"] - wide["full"]).to_numpy()
-                row = (table.k == k) & (table.pairing == "swap") & (table.condition == "das")
+                row = here & (table.condition == "das")
                 boots = np.nanmean(diff[resample], axis=1)
                 table.loc[row, f"das_minus_full_{m}"] = np.nanmean(diff)
                 table.loc[row, [f"das_minus_full_{m}_lo", f"das_minus_full_{m}_hi"]] = \
@@ -303,17 +313,52 @@ def bootstrap_columns(measured, table, seed):
 
 
 def das_tables(measured, config):
-    """das.csv (named conditions and the random band on the held-out pairs, with bootstrap
-    intervals and too_small where the test split has fewer than MIN_TEST_PAIRS swap pairs) and
-    the DAS draws' rows (for tests.csv)."""
+    """das.csv (per DAS layer and k, named conditions and the random band on the held-out
+    pairs, with bootstrap intervals; n_train, the training problems; too_small where the test
+    split has fewer than MIN_TEST_PAIRS swap pairs or train fewer than MIN_TRAIN_PROBLEMS
+    problems, `note` saying which) and the DAS draws' rows (for tests.csv)."""
     table, draws = condition_tables(measured)
     table = bootstrap_columns(measured, table, config.get("args", {}).get("seed", 0))
     table["pair_set"] = "test split: " + table.pair_set.astype(str)
-    table["too_small"] = table.n_pairs < MIN_TEST_PAIRS
-    table["note"] = [f"test split of {plural(n, 'pair')}: too small (fewer than "
-                     f"{MIN_TEST_PAIRS})" if small else "" for n, small in
-                     zip(table.n_pairs, table.too_small)]
+    table.insert(2, "site", [site_of(int(layer), config["model"]["num_layers"])
+                             for layer in table.layer])
+    n_train = len(config.get("splits", {}).get("train", []))
+    table["n_train"] = n_train
+    table["too_small"] = (table.n_pairs < MIN_TEST_PAIRS) | (n_train < MIN_TRAIN_PROBLEMS)
+    table["note"] = [size_note(n, n_train) for n in table.n_pairs]
     return table, draws.drop(columns="condition")
+
+
+def das_site(layer, basis):
+    """How a summary names a DAS layer: 'the input of layer 21, the basis layer (layer 20's
+    output)' where it is, else 'layer 16's output'."""
+    if layer == basis - 1:
+        return f"the input of layer {basis}, the basis layer (layer {layer}'s output)"
+    return f"layer {layer}'s output"
+
+
+def size_note(n_test, n_train):
+    """'' when DAS's splits are large enough to read, else what is too small."""
+    parts = [f"test split of {plural(n_test, 'pair')} (fewer than {MIN_TEST_PAIRS})"
+             if n_test < MIN_TEST_PAIRS else "",
+             f"train split of {plural(n_train, 'problem')} (fewer than {MIN_TRAIN_PROBLEMS})"
+             if n_train < MIN_TRAIN_PROBLEMS else ""]
+    parts = [p for p in parts if p]
+    return " and ".join(parts) + ": too small" if parts else ""
+
+
+def load_angles(out, config):
+    """das_angles.csv with a layer column (config.json's das_layer for runs from before there
+    were several DAS layers) and mean_cos2 / chance_mean_cos2 (older runs called them overlap /
+    chance_overlap: the same numbers); None without the file."""
+    path = Path(out) / "das_angles.csv"
+    if not path.is_file():
+        return None
+    angles = runs.load_csv(path).rename(columns={"overlap": "mean_cos2",
+                                                 "chance_overlap": "chance_mean_cos2"})
+    if "layer" not in angles:
+        angles["layer"] = config.get("das_layer")
+    return angles
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,9 +429,10 @@ def _best_layer(per_layer, draws, condition, k, measure):
 
 
 def tests_table(per_layer, draws, das=None, das_draws=None, config=None):
-    """tests.csv: the primary test (its two components and their intersection-union p) and
-    every secondary test with its Holm-adjusted p (p_holm, over the secondary family) and
-    `significant` (p <= ALPHA for the primary, p_holm <= ALPHA for the secondary ones)."""
+    """tests.csv: the primary test (its two components and their intersection-union p), every
+    secondary test with its Holm-adjusted p (p_holm, over the secondary family), DAS against its
+    draws per (layer, k) (family `control`, Holm-adjusted within it), and `significant` (p <=
+    ALPHA for the primary, p_holm <= ALPHA for the others)."""
     basis, ks = primary_layer(config), sorted(int(k) for k in per_layer.k.unique())
     pk = stats.primary_k(ks)
     rows = [_at_layer(per_layer, draws, "z_basis", pk, basis, m, "primary")
@@ -405,18 +451,20 @@ def tests_table(per_layer, draws, das=None, das_draws=None, config=None):
         rows.append(_at_layer(per_layer, draws, "z_basis", k, basis, "dlang_own", "secondary",
                               "two-sided"))
     if das is not None:
-        for k in sorted(das.k.unique()):
-            row = select_swap(das, "das", k=k)
+        for (layer, k), row in select_swap(das, "das").groupby(["layer", "k"]):
             for m in PRIMARY_MEASURES:
-                test = stats.rank_test(row[m].iloc[0], select_swap(das_draws, k=k)[m])
-                rows.append(_test_row("secondary", "das", k, "DAS layer, held-out pairs",
-                                      int(row.layer.iloc[0]), m, "above", row[m].iloc[0], test,
+                test = stats.rank_test(row[m].iloc[0],
+                                       select_swap(das_draws, k=k, layer=layer)[m])
+                rows.append(_test_row("control", "das", k, "DAS layer, held-out pairs",
+                                      int(layer), m, "above", row[m].iloc[0], test,
                                       int(row.n_pairs.iloc[0]), bool(row.disrupts.iloc[0])))
     table = pd.DataFrame(rows)
-    secondary = table.family == "secondary"
     table["p_holm"] = np.nan
-    table.loc[secondary, "p_holm"] = stats.holm(table.p[secondary].to_numpy(float))
-    table["significant"] = np.where(secondary, table.p_holm <= ALPHA, table.p <= ALPHA)
+    for family in ("secondary", "control"):  # each family Holm-adjusted within itself
+        mine = table.family == family
+        table.loc[mine, "p_holm"] = stats.holm(table.p[mine].to_numpy(float))
+    table["significant"] = np.where(table.family == "primary", table.p <= ALPHA,
+                                    table.p_holm <= ALPHA)
     return table
 
 
@@ -552,6 +600,8 @@ def build_tables(out):
     tables["per_layer.csv"], tables["draws.csv"] = sweep_tables(
         row_measures(rows, clean, min_span), config, _timing(out))
     das_rows, das_draws = load_rows(out, "das_"), None
+    if das_rows is not None and "layer" not in das_rows:  # one DAS layer, in config.json
+        das_rows.insert(1, "layer", config.get("das_layer"))
     if das_rows is not None:
         tables["das.csv"], das_draws = das_tables(row_measures(das_rows, clean, min_span), config)
     tables["tests.csv"] = tests_table(tables["per_layer.csv"], tables["draws.csv"],
@@ -571,17 +621,51 @@ def write_tables(out):
     return written
 
 
-def peak_layer(out, exclude="test"):
-    """The lowest layer where full interchange's top1_src is largest, over the swap pairs of
-    the splits other than `exclude` (the default --das-layer and decode layer: the first layer
-    where the source's first digit is carried by the last position as far as it ever is)."""
+def full_rate(out, exclude="test"):
+    """Full interchange's top1_src per layer (a Series indexed by layer, ascending) over the
+    swap pairs of the splits other than `exclude`, so that the test pairs choose no layer."""
     rows = runs.load_csv(Path(out) / "per_problem.csv")
     rows = rows[(rows.condition == "full") & (rows.pairing == "swap") & (rows.split != exclude)
                 & (rows.k == rows.k.min())]
     measured = row_measures(rows, runs.load_csv(Path(out) / "clean.csv"))
-    rate = measured[measured.in_set].groupby("layer").top1_src.mean()
+    rate = measured[measured.in_set].groupby("layer").top1_src.mean().sort_index()
     if not len(rate):
         raise runs.UsageError("no swap pair outside the test split has partners with different "
-                              "first digits; pass --das-layer")
-    return int(rate.idxmax())
+                              "first digits; pass --das-layer and --decode-layers")
+    return rate
 
+
+def peak_layer(out, exclude="test"):
+    """The lowest layer where full interchange's top1_src (full_rate) is largest (the default
+    decode layer: the first layer where the source's first digit is carried by the last
+    position as far as it ever is)."""
+    return int(full_rate(out, exclude).idxmax())
+
+
+def carried_layer(out, threshold=CARRIED, exclude="test"):
+    """(layer, reached, rate): the first layer where full interchange's top1_src (full_rate)
+    reaches `threshold`, reached True; where no layer does, peak_layer's, reached False."""
+    rate = full_rate(out, exclude)
+    above = rate[rate >= threshold]
+    layer = int(above.index[0]) if len(above) else int(rate.idxmax())
+    return layer, bool(len(above)), float(rate[layer])
+
+
+
+def das_layers(out, basis, given=None):
+    """The DAS layers of a run and why each (a dict layer -> reason, for config.json and the
+    summary): `given` (--das-layer) as it is, or by default the input of the basis layer (layer
+    basis - 1's output) and carried_layer() (the test pairs choose nothing)."""
+    if given is not None:
+        return {layer: ("the input of the basis layer" if layer == basis - 1 else "given")
+                for layer in dict.fromkeys(given)}
+    chosen = {}
+    if basis >= 1:  # the input of layer 0 is the embeddings, where Z of no layer is read
+        chosen[basis - 1] = "the input of the basis layer"
+    layer, reached, rate = carried_layer(out)
+    why = (f"the first layer where full interchange's top1_src reaches {CARRIED} on the train "
+           f"and validation pairs ({rate:.2f})" if reached else
+           f"no layer's full interchange reaches top1_src {CARRIED} on the train and validation "
+           f"pairs: the layer where it is largest ({rate:.2f})")
+    chosen.setdefault(layer, why)
+    return chosen
