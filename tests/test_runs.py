@@ -176,13 +176,17 @@ def test_resume_reads_a_config_written_under_the_old_flag_names(tmp_path):
                 runs.check_resume(tmp_path, argparse.Namespace(**{**now, "k": [50], **changed}))
 
 
+# Defaults that changed after the committed runs were made (--n-random was 20 in B and D, E's
+# --das-k 20 50) or flags added since (A's and E's --site: such runs patched the output): a
+# command that continues one names their values, as check_resume's message asks.
+CHANGED_SINCE = {"n_random": None, "das_k": None, "site": "output"}
+
+
 @pytest.mark.parametrize("config", sorted(runs.REPO.glob("results/example-*/exp_*/config.json")),
                          ids=lambda p: f"{p.parent.parent.name}/{p.parent.name}")
 def test_a_committed_run_resumes_with_its_own_command(config, monkeypatch):
     """Each committed run's command, parsed and validated by today's script (the model's config
-    stood in for by its layer count and width), passes --resume's check. Defaults that changed
-    since they ran (--n-random was 20 in B and D, --site output in A and E) are named by a command
-    that continues such a run, as check_resume's message asks."""
+    stood in for by its layer count and width), passes --resume's check (CHANGED_SINCE named)."""
     import importlib
     stored = json.loads(config.read_text(encoding="utf-8"))
     model = common.tiny_config()
@@ -190,12 +194,13 @@ def test_a_committed_run_resumes_with_its_own_command(config, monkeypatch):
                                                   stored["model"]["hidden_size"])
     monkeypatch.setattr(common, "load_model_config", lambda *a, **k: model)
     words = stored["command"].split()
-    argv = words[1:] + ["--resume"]
-    if stored["args"].get("n_random") is not None:
-        argv += ["--n-random", str(stored["args"]["n_random"])]
-    if words[0] in ("exp_a_patching.py", "exp_e_layer_sweep.py"):  # E's runs before --site: output
-        argv += ["--site", stored["args"].get("site", "output")]
     script = importlib.import_module(Path(words[0]).stem)
+    argv = words[1:] + ["--resume"]
+    for key, before in CHANGED_SINCE.items():
+        value = stored["args"].get(key, before)
+        if value is not None and hasattr(script.parse_args(words[1:]), key):
+            argv += [f"--{key.replace('_', '-')}",
+                     *map(str, value if isinstance(value, list) else [value])]
     args = script.parse_args(argv)
     if hasattr(script, "build_parser"):  # A and E resolve their flags in validate, before the check
         script.validate(args)
