@@ -2,10 +2,10 @@
 
     python bench.py                                  # Qwen2.5-3B's shape, bf16, on the GPU: every part
     python bench.py --parts step a                   # the decode step and A's gold grid only
-    python bench.py --shape tiny --parts a --pairs 4 # a small shape on the CPU, in seconds
+    python bench.py --shape tiny --parts a --limit 4 # a small shape on the CPU, in seconds
     python bench.py --out results/bench.csv          # append to the committed table of timings
 
-Parts (in this order; --parts picks, --pairs sizes A, the sample, B, C and D):
+Parts (in this order; --parts picks, --limit sizes A, the sample, B, C and D):
   a       Experiment A's gold grid (2 layers x k {20, 50} x positions {prompt, all} x source
           {mean, ot} x every condition and random draw, same and swap sources), batched, at the
           new tokens the direct template needs (--new-tokens to change; random weights never stop,
@@ -53,7 +53,7 @@ SHAPES = {
 PARTS = ["a", "single", "step", "b", "c", "d", "e"]
 # The layer sweep's sizing flags per shape; flags
 # its parser does not know are left out (and named in the row's note).
-SWEEP_FLAGS = {"qwen2.5-3b": [], "tiny": [["--n-random", "2"], ["--basis-layer", "2"], ["--das-steps", "4"]]}
+SWEEP_FLAGS = {"qwen2.5-3b": [], "tiny": [["--n-random", "2"], ["--layer", "2"], ["--das-steps", "4"]]}
 COLUMNS = cost.COLUMNS
 # The parts that run an experiment's main(): each is also timed at its script's --smoke preset
 # (smoke_flags), the second point of the cost model's line (zcausal/cost.py).
@@ -315,7 +315,7 @@ def _texts_tokens(ctx):
 def part_b(ctx, workdir):
     import exp_b_residual as B
     layer, k = _scaled(ctx, 32), ctx["spec"]["d_ks"][-1]
-    seconds, _, left_out, work = run_script(B, ["--basis-layer", str(layer), "--k", str(k),
+    seconds, _, left_out, work = run_script(B, ["--layer", str(layer), "--k", str(k),
                                                 "--limit", str(ctx["pairs"]), "--cache-dir",
                                                 "none"], [], ctx, workdir)
     return _forward_row(ctx, seconds, left_out, work)
@@ -431,17 +431,17 @@ def setup(args):
     common.check_runtime(device, args.dtype)
     dtype = common.resolve_dtype(args.dtype, device)
     spec = SHAPES[args.shape]
-    pairs = spec["pairs"] if args.pairs is None else args.pairs
+    pairs = spec["pairs"] if args.limit is None else args.limit
     data = problems.load_prompts(problems.DEFAULT_PROMPTS)
     if not 2 <= pairs <= len(data["pairs"]):
-        raise runs.UsageError(f"--pairs {pairs}: pass 2 to {len(data['pairs'])} (prompts.json)")
+        raise runs.UsageError(f"--limit {pairs}: pass 2 to {len(data['pairs'])} (prompts.json)")
     with Timer(device) as build:
         model, tokenizer = build_model(args.shape, device, dtype)
     ctx = dict(run=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), shape=args.shape,
                spec=spec, device=device, device_name=cost.device_name(device),
                dtype_name=str(dtype).replace("torch.", ""), model=model, tokenizer=tokenizer,
-               pairs=pairs, pair_data=data["pairs"][:pairs], engine=args.engine,
-               engine_used=decoding.resolve_engine(args.engine, model),
+               pairs=pairs, pair_data=data["pairs"][:pairs], engine=args.decode,
+               engine_used=decoding.resolve_engine(args.decode, model),
                parameters=sum(p.numel() for p in model.parameters()),
                new_tokens=(direct_new_tokens(data["pairs"][:pairs]) if args.new_tokens is None
                            else args.new_tokens))
@@ -493,12 +493,12 @@ def parse_args(argv=None):
                         help="model shape: Qwen2.5-3B's (random weights) or a tiny one for a CPU")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS,
                         help="which parts to time, run in the order listed above")
-    parser.add_argument("--pairs", type=int, default=None,
-                        help="pairs for A, B, C, D and the sweep (default: 40 for the 3B shape, 6 tiny)")
+    parser.add_argument("--limit", "--pairs", dest="limit", type=int, default=None,
+                        help="use the first N pairs of prompts.json, for A, B, C, D and the sweep "
+                             "(default: 40 for the 3B shape, 6 tiny)")
     parser.add_argument("--new-tokens", type=int, default=None,
                         help="new tokens per A decode (default: what the direct template needs)")
-    parser.add_argument("--engine", choices=decoding.ENGINES, default="auto",
-                        help="decode engine for A (passed as --decode when exp_a takes it)")
+    decoding.add_decode_args(parser, aliases=("--engine",))  # passed to A as its --decode
     parser.add_argument("--device", default=None, help="cpu or cuda; None: cuda if available")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="None: bfloat16 on CUDA, float32 on CPU")

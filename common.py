@@ -239,13 +239,13 @@ def check_k(model_or_config, k, allow_full=True, why="k = d would leave Z-perp e
 
 
 # ----------------------------------------------------------------------------------------------
-# The Z basis (as Phase 2 built it: per-head kernels W_Q^T W_K, then the SVD of their stack)
+# The Z basis (per-head kernels W_Q^T W_K, then the SVD of their stack)
 
 def head_projections(model, layer, fold_norm=False):
     """Per query head h, (W_Q^h, W_K^g(h)): two float32 tensors (H, d_head, d) on the CPU.
 
     W_Q^h is rows [h*d_head, (h+1)*d_head) of q_proj.weight; g(h) = h // (H / H_kv) picks the
-    key/value group. Raw weights as in Phase 2 (no bias, no RoPE); `fold_norm` folds the layer's
+    key/value group. Raw weights, as Z is defined (no bias, no RoPE); `fold_norm` folds the layer's
     input RMSNorm gain into both (x -> diag(gamma) x).
     """
     config = model.config
@@ -268,7 +268,7 @@ def _kernel_right_vectors(w_q, w_k, k):
     Q1 (R1 R2.T) Q2.T, and the SVD of the small d_head x d_head core U S V.T gives K^h's right
     singular vectors Q2 V: the same subspaces as the full d x d SVD at a fraction of the cost
     (seconds instead of minutes at d = 2048). Beyond rank d_head the singular values are zero and
-    the vectors arbitrary, so k > d_head falls back to the full SVD, as Phase 2 computed it.
+    the vectors arbitrary, so k > d_head falls back to the full SVD.
     """
     if k > w_q.shape[1]:
         return torch.linalg.svd(torch.einsum("hed,hef->hdf", w_q, w_k)).Vh[:, :k, :]
@@ -279,7 +279,7 @@ def _kernel_right_vectors(w_q, w_k, k):
 
 
 def z_basis(model, layer, k, fold_norm=False):
-    """Phase 2's multi-head Z mask V_Z: float32 (k, d) with orthonormal rows, on the CPU.
+    """The multi-head Z mask V_Z: float32 (k, d) with orthonormal rows, on the CPU.
 
     Top-k right singular vectors of each head's kernel, stacked (H*k, d), then the top-k right
     singular vectors of the stack. SVDs in float64 for a stable ordering.
@@ -402,7 +402,7 @@ class SubspacePatch:
     prompt_mask: optional (B, T) bool aligned the same way, the prompt positions patched (None:
     all; False positions keep their state exactly: `last:m` sources, leaving the sink alone);
     patch_generated: (B,) bool, whether generated positions are patched too (scope "all").
-    site: "output" patches decoder layer `layer`'s output (Phase 2's "the hidden state at layer
+    site: "output" patches decoder layer `layer`'s output ("the hidden state at layer
     l"); "input" patches its input, the state its W_Q and W_K read (= layer l-1's output, the
     embeddings for l = 0). `stream` is the residual-stream index either way (-1: embeddings).
     """
@@ -673,6 +673,11 @@ def extract_activations(model, tokenizer, texts, layers, pool="mean", drop_first
     return out
 
 
+# --replot means the same in every script: nothing is measured again.
+REPLOT_HELP = ("rebuild everything the finished run in --out derives from its CSVs (tables, "
+               "summary, figures), without a model; prints what it wrote")
+
+
 def add_common_args(parser, out_default):
     """Flags every script takes, with the same names and defaults everywhere."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
@@ -696,6 +701,7 @@ def add_common_args(parser, out_default):
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run in --out (same flags as its "
                              "config.json); finished work is kept")
+    parser.add_argument("--replot", action="store_true", help=REPLOT_HELP)
     return parser
 
 
@@ -708,7 +714,7 @@ def add_activation_args(parser):
     """Flags of the scripts that read the shared activation extraction (B, C and D)."""
     parser.add_argument("--fold-norm", action="store_true",
                         help="fold the layer's input RMSNorm gain into W_Q, W_K before the SVD "
-                             "(default: raw weights, as Phase 2 built Z)")
+                             "(default: the raw weights, as Z is defined)")
     parser.add_argument("--keep-first-token", action="store_true",
                         help="include position 0 (the attention sink, whose norm dominates a "
                              "mean) in the token means and clouds")
@@ -719,8 +725,6 @@ def add_activation_args(parser):
                              "which alone could match a problem across languages")
     parser.add_argument("--cache-dir", type=cache_dir_arg, default=DEFAULT_CACHE,
                         help="activation cache folder, or 'none' for no cache")
-    parser.add_argument("--replot", action="store_true",
-                        help="only redraw the figures from the saved results in --out (no model)")
     return parser
 
 
@@ -733,28 +737,3 @@ def plan_layer_at_depth(model_or_config, plan_layer=PLAN_Z_LAYER):
     last layer: min(L - 1, round(plan_layer / 36 * L)); 32 -> 21 of 24, 25 of 28, 32 of 36."""
     n = num_layers(model_or_config)
     return min(n - 1, int(round(plan_layer / PLAN_NUM_LAYERS * n)))
-
-
-def add_layer_args(parser, flag, what):
-    """A script's layer flag (`flag`, e.g. --layer or --basis-layer; `what` says what it picks)
-    and --depth F beside it; resolve both with resolve_layer."""
-    parser.add_argument(flag, type=int, default=None,
-                        help=f"{what} (default: the plan's layer 32 of 36 at the same fraction of "
-                             f"this model's depth)")
-    parser.add_argument("--depth", type=float, default=None,
-                        help=f"instead of {flag}: the layer round(F x number of layers), the same "
-                             f"depth on every model (0.889: 32 of 36, 25 of 28, 21 of 24)")
-    return parser
-
-
-def resolve_layer(model_or_config, layer, depth, flag, plan_layer=PLAN_Z_LAYER):
-    """The layer named by a script's layer flag (`flag`, value `layer`) or by --depth F
-    (depth_to_layer); with neither, the plan's layer at the same depth (plan_layer_at_depth).
-    Passing both, an unknown layer or a fraction outside (0, 1) is a UsageError naming the flag."""
-    if layer is not None and depth is not None:
-        raise UsageError(f"pass {flag} or --depth, not both")
-    if layer is not None:
-        return check_layer(model_or_config, layer, flag=flag)
-    if depth is not None:
-        return depth_to_layer(model_or_config, depth)
-    return plan_layer_at_depth(model_or_config, plan_layer)

@@ -1,6 +1,6 @@
 """Experiment A: activation patching of Z at a layer, English run <- Chinese source.
 
-    python exp_a_patching.py --k 20 50                             # the plan's layer at this depth
+    python exp_a_patching.py --k 20 50                             # layer 32 of 36 at this depth
     python exp_a_patching.py --depth 0.889 --k 20 50 --source mean last  # the same depth, named
     python exp_a_patching.py --model tiny-random --smoke           # smoke run, seconds, offline
     python exp_a_patching.py --replot --out results/exp_a          # SUMMARY.md, figures: no model
@@ -55,7 +55,7 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import answered, decoding, prereg, problems, runs
+from zcausal import answered, decoding, layer_choice, prereg, problems, runs, stats
 from zcausal.patching import (RANDOM_CONDITIONS, attention_read_layer, last_positions,
                               make_patch, patch_readouts, patch_sizes, prepare_layer,
                               prompt_texts, variance_rows)
@@ -210,7 +210,9 @@ def run_jobs(model, tokenizer, ctx, jobs, args, done, on_results, decode, scorin
     jobs = sorted(set(jobs), key=lambda j: (length[j.problem], j))
     pending = [jobs[s:s + args.batch_size] for s in range(0, len(jobs), args.batch_size)]
     pending = [b for b in pending if not all(j in done for j in b)]
-    with tqdm(total=sum(map(len, pending)), desc=desc, unit="row", leave=False) as bar:
+    # nothing left (a resumed run): no bar at all rather than an empty one
+    with tqdm(total=sum(map(len, pending)), desc=desc, unit="row", leave=False,
+              disable=not pending) as bar:
         while pending:
             batch = pending.pop(0)
             try:
@@ -404,18 +406,6 @@ def null_table(jobs, decodes, scores, pairs, swap_of, first_ids):
 
 # ----------------------------------------------------------------------------------------------
 
-def resolve_layers(config, args):
-    """--layer or --depth (not both) to decoder layers; the default is the plan's layer 32 of 36
-    at the same depth (common.plan_layer_at_depth: 32 on Qwen2.5-3B, 21 of 24, 25 of 28)."""
-    if args.layer is not None and args.depth is not None:
-        raise runs.UsageError("pass --layer or --depth, not both")
-    if args.depth is not None:
-        return [common.depth_to_layer(config, f) for f in args.depth]
-    if args.layer is None:
-        return [common.plan_layer_at_depth(config)]
-    return [common.check_layer(config, layer) for layer in args.layer]
-
-
 def validate(args):
     """Every check that needs no weights, before anything is loaded or written. Resolves --layer
     (from --depth), --max-new-tokens (per template) and --batch-size in args. Returns (the pairs
@@ -431,7 +421,7 @@ def validate(args):
         raise runs.UsageError("--positions all patches generated tokens with a mean: use it with "
                               "--source mean or ot, not last")
     config = common.load_model_config(args.model)
-    args.layer = resolve_layers(config, args)
+    args.layer = layer_choice.resolve_layers(config, args.layer, args.depth)
     for k in args.k:
         common.check_k(config, k, allow_full=False)
     pairs = problems.load_pairs(args, bank_limit=BANK_PAIRS)
@@ -533,16 +523,15 @@ def main(args):
     swap_of = problems.derangement([p["answer"] for p in pairs], args.seed,
                                    key=problems.first_digit)
     if not args.resume:  # a resumed run keeps the config.json it was started with
+        layers = dict(depth=args.depth, layer=args.layer, num_layers=common.num_layers(model),
+                      plan_layer=common.plan_layer_at_depth(model))
         primary = tables.primary_config(args.layer, args.k, args.positions, args.source,
-                                         common.plan_layer_at_depth(model))
+                                        layers["plan_layer"])
         runs.write_json(out / "config.json", runs.run_config(
             args, model, template=template, n_pairs=len(pairs), solved=solved,
-            layers_resolved=dict(depth=args.depth, layer=args.layer,
-                                 num_layers=common.num_layers(model),
-                                 basis_layer=common.plan_layer_at_depth(model)),
-            primary_test=dict(zip(tables.CONFIG, primary),
-                              site=args.site,
-                              description=tables.primary_description(primary, args.site)),
+            layers_resolved=layers, primary_test=dict(
+                zip(tables.CONFIG, primary), site=args.site,
+                description=tables.primary_description(primary, args.site, layers)),
             preregistration=prereg.record("A"),
             swap_source={p["id"]: pairs[j]["id"] for p, j in zip(pairs, swap_of)},
             random_basis_seeds="seed * 1000003 + k * 1009 + draw",
@@ -556,9 +545,7 @@ def main(args):
                                      decodes, scores, earlier, languages)
         rows, null, variance, earlier = rows + r, null + n, variance + v, earlier | decoded
     write_outputs(out, rows, null, variance, decodes, scores, pairs, swap_of, tokenizer, args)
-    verdicts, _ = summary.summarize(out, args.figures)
-    print(f"wrote {out}/SUMMARY.md")
-    return verdicts
+    return summary.replot(args)  # the tables, SUMMARY.md and figures; prints verdicts and paths
 
 
 def source_arg(value):
@@ -581,12 +568,8 @@ def build_parser():
                              f"criteria need {MIN_PAIRS} English baselines (below 20 a rate's 95%% "
                              "interval is wider than 0.4)")
     decoding.add_decode_args(parser)
-    parser.add_argument("--layer", type=int, nargs="+", default=None,
-                        help="decoder layer(s) to patch (default: the plan's layer 32 of 36 at the "
-                             "same fraction of this model's depth: 32 on Qwen2.5-3B, 21 of 24)")
-    parser.add_argument("--depth", type=float, nargs="+", default=None, metavar="F",
-                        help="instead of --layer: layer round(F x number of layers), the same "
-                             "depth on any model (0.889: 32 of 36, 21 of 24, 25 of 28)")
+    layer_choice.add_layer_args(parser, " and patched (--site: at its output or its input)",
+                          several=True)
     parser.add_argument("--k", type=int, nargs="+", default=[50],
                         help="dimension(s) of Z, each 1..d-1 (the primary test is at k 50)")
     parser.add_argument("--template", choices=["direct", "cot"], default="direct",
@@ -603,9 +586,8 @@ def build_parser():
                              "output: the stream after layer l, which only the layers above read")
     parser.add_argument("--skip-first", action="store_true",
                         help="leave position 0 (the attention sink) unpatched")
-    parser.add_argument("--n-random", type=int, default=19,
-                        help="random k-dim subspaces decoded per (layer, k): 19 is the fewest for "
-                             "a rank-test p of 0.05")
+    parser.add_argument("--n-random", type=int, default=stats.N_RANDOM,
+                        help=f"random k-dim subspaces decoded per (layer, k); {stats.N_RANDOM_WHY}")
     parser.add_argument("--n-random-logprob", type=int, default=200, metavar="M",
                         help="random Z subspaces scored by teacher forcing (no decoding) for "
                              "the rank tests of Z's scored measures; the first --n-random are the "
@@ -620,11 +602,8 @@ def build_parser():
                         help="greedy tokens per row; None: 10 (direct), 100 (cot)")
     parser.add_argument("--fold-norm", action="store_true",
                         help="fold the layer's input RMSNorm gain into W_Q, W_K before the SVD "
-                             "(default: raw weights, as Phase 2 built Z)")
+                             "(default: the raw weights, as Z is defined)")
     runs.add_smoke_arg(parser, SMOKE)
-    parser.add_argument("--replot", action="store_true",
-                        help="only rebuild the summary, tables and figures of the finished run in "
-                             "--out from its CSVs (no model)")
     parser.set_defaults(batch_size=None)  # resolved in validate(): 256 on a GPU, 64 on a CPU
     return parser
 

@@ -1,4 +1,4 @@
-"""Experiment B: how much of each layer's residual update lies in Z (plan B.1-B.4).
+"""Experiment B: how much of each layer's residual update lies in Z, in each language.
 
     python exp_b_residual.py --model Qwen/Qwen2.5-3B --depth 0.889 --k 50    # layer 32 of 36
     python exp_b_residual.py --model tiny-random --smoke                   # smoke run, seconds
@@ -7,8 +7,8 @@ For every transition l -> l+1 (and embeddings -> layer 0) and every bare questio
 the mean-pooled update u = mean_t h_{l+1}[t] - mean_t h_l[t] (the mean of the update is the
 difference of the pooled means, so pooled layer outputs are extracted once for layers -1..L-1; all
 come from forward hooks, so L-2 -> L-1 is a true residual update, before the final norm). With the
-Z basis V_Z of --basis-layer (fixed for all transitions; by default the plan's layer 32 of 36 at
-the same fraction of this model's depth):
+Z basis V_Z of --layer (fixed for all transitions; by default layer 32 of 36 at the same
+fraction of this model's depth):
   R = ||P_Z u|| / ||P_Zperp u||   (chance for an isotropic u: about sqrt(k / (d - k)), not 1)
   energy = ||P_Z u||^2 / ||u||^2  (chance k / d)
 per prompt, averaged over zh, en and both, against two bands of --n-random random k-dim subspaces:
@@ -22,9 +22,9 @@ numbers too with --drop-numbers. --k takes one or several dimensions (every tabl
 exp_b.py): Z's R on the update into the basis layer's input, both languages, at k = 50 (else the
 largest --k), ranked among the uniform (Haar) draws, one-sided; the matched draws shown beside.
 
-Outputs under --out: per_prompt.csv, per_layer.csv, asymmetry.csv (R_zh - R_en, plan B.4),
+Outputs under --out: per_prompt.csv, per_layer.csv, asymmetry.csv (R_zh - R_en per transition),
 random_draws.csv, config.json; figure residual_ratio.png under --figures (the --out path mirrored).
-Redraw the figure from the CSVs alone with --replot (it prints what it wrote).
+--replot redraws the figure and prints the summary from the CSVs alone (no model).
 """
 from pathlib import Path
 
@@ -33,11 +33,11 @@ import pandas as pd
 import torch
 
 import common
-from zcausal import prereg, problems, runs, stats
+from zcausal import layer_choice, prereg, problems, runs, stats
 from zcausal.runs import UsageError
 from zcausal.summaries import exp_b as summary
 
-DEFAULTS = dict(k=[50], n_random=20, band=(2.5, 97.5))
+DEFAULTS = dict(k=[50], n_random=stats.N_RANDOM, band=(2.5, 97.5))
 # --smoke: flags left at their default take these values (a run of seconds on --model tiny-random)
 SMOKE = dict(limit=8, k=[4, 8], n_random=5)
 
@@ -46,12 +46,12 @@ def parse_args(argv=None):
     parser = runs.make_parser(__doc__)
     common.add_common_args(parser, "exp_b")
     problems.add_pairs_args(parser)
-    common.add_layer_args(parser, "--basis-layer",
-                          "layer whose Z basis is used for every transition")
+    layer_choice.add_layer_args(parser, ", used for every transition")
     parser.add_argument("--k", type=int, nargs="+", default=DEFAULTS["k"],
                         help="Z dimensions (one or several)")
     parser.add_argument("--n-random", type=int, default=DEFAULTS["n_random"],
-                        help="random k-dim subspaces of each kind for the chance bands (0: none)")
+                        help=f"random k-dim subspaces of each kind for the chance bands and the "
+                             f"rank test (0: none); {stats.N_RANDOM_WHY}")
     runs.add_smoke_arg(parser, SMOKE)
     common.add_activation_args(parser)
     return runs.apply_smoke(parser, parser.parse_args(argv), SMOKE)
@@ -62,7 +62,7 @@ def validate(args):
     the shared flags: runs.validate_common). Returns the config and the resolved basis layer."""
     common.check_runtime(args.device, args.dtype, args.device_map)
     config = common.load_model_config(args.model)
-    basis_layer = common.resolve_layer(config, args.basis_layer, args.depth, "--basis-layer")
+    basis_layer = layer_choice.resolve_layer(config, args.layer, args.depth)
     for k in args.k:
         common.check_k(config, k, allow_full=False)
     if len(set(args.k)) < len(args.k):
@@ -204,7 +204,7 @@ def _lang_order(col):
 
 
 def compute_asymmetry(per_prompt, draws, band=DEFAULTS["band"]):
-    """Plan B.4: per transition, the paired difference R_zh - R_en over problems, a Wilcoxon
+    """Per transition, the paired difference R_zh - R_en over problems, a Wilcoxon
     signed-rank p-value (uncorrected), and the same difference under each kind of random subspace:
     its band and the share of draws whose |difference| is at least Z's."""
     from scipy.stats import wilcoxon

@@ -4,8 +4,8 @@
     python exp_c_ard_mmd.py --model tiny-random --smoke        # smoke run, seconds
 
 Data. For each pair i, the token states of the bare zh and en questions (no template) at each
-layer of --layers (default: the plan's layers 10 15 20 25 28 30 32 33 34 35 of 36 at the same
-fractions of this model's depth): two clouds zh_i (n_i, d) and en_i (m_i, d). Left out: the first
+layer of --layers (default: layers 10 15 20 25 28 30 32 33 34 35 of 36 at the same fractions
+of this model's depth): two clouds zh_i (n_i, d) and en_i (m_i, d). Left out: the first
 token (attention sink) unless --keep-first-token, any token prefix the two questions share (under
 causal attention its states are identical in both languages), and with --drop-numbers the tokens of
 numbers (the two versions share their digits). Coordinates are standardised per layer with the
@@ -14,9 +14,9 @@ coordinates are orders of magnitude larger than the rest); `--standardise meansd
 
 Kernel and objectives (ard_mmd.py). ARD-RBF kernel with lengthscales l_j, w_j = 1/l_j^2;
 D_ii' = MMD^2_u(zh_i, en_i') over N training problems.
-  plan (C.3 as written): sum_i D_ii + lambda * sum_j 1/l_j. Every l_j -> infinity sends the
-    kernel to 1 and both terms to 0, so "Z is empty" is its minimum at every lambda. Kept to show
-    that.
+  plan (the objective as first proposed): sum_i D_ii + lambda * sum_j 1/l_j. Every l_j -> infinity
+    sends the kernel to 1 and both terms to 0, so "Z is empty" is its minimum at every lambda.
+    Kept to show that.
   contrastive (default):
     L(l) = sum_i [D_ii/tau + log sum_i' exp(-D_ii'/tau)] + sum_i [D_ii/tau + log sum_i' exp(-D_i'i/tau)]
            + 2N * lambda * mean_j (l_ref / l_j)^2      (= (2N/d) lambda l_ref^2 sum_j w_j)
@@ -35,9 +35,9 @@ Z. |Z| = #{j : l_j < l_ref}, l_ref the cold start's lengthscale (median pairwise
 layer's standardised training tokens): a coordinate is in Z when the fit weighs it more than the
 isotropic kernel does. `z_size_rel` also counts w_j >= 0.1 max_j w_j.
 
-Starts. warm (plan C.4): log l_j = -log(diag(P_Z)_j + eps), diag(P_Z) = (V_Z**2).sum(0) of the
-rank-k SVD mask at --basis-layer, shifted so that the k coordinates with the largest diag(P_Z) start
-inside Z (l_j < l_ref) and the rest outside (the plan's formula has no scale; on standardised data
+Starts. warm: log l_j = -log(diag(P_Z)_j + eps), diag(P_Z) = (V_Z**2).sum(0) of the
+rank-k SVD mask at --layer, shifted so that the k coordinates with the largest diag(P_Z) start
+inside Z (l_j < l_ref) and the rest outside (the formula alone has no scale; on standardised data
 it puts nearly every coordinate far below l_ref); cold: every l_j = l_ref. --k takes one or several
 values: each k is its own mask, with its own warm start (one set of fits per k) and its own overlap
 rows; the cold start does not depend on k and is fitted once.
@@ -77,12 +77,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zcausal import ard_mmd, prereg, problems, runs
+from zcausal import ard_mmd, layer_choice, prereg, problems, runs
 from zcausal.summaries import exp_c as summary
 import common
 from zcausal.runs import UsageError
 
-# Defaults (the plan's C.5 where it gives one), in one place.
+# Defaults, in one place.
 PLAN_LAYERS = [10, 15, 20, 25, 28, 30, 32, 33, 34, 35]  # numbered of 36
 K = 50
 LAMBDAS = [0.0, 0.01, 0.1, 0.3, 1.0, 3.0, 10.0]  # no effect (0, 0.01) ... collapse (10)
@@ -106,20 +106,19 @@ def parse_args(argv=None):
     common.add_common_args(p, "exp_c")
     problems.add_pairs_args(p)
     p.add_argument("--layers", type=int, nargs="+", default=None,
-                   help="layers to fit (default: the plan's 10 layers of 36 at the same fractions "
-                        "of depth)")
+                   help="layers to fit (default: layers 10 15 20 25 28 30 32 33 34 35 of 36 at "
+                        "the same fractions of this model's depth)")
     p.add_argument("--layer-depths", type=float, nargs="+", default=None,
                    help="instead of --layers: fractions of depth, each giving the layer "
                         "round(F x number of layers)")
-    common.add_layer_args(p, "--basis-layer",
-                          "layer of the SVD Z mask (the warm start and the overlap)")
+    layer_choice.add_layer_args(p, " as the SVD mask (the warm start and the overlap)")
     p.add_argument("--k", type=int, nargs="+", default=[K],
                    help="rank(s) of the SVD Z mask: each k has its own warm start and overlap "
                         "rows; the cold start is fitted once")
     p.add_argument("--objective", nargs="+", choices=["contrastive", "plan"],
                    default=["contrastive"], help="objectives to fit (see above)")
     p.add_argument("--start", nargs="+", choices=["warm", "cold"], default=["warm", "cold"],
-                   help="warm: lengthscales from the SVD mask (plan C.4); cold: all l_ref")
+                   help="warm: lengthscales from the SVD mask (see above); cold: all l_ref")
     p.add_argument("--lambdas", type=float, nargs="+", default=LAMBDAS,
                    help="sparsity weights: contrastive 2N * lambda * mean_j (l_ref/l_j)^2; "
                         "plan lambda * sum_j 1/l_j")
@@ -151,7 +150,7 @@ def parse_args(argv=None):
 # Validation (before any weights load or any file is written)
 
 def resolve_layers(args, config):
-    """(sorted fitted layers, basis layer) from --layers / --layer-depths and --basis-layer /
+    """(sorted fitted layers, basis layer) from --layers / --layer-depths and --layer /
     --depth; errors name the flag."""
     if args.layers is not None and args.layer_depths is not None:
         raise UsageError("pass --layers or --layer-depths, not both")
@@ -164,7 +163,7 @@ def resolve_layers(args, config):
                   for f in args.layer_depths]
     else:
         layers = [common.plan_layer_at_depth(config, layer) for layer in PLAN_LAYERS]
-    basis = common.resolve_layer(config, args.basis_layer, args.depth, "--basis-layer")
+    basis = layer_choice.resolve_layer(config, args.layer, args.depth)
     return sorted(set(layers)), basis
 
 
@@ -267,9 +266,9 @@ def fit_list(args):
 
 
 def initial_log_l(start, z_energy, l_ref, eps, k):
-    """Starting log lengthscales (d,). cold: every l_j = l_ref. warm (plan C.4): the plan's
+    """Starting log lengthscales (d,). cold: every l_j = l_ref. warm: the
     log l_j = -log(diag(P_Z)_j + eps), shifted so that the k coordinates with the largest
-    diag(P_Z) start below l_ref (inside Z) and the others above: the plan's formula gives the
+    diag(P_Z) start below l_ref (inside Z) and the others above: the formula gives the
     shape, the data's l_ref the scale. Unshifted, 1/(diag(P_Z) + eps) is far below l_ref on
     standardised data for almost every coordinate, and Z would start with nearly all d of them."""
     if start == "cold":
@@ -387,7 +386,8 @@ def compute_all(zh, en, layers, splits, z_energy, args, device, out=None):
             if out is not None and unit_path(out, layer, obj).is_file()}
     todo = [(layer, obj) for layer in layers for obj in args.objective if (layer, obj) not in done]
     units = {}
-    with tqdm(total=len(todo) * args.steps, desc="ARD fits (Adam steps)") as progress:
+    with tqdm(total=len(todo) * args.steps, desc="ARD fits (Adam steps)",
+              disable=not todo) as progress:  # nothing left (--resume): no empty bar
         for li, layer in enumerate(layers):
             objectives = [obj for obj in args.objective if (layer, obj) in todo]
             if not objectives:

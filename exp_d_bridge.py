@@ -1,34 +1,36 @@
-"""Experiment D: is the zh <-> en map inside Z a simple linear transform? (plan D)
+"""Experiment D: is the zh <-> en map inside Z a simple linear transform?
 
     python exp_d_bridge.py --model Qwen/Qwen2.5-3B --depth 0.889 --k 20 50 \
         --prompts-en mgsm_en.tsv --prompts-zh mgsm_zh.tsv       # layer 32 of 36, MGSM's 250 pairs
     python exp_d_bridge.py --model tiny-random --smoke         # smoke run, seconds
 
-Paired Z coordinates of the mean-pooled bare questions at --layer (by default the plan's layer 32 of
-36 at the same fraction of this model's depth): Z_lang = pooled_lang @ V_Z.T (N x k; the first
+Paired Z coordinates of the mean-pooled bare questions at --layer (by default layer 32 of 36 at
+the same fraction of this model's depth): Z_lang = pooled_lang @ V_Z.T (N x k; the first
 token is left out unless --keep-first-token, the tokens of numbers too with --drop-numbers). Maps
 Z_zh ~ Z_en W + b:
-  lstsq       the plan's least squares (minimum-norm via lstsq when singular)
+  lstsq       least squares (minimum-norm via lstsq when singular)
   ridge       penalty chosen on the training rows only, by their closed-form leave-one-out error
   procrustes  W = U V^T from the SVD of Xc^T Yc (orthogonal)
   identity    W = I, b = 0: zero parameters (both sides use the same basis, so it is a hypothesis)
   mean_shift  W = I, b = mean(Y) - mean(X): the language offset alone
 Fitted maps centre X and Y with the training rows' means (the intercept b). For each: in-sample R^2,
-held-out R^2 by leave-one-out and 10-fold, a shuffled-pairs null of the 10-fold R^2, top-1 retrieval
-of the mapped vectors among the true Z_zh (chance 1/N), ||W^T W - I||_F / k and the singular values.
-Is Z special? --n-random Haar-random k-dim bases (default 20) are fitted in the same run on the same
-folds, and Z's 10-fold R^2 is ranked among theirs per map and k (stats.rank_test: Z as one more
-draw; one-sided p = (1 + #{draws >= Z}) / (M + 1), at least 1 / (M + 1)). The primary test is
-least squares (the plan's map) at k = 50 (the plan's k; the largest --k where 50 is not run); the
-other maps and k are Holm-corrected. --n-random 0 leaves the comparison out ("not tested").
+held-out R^2 by leave-one-out and n-fold (--n-folds, default 10), a shuffled-pairs null of the
+n-fold R^2, top-1 retrieval of the mapped vectors among the true Z_zh (chance 1/N),
+||W^T W - I||_F / k and the singular values. Is Z special? --n-random Haar-random k-dim bases
+(default 19) are fitted in the same run on the same folds, and Z's n-fold R^2 is ranked among
+theirs per map and k (stats.rank_test: Z as one more draw; one-sided p = (1 + #{draws >= Z}) /
+(M + 1), at least 1 / (M + 1)). The primary test is least squares at k = 50 (the largest --k where
+50 is not run); the other maps and k are Holm-corrected. --n-random 0 leaves the comparison out
+("not tested").
 R^2 = 1 - ||Y - Yhat||_F^2 / ||Y - mean(Y)||_F^2, with the mean over all N rows. With N <= k + 1
 least squares interpolates (in-sample R^2 = 1 whatever the data): only held-out numbers mean
 anything, and they need N well above k (MGSM's 250 pairs for k = 50).
 
 Outputs under --out: metrics.csv (one row per k and map; random_* columns: Z among the random
-bases), singular_values.csv, null.csv, random_draws.csv (the 10-fold R^2 of every random basis),
+bases), singular_values.csv, null.csv, random_draws.csv (the n-fold R^2 of every random basis),
 config.json; figures singular_values.png and heldout_r2.png (with the random band) under --figures
-(the --out path mirrored). --replot redraws them from the CSVs alone and prints what it wrote.
+(the --out path mirrored). --replot redraws them and prints the summary from the CSVs alone (no
+model).
 """
 from pathlib import Path
 
@@ -36,11 +38,12 @@ import numpy as np
 import pandas as pd
 
 import common
-from zcausal import prereg, problems, runs, stats
+from zcausal import layer_choice, prereg, problems, runs, stats
 from zcausal.runs import UsageError
 from zcausal.summaries import exp_d as summary
 
-DEFAULTS = dict(k=[20, 50], n_shuffles=100, n_folds=10, n_random=20, band=(2.5, 97.5))
+DEFAULTS = dict(k=[20, 50], n_shuffles=100, n_folds=10, n_random=stats.N_RANDOM,
+                band=(2.5, 97.5))
 # --smoke: flags left at their default take these values (a run of seconds on --model tiny-random)
 SMOKE = dict(limit=24, k=[4, 8], n_shuffles=20, n_folds=5)
 RIDGE_GRID = np.logspace(-4, 3, 15)  # times the mean eigenvalue of the training Xc^T Xc
@@ -50,14 +53,15 @@ def parse_args(argv=None):
     parser = runs.make_parser(__doc__)
     common.add_common_args(parser, "exp_d")
     problems.add_pairs_args(parser)
-    common.add_layer_args(parser, "--layer", "layer of the activations and of the Z basis")
+    layer_choice.add_layer_args(parser, ", whose activations are mapped")
     parser.add_argument("--k", type=int, nargs="+", default=DEFAULTS["k"], help="Z dimensions")
     parser.add_argument("--n-shuffles", type=int, default=DEFAULTS["n_shuffles"],
                         help="shuffled-pairs null draws")
     parser.add_argument("--n-folds", type=int, default=DEFAULTS["n_folds"],
                         help="folds for the k-fold held-out R^2")
     parser.add_argument("--n-random", type=int, default=DEFAULTS["n_random"],
-                        help="Haar-random k-dim bases fitted beside Z, per k (0: no comparison)")
+                        help=f"Haar-random k-dim bases fitted beside Z, per k (0: no comparison); "
+                             f"{stats.N_RANDOM_WHY}")
     runs.add_smoke_arg(parser, SMOKE)
     common.add_activation_args(parser)
     return runs.apply_smoke(parser, parser.parse_args(argv), SMOKE)
@@ -68,7 +72,7 @@ def validate(args):
     the shared flags: runs.validate_common). Returns the config and the resolved layer."""
     common.check_runtime(args.device, args.dtype, args.device_map)
     config = common.load_model_config(args.model)
-    layer = common.resolve_layer(config, args.layer, args.depth, "--layer")
+    layer = layer_choice.resolve_layer(config, args.layer, args.depth)
     for k in args.k:
         common.check_k(config, k, allow_full=False,
                        why="k = d makes Z the whole space, where any basis is a rotation of Z")
@@ -176,7 +180,7 @@ def heldout_predictions(name, X, Y, folds):
 
 
 def compute_null(X, Y, folds, n_shuffles, seed):
-    """10-fold held-out R^2 per map with the pairing shuffled: dict map -> (n_shuffles,)."""
+    """n-fold held-out R^2 per map with the pairing shuffled: dict map -> (n_shuffles,)."""
     rng = np.random.default_rng(seed)
     perms = [rng.permutation(len(Y)) for _ in range(n_shuffles)]
     from tqdm.auto import tqdm
@@ -323,7 +327,7 @@ def run_record(args, config, layer, pairs):
                 maps=list(summary.MAPS), n_shuffles=args.n_shuffles, n_random=args.n_random,
                 random_basis="Haar (common.random_basis), seed * 1000003 + k * 1009 + draw, "
                              "fitted on the same folds as Z",
-                primary_test=summary.primary_description(args.k),
+                primary_test=summary.primary_description(args.k, args.n_folds),
                 preregistration=prereg.record("D"),
                 n_folds=args.n_folds, ridge_grid_times_mean_eigenvalue=RIDGE_GRID.tolist(),
                 null_band_percentiles=list(DEFAULTS["band"]), direction="Z_zh ~ Z_en W + b",

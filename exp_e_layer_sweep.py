@@ -14,7 +14,7 @@ Chinese prompt's last m positions (aligned from the end), from the same problem 
 or from the swap partner (`swap`), within a subspace:
   none      nothing (the no-op, computed in the same batches: the noise floor)
   full      everything (h <- s)
-  z_basis   Z of --basis-layer (or --depth F; default: layer 32 of 36 at the same depth), k dims;
+  z_basis   Z of --layer (or --depth F; default: layer 32 of 36 at the same depth), k dims;
             the primary test reads it at the basis layer's input (--site input: sweep layer b - 1,
             always swept) or its output (--site output: sweep layer b)
   z_layer   Z of the patched layer l itself
@@ -54,7 +54,7 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from zcausal import (answered, das, decoding, interchange, prereg, problems,
+from zcausal import (answered, das, decoding, interchange, layer_choice, prereg, problems,
                      question, runs, stats)
 from zcausal.runs import done_values, keep_rows
 from zcausal.summaries import exp_e as summary
@@ -64,6 +64,9 @@ from zcausal.summaries.exp_e_tables import write_rows
 FIXED = ["none", "full", "z_basis", "z_layer"]
 DAS_K = [1, 2, 5, 10, 20, 50]  # the default --das-k: the curve of DAS against k
 BANK_PAIRS = 300  # with --prompts bank and no --limit: the first 300 pairs are tried
+# --n-random: more than the other scripts' stats.N_RANDOM, whose smallest p (0.05) no
+# Holm-adjusted secondary test could pass; a draw costs one teacher-forced row per pair and layer.
+N_RANDOM = 50
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,15 +356,15 @@ def run_sweep(model, state, args, out, split):
         keep_rows(out / name, ["k", "layer"], done)
     todo = [(k, layer) for k in args.k for layer in args.layers if (k, layer) not in done]
     z_fixed = {}
-    for k, layer in tqdm(todo, desc="layers", unit="layer"):
+    for k, layer in tqdm(todo, desc="layers", unit="layer", disable=not todo):  # none: no bar
         started = time.perf_counter()
         if k not in z_fixed:
-            z_fixed[k] = common.z_basis(model, args.basis_layer, k, fold_norm=args.fold_norm)
+            z_fixed[k] = common.z_basis(model, args.layer, k, fold_norm=args.fold_norm)
         z_here = common.z_basis(model, layer, k, fold_norm=args.fold_norm)
         conditions = make_conditions(d, k, [("z_basis", z_fixed[k]), ("z_layer", z_here)],
                                      args.n_random, args.seed)
         rows = per_problem_rows(run_rows(model, state, layer, conditions, batches,
-                                         args.basis_layer), state, conditions, split,
+                                         args.layer), state, conditions, split,
                                 {"k": k, "layer": layer, "depth": layer / L})
         write_rows(tables.row_measures(rows, state.clean, args.min_span), out)
         runs.write_csv(pd.DataFrame([dict(  # this layer's rows, Z's SVD included
@@ -432,7 +435,7 @@ def run_decode_checks(model, tokenizer, state, template, args, out, layers):
     layer written as it finishes; the teacher-forced log p of the fast engine is joined for the
     named conditions."""
     d, k = common.hidden_size(model), stats.primary_k(args.k)
-    z_fixed = common.z_basis(model, args.basis_layer, k, fold_norm=args.fold_norm)
+    z_fixed = common.z_basis(model, args.layer, k, fold_norm=args.fold_norm)
     problem_index = list(range(min(args.decode_limit, len(state.pairs))))
     if not problem_index or not layers:
         return
@@ -480,13 +483,13 @@ def run_das(model, tokenizer, state, template, args, out, split, layers):
                 log=lambda entry: tqdm.write(das.progress_line(k, entry, layer)))
             np.save(out / f"das_basis_L{layer}_k{k}.npy", basis.numpy())
             if k not in z_fixed:
-                z_fixed[k] = common.z_basis(model, args.basis_layer, k, fold_norm=args.fold_norm)
+                z_fixed[k] = common.z_basis(model, args.layer, k, fold_norm=args.fold_norm)
             z_here = common.z_basis(model, layer, k, fold_norm=args.fold_norm)
             conditions = make_conditions(d, k, [("das", basis), ("z_basis", z_fixed[k]),
                                                 ("z_layer", z_here)], args.n_random, args.seed)
             batches = make_batches(state, test, len(conditions.names), args.batch_size, dtype)
             rows = per_problem_rows(run_rows(model, state, layer, conditions, batches,
-                                             args.basis_layer), state, conditions, split,
+                                             args.layer), state, conditions, split,
                                     {"k": k, "layer": layer})
             random_bases = [b for b, name in zip(conditions.bases, conditions.names)
                             if name == "random"]
@@ -510,14 +513,14 @@ def run_das(model, tokenizer, state, template, args, out, split, layers):
 # ----------------------------------------------------------------------------------------------
 
 def validate(args):
-    """Every check that needs no weights, before anything is loaded or written. Resolves
-    --basis-layer (or --depth, as B, C and D do) and the default --layers (all)."""
+    """Every check that needs no weights, before anything is loaded or written. Resolves --layer
+    (or --depth) to the basis layer's index, and the default --layers (all)."""
     common.check_runtime(args.device, args.dtype, args.device_map)
     config = common.load_model_config(args.model)
-    args.basis_layer = common.resolve_layer(config, args.basis_layer, args.depth, "--basis-layer")
+    args.layer = layer_choice.resolve_layer(config, args.layer, args.depth)
     n_layers = common.num_layers(config)
     args.layers = sorted(set(args.layers)) if args.layers else list(range(n_layers))
-    if args.site == "input" and args.basis_layer == 0:
+    if args.site == "input" and args.layer == 0:
         raise runs.UsageError("--site input at basis layer 0 would patch the embeddings, which "
                               "the sweep does not; pass --site output or a basis layer above 0")
     primary = primary_layer_of(args)
@@ -538,8 +541,6 @@ def validate(args):
     if args.last_m > 8:
         raise runs.UsageError(f"--last-m {args.last_m}: pass 1..8 (the template's tail; 1 is the "
                               f"position that predicts the first digit)")
-    if args.min_span < 0:
-        raise runs.UsageError(f"--min-span {args.min_span} must be >= 0")
     if args.das_lr <= 0:
         raise runs.UsageError(f"--das-lr {args.das_lr} must be positive")
     if len(args.split) != 3 or min(args.split) <= 0 or abs(sum(args.split) - 1) > 1e-6:
@@ -556,7 +557,7 @@ def primary_layer_of(args):
     """The sweep layer of the primary test: a row's layer l patches the output of l, which is
     the input of l + 1, so Z of basis layer b is tested where its own heads read it at l = b - 1
     (--site input), or at l = b (--site output, the stream only the layers above b read)."""
-    return args.basis_layer - 1 if args.site == "input" else args.basis_layer
+    return args.layer - 1 if args.site == "input" else args.layer
 
 
 def select_pairs(model, tokenizer, pairs, template, args):
@@ -586,14 +587,12 @@ def select_pairs(model, tokenizer, pairs, template, args):
 
 
 def work(args, n_pairs, config):
-    """The unit of E's time in the cost model (zcausal/cost.py): the sweep's patched rows (pairs
-    x layers x k x conditions and random draws x both pairings) plus DAS's training examples
-    (layers x k x steps x batch; by default two layers, tables.das_layers)."""
-    layers = len(args.layers or range(common.num_layers(config)))
-    sweep = n_pairs * layers * len(args.k) * (len(FIXED) + args.n_random) * 2
-    das_k = DAS_K if args.das_k is None else args.das_k  # None: the default curve (validate)
-    das_layers = 2 if args.das_layer is None else len(args.das_layer)
-    return sweep + das_layers * len(das_k) * args.das_steps * args.das_batch
+    """E's unit of time in zcausal/cost.py: the sweep's rows (pairs x layers x k x conditions x
+    both pairings) plus DAS's examples (layers, 2 by default, x k x steps x batch)."""
+    das = ((2 if args.das_layer is None else len(args.das_layer))
+           * len(DAS_K if args.das_k is None else args.das_k) * args.das_steps * args.das_batch)
+    return das + (n_pairs * len(args.layers or range(common.num_layers(config))) * len(args.k)
+                  * (len(FIXED) + args.n_random) * 2)
 
 
 def main(args):
@@ -625,9 +624,9 @@ def main(args):
     partner = swap_partners(pairs, split, args.seed)
     if not args.resume:
         runs.write_json(out / "config.json", runs.run_config(
-            args, model, template=template, n_pairs=len(pairs), basis_layer=args.basis_layer,
+            args, model, template=template, n_pairs=len(pairs), basis_layer=args.layer,
             site=args.site, primary_layer=primary_layer_of(args),
-            primary_test=tables.primary_description(args.k, args.basis_layer, args.site),
+            primary_test=tables.primary_description(args.k, args.layer, args.site),
             preregistration=prereg.record("E"),
             secondary_tests=tables.SECONDARY_DESCRIPTION,
             splits={s: [p["id"] for p, name in zip(pairs, split) if name == s]
@@ -648,7 +647,7 @@ def main(args):
         {primary_layer_of(args), peak} & set(args.layers))
     run_decode_checks(model, tokenizer, state, template, args, out, decode_layers)
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    chosen = tables.das_layers(out, args.basis_layer, args.das_layer) if args.das_k else {}
+    chosen = tables.das_layers(out, args.layer, args.das_layer) if args.das_k else {}
     for layer, why in chosen.items():
         print(f"DAS at layer {layer}: {why}")
     if chosen:
@@ -661,7 +660,7 @@ def main(args):
 
 
 # --smoke: flags left at their default take these values (seconds on --model tiny-random)
-SMOKE = dict(limit=6, solved="off", min_pairs=6, depth=0.5, k=[8], n_random=3, decode_limit=2,
+SMOKE = dict(limit=6, solved="off", min_pairs=6, depth=[0.5], k=[8], n_random=3, decode_limit=2,
              decode_random=1, das_k=[4],
              das_steps=4, das_eval_every=2, max_new_tokens=4)
 
@@ -669,7 +668,7 @@ SMOKE = dict(limit=6, solved="off", min_pairs=6, depth=0.5, k=[8], n_random=3, d
 def parse_args(argv=None):
     parser = build_parser()
     return runs.apply_smoke(parser, parser.parse_args(argv), SMOKE,
-                            unless={"depth": "basis_layer"})
+                            unless={"depth": "layer"})
 
 
 def build_parser():
@@ -684,9 +683,9 @@ def build_parser():
                         help="run even when the English and Chinese prompts end on different "
                              "tokens (a last-position interchange then swaps the token itself)")
     decoding.add_decode_args(parser)
-    parser.add_argument("--layers", type=int, nargs="*", default=None,
+    parser.add_argument("--layers", type=int, nargs="+", default=None,
                         help="layers to patch (default: every layer 0..L-1)")
-    common.add_layer_args(parser, "--basis-layer", "layer whose Z is the fixed basis (z_basis)")
+    layer_choice.add_layer_args(parser, ", the fixed basis z_basis patched at every layer of --layers")
     parser.add_argument("--site", choices=["input", "output"], default="input",
                         help="where the primary test patches Z of the basis layer b: input "
                              "(default; sweep layer b - 1, whose output is the stream b's W_Q and "
@@ -695,8 +694,12 @@ def build_parser():
                         help="dimensions of Z and the random subspaces: one sweep per k (a k "
                              "column in every table; the primary test at k = 50, else the "
                              "largest)")
-    parser.add_argument("--n-random", type=int, default=50,
-                        help="random k-dim subspaces per layer (the band and the rank test)")
+    parser.add_argument("--n-random", type=int, default=N_RANDOM,
+                        help=f"random k-dim subspaces per layer, the same draws at every layer (the "
+                             f"band and the rank tests); default {N_RANDOM}, not {stats.N_RANDOM}, "
+                             f"because the secondary tests are Holm-adjusted together and "
+                             f"{stats.N_RANDOM} draws give no p below 0.05; a draw adds one "
+                             f"teacher-forced row per pair and layer, no decoding")
     parser.add_argument("--last-m", type=int, default=1,
                         help="positions interchanged: the English prompt's last m take the "
                              "Chinese prompt's last m, aligned from the end")
@@ -748,9 +751,6 @@ def build_parser():
     parser.add_argument("--das-partners", type=int, default=4,
                         help="source problems per training problem (its swap partner and more "
                              "from the train split)")
-    parser.add_argument("--replot", action="store_true",
-                        help="only rebuild every table, figure and the summary of the run in "
-                             "--out from its per-row CSVs (no model); prints what it wrote")
     runs.add_smoke_arg(parser, SMOKE)
     parser.set_defaults(batch_size=None)  # resolved in main(): 512 on a GPU, 64 on a CPU
     return parser

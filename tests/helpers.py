@@ -40,13 +40,13 @@ TINY_RUN_FLAGS = {
     "exp_a_patching.py": ["--layer", "2", "--k", "4", "--n-random", "1", "--limit", "3",
                           "--n-random-logprob", "4", "--max-new-tokens", "4", "--solved", "off",
                           "--min-pairs", "2"],
-    "exp_b_residual.py": ["--basis-layer", "2", "--k", "4", "--n-random", "2", "--limit", "4",
+    "exp_b_residual.py": ["--layer", "2", "--k", "4", "--n-random", "2", "--limit", "4",
                           "--cache-dir", "none"],
-    "exp_c_ard_mmd.py": ["--layers", "1", "3", "--basis-layer", "2", "--k", "8", "--steps", "10",
+    "exp_c_ard_mmd.py": ["--layers", "1", "3", "--layer", "2", "--k", "8", "--steps", "10",
                          "--min-steps", "0", "--limit", "12", "--cache-dir", "none"],
     "exp_d_bridge.py": ["--layer", "2", "--k", "4", "--limit", "12", "--n-shuffles", "10",
                         "--n-folds", "3", "--cache-dir", "none"],
-    "exp_e_layer_sweep.py": ["--limit", "6", "--solved", "off", "--min-pairs", "6", "--basis-layer", "2", "--k", "8", "--n-random", "3",
+    "exp_e_layer_sweep.py": ["--limit", "6", "--solved", "off", "--min-pairs", "6", "--layer", "2", "--k", "8", "--n-random", "3",
                              "--decode-limit", "2", "--das-k", "4", "--das-steps", "4"],
 }
 

@@ -226,13 +226,15 @@ def test_report_out_that_is_a_folder_is_refused(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--pairs", "0"], "--pairs 0: pass 2 to"),
+    (["--limit", "0"], "--limit 0: pass 1 or more"),
+    (["--pairs", "0"], "--limit 0: pass 1 or more"),  # the older name of --limit
+    (["--limit", "1"], "--limit 1: pass 2 to"),
     (["--new-tokens", "0"], "--new-tokens 0: pass 1 or more"),
     (["--out", "file/bench.csv"], "--out file/bench.csv: file is a file"),
 ])
 def test_bench_refuses_counts_below_one_instead_of_its_default(flags, message, tmp_path,
                                                                monkeypatch, capsys):
-    """--pairs 0 ran the default 6 pairs: 0 was read as 'not given'."""
+    """--limit 0 (then --pairs 0) ran the default 6 pairs: 0 was read as 'not given'."""
     a_file(tmp_path)
     argv = ["--shape", "tiny", "--device", "cpu", "--parts", "b", "--out", "bench.csv", *flags]
     monkeypatch.chdir(tmp_path / "run")

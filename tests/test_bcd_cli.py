@@ -15,7 +15,6 @@ import exp_d_bridge as D
 from helpers import SMOKE_COMMANDS
 
 SCRIPTS = {"B": B, "C": C, "D": D}
-LAYER_FLAG = {"B": "--basis-layer", "C": "--basis-layer", "D": "--layer"}
 OUTPUTS = {"B": ["per_prompt.csv", "per_layer.csv", "asymmetry.csv", "random_draws.csv"],
            "C": ["summary.csv", "traces.csv", "lengthscales.npz"],
            "D": ["metrics.csv", "singular_values.csv", "null.csv"]}
@@ -86,15 +85,17 @@ def test_config_records_the_fraction_and_the_layer(name, tmp_path):
     SCRIPTS[name].main(args)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     layer_key = "layer" if name == "D" else "basis_layer"
-    assert config["depth"] == 0.5 and config[layer_key] == 2 and config["args"]["depth"] == 0.5
+    assert config["depth"] == [0.5] and config[layer_key] == 2 and config["args"]["depth"] == [0.5]
     assert config[f"{layer_key}_fraction"] == 0.5
 
 
 BAD = [(["--depth", "0"], "--depth 0.0 is not a fraction"),
        (["--depth", "1"], "--depth 1.0 is not a fraction"),
        (["--depth", "-0.2"], "is not a fraction"),
-       (["--depth", "0.5", "LAYER", "1"], "not both"),
-       (["LAYER", "9"], "pass LAYER between 0 and 3"),
+       (["--depth", "0.5", "--layer", "1"], "not both"),
+       (["--layer", "9"], "pass --layer between 0 and 3"),
+       (["--layer", "1", "2"], "run it once per layer"),
+       (["--depth", "0.3", "0.5"], "run it once per layer"),
        (["--device", "cuda"], "no CUDA device"),
        (["--prompts", "MISSING.json"], "MISSING.json")]
 
@@ -106,8 +107,6 @@ def test_bad_input_is_one_line_exit_2_and_creates_nothing(name, extra, message, 
     if "--device" in extra and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     monkeypatch.chdir(tmp_path)
-    extra = [LAYER_FLAG[name] if e == "LAYER" else e for e in extra]
-    message = message.replace("LAYER", LAYER_FLAG[name])
     code, err = exit_of(name, smoke_args(name, *extra), capsys)
     assert code == 2 and err.startswith("error:") and "\n" not in err and message in err, err
     assert list(tmp_path.iterdir()) == []

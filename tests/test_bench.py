@@ -24,7 +24,7 @@ def test_a_row_is_printed_and_written_before_any_other_part_runs(tmp_path, monke
         return dict(seconds=0.0, note="stand-in")
 
     monkeypatch.setattr(bench, "part_step", next_part)
-    rows = bench.main(_args(tmp_path, "--parts", "a", "step", "--pairs", "4"))
+    rows = bench.main(_args(tmp_path, "--parts", "a", "step", "--limit", "4"))
     assert "[bench] a: " in seen["printed"] and "[bench] step" not in seen["printed"]
     assert "what the direct template needs" in seen["printed"]  # new tokens are reported
     first = seen["rows"]
@@ -41,7 +41,7 @@ def test_a_row_is_printed_and_written_before_any_other_part_runs(tmp_path, monke
 
 
 def test_step_and_single_parts_report_their_ratios(tmp_path):
-    rows = bench.main(_args(tmp_path, "--parts", "single", "step", "--pairs", "2"))
+    rows = bench.main(_args(tmp_path, "--parts", "single", "step", "--limit", "2"))
     single, step = rows
     assert single["status"] == step["status"] == "ok"
     assert single["decodes"] > 0 and single["batched_speedup"] > 0 and single["batch_size"] == 1
@@ -56,7 +56,7 @@ def test_a_failing_part_is_a_row_and_the_next_part_runs(tmp_path, monkeypatch):
     def broken(ctx, workdir):
         raise RuntimeError("boom")
     monkeypatch.setattr(bench, "part_b", broken)
-    rows = bench.main(_args(tmp_path, "--parts", "b", "e", "--pairs", "3"))
+    rows = bench.main(_args(tmp_path, "--parts", "b", "e", "--limit", "3"))
     assert rows[0]["status"] == "error" and "boom" in rows[0]["note"]
     assert rows[1]["part"] == "e" and rows[1]["status"] in ("ok", "skipped")
     assert len(runs.load_csv(tmp_path / "bench.csv")) == 2
@@ -66,8 +66,8 @@ def test_a_csv_of_another_schema_is_refused(tmp_path):
     (tmp_path / "bench.csv").write_text('"shape","device"\n"tiny","CPU"\n')
     with pytest.raises(runs.UsageError, match="another schema"):
         bench.main(_args(tmp_path, "--parts", "e"))
-    with pytest.raises(runs.UsageError, match="--pairs 1"):
-        bench.main(bench.parse_args(["--shape", "tiny", "--pairs", "1", "--out",
+    with pytest.raises(runs.UsageError, match="--limit 1"):
+        bench.main(bench.parse_args(["--shape", "tiny", "--limit", "1", "--out",
                                      str(tmp_path / "new.csv")]))
     assert not (tmp_path / "new.csv").exists()
 

@@ -1,8 +1,10 @@
 """User runs never modify a tracked file: on a fresh clone of this commit, the README's smoke
-commands, `python report.py`, `python bench.py --shape tiny --parts a --pairs 4` and the tiny study
+commands, `python report.py`, `python bench.py --shape tiny --parts a --limit 4` and the tiny study
 (`python study.py --model tiny-random`, which also shows that the chain runs and ends with its
-report) leave `git status --porcelain` empty. One interpreter runs them all (runpy, each as its
-own __main__ with its own sys.argv), so torch is imported once, on one thread (tiny tensors)."""
+report) leave `git status --porcelain` empty; so does --replot of every committed example. One
+interpreter runs each set (runpy, each as its own __main__ with its own sys.argv), so torch is
+imported once, on one thread (tiny tensors)."""
+import json
 import os
 import shutil
 import subprocess
@@ -15,7 +17,7 @@ from helpers import SMOKE_COMMANDS
 
 COMMANDS = list(SMOKE_COMMANDS.values()) + [
     "python report.py",
-    "python bench.py --shape tiny --parts a --pairs 4 --device cpu",
+    "python bench.py --shape tiny --parts a --limit 4 --device cpu",
     "python study.py --model tiny-random",
 ]
 RUNNER = """
@@ -31,20 +33,29 @@ def git(*args, cwd):
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
 
 
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory):
-    """A fresh clone of HEAD (what is committed: commit first what the test needs)."""
+def fresh_clone(parent):
+    """A fresh clone of HEAD under `parent` (what is committed: commit first what the test needs)."""
     if shutil.which("git") is None or not (runs.REPO / ".git").exists():
         pytest.skip("needs git and a git checkout")
-    folder = tmp_path_factory.mktemp("clone") / "repo"
-    git("clone", "--quiet", str(runs.REPO), str(folder), cwd=folder.parent)
+    folder = parent / "repo"
+    git("clone", "--quiet", str(runs.REPO), str(folder), cwd=parent)
     return folder
 
 
+def run_in(folder, commands):
+    """The commands (each `python script.py ...`) in one interpreter, in `folder`."""
+    return subprocess.run([sys.executable, "-c", RUNNER, *commands], cwd=folder,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    return fresh_clone(tmp_path_factory.mktemp("clone"))
+
+
 def test_user_runs_leave_a_fresh_clone_clean(clone):
-    result = subprocess.run([sys.executable, "-c", RUNNER, *COMMANDS], cwd=clone,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-                            capture_output=True, text=True, timeout=600)
+    result = run_in(clone, COMMANDS)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     assert git("status", "--porcelain", "--untracked-files=all", cwd=clone) == ""
     # what the commands wrote went to git-ignored places
@@ -56,3 +67,17 @@ def test_user_runs_leave_a_fresh_clone_clean(clone):
     report = (clone / "results" / "tiny-random" / "report" / "REPORT.md").read_text(encoding="utf-8")
     for letter in "ABCDE":
         assert f"\n| {letter} | `exp_{letter.lower()}` | tiny-random |" in report
+
+
+def test_replot_of_every_committed_example_leaves_a_fresh_clone_clean(tmp_path):
+    """`--replot --out <run>` of every committed example, in place: its tables, summaries and
+    figures come back the same (runs.write_csv and runs.save_figure keep a file that says the same:
+    numbers to the last digits a library version moves, the same pixels). About 80 s."""
+    folder = fresh_clone(tmp_path)
+    examples = sorted(folder.glob("results/example-*/exp_*/config.json"))
+    assert len(examples) >= 10
+    commands = [f"python {json.loads(c.read_text(encoding='utf-8'))['command'].split()[0]} "
+                f"--replot --out {c.parent.relative_to(folder)}" for c in examples]
+    result = run_in(folder, commands)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    assert git("status", "--porcelain", "--untracked-files=all", cwd=folder) == ""

@@ -139,7 +139,7 @@ def test_each_script_tiny_run_completes_on_cuda(script, tmp_path):
 
 def test_bench_tiny_runs_on_cuda(tmp_path):
     result = subprocess.run([sys.executable, str(runs.REPO / "bench.py"), "--shape", "tiny",
-                             "--device", "cuda", "--parts", "a", "step", "--pairs", "3", "--out",
+                             "--device", "cuda", "--parts", "a", "step", "--limit", "3", "--out",
                              str(tmp_path / "bench.csv")],
                             capture_output=True, text=True, timeout=600, cwd=runs.REPO)
     assert result.returncode == 0, result.stderr[-3000:]

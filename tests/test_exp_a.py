@@ -276,6 +276,14 @@ def test_readme_smoke_command_runs(tmp_path):
         assert (out / name).is_file()
     assert sorted(p.name for p in (tmp_path / "figures").rglob("*.png")) == [
         "change_rates.png", "logprob_shift.png", "transfer_rates.png"]
+    # like B-E: the verdict and every file written, figures included
+    assert "**Verdict: " in result.stdout and "Layer 2 · k 8" in result.stdout
+    for path in (tmp_path / "figures").rglob("*.png"):
+        assert f"wrote {path.relative_to(tmp_path)}" in result.stdout
+    # --smoke's depth 0.5 is layer 2 of 4, not the plan's layer at this depth (3 of 4)
+    summary = (out / "SUMMARY.md").read_text(encoding="utf-8")
+    assert "Z at layer 2 (depth 0.50, layer 2 of 4; the plan's layer 32 of 36 at this depth, 3, " \
+           "was not run)" in summary and "plan's layer 32 of 36 at this depth)" not in summary
 
 
 def test_smoke_outputs(smoke):
@@ -394,6 +402,17 @@ def test_replot_rebuilds_without_a_model_and_refuses_a_partial_rows_csv(smoke, t
     with pytest.raises(runs.UsageError, match="has no rows.csv"):
         A.main(A.parse_args(["--replot", "--out", str(empty), "--figures", str(tmp_path / "f2")]))
     assert not empty.exists() and not (tmp_path / "f2").exists()
+
+
+def test_jobs_all_done_before_a_resume_print_no_progress_bar(capsys):
+    """A resumed run whose jobs are all in its stores runs no batch and shows no empty bar."""
+    from types import SimpleNamespace
+    ctx = SimpleNamespace(prefill={"attention_mask": torch.ones(2, 5)})
+    jobs = [A.job_key(i, 2, "noop", 0, "-", "-", i, -1) for i in range(2)]
+    ran = []
+    A.run_jobs(None, None, ctx, jobs, SimpleNamespace(batch_size=4), set(jobs), ran.extend, True,
+               None, "layer 2 decode")
+    assert ran == [] and "layer 2 decode" not in capsys.readouterr().err
 
 
 def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):

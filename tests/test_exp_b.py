@@ -31,7 +31,7 @@ def cli(tmp_path, *extra):
     prompts = tmp_path / "prompts.json"
     if not prompts.exists():
         write_prompts(prompts, 6)
-    return eb.parse_args(["--model", common.TINY_MODEL, "--device", "cpu", "--basis-layer", "2",
+    return eb.parse_args(["--model", common.TINY_MODEL, "--device", "cpu", "--layer", "2",
                           "--k", "4", "--prompts", str(prompts), "--out", str(tmp_path / "exp_b"),
                           "--figures", str(tmp_path / "fig"), "--cache-dir",
                           str(tmp_path / "cache"), *extra])
@@ -222,7 +222,7 @@ def test_a_text_left_without_tokens_is_a_usage_error(tiny):
 # ----------------------------------------------------------------------------------------------
 # The script
 
-@pytest.mark.parametrize("extra", [["--basis-layer", "4"], ["--basis-layer", "-1"], ["--k", "0"],
+@pytest.mark.parametrize("extra", [["--layer", "4"], ["--basis-layer", "-1"], ["--k", "0"],
                                    ["--k", "64"], ["--k", "4", "4"], ["--n-random", "-1"],
                                    ["--prompts", "MISSING.json"]])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra):

@@ -177,7 +177,7 @@ def _argv(tmp_path, prompts_file, *extra):
 @pytest.mark.parametrize("bad,message", [
     (["--layers", "1", "9"], "pass --layers between 0 and 3 (or fractions of depth with "
                              "--layer-depths)"),
-    (["--basis-layer", "4"], "pass --basis-layer between 0 and 3"),
+    (["--layer", "4"], "pass --layer between 0 and 3"),
     (["--layer-depths", "0.5", "1.0"], "--layer-depths 1.0 is not a fraction"),
     (["--depth", "0"], "--depth 0.0 is not a fraction"),
     (["--layers", "1", "--layer-depths", "0.5"], "not both"),
@@ -197,7 +197,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, prompts_file, bad, messa
 
 
 FAST = ["--layers", "1", "3", "--steps", "10", "--min-steps", "0", "--lambdas", "0", "0.1", "10",
-        "--basis-layer", "2", "--k", "8", "16"]
+        "--layer", "2", "--k", "8", "16"]
 OVERLAP_COLUMNS = ["overlap", "overlap_expected", "overlap_lo", "overlap_hi",
                    "overlap_p", "overlap_p_depletion", "energy_share", "energy_chance"]
 
@@ -306,6 +306,9 @@ def test_an_interrupted_run_resumes_to_the_same_results(tmp_path, prompts_file, 
         assert (out / name).read_text() == (whole / name).read_text(), name
     for key, value in np.load(whole / "lengthscales.npz").items():
         np.testing.assert_array_equal(np.load(out / "lengthscales.npz")[key], value)
+    capsys.readouterr()
+    C.main(C.parse_args(_argv(tmp_path, prompts_file, *FAST, "--resume")))  # nothing left
+    assert "ARD fits" not in capsys.readouterr().err  # no empty progress bar
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 import common
-from zcausal import problems, runs
+from zcausal import problems, runs, stats
 import exp_d_bridge as ed
 from zcausal.summaries import exp_d as exp_d_summary
 import synthetic_numbers
@@ -177,6 +177,20 @@ def cli(tmp_path, *extra, n=12):
                           "--cache-dir", str(tmp_path / "cache"), *extra])
 
 
+def test_the_figure_and_the_declared_test_name_the_runs_own_folds(tmp_path, monkeypatch):
+    """--n-folds 3: the legend and config.json's primary test say 3-fold (they said 10-fold)."""
+    ed.main(cli(tmp_path, "--n-folds", "3", "--n-shuffles", "5", "--n-random", "2"))
+    legends = {}
+    monkeypatch.setattr(runs, "save_figure", lambda fig, path, **kw: legends.setdefault(
+        path.stem, [t.get_text() for t in fig.legends[0].get_texts()]))
+    exp_d_summary.plot_heldout_r2(tmp_path / "exp_d", tmp_path / "heldout_r2.png")
+    assert "Z, 3-fold held out" in legends["heldout_r2"]
+    assert "random bases, each (3-fold)" in legends["heldout_r2"]
+    assert not any("10-fold" in text for text in legends["heldout_r2"])
+    config = json.loads((tmp_path / "exp_d" / "config.json").read_text())
+    assert "3-fold held-out" in config["primary_test"]
+
+
 @pytest.mark.parametrize("extra", [["--layer", "4"], ["--k", "0"], ["--k", "4", "65"],
                                    ["--k", "4", "64"], ["--k", "4", "4"], ["--n-random", "-1"],
                                    ["--n-shuffles", "0"], ["--prompts-zh", "MISSING"],
@@ -208,11 +222,12 @@ def test_main_end_to_end(tiny, tmp_path, capsys, monkeypatch):
     assert len(pd.read_csv(out / "null.csv")) == 2 * len(exp_d_summary.MAPS) * 20
     # Z among the random bases: the saved rank and p follow from random_draws.csv
     draws = pd.read_csv(out / "random_draws.csv")
-    assert len(draws) == 2 * len(exp_d_summary.MAPS) * 20 and (m["n_random"] == 20).all()
+    assert len(draws) == 2 * len(exp_d_summary.MAPS) * stats.N_RANDOM
+    assert (m["n_random"] == stats.N_RANDOM).all()  # the default
     row = m[(m["k"] == 8) & (m["map"] == "ridge")].iloc[0]
     mine = draws[(draws["k"] == 8) & (draws["map"] == "ridge")]["kfold_r2"]
     assert row["random_rank"] == 1 + (mine >= row["kfold_r2"] - 1e-12).sum()
-    assert row["random_p_above"] == pytest.approx(row["random_rank"] / 21)
+    assert row["random_p_above"] == pytest.approx(row["random_rank"] / (stats.N_RANDOM + 1))
     assert m["primary"].sum() == 1 and m[m["primary"]][["map", "k"]].values.tolist() == \
         [["lstsq", 8]]  # the plan's k = 50 was not run: the largest k
     assert m[m["primary"]]["random_p_above_holm"].isna().all()

@@ -398,7 +398,7 @@ def write_prompts(path, n=8):
     return path
 
 
-def cli(tmp_path, *extra, layer=("--basis-layer", "2")):
+def cli(tmp_path, *extra, layer=("--layer", "2")):
     prompts = tmp_path / "prompts.json"
     if not prompts.exists():
         write_prompts(prompts)
@@ -691,10 +691,21 @@ def test_resume_finishes_an_interrupted_run_without_duplicates(finished_run, tmp
         assert (out / name).read_bytes() == data, name
 
 
+def test_resuming_a_finished_sweep_prints_no_empty_progress_bar(finished_run, tmp_path, capsys):
+    import shutil
+    source, args = finished_run
+    out = tmp_path / "exp_e"
+    shutil.copytree(source / "exp_e", out)
+    capsys.readouterr()
+    ee.main(ee.parse_args([a if a != str(source / "exp_e") else str(out)
+                           for a in _argv(args)] + ["--resume"]))
+    assert "layers:" not in capsys.readouterr().err  # every layer was done: no "0/0" bar
+
+
 def _argv(args):
     """The command line of a parsed namespace as cli() built it."""
     return ["--model", args.model, "--device", "cpu", "--prompts", str(args.prompts),
-            "--solved", "off", "--min-pairs", "6", "--basis-layer", "2", "--k", "4", "6",
+            "--solved", "off", "--min-pairs", "6", "--layer", "2", "--k", "4", "6",
             "--n-random", "3", "--decode-limit", "2",
             "--decode-random", "1", "--das-k", "2", "4", "--das-steps", "2",
             "--das-eval-every", "1", "--max-new-tokens", "4", "--das-test-min", "0",
@@ -702,8 +713,9 @@ def _argv(args):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--basis-layer", "9"], "--basis-layer"),
-    (["--depth", "1.5"], "pass --basis-layer or --depth, not both"),
+    (["--layer", "9"], "pass --layer between 0 and 3"),
+    (["--basis-layer", "9"], "pass --layer between 0 and 3"),  # the old spelling, the same flag
+    (["--depth", "1.5"], "pass --layer or --depth, not both"),
     (["--k", "64"], "k=64"),
     (["--layers", "0", "7"], "pass --layers between 0 and 3"),
     (["--das-layer", "99"], "pass --das-layer between 0 and 3"),
@@ -721,7 +733,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, extra
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
-    assert "(or --depth" not in err or "--basis-layer" in extra  # only where --depth replaces it
+    # "(or --depth F)" only where --depth replaces the flag named
+    assert "(or --depth" not in err or extra[0] in ("--layer", "--basis-layer")
     assert "/" not in err.split("pass ")[-1].split()[0]  # one flag named, the one given
     assert not (tmp_path / "exp_e").exists() and not (tmp_path / "fig").exists()
 
@@ -729,13 +742,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, extra
 @pytest.mark.parametrize("depth,message", [("1.5", "--depth 1.5 is not a fraction"),
                                            ("0", "--depth 0.0 is not a fraction")])
 def test_depth_alone_resolves_like_the_other_scripts(tmp_path, capsys, depth, message):
-    """--depth without --basis-layer: common.resolve_layer, the same rule and messages as B-D."""
+    """--depth without --layer: layer_choice.resolve_layer, the same rule and messages as B-D."""
     with pytest.raises(SystemExit) as exit_info:
         runs.run_cli(ee.main, cli(tmp_path, "--depth", depth, layer=()))
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     args = cli(tmp_path, layer=())
     ee.validate(args)
-    assert args.basis_layer == 3  # no flag: the plan's layer 32 of 36 at this depth, 3 of 4
+    assert args.layer == 3  # no flag: the plan's layer 32 of 36 at this depth, 3 of 4
 
 
 def test_every_flag_has_a_help_text():
@@ -747,7 +760,7 @@ def test_readme_smoke_command_runs_end_to_end(tmp_path, monkeypatch):
     """`python exp_e_layer_sweep.py --model tiny-random --smoke`, exactly as the README shows."""
     monkeypatch.chdir(tmp_path)  # the default --out and --figures are relative
     args = ee.parse_args(smoke_argv("E"))
-    assert (args.limit, args.k, args.das_k, args.depth) == (6, [8], [4], 0.5)
+    assert (args.limit, args.k, args.das_k, args.depth) == (6, [8], [4], [0.5])
     ee.main(args)
     out = tmp_path / "results" / "exp_e"
     for name in ["per_layer.csv", "draws.csv", "decode.csv", "das.csv", "config.json"]:
@@ -758,4 +771,4 @@ def test_readme_smoke_command_runs_end_to_end(tmp_path, monkeypatch):
 
 def test_smoke_preset_leaves_given_flags_alone():
     args = ee.parse_args(["--model", "tiny-random", "--smoke", "--basis-layer", "1", "--k", "6"])
-    assert (args.basis_layer, args.depth, args.k, args.limit) == (1, None, [6], 6)
+    assert (args.layer, args.depth, args.k, args.limit) == ([1], None, [6], 6)

@@ -27,7 +27,7 @@ LAYERS = [{"zcausal", "zcausal.errors", "zcausal.runs", "zcausal.bank", "zcausal
           {"common"},
           {"zcausal.decoding", "zcausal.fast_decode", "zcausal.interchange", "zcausal.das",
            "zcausal.patching", "zcausal.cost",
-           "zcausal.answered", "zcausal.question", "zcausal.attention"},
+           "zcausal.answered", "zcausal.question", "zcausal.attention", "zcausal.layer_choice"},
           {"exp_a_patching", "exp_b_residual", "exp_c_ard_mmd", "exp_d_bridge",
            "exp_e_layer_sweep"},
           {"report", "bench", "study"}]
@@ -148,3 +148,59 @@ def test_every_script_shares_the_conventions(letter):
     assert "--summarize" not in actions
     if "--n-random" in actions:
         assert actions["--n-random"].type is int
+
+
+def _all_parsers():
+    import bench
+    import study
+    return {**{letter: _actions(script) for letter, script in SCRIPTS.items()},
+            "bench": _actions(bench), "study": _actions(study)}
+
+
+def test_a_flag_name_means_one_thing_in_every_script_and_in_bench_and_study():
+    """The shared flags: --layer (also spelled --basis-layer) and --depth name the basis layer,
+    one or several values, everywhere; --replot has one help; --n-random one default unless the
+    help says why; --limit is the number of problems and --decode the decode loop wherever they
+    appear; and any flag two commands share has the same type and nargs."""
+    import common
+    from zcausal import decoding, labels, stats
+    parsers = _all_parsers()
+    for letter in SCRIPTS:
+        actions = parsers[letter]
+        layer, depth = actions["--layer"], actions["--depth"]
+        assert actions["--basis-layer"] is layer and layer.dest == "layer", letter
+        assert (layer.nargs, layer.type, depth.nargs, depth.type) == ("+", int, "+", float), letter
+        assert layer.help.startswith("basis layer: the decoder layer whose Z is built"), letter
+        assert depth.help.startswith("instead of --layer: the basis layer round(F x"), letter
+        assert actions["--replot"].help == common.REPLOT_HELP, letter
+    for name, actions in parsers.items():
+        if "--n-random" in actions:
+            n_random = actions["--n-random"]
+            assert n_random.default == stats.N_RANDOM or (
+                f"default {n_random.default}, not {stats.N_RANDOM}, because" in n_random.help), name
+        if "--limit" in actions:
+            assert actions["--limit"].type is int and actions["--limit"].nargs is None, name
+            assert actions["--limit"].help.startswith("use the first N pairs"), name
+        if "--decode" in actions:
+            assert tuple(actions["--decode"].choices) == tuple(decoding.ENGINES), name
+            assert actions["--decode"].help == parsers["A"]["--decode"].help, name
+    assert "--decode" in parsers["bench"] and "--limit" in parsers["bench"]
+    shared = {}
+    for name, actions in parsers.items():
+        for flag, action in actions.items():
+            if flag.startswith("--") and flag != "--help":
+                shared.setdefault(flag, []).append((name, action))
+    for flag, uses in shared.items():  # (choices may differ: A's --positions are not E's)
+        kinds = {(a.type, a.nargs) for _, a in uses}
+        assert len(kinds) == 1, f"{flag} differs between {[n for n, _ in uses]}: {kinds}"
+    assert stats.N_RANDOM == labels.min_draws()  # the fewest draws whose rank test reaches 0.05
+
+
+def test_help_cites_no_document_outside_the_repository():
+    """--help needs no plan, notes or earlier phase to be read."""
+    for name, actions in _all_parsers().items():
+        texts = [a.help or "" for a in set(actions.values())]
+        parser_doc = SCRIPTS[name].__doc__ if name in SCRIPTS else ""
+        for text in texts + [parser_doc]:
+            assert not re.search(r"NOTES|[Pp]lan [A-E]\.?\d|\b[A-E]\.\d\b|Phase \d", text), \
+                (name, text[:200])

@@ -171,7 +171,7 @@ def test_only_the_questions_tokens_are_patched(tiny, pairs, language):
 
 def cli(tmp_path, *extra):
     return ee.parse_args(["--model", common.TINY_MODEL, "--device", "cpu", "--limit", "6",
-                          "--solved", "off", "--min-pairs", "6", "--basis-layer", "2", "--k", "4",
+                          "--solved", "off", "--min-pairs", "6", "--layer", "2", "--k", "4",
                           "--n-random", "2", "--layers", "1", "2", "--positions", "question",
                           "--out", str(tmp_path / "exp_e"), "--figures", str(tmp_path / "fig"),
                           *extra])

@@ -159,3 +159,90 @@ def test_cache_dir_none_means_off():
     assert common.cache_dir_arg("none") is None and common.cache_dir_arg("None") is None
     assert common.cache_dir_arg("x/y") == Path("x/y")
 
+
+
+def test_resume_reads_a_config_written_under_the_old_flag_names(tmp_path):
+    """Runs made before the rename store basis_layer (B, C, E), one value for --layer (D) and
+    --depth (B-E), and no entry for flags added since: --resume compares them under today's names,
+    as the lists the flags now give, and skips what the run could not have set."""
+    for old, now in (({"basis_layer": 21, "depth": 0.889}, {"layer": 21, "depth": [0.889]}),
+                     ({"basis_layer": None, "depth": 0.889}, {"layer": None, "depth": [0.889]}),
+                     ({"layer": 21, "depth": None}, {"layer": [21], "depth": None}),
+                     ({"layer": [21, 22], "depth": None}, {"layer": [21, 22], "depth": None})):
+        runs.write_json(tmp_path / "config.json", {"args": dict(old, k=50)})
+        runs.check_resume(tmp_path, argparse.Namespace(**now, k=[50], bank_steps=1))
+        for changed in ({"layer": [3]}, {"k": [20]}, {"depth": [0.5]}):
+            with pytest.raises(runs.UsageError, match=f"--{next(iter(changed))} "):
+                runs.check_resume(tmp_path, argparse.Namespace(**{**now, "k": [50], **changed}))
+
+
+# Defaults that changed after the committed runs were made (--n-random was 20 in B and D, E's
+# --das-k 20 50) or flags added since (A's and E's --site: such runs patched the output): a
+# command that continues one names their values, as check_resume's message asks.
+CHANGED_SINCE = {"n_random": None, "das_k": None, "site": "output"}
+
+
+@pytest.mark.parametrize("config", sorted(runs.REPO.glob("results/example-*/exp_*/config.json")),
+                         ids=lambda p: f"{p.parent.parent.name}/{p.parent.name}")
+def test_a_committed_run_resumes_with_its_own_command(config, monkeypatch):
+    """Each committed run's command, parsed and validated by today's script (the model's config
+    stood in for by its layer count and width), passes --resume's check (CHANGED_SINCE named)."""
+    import importlib
+    stored = json.loads(config.read_text(encoding="utf-8"))
+    model = common.tiny_config()
+    model.num_hidden_layers, model.hidden_size = (stored["model"]["num_layers"],
+                                                  stored["model"]["hidden_size"])
+    monkeypatch.setattr(common, "load_model_config", lambda *a, **k: model)
+    words = stored["command"].split()
+    script = importlib.import_module(Path(words[0]).stem)
+    argv = words[1:] + ["--resume"]
+    for key, before in CHANGED_SINCE.items():
+        value = stored["args"].get(key, before)
+        if value is not None and hasattr(script.parse_args(words[1:]), key):
+            argv += [f"--{key.replace('_', '-')}",
+                     *map(str, value if isinstance(value, list) else [value])]
+    args = script.parse_args(argv)
+    if hasattr(script, "build_parser"):  # A and E resolve their flags in validate, before the check
+        script.validate(args)
+    runs.check_resume(config.parent, args)
+
+
+def test_write_csv_keeps_a_file_that_holds_the_same_table(tmp_path):
+    """A table whose numbers moved only in their last digits (another pandas or numpy) leaves the
+    file's bytes alone; a real change, a new column or other text rewrites it."""
+    import pandas as pd
+    path = tmp_path / "t.csv"
+    table = pd.DataFrame({"name": ["a", "b"], "x": [0.1234567890123, 2.0], "n": [1, 2],
+                          "flag": [True, False], "p": [float("nan"), 1e-300]})
+    runs.write_csv(table, path)
+    before = path.read_bytes()
+    runs.write_csv(table.assign(x=table.x * (1 + 1e-13)), path)
+    assert path.read_bytes() == before
+    for changed in (table.assign(x=table.x * (1 + 1e-6)), table.assign(name=["a", "c"]),
+                    table.assign(extra=1), table.iloc[:1], table.assign(p=[0.5, 1e-300])):
+        runs.write_csv(table, path)
+        runs.write_csv(changed, path)
+        assert runs.load_csv(path).shape == changed.shape and path.read_bytes() != before
+
+
+def test_save_figure_keeps_a_file_that_shows_the_same_pixels(tmp_path):
+    """Only the PNG's metadata differs (another matplotlib writes its version there): kept."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def figure(y):
+        fig, ax = plt.subplots(figsize=(2, 2))
+        ax.plot([0, 1], [0, y])
+        return fig
+
+    path = tmp_path / "f.png"
+    fig = figure(1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=50, metadata={"Software": "another version"})
+    plt.close(fig)
+    before = path.read_bytes()
+    runs.save_figure(figure(1), path, dpi=50)
+    assert path.read_bytes() == before
+    runs.save_figure(figure(2), path, dpi=50)
+    assert path.read_bytes() != before and b"another version" not in path.read_bytes()

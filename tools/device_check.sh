@@ -73,7 +73,7 @@ step bench_a_step 200 $B --parts a step
 step bench_single_b_d 100 $B --parts single b d
 step bench_c_e 120 $B --parts c e
 # 4. If time is left: A's grid at 100 new tokens on 10 pairs (the issue's second A target, scaled).
-step bench_a100 120 $B --parts a --pairs 10 --new-tokens 100
+step bench_a100 120 $B --parts a --limit 10 --new-tokens 100
 
 log "done; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 [ -f "$OUT/bench.csv" ] && cat "$OUT/bench.csv"

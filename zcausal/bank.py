@@ -5,7 +5,8 @@
 
 Why: a patch can only move an answer the model computes. Multi-step problems (prompts.json, MGSM)
 are solved too rarely by small models to carry a causal test; one- and two-step problems with 2-3
-digit answers are (NOTES.md, section 10). Every problem states its unit ("eggs" / "个鸡蛋"), so the
+digit answers are (with the direct template the 0.5B check model answered 3 of prompts.json's 44
+multi-step problems and 2 of 80 of MGSM's). Every problem states its unit ("eggs" / "个鸡蛋"), so the
 answer is written with a unit word and the words after the number show the output's language.
 
 Each pair: id ("bank1-0042"), category, steps (1 or 2), en, zh, answer (int, 10..999), expr (the

@@ -479,9 +479,10 @@ def _merge(parts, B):
     return merged
 
 
-def add_decode_args(parser):
-    """--decode, for every script that decodes or teacher-forces."""
-    parser.add_argument("--decode", choices=ENGINES, default="auto",
+def add_decode_args(parser, aliases=()):
+    """--decode, for every script that decodes or teacher-forces (and bench.py, which also accepts
+    its old spelling --engine: `aliases`)."""
+    parser.add_argument("--decode", *aliases, dest="decode", choices=ENGINES, default="auto",
                         help="decode loop: fast (preallocated KV cache, the patch inside the step, "
                              "CUDA graphs on a GPU), eager (the plain loop through the Hugging Face "
                              "model, for debugging; same tokens in float32), auto (fast on CUDA; "

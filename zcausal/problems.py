@@ -521,7 +521,8 @@ def aligned_ends(tokenizer, template, pairs):
     """Problems whose English and Chinese direct prompts do not end on the same token, or whose
     answer's first digit is not the token right after the prompt: [(id, reason)], empty when
     every pair is aligned. Position-aligned interchange at the last position needs both: the same
-    token on both sides, and that token predicting the first digit (NOTES.md, sections 9-10)."""
+    token on both sides, and that token predicting the first digit: otherwise, at low layers,
+    swapping the last state swaps the token itself ("答案是" ends on 是, "The answer is " on a space)."""
     bad = []
     for pair in pairs:
         last = {}

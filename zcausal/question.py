@@ -276,7 +276,7 @@ def run_sweep(model, tokenizer, pairs, template, args, out, make_conditions):
                  "question_timing.csv"):
         runs.keep_rows(out / name, KEYS, done)
     d, n_layers = common.hidden_size(model), common.num_layers(model)
-    z_basis = {k: common.z_basis(model, args.basis_layer, k, fold_norm=args.fold_norm)
+    z_basis = {k: common.z_basis(model, args.layer, k, fold_norm=args.fold_norm)
                for k in args.k}
     for language in LANGUAGES:
         todo = [(k, layer) for k in args.k for layer in args.layers
@@ -292,7 +292,7 @@ def run_sweep(model, tokenizer, pairs, template, args, out, make_conditions):
                        ("z_layer", common.z_basis(model, layer, k, fold_norm=args.fold_norm))],
                 args.n_random, args.seed)
             rows = labelled_rows(run_rows(model, state, layer, conditions, args.batch_size,
-                                          args.basis_layer),
+                                          args.layer),
                                  state, conditions, {"k": k, "layer": layer,
                                                      "depth": layer / n_layers,
                                                      "language": language})

@@ -71,7 +71,7 @@ COUNTS = {"seed": 0, "batch_size": 1, "limit": 1, "max_new_tokens": 1, "new_toke
           "n_random": 0, "n_random_logprob": 0, "n_shuffles": 1, "n_folds": 2, "min_pairs": 2,
           "steps": 1, "min_steps": 0, "log_every": 1, "last_m": 1, "decode_limit": 0,
           "decode_random": 0, "das_steps": 1, "das_batch": 1, "das_eval_every": 1,
-          "das_partners": 1, "das_test_min": 0}
+          "das_partners": 1, "das_test_min": 0, "min_span": 0}
 
 
 def flag_name(dest):
@@ -210,13 +210,32 @@ def portable(value):
     return f"<outside>/{path.name}"
 
 
+# Flags renamed since runs were committed: the old name in a config.json's "args" -> today's dest.
+RENAMED = {"basis_layer": "layer"}
+
+
+def current_names(stored):
+    """A config.json's "args" under today's flag names (RENAMED), so a run made before a rename
+    still resumes."""
+    return {RENAMED.get(k, k): v for k, v in stored.items()}
+
+
+def _same_flag(stored, current):
+    """A stored value equals the current one, a single value also the list of it (flags that took
+    one value and now take one or several: --layer, --depth, --k)."""
+    return stored == current or (isinstance(current, list) and [stored] == current)
+
+
 def check_resume(out, args):
     """--resume on the run in `out` (check_out_dir found its config.json): its flags must be this
-    command's (RESUME_IGNORED aside); else a UsageError naming the flags that differ."""
-    stored = json.loads((Path(out) / "config.json").read_text(encoding="utf-8")).get("args", {})
+    command's (RESUME_IGNORED aside; a run made before a flag was renamed or added is read under
+    today's names, current_names); else a UsageError naming the flags that differ."""
+    stored = current_names(json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))
+                           .get("args", {}))
     stored = {k: v for k, v in stored.items() if k not in RESUME_IGNORED}
     current = comparable_args(args)
-    differ = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    # a flag the run's config.json does not name was added since: that run could not set it
+    differ = sorted(k for k in stored if not _same_flag(stored[k], current.get(k)))
     if differ:
         shown = ", ".join(f"--{k.replace('_', '-')} (was {stored.get(k)!r}, now {current.get(k)!r})"
                           for k in differ[:4])
@@ -296,13 +315,33 @@ def write_json(path, obj):
                           encoding="utf-8")
 
 
-def save_figure(fig, path, dpi=120):
-    """Lay out, write and close a matplotlib figure (closing frees it in long runs)."""
+def save_figure(fig, path, dpi=120, rect=None):
+    """Lay out (tight_layout within `rect`, the whole figure by default), write and close a
+    matplotlib figure (closing frees it in long runs). A file that already shows the same pixels
+    is left as it is: a --replot under another matplotlib, whose version is written into the PNG,
+    does not rewrite a committed figure that looks the same."""
+    import io
     import matplotlib.pyplot as plt
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.tight_layout(rect=rect)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
+    if not (Path(path).is_file() and _same_pixels(path, buffer)):
+        Path(path).write_bytes(buffer.getvalue())
     return path
+
+
+def _same_pixels(path, buffer):
+    """Whether the image file at `path` and the one in `buffer` decode to the same pixels."""
+    import matplotlib.image
+    import numpy as np
+    try:
+        old = matplotlib.image.imread(path)
+    except (OSError, ValueError, SyntaxError):  # not an image matplotlib can read: rewrite it
+        return False
+    buffer.seek(0)
+    new = matplotlib.image.imread(buffer, format=Path(path).suffix.lstrip(".") or "png")
+    return old.shape == new.shape and np.array_equal(old, new)
 
 
 def figure_dir(out, figures_root):
@@ -371,14 +410,40 @@ def apply_smoke(parser, args, preset, unless=None):
 
 def write_csv(frame, path, append=False):
     """Write (or append to) a CSV (gzipped when the name ends in .gz) that load_csv reads back
-    exactly. Every string is quoted:
-    pandas leaves a lone carriage return unquoted, which splits a generated text over two lines."""
+    exactly. Every string is quoted: pandas leaves a lone carriage return unquoted, which splits
+    a generated text over two lines. A file that already holds the same table (same_table: its
+    numbers equal to the last digits that a pandas or numpy version moves) is left as it is, so a
+    --replot does not rewrite a committed table that says the same."""
     import csv
     path = Path(path)
+    if not append and path.is_file() and same_table(frame, path):
+        return
     # .gz: gzip with a fixed timestamp, so the same rows give the same bytes (appends add members)
     compression = {"method": "gzip", "mtime": 0} if path.suffix == ".gz" else None
     frame.to_csv(path, mode="a" if append else "w", header=not (append and path.exists()),
                  index=False, quoting=csv.QUOTE_NONNUMERIC, compression=compression)
+
+
+def same_table(frame, path, rtol=1e-9, atol=1e-12):
+    """Whether the CSV at `path` holds `frame` as load_csv would read it back from write_csv: the
+    same columns and rows, the same text, and numbers equal within rtol (or atol near 0)."""
+    import csv
+    import io
+    import numpy as np
+    import pandas as pd
+    old = load_csv(path)
+    new = load_csv(io.StringIO(frame.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)))
+    if list(old.columns) != list(new.columns) or old.shape != new.shape:
+        return False
+    for column in new.columns:
+        a, b = old[column], new[column]
+        if pd.api.types.is_numeric_dtype(a) and pd.api.types.is_numeric_dtype(b):
+            if not np.allclose(a.to_numpy(float), b.to_numpy(float), rtol=rtol, atol=atol,
+                               equal_nan=True):
+                return False
+        elif not a.astype(str).equals(b.astype(str)):
+            return False
+    return True
 
 
 def done_values(path, columns):

@@ -7,7 +7,11 @@ import math
 
 import numpy as np
 
-PLAN_K = 50  # the plan's k (Phase 2's best configuration): the k of every declared primary test
+PLAN_K = 50  # the plan's k (Z's best configuration when it was found): every primary test's k
+# --n-random's default in every script: the fewest random draws whose rank test (rank_test) can
+# reach p = 1 / (19 + 1) = 0.05, significant at p <= 0.05 when Z lies above every draw.
+N_RANDOM = 19
+N_RANDOM_WHY = f"{N_RANDOM} is the fewest draws for which a rank test can give p = 0.05"
 
 
 def primary_k(ks):

@@ -12,8 +12,8 @@ read against random subspaces of the same size (Z as one more draw: stats.rank_t
 patch decoded in the same batches, and the `en` control (the English prompt's own mean written
 into Z).
 
-The primary test, declared in config.json before the run (primary_config): at the basis layer (the
-plan's layer 32 of 36 at this model's depth), k 50, mean source, prompt positions, Z changes more
+The primary test, declared in config.json before the run (primary_config): at the plan's layer 32
+of 36 at this model's depth where it was run (else the first --layer), k 50, mean source, prompt positions, Z changes more
 answers than random subspaces of its size (rank test), more than `en` on the same problems (exact
 McNemar on the problems where they differ) and lowers log p(reference) more than `en` (exact sign
 test), all one-sided: an intersection-union test whose p-value is the largest of the three, with the
@@ -105,10 +105,11 @@ def summarize(out_dir, figures_dir=Path("figures")):
 
 
 def replot(args):
-    """--replot: every table, SUMMARY.md and figure of the run in --out, rebuilt from its CSVs
-    (no model), each path printed; a folder without a finished run is a UsageError, nothing
-    written."""
+    """--replot, and the end of a run: every table, SUMMARY.md and figure of the run in --out,
+    rebuilt from its CSVs (no model); prints the verdicts (summary_lines) and each path written.
+    A folder without a finished run is a UsageError, nothing written."""
     verdicts, written = summarize(args.out, args.figures)
+    print("\n".join(summary_lines(args.out)))
     for path in written:
         print(f"wrote {path}")
     return verdicts

@@ -91,11 +91,11 @@ def check_complete(rows):
 # ----------------------------------------------------------------------------------------------
 # The declared primary configuration
 
-def primary_config(layers, ks, positions, sources, basis_layer):
-    """(layer, k, positions, source) of the primary test: the basis layer, k 50, prompt
+def primary_config(layers, ks, positions, sources, plan_layer):
+    """(layer, k, positions, source) of the primary test: the plan's layer, k 50, prompt
     positions, mean source, each where the run has it (else its first layer, largest k, first
     positions and source; the summary then says the declared configuration was not run)."""
-    return (basis_layer if basis_layer in layers else layers[0],
+    return (plan_layer if plan_layer in layers else layers[0],
             PRIMARY["k"] if PRIMARY["k"] in ks else max(ks),
             PRIMARY["positions"] if PRIMARY["positions"] in positions else positions[0],
             PRIMARY["source"] if PRIMARY["source"] in sources else sources[0])
@@ -112,15 +112,23 @@ def run_site(config):
     return config.get("args", {}).get("site") or "output"
 
 
-def primary_description(primary, site="input"):
-    return (f"patched at {site_text(site, primary[0])}: " + "Z at layer {} (the plan's layer 32 of 36 at this depth), k {}, positions {}, source "
-            "{} changes more answers than random subspaces of its size (rank test), more than en "
+def primary_description(primary, site="input", layers=None):
+    """The declared primary test in words. layers: config.json's layers_resolved (num_layers and
+    the plan's layer at this depth; None: the primary layer is taken to be the plan's)."""
+    resolved = layers or {}  # older runs call the plan's layer basis_layer
+    layer, plan = primary[0], resolved.get("plan_layer", resolved.get("basis_layer"))
+    n = resolved.get("num_layers")
+    where = ("the plan's layer 32 of 36 at this depth" if plan is None or layer == plan else
+             f"depth {layer / n:.2f}, layer {layer} of {n}; the plan's layer 32 of 36 at this "
+             f"depth, {plan}, was not run")
+    return (f"patched at {site_text(site, layer)}: " + "Z at layer {} ({where}), k {}, positions "
+            "{}, source {} changes more answers than random subspaces of its size (rank test), more than en "
             "on the same problems (exact McNemar) and lowers log p(reference) more than en (exact "
             "sign test), each one-sided; p = the largest of the three (an intersection-union "
             "test), with Z's Wilson lower bound above the noop rate. 'partial' rests on it alone; "
             "'double dissociation' adds, at the same configuration, Z keeps language, Z⊥ changes "
             "language (rank test at its raw p: the label is the conjunction of its criteria) and "
-            "Z⊥ keeps answers".format(*primary))
+            "Z⊥ keeps answers".format(*primary, where=where))
 
 
 def primary_of(rows, config):
@@ -129,9 +137,10 @@ def primary_of(rows, config):
     if declared:
         return tuple(declared[c] for c in CONFIG)
     keys = rows[CONFIG].drop_duplicates()
-    basis = config.get("layers_resolved", {}).get("basis_layer", int(keys.layer.min()))
+    resolved = config.get("layers_resolved", {})  # the plan's layer: basis_layer in older runs
+    plan = resolved.get("plan_layer", resolved.get("basis_layer", int(keys.layer.min())))
     return primary_config(sorted(keys.layer.unique()), list(keys.k.unique()),
-                          list(keys.positions.unique()), list(keys.source.unique()), basis)
+                          list(keys.positions.unique()), list(keys.source.unique()), plan)
 
 
 # ----------------------------------------------------------------------------------------------

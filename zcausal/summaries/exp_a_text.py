@@ -341,7 +341,8 @@ def write_summary(out_dir, rows, tables, checks, variance, config):
             f"{config.get('git_commit')}. {selection_sentence(config)} Every number and sentence "
             f"here is generated from the CSVs in this folder; rebuild with `python "
             f"exp_a_patching.py --replot --out <this folder>`.", "",
-            f"Primary test (config.json): {primary_description(primary, run_site(config))}. "
+            f"Primary test (config.json): "
+            f"{primary_description(primary, run_site(config), config.get('layers_resolved'))}. "
             f"Every other test is secondary, its p Holm-adjusted over tests.csv, but for the "
             f"declared ones. {prereg.status_sentence(config, 'A')}", "",
             "## Checks on the measure", ""] + checks_markdown(checks, template) + [

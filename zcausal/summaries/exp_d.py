@@ -4,8 +4,8 @@ R^2 against the shuffled-pairs null and the random bases, summary_lines and head
     python exp_d_bridge.py --replot --out results/exp_d        # redraws from the CSVs
 
 Primary test (declared here and in docs/preregistration.json, the rest Holm-corrected): least
-squares (the plan's map) at k = 50 (the plan's k; the largest k where 50 was not run), Z's 10-fold
-held-out R^2 ranked among the random bases' (one-sided: does Z carry more of the map than random
+squares at k = 50 (the largest k where 50 was not run), Z's n-fold held-out R^2 (--n-folds,
+default 10) ranked among the random bases' (one-sided: does Z carry more of the map than random
 subspaces of its size). Only that direction is tested: a Z that does not rank high enough is "not
 above random" (labels.versus_random), never "below" or "= random".
 """
@@ -20,7 +20,7 @@ from zcausal.runs import UsageError
 from zcausal.summaries.text import interval, num, ordinal, plural
 
 MAPS = ("lstsq", "ridge", "procrustes", "identity", "mean_shift")
-PRIMARY_MAP, PRIMARY_STAT = "lstsq", "10-fold held-out R^2"
+PRIMARY_MAP = "lstsq"  # the primary test: its k-fold held-out R^2 against the random bases
 ALPHA = 0.05
 RANDOM_COLUMNS = [f"random_{c}" for c in ("mean", "lo", "hi", "max", "rank", "p_above",
                                           "p_below", "p_two_sided")]
@@ -74,10 +74,7 @@ def plot_singular_values(out_dir, path):
     fig.suptitle(f"Spectrum of the zh <- en bridge W (fit on all pairs; layer "
                  f"{int(meta['layer'])}, {_basis_name(meta)} basis, {_pooling_note(sv)})",
                  fontsize=11)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return runs.save_figure(fig, path, dpi=130, rect=(0, 0.07, 1, 1))
 
 
 def _pooling_note(table):
@@ -88,13 +85,13 @@ def _pooling_note(table):
 
 
 def plot_heldout_r2(out_dir, path):
-    """One panel per k: held-out R^2 per map (10-fold filled, leave-one-out open, in-sample x) with
+    """One panel per k: held-out R^2 per map (k-fold filled, leave-one-out open, in-sample x) with
     the shuffled-pairs null band, the random bases' band and draws, and Z's place among them
     ("1st/21"); and a panel of leave-one-out top-1 retrieval against chance. Maps are rows, so no
     legend repeats them; from metrics.csv and random_draws.csv only."""
     plt = _pyplot()
     m = _metrics(out_dir)
-    ks = sorted(m["k"].unique())
+    ks, folds = sorted(m["k"].unique()), f"{int(m['n_folds'].iloc[0])}-fold"
     rows_y = np.arange(len(MAPS))[::-1]
     fig, axes = plt.subplots(1, len(ks) + 1, figsize=(4.2 * (len(ks) + 1), 3.8), sharey=True)
     draws = _random_draws(out_dir)
@@ -113,13 +110,13 @@ def plot_heldout_r2(out_dir, path):
                     label=f"{int(rows['n_random'].max())} random k-dim bases (2.5-97.5%)")
             mine = draws[draws["k"] == k]
             ax.plot(mine["kfold_r2"], [rows_y[MAPS.index(name)] - 0.28 for name in mine["map"]],
-                    ".", color="tab:orange", ms=3, label="random bases, each (10-fold)")
+                    ".", color="tab:orange", ms=3, label=f"random bases, each ({folds})")
             for y, (_, r) in zip(rows_y, rows.iterrows()):
                 ax.annotate(f"Z {ordinal(r['random_rank'])}/{int(r['n_random']) + 1}",
                             (r["kfold_r2"], y + 0.1), xytext=(5, 4), textcoords="offset points",
                             fontsize=7, color="tab:blue")
         ax.plot(rows["kfold_r2"], rows_y + 0.1, "o", color="tab:blue",
-                label=f"Z, {int(m['n_folds'].iloc[0])}-fold held out")
+                label=f"Z, {folds} held out")
         ax.plot(rows["loo_r2"], rows_y - 0.08, "o", mfc="none", color="tab:blue",
                 label="Z, leave-one-out")
         ax.plot(rows["in_sample_r2"], rows_y + 0.1, "x", color="tab:red", label="Z, in sample")
@@ -148,10 +145,7 @@ def plot_heldout_r2(out_dir, path):
     fig.suptitle(f"Bridge zh <- en inside the {_basis_name(m)} basis: layer "
                  f"{int(m['layer'].iloc[0])}, N = {int(m['n_pairs'].iloc[0])} pairs, "
                  f"{_pooling_note(m)}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.13, 1, 1))
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return runs.save_figure(fig, path, dpi=130, rect=(0, 0.13, 1, 1))
 
 
 def _random_draws(out_dir):
@@ -172,9 +166,9 @@ def plot_all(args):
 # ----------------------------------------------------------------------------------------------
 # The primary test, and the findings in words (printed at the end of a run; report.py)
 
-def primary_description(ks):
-    return (f"{PRIMARY_MAP} at k = {stats.primary_k(ks)}: Z's {PRIMARY_STAT} against the "
-            f"random bases', one-sided (rank test); the other maps and k Holm-corrected")
+def primary_description(ks, n_folds):
+    return (f"{PRIMARY_MAP} at k = {stats.primary_k(ks)}: Z's {n_folds}-fold held-out R^2 against "
+            f"the random bases', one-sided (rank test); the other maps and k Holm-corrected")
 
 
 def mark_primary(table):
