@@ -25,7 +25,7 @@ Every row is written (per_problem.csv, random_rows.csv.gz); the tables, the decl
 and the Holm-corrected secondary ones are built from those rows alone
 (zcausal/summaries/exp_e_tables.py: measures top1_src / top1_own / neither, the p_share shift,
 disruption, pooled shifts, the language margin after the answer). Decoded spot checks at
---decode-layers. A second position set runs first (--positions; by default with bank problems):
+--decode-layers. A second position set runs first (--position-sets; by default with bank problems):
 every token of the question takes, at layer l, the state at the same position of a
 counterfactual partner's prompt in the same language (the same problem with other numbers of
 the same digit counts, so the prompts align position by position), with the same conditions
@@ -548,7 +548,7 @@ def validate(args):
                               f"fractions (train validation test) that sum to 1")
     pairs = problems.load_pairs(args, bank_limit=BANK_PAIRS)
     split_sizes(len(pairs), args.split, args.das_test_min)
-    args.positions = question.resolve_positions(args.positions, pairs)
+    args.position_sets = question.resolve_positions(args.position_sets, pairs)
     template = problems.get_template(problems.load_templates(args), "direct")
     return pairs, template
 
@@ -581,7 +581,7 @@ def select_pairs(model, tokenizer, pairs, template, args):
             f"template (first: {pid}: {why}); a last-position interchange would swap the token "
             f"itself: make both templates in prompts.json end with the space before the answer, "
             f"or pass --allow-unaligned")
-    if "question" in args.positions:  # its partners' prompts must align too
+    if "question" in args.position_sets:  # its partners' prompts must align too
         question.check_alignment(tokenizer, template, kept, args.seed)
     return kept, table.assign(kept=keep), record
 
@@ -635,9 +635,9 @@ def main(args):
             random_basis_seeds="seed * 1000003 + k * 1009 + draw", solved=solved,
             language_margin="log P(Latin word) - log P(Chinese word) after the answer, a lone "
                             "space marginalised (common.language_margin)"))
-    if "question" in args.positions:  # the question's tokens from counterfactual partners
+    if "question" in args.position_sets:  # the question's tokens from counterfactual partners
         question.run_sweep(model, tokenizer, pairs, template, args, out, make_conditions)
-    if "last" not in args.positions:
+    if "last" not in args.position_sets:
         return summary.replot(args)
     state = prepare(model, tokenizer, pairs, template, partner, args.last_m, args.batch_size)
     runs.write_csv(state.clean.assign(split=split), out / "clean.csv")
@@ -703,7 +703,7 @@ def build_parser():
     parser.add_argument("--last-m", type=int, default=1,
                         help="positions interchanged: the English prompt's last m take the "
                              "Chinese prompt's last m, aligned from the end")
-    parser.add_argument("--positions", nargs="+", choices=question.POSITIONS, default=None,
+    parser.add_argument("--position-sets", nargs="+", choices=question.POSITIONS, default=None,
                         help="position sets: last (the last --last-m positions from the Chinese "
                              "prompt, then the decoded checks and DAS) and question (every token "
                              "of the question from a counterfactual partner with other numbers, "

@@ -190,7 +190,7 @@ def test_a_flag_name_means_one_thing_in_every_script_and_in_bench_and_study():
         for flag, action in actions.items():
             if flag.startswith("--") and flag != "--help":
                 shared.setdefault(flag, []).append((name, action))
-    for flag, uses in shared.items():  # (choices may differ: A's --positions are not E's)
+    for flag, uses in shared.items():  # (choices may differ)
         kinds = {(a.type, a.nargs) for _, a in uses}
         assert len(kinds) == 1, f"{flag} differs between {[n for n, _ in uses]}: {kinds}"
     assert stats.N_RANDOM == labels.min_draws()  # the fewest draws whose rank test reaches 0.05

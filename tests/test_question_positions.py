@@ -172,7 +172,7 @@ def test_only_the_questions_tokens_are_patched(tiny, pairs, language):
 def cli(tmp_path, *extra):
     return ee.parse_args(["--model", common.TINY_MODEL, "--device", "cpu", "--limit", "6",
                           "--solved", "off", "--min-pairs", "6", "--layer", "2", "--k", "4",
-                          "--n-random", "2", "--layers", "1", "2", "--positions", "question",
+                          "--n-random", "2", "--layers", "1", "2", "--position-sets", "question",
                           "--out", str(tmp_path / "exp_e"), "--figures", str(tmp_path / "fig"),
                           *extra])
 
@@ -190,7 +190,7 @@ def test_the_question_set_alone_writes_its_rows_tables_figure_and_sentence(quest
                  "question_timing.csv", "question_per_layer.csv", "question_draws.csv",
                  "question_tests.csv"):
         assert (out / name).is_file(), name
-    assert not (out / "per_problem.csv").exists()  # --positions question: no last-position rows
+    assert not (out / "per_problem.csv").exists()  # --position-sets question: no last-position rows
     assert (runs.figure_dir(out, question_run / "fig") / "question_sweep.png").is_file()
     table = runs.load_csv(out / "question_per_layer.csv")
     assert set(table.language) == {"en", "zh"} and set(table.layer) == {1, 2}
@@ -248,7 +248,7 @@ def test_the_question_set_needs_bank_problems(tmp_path, capsys):
         runs.run_cli(ee.main, cli(tmp_path, "--prompts", str(prompts)))
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
-    assert "--positions question needs the bank" in err and "--prompts bank" in err
+    assert "--position-sets question needs the bank" in err and "--prompts bank" in err
     assert not (tmp_path / "exp_e").exists()
     assert question.resolve_positions(None, problems.load_prompts()["pairs"]) == ["last"]
     assert "last position only" in capsys.readouterr().out
@@ -307,5 +307,5 @@ def test_partners_that_do_not_align_stop_the_run_before_anything_is_written(tmp_
         runs.run_cli(ee.main, cli(tmp_path))
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
-    assert "not position-aligned in en" in err and "--positions last" in err
+    assert "not position-aligned in en" in err and "--position-sets last" in err
     assert not (tmp_path / "exp_e").exists()

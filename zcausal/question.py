@@ -45,19 +45,19 @@ def is_bank_problem(pair):
 
 
 def resolve_positions(positions, pairs):
-    """--positions as a list: the sets given, or by default both where every pair is a bank
+    """--position-sets as a list: the sets given, or by default both where every pair is a bank
     problem (a counterfactual re-draws its numbers) and `last` alone otherwise (said on stdout).
     A UsageError for `question` with problems outside the bank."""
     bank_only = all(is_bank_problem(p) for p in pairs)
     if positions is None:
         if not bank_only:
-            print("--positions: the question set needs the bank's problems (--prompts bank); "
+            print("--position-sets: the question set needs the bank's problems (--prompts bank); "
                   "running the last position only")
         return POSITIONS if bank_only else ["last"]
     if "question" in positions and not bank_only:
-        raise runs.UsageError("--positions question needs the bank's problems, whose numbers a "
+        raise runs.UsageError("--position-sets question needs the bank's problems, whose numbers a "
                               "counterfactual partner re-draws: pass --prompts bank, or "
-                              "--positions last")
+                              "--position-sets last")
     return [p for p in POSITIONS if p in positions]
 
 
@@ -120,7 +120,7 @@ def encode(tokenizer, template, pairs, partner_pairs, language):
             raise runs.UsageError(
                 f"{pair['id']} and its counterfactual {partner['id']} are not position-aligned "
                 f"in {language} ({got}): the question set needs a tokenizer that writes each "
-                f"digit as its own token; pass --positions last")
+                f"digit as its own token; pass --position-sets last")
         ids.append(got[0])
         other.append(got[1])
         ranges.append(got[2])

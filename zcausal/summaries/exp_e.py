@@ -557,7 +557,7 @@ def summary_lines(out):
     --replot; report.py's paragraph)."""
     question = [s for s in (question_sentence(out),) if s]
     if question and not (Path(out) / "per_problem.csv").is_file():
-        return question  # a run of the question set alone (--positions question)
+        return question  # a run of the question set alone (--position-sets question)
     tables = read_tables(out)
     per_layer, tests = tables["per_layer"], tables["tests"]
     ks = sorted(int(k) for k in per_layer.k.unique())
@@ -626,7 +626,7 @@ def replot(args):
     from zcausal.summaries import exp_e_figures
     out = Path(args.out)
     question_only = not (out / "per_problem.csv").is_file() and \
-        (out / "question_per_problem.csv").is_file()  # --positions question
+        (out / "question_per_problem.csv").is_file()  # --position-sets question
     tables = {} if question_only else build_tables(out)  # a UsageError before anything is written
     tables.update(question_tables(out) or {})
     written = []
