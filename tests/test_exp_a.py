@@ -368,6 +368,7 @@ def test_smoke_reads_the_basis_layers_attention_at_the_input_site(smoke):
     summary = (out / "SUMMARY.md").read_text()
     assert "the input of layer 2" in summary and "total variation" in summary
     assert "a null on answers or language here is" in summary
+    assert (runs.figure_dir(out, smoke[1]) / "attention_shift.png").is_file()
 
 
 def test_headline_is_the_primary_tests_verdict_value_and_lead(smoke):

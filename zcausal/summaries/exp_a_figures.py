@@ -1,6 +1,7 @@
 """Experiment A's figures, from the tables of zcausal/summaries/exp_a_tables.py alone (no model):
 change_rates.png (answers and language changed), transfer_rates.png (the first-digit argmax became
-the source's, and the decoded transfer) and logprob_shift.png (the scored shifts). Each fixed
+the source's, and the decoded transfer), logprob_shift.png (the scored shifts) and, for runs with the
+attention readout, attention_shift.png (how far each patch moves the reading layer's attention). Each fixed
 condition is a bar with its Wilson interval; the random draws of Z's size are the shaded band."""
 from pathlib import Path
 from types import SimpleNamespace
@@ -120,4 +121,23 @@ def plot_figures(out_dir, figures_dir, tables, template):
         if not metrics[metrics.metric == metric].value.notna().any():
             _say(ax, "not measured")
     paths.append(runs.save_figure(fig, runs.figure_path(where, "logprob_shift")))
+    if (metrics.metric == "attn_tv_all").any():  # runs from before the readout have none
+        paths.append(plot_attention(where, configs, conds, value, band(scored, "attn_tv_last"),
+                                    band(scored, "attn_tv_all"), width))
     return paths
+
+
+def plot_attention(where, configs, conditions, value, band_last, band_all, width):
+    """attention_shift.png: Z's own positive control, how far each condition's patch moves the
+    attention of the layer reading the patched stream (the basis layer at --site input), at the
+    last prompt position and over all positions, over the scored random draws' band."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(2 * width, 3.8))
+    panels = (("attn_tv_last", band_last, "the last prompt position"),
+              ("attn_tv_all", band_all, "all prompt positions"))
+    for ax, (metric, band, at) in zip(axes, panels):
+        _bars(ax, configs, conditions, value(metric), None, band, "total variation",
+              f"attention of the reading layer moved by the patch, at {at}\n(mean over heads and "
+              f"kept problems; shaded: random draws of Z's size)")
+        ax.set_ylim(-0.02, 1.02)
+    return runs.save_figure(fig, runs.figure_path(where, "attention_shift"))
