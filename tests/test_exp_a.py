@@ -275,7 +275,7 @@ def test_readme_smoke_command_runs(tmp_path):
     for name in ("rows.csv", "SUMMARY.md", "verdicts.csv", "tests.csv", "config.json"):
         assert (out / name).is_file()
     assert sorted(p.name for p in (tmp_path / "figures").rglob("*.png")) == [
-        "change_rates.png", "logprob_shift.png", "transfer_rates.png"]
+        "attention_shift.png", "change_rates.png", "logprob_shift.png", "transfer_rates.png"]
     # like B-E: the verdict and every file written, figures included
     assert "**Verdict: " in result.stdout and "Layer 2 · k 8" in result.stdout
     for path in (tmp_path / "figures").rglob("*.png"):
