@@ -451,7 +451,7 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path, monk
     assert (full / "patching_table.md").read_text() == (resumed / "patching_table.md").read_text()
     # both runs' figures survive: same --figures, same --out basename
     for out in (full, resumed):
-        assert len(list(runs.figure_dir(out, figures).glob("*.png"))) == 3
+        assert len(list(runs.figure_dir(out, figures).glob("*.png"))) == 4
 
 
 def _synthetic(n, z=0, zperp=0, en=0, z_lang=0, zp_lang=0, rand=0, noop=0, draws=19, english=None,
