@@ -360,14 +360,18 @@ def segment_logp(model, hidden, block, segment=0):
         0, rows, picked)
 
 
+def patch_suffix(hidden, patch, m):
+    """The query block's states (B, Q, d) with its first m columns, the suffix, replaced by
+    patch(suffix (B, m, d)) -> (B, m, d); the answer columns after them untouched."""
+    return torch.cat([patch(hidden[:, :m]).to(hidden.dtype), hidden[:, m:]], 1)
+
+
 def patched_states(model, prefixes, block, layer, hidden, patch, mask=None):
     """The last layer's output (B, Q, d) of the query block when the suffix's output of decoder
     `layer` (-1: embeddings) is replaced by patch(suffix_states (B, m, d)) -> (B, m, d). hidden:
     the clean query states at that layer (B, Q, d). Differentiable (for DAS) unless called under
     torch.no_grad()."""
-    m = block.m
-    suffix = patch(hidden[:, :m])
-    hidden = torch.cat([suffix.to(hidden.dtype), hidden[:, m:]], 1)
+    hidden = patch_suffix(hidden, patch, block.m)
     return run_layers(model, prefixes, block, hidden, layer + 1, mask)
 
 
@@ -391,7 +395,7 @@ def scores_and_readout(model, prefixes, block, layer, hidden, patch, readout_lay
     from zcausal import attention
     m = block.m
     mask = attention_mask(prefixes, block, hidden.dtype) if mask is None else mask
-    hidden = torch.cat([patch(hidden[:, :m]).to(hidden.dtype), hidden[:, m:]], 1)
+    hidden = patch_suffix(hidden, patch, m)
     nan = torch.full((len(hidden),), float("nan"))
     if readout_layer is None or layer + 1 > readout_layer:
         final = run_layers(model, prefixes, block, hidden, layer + 1, mask)
