@@ -726,6 +726,7 @@ def _argv(args):
     (["--split", "0.5", "0.5", "0.5"], "--split"),
     (["--limit", "4"], "at least 2 problems"),
     (["--device", "cuda"], "--device"),
+    (["--layer", "0"], "--site input at basis layer 0 would patch the embeddings"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -737,6 +738,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, extra
     assert "(or --depth" not in err or extra[0] in ("--layer", "--basis-layer")
     assert "/" not in err.split("pass ")[-1].split()[0]  # one flag named, the one given
     assert not (tmp_path / "exp_e").exists() and not (tmp_path / "fig").exists()
+
+
+@pytest.mark.parametrize("site,primary", [("input", 1), ("output", 2)])
+def test_the_primary_tests_layer_is_always_swept(tmp_path, site, primary):
+    """Z of basis layer 2 is tested at sweep layer 1 (the output of 1 = the input of 2) with
+    --site input, at layer 2 with --site output; a --layers list without it gains it."""
+    args = cli(tmp_path, "--layers", "0", "3", "--site", site)
+    ee.validate(args)
+    assert ee.primary_layer_of(args) == primary and args.layers == sorted([0, 3, primary])
 
 
 @pytest.mark.parametrize("depth,message", [("1.5", "--depth 1.5 is not a fraction"),
