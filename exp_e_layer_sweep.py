@@ -18,7 +18,7 @@ or from the swap partner (`swap`), within a subspace:
             the primary test reads it at the basis layer's input (--site input: sweep layer b - 1,
             always swept) or its output (--site output: sweep layer b)
   z_layer   Z of the patched layer l itself
-  random    --n-random random k-dim subspaces (the same draws at every layer)
+  random    --n-random random k-dim subspaces (--random-draws: independent per layer, or shared)
 Every row also records how far its patch moves the basis layer's attention at the patched
 position (attn_tv_last / attn_tv_all; layers below the basis layer only): Z's own positive control.
 Every row is written (per_problem.csv, random_rows.csv.gz); the tables, the declared primary test
@@ -56,6 +56,9 @@ from tqdm.auto import tqdm
 import common
 from zcausal import (answered, das, decoding, interchange, layer_choice, prereg, problems,
                      question, runs, stats)
+from zcausal import conditions
+from zcausal.conditions import draws_layer
+from zcausal.interchange import make_conditions
 from zcausal.runs import done_values, keep_rows
 from zcausal.summaries import exp_e as summary
 from zcausal.summaries import exp_e_tables as tables
@@ -199,27 +202,6 @@ def clean_frame(pairs, partner, inverse, scores, answers):
 # ----------------------------------------------------------------------------------------------
 # Conditions and the patched rows
 
-def random_seed(seed, k, draw):
-    """Seed of random draw `draw` of dimension k: Experiment A's formula, the same at every layer."""
-    return seed * 1_000_003 + k * 1_009 + draw
-
-
-def make_conditions(d, k, named, n_random, seed):
-    """Conditions as one table: names, draws (-1 for named ones), bases (C, k, d) float32 and
-    complement (C,) bool. named: list of (name, basis (k, d) or None) after none and full."""
-    names, draws, bases = ["none", "full"], [-1, -1], [torch.zeros(k, d), torch.zeros(k, d)]
-    for name, basis in named:
-        names.append(name)
-        draws.append(-1)
-        bases.append(basis.float())
-    for draw in range(n_random):
-        names.append("random")
-        draws.append(draw)
-        bases.append(common.random_basis(d, k, random_seed(seed, k, draw)))
-    complement = torch.tensor([name == "full" for name in names])
-    return SimpleNamespace(names=names, draws=draws, bases=torch.stack(bases), complement=complement)
-
-
 def make_batches(state, problem_index, n_conditions, batch_size, dtype):
     """Row batches (problem x condition, per pairing), built once and reused at every layer.
 
@@ -349,8 +331,8 @@ def run_sweep(model, state, args, out, split):
     the layer done, so a crash loses at most the layer under way)."""
     d, L = common.hidden_size(model), common.num_layers(model)
     dtype = next(model.parameters()).dtype
-    batches = make_batches(state, range(len(state.pairs)), len(FIXED) + args.n_random,
-                           args.batch_size, dtype)
+    swept = range(len(state.pairs[:args.sweep_limit]))  # --sweep-limit: the first N kept pairs
+    batches = make_batches(state, swept, len(FIXED) + args.n_random, args.batch_size, dtype)
     done = done_values(out / "per_layer.csv", ["k", "layer"])
     for name in ("per_problem.csv", "random_rows.csv.gz", "timing.csv"):
         keep_rows(out / name, ["k", "layer"], done)
@@ -362,7 +344,7 @@ def run_sweep(model, state, args, out, split):
             z_fixed[k] = common.z_basis(model, args.layer, k, fold_norm=args.fold_norm)
         z_here = common.z_basis(model, layer, k, fold_norm=args.fold_norm)
         conditions = make_conditions(d, k, [("z_basis", z_fixed[k]), ("z_layer", z_here)],
-                                     args.n_random, args.seed)
+                                     args.n_random, args.seed, draws_layer(args, layer))
         rows = per_problem_rows(run_rows(model, state, layer, conditions, batches,
                                          args.layer), state, conditions, split,
                                 {"k": k, "layer": layer, "depth": layer / L})
@@ -443,7 +425,7 @@ def run_decode_checks(model, tokenizer, state, template, args, out, layers):
     for layer in [l for l in layers if l not in done]:
         z_here = common.z_basis(model, layer, k, fold_norm=args.fold_norm)
         conditions = make_conditions(d, k, [("z_basis", z_fixed), ("z_layer", z_here)],
-                                     args.decode_random, args.seed)
+                                     args.decode_random, args.seed, draws_layer(args, layer))
         frame = decode_rows(model, tokenizer, state, template, layer, conditions, problem_index,
                             args).assign(k=k)
         fast = runs.load_csv(out / "per_problem.csv")
@@ -486,7 +468,8 @@ def run_das(model, tokenizer, state, template, args, out, split, layers):
                 z_fixed[k] = common.z_basis(model, args.layer, k, fold_norm=args.fold_norm)
             z_here = common.z_basis(model, layer, k, fold_norm=args.fold_norm)
             conditions = make_conditions(d, k, [("das", basis), ("z_basis", z_fixed[k]),
-                                                ("z_layer", z_here)], args.n_random, args.seed)
+                                                ("z_layer", z_here)], args.n_random, args.seed,
+                                         draws_layer(args, layer))
             batches = make_batches(state, test, len(conditions.names), args.batch_size, dtype)
             rows = per_problem_rows(run_rows(model, state, layer, conditions, batches,
                                              args.layer), state, conditions, split,
@@ -518,6 +501,10 @@ def validate(args):
     common.check_runtime(args.device, args.dtype, args.device_map)
     config = common.load_model_config(args.model)
     args.layer = layer_choice.resolve_layer(config, args.layer, args.depth)
+    args.random_draws = conditions.resolve_draws(args)
+    if args.sweep_limit is not None and args.sweep_limit < 2:
+        raise runs.UsageError(f"--sweep-limit {args.sweep_limit}: pass at least 2 (a swap pair "
+                              f"needs a partner), or leave it out for every kept pair")
     n_layers = common.num_layers(config)
     args.layers = sorted(set(args.layers)) if args.layers else list(range(n_layers))
     if args.site == "input" and args.layer == 0:
@@ -632,11 +619,11 @@ def main(args):
             splits={s: [p["id"] for p, name in zip(pairs, split) if name == s]
                     for s in ("train", "validation", "test")},
             swap_source={p["id"]: pairs[j]["id"] for p, j in zip(pairs, partner)},
-            random_basis_seeds="seed * 1000003 + k * 1009 + draw", solved=solved,
+            random_basis_seeds=conditions.seed_formula(args.random_draws), solved=solved,
             language_margin="log P(Latin word) - log P(Chinese word) after the answer, a lone "
                             "space marginalised (common.language_margin)"))
     if "question" in args.position_sets:  # the question's tokens from counterfactual partners
-        question.run_sweep(model, tokenizer, pairs, template, args, out, make_conditions)
+        question.run_sweep(model, tokenizer, pairs[:args.sweep_limit], template, args, out)
     if "last" not in args.position_sets:
         return summary.replot(args)
     state = prepare(model, tokenizer, pairs, template, partner, args.last_m, args.batch_size)
@@ -695,11 +682,18 @@ def build_parser():
                              "column in every table; the primary test at k = 50, else the "
                              "largest)")
     parser.add_argument("--n-random", type=int, default=N_RANDOM,
-                        help=f"random k-dim subspaces per layer, the same draws at every layer (the "
+                        help=f"random k-dim subspaces per layer, drawn as --random-draws says (the "
                              f"band and the rank tests); default {N_RANDOM}, not {stats.N_RANDOM}, "
                              f"because the secondary tests are Holm-adjusted together and "
                              f"{stats.N_RANDOM} draws give no p below 0.05; a draw adds one "
                              f"teacher-forced row per pair and layer, no decoding")
+    parser.add_argument("--random-draws", choices=conditions.RANDOM_DRAWS, default=None,
+                        help="per-layer: independent draws at every layer (default of new runs; "
+                             "what z_layer's family-wise test needs, conservative for z_basis's); "
+                             "shared: the same subspaces at every layer (runs before the flag)")
+    parser.add_argument("--sweep-limit", type=int, default=None, metavar="N",
+                        help="run both position sets' sweeps on the first N kept pairs only; "
+                             "DAS still trains and tests on all of them (default: all)")
     parser.add_argument("--last-m", type=int, default=1,
                         help="positions interchanged: the English prompt's last m take the "
                              "Chinese prompt's last m, aligned from the end")

@@ -3,13 +3,14 @@ the transfer fraction's fixed points, splits and partners, bad input, resume, an
 sweep on the tiny model with --replot."""
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 import common
-from zcausal import decoding, interchange, runs, stats
+from zcausal import conditions, decoding, interchange, runs, stats
 from zcausal.summaries import exp_e as summary
 from zcausal.summaries import exp_e_tables as tables
 import exp_e_layer_sweep as ee
@@ -302,6 +303,38 @@ def test_best_layer_test_keeps_its_false_positive_rate_when_z_is_one_more_draw()
     assert np.mean(naive) > 0.15
     discrete = np.round(values * 2) / 2  # ties count against Z: never above the level
     assert tables.best_layer_test(discrete[0], discrete[1:])["p_above"] >= 1 / 20
+
+
+def test_best_layer_test_needs_draws_that_vary_over_the_layers_as_z_does():
+    """z_layer is another subspace at every layer: under the null its values are independent
+    over the layers. Against draws shared by the layers (each draw's values correlated over them,
+    so its maximum is small) the family-wise test then rejects far above 5%; against draws made
+    independently at every layer (--random-draws per-layer) it keeps its level."""
+    rng = np.random.default_rng(1)
+    sims, m, n_layers = 2000, 19, 12
+    shared, per_layer = [], []
+    for _ in range(sims):
+        z = rng.normal(size=n_layers)
+        same = rng.normal(size=(m, 1)) + 0.1 * rng.normal(size=(m, n_layers))
+        shared.append(tables.best_layer_test(z, same)["p_above"] <= 0.05)
+        fresh = rng.normal(size=(m, n_layers))
+        per_layer.append(tables.best_layer_test(z, fresh)["p_above"] <= 0.05)
+    assert np.mean(shared) > 0.2  # 0.29 here: six times the level
+    assert 0.03 < np.mean(per_layer) < 0.07
+
+
+def test_per_layer_draws_differ_by_layer_and_shared_draws_do_not():
+    from zcausal.interchange import make_conditions
+    one = make_conditions(16, 3, [], 2, 0, layer=1).bases
+    assert torch.equal(one, make_conditions(16, 3, [], 2, 0, layer=1).bases)  # seeded
+    assert not torch.allclose(one[2:], make_conditions(16, 3, [], 2, 0, layer=2).bases[2:])
+    shared = make_conditions(16, 3, [], 2, 0).bases
+    assert torch.equal(shared, make_conditions(16, 3, [], 2, 0, layer=None).bases)
+    draw = shared[2]  # Haar draws: orthonormal rows
+    assert torch.allclose(draw @ draw.T, torch.eye(3), atol=1e-6)
+    args = SimpleNamespace(random_draws="shared", out="x", resume=False)
+    assert conditions.draws_layer(args, 5) is None
+    assert conditions.draws_layer(SimpleNamespace(random_draws="per-layer"), 5) == 5
 
 
 def test_best_layer_test_without_draws_is_not_tested():
@@ -727,6 +760,7 @@ def _argv(args):
     (["--limit", "4"], "at least 2 problems"),
     (["--device", "cuda"], "--device"),
     (["--layer", "0"], "--site input at basis layer 0 would patch the embeddings"),
+    (["--sweep-limit", "1"], "--sweep-limit 1: pass at least 2"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -738,6 +772,59 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, extra
     assert "(or --depth" not in err or extra[0] in ("--layer", "--basis-layer")
     assert "/" not in err.split("pass ")[-1].split()[0]  # one flag named, the one given
     assert not (tmp_path / "exp_e").exists() and not (tmp_path / "fig").exists()
+
+
+def test_family_wise_tests_follow_how_the_draws_were_made(finished_run, tmp_path, capsys):
+    """A new run draws per layer: z_layer's best-layer test is secondary (Holm), z_basis's is
+    marked conservative. The same rows read as a run from before the flag (shared draws): z_layer's
+    test is exploratory, outside the correction, never significant, and the summary says so."""
+    run, args = finished_run
+    config = json.loads((run / "exp_e" / "config.json").read_text(encoding="utf-8"))
+    assert config["args"]["random_draws"] == "per-layer"
+    assert config["random_basis_seeds"] == conditions.PER_LAYER_FORMULA
+    best = runs.load_csv(run / "exp_e" / "tests.csv")
+    best = best[best.scope.str.startswith("best of")]
+    assert set(best[best.condition == "z_layer"].family) == {"secondary"}
+    assert best[best.condition == "z_basis"].scope.str.contains("conservative").all()
+    old = tmp_path / "exp_e"
+    import shutil
+    shutil.copytree(run / "exp_e", old)
+    del config["args"]["random_draws"]
+    (old / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    runs.run_cli(ee.main, ee.parse_args(["--replot", "--out", str(old),
+                                         "--figures", str(tmp_path / "fig")]))
+    tests = runs.load_csv(old / "tests.csv")
+    layer = tests[tests.scope.str.startswith("best of") & (tests.condition == "z_layer")]
+    assert set(layer.family) == {"exploratory"} and layer.p_holm.isna().all()
+    assert not layer.significant.astype(bool).any()
+    assert "exploratory: the draws are the same at every layer" in capsys.readouterr().out
+
+
+def test_sweep_limit_sweeps_the_first_pairs_and_das_uses_all(tmp_path):
+    args = cli(tmp_path, "--sweep-limit", "4", "--k", "4", "--layers", "1", "--das-layer", "1",
+               "--das-k", "2")
+    ee.main(args)
+    out = tmp_path / "exp_e"
+    swept = set(runs.load_csv(out / "per_problem.csv").problem_id)
+    assert swept == {"p0", "p1", "p2", "p3"}
+    das_rows = runs.load_csv(out / "das_per_problem.csv")
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert set(das_rows.problem_id) == set(config["splits"]["test"])
+    assert len(config["splits"]["train"] + config["splits"]["test"]
+               + config["splits"]["validation"]) == 8
+    assert "the sweeps ran on the first 4 of them (--sweep-limit)" in "\n".join(
+        summary.summary_lines(out))
+
+
+def test_resume_of_a_run_from_before_random_draws_keeps_shared_draws(tmp_path):
+    out = tmp_path / "exp_e"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"script": "exp_e_layer_sweep.py",
+                                                 "args": {"seed": 0}}), encoding="utf-8")
+    args = SimpleNamespace(random_draws=None, out=str(out), resume=True)
+    assert conditions.resolve_draws(args) == "shared"
+    assert conditions.resolve_draws(SimpleNamespace(random_draws=None, out=str(out),
+                                                    resume=False)) == "per-layer"
 
 
 @pytest.mark.parametrize("site,primary", [("input", 1), ("output", 2)])

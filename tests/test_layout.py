@@ -23,7 +23,7 @@ TOP_LEVEL = {"README.md", "requirements.txt", "common.py", "exp_a_patching.py", 
 # Layers of the import graph, lowest first: a module imports only from its own or lower layers.
 LAYERS = [{"zcausal", "zcausal.errors", "zcausal.runs", "zcausal.bank", "zcausal.stats", "zcausal.transport",
            "zcausal.ard_mmd", "zcausal.problems", "zcausal.labels", "zcausal.prereg",
-           "zcausal.summaries", "zcausal.placement"},
+           "zcausal.summaries", "zcausal.placement", "zcausal.conditions"},
           {"common"},
           {"zcausal.decoding", "zcausal.fast_decode", "zcausal.interchange", "zcausal.das",
            "zcausal.patching", "zcausal.cost",

@@ -25,10 +25,12 @@ from the next layer on, clean but reading the patched ones (the question set of 
 zcausal/question.py, patches a question's tokens and recomputes the template's ending).
 """
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
 import common
+from zcausal import conditions
 from zcausal.decoding import layer_kv
 
 
@@ -424,3 +426,20 @@ def masked_patch(patch, positions):
         where = positions.to(suffix.device)[..., None]
         return torch.where(where, patch(suffix).to(suffix.dtype), suffix)
     return apply
+
+
+def make_conditions(d, k, named, n_random, seed, layer=None):
+    """Conditions as one table: names, draws (-1 for named ones), bases (C, k, d) float32 and
+    complement (C,) bool. named: list of (name, basis (k, d) or None) after none and full;
+    layer: None for the draws shared by every layer, else the layer they are drawn for."""
+    names, draws, bases = ["none", "full"], [-1, -1], [torch.zeros(k, d), torch.zeros(k, d)]
+    for name, basis in named:
+        names.append(name)
+        draws.append(-1)
+        bases.append(basis.float())
+    for draw in range(n_random):
+        names.append("random")
+        draws.append(draw)
+        bases.append(common.random_basis(d, k, conditions.random_seed(seed, k, draw, layer)))
+    complement = torch.tensor([name == "full" for name in names])
+    return SimpleNamespace(names=names, draws=draws, bases=torch.stack(bases), complement=complement)

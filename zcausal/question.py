@@ -1,6 +1,6 @@
 """Experiment E's second position set: aligned interchange at the question's positions.
 
-    question.run_sweep(model, tokenizer, pairs, template, args, out, make_conditions)
+    question.run_sweep(model, tokenizer, pairs, template, args, out)
 
 Every kept bank problem gets a counterfactual partner (bank.counterfactual: the same template,
 names, objects and units, other numbers with the same digit counts, an answer with another first
@@ -33,6 +33,8 @@ from tqdm.auto import tqdm
 
 import common
 from zcausal import bank, interchange, problems, runs
+from zcausal.conditions import draws_layer
+from zcausal.interchange import make_conditions
 from zcausal.summaries import exp_e_tables as tables
 
 POSITIONS = ["last", "question"]
@@ -261,12 +263,12 @@ def labelled_rows(measured, state, conditions, extra):
 # ----------------------------------------------------------------------------------------------
 # The sweep
 
-def run_sweep(model, tokenizer, pairs, template, args, out, make_conditions):
+def run_sweep(model, tokenizer, pairs, template, args, out):
     """Every (language, k, layer) of LANGUAGES x args.k x args.layers not in
     question_per_layer.csv yet: the rows appended to the per-row files, the step's time to
     question_timing.csv, then the question tables rebuilt (question_per_layer.csv last: a crash
-    loses at most the step under way). make_conditions: exp_e_layer_sweep.make_conditions, so
-    the random draws are the last-position sweep's."""
+    loses at most the step under way). The random draws are the last-position sweep's
+    (conditions.make_conditions under --random-draws)."""
     kept, partner_pairs, missing = partners(pairs, args.seed)
     record_partners(out, kept, partner_pairs, missing, args.seed)
     if not kept:
@@ -290,7 +292,7 @@ def run_sweep(model, tokenizer, pairs, template, args, out, make_conditions):
             conditions = make_conditions(
                 d, k, [("z_basis", z_basis[k]),
                        ("z_layer", common.z_basis(model, layer, k, fold_norm=args.fold_norm))],
-                args.n_random, args.seed)
+                args.n_random, args.seed, draws_layer(args, layer))
             rows = labelled_rows(run_rows(model, state, layer, conditions, args.batch_size,
                                           args.layer),
                                  state, conditions, {"k": k, "layer": layer,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from zcausal import labels, prereg, problems, runs, stats
+from zcausal import conditions, labels, prereg, problems, runs, stats
 from zcausal.summaries.exp_e_tables import (
     ALPHA, NAMED, NOT_TESTED, PRIMARY_MEASURES, QUESTION_TABLES, build_tables, das_site,
     load_angles, primary_description, primary_layer, primary_site, question_tables, read_config,
@@ -199,8 +199,8 @@ def primary_sentence(tables):
 
 
 def best_layer_sentence(tests, k):
-    rows = tests[(tests.family == "secondary") & (tests.scope.str.startswith("best of"))
-                 & (tests.k == k)]
+    rows = tests[tests.family.isin(["secondary", "exploratory"])
+                 & tests.scope.str.startswith("best of") & (tests.k == k)]
     if not len(rows):
         return None
     parts, tested = [], bool(rows.draws.max())
@@ -208,11 +208,17 @@ def best_layer_sentence(tests, k):
         pieces = []
         for _, t in group.iterrows():
             p = f" (family-wise p = {num(t.p)}, Holm {num(t.p_holm)})" if tested else ""
+            if tested and t.get("family") == "exploratory":
+                p = (f" (p = {num(t.p)}, exploratory: the draws are the same at every layer, "
+                     f"not exchangeable with a Z that differs per layer)")
             value = num(t.value, signed=t.measure != "top1_src")
             pieces.append(f"{LABELS[t.measure]} {value} at layer {int(t.at_layer)}{p}")
         parts.append(f"{condition}: " + ", ".join(pieces))
-    how = ("Z's largest value over the layers against each random draw's largest, the same "
-           "draws at every layer" if tested else f"Z's largest value over the layers; against "
+    shared = rows.scope.str.contains("not exchangeable").any() or not rows.scope.str.contains(
+        "conservative").any()
+    how = ("Z's largest value over the layers against each random draw's largest, "
+           + ("the same draws at every layer" if shared else "independent draws at every layer")
+           if tested else f"Z's largest value over the layers; against "
                                                  f"random draws {NOT_TESTED}")
     return f"At any layer (k = {k}; {how}): " + "; ".join(parts) + "."
 
@@ -471,6 +477,9 @@ def _question_z(per_layer, tests, language, k, condition):
         return f"{text} (against random draws {NOT_TESTED})"
     band = _band(per_layer[per_layer.language == language].assign(pairing="swap"), k,
                  int(t.at_layer), "top1_src")
+    if t.get("family") == "exploratory":
+        return (f"{text} ({band}; p = {num(t.p)}, exploratory: draws shared by the layers are not "
+                f"exchangeable with a Z of each layer)")
     if t.p_holm <= ALPHA:
         verdict = "carries it" if t.value >= 0.5 else "moves it above random, on fewer than half"
     else:
@@ -543,8 +552,13 @@ def pairs_sentence(config, per_layer, k, clean):
             else f"{plural(config.get('n_pairs'), 'pair')}")
     row = select_swap(per_layer, "full", k=k).iloc[0]
     n_random = int(config["args"].get("n_random") or 0)
-    draws = (f"{plural(n_random, 'random draw')} of k = {k} (the same at every layer; random: "
+    every = ("the same at every layer" if conditions.draws_mode(config) == "shared"
+             else "drawn independently at every layer")
+    draws = (f"{plural(n_random, 'random draw')} of k = {k} ({every}; random: "
              f"their mean [2.5%, 97.5% of draws])" if n_random else f"random draws: {NOT_TESTED}")
+    limit = config["args"].get("sweep_limit")
+    if limit and limit < int(solved.get("kept") or config.get("n_pairs") or 0):
+        kept += f"; the sweeps ran on the first {limit} of them (--sweep-limit), DAS on all"
     own = int(clean.top1_own.astype(bool).sum())
     return (f"{kept}; unpatched, the last position's argmax is the own first digit on {own} of "
             f"them; {int(row.n_pairs)} of the {plural(row.n_rows, 'swap pair')} have partners "

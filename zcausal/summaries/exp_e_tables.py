@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from zcausal import problems, runs, stats
+from zcausal import conditions, problems, runs, stats
 from zcausal.summaries.text import plural
 
 ALPHA = 0.05
@@ -414,7 +414,11 @@ def _at_layer(per_layer, draws, condition, k, layer, measure, family, direction=
                      bool(row.disrupts.iloc[0]) if len(row) else np.nan)
 
 
-def _best_layer(per_layer, draws, condition, k, measure):
+def _best_layer(per_layer, draws, condition, k, measure, mode="shared", family="secondary"):
+    """The family-wise best-layer test of `condition` against draws made under --random-draws
+    `mode` (zcausal/conditions.py): z_layer against shared draws is not exchangeable and goes to
+    the `exploratory` family (no Holm, never significant); z_basis against per-layer draws is
+    conservative, and its scope says so."""
     z = select_swap(per_layer, condition, k=k).set_index("layer")[measure].sort_index()
     mine = select_swap(draws, k=k)
     wide = (mine.pivot_table(index="draw", columns="layer", values=measure, dropna=False)
@@ -422,9 +426,13 @@ def _best_layer(per_layer, draws, condition, k, measure):
     test = best_layer_test(z.to_numpy(), wide)
     at = int(z.index[int(np.nanargmax(z.to_numpy()))]) if z.notna().any() else np.nan
     n = int(select_swap(per_layer, condition, k=k).n_pairs.max()) if len(z) else 0
-    row = _test_row("secondary", condition, k, f"best of {plural(len(z), 'layer')} "
-                    f"(family-wise)", -1, measure, "above", test.get("value", z.max()), test,
-                    n, at_layer=at)
+    valid = not (condition == "z_layer" and mode == "shared")
+    scope = (f"best of {plural(len(z), 'layer')} (family-wise"
+             + {("z_basis", "per-layer"): "; conservative against per-layer draws",
+                ("z_layer", "shared"): "; draws shared by the layers: not exchangeable"}
+             .get((condition, mode), "") + ")")
+    row = _test_row(family if valid else "exploratory", condition, k, scope, -1, measure,
+                    "above", test.get("value", z.max()), test, n, at_layer=at)
     return dict(row, p_below=np.nan)  # a maximum has no lower tail to read
 
 
@@ -442,8 +450,9 @@ def tests_table(per_layer, draws, das=None, das_draws=None, config=None):
                      value=np.nan, random_mean=np.nan, random_max=np.nan, rank_from_top=np.nan,
                      p=np.nan if np.isnan(both).any() else max(both),
                      p_below=np.nan if np.isnan(below).any() else max(below)))
+    mode = conditions.draws_mode(config)
     for k in ks:
-        rows += [_best_layer(per_layer, draws, c, k, m) for c in ("z_basis", "z_layer")
+        rows += [_best_layer(per_layer, draws, c, k, m, mode) for c in ("z_basis", "z_layer")
                  for m in PRIMARY_MEASURES]
         if k != pk:
             rows += [_at_layer(per_layer, draws, "z_basis", k, basis, m, "secondary")
@@ -486,11 +495,11 @@ def question_measures(rows, clean, min_span=1.0):
     return pd.concat(parts, ignore_index=True)
 
 
-def question_tests(per_layer, draws, ks, at):
+def question_tests(per_layer, draws, ks, at, mode="shared"):
     """One language's rows of question_tests.csv: Z of the basis layer and Z of each layer at
     their best layer (family-wise over the layers, as in tests.csv) and z_basis at the primary
     test's sweep layer `at` (primary_layer), on top1_src and the p_share shift."""
-    rows = [dict(_best_layer(per_layer, draws, c, k, m), family="question")
+    rows = [_best_layer(per_layer, draws, c, k, m, mode, family="question")
             for k in ks for c in ("z_basis", "z_layer") for m in PRIMARY_MEASURES]
     if at in set(per_layer.layer):
         rows += [_at_layer(per_layer, draws, "z_basis", k, at, m, "question")
@@ -522,7 +531,8 @@ def question_tables(out):
         per_layer.append(table.merge(noop, on=["k", "layer"], how="left").assign(language=language))
         draws.append(drawn.assign(language=language))
         tests += [dict(t, language=language) for t in
-                  question_tests(table, drawn, ks, primary_layer(config))]
+                  question_tests(table, drawn, ks, primary_layer(config),
+                                 conditions.draws_mode(config))]
     n_layers = config["model"]["num_layers"]
     frames = {}
     for name, parts in (("question_per_layer.csv", per_layer), ("question_draws.csv", draws)):
@@ -531,7 +541,10 @@ def question_tables(out):
         frame.insert(2, "depth", frame.layer / n_layers)
         frames[name] = frame[["language"] + [c for c in frame.columns if c != "language"]]
     tests = pd.DataFrame(tests)
-    tests["p_holm"] = stats.holm(tests.p.to_numpy(float)) if len(tests) else []
+    tests["p_holm"] = np.nan
+    if len(tests):  # the exploratory rows (zcausal/conditions.py) stay out of the correction
+        held = tests.family != "exploratory"
+        tests.loc[held, "p_holm"] = stats.holm(tests.p[held].to_numpy(float))
     frames["question_tests.csv"] = tests[["language"] + [c for c in tests if c != "language"]]
     return frames
 

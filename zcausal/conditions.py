@@ -1,0 +1,56 @@
+"""Experiment E's random draws: how they are seeded, per layer or shared by the layers, and what
+that means for the tests (interchange.make_conditions builds a row's conditions from it).
+
+The random draws are drawn either independently at every layer (`per-layer`, the default of new
+runs) or as the same subspaces at every layer (`shared`, every run before the choice existed).
+The family-wise best-layer test ranks Z's largest value over the layers among each draw's largest
+over the same layers; that is exchangeable only when a draw varies over the layers as Z does:
+z_layer (another Z at every layer) against per-layer draws, z_basis (one subspace at every layer)
+against shared ones. Against per-layer draws z_basis's test is conservative (one subspace's
+values are correlated over the layers, so its maximum is smaller than that of independent ones);
+against shared draws z_layer's test is not valid and is read as exploratory
+(zcausal/summaries/exp_e_tables.py).
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+RANDOM_DRAWS = ("per-layer", "shared")
+SHARED_FORMULA = "seed * 1000003 + k * 1009 + draw"
+PER_LAYER_FORMULA = "numpy SeedSequence([seed, k, draw, layer]).generate_state(1)[0]"
+
+
+def random_seed(seed, k, draw, layer=None):
+    """Seed of random draw `draw` of dimension k: Experiment A's formula (the same at every layer)
+    when `layer` is None, else one drawn from (seed, k, draw, layer), independent per layer."""
+    if layer is None:
+        return seed * 1_000_003 + k * 1_009 + draw
+    return int(np.random.SeedSequence([seed, k, draw, layer]).generate_state(1)[0])
+
+
+def seed_formula(mode):
+    """What config.json records of how the draws were seeded under --random-draws `mode`."""
+    return SHARED_FORMULA if mode == "shared" else PER_LAYER_FORMULA
+
+
+def draws_mode(config):
+    """--random-draws of a run's config.json: `shared` for runs from before the flag existed."""
+    return ((config or {}).get("args") or {}).get("random_draws") or "shared"
+
+
+def resolve_draws(args):
+    """--random-draws when left out: the mode of the run --resume continues (`shared` for a run
+    from before the flag), else per-layer."""
+    if args.random_draws is not None:
+        return args.random_draws
+    config = Path(args.out) / "config.json"
+    if args.resume and config.is_file():
+        return draws_mode(json.loads(config.read_text(encoding="utf-8")))
+    return "per-layer"
+
+
+def draws_layer(args, layer):
+    """The `layer` argument of interchange.make_conditions under args.random_draws: the layer itself
+    (per-layer) or None (shared)."""
+    return layer if getattr(args, "random_draws", "shared") == "per-layer" else None
