@@ -106,6 +106,20 @@ def test_a_run_with_the_declared_flags_hash_and_pairs_is_confirmatory(letter):
     assert prereg.mark("null", prereg.reading(config, letter)) == "null"
 
 
+@pytest.mark.parametrize("letter", prereg.EXPERIMENTS)
+def test_the_declared_command_parses_into_flags_that_read_as_confirmatory(letter, tmp_path):
+    """prereg.command (what tools/confirmatory.py runs): the script's own parser turns it into
+    args whose config.json would read as confirmatory (with the pairs kept and the hash)."""
+    import importlib
+    argv = prereg.command(letter, "/models/qwen2.5-coder-0.5b-instruct", tmp_path / "run")
+    script = importlib.import_module(Path(argv[0]).stem)
+    args = vars(script.parse_args(argv[1:]))
+    least = prereg.declaration(letter)["min_pairs"]["qwen2.5-coder-0.5b-instruct"]
+    config = dict(_confirmatory_config(letter, kept=least), args=args)
+    assert prereg.reading(config, letter)["reasons"] == []
+    assert str(args["out"]) == str(tmp_path / "run")
+
+
 @pytest.mark.parametrize("change, reason", [
     (lambda c: c.pop("preregistration"), "carries no preregistration hash"),
     (lambda c: c["preregistration"].update(sha256="0" * 64), "another version"),

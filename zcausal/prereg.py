@@ -5,6 +5,7 @@ and whether a finished run is read as confirmatory or exploratory.
     reading = prereg.reading(config, "A")     # dict(confirmatory, reasons, word)
     prereg.status_sentence(config, "A")       # the sentence a summary opens with
     pairs = prereg.confirmatory_slice()       # the problems never used in development
+    prereg.command("A", model, out)           # the declared run as an argv (tools/confirmatory.py)
 
 A run is confirmatory only when its config.json carries the sha256 of the preregistration as it
 stands now (so the declaration preceded the run and was not changed after it), its model is a
@@ -62,6 +63,22 @@ def confirmatory_slice(path=PATH):
     from zcausal.bank import bank_slice
     p = load(path)["problems"]
     return bank_slice(p["steps"], p["offset"], p["size"], seed=p["seed"])
+
+
+def command(experiment, model, out, path=PATH):
+    """The declared run of `experiment` as an argv list [script, flags...]: the declaration's
+    `run` flags (a false switch or a null value left out), its `min_run` counts, --model and
+    --out. Parsed by the script and recorded in config.json, these flags read as confirmatory
+    (tests/test_prereg.py)."""
+    declared = declaration(experiment, path)
+    argv = [declared["script"], "--model", str(model)]
+    for name, value in {**declared.get("run", {}), **declared.get("min_run", {})}.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None or value is False:
+            continue
+        argv += [flag] if value is True else [flag, *map(str, value if isinstance(value, list)
+                                                           else [value])]
+    return argv + ["--out", str(out)]
 
 
 # ----------------------------------------------------------------------------------------------
