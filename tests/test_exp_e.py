@@ -350,8 +350,8 @@ def test_profile_sentence_says_where_full_interchange_moves_the_first_digit():
     text = summary.profile_sentence(per_layer, 50)
     assert text.startswith("Full interchange transfers most at layer 16")
     assert "0 at layers 0-12, at most 0.20 at layers 13;" not in text
-    assert "; 0 at layers 0-12, at most 0.20 at layers 13, at least half from layer 14 (0.60)" \
-        in text
+    assert "; 0 at layers 0-12, at most 0.20 at layer 13, at least half from layer 14 (0.60)" \
+        in text  # one layer is "layer 13", never "layers 13"
     assert "0.90 to 1 at layers 15-23" in text and "of 44 pairs" in text
     one = summary.profile_sentence(per_layer.assign(n_pairs=1), 50)
     assert "of 1 pair;" in one and "1 pairs" not in one

@@ -66,6 +66,12 @@ def layer_list(layers):
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts)
 
 
+def layers_phrase(layers):
+    """'layer 10' for one layer, 'layers 0-2, 5' for several (layer_list)."""
+    layers = list(layers)
+    return f"layer{'s' if len(layers) != 1 else ''} {layer_list(layers)}"
+
+
 def _rate(row, name="top1_src"):
     """'0.42 [0.31, 0.55]' for a named row (its Wilson interval)."""
     return interval(row[name], row.get(f"{name}_ci_lo"), row.get(f"{name}_ci_hi"))
@@ -92,7 +98,7 @@ def profile_sentence(per_layer, k):
     best = full.loc[full.top1_src.idxmax()]
     if best.top1_src == 0:
         return (f"Full interchange never makes the source's first digit the argmax (top1_src 0 "
-                f"of {plural(best.n_pairs, 'pair')} at layers {layer_list(full.layer)}).")
+                f"of {plural(best.n_pairs, 'pair')} at {layers_phrase(full.layer)}).")
     text = (f"Full interchange transfers most at layer {int(best.layer)}: the patched argmax is "
             f"the source's first digit (top1_src) on {_rate(best)} of "
             f"{plural(best.n_pairs, 'pair')}")
@@ -103,10 +109,10 @@ def profile_sentence(per_layer, k):
     low, parts = full[full.layer < first], []
     zero = low[low.top1_src.cumsum() == 0]  # the first layers, where it is exactly 0
     if len(zero):
-        parts.append(f"0 at layers {layer_list(zero.layer)}")
+        parts.append(f"0 at {layers_phrase(zero.layer)}")
     rest = low[~low.layer.isin(zero.layer)]
     if len(rest):
-        parts.append(f"at most {num(rest.top1_src.max())} at layers {layer_list(rest.layer)}")
+        parts.append(f"at most {num(rest.top1_src.max())} at {layers_phrase(rest.layer)}")
     tail = full[full.layer >= first]
     high = tail[::-1].top1_src.lt(0.8).cumsum().eq(0)[::-1]  # the top layers all >= 0.8
     at_first = full.set_index("layer").top1_src[first]
@@ -115,7 +121,7 @@ def profile_sentence(per_layer, k):
         top = tail[high]
         low_top, high_top = num(top.top1_src.min()), num(top.top1_src.max())
         span = low_top if low_top == high_top else f"{low_top} to {high_top}"
-        parts.append(f"{span} at layers {layer_list(top.layer)}")
+        parts.append(f"{span} at {layers_phrase(top.layer)}")
     return text + "; " + ", ".join(parts) + "."
 
 
@@ -126,7 +132,7 @@ def disruption_sentence(per_layer, k):
             "as transfer")
     if not len(rows):
         return f"No named condition disrupts at any layer ({what})."
-    parts = [f"{c} at layers {layer_list(g.layer)}"
+    parts = [f"{c} at {layers_phrase(g.layer)}"
              for c, g in rows.groupby("condition", sort=False)]
     return f"Disrupts ({what}): " + "; ".join(parts) + "."
 
