@@ -56,8 +56,7 @@ from tqdm.auto import tqdm
 import common
 from zcausal import (answered, das, decoding, interchange, layer_choice, prereg, problems,
                      question, runs, stats)
-from zcausal import conditions
-from zcausal.conditions import draws_layer
+from zcausal.conditions import RANDOM_DRAWS, draws_layer, resolve_draws, seed_formula
 from zcausal.interchange import make_conditions
 from zcausal.runs import done_values, keep_rows
 from zcausal.summaries import exp_e as summary
@@ -501,7 +500,7 @@ def validate(args):
     common.check_runtime(args.device, args.dtype, args.device_map)
     config = common.load_model_config(args.model)
     args.layer = layer_choice.resolve_layer(config, args.layer, args.depth)
-    args.random_draws = conditions.resolve_draws(args)
+    args.random_draws = resolve_draws(args)
     if args.sweep_limit is not None and args.sweep_limit < 2:
         raise runs.UsageError(f"--sweep-limit {args.sweep_limit}: pass at least 2 (a swap pair "
                               f"needs a partner), or leave it out for every kept pair")
@@ -578,7 +577,8 @@ def work(args, n_pairs, config):
     both pairings) plus DAS's examples (layers, 2 by default, x k x steps x batch)."""
     das = ((2 if args.das_layer is None else len(args.das_layer))
            * len(DAS_K if args.das_k is None else args.das_k) * args.das_steps * args.das_batch)
-    return das + (n_pairs * len(args.layers or range(common.num_layers(config))) * len(args.k)
+    swept = min(n_pairs, getattr(args, "sweep_limit", None) or n_pairs)  # --sweep-limit
+    return das + (swept * len(args.layers or range(common.num_layers(config))) * len(args.k)
                   * (len(FIXED) + args.n_random) * 2)
 
 
@@ -619,7 +619,7 @@ def main(args):
             splits={s: [p["id"] for p, name in zip(pairs, split) if name == s]
                     for s in ("train", "validation", "test")},
             swap_source={p["id"]: pairs[j]["id"] for p, j in zip(pairs, partner)},
-            random_basis_seeds=conditions.seed_formula(args.random_draws), solved=solved,
+            random_basis_seeds=seed_formula(args.random_draws), solved=solved,
             language_margin="log P(Latin word) - log P(Chinese word) after the answer, a lone "
                             "space marginalised (common.language_margin)"))
     if "question" in args.position_sets:  # the question's tokens from counterfactual partners
@@ -687,7 +687,7 @@ def build_parser():
                              f"because the secondary tests are Holm-adjusted together and "
                              f"{stats.N_RANDOM} draws give no p below 0.05; a draw adds one "
                              f"teacher-forced row per pair and layer, no decoding")
-    parser.add_argument("--random-draws", choices=conditions.RANDOM_DRAWS, default=None,
+    parser.add_argument("--random-draws", choices=RANDOM_DRAWS, default=None,
                         help="per-layer: independent draws at every layer (default of new runs; "
                              "what z_layer's family-wise test needs, conservative for z_basis's); "
                              "shared: the same subspaces at every layer (runs before the flag)")

@@ -280,7 +280,7 @@ def test_a_disrupting_condition_is_said_as_disruption_never_as_transfer():
     per_layer = tables.group_table(tables.row_measures(rows, clean))
     assert per_layer.set_index("pairing").loc["swap", "disrupts"]
     text = summary.disruption_sentence(per_layer, 4)
-    assert text.startswith("Disrupts") and "full at layers 2" in text
+    assert text.startswith("Disrupts") and "full at layer 2" in text
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import torch
 
 import common
-from zcausal import conditions
+from zcausal.conditions import random_seed
 from zcausal.decoding import layer_kv
 
 
@@ -440,6 +440,6 @@ def make_conditions(d, k, named, n_random, seed, layer=None):
     for draw in range(n_random):
         names.append("random")
         draws.append(draw)
-        bases.append(common.random_basis(d, k, conditions.random_seed(seed, k, draw, layer)))
+        bases.append(common.random_basis(d, k, random_seed(seed, k, draw, layer)))
     complement = torch.tensor([name == "full" for name in names])
     return SimpleNamespace(names=names, draws=draws, bases=torch.stack(bases), complement=complement)
