@@ -247,13 +247,14 @@ def attention_sentence(tables):
     above = not np.isnan(p) and p <= ALPHA
     return (f"Z's own positive control: patched at {primary_site(config)} (last position, swap "
             f"pairs), Z moved layer {basis}'s attention at that position by a total variation of "
-            f"{num(z.attn_tv_last)} (random subspaces {_band(per_layer, k, at, 'attn_tv_last')}; "
+            f"{num(z.attn_tv_last)} ({_band(per_layer, k, at, 'attn_tv_last')}; "
             f"rank p = {num(p)}), full interchange {num(full.attn_tv_last.iloc[0])}, the no-op "
             f"{num(none.attn_tv_last.max()) if len(none) else NOT_MEASURED}: "
             + ("the patch moved what Z is built from more than random subspaces do, so a null on "
                "the answer here is informative (within its power)." if above else
-               "the patch did not move that attention more than random subspaces do, so a null on "
-               "the answer here cannot be read as Z not carrying it."))
+               "the patch did not move that attention more than random subspaces do, so this "
+               "readout lends a null on the answer no support: Z's heads did not see the patch "
+               "(whether some subspace here can carry the answer is DAS's control, below)."))
 
 
 def language_sentence(tables, k):
