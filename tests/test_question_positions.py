@@ -218,6 +218,20 @@ def test_the_question_set_alone_writes_its_rows_tables_figure_and_sentence(quest
     assert "nan" not in lines[0]
 
 
+def test_the_report_reads_a_run_of_the_question_set_alone(question_run, tmp_path):
+    """report.py gives a question-only run a verdict and its number (not 'not finished')."""
+    import report
+    cell = summary.headline(question_run / "exp_e")
+    assert cell["verdict"] in ("Z's part of the question: no more than random subspaces",
+                               "Z's part of the question above random in English",
+                               "Z's part of the question above random in Chinese",
+                               "Z's part of the question above random in English and Chinese")
+    assert cell["value"].startswith("English (6 pairs): full interchange gives the partner's")
+    assert "; Chinese (6 pairs): " in cell["value"]
+    text = report.build_report(question_run, tmp_path / "REPORT.md", question_run / "fig")
+    assert "not finished" not in text and cell["verdict"] in text
+
+
 def test_resume_keeps_finished_question_layers_and_replot_rebuilds_them(question_run, tmp_path,
                                                                          monkeypatch):
     out = tmp_path / "exp_e"

@@ -593,8 +593,39 @@ def summary_lines(out):
     return lines + das_sentences(tables) + question + [secondary_sentence(tests)]
 
 
+def question_headline(out):
+    """report.py's cells for a run of the question set alone (--position-sets question): per
+    language, down to which layer full interchange of the question moves the answer and Z of the
+    basis layer's best layer against the draws' (Holm over question_tests.csv). FileNotFoundError
+    without question tables (an unfinished run)."""
+    out = Path(out)
+    per_layer = runs.load_csv(out / "question_per_layer.csv")
+    tests = runs.load_csv(out / "question_tests.csv")
+    k = stats.primary_k(per_layer.k.unique())
+    values, above = [], []
+    for language, name in (("en", "English"), ("zh", "Chinese")):
+        mine = per_layer[(per_layer.language == language) & (per_layer.k == k)]
+        full = mine[mine.condition == "full"]
+        if not len(full):
+            continue
+        z = _question_z(per_layer, tests, language, k, "z_basis")
+        values.append(f"{name} ({plural(int(full.n_pairs.max()), 'pair')}): full interchange "
+                      f"gives the partner's first digit {_question_reach(full)}; {z}")
+        best = tests[(tests.language == language) & (tests.condition == "z_basis")
+                     & (tests.k == k) & tests.scope.str.startswith("best of")]
+        if (best.p_holm <= ALPHA).any():
+            above.append(name)
+    verdict = (f"Z's part of the question above random in {' and '.join(above)}" if above else
+               "Z's part of the question: no more than random subspaces")
+    return dict(verdict=verdict, value="; ".join(values), lead=[])  # the summary says the rest
+
+
 def headline(out):
-    """report.py's cells: dict(verdict, value, lead) from the declared primary test."""
+    """report.py's cells: dict(verdict, value, lead) from the declared primary test (a run of the
+    question set alone: question_headline)."""
+    if not (Path(out) / "per_problem.csv").is_file() and \
+            (Path(out) / "question_per_layer.csv").is_file():
+        return question_headline(out)
     tables = read_tables(out)
     per_layer, basis = tables["per_layer"], primary_layer(tables["config"])
     k = stats.primary_k(per_layer.k.unique())
