@@ -149,7 +149,7 @@ def plot_question(per_layer, config, k, path):
     axes[0, 0].legend(fontsize=7, loc="best")
     name = Path(str(config["model"].get("name_or_path"))).name
     fig.suptitle(f"{name}: every token of the question from a counterfactual partner (same "
-                 f"language, other numbers), k = {k}; dash-dotted: basis layer "
+                 f"language, other numbers), k = {k};\ndash-dotted: basis layer "
                  f"{config['basis_layer']}, dotted: the primary test's layer; x: disrupts",
                  fontsize=10)
     return runs.save_figure(fig, path)
