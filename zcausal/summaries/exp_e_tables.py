@@ -366,8 +366,8 @@ def load_angles(out, config):
 
 def best_layer_test(z, draws):
     """Family-wise rank test of "Z transfers at some layer": Z's largest value over the layers
-    against each random draw's largest over the same layers (the draws are the same subspaces at
-    every layer, so the layers are correlated and one test covers them all).
+    against each random draw's largest over the same layers (one test covers every layer; it
+    keeps its level when a draw varies over the layers as Z does: zcausal/conditions.py).
 
     z: (L,) Z's statistic per layer; draws: (M, L) each draw's. Returns stats.rank_test's dict
     (p_above is the family-wise p) with value (Z's largest) and at (its layer index), or {}
