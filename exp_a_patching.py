@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 
 import common
 from zcausal import answered, decoding, layer_choice, prereg, problems, runs, stats
+from zcausal.conditions import SHARED_FORMULA
 from zcausal.patching import (RANDOM_CONDITIONS, attention_read_layer, last_positions,
                               make_patch, patch_readouts, patch_sizes, prepare_layer,
                               prompt_texts, variance_rows)
@@ -534,7 +535,7 @@ def main(args):
                 description=tables.primary_description(primary, args.site, layers)),
             preregistration=prereg.record("A"),
             swap_source={p["id"]: pairs[j]["id"] for p, j in zip(pairs, swap_of)},
-            random_basis_seeds="seed * 1000003 + k * 1009 + draw",
+            random_basis_seeds=SHARED_FORMULA,
             language_margin="log P(Latin word) - log P(Chinese word) right after the reference "
                             "answer, a lone space marginalised (common.language_margin)"))
     languages = common.LanguageClasses(tokenizer)

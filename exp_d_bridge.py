@@ -39,6 +39,7 @@ import pandas as pd
 
 import common
 from zcausal import layer_choice, prereg, problems, runs, stats
+from zcausal.conditions import random_seed
 from zcausal.runs import UsageError
 from zcausal.summaries import exp_d as summary
 
@@ -232,11 +233,6 @@ def z_coordinates(pooled, basis):
 # ----------------------------------------------------------------------------------------------
 # Random bases: is Z special?
 
-def random_seed(seed, k, draw):
-    """The seed of random basis `draw` at dimension k (the rule of A and E)."""
-    return int(seed) * 1000003 + k * 1009 + draw
-
-
 def basis_r2(zh, en, basis, folds):
     """Held-out R^2 of each map in span(basis) on `folds`: zh, en (N, d) pooled states, basis
     (k, d) -> {map: R^2}."""
@@ -246,7 +242,7 @@ def basis_r2(zh, en, basis, folds):
 
 def compute_random_draws(zh, en, k, n_random, folds, seed):
     """The same held-out fits in n_random Haar-random k-dim bases (common.random_basis, seeded by
-    random_seed): one row per draw and map (k, map, draw, seed, kfold_r2)."""
+    conditions.random_seed, A's rule): one row per draw and map (k, map, draw, seed, kfold_r2)."""
     rows = []
     for draw in range(n_random):
         s = random_seed(seed, k, draw)

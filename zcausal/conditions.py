@@ -1,5 +1,6 @@
-"""Experiment E's random draws: how they are seeded, per layer or shared by the layers, and what
-that means for the tests (interchange.make_conditions builds a row's conditions from it).
+"""How random subspaces are seeded (A, D and E: random_seed, the one rule), and E's choice of
+draws per layer or shared by the layers, with what that means for its tests
+(interchange.make_conditions builds a row's conditions from it).
 
 The random draws are drawn either independently at every layer (`per-layer`, the default of new
 runs) or as the same subspaces at every layer (`shared`, every run before the choice existed).
@@ -22,10 +23,11 @@ PER_LAYER_FORMULA = "numpy SeedSequence([seed, k, draw, layer]).generate_state(1
 
 
 def random_seed(seed, k, draw, layer=None):
-    """Seed of random draw `draw` of dimension k: Experiment A's formula (the same at every layer)
-    when `layer` is None, else one drawn from (seed, k, draw, layer), independent per layer."""
+    """Seed of random draw `draw` of dimension k: SHARED_FORMULA (the same draws at every layer
+    and in every run; A's and D's draws) when `layer` is None, else one drawn from (seed, k, draw,
+    layer), independent per layer."""
     if layer is None:
-        return seed * 1_000_003 + k * 1_009 + draw
+        return int(seed) * 1_000_003 + k * 1_009 + draw
     return int(np.random.SeedSequence([seed, k, draw, layer]).generate_state(1)[0])
 
 

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 import common
 from zcausal import attention, decoding, problems, stats, transport
+from zcausal.conditions import random_seed
 
 RANDOM_CONDITIONS = ["rand_z", "rand_zperp"]
 COMPLEMENT = {"zperp", "full", "rand_zperp", "noop"}  # P_S = I - V^T V (noop, full: V = 0)
@@ -51,11 +52,6 @@ def prompt_texts(pairs, template, lang):
     return [t for t, _ in filled], [s for _, s in filled]
 
 
-def basis_seed(seed, k, draw):
-    """Seed of random draw `draw` of size k: the same draws at every layer and in every run."""
-    return seed * 1_000_003 + k * 1_009 + draw
-
-
 def make_bases(model, layer, ks, n_draws, seed, fold_norm=False, kind="uniform", cov_sqrt=None):
     """Z of `layer` and the random bases: dict ("z", k, -1) / ("rand", k, draw) -> float32 (k, d).
     kind "matched" draws with the activations' covariance (needs cov_sqrt, see stats)."""
@@ -65,10 +61,10 @@ def make_bases(model, layer, ks, n_draws, seed, fold_norm=False, kind="uniform",
         bases[("z", k, -1)] = common.z_basis(model, layer, k, fold_norm=fold_norm)
         for draw in range(n_draws):
             if kind == "matched":
-                v = stats.matched_random_basis(cov_sqrt, k, basis_seed(seed, k, draw))
+                v = stats.matched_random_basis(cov_sqrt, k, random_seed(seed, k, draw))
                 bases[("rand", k, draw)] = torch.from_numpy(v).float()
             else:
-                bases[("rand", k, draw)] = common.random_basis(d, k, basis_seed(seed, k, draw))
+                bases[("rand", k, draw)] = common.random_basis(d, k, random_seed(seed, k, draw))
     return bases
 
 
@@ -153,7 +149,7 @@ def variance_rows(ctx, args):
         out.append(dict(layer=ctx.layer, k=k, basis="z", draw=-1,
                         share=share(ctx.bases[("z", k, -1)])))
         for draw in range(max(args.n_random, 1)):
-            seed = basis_seed(args.seed, k, draw)
+            seed = random_seed(args.seed, k, draw)
             out.append(dict(layer=ctx.layer, k=k, basis="uniform", draw=draw,
                             share=share(common.random_basis(d, k, seed))))
             out.append(dict(layer=ctx.layer, k=k, basis="matched", draw=draw,
