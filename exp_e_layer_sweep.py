@@ -501,9 +501,6 @@ def validate(args):
     config = common.load_model_config(args.model)
     args.layer = layer_choice.resolve_layer(config, args.layer, args.depth)
     args.random_draws = resolve_draws(args)
-    if args.sweep_limit is not None and args.sweep_limit < 2:
-        raise runs.UsageError(f"--sweep-limit {args.sweep_limit}: pass at least 2 (a swap pair "
-                              f"needs a partner), or leave it out for every kept pair")
     n_layers = common.num_layers(config)
     args.layers = sorted(set(args.layers)) if args.layers else list(range(n_layers))
     if args.site == "input" and args.layer == 0:

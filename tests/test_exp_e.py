@@ -760,7 +760,7 @@ def _argv(args):
     (["--limit", "4"], "at least 2 problems"),
     (["--device", "cuda"], "--device"),
     (["--layer", "0"], "--site input at basis layer 0 would patch the embeddings"),
-    (["--sweep-limit", "1"], "--sweep-limit 1: pass at least 2"),
+    (["--sweep-limit", "1"], "--sweep-limit 1: pass 2 or more"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -71,7 +71,8 @@ COUNTS = {"seed": 0, "batch_size": 1, "limit": 1, "max_new_tokens": 1, "new_toke
           "n_random": 0, "n_random_logprob": 0, "n_shuffles": 1, "n_folds": 2, "min_pairs": 2,
           "steps": 1, "min_steps": 0, "log_every": 1, "last_m": 1, "decode_limit": 0,
           "decode_random": 0, "das_steps": 1, "das_batch": 1, "das_eval_every": 1,
-          "das_partners": 1, "das_test_min": 0, "min_span": 0}
+          "das_partners": 1, "das_test_min": 0, "min_span": 0,
+          "sweep_limit": 2}  # a swap pair needs a partner
 
 
 def flag_name(dest):
