@@ -797,7 +797,7 @@ def test_family_wise_tests_follow_how_the_draws_were_made(finished_run, tmp_path
     layer = tests[tests.scope.str.startswith("best of") & (tests.condition == "z_layer")]
     assert set(layer.family) == {"exploratory"} and layer.p_holm.isna().all()
     assert not layer.significant.astype(bool).any()
-    assert "exploratory: the draws are the same at every layer" in capsys.readouterr().out
+    assert "exploratory: draws shared by the layers are not exchangeable" in capsys.readouterr().out
 
 
 def test_sweep_limit_sweeps_the_first_pairs_and_das_uses_all(tmp_path):

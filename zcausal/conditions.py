@@ -20,6 +20,9 @@ import numpy as np
 RANDOM_DRAWS = ("per-layer", "shared")
 SHARED_FORMULA = "seed * 1000003 + k * 1009 + draw"
 PER_LAYER_FORMULA = "numpy SeedSequence([seed, k, draw, layer]).generate_state(1)[0]"
+# why z_layer's family-wise test against shared draws is exploratory (summaries say it)
+NOT_EXCHANGEABLE = ("exploratory: draws shared by the layers are not exchangeable with a Z that "
+                    "differs per layer")
 
 
 def random_seed(seed, k, draw, layer=None):

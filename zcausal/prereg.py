@@ -19,7 +19,7 @@ import json
 import math
 from pathlib import Path
 
-from zcausal.runs import REPO
+from zcausal.runs import REPO, flag_name
 
 PATH = REPO / "docs" / "preregistration.json"
 EXPERIMENTS = ("A", "B", "C", "D", "E")
@@ -73,7 +73,7 @@ def command(experiment, model, out, path=PATH):
     declared = declaration(experiment, path)
     argv = [declared["script"], "--model", str(model)]
     for name, value in {**declared.get("run", {}), **declared.get("min_run", {})}.items():
-        flag = "--" + name.replace("_", "-")
+        flag = flag_name(name)
         if value is None or value is False:
             continue
         argv += [flag] if value is True else [flag, *map(str, value if isinstance(value, list)
@@ -112,14 +112,14 @@ def _flag_reasons(declared, args):
     """Why a run's flags (config.json's args) are not the declared ones: one reason per flag."""
     reasons = []
     for name, value in declared.get("run", {}).items():
-        flag = "--" + name.replace("_", "-")
+        flag = flag_name(name)
         if name not in args:
             reasons.append(f"its config.json does not record {flag}")
         elif not _matches(value, args[name]):
             reasons.append(f"{flag} is {args[name]!r}, declared {value!r}")
     for name, least in declared.get("min_run", {}).items():
         if (args.get(name) or 0) < least:
-            reasons.append(f"--{name.replace('_', '-')} is {args.get(name)!r}, declared at "
+            reasons.append(f"{flag_name(name)} is {args.get(name)!r}, declared at "
                            f"least {least}")
     return reasons
 

@@ -268,7 +268,7 @@ def run_sweep(model, tokenizer, pairs, template, args, out):
     question_per_layer.csv yet: the rows appended to the per-row files, the step's time to
     question_timing.csv, then the question tables rebuilt (question_per_layer.csv last: a crash
     loses at most the step under way). The random draws are the last-position sweep's
-    (conditions.make_conditions under --random-draws)."""
+    (interchange.make_conditions under --random-draws)."""
     kept, partner_pairs, missing = partners(pairs, args.seed)
     record_partners(out, kept, partner_pairs, missing, args.seed)
     if not kept:

@@ -204,7 +204,9 @@ def primary_sentence(tables):
             f"{_ranked(share)}): {verdict}.{size}")
 
 
-def best_layer_sentence(tests, k):
+def best_layer_sentence(tests, k, mode="shared"):
+    """'At any layer ...': the family-wise best-layer tests at k, against draws made under
+    --random-draws `mode` (conditions.draws_mode)."""
     rows = tests[tests.family.isin(["secondary", "exploratory"])
                  & tests.scope.str.startswith("best of") & (tests.k == k)]
     if not len(rows):
@@ -215,15 +217,13 @@ def best_layer_sentence(tests, k):
         for _, t in group.iterrows():
             p = f" (family-wise p = {num(t.p)}, Holm {num(t.p_holm)})" if tested else ""
             if tested and t.get("family") == "exploratory":
-                p = (f" (p = {num(t.p)}, exploratory: the draws are the same at every layer, "
-                     f"not exchangeable with a Z that differs per layer)")
+                p = f" (p = {num(t.p)}, {conditions.NOT_EXCHANGEABLE})"
             value = num(t.value, signed=t.measure != "top1_src")
             pieces.append(f"{LABELS[t.measure]} {value} at layer {int(t.at_layer)}{p}")
         parts.append(f"{condition}: " + ", ".join(pieces))
-    shared = rows.scope.str.contains("not exchangeable").any() or not rows.scope.str.contains(
-        "conservative").any()
     how = ("Z's largest value over the layers against each random draw's largest, "
-           + ("the same draws at every layer" if shared else "independent draws at every layer")
+           + ("the same draws at every layer" if mode == "shared"
+              else "independent draws at every layer")
            if tested else f"Z's largest value over the layers; against "
                                                  f"random draws {NOT_TESTED}")
     return f"At any layer (k = {k}; {how}): " + "; ".join(parts) + "."
@@ -485,8 +485,7 @@ def _question_z(per_layer, tests, language, k, condition):
     band = _band(per_layer[per_layer.language == language].assign(pairing="swap"), k,
                  int(t.at_layer), "top1_src")
     if t.get("family") == "exploratory":
-        return (f"{text} ({band}; p = {num(t.p)}, exploratory: draws shared by the layers are not "
-                f"exchangeable with a Z of each layer)")
+        return f"{text} ({band}; p = {num(t.p)}, {conditions.NOT_EXCHANGEABLE})"
     if t.p_holm <= ALPHA:
         verdict = "carries it" if t.value >= 0.5 else "moves it above random, on fewer than half"
     else:
@@ -573,12 +572,19 @@ def pairs_sentence(config, per_layer, k, clean):
             f"{int(row.n_pairs)}; the last position interchanged; {draws}.")
 
 
+def question_only(out):
+    """Whether `out` holds a run of the question set alone (--position-sets question): question
+    rows, no last-position rows."""
+    return not (Path(out) / "per_problem.csv").is_file() and \
+        (Path(out) / "question_per_problem.csv").is_file()
+
+
 def summary_lines(out):
     """The run's findings as sentences, from its CSVs (printed at the end of a run and by
     --replot; report.py's paragraph)."""
     question = [s for s in (question_sentence(out),) if s]
-    if question and not (Path(out) / "per_problem.csv").is_file():
-        return question  # a run of the question set alone (--position-sets question)
+    if question and question_only(out):
+        return question
     tables = read_tables(out)
     per_layer, tests = tables["per_layer"], tables["tests"]
     ks = sorted(int(k) for k in per_layer.k.unique())
@@ -588,8 +594,10 @@ def summary_lines(out):
              profile_sentence(per_layer, pk),
              disruption_sentence(per_layer, pk), primary_sentence(tables),
              attention_sentence(tables)]
+    draws = conditions.draws_mode(tables["config"])
     for k in ks:
-        lines += [s for s in (best_layer_sentence(tests, k), language_sentence(tables, k)) if s]
+        lines += [s for s in (best_layer_sentence(tests, k, draws),
+                              language_sentence(tables, k)) if s]
     return lines + das_sentences(tables) + question + [secondary_sentence(tests)]
 
 
@@ -623,9 +631,8 @@ def question_headline(out):
 def headline(out):
     """report.py's cells: dict(verdict, value, lead) from the declared primary test (a run of the
     question set alone: question_headline)."""
-    if not (Path(out) / "per_problem.csv").is_file() and \
-            (Path(out) / "question_per_layer.csv").is_file():
-        return question_headline(out)
+    if question_only(out):
+        return question_headline(out)  # FileNotFoundError until its tables are written
     tables = read_tables(out)
     per_layer, basis = tables["per_layer"], primary_layer(tables["config"])
     k = stats.primary_k(per_layer.k.unique())
@@ -677,9 +684,8 @@ def replot(args):
     for a finished sweep, the summary. Nothing is written for a folder without a run."""
     from zcausal.summaries import exp_e_figures
     out = Path(args.out)
-    question_only = not (out / "per_problem.csv").is_file() and \
-        (out / "question_per_problem.csv").is_file()  # --position-sets question
-    tables = {} if question_only else build_tables(out)  # a UsageError before anything is written
+    # build_tables raises a UsageError before anything is written
+    tables = {} if question_only(out) else build_tables(out)
     tables.update(question_tables(out) or {})
     written = []
     for name in ["draws.csv", "tests.csv", "das.csv", "per_layer.csv"] + QUESTION_TABLES:
