@@ -157,3 +157,28 @@ def test_every_committed_example_reads_as_exploratory_in_its_summary_and_the_rep
     assert exp_d.summary_lines(d["path"])[0].startswith(
         "Exploratory run: its config.json carries no preregistration hash")
     assert report.headline(d)["verdict"].endswith(" (exploratory)")
+
+
+def test_confirmatory_tool_prints_every_declared_command_and_resumes_a_started_folder(
+        tmp_path, capsys):
+    """tools/confirmatory.py --dry-run: one declared command per experiment, each into its own
+    folder under --out, --resume added where that folder holds a run; nothing written."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("confirmatory",
+                                                  REPO / "tools" / "confirmatory.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    (tmp_path / "exp_b").mkdir()
+    (tmp_path / "exp_b" / "config.json").write_text("{}", encoding="utf-8")
+    args = tool.build_parser().parse_args(["--model", "M", "--out", str(tmp_path), "--dry-run",
+                                           "--only", "A", "B"])
+    assert tool.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert " exp_a_patching.py --model M " in lines[0] and not lines[0].endswith("--resume")
+    assert f"--out {tmp_path / 'exp_a'}" in lines[0]
+    assert " exp_b_residual.py " in lines[1] and lines[1].endswith("--resume")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp_b"]  # nothing written
+    with pytest.raises(SystemExit) as exit_info:
+        tool.build_parser().parse_args(["--out", str(tmp_path)])  # --model is required
+    assert exit_info.value.code == 2
