@@ -52,16 +52,37 @@ def test_the_hash_is_the_files_bytes_and_a_run_records_it():
         prereg.declaration("F")
 
 
+def _experiment_of(config):
+    """'A'..'E' from a run's config.json: the script it records (exp_a_patching.py -> 'A')."""
+    script = config.get("script") or config["command"].split()[0]
+    return re.search(r"exp_([a-e])_", Path(script).name).group(1).upper()
+
+
+def _is_confirmatory(run_folder):
+    """Whether the run in this folder reads as confirmatory (prereg.reading): its problems are
+    the declared slice's by design, not development's."""
+    config = json.loads((run_folder / "config.json").read_text(encoding="utf-8"))
+    return prereg.reading(config, _experiment_of(config))["confirmatory"]
+
+
+def _development_runs():
+    """Every committed run folder (one holding a config.json) that is not confirmatory."""
+    return [c.parent for root in EXAMPLES for c in root.rglob("config.json")
+            if not _is_confirmatory(c.parent)]
+
+
 def _development_ids():
-    """Every bank id the committed runs name in any file (CSV, gzipped CSV, markdown, JSON), and
-    the ids their flags cover (--bank-offset, --limit)."""
+    """Every bank id the committed development runs name in any file (CSV, gzipped CSV, markdown,
+    JSON), and the ids their flags cover (--bank-offset, --limit). Confirmatory runs are left out:
+    an exploratory run on the slice (one that missed a declared flag or count) is counted."""
     found = set()
-    for path in (p for root in EXAMPLES for p in root.rglob("*") if p.is_file()):
-        if path.suffix in (".png", ".npz", ".pt"):
+    runs = _development_runs()
+    for path in (p for run in runs for p in run.rglob("*") if p.is_file()):
+        if path.suffix in (".png", ".npz", ".pt", ".npy"):
             continue
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
         found |= set(re.findall(r"bank[12]-\d{4}", raw.decode("utf-8", errors="ignore")))
-    for config_path in (p for root in EXAMPLES for p in root.rglob("config.json")):
+    for config_path in (run / "config.json" for run in runs):
         args = json.loads(config_path.read_text(encoding="utf-8")).get("args", {})
         if args.get("prompts") == problems.BANK and args.get("limit"):
             offset, steps = args.get("bank_offset") or 0, args.get("bank_steps") or 1
@@ -182,3 +203,15 @@ def test_confirmatory_tool_prints_every_declared_command_and_resumes_a_started_f
     with pytest.raises(SystemExit) as exit_info:
         tool.build_parser().parse_args(["--out", str(tmp_path)])  # --model is required
     assert exit_info.value.code == 2
+
+
+def test_the_disjointness_scan_leaves_out_confirmatory_runs_only(tmp_path):
+    """A run that reads confirmatory is the slice's by design; one that missed its declaration
+    (too few pairs kept) is development use of whatever problems it names."""
+    for name, kept in (("confirmatory", 80), ("short", 10)):
+        config = _confirmatory_config("A", kept=kept)
+        config["script"] = "exp_a_patching.py"
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert _is_confirmatory(tmp_path / "confirmatory")
+    assert not _is_confirmatory(tmp_path / "short")
