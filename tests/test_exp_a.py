@@ -338,6 +338,10 @@ def test_smoke_outputs(smoke):
     assert {"language_change", "to_zh"} <= set(S.load_table(out / "controls.csv").columns)
     secondary = tests[~tests.primary & (tests.part_of == "")]
     assert secondary.p_holm.notna().all() and (secondary.p_holm >= secondary.p - 1e-12).all()
+    control = tests[tests.part_of == "control"]  # the attention readout: raw p, outside Holm
+    assert {"z attn_tv_last vs random", "z attn_tv_all vs random", "z vs en attention"} <= \
+        set(control.test) and control.p_holm.isna().all()
+    assert not set(secondary.metric) & {"attn_tv_last", "attn_tv_all"}
     summary = (out / "SUMMARY.md").read_text()
     assert "Verdict:" in summary and "not measured" in summary and "noise floor" in summary
     assert "4 pairs tried, 4 kept" in summary and "Primary test (config.json)" in summary

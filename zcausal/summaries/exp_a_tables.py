@@ -339,10 +339,18 @@ def config_tests(frame, controls, draws):
                      ignore_index=True)
 
 
+def is_control(tests):
+    """(n,) bool: the rows of tests.csv that are the attention readout (every condition's rank
+    test on attn_tv_last / attn_tv_all, and Z against en on it): the positive control."""
+    return (tests.get("metric", pd.Series("", index=tests.index)).isin(ATTENTION_METRICS)
+            | (tests.test == "z vs en attention")).to_numpy()
+
+
 def mark_primary(tests, primary):
     """tests + primary (the declared test's row) and p_holm: Holm-adjusted over every secondary
     test (all rows but the primary, its components, the dissociation criterion and the
-    preregistration's declared secondary tests at the primary configuration; NaN there)."""
+    preregistration's declared secondary tests at the primary configuration, and the attention
+    readouts anywhere, part_of 'control'; NaN there)."""
     at = np.ones(len(tests), dtype=bool)
     for column, value in zip(CONFIG, primary):
         at &= (tests[column] == value).to_numpy()
@@ -354,7 +362,12 @@ def mark_primary(tests, primary):
     # The preregistration's declared secondary tests stand on their own: read at their raw p.
     declared = {t["test"] for t in prereg.declaration("A").get("secondary", [])}
     tests.loc[at & tests.test.isin(declared).to_numpy(), "part_of"] = "declared"
-    family = ~tests.primary.to_numpy() & ~(at & (tests.part_of != "").to_numpy())
+    # The attention readouts are the patch's positive control (did it reach the reading layer's
+    # heads?): they decide how a null is read, at their raw p, and are no hypothesis about Z, so
+    # they neither take nor give Holm's correction.
+    tests.loc[is_control(tests), "part_of"] = "control"
+    family = (~tests.primary.to_numpy() & ~(at & (tests.part_of != "").to_numpy())
+              & (tests.part_of != "control").to_numpy())
     holm = np.full(len(tests), np.nan)
     if family.any():
         holm[family] = stats.holm(tests.p.to_numpy(float)[family])
@@ -383,7 +396,7 @@ def _raw(t):
     (part_of) and the preregistration's declared secondary tests; every other test is read at its
     Holm-adjusted p."""
     return bool(t.get("primary", False)) or t.get("part_of", "") in ("double dissociation",
-                                                                      "declared")
+                                                                      "declared", "control")
 
 
 def _used_p(t):

@@ -313,7 +313,17 @@ def conditions_markdown(frame):
     return lines
 
 
+def raw_reason(t):
+    """Why a test is read at its raw p: '' (the primary's own row), 'raw: control', 'raw: declared',
+    'raw: part of <label>'."""
+    part = getattr(t, "part_of", "") or ""
+    if t.primary or not part or pd.isna(part):
+        return ""
+    return f"raw: {part}" if part in ("control", "declared") else f"raw: part of {part}"
+
+
 def tests_markdown(tests):
+    """The tests table; the Holm column names why a row has no Holm p (read at its raw p)."""
     lines = ["| test | null | alternative | value | draws or pairs | null range | p | Holm p |",
              "|---|---|---|---|---|---|---|---|"]
     for t in tests.itertuples():
@@ -323,7 +333,7 @@ def tests_markdown(tests):
         lines.append(f"| {t.test}{' (primary)' if t.primary else ''} | {t.null} | "
                      f"{t.alternative} | {'' if pd.isna(t.value) else num(t.value)} | "
                      f"{'' if pd.isna(size) else int(size)} | {spread} | {num(t.p)} | "
-                     f"{'' if pd.isna(t.p_holm) else num(t.p_holm)} |")
+                     f"{raw_reason(t) if pd.isna(t.p_holm) else num(t.p_holm)} |")
     return lines
 
 
