@@ -163,21 +163,31 @@ def test_anything_but_the_declared_run_is_exploratory(change, reason):
     assert prereg.mark("null", r) == "null (exploratory)"
 
 
-def test_every_committed_example_reads_as_exploratory_in_its_summary_and_the_report():
+def test_every_committed_example_reads_as_what_its_folder_says_in_its_summary_and_the_report():
+    """Runs under a confirmatory/ folder are the declared runs and read confirmatory (their
+    verdict unmarked); every other committed example is a development run and reads exploratory,
+    for the reason its age gives."""
     runs_found = report.find_runs(REPO / "results", examples=True)
     assert runs_found
     for run in runs_found:
         letter = report.EXPERIMENTS[run["script"]][0]
         r = prereg.reading(run["config"], letter)
-        assert r["reasons"], run["path"]  # every committed example is a development run
+        if "confirmatory" in Path(run["path"]).parts:
+            assert r == dict(confirmatory=True, reasons=[], word="confirmatory"), run["path"]
+            assert not report.headline(run)["verdict"].endswith("(exploratory)"), run["path"]
+            continue
+        assert r["reasons"], run["path"]  # every other committed example is a development run
         if "preregistration" not in run["config"]:  # made before the declaration existed
             assert r["reasons"] == ["its config.json carries no preregistration hash"], run["path"]
         else:  # made after it, on development problems with development flags
             assert any("--bank-offset" in reason for reason in r["reasons"]), run["path"]
-    d = next(r for r in runs_found if r["script"] == "exp_d_bridge.py")
-    assert exp_d.summary_lines(d["path"])[0].startswith(
+    d_runs = [r for r in runs_found if r["script"] == "exp_d_bridge.py"]
+    development = next(r for r in d_runs if "confirmatory" not in Path(r["path"]).parts)
+    assert exp_d.summary_lines(development["path"])[0].startswith(
         "Exploratory run: its config.json carries no preregistration hash")
-    assert report.headline(d)["verdict"].endswith(" (exploratory)")
+    assert report.headline(development)["verdict"].endswith(" (exploratory)")
+    for declared in (r for r in d_runs if "confirmatory" in Path(r["path"]).parts):
+        assert exp_d.summary_lines(declared["path"])[0].startswith("Confirmatory run")
 
 
 def test_confirmatory_tool_prints_every_declared_command_and_resumes_a_started_folder(
