@@ -202,7 +202,7 @@ def test_same_intervention_as_pyvene_when_installed(tiny):
         ours = interchange.patched_scores(
             model, prefixes, block, layer, clean,
             interchange.subspace_patch(basis[None], torch.tensor([False]), states[:, -1:]))
-    logp = torch.log_softmax(patched.logits[0, -1].float(), -1)[int(base[0, -1])]
+    logp = torch.log_softmax(patched.logits[0, -1].detach().float(), -1)[int(base[0, -1])]
     assert float(ours["logp"][0, 0]) == pytest.approx(float(logp), abs=1e-4)
 
 
