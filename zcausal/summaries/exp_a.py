@@ -23,8 +23,9 @@ language, Z-perp changes language and Z-perp keeps answers (each at its raw leve
 needs no correction). Every other test in tests.csv is secondary and Holm-adjusted (p_holm), but
 the preregistration's declared secondary test (Z's language-margin shift against en's, exact sign
 test per problem), read at its raw p, and the attention readouts (part_of `control`: the patch's
-positive control, read at their raw p, outside Holm's family). The language criteria are "not measured" with fewer than 20
-English baselines. Languages are read again from each output (problems.classify_language).
+positive control, read at their raw p, outside Holm's family). The language criteria are "not
+measured" with fewer than 20 English baselines. Languages are read again from each output
+(problems.classify_language).
 """
 import json
 from pathlib import Path

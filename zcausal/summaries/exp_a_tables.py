@@ -393,8 +393,8 @@ def get_test(tests, name):
 
 def _raw(t):
     """Whether a test is read at its raw p: the primary, the criteria that join it in a label
-    (part_of) and the preregistration's declared secondary tests; every other test is read at its
-    Holm-adjusted p."""
+    (part_of), the preregistration's declared secondary tests and the attention readouts (the
+    patch's positive control); every other test is read at its Holm-adjusted p."""
     return bool(t.get("primary", False)) or t.get("part_of", "") in ("double dissociation",
                                                                       "declared", "control")
 
