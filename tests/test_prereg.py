@@ -52,23 +52,16 @@ def test_the_hash_is_the_files_bytes_and_a_run_records_it():
         prereg.declaration("F")
 
 
-def _experiment_of(config):
-    """'A'..'E' from a run's config.json: the script it records (exp_a_patching.py -> 'A')."""
-    script = config.get("script") or config["command"].split()[0]
-    return re.search(r"exp_([a-e])_", Path(script).name).group(1).upper()
-
-
-def _is_confirmatory(run_folder):
-    """Whether the run in this folder reads as confirmatory (prereg.reading): its problems are
-    the declared slice's by design, not development's."""
-    config = json.loads((run_folder / "config.json").read_text(encoding="utf-8"))
-    return prereg.reading(config, _experiment_of(config))["confirmatory"]
+def _is_confirmatory(run):
+    """Whether a run (report.find_runs' dict: config, script) reads as confirmatory
+    (prereg.reading): its problems are the declared slice's by design, not development's."""
+    return prereg.reading(run["config"], report.EXPERIMENTS[run["script"]][0])["confirmatory"]
 
 
 def _development_runs():
-    """Every committed run folder (one holding a config.json) that is not confirmatory."""
-    return [c.parent for root in EXAMPLES for c in root.rglob("config.json")
-            if not _is_confirmatory(c.parent)]
+    """Every committed run folder that is not confirmatory."""
+    return [run["path"] for run in report.find_runs(REPO / "results", examples=True)
+            if not _is_confirmatory(run)]
 
 
 def _development_ids():
@@ -215,13 +208,10 @@ def test_confirmatory_tool_prints_every_declared_command_and_resumes_a_started_f
     assert exit_info.value.code == 2
 
 
-def test_the_disjointness_scan_leaves_out_confirmatory_runs_only(tmp_path):
+def test_the_disjointness_scan_leaves_out_confirmatory_runs_only():
     """A run that reads confirmatory is the slice's by design; one that missed its declaration
     (too few pairs kept) is development use of whatever problems it names."""
-    for name, kept in (("confirmatory", 80), ("short", 10)):
-        config = _confirmatory_config("A", kept=kept)
-        config["script"] = "exp_a_patching.py"
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    assert _is_confirmatory(tmp_path / "confirmatory")
-    assert not _is_confirmatory(tmp_path / "short")
+    declared, short = ({"config": _confirmatory_config("A", kept=kept),
+                        "script": "exp_a_patching.py"} for kept in (80, 10))
+    assert _is_confirmatory(declared)
+    assert not _is_confirmatory(short)
