@@ -156,6 +156,12 @@ def test_anything_but_the_declared_run_is_exploratory(change, reason):
     assert prereg.mark("null", r) == "null (exploratory)"
 
 
+def _declared_folder(run):
+    """Whether a run (report.find_runs' dict) lies under a confirmatory/ folder, where
+    tools/confirmatory.py's declared runs are committed."""
+    return "confirmatory" in Path(run["path"]).parts
+
+
 def test_every_committed_example_reads_as_what_its_folder_says_in_its_summary_and_the_report():
     """Runs under a confirmatory/ folder are the declared runs and read confirmatory (their
     verdict unmarked); every other committed example is a development run and reads exploratory,
@@ -165,7 +171,7 @@ def test_every_committed_example_reads_as_what_its_folder_says_in_its_summary_an
     for run in runs_found:
         letter = report.EXPERIMENTS[run["script"]][0]
         r = prereg.reading(run["config"], letter)
-        if "confirmatory" in Path(run["path"]).parts:
+        if _declared_folder(run):
             assert r == dict(confirmatory=True, reasons=[], word="confirmatory"), run["path"]
             assert not report.headline(run)["verdict"].endswith("(exploratory)"), run["path"]
             continue
@@ -175,11 +181,11 @@ def test_every_committed_example_reads_as_what_its_folder_says_in_its_summary_an
         else:  # made after it, on development problems with development flags
             assert any("--bank-offset" in reason for reason in r["reasons"]), run["path"]
     d_runs = [r for r in runs_found if r["script"] == "exp_d_bridge.py"]
-    development = next(r for r in d_runs if "confirmatory" not in Path(r["path"]).parts)
+    development = next(r for r in d_runs if not _declared_folder(r))
     assert exp_d.summary_lines(development["path"])[0].startswith(
         "Exploratory run: its config.json carries no preregistration hash")
     assert report.headline(development)["verdict"].endswith(" (exploratory)")
-    for declared in (r for r in d_runs if "confirmatory" in Path(r["path"]).parts):
+    for declared in (r for r in d_runs if _declared_folder(r)):
         assert exp_d.summary_lines(declared["path"])[0].startswith("Confirmatory run")
 
 
