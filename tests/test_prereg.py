@@ -105,7 +105,8 @@ def test_the_confirmatory_slice_was_never_used_in_development():
 def _confirmatory_config(letter="A", model="qwen2.5-coder-0.5b-instruct", kept=80):
     declared = prereg.declaration(letter)
     args = dict(declared["run"], model=f"~/models/{model}", n_random=39)
-    return {"args": args, "model": {"name_or_path": f"~/models/{model}"},
+    command = " ".join(prereg.command(letter, f"~/models/{model}", "results/run"))
+    return {"args": args, "model": {"name_or_path": f"~/models/{model}"}, "command": command,
             "solved": {"kept": kept}, "n_pairs": kept,
             "preregistration": prereg.record(letter)}
 
@@ -144,6 +145,11 @@ def test_the_declared_command_parses_into_flags_that_read_as_confirmatory(letter
     (lambda c: c["args"].update(n_random=19), "--n-random is 19, declared at least 39"),
     (lambda c: c["args"].pop("bank_offset"), "does not record --bank-offset"),
     (lambda c: c["model"].update(name_or_path="Qwen/Qwen2.5-3B"), "not a declared model"),
+    # a flag the declaration leaves at its default, given on the command line (even at the
+    # default's value: the command shows it was chosen)
+    (lambda c: c.update(command=c["command"] + " --seed 0"), "--seed was given"),
+    (lambda c: c.update(command=c["command"] + " --max-new-tokens=4"), "--max-new-tokens was"),
+    (lambda c: c.update(command=None), "records no command line"),
 ])
 def test_anything_but_the_declared_run_is_exploratory(change, reason):
     config = copy.deepcopy(_confirmatory_config())
@@ -154,6 +160,20 @@ def test_anything_but_the_declared_run_is_exploratory(change, reason):
     sentence = prereg.status_sentence(config, "A")
     assert sentence.startswith("Exploratory run") and "whatever its p" in sentence
     assert prereg.mark("null", r) == "null (exploratory)"
+
+
+def test_the_open_flags_leave_a_run_confirmatory_and_an_undeclared_one_does_not():
+    """C run with --steps 4 (what a timing probe does) is not the declared C, whatever else it
+    matches; where and how it runs (--batch-size, --device, --dtype, --resume) is left open."""
+    config = _confirmatory_config("C", kept=150)
+    open_ = config["command"] + " --batch-size 8 --device cpu --dtype bfloat16 --resume"
+    assert prereg.reading(dict(config, command=open_), "C")["confirmatory"]
+    probe = dict(config, command=config["command"] + " --steps 4 --min-steps 4 --log-every 1")
+    assert prereg.reading(probe, "C")["reasons"] == [
+        "--steps was given, which the declaration leaves at its default",
+        "--min-steps was given, which the declaration leaves at its default"]
+    assert prereg.command_flags("exp_c.py --k 50 --drop-numbers --steps=4 -- x") == [
+        "k", "drop_numbers", "steps"]
 
 
 def _declared_folder(run):

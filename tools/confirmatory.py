@@ -50,7 +50,8 @@ def build_parser():
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("extra", nargs=argparse.REMAINDER,
                         help="after --: flags for every script that the declaration leaves "
-                             "open (--batch-size, --device, --figures)")
+                             "open (prereg.OPEN_FLAGS: --batch-size, --device, --dtype, "
+                             "--figures, ...); any other makes the runs exploratory")
     return parser
 
 

@@ -9,20 +9,28 @@ and whether a finished run is read as confirmatory or exploratory.
 
 A run is confirmatory only when its config.json carries the sha256 of the preregistration as it
 stands now (so the declaration preceded the run and was not changed after it), its model is a
-declared one, its flags are the declared ones (the problem slice, site, depth, k, ...) and it kept
-at least the declared number of pairs. Anything else, every committed example included, is
+declared one, its flags are the declared ones (the problem slice, site, depth, k, ...), its command
+line gave no flag beyond those and the open ones (OPEN_FLAGS: every other stays at its script's
+default) and it kept at least the declared number of pairs. Anything else, every committed example included, is
 exploratory, whatever its p; and in a confirmatory run, every test but the declared ones is
 exploratory. Imports runs and bank only.
 """
 import hashlib
 import json
 import math
+import shlex
 from pathlib import Path
 
 from zcausal.runs import REPO, flag_name
 
 PATH = REPO / "docs" / "preregistration.json"
 EXPERIMENTS = ("A", "B", "C", "D", "E")
+# Flags the declaration leaves open: where and how a run executes, not what it measures (the
+# decode engines give the same tokens; the tests check it). Any other flag given on the command
+# line beside the declared ones (--steps, --seed, --smoke, ...) makes a run exploratory, even at
+# its default value: the declaration fixes every other flag at its script's default.
+OPEN_FLAGS = ("model", "out", "figures", "batch_size", "device", "device_map", "dtype",
+              "cache_dir", "resume", "overwrite", "decode", "log_every")
 
 
 def load(path=PATH):
@@ -108,6 +116,24 @@ def _matches(declared, actual):
     return False
 
 
+def command_flags(command):
+    """The flags given on a recorded command line ('exp_c_ard_mmd.py --steps 4 ...'), as argparse
+    names in order: ['steps', ...]."""
+    return [token[2:].split("=")[0].replace("-", "_") for token in shlex.split(command)
+            if token.startswith("--") and len(token) > 2]
+
+
+def _undeclared_reasons(declared, command):
+    """Why a run's command line gave flags beyond the declared and the open ones: one reason per
+    flag (a run started from Python records no command, and cannot show which it was given)."""
+    if not command:
+        return ["its config.json records no command line (run it as a command, as "
+                "tools/confirmatory.py does, so that its flags can be read)"]
+    fixed = set(declared.get("run", {})) | set(declared.get("min_run", {})) | set(OPEN_FLAGS)
+    return [f"{flag_name(name)} was given, which the declaration leaves at its default"
+            for name in dict.fromkeys(command_flags(command)) if name not in fixed]
+
+
 def _flag_reasons(declared, args):
     """Why a run's flags (config.json's args) are not the declared ones: one reason per flag."""
     reasons = []
@@ -144,6 +170,7 @@ def reading(config, experiment, path=PATH):
         elif (kept_pairs(config) or 0) < least:
             reasons.append(f"it kept {kept_pairs(config)} pairs, declared at least {least}")
         reasons += _flag_reasons(declared, config.get("args", {}))
+        reasons += _undeclared_reasons(declared, config.get("command"))
     confirmatory = not reasons
     return dict(confirmatory=confirmatory, reasons=reasons,
                 word="confirmatory" if confirmatory else "exploratory")
