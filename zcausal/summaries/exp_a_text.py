@@ -84,6 +84,13 @@ def language_margin_sentence(tests):
             f"sign test, one-sided, {p_text(t)}).")
 
 
+def _shared_first_digit(swap):
+    """How many swap rows pair a problem with a source of the same first digit (0 wherever
+    problems.derangement could avoid it, as it does since its repair step)."""
+    return int(sum(problems.first_digit(a) == problems.first_digit(b)
+                   for a, b in zip(swap.answer, swap.source_answer)))
+
+
 def first_digit_sentence(frame, controls, tests):
     """top1_src / top1_own with intervals over the swap pairs, and the pooled p_share shift."""
     r = {c: condition_rates(frame, c) for c in ("z", "zperp", "full")}
@@ -91,10 +98,18 @@ def first_digit_sentence(frame, controls, tests):
     if not z["top1_src"]["n"]:
         return "The first-digit measures (top1, p_share) are not measured with the cot template."
     t = get_test(tests, "z top1_src vs random")
-    neither = z["top1_src"]["n"] - z["top1_src"]["count"] - z["top1_own"]["count"]
+    swap = rows_of(frame, "z", -1, "swap")
+    swap = swap[swap.top1_src.notna()]
+    neither = int((~swap.top1_src.astype(bool) & ~swap.top1_own.astype(bool)).sum())
+    shared = _shared_first_digit(swap)
     text = (f"With another problem's Chinese prompt as the source, the first-digit argmax became "
             f"the source's first digit under Z on {rate_text(z['top1_src'], 'swap pair')}, stayed "
-            f"the problem's own on {z['top1_own']['count']} and was neither on {neither}; under "
+            f"the problem's own on {z['top1_own']['count']} and was neither on {neither}"
+            + (f" ({shared} of the swap pairs' sources start with the problem's own first digit, "
+               f"so an unmoved digit counts as the source's there too: top1_src over-counts by "
+               f"up to {shared} in every condition, the draws included; runs since the pairing "
+               f"was fixed have none)" if shared else "")
+            + "; under "
             f"full replacement the source's on {rate_text(r['full']['top1_src'], 'swap pair')}, "
             f"under Z⊥ on {r['zperp']['top1_src']['count']}; random Z "
             + (f"{num(t['min'])} to {num(t['max'])}, rank {p_text(t)}" if t is not None
