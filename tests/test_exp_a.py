@@ -279,6 +279,28 @@ def test_every_direct_row_carries_its_language_and_first_digit_scores(tiny):
         assert r["first_ref"] >= r["logp_ref"] - 1e-4  # the first digit is part of the answer
 
 
+def test_a_swap_source_with_the_own_first_digit_is_named_and_never_gives_a_negative_count(
+        smoke, tmp_path):
+    """A run paired before problems.derangement's repair (the confirmatory 0.5B A: 5 of 79) has
+    swap rows where top1_src and top1_own both hold; the summary counted 'neither' as n - src -
+    own (-1 there). It counts it from the rows and says how many sources share the digit."""
+    out = tmp_path / "copy"
+    shutil.copytree(smoke[0], out)
+    rows = S.load_table(out / "rows.csv")
+    swap = rows.index[(rows.condition == "z") & (rows.draw == -1) & (rows.pair == "swap")]
+    first = swap[0]
+    rows.loc[first, "source_answer"] = rows.loc[first, "answer"]
+    rows.loc[first, ["top1_src", "top1_own"]] = True
+    runs.write_csv(rows, out / "rows.csv")
+    S.summarize(out, tmp_path / "figures")
+    summary = (out / "SUMMARY.md").read_text(encoding="utf-8")
+    z = rows.loc[swap]
+    neither = int((~z.top1_src.astype(bool) & ~z.top1_own.astype(bool)).sum())
+    assert f"was neither on {neither} (1 of the swap pairs' sources start with the " \
+           f"problem's own first digit" in summary
+    assert "neither on -" not in summary
+
+
 # ----------------------------------------------------------------------------------------------
 # The script end to end
 

@@ -11,9 +11,9 @@ A run is confirmatory only when its config.json carries the sha256 of the prereg
 stands now (so the declaration preceded the run and was not changed after it), its model is a
 declared one, its flags are the declared ones (the problem slice, site, depth, k, ...), its command
 line gave no flag beyond those and the open ones (OPEN_FLAGS: every other stays at its script's
-default) and it kept at least the declared number of pairs. Anything else, every committed example included, is
-exploratory, whatever its p; and in a confirmatory run, every test but the declared ones is
-exploratory. Imports runs and bank only.
+default) and it kept at least the declared number of pairs. Anything else, every committed example
+included, is exploratory, whatever its p; and in a confirmatory run, every test but the declared
+ones is exploratory. Imports runs and bank only.
 """
 import hashlib
 import json
