@@ -107,8 +107,8 @@ def first_digit_sentence(frame, controls, tests):
             f"the problem's own on {z['top1_own']['count']} and was neither on {neither}"
             + (f" ({shared} of the swap pairs' sources start with the problem's own first digit, "
                f"so an unmoved digit counts as the source's there too: top1_src over-counts by "
-               f"up to {shared} in every condition, the draws included; runs since the pairing "
-               f"was fixed have none)" if shared else "")
+               f"up to {shared} in every condition, the draws included; runs paired since "
+               f"problems.derangement repairs such pairs have none where a pairing avoids them)" if shared else "")
             + "; under "
             f"full replacement the source's on {rate_text(r['full']['top1_src'], 'swap pair')}, "
             f"under Z⊥ on {r['zperp']['top1_src']['count']}; random Z "
